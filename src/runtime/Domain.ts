@@ -1,0 +1,79 @@
+/**
+ * Domain schemas shared by the HTTP layer, the actors and storage: branded ids, turns and
+ * the events of one generation.
+ */
+import { Schema } from "effect"
+
+/** Conversation id: `conv_` + 32 hex chars (random), or any 1–64 char [A-Za-z0-9_-] id. */
+export const ConversationId = Schema.String.pipe(
+  Schema.pattern(/^[A-Za-z0-9_-]{1,64}$/),
+  Schema.brand("ConversationId")
+)
+export type ConversationId = typeof ConversationId.Type
+
+/** Turn id: `<conversation_id>:<seq>` where seq is the turn's 0-based index in the conversation. */
+export const TurnId = Schema.String.pipe(Schema.brand("TurnId"))
+export type TurnId = typeof TurnId.Type
+
+export const Role = Schema.Literal("system", "user", "assistant")
+export type Role = typeof Role.Type
+
+/** completed: generation ended normally; cancelled: client cancel or disconnect; failed: engine error. */
+export const TurnStatus = Schema.Literal("completed", "cancelled", "failed")
+export type TurnStatus = typeof TurnStatus.Type
+
+export const FinishReason = Schema.Literal("stop", "length", "cancelled", "error")
+export type FinishReason = typeof FinishReason.Type
+
+/** One row of a conversation's append-only history. */
+export class Turn extends Schema.Class<Turn>("Turn")({
+  turn_id: TurnId,
+  conversation_id: ConversationId,
+  seq: Schema.Int,
+  role: Role,
+  content: Schema.String,
+  status: TurnStatus,
+  num_prompt_tokens: Schema.NullOr(Schema.Int),
+  num_completion_tokens: Schema.NullOr(Schema.Int),
+  created_at_ms: Schema.Number
+}) {}
+
+export class Usage extends Schema.Class<Usage>("Usage")({
+  prompt_tokens: Schema.Int,
+  completion_tokens: Schema.Int
+}) {}
+
+/** A decoded piece of text; `index` counts token events of this generation from 0. */
+export class TokenEvent extends Schema.TaggedClass<TokenEvent>()("Token", {
+  index: Schema.Int,
+  text: Schema.String
+}) {}
+
+/** The terminal event: every generation ends with exactly one (DESIGN.md: never infer the end). */
+export class DoneEvent extends Schema.TaggedClass<DoneEvent>()("Done", {
+  turn_id: TurnId,
+  finish_reason: FinishReason,
+  usage: Usage
+}) {}
+
+export const TurnEvent = Schema.Union(TokenEvent, DoneEvent)
+export type TurnEvent = typeof TurnEvent.Type
+
+/** Input of POST /v1/conversations. */
+export class CreateConversation extends Schema.Class<CreateConversation>("CreateConversation")({
+  model: Schema.optional(Schema.String.pipe(Schema.minLength(1), Schema.maxLength(128))),
+  system_prompt: Schema.optional(Schema.String.pipe(Schema.maxLength(32_768)))
+}) {}
+
+/** Input of POST /v1/conversations/{id}/turns. */
+export class UserTurnInput extends Schema.Class<UserTurnInput>("UserTurnInput")({
+  role: Schema.Literal("user"),
+  content: Schema.String.pipe(Schema.minLength(1), Schema.maxLength(65_536)),
+  max_tokens: Schema.optional(Schema.Int.pipe(Schema.between(1, 4096))),
+  temperature: Schema.optional(Schema.Number.pipe(Schema.between(0, 2)))
+}) {}
+
+export class HistoryPage extends Schema.Class<HistoryPage>("HistoryPage")({
+  turns: Schema.Array(Turn),
+  next_cursor: Schema.NullOr(Schema.String)
+}) {}

@@ -1,0 +1,36 @@
+/** Every typed failure of the runtime, kept together (house style of @effect/cluster). */
+import { Schema } from "effect"
+
+export class ConversationNotFound extends Schema.TaggedError<ConversationNotFound>()("ConversationNotFound", {
+  conversation_id: Schema.String
+}) {}
+
+/** A second turn was sent while one is still streaming in the same conversation. */
+export class TurnInProgress extends Schema.TaggedError<TurnInProgress>()("TurnInProgress", {
+  conversation_id: Schema.String
+}) {}
+
+export class ModelNotFound extends Schema.TaggedError<ModelNotFound>()("ModelNotFound", {
+  model: Schema.String
+}) {}
+
+/** The prompt (history + new turn) does not fit the model's context window. */
+export class PromptTooLong extends Schema.TaggedError<PromptTooLong>()("PromptTooLong", {
+  num_prompt_tokens: Schema.Int,
+  max_model_len: Schema.Int
+}) {}
+
+/** The engine failed or answered with an error reply. */
+export class EngineError extends Schema.TaggedError<EngineError>()("EngineError", {
+  code: Schema.String,
+  message: Schema.String
+}) {}
+
+/** A generation stopped abnormally after the user turn was acknowledged. */
+export class GenerationFailed extends Schema.TaggedError<GenerationFailed>()("GenerationFailed", {
+  message: Schema.String
+}) {}
+
+export class StorageError extends Schema.TaggedError<StorageError>()("StorageError", {
+  message: Schema.String
+}) {}
