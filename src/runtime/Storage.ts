@@ -1,0 +1,160 @@
+/**
+ * Durable conversation history: conversations and their append-only turns in PostgreSQL
+ * (`layer`), or in memory (`layerMemory`, for tests). Rows are decoded with Schema.
+ */
+import { Migrator, SqlClient } from "@effect/sql"
+import type { SqlError } from "@effect/sql/SqlError"
+import { Context, Effect, Layer, Option, Schema } from "effect"
+import { ConversationId, Role, Turn, TurnId, TurnStatus } from "./Domain.js"
+import { StorageError } from "./Errors.js"
+
+export class ConversationRow extends Schema.Class<ConversationRow>("ConversationRow")({
+  id: ConversationId,
+  model: Schema.String,
+  system_prompt: Schema.NullOr(Schema.String),
+  created_at_ms: Schema.Number
+}) {}
+
+export interface NewTurn {
+  readonly conversation_id: ConversationId
+  readonly seq: number
+  readonly role: Role
+  readonly content: string
+  readonly status: TurnStatus
+  readonly num_prompt_tokens: number | null
+  readonly num_completion_tokens: number | null
+}
+
+export interface ConversationStoreService {
+  /** Stores a new conversation; fails if the id exists. */
+  readonly createConversation: (row: Omit<ConversationRow, "created_at_ms">) => Effect.Effect<ConversationRow, StorageError>
+  readonly getConversation: (id: ConversationId) => Effect.Effect<Option.Option<ConversationRow>, StorageError>
+  /** Appends one turn; `seq` must be the next index (the primary key rejects duplicates). */
+  readonly appendTurn: (turn: NewTurn) => Effect.Effect<Turn, StorageError>
+  /** Up to `limit` turns with seq < `before` (or the latest), oldest first. */
+  readonly listTurns: (
+    id: ConversationId,
+    options: { readonly before?: number | undefined; readonly limit: number }
+  ) => Effect.Effect<ReadonlyArray<Turn>, StorageError>
+}
+
+export class ConversationStore extends Context.Tag("chat/ConversationStore")<ConversationStore, ConversationStoreService>() {}
+
+const turnId = (conversationId: string, seq: number) => TurnId.make(`${conversationId}:${seq}`)
+
+const TurnRow = Schema.Struct({
+  conversation_id: ConversationId,
+  seq: Schema.Int,
+  role: Role,
+  content: Schema.String,
+  status: TurnStatus,
+  num_prompt_tokens: Schema.NullOr(Schema.Int),
+  num_completion_tokens: Schema.NullOr(Schema.Int),
+  created_at_ms: Schema.Number
+})
+
+const toTurn = (row: typeof TurnRow.Type) => new Turn({ ...row, turn_id: turnId(row.conversation_id, row.seq) })
+
+const storageError = (what: string) => (e: SqlError | { readonly message: string }) =>
+  new StorageError({ message: `${what}: ${e.message}` })
+
+/** Schema migrations of this module, applied in order by `migrate`. */
+const migrations = Migrator.fromRecord({
+  "1_conversations": Effect.gen(function*() {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`CREATE TABLE IF NOT EXISTS chat_conversations (
+      id text PRIMARY KEY,
+      model text NOT NULL,
+      system_prompt text,
+      created_at_ms double precision NOT NULL
+    )`
+    yield* sql`CREATE TABLE IF NOT EXISTS chat_turns (
+      conversation_id text NOT NULL REFERENCES chat_conversations (id),
+      seq integer NOT NULL,
+      role text NOT NULL,
+      content text NOT NULL,
+      status text NOT NULL,
+      num_prompt_tokens integer,
+      num_completion_tokens integer,
+      created_at_ms double precision NOT NULL,
+      PRIMARY KEY (conversation_id, seq)
+    )`
+  })
+})
+
+/** Creates or upgrades this module's tables (idempotent). */
+export const migrate = Migrator.make({})({ loader: migrations, table: "chat_migrations" })
+
+const make = Effect.gen(function*() {
+  const sql = yield* SqlClient.SqlClient
+  const decodeConversation = Schema.decodeUnknown(ConversationRow)
+  const decodeTurns = Schema.decodeUnknown(Schema.Array(TurnRow))
+
+  return ConversationStore.of({
+    createConversation: (row) => {
+      const full = { ...row, created_at_ms: Date.now() }
+      return sql`INSERT INTO chat_conversations ${sql.insert(full)}`.pipe(
+        Effect.as(new ConversationRow(full)),
+        Effect.mapError(storageError("create conversation"))
+      )
+    },
+    getConversation: (id) =>
+      sql`SELECT id, model, system_prompt, created_at_ms FROM chat_conversations WHERE id = ${id}`.pipe(
+        Effect.flatMap((rows) => rows.length === 0 ? Effect.succeedNone : Effect.asSome(decodeConversation(rows[0]))),
+        Effect.mapError(storageError("get conversation"))
+      ),
+    appendTurn: (turn) => {
+      const row = { ...turn, created_at_ms: Date.now() }
+      return sql`INSERT INTO chat_turns ${sql.insert(row)}`.pipe(
+        Effect.as(toTurn(row)),
+        Effect.mapError(storageError("append turn"))
+      )
+    },
+    listTurns: (id, { before, limit }) =>
+      (before === undefined
+        ? sql`SELECT * FROM chat_turns WHERE conversation_id = ${id} ORDER BY seq DESC LIMIT ${limit}`
+        : sql`SELECT * FROM chat_turns WHERE conversation_id = ${id} AND seq < ${before} ORDER BY seq DESC LIMIT ${limit}`
+      ).pipe(
+        Effect.flatMap(decodeTurns),
+        Effect.map((rows) => rows.map(toTurn).reverse()),
+        Effect.mapError(storageError("list turns"))
+      )
+  })
+})
+
+/** PostgreSQL-backed store; runs the migrations when built. */
+export const layer: Layer.Layer<ConversationStore, StorageError, SqlClient.SqlClient> = Layer.effect(
+  ConversationStore,
+  migrate.pipe(Effect.mapError(storageError("migrate")), Effect.zipRight(make))
+)
+
+/** In-memory store with the same semantics (duplicate ids and turn seqs are rejected). */
+export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(ConversationStore, () => {
+  const conversations = new Map<string, ConversationRow>()
+  const turns = new Map<string, Array<Turn>>()
+  return ConversationStore.of({
+    createConversation: (row) =>
+      Effect.suspend(() => {
+        if (conversations.has(row.id)) return Effect.fail(new StorageError({ message: `conversation ${row.id} exists` }))
+        const full = new ConversationRow({ ...row, created_at_ms: Date.now() })
+        conversations.set(row.id, full)
+        turns.set(row.id, [])
+        return Effect.succeed(full)
+      }),
+    getConversation: (id) => Effect.sync(() => Option.fromNullable(conversations.get(id))),
+    appendTurn: (turn) =>
+      Effect.suspend(() => {
+        const list = turns.get(turn.conversation_id)
+        if (list === undefined) return Effect.fail(new StorageError({ message: `no conversation ${turn.conversation_id}` }))
+        if (list.some((t) => t.seq === turn.seq)) return Effect.fail(new StorageError({ message: `turn ${turn.seq} exists` }))
+        const stored = toTurn({ ...turn, created_at_ms: Date.now() })
+        list.push(stored)
+        return Effect.succeed(stored)
+      }),
+    listTurns: (id, { before, limit }) =>
+      Effect.sync(() => {
+        const list = (turns.get(id) ?? []).filter((t) => before === undefined || t.seq < before)
+        return list.slice(Math.max(0, list.length - limit))
+      })
+  })
+})

@@ -1,0 +1,53 @@
+import { randomUUID } from "node:crypto"
+import { describe, expect, it } from "@effect/vitest"
+import { Effect, Layer, Option } from "effect"
+import { ConversationId } from "../../src/runtime/Domain.js"
+import * as Storage from "../../src/runtime/Storage.js"
+import { PgLive } from "../support/database.js"
+
+const suites = [
+  ["PostgreSQL", Storage.layer.pipe(Layer.provide(PgLive))],
+  ["memory", Storage.layerMemory]
+] as const
+
+for (const [name, layer] of suites) {
+  describe(`ConversationStore (${name})`, () => {
+    it.layer(layer, { timeout: 60_000 })((it) => {
+      it.effect("creates conversations and pages an append-only history", () =>
+        Effect.gen(function*() {
+          const store = yield* Storage.ConversationStore
+          const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
+          yield* store.createConversation({ id, model: "mini", system_prompt: "Be brief." })
+          const row = yield* store.getConversation(id)
+          expect(Option.getOrThrow(row).system_prompt).toBe("Be brief.")
+          expect(yield* store.getConversation(ConversationId.make("conv_missing"))).toEqual(Option.none())
+          for (let seq = 0; seq < 5; seq++) {
+            yield* store.appendTurn({
+              conversation_id: id,
+              seq,
+              role: seq % 2 === 0 ? "user" : "assistant",
+              content: `turn ${seq}`,
+              status: "completed",
+              num_prompt_tokens: seq % 2 === 0 ? null : 10 + seq,
+              num_completion_tokens: seq % 2 === 0 ? null : seq
+            })
+          }
+          // A second append at an existing seq is refused: history is append-only.
+          const dup = yield* Effect.flip(
+            store.appendTurn({ conversation_id: id, seq: 2, role: "user", content: "x", status: "completed", num_prompt_tokens: null, num_completion_tokens: null })
+          )
+          expect(dup._tag).toBe("StorageError")
+          const latest = yield* store.listTurns(id, { limit: 2 })
+          expect(latest.map((t) => t.seq)).toEqual([3, 4])
+          expect(latest[0]!.turn_id).toBe(`${id}:3`)
+          expect(latest[0]!.num_prompt_tokens).toBe(13)
+          const older = yield* store.listTurns(id, { before: 3, limit: 2 })
+          expect(older.map((t) => t.content)).toEqual(["turn 1", "turn 2"])
+          const oldest = yield* store.listTurns(id, { before: 1, limit: 50 })
+          expect(oldest.map((t) => t.seq)).toEqual([0])
+          // A duplicate conversation id is refused too.
+          expect((yield* Effect.flip(store.createConversation({ id, model: "mini", system_prompt: null })))._tag).toBe("StorageError")
+        }))
+    })
+  })
+}
