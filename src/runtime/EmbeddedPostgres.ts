@@ -1,0 +1,51 @@
+/**
+ * The zero-setup PostgreSQL of `npm start`: PGlite (PostgreSQL compiled to WASM) persisted in
+ * a data directory, served over the PostgreSQL wire protocol by pglite-socket on a free
+ * loopback port, so the cluster's SQL storages and ours use an ordinary PgClient.
+ *
+ * One process only: PGlite shares one backend between connections (advisory locks are not
+ * exclusive), so several runners must use a real PostgreSQL (DESIGN.md, measured facts).
+ */
+import { mkdirSync } from "node:fs"
+import { createServer } from "node:net"
+import { PGlite } from "@electric-sql/pglite"
+import { PGLiteSocketServer } from "@electric-sql/pglite-socket"
+import { Effect, type Scope } from "effect"
+import { StorageError } from "./Errors.js"
+
+const freePort = Effect.async<number, StorageError>((resume) => {
+  const server = createServer()
+  server.once("error", (e) => resume(Effect.fail(new StorageError({ message: `no free port: ${e.message}` }))))
+  server.listen(0, "127.0.0.1", () => {
+    const address = server.address()
+    const port = typeof address === "object" && address !== null ? address.port : 0
+    server.close(() => resume(Effect.succeed(port)))
+  })
+})
+
+/**
+ * Starts PGlite on `dataDir` behind a socket server; returns its connection URL. Both stop
+ * when the scope closes (PGlite flushes to disk on close).
+ */
+export const start = (dataDir: string): Effect.Effect<{ readonly url: string }, StorageError, Scope.Scope> =>
+  Effect.gen(function*() {
+    mkdirSync(dataDir, { recursive: true })
+    const db = yield* Effect.acquireRelease(
+      Effect.tryPromise({
+        try: () => PGlite.create(dataDir),
+        catch: (e) => new StorageError({ message: `PGlite failed to open ${dataDir}: ${String(e)}` })
+      }),
+      (db) => Effect.promise(() => db.close()).pipe(Effect.ignore)
+    )
+    const port = yield* freePort
+    // The cluster's storages hold several connections at once (sharding, message storage).
+    const server = new PGLiteSocketServer({ db, port, host: "127.0.0.1", maxConnections: 16 })
+    yield* Effect.acquireRelease(
+      Effect.tryPromise({
+        try: () => server.start(),
+        catch: (e) => new StorageError({ message: `pglite-socket failed to listen: ${String(e)}` })
+      }),
+      () => Effect.promise(() => server.stop()).pipe(Effect.ignore)
+    )
+    return { url: `postgres://postgres@127.0.0.1:${port}/postgres` }
+  })

@@ -1,0 +1,197 @@
+/**
+ * GpuWorker: everything one GPU's runner holds for it: the engine process and its client, the
+ * continuous-batching SchedulerCore with its KvBlockManager, the step loop, and the token
+ * buffers of the sequences it serves. The GpuScheduler and DecodeSlot entities of that GPU are
+ * pinned to this runner (shard group) and talk to it in-process.
+ *
+ * Step loop: schedule → one `step` request → apply the result → hand each sampled token to
+ * its sequence's buffer. A buffer holding `bufferTokens` unread tokens pauses its sequence
+ * (backpressure) until the reader drains half of it. Cancellation frees the sequence's blocks
+ * at once; the engine is told in the next step (or a bare `release` when idle).
+ */
+import { Effect, Fiber, Option, Queue, type Scope } from "effect"
+import * as EngineClient from "./EngineClient.js"
+import type { InfoReply, StepRequest } from "./EngineProtocol.js"
+import { EngineError, PromptTooLong } from "./Errors.js"
+import { KvBlockManager } from "./KvBlockManager.js"
+import { type SamplingParams, SchedulerCore, type StepPlan, type FinishReason } from "./SchedulerCore.js"
+
+/** What a sequence's reader receives. */
+export type SeqEvent =
+  | { readonly _tag: "Token"; readonly tokenId: number; readonly finishReason: FinishReason | undefined }
+  | { readonly _tag: "Failed"; readonly error: EngineError }
+
+export interface GenerateRequest {
+  readonly promptTokenIds: ReadonlyArray<number>
+  readonly maxTokens: number
+  readonly sampling: SamplingParams
+  readonly priority: number
+}
+
+export interface Sequence {
+  readonly seqId: number
+  /** Next event; the last one is a Token with a finishReason, or Failed. */
+  readonly take: Effect.Effect<SeqEvent>
+}
+
+export interface StepStats {
+  readonly numSteps: number
+  readonly numRunning: number
+  readonly numWaiting: number
+  readonly numFreeBlocks: number
+  readonly numBlocks: number
+}
+
+export interface GpuWorker {
+  readonly gpuId: string
+  readonly engine: EngineClient.EngineClient
+  readonly engineInfo: InfoReply
+  /** Longest prompt + output the model accepts, in tokens. */
+  readonly maxModelLen: number
+  /**
+   * Queues a sequence; it is cancelled (blocks freed, engine told) when the scope closes
+   * unless it finished first. Fails with PromptTooLong if it could never fit.
+   */
+  readonly generate: (request: GenerateRequest) => Effect.Effect<Sequence, PromptTooLong, Scope.Scope>
+  readonly stats: Effect.Effect<StepStats>
+  /** Reserves a DecodeSlot index; `undefined` when all are taken. */
+  readonly acquireSlot: Effect.Effect<number | undefined>
+  readonly releaseSlot: (slot: number) => Effect.Effect<void>
+}
+
+export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
+  readonly gpuId: string
+  readonly maxNumSeqs: number
+  readonly maxNumBatchedTokens: number
+  readonly numSlots: number
+  readonly bufferTokens: number
+  readonly requestTimeoutMs?: number
+}
+
+interface Reader {
+  readonly queue: Queue.Queue<SeqEvent>
+  paused: boolean
+}
+
+export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, EngineError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const engine = yield* EngineClient.make(options)
+    const engineInfo = yield* engine.info
+    const maxModelLen = engineInfo.model.max_position_embeddings
+    const kv = new KvBlockManager(engineInfo.num_blocks, engineInfo.block_size)
+    const core = new SchedulerCore(kv, {
+      maxNumBatchedTokens: options.maxNumBatchedTokens,
+      maxNumSeqs: options.maxNumSeqs,
+      maxModelLen
+    })
+    const readers = new Map<number, Reader>()
+    const wakeup = yield* Queue.sliding<void>(1)
+    const wake = () => void Queue.unsafeOffer(wakeup, undefined)
+    const freeSlots = Array.from({ length: options.numSlots }, (_, i) => options.numSlots - 1 - i)
+    let nextSeqId = 1
+    let numSteps = 0
+
+    const deliver = (seqId: number, event: SeqEvent) => {
+      const reader = readers.get(seqId)
+      if (reader === undefined) return
+      Queue.unsafeOffer(reader.queue, event)
+      if (event._tag === "Failed" || event.finishReason !== undefined) {
+        readers.delete(seqId)
+      } else if (!reader.paused && Option.getOrElse(reader.queue.unsafeSize(), () => 0) >= options.bufferTokens) {
+        reader.paused = true
+        core.setPaused(seqId, true)
+      }
+    }
+
+    /** The engine failed a step: every sequence in it fails; their state is dropped on both sides. */
+    const failPlan = (plan: StepPlan, error: EngineError) =>
+      Effect.gen(function*() {
+        yield* Effect.logWarning(`engine ${options.gpuId} step failed: ${error.code}: ${error.message}`)
+        for (const item of plan.items) {
+          core.cancel(item.seq_id)
+          deliver(item.seq_id, { _tag: "Failed", error })
+        }
+        const ids = [...plan.release, ...plan.items.map((i) => i.seq_id), ...core.takePendingRelease()]
+        yield* engine.release(ids).pipe(Effect.ignore)
+      })
+
+    const runStep = (plan: StepPlan) =>
+      Effect.gen(function*() {
+        const request: StepRequest = plan.release.length > 0 ? { release: plan.release, seqs: plan.items } : { seqs: plan.items }
+        const reply = yield* engine.step(request)
+        numSteps++
+        const sampled = new Map<number, number>()
+        for (const out of reply.outputs) if (out.token !== undefined) sampled.set(out.seq_id, out.token)
+        for (const out of core.applyStepResult(plan, sampled)) {
+          deliver(out.seqId, { _tag: "Token", tokenId: out.tokenId, finishReason: out.finishReason })
+        }
+      }).pipe(Effect.catchAll((error) => failPlan(plan, error)))
+
+    const loop = Effect.gen(function*() {
+      const plan = core.schedule()
+      if (plan !== undefined) return yield* runStep(plan)
+      const release = core.takePendingRelease()
+      if (release.length > 0) return yield* engine.release(release).pipe(Effect.ignore)
+      yield* Queue.take(wakeup)
+    }).pipe(Effect.forever)
+    const loopFiber = yield* Effect.forkScoped(loop)
+    yield* Effect.addFinalizer(() => Fiber.interrupt(loopFiber))
+
+    const generate = (request: GenerateRequest) =>
+      Effect.gen(function*() {
+        const n = request.promptTokenIds.length
+        if (n === 0 || n >= maxModelLen || kv.blocksFor(n + 1) > kv.numBlocks) {
+          return yield* new PromptTooLong({ num_prompt_tokens: n, max_model_len: Math.min(maxModelLen, kv.numBlocks * kv.blockSize) })
+        }
+        const seqId = nextSeqId++
+        const reader: Reader = { queue: yield* Queue.unbounded<SeqEvent>(), paused: false }
+        yield* Effect.acquireRelease(
+          Effect.sync(() => {
+            readers.set(seqId, reader)
+            core.add({
+              seqId,
+              promptTokenIds: request.promptTokenIds,
+              maxTokens: request.maxTokens,
+              sampling: request.sampling,
+              priority: request.priority,
+              eosTokenIds: new Set(engineInfo.model.eos_token_ids)
+            })
+            wake()
+          }),
+          () =>
+            Effect.sync(() => {
+              readers.delete(seqId)
+              if (core.cancel(seqId)) wake()
+            })
+        )
+        const take = Queue.take(reader.queue).pipe(
+          Effect.tap(() =>
+            Effect.sync(() => {
+              if (reader.paused && Option.getOrElse(reader.queue.unsafeSize(), () => 0) <= options.bufferTokens / 2) {
+                reader.paused = false
+                core.setPaused(seqId, false)
+                wake()
+              }
+            })
+          )
+        )
+        return { seqId, take } satisfies Sequence
+      })
+
+    return {
+      gpuId: options.gpuId,
+      engine,
+      engineInfo,
+      maxModelLen,
+      generate,
+      stats: Effect.sync(() => ({
+        numSteps,
+        numRunning: core.numRunning,
+        numWaiting: core.numWaiting,
+        numFreeBlocks: kv.numFreeBlocks,
+        numBlocks: kv.numBlocks
+      })),
+      acquireSlot: Effect.sync(() => freeSlots.pop()),
+      releaseSlot: (slot) => Effect.sync(() => void freeSlots.push(slot))
+    } satisfies GpuWorker
+  })

@@ -1,0 +1,88 @@
+/**
+ * The cluster topology of cluster.config.ts, as a Schema (decoded at start-up) and a service.
+ */
+import { Context, Effect, Layer, Schema } from "effect"
+
+const PositiveInt = Schema.Int.pipe(Schema.positive())
+
+export const GpuId = Schema.String.pipe(Schema.pattern(/^[a-z0-9-]{1,32}$/), Schema.brand("GpuId"))
+export type GpuId = typeof GpuId.Type
+
+export const Runner = Schema.Struct({
+  name: Schema.String,
+  roles: Schema.Array(Schema.Literal("gateway", "gpu")),
+  region: Schema.String,
+  /** GPUs this runner hosts: their GpuScheduler/DecodeSlot entities live only here. */
+  gpus: Schema.Array(GpuId)
+})
+
+export const EngineSettings = Schema.Struct({
+  kv_cache_bytes: PositiveInt,
+  max_num_batched_tokens: PositiveInt,
+  max_num_seqs: PositiveInt,
+  /** DecodeSlot entities per GPU: the most concurrent streams it accepts. */
+  num_slots: PositiveInt
+})
+export type EngineSettings = typeof EngineSettings.Type
+
+export const Pool = Schema.Struct({
+  /** "default" (the generated tiny model) or a Hugging Face checkpoint directory. */
+  model: Schema.String,
+  gpus: Schema.NonEmptyArray(Schema.Struct({ id: GpuId, device: Schema.String.pipe(Schema.pattern(/^(cpu|sim|cuda:\d+)$/)) })),
+  engine: EngineSettings
+})
+export type Pool = typeof Pool.Type
+
+export const Tier = Schema.Struct({
+  pool: Schema.String,
+  /** Lower is served first by the GPU schedulers. */
+  priority: Schema.Int.pipe(Schema.nonNegative()),
+  rpm: PositiveInt,
+  tpm: PositiveInt,
+  ttft_p99_ms: PositiveInt
+})
+
+export const Generation = Schema.Struct({
+  max_tokens: PositiveInt,
+  temperature: Schema.Number.pipe(Schema.between(0, 2)),
+  top_p: Schema.Number.pipe(Schema.greaterThan(0), Schema.lessThanOrEqualTo(1)),
+  top_k: Schema.Int.pipe(Schema.nonNegative()),
+  /** Tokens a client may lag behind before its sequence is paused (backpressure). */
+  client_buffer_tokens: PositiveInt
+})
+
+export const TopologySchema = Schema.Struct({
+  runners: Schema.NonEmptyArray(Runner),
+  pools: Schema.Record({ key: Schema.String, value: Pool }),
+  tiers: Schema.Record({ key: Schema.String, value: Tier }),
+  default_tier: Schema.String,
+  generation: Generation
+}).pipe(
+  Schema.filter((t) => {
+    const issues: Array<string> = []
+    if (t.tiers[t.default_tier] === undefined) issues.push(`default_tier "${t.default_tier}" is not a tier`)
+    for (const [name, tier] of Object.entries(t.tiers)) {
+      if (t.pools[tier.pool] === undefined) issues.push(`tier "${name}" routes to unknown pool "${tier.pool}"`)
+    }
+    const hosted = new Set(t.runners.flatMap((r) => r.gpus))
+    for (const [name, pool] of Object.entries(t.pools)) {
+      for (const gpu of pool.gpus) if (!hosted.has(gpu.id)) issues.push(`pool "${name}" GPU "${gpu.id}" is hosted by no runner`)
+    }
+    return issues.length === 0 ? true : issues.join("; ")
+  })
+)
+export type Topology = typeof TopologySchema.Type
+export type TopologyInput = typeof TopologySchema.Encoded
+
+export class TopologyService extends Context.Tag("chat/Topology")<TopologyService, Topology>() {}
+
+/** Decodes `input` (cluster.config.ts's default export); a bad config fails start-up with the Schema's message. */
+export const layer = (input: unknown) =>
+  Layer.effect(TopologyService, Schema.decodeUnknown(TopologySchema)(input, { errors: "all" }).pipe(Effect.orDie))
+
+/** The pool a model name or tier resolves to. */
+export const poolFor = (topology: Topology, model: string | undefined): { name: string; pool: Pool } | undefined => {
+  const name = model ?? topology.tiers[topology.default_tier]!.pool
+  const pool = topology.pools[name]
+  return pool === undefined ? undefined : { name, pool }
+}
