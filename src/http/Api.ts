@@ -1,0 +1,92 @@
+/**
+ * The HTTP API: groups `health` and `conversations` (the latter behind `Authorization`).
+ *
+ * - `POST /v1/conversations` CreateConversation → 201 `{conversation_id}`
+ * - `POST /v1/conversations/:id/turns` UserTurnInput → 200 `text/event-stream` (see Sse.ts)
+ * - `POST /v1/conversations/:id/cancel` → 204
+ * - `GET  /v1/conversations/:id?before=<cursor>&limit=<1..200, default 50>` → HistoryPage
+ * - `GET  /healthz` → `{status:"ok"}`
+ *
+ * Every error is `{"error":{"code","message"}}` (ApiError.ts); decode failures of bodies,
+ * paths and query strings become `invalid_request` (the global middleware in Server.ts
+ * rewrites @effect/platform's HttpApiDecodeError), unknown routes `not_found`.
+ */
+import { HttpApi, HttpApiEndpoint, HttpApiGroup, HttpApiSchema } from "@effect/platform"
+import { Schema } from "effect"
+import { ConversationId, CreateConversation, HistoryPage, UserTurnInput } from "../runtime/Domain.js"
+import * as ApiError from "./ApiError.js"
+import { Authorization } from "./Auth.js"
+
+export class ConversationCreated extends Schema.Class<ConversationCreated>("ConversationCreated")({
+  conversation_id: ConversationId
+}) {}
+
+/** `POST /v1/conversations` accepts an empty body as `{}` (every field is optional). */
+export const CreateConversationPayload = Schema.Union(CreateConversation, Schema.Null)
+
+export class Health extends Schema.Class<Health>("Health")({
+  status: Schema.Literal("ok")
+}) {}
+
+/** A non-negative decimal integer in a query string. */
+const IntFromString = Schema.String.pipe(
+  Schema.pattern(/^[0-9]{1,15}$/, { message: () => "Expected a non-negative integer" }),
+  Schema.compose(Schema.NumberFromString),
+  Schema.int()
+)
+
+export const HistoryParams = Schema.Struct({
+  /** Cursor from a previous page's `next_cursor`: only turns with seq < before. */
+  before: Schema.optional(IntFromString),
+  limit: Schema.optionalWith(IntFromString.pipe(Schema.between(1, 200)), { default: () => 50 })
+})
+
+/** The success of the turn route is an SSE stream (documented here, produced as a raw response). */
+export const EventStream = HttpApiSchema.Text({ contentType: "text/event-stream" }).annotations({
+  description: "Server-Sent Events: `token` (id = token index, data {text}), then exactly one " +
+    "`done` (data {turn_id, finish_reason, usage}) or `error` (data {error:{code,message}}); " +
+    "`: keep-alive` comments while idle."
+})
+
+const id = HttpApiSchema.param("id", ConversationId)
+
+export class HealthGroup extends HttpApiGroup.make("health")
+  .add(HttpApiEndpoint.get("healthz", "/healthz").addSuccess(Health))
+{}
+
+export class ConversationsGroup extends HttpApiGroup.make("conversations")
+  .add(
+    HttpApiEndpoint.post("create", "/v1/conversations")
+      .setPayload(CreateConversationPayload)
+      .addSuccess(ConversationCreated, { status: 201 })
+      .addError(ApiError.ModelNotFoundJson)
+  )
+  .add(
+    HttpApiEndpoint.post("sendTurn")`/v1/conversations/${id}/turns`
+      .setPayload(UserTurnInput)
+      .addSuccess(EventStream)
+      .addError(ApiError.ConversationNotFoundJson)
+      .addError(ApiError.TurnInProgressJson)
+      .addError(ApiError.PromptTooLongJson)
+      .addError(ApiError.EngineUnavailableJson)
+  )
+  .add(
+    HttpApiEndpoint.post("cancel")`/v1/conversations/${id}/cancel`
+      .addError(ApiError.ConversationNotFoundJson)
+  )
+  .add(
+    HttpApiEndpoint.get("history")`/v1/conversations/${id}`
+      .setUrlParams(HistoryParams)
+      .addSuccess(HistoryPage)
+      .addError(ApiError.ConversationNotFoundJson)
+  )
+  .middleware(Authorization)
+{}
+
+export class Api extends HttpApi.make("chat")
+  .add(HealthGroup)
+  .add(ConversationsGroup)
+  .addError(ApiError.InvalidRequestJson)
+  .addError(ApiError.NotFoundJson)
+  .addError(ApiError.InternalErrorJson)
+{}

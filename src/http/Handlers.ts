@@ -1,0 +1,62 @@
+/**
+ * Handlers of the API groups; they only translate between HTTP and the `Conversations` service.
+ */
+import { HttpApiBuilder } from "@effect/platform"
+import { Effect, Layer } from "effect"
+import { CreateConversation } from "../runtime/Domain.js"
+import { Conversations } from "../runtime/Conversations.js"
+import { Api, ConversationCreated, Health } from "./Api.js"
+import * as ApiError from "./ApiError.js"
+import * as Sse from "./Sse.js"
+
+const logServerFailure = <E extends { readonly _tag: string }>(error: E) =>
+  error._tag === "StorageError" || error._tag === "EngineError" || error._tag === "GenerationFailed"
+    ? Effect.logError("request failed", error)
+    : Effect.void
+
+export const HealthLive = HttpApiBuilder.group(
+  Api,
+  "health",
+  (handlers) => handlers.handle("healthz", () => Effect.succeed(new Health({ status: "ok" })))
+)
+
+export const ConversationsLive = HttpApiBuilder.group(
+  Api,
+  "conversations",
+  (handlers) =>
+    Effect.gen(function*() {
+      const conversations = yield* Conversations
+      return handlers
+        .handle("create", ({ payload }) =>
+          conversations.create(payload ?? new CreateConversation({})).pipe(
+            Effect.tapError(logServerFailure),
+            Effect.mapError(ApiError.fromRuntime),
+            Effect.map((conversation_id) => new ConversationCreated({ conversation_id }))
+          ))
+        .handle("sendTurn", ({ path, payload }) =>
+          Effect.gen(function*() {
+            // The outer effect fails (404/409/400/503) before any byte of the SSE response.
+            const events = yield* conversations.sendTurn(path.id, payload).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime)
+            )
+            const settings = yield* Sse.SseSettings
+            // The response stream runs in the request fiber: when the client goes away,
+            // @effect/platform-node interrupts that fiber, which interrupts `events`.
+            return Sse.turnResponse(events, settings)
+          }))
+        .handle("cancel", ({ path }) =>
+          conversations.cancel(path.id).pipe(
+            Effect.tapError(logServerFailure),
+            Effect.mapError(ApiError.fromRuntime)
+          ))
+        .handle("history", ({ path, urlParams }) =>
+          conversations.history(path.id, { before: urlParams.before, limit: urlParams.limit }).pipe(
+            Effect.tapError(logServerFailure),
+            Effect.mapError(ApiError.fromRuntime)
+          ))
+    })
+)
+
+/** Both groups; needs `Conversations` (and `ApiKeys` via the Authorization middleware layer). */
+export const layer = Layer.mergeAll(HealthLive, ConversationsLive)

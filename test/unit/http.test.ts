@@ -1,0 +1,471 @@
+import { HttpServer, HttpServerError } from "@effect/platform"
+import { describe, expect, it } from "@effect/vitest"
+import { Duration, Effect, Exit, Layer, Scope } from "effect"
+import * as Http from "node:http"
+import { ApiKeys } from "../../src/http/Auth.js"
+import * as Server from "../../src/http/Server.js"
+import { SseSettings } from "../../src/http/Sse.js"
+import * as Fake from "../support/fakeConversations.js"
+
+interface Ctx {
+  readonly url: string
+  readonly control: Fake.FakeControl
+}
+
+interface Options {
+  readonly keys?: ReadonlyArray<string>
+  readonly keepAlive?: Duration.DurationInput
+  readonly fake?: Fake.FakeOptions
+}
+
+/** Runs `body` against a real Node HTTP server on a random port, backed by the fake. */
+const withServer = (options: Options, body: (ctx: Ctx) => Promise<void>) =>
+  Effect.gen(function*() {
+    const server = yield* HttpServer.HttpServer
+    const address = server.address
+    if (address._tag !== "TcpAddress") throw new Error("expected a TCP address")
+    const control = yield* Fake.FakeConversationsControl
+    const url = `http://127.0.0.1:${address.port}`
+    yield* Effect.promise(() => body({ url, control }))
+  }).pipe(
+    Effect.provide(
+      Server.layerTest.pipe(
+        Layer.provideMerge(Fake.layer(options.fake ?? {})),
+        Layer.provide(ApiKeys.layer(options.keys ?? [])),
+        Layer.provide(SseSettings.layer({ keepAliveInterval: options.keepAlive ?? Duration.seconds(15) }))
+      )
+    )
+  )
+
+
+interface SseEvent {
+  readonly event: string | undefined
+  readonly id: string | undefined
+  readonly data: unknown
+}
+
+/** Parses an SSE body: events (data JSON-decoded) and comment lines. */
+const parseSse = (body: string) => {
+  const events: Array<SseEvent> = []
+  const comments: Array<string> = []
+  for (const block of body.split("\n\n")) {
+    if (block === "") continue
+    let event: string | undefined
+    let id: string | undefined
+    const data: Array<string> = []
+    for (const line of block.split("\n")) {
+      if (line.startsWith(":")) comments.push(line.slice(1).trim())
+      else if (line.startsWith("event: ")) event = line.slice(7)
+      else if (line.startsWith("id: ")) id = line.slice(4)
+      else if (line.startsWith("data: ")) data.push(line.slice(6))
+      else throw new Error(`unexpected SSE line: ${JSON.stringify(line)}`)
+    }
+    if (event !== undefined || data.length > 0) {
+      expect(data.length).toBe(1) // JSON payloads are always one line
+      events.push({ event, id, data: JSON.parse(data[0]!) })
+    }
+  }
+  return { events, comments }
+}
+
+const json = (url: string, init: { method?: string; body?: unknown; headers?: Record<string, string> } = {}) =>
+  fetch(url, {
+    method: init.method ?? "POST",
+    headers: { "content-type": "application/json", ...init.headers },
+    ...(init.body === undefined ? {} : { body: typeof init.body === "string" ? init.body : JSON.stringify(init.body) })
+  })
+
+const create = async (url: string, headers: Record<string, string> = {}): Promise<string> => {
+  const response = await json(`${url}/v1/conversations`, { body: {}, headers })
+  expect(response.status).toBe(201)
+  const body = await response.json() as { conversation_id: string }
+  return body.conversation_id
+}
+
+const expectError = async (response: Response, status: number, code: string) => {
+  expect(response.status).toBe(status)
+  expect(response.headers.get("content-type")).toMatch(/^application\/json/)
+  const body = await response.json() as { error: { code: string; message: string } }
+  expect(Object.keys(body)).toEqual(["error"])
+  expect(Object.keys(body.error).sort()).toEqual(["code", "message"])
+  expect(body.error.code).toBe(code)
+  expect(typeof body.error.message).toBe("string")
+  expect(body.error.message.length).toBeGreaterThan(0)
+  return body.error
+}
+
+/** Reads an SSE response until `predicate` holds on the text received so far. */
+const readUntil = async (
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+  predicate: (text: string) => boolean,
+  decoder = new TextDecoder()
+): Promise<string> => {
+  let text = ""
+  while (!predicate(text)) {
+    const { done, value } = await reader.read()
+    if (done) break
+    text += decoder.decode(value, { stream: true })
+  }
+  return text
+}
+
+describe("HTTP API", () => {
+  it.live("healthz and openapi", () =>
+    withServer({}, async ({ url }) => {
+      const health = await fetch(`${url}/healthz`)
+      expect(health.status).toBe(200)
+      expect(await health.json()).toEqual({ status: "ok" })
+      const spec = await fetch(`${url}/openapi.json`)
+      expect(spec.status).toBe(200)
+      const doc = await spec.json() as { paths: Record<string, unknown> }
+      expect(Object.keys(doc.paths)).toContain("/v1/conversations/{id}/turns")
+    }))
+
+  it.live("create → 201 {conversation_id}; empty body allowed; unknown model → 404", () =>
+    withServer({}, async ({ url }) => {
+      const response = await json(`${url}/v1/conversations`, { body: { model: "tiny", system_prompt: "be brief" } })
+      expect(response.status).toBe(201)
+      const body = await response.json() as Record<string, unknown>
+      expect(Object.keys(body)).toEqual(["conversation_id"])
+      expect(body.conversation_id).toMatch(/^conv_[0-9a-f]{32}$/)
+
+      const empty = await fetch(`${url}/v1/conversations`, { method: "POST" })
+      expect(empty.status).toBe(201)
+      const second = await empty.json() as { conversation_id: string }
+      expect(second.conversation_id).not.toBe(body.conversation_id)
+
+      await expectError(await json(`${url}/v1/conversations`, { body: { model: "missing" } }), 404, "model_not_found")
+      await expectError(await json(`${url}/v1/conversations`, { body: { model: "" } }), 400, "invalid_request")
+    }))
+
+  it.live("turn → SSE token events with ids, done with usage, headers", () =>
+    withServer({ fake: { tokens: 5, tokenDelay: 5 } }, async ({ url }) => {
+      const id = await create(url)
+      const content = "hello there"
+      const response = await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content } })
+      expect(response.status).toBe(200)
+      expect(response.headers.get("content-type")).toBe("text/event-stream; charset=utf-8")
+      expect(response.headers.get("cache-control")).toBe("no-cache")
+      expect(response.headers.get("x-accel-buffering")).toBe("no")
+      expect(response.headers.get("connection")).toBe("keep-alive")
+      const text = await response.text()
+      const { events } = parseSse(text)
+      expect(events.map((e) => e.event)).toEqual(["token", "token", "token", "token", "token", "done"])
+      expect(events.map((e) => e.id)).toEqual(["0", "1", "2", "3", "4", "5"])
+      expect(events.slice(0, 5).map((e) => e.data)).toEqual([0, 1, 2, 3, 4].map((i) => ({ text: Fake.tokenText(i) })))
+      // the newline inside token 1 is JSON-escaped, not raw
+      expect(text).toContain(`data: {"text":"multi\\nline \\"quoted\\"\\r\\n"}\n\n`)
+      expect(events[5]!.data).toEqual({
+        turn_id: `${id}:1`,
+        finish_reason: "stop",
+        usage: { prompt_tokens: content.length, completion_tokens: 5 }
+      })
+      expect(text.endsWith("\n\n")).toBe(true)
+
+      // max_tokens below the fake's count → finish_reason length
+      const limited = await json(`${url}/v1/conversations/${id}/turns`, {
+        body: { role: "user", content: "again", max_tokens: 2 }
+      })
+      const limitedEvents = parseSse(await limited.text()).events
+      expect(limitedEvents.map((e) => e.event)).toEqual(["token", "token", "done"])
+      expect(limitedEvents[2]).toEqual({
+        event: "done",
+        id: "2",
+        data: { turn_id: `${id}:3`, finish_reason: "length", usage: { prompt_tokens: 5, completion_tokens: 2 } }
+      })
+    }))
+
+  it.live("unknown conversation → 404 conversation_not_found on every route", () =>
+    withServer({}, async ({ url }) => {
+      const missing = "conv_does_not_exist"
+      await expectError(
+        await json(`${url}/v1/conversations/${missing}/turns`, { body: { role: "user", content: "hi" } }),
+        404,
+        "conversation_not_found"
+      )
+      await expectError(await json(`${url}/v1/conversations/${missing}/cancel`), 404, "conversation_not_found")
+      await expectError(await fetch(`${url}/v1/conversations/${missing}`), 404, "conversation_not_found")
+    }))
+
+  it.live("second turn while streaming → 409 turn_in_progress", () =>
+    withServer({ fake: { tokens: 50, tokenDelay: 20 } }, async ({ url, control }) => {
+      const id = await create(url)
+      const first = await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content: "one" } })
+      expect(first.status).toBe(200)
+      const reader = first.body!.getReader()
+      await readUntil(reader, (t) => t.includes("event: token"))
+      await expectError(
+        await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content: "two" } }),
+        409,
+        "turn_in_progress"
+      )
+      await reader.cancel()
+      await Effect.runPromise(control.waitForEnd((e) => e.conversation_id === id))
+    }))
+
+  it.live("bad requests → 400 invalid_request", () =>
+    withServer({}, async ({ url }) => {
+      const id = await create(url)
+      const turns = `${url}/v1/conversations/${id}/turns`
+      const missing = await expectError(await json(turns, { body: { role: "user" } }), 400, "invalid_request")
+      expect(missing.message).toBe("Invalid request: content: is missing")
+      await expectError(await json(turns, { body: { role: "assistant", content: "x" } }), 400, "invalid_request")
+      await expectError(await json(turns, { body: { role: "user", content: "" } }), 400, "invalid_request")
+      await expectError(await json(turns, { body: { role: "user", content: "x", max_tokens: 0 } }), 400, "invalid_request")
+      await expectError(await json(turns, { body: { role: "user", content: "x", max_tokens: 1.5 } }), 400, "invalid_request")
+      const nonJson = await expectError(await json(turns, { body: "{not json" }), 400, "invalid_request")
+      expect(nonJson.message).toMatch(/JSON/)
+      await expectError(await json(turns), 400, "invalid_request") // empty body
+      const form = await expectError(
+        await json(turns, { body: "role=user&content=x", headers: { "content-type": "application/x-www-form-urlencoded" } }),
+        400,
+        "invalid_request"
+      )
+      expect(form.message).toMatch(/Content-Type must be application\/json/)
+      const charset = await json(turns, {
+        body: { role: "user", content: "x" },
+        headers: { "content-type": "application/json; charset=utf-8" }
+      })
+      expect(charset.status).toBe(200)
+      await charset.text()
+      await expectError(
+        await json(`${url}/v1/conversations/bad%20id!/turns`, { body: { role: "user", content: "x" } }),
+        400,
+        "invalid_request"
+      )
+      const history = `${url}/v1/conversations/${id}`
+      const limit = await expectError(await fetch(`${history}?limit=0`), 400, "invalid_request")
+      expect(limit.message).toMatch(/^Invalid request: limit: /)
+      await expectError(await fetch(`${history}?limit=201`), 400, "invalid_request")
+      await expectError(await fetch(`${history}?limit=abc`), 400, "invalid_request")
+      await expectError(await fetch(`${history}?before=-1`), 400, "invalid_request")
+      // the rejected requests stored nothing: only the accepted charset turn is there
+      const page = await (await fetch(history)).json() as { turns: Array<{ role: string; content: string }> }
+      expect(page.turns.map((t) => [t.role, t.content])).toEqual([["user", "x"], ["assistant", "tok0 multi\nline \"quoted\"\r\ntok2 tok3 tok4 "]])
+    }))
+
+  it.live("sendTurn failures before the stream → JSON errors", () =>
+    withServer({}, async ({ url }) => {
+      const id = await create(url)
+      const turns = `${url}/v1/conversations/${id}/turns`
+      await expectError(await json(turns, { body: { role: "user", content: "!too_long" } }), 400, "prompt_too_long")
+      await expectError(await json(turns, { body: { role: "user", content: "!engine_error" } }), 503, "engine_error")
+    }))
+
+  it.live("cancel → 204, and the stream ends with done finish_reason cancelled", () =>
+    withServer({ fake: { tokens: 100, tokenDelay: 20 } }, async ({ control, url }) => {
+      const id = await create(url)
+      const response = await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content: "long" } })
+      const reader = response.body!.getReader()
+      const decoder = new TextDecoder()
+      let text = await readUntil(reader, (t) => (t.match(/event: token/g) ?? []).length >= 2, decoder)
+      const cancel = await json(`${url}/v1/conversations/${id}/cancel`)
+      expect(cancel.status).toBe(204)
+      expect(await cancel.text()).toBe("")
+      text += await readUntil(reader, () => false, decoder)
+      const { events } = parseSse(text)
+      const last = events[events.length - 1]!
+      expect(last.event).toBe("done")
+      const done = last.data as { finish_reason: string; usage: { completion_tokens: number } }
+      expect(done.finish_reason).toBe("cancelled")
+      const tokenCount = events.filter((e) => e.event === "token").length
+      expect(tokenCount).toBeGreaterThanOrEqual(2)
+      expect(tokenCount).toBeLessThan(100)
+      expect(done.usage.completion_tokens).toBe(tokenCount)
+      expect(last.id).toBe(String(tokenCount))
+      expect(await Effect.runPromise(control.cancelCalls)).toEqual([id])
+      expect((await Effect.runPromise(control.ends)).map((e) => e.how)).toEqual(["cancelled"])
+      // cancel with nothing running is fine
+      expect((await json(`${url}/v1/conversations/${id}/cancel`)).status).toBe(204)
+    }))
+
+  it.live("client disconnect (fetch abort) interrupts the generation within 1 s", () =>
+    withServer({ fake: { tokens: 1000, tokenDelay: 10 } }, async ({ control, url }) => {
+      const id = await create(url)
+      const abort = new AbortController()
+      const response = await fetch(`${url}/v1/conversations/${id}/turns`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ role: "user", content: "go" }),
+        signal: abort.signal
+      })
+      const reader = response.body!.getReader()
+      await readUntil(reader, (t) => t.includes("event: token"))
+      const abortedAt = Date.now()
+      abort.abort()
+      const end = await Effect.runPromise(control.waitForEnd((e) => e.conversation_id === id, Duration.seconds(1)))
+      expect(end.how).toBe("interrupted")
+      expect(end.at_ms - abortedAt).toBeLessThan(1000)
+      // interrupted by @effect/platform-node's `close` listener on the Node response
+      expect(end.interruptors).toContain(HttpServerError.clientAbortFiberId)
+      expect(await Effect.runPromise(control.cancelCalls)).toEqual([]) // interruption, not a cancel call
+      expect(await Effect.runPromise(control.isActive(id))).toBe(false)
+      // the conversation is usable again and the interrupted turn is recorded as cancelled
+      const page = await (await fetch(`${url}/v1/conversations/${id}`)).json() as {
+        turns: Array<{ role: string; status: string }>
+      }
+      expect(page.turns.map((t) => [t.role, t.status])).toEqual([["user", "completed"], ["assistant", "cancelled"]])
+    }))
+
+  it.live("client disconnect (socket destroyed) interrupts the generation within 1 s", () =>
+    withServer({ fake: { tokens: 1000, tokenDelay: 10 } }, async ({ control, url }) => {
+      const id = await create(url)
+      const destroyedAt = await new Promise<number>((resolve, reject) => {
+        const request = Http.request(`${url}/v1/conversations/${id}/turns`, {
+          method: "POST",
+          headers: { "content-type": "application/json" }
+        }, (response) => {
+          expect(response.statusCode).toBe(200)
+          response.once("data", () => {
+            const at = Date.now()
+            request.destroy()
+            resolve(at)
+          })
+        })
+        request.on("error", (error) => {
+          if ((error as NodeJS.ErrnoException).code !== "ECONNRESET") reject(error)
+        })
+        request.end(JSON.stringify({ role: "user", content: "go" }))
+      })
+      const end = await Effect.runPromise(control.waitForEnd((e) => e.conversation_id === id, Duration.seconds(1)))
+      expect(end.how).toBe("interrupted")
+      expect(end.at_ms - destroyedAt).toBeLessThan(1000)
+      expect(end.interruptors).toContain(HttpServerError.clientAbortFiberId)
+    }))
+
+  it.live("server shutdown with a stream open closes it and interrupts the generation", () =>
+    Effect.gen(function*() {
+      const scope = yield* Scope.make()
+      const context = yield* Layer.buildWithScope(
+        Server.layerTest.pipe(
+          Layer.provideMerge(Fake.layer({ tokens: 1000, tokenDelay: 10 })),
+          Layer.provide(ApiKeys.layerNone)
+        ),
+        scope
+      )
+      const address = (yield* Effect.provide(HttpServer.HttpServer, context)).address
+      if (address._tag !== "TcpAddress") throw new Error("expected a TCP address")
+      const control = yield* Effect.provide(Fake.FakeConversationsControl, context)
+      const url = `http://127.0.0.1:${address.port}`
+      const id = yield* Effect.promise(() => create(url))
+      const reader = yield* Effect.promise(async () => {
+        const response = await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content: "x" } })
+        const reader = response.body!.getReader()
+        await readUntil(reader, (t) => t.includes("event: token"))
+        return reader
+      })
+      const started = Date.now()
+      yield* Scope.close(scope, Exit.void).pipe(Effect.timeout(Duration.seconds(2)))
+      expect(Date.now() - started).toBeLessThan(2000)
+      const end = yield* control.waitForEnd((e) => e.conversation_id === id)
+      expect(end.how).toBe("interrupted")
+      // the client sees the connection end without a terminal event
+      const rest = yield* Effect.promise(() => readUntil(reader, () => false).catch(() => "<reset>"))
+      expect(rest).not.toContain("event: done")
+    }))
+
+  it.live("a failing generation ends with event: error, never silently", () =>
+    withServer({ fake: { tokens: 3, tokenDelay: 2 } }, async ({ url }) => {
+      const id = await create(url)
+      const turns = `${url}/v1/conversations/${id}/turns`
+
+      const failed = parseSse(await (await json(turns, { body: { role: "user", content: "!fail_stream" } })).text())
+      expect(failed.events.map((e) => e.event)).toEqual(["token", "token", "error"])
+      expect(failed.events[2]!.id).toBeUndefined()
+      expect(failed.events[2]!.data).toEqual({ error: { code: "engine_error", message: "step_failed: engine step failed" } })
+
+      const noDone = parseSse(await (await json(turns, { body: { role: "user", content: "!no_done" } })).text())
+      expect(noDone.events.map((e) => e.event)).toEqual(["token", "token", "token", "error"])
+      expect((noDone.events[3]!.data as { error: { code: string } }).error.code).toBe("internal")
+
+      const defect = parseSse(await (await json(turns, { body: { role: "user", content: "!defect" } })).text())
+      expect(defect.events.map((e) => e.event)).toEqual(["token", "error"])
+      expect((defect.events[1]!.data as { error: { code: string } }).error.code).toBe("internal")
+    }))
+
+  it.live("keep-alive comments while the stream is idle", () =>
+    withServer({ keepAlive: Duration.millis(40), fake: { tokens: 2, tokenDelay: 150 } }, async ({ url }) => {
+      const id = await create(url)
+      const text = await (await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content: "x" } }))
+        .text()
+      const { comments, events } = parseSse(text)
+      expect(events.map((e) => e.event)).toEqual(["token", "token", "done"])
+      expect(comments.every((c) => c === "keep-alive")).toBe(true)
+      // ~300 ms of idle time at 40 ms → several comments, and at least one before the first token
+      expect(comments.length).toBeGreaterThanOrEqual(4)
+      expect(text.indexOf(": keep-alive\n\n")).toBeLessThan(text.indexOf("event: token"))
+    }))
+
+  it.live("no keep-alive comments when tokens flow faster than the interval", () =>
+    withServer({ keepAlive: Duration.millis(200), fake: { tokens: 10, tokenDelay: 5 } }, async ({ url }) => {
+      const id = await create(url)
+      const text = await (await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content: "x" } }))
+        .text()
+      expect(parseSse(text).comments).toEqual([])
+    }))
+
+  it.live("history paging with before/limit", () =>
+    withServer({ fake: { tokens: 2, tokenDelay: 1 } }, async ({ url }) => {
+      const id = await create(url)
+      for (const content of ["first", "second"]) {
+        const response = await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content } })
+        expect(parseSse(await response.text()).events.at(-1)!.event).toBe("done")
+      }
+      const all = await (await fetch(`${url}/v1/conversations/${id}`)).json() as {
+        turns: Array<{ seq: number; role: string; content: string; turn_id: string }>
+        next_cursor: string | null
+      }
+      expect(all.turns.map((t) => t.seq)).toEqual([0, 1, 2, 3])
+      expect(all.turns.map((t) => t.role)).toEqual(["user", "assistant", "user", "assistant"])
+      expect(all.turns[2]!.content).toBe("second")
+      expect(all.turns[1]!.turn_id).toBe(`${id}:1`)
+      expect(all.next_cursor).toBeNull()
+
+      const page1 = await (await fetch(`${url}/v1/conversations/${id}?limit=3`)).json() as typeof all
+      expect(page1.turns.map((t) => t.seq)).toEqual([1, 2, 3])
+      expect(page1.next_cursor).toBe("1")
+      const page2 = await (await fetch(`${url}/v1/conversations/${id}?limit=3&before=${page1.next_cursor}`))
+        .json() as typeof all
+      expect(page2.turns.map((t) => t.seq)).toEqual([0])
+      expect(page2.next_cursor).toBeNull()
+    }))
+
+  it.live("auth: with API keys, missing or wrong bearer → 401; right bearer → 200", () =>
+    withServer({ keys: ["key-one", "key-two"] }, async ({ url }) => {
+      const missing = await expectError(await json(`${url}/v1/conversations`, { body: {} }), 401, "unauthorized")
+      expect(missing.message).toMatch(/bearer/i)
+      await expectError(
+        await json(`${url}/v1/conversations`, { body: {}, headers: { authorization: "Bearer nope" } }),
+        401,
+        "unauthorized"
+      )
+      await expectError(
+        await json(`${url}/v1/conversations`, { body: {}, headers: { authorization: "Basic key-one" } }),
+        401,
+        "unauthorized"
+      )
+      // authentication comes before body validation
+      await expectError(await json(`${url}/v1/conversations`, { body: "{bad" }), 401, "unauthorized")
+      const id = await create(url, { authorization: "Bearer key-two" })
+      const history = await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: "Bearer key-one" } })
+      expect(history.status).toBe(200)
+      await expectError(await fetch(`${url}/v1/conversations/${id}`), 401, "unauthorized")
+      // health checks stay open
+      expect((await fetch(`${url}/healthz`)).status).toBe(200)
+    }))
+
+  it.live("auth: without API keys everything is allowed", () =>
+    withServer({}, async ({ url }) => {
+      const id = await create(url)
+      expect((await fetch(`${url}/v1/conversations/${id}`)).status).toBe(200)
+      expect((await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: "Bearer anything" } })).status)
+        .toBe(200)
+    }))
+
+  it.live("unknown route → 404 not_found JSON", () =>
+    withServer({}, async ({ url }) => {
+      await expectError(await fetch(`${url}/nope`), 404, "not_found")
+      await expectError(await fetch(`${url}/v1/conversations/abc/turns`), 404, "not_found") // GET on a POST route
+      await expectError(await json(`${url}/v2/conversations`, { body: {} }), 404, "not_found")
+    }))
+})
