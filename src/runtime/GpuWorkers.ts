@@ -1,0 +1,67 @@
+/**
+ * The GpuWorkers of the GPUs this runner hosts (topology `runners[].gpus`), keyed by GPU id.
+ * Built once per runner process; the GpuScheduler and DecodeSlot entities (pinned here by
+ * shard group) look their worker up by id.
+ */
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import { Context, Effect, Layer } from "effect"
+import type { EngineError } from "./Errors.js"
+import * as GpuWorker from "./GpuWorker.js"
+import { Models } from "./Models.js"
+import { TopologyService } from "./Topology.js"
+
+export interface GpuWorkersService {
+  readonly get: (gpuId: string) => GpuWorker.GpuWorker | undefined
+  readonly all: ReadonlyArray<GpuWorker.GpuWorker>
+}
+
+export class GpuWorkers extends Context.Tag("chat/GpuWorkers")<GpuWorkers, GpuWorkersService>() {}
+
+export interface GpuWorkersOptions {
+  /** Name of this runner in the topology. */
+  readonly runnerName: string
+  /** Path of the `llm-engine` binary. */
+  readonly engineBinary: string
+  readonly threads?: number | undefined
+  /** Forward engine stderr to ours with this prefix. */
+  readonly logEngine?: boolean | undefined
+}
+
+export const layer = (options: GpuWorkersOptions): Layer.Layer<GpuWorkers, EngineError, TopologyService | Models> =>
+  Layer.scoped(
+    GpuWorkers,
+    Effect.gen(function*() {
+      const topology = yield* TopologyService
+      const models = yield* Models
+      const hosted = new Set(topology.runners.find((r) => r.name === options.runnerName)?.gpus ?? [])
+      const workers = new Map<string, GpuWorker.GpuWorker>()
+      for (const [poolName, pool] of Object.entries(topology.pools)) {
+        const model = models.get(poolName)!
+        for (const gpu of pool.gpus) {
+          if (!hosted.has(gpu.id) || workers.has(gpu.id)) continue
+          const worker = yield* GpuWorker.make({
+            gpuId: gpu.id,
+            binary: options.engineBinary,
+            modelDir: model.modelDir,
+            device: gpu.device,
+            // ipc paths are limited to ~107 bytes: keep them short and per-process.
+            endpoint: `ipc://${join(tmpdir(), `llm-engine-${process.pid}-${gpu.id}.sock`)}`,
+            kvCacheBytes: pool.engine.kv_cache_bytes,
+            maxNumBatchedTokens: pool.engine.max_num_batched_tokens,
+            maxNumSeqs: pool.engine.max_num_seqs,
+            numSlots: pool.engine.num_slots,
+            bufferTokens: topology.generation.client_buffer_tokens,
+            threads: options.threads,
+            logPrefix: options.logEngine ? `[engine ${gpu.id}]` : undefined
+          })
+          yield* Effect.logInfo(
+            `engine ${gpu.id} ready: ${worker.engineInfo.model.architecture} on ${worker.engineInfo.device}, ` +
+              `${worker.engineInfo.num_blocks} KV blocks of ${worker.engineInfo.block_size} tokens`
+          )
+          workers.set(gpu.id, worker)
+        }
+      }
+      return { get: (id) => workers.get(id), all: [...workers.values()] }
+    })
+  )

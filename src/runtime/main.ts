@@ -1,0 +1,85 @@
+/**
+ * Process entry: composes every layer (the only place that does). With no environment it is
+ * the embedded single-process deployment: PGlite behind pglite-socket as PostgreSQL, one CPU
+ * engine with the generated tiny model, HTTP on :8080.
+ *
+ * Environment: PORT, HOST, DATA_DIR (default .data), DATABASE_URL (use that PostgreSQL
+ * instead of the embedded one), MODEL_DIR (a Hugging Face checkpoint directory for pools whose
+ * model is "default"), ENGINE_BIN (default engine/build/llm-engine), ENGINE_THREADS,
+ * RUNNER_NAME (default: the first runner of cluster.config.ts), API_KEYS, LOG_ENGINE=1.
+ */
+import { resolve } from "node:path"
+import { NodeRuntime } from "@effect/platform-node"
+import { PgClient } from "@effect/sql-pg"
+import { Config, Effect, Layer, Option, Redacted, Schema } from "effect"
+import topologyInput from "../../cluster.config.js"
+import * as ConversationEntity from "../actors/Conversation.js"
+import * as ConversationsLive from "../actors/ConversationsLive.js"
+import * as DecodeSlot from "../actors/DecodeSlot.js"
+import * as GpuScheduler from "../actors/GpuScheduler.js"
+import * as HttpServer from "../http/Server.js"
+import * as Cluster from "./Cluster.js"
+import { ensureDefaultModel } from "./DefaultModel.js"
+import * as EmbeddedPostgres from "./EmbeddedPostgres.js"
+import { StorageError } from "./Errors.js"
+import * as GpuWorkers from "./GpuWorkers.js"
+import * as Models from "./Models.js"
+import * as Storage from "./Storage.js"
+import * as Topology from "./Topology.js"
+
+const settings = Config.all({
+  dataDir: Config.string("DATA_DIR").pipe(Config.withDefault(".data")),
+  databaseUrl: Config.option(Config.redacted("DATABASE_URL")),
+  modelDir: Config.option(Config.string("MODEL_DIR")),
+  engineBinary: Config.string("ENGINE_BIN").pipe(Config.withDefault("engine/build/llm-engine")),
+  engineThreads: Config.option(Config.integer("ENGINE_THREADS")),
+  runnerName: Config.option(Config.string("RUNNER_NAME")),
+  logEngine: Config.boolean("LOG_ENGINE").pipe(Config.withDefault(false))
+})
+
+const MainLive = Layer.unwrapEffect(
+  Effect.gen(function*() {
+    const s = yield* settings
+    const topologyValue = yield* Schema.decodeUnknown(Topology.TopologySchema)(topologyInput, { errors: "all" })
+    const runnerName = Option.getOrElse(s.runnerName, () => topologyValue.runners[0].name)
+    const dataDir = resolve(s.dataDir)
+
+    const resolveModelDir = (model: string) =>
+      model !== "default"
+        ? Effect.succeed(resolve(model))
+        : Option.isSome(s.modelDir)
+        ? Effect.succeed(resolve(s.modelDir.value))
+        : Effect.try({
+          try: () => ensureDefaultModel(dataDir),
+          catch: (e) => new StorageError({ message: `cannot generate the default model: ${String(e)}` })
+        })
+
+    const SqlLive = Option.isSome(s.databaseUrl)
+      ? PgClient.layer({ url: s.databaseUrl.value, maxConnections: 16 })
+      : Layer.unwrapScoped(
+        EmbeddedPostgres.start(resolve(dataDir, "pg")).pipe(
+          Effect.tap(({ url }) => Effect.logInfo(`embedded PostgreSQL (PGlite) at ${url}, data in ${dataDir}/pg`)),
+          // Fewer pool connections than pglite-socket accepts (the runner storage reserves one).
+          Effect.map(({ url }) => PgClient.layer({ url: Redacted.make(url), maxConnections: 8 }))
+        )
+      )
+
+    const TopologyLive = Layer.succeed(Topology.TopologyService, topologyValue)
+    const ModelsLive = Models.layer(resolveModelDir).pipe(Layer.provide(TopologyLive))
+    const WorkersLive = GpuWorkers.layer({
+      runnerName,
+      engineBinary: resolve(s.engineBinary),
+      threads: Option.getOrUndefined(s.engineThreads),
+      logEngine: s.logEngine
+    }).pipe(Layer.provide(ModelsLive), Layer.provide(TopologyLive))
+    const StoreLive = Storage.layer.pipe(Layer.provide(SqlLive))
+    const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, DecodeSlot.layer).pipe(
+      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive))
+    )
+    const ClusterLive = EntitiesLive.pipe(Layer.provideMerge(Cluster.layerSingle(topologyValue, runnerName)))
+    const ConversationsLayer = ConversationsLive.layer.pipe(Layer.provide(Layer.mergeAll(ClusterLive, StoreLive, TopologyLive)))
+    return HttpServer.layer.pipe(Layer.provide(ConversationsLayer), Layer.provide(SqlLive))
+  })
+)
+
+NodeRuntime.runMain(Layer.launch(MainLive))
