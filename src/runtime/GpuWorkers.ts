@@ -26,6 +26,11 @@ export interface GpuWorkersOptions {
   readonly threads?: number | undefined
   /** Forward engine stderr to ours with this prefix. */
   readonly logEngine?: boolean | undefined
+  /**
+   * Directory of the engines' ipc sockets (`engine-<gpu>.sock`), so operators and tests can
+   * ask an engine for `info`; default: a per-process name in the temp directory.
+   */
+  readonly socketDir?: string | undefined
 }
 
 export const layer = (options: GpuWorkersOptions): Layer.Layer<GpuWorkers, EngineError, TopologyService | Models> =>
@@ -46,7 +51,9 @@ export const layer = (options: GpuWorkersOptions): Layer.Layer<GpuWorkers, Engin
             modelDir: model.modelDir,
             device: gpu.device,
             // ipc paths are limited to ~107 bytes: keep them short and per-process.
-            endpoint: `ipc://${join(tmpdir(), `llm-engine-${process.pid}-${gpu.id}.sock`)}`,
+            endpoint: options.socketDir === undefined
+              ? `ipc://${join(tmpdir(), `llm-engine-${process.pid}-${gpu.id}.sock`)}`
+              : `ipc://${join(options.socketDir, `engine-${gpu.id}.sock`)}`,
             kvCacheBytes: pool.engine.kv_cache_bytes,
             maxNumBatchedTokens: pool.engine.max_num_batched_tokens,
             maxNumSeqs: pool.engine.max_num_seqs,

@@ -6,7 +6,8 @@
  * Environment: PORT, HOST, DATA_DIR (default .data), DATABASE_URL (use that PostgreSQL
  * instead of the embedded one), MODEL_DIR (a Hugging Face checkpoint directory for pools whose
  * model is "default"), ENGINE_BIN (default engine/build/llm-engine), ENGINE_THREADS,
- * RUNNER_NAME (default: the first runner of cluster.config.ts), API_KEYS, LOG_ENGINE=1.
+ * RUNNER_NAME (default: the first runner of cluster.config.ts), API_KEYS, LOG_ENGINE=1,
+ * RUN_DIR (directory of the engines' ipc sockets `engine-<gpu>.sock`).
  */
 import { resolve } from "node:path"
 import { NodeRuntime } from "@effect/platform-node"
@@ -34,7 +35,8 @@ const settings = Config.all({
   engineBinary: Config.string("ENGINE_BIN").pipe(Config.withDefault("engine/build/llm-engine")),
   engineThreads: Config.option(Config.integer("ENGINE_THREADS")),
   runnerName: Config.option(Config.string("RUNNER_NAME")),
-  logEngine: Config.boolean("LOG_ENGINE").pipe(Config.withDefault(false))
+  logEngine: Config.boolean("LOG_ENGINE").pipe(Config.withDefault(false)),
+  runDir: Config.option(Config.string("RUN_DIR"))
 })
 
 const MainLive = Layer.unwrapEffect(
@@ -70,7 +72,8 @@ const MainLive = Layer.unwrapEffect(
       runnerName,
       engineBinary: resolve(s.engineBinary),
       threads: Option.getOrUndefined(s.engineThreads),
-      logEngine: s.logEngine
+      logEngine: s.logEngine,
+      socketDir: Option.getOrUndefined(Option.map(s.runDir, (d) => resolve(d)))
     }).pipe(Layer.provide(ModelsLive), Layer.provide(TopologyLive))
     const StoreLive = Storage.layer.pipe(Layer.provide(SqlLive))
     const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, DecodeSlot.layer).pipe(

@@ -1,0 +1,182 @@
+/**
+ * End to end, as a client would: the real service process (real engine, real cluster on the
+ * test PostgreSQL, real HTTP/SSE), driven with fetch.
+ */
+import path from "node:path"
+import { Effect } from "effect"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import * as Tokenizer from "../../src/runtime/Tokenizer.js"
+import { databaseUrl } from "../support/database.js"
+import { assertEngineBuilt, rawRequest } from "../support/engineProcess.js"
+import { postJson, readSse, type Service, type SseEvent, startService } from "../support/service.js"
+
+const engineInfo = async (service: Service) =>
+  rawRequest(`ipc://${path.join(service.runDir, "engine-gpu-0.sock")}`, { v: 1, type: "info", req_id: 1 })
+
+/** Polls the engine until no sequence holds a KV block; fails after `timeoutMs`. */
+const waitForFreeBlocks = async (service: Service, timeoutMs = 2000) => {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const info = await engineInfo(service)
+    if (info.num_used_blocks === 0 && info.num_active_seqs === 0) return info
+    if (Date.now() > deadline) throw new Error(`KV blocks still in use: ${JSON.stringify(info)}`)
+    await new Promise((r) => setTimeout(r, 20))
+  }
+}
+
+const tokenText = (events: ReadonlyArray<SseEvent>) => events.filter((e) => e.event === "token").map((e) => e.data.text).join("")
+
+describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
+  let service: Service
+  let tokenizer: Tokenizer.ModelTokenizer
+
+  beforeAll(async () => {
+    assertEngineBuilt()
+    service = await startService({ env: { DATABASE_URL: databaseUrl } })
+    tokenizer = await Effect.runPromise(Tokenizer.load(path.join(service.dataDir, "models", "tiny-qwen3")))
+  }, 120_000)
+
+  afterAll(async () => {
+    await service?.stop()
+  })
+
+  it("streams two turns, carries history, cancels a third, frees every KV block", async () => {
+    const created = await postJson(`${service.url}/v1/conversations`, { system_prompt: "You are terse." })
+    expect(created.status).toBe(201)
+    const { conversation_id: id } = (await created.json()) as { conversation_id: string }
+
+    // Turn 1: a complete stream, with the SSE headers a proxy needs.
+    const t0 = performance.now()
+    let ttftMs = 0
+    const res1 = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Hello, who are you?", max_tokens: 64 })
+    expect(res1.status).toBe(200)
+    expect(res1.headers.get("content-type")).toContain("text/event-stream")
+    expect(res1.headers.get("cache-control")).toBe("no-cache")
+    expect(res1.headers.get("x-accel-buffering")).toBe("no")
+    const turn1 = await readSse(res1, (e) => {
+      if (e.event === "token" && ttftMs === 0) ttftMs = performance.now() - t0
+    })
+    const totalMs = performance.now() - t0
+    const done1 = turn1.at(-1)!
+    expect(done1.event).toBe("done")
+    expect(["stop", "length"]).toContain(done1.data.finish_reason)
+    expect(done1.data.usage.completion_tokens).toBeGreaterThan(0)
+    const tokens1 = turn1.filter((e) => e.event === "token")
+    expect(tokens1.map((e) => e.id)).toEqual(tokens1.map((_, i) => String(i)))
+    console.log(
+      `turn 1: TTFT ${ttftMs.toFixed(1)} ms, ${done1.data.usage.completion_tokens} tokens in ${totalMs.toFixed(1)} ms ` +
+        `(${((done1.data.usage.completion_tokens - 1) / ((totalMs - ttftMs) / 1000)).toFixed(0)} tokens/s after the first)`
+    )
+    const expectedPrompt1 = tokenizer.encode(tokenizer.renderChat([
+      { role: "system", content: "You are terse." },
+      { role: "user", content: "Hello, who are you?" }
+    ]))
+    expect(done1.data.usage.prompt_tokens).toBe(expectedPrompt1.length)
+
+    // Turn 2: its prompt is exactly system + turn 1 (user and the assistant's text) + turn 2.
+    const res2 = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Say more.", max_tokens: 16 })
+    const turn2 = await readSse(res2, () => undefined)
+    const done2 = turn2.at(-1)!
+    expect(done2.event).toBe("done")
+    const expectedPrompt2 = tokenizer.encode(tokenizer.renderChat([
+      { role: "system", content: "You are terse." },
+      { role: "user", content: "Hello, who are you?" },
+      { role: "assistant", content: tokenText(turn1) },
+      { role: "user", content: "Say more." }
+    ]))
+    expect(done2.data.usage.prompt_tokens).toBe(expectedPrompt2.length)
+    expect(done2.data.usage.prompt_tokens).toBeGreaterThan(done1.data.usage.prompt_tokens + 5)
+
+    // Turn 3: cancelled mid-stream with POST cancel; a concurrent turn meanwhile gets 409.
+    const res3 = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Write a long story.", max_tokens: 3000 })
+    let cancelled = false
+    const turn3 = await readSse(res3, async (e) => {
+      if (e.event === "token" && Number(e.id) === 4 && !cancelled) {
+        const busy = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Too soon" })
+        expect(busy.status).toBe(409)
+        expect(((await busy.json()) as any).error.code).toBe("turn_in_progress")
+        const cancel = await fetch(`${service.url}/v1/conversations/${id}/cancel`, { method: "POST" })
+        expect(cancel.status).toBe(204)
+        cancelled = true
+      }
+    })
+    const done3 = turn3.at(-1)!
+    expect(done3.event).toBe("done")
+    expect(done3.data.finish_reason).toBe("cancelled")
+    expect(done3.data.usage.completion_tokens).toBeLessThan(3000)
+    const info = await waitForFreeBlocks(service)
+    expect(info.num_blocks).toBeGreaterThan(0)
+
+    // History: the newest page first, then the older one through next_cursor.
+    const page1 = (await (await fetch(`${service.url}/v1/conversations/${id}?limit=2`)).json()) as any
+    expect(page1.turns.map((t: any) => [t.seq, t.role, t.status])).toEqual([[4, "user", "completed"], [5, "assistant", "cancelled"]])
+    expect(page1.turns[1].content).toBe(tokenText(turn3))
+    expect(page1.next_cursor).toBe("4")
+    const page2 = (await (await fetch(`${service.url}/v1/conversations/${id}?before=4&limit=50`)).json()) as any
+    expect(page2.turns.map((t: any) => t.seq)).toEqual([0, 1, 2, 3])
+    expect(page2.turns[1].content).toBe(tokenText(turn1))
+    expect(page2.turns[1].num_completion_tokens).toBe(done1.data.usage.completion_tokens)
+    expect(page2.next_cursor).toBeNull()
+  })
+
+  it("a client that disconnects mid-stream cancels the generation and frees its blocks", async () => {
+    const { conversation_id: id } = (await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any
+    const controller = new AbortController()
+    const res = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Go on forever", max_tokens: 3000 }, controller.signal)
+    const seen = await readSse(res, (e) => (e.event === "token" && Number(e.id) >= 3 ? "stop" : undefined))
+    controller.abort()
+    expect(seen.filter((e) => e.event === "token").length).toBe(4)
+    await waitForFreeBlocks(service)
+    // The assistant turn is stored as cancelled once the stream is torn down.
+    const deadline = Date.now() + 2000
+    let history: any
+    do {
+      history = await (await fetch(`${service.url}/v1/conversations/${id}`)).json()
+      if (history.turns.length === 2) break
+      await new Promise((r) => setTimeout(r, 20))
+    } while (Date.now() < deadline)
+    expect(history.turns.map((t: any) => [t.role, t.status])).toEqual([["user", "completed"], ["assistant", "cancelled"]])
+    expect(history.turns[1].num_completion_tokens).toBeGreaterThanOrEqual(4)
+  })
+
+  it("answers bad requests with JSON errors and changes nothing", async () => {
+    const missing = await postJson(`${service.url}/v1/conversations/conv_doesnotexist/turns`, { role: "user", content: "hi" })
+    expect(missing.status).toBe(404)
+    expect(((await missing.json()) as any).error.code).toBe("conversation_not_found")
+    const { conversation_id: id } = (await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any
+    for (const body of [{ role: "user" }, { role: "assistant", content: "x" }, { role: "user", content: "x", max_tokens: 0 }]) {
+      const bad = await postJson(`${service.url}/v1/conversations/${id}/turns`, body)
+      expect(bad.status).toBe(400)
+      expect(((await bad.json()) as any).error.code).toBe("invalid_request")
+    }
+    const unknownModel = await postJson(`${service.url}/v1/conversations`, { model: "no-such-pool" })
+    expect(unknownModel.status).toBe(404)
+    const history = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
+    expect(history.turns).toEqual([])
+    expect(history.next_cursor).toBeNull()
+  })
+})
+
+describe("embedded default (PGlite) keeps its data across restarts", () => {
+  it("serves a turn, restarts on the same data directory, and still has the history", async () => {
+    assertEngineBuilt()
+    const env = { DATABASE_URL: undefined }
+    let service = await startService({ env })
+    let id: string
+    try {
+      id = ((await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any).conversation_id
+      const events = await readSse(await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Remember me", max_tokens: 8 }), () => undefined)
+      expect(events.at(-1)!.event).toBe("done")
+    } finally {
+      await service.stop()
+    }
+    service = await startService({ env, dataDir: service.dataDir })
+    try {
+      const history = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
+      expect(history.turns.map((t: any) => [t.role, t.content.length > 0])).toEqual([["user", true], ["assistant", true]])
+      expect(history.turns[0].content).toBe("Remember me")
+    } finally {
+      await service.stop()
+    }
+  }, 180_000)
+})
