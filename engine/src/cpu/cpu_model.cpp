@@ -1,0 +1,174 @@
+// cpu/cpu_model.cpp — see cpu_model.h. Per layer:
+//   xn = RMSNorm(x); qkv = xn·Wqkv^T (+b); [QK-norm]; RoPE(q, k); K/V -> paged cache;
+//   attn = causal paged attention; x += attn·Wo^T;
+//   xn = RMSNorm(x); gu = xn·[Wgate|Wup]^T; a = silu(g)*u; x += a·Wdown^T.
+#include "cpu/cpu_model.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "common.h"
+#include "cpu/ops.h"
+
+namespace engine::cpu {
+
+CpuModel::CpuModel(const ModelConfig& cfg, ModelWeights weights, int64_t num_blocks,
+                   int64_t max_tokens, int64_t max_pos)
+    : cfg_(cfg),
+      w_(std::move(weights)),
+      kv_(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim),
+      inv_freq_(rope_inv_freq(cfg)),
+      max_tokens_(max_tokens),
+      max_pos_(max_pos),
+      num_threads_(omp_get_max_threads()) {
+  // OpenMP is the only thread pool: BLAS calls run single-threaded inside OMP workers.
+  openblas_set_num_threads(1);
+  ENGINE_CHECK(max_tokens > 0 && max_pos > 0, "internal", "max tokens/positions must be > 0");
+  const int64_t T = max_tokens, hid = cfg.hidden_size, D = cfg.head_dim;
+  const int64_t H = cfg.num_heads, KV = cfg.num_kv_heads, I = cfg.intermediate_size;
+  const size_t sizes[] = {
+      (size_t)(T * hid),               // x: residual stream
+      (size_t)(T * hid),               // xn: normed input / GEMM output
+      (size_t)(T * (H + 2 * KV) * D),  // qkv
+      (size_t)(T * H * D),             // attn
+      (size_t)(T * 2 * I),             // gu: gate | up, then activations in place
+      (size_t)(T * D / 2),             // cos
+      (size_t)(T * D / 2),             // sin
+      (size_t)(num_threads_ * max_pos),  // per-thread attention scores
+  };
+  size_t total = 0;
+  for (size_t s : sizes) total += s;
+  arena_.assign(total, 0.0f);
+  float* p = arena_.data();
+  float** slots[] = {&x_, &xn_, &qkv_, &attn_, &gu_, &cos_, &sin_, &scores_};
+  for (size_t i = 0; i < 8; i++) { *slots[i] = p; p += sizes[i]; }
+  tok_pos_.resize(T);
+  tok_seq_.resize(T);
+}
+
+void CpuModel::attention(int64_t T, const std::vector<BatchSeq>& seqs, int64_t layer) {
+  const int64_t H = cfg_.num_heads, KV = cfg_.num_kv_heads, D = cfg_.head_dim;
+  const int64_t group = H / KV, qkv_stride = (H + 2 * KV) * D;
+  const float scale = 1.0f / std::sqrt((float)D);
+  // Fork only when the work (~ positions attended * heads * D multiply-adds) pays for it.
+  int64_t work = 0;
+  for (int64_t t = 0; t < T; t++) work += (tok_pos_[t] + 1) * H * D * 2;
+#pragma omp parallel for schedule(dynamic, 4) if (work > (1 << 16))
+  for (int64_t th = 0; th < T * H; th++) {
+    const int64_t t = th / H, h = th % H, kvh = h / group;
+    const BatchSeq& s = seqs[tok_seq_[t]];
+    const int64_t pos = tok_pos_[t];
+    const float* q = qkv_ + t * qkv_stride + h * D;
+    float* scores = scores_ + (int64_t)omp_get_thread_num() * max_pos_;
+    // Pass 1: scaled dot products over positions 0..pos (causal), tracking the max.
+    float mx = -INFINITY;
+    for (int64_t j = 0; j <= pos; j++) {
+      const float* k = kv_.k(layer, s.block_table[j / kBlockSize], j % kBlockSize) + kvh * D;
+      float dot = 0.0f;
+      for (int64_t d = 0; d < D; d++) dot += q[d] * k[d];
+      scores[j] = dot * scale;
+      mx = std::max(mx, scores[j]);
+    }
+    // Pass 2: softmax weights (sum in f64) and the weighted sum of V.
+    double sum = 0.0;
+    for (int64_t j = 0; j <= pos; j++) {
+      scores[j] = std::exp(scores[j] - mx);
+      sum += scores[j];
+    }
+    float* out = attn_ + t * H * D + h * D;
+    std::memset(out, 0, D * sizeof(float));
+    const float inv = (float)(1.0 / sum);
+    for (int64_t j = 0; j <= pos; j++) {
+      const float* v = kv_.v(layer, s.block_table[j / kBlockSize], j % kBlockSize) + kvh * D;
+      const float pj = scores[j] * inv;
+      for (int64_t d = 0; d < D; d++) out[d] += pj * v[d];
+    }
+  }
+}
+
+void CpuModel::forward(const std::vector<BatchSeq>& seqs, float* hidden_out) {
+  const int64_t hid = cfg_.hidden_size, D = cfg_.head_dim, half = D / 2;
+  const int64_t H = cfg_.num_heads, KV = cfg_.num_kv_heads, I = cfg_.intermediate_size;
+  const int64_t qkv_dim = (H + 2 * KV) * D;
+  const float eps = (float)cfg_.rms_norm_eps;
+
+  // Flatten: token -> (sequence, absolute position); gather embeddings.
+  int64_t T = 0;
+  for (size_t i = 0; i < seqs.size(); i++) {
+    const BatchSeq& s = seqs[i];
+    ENGINE_CHECK(T + s.num_tokens <= max_tokens_, "internal", "batch exceeds scratch capacity");
+    ENGINE_CHECK(s.start_pos + s.num_tokens <= max_pos_, "internal", "position beyond max_pos");
+    ENGINE_CHECK(s.block_table_len * kBlockSize >= s.start_pos + s.num_tokens, "internal",
+                 "block table too short");
+    for (int64_t j = 0; j < s.num_tokens; j++, T++) {
+      tok_pos_[T] = s.start_pos + j;
+      tok_seq_[T] = (int32_t)i;
+      std::memcpy(x_ + T * hid, w_.embed.data() + (int64_t)s.tokens[j] * hid, hid * sizeof(float));
+    }
+  }
+  if (T == 0) return;
+
+  // RoPE angles once per token, shared by all layers and heads. HF computes pos * inv_freq
+  // in f32; we do the same product and take cos/sin in f64.
+#pragma omp parallel for schedule(static) if (T * half > kParallelMin / 8)
+  for (int64_t t = 0; t < T; t++) {
+    for (int64_t i = 0; i < half; i++) {
+      const float ang = (float)tok_pos_[t] * inv_freq_[i];
+      cos_[t * half + i] = (float)std::cos((double)ang);
+      sin_[t * half + i] = (float)std::sin((double)ang);
+    }
+  }
+
+  for (int64_t l = 0; l < cfg_.num_layers; l++) {
+    const LayerWeights& L = w_.layers[l];
+    rmsnorm(x_, xn_, L.input_norm.data(), T, hid, hid, eps);
+    matmul_nt(xn_, hid, L.wqkv.data(), qkv_, T, qkv_dim, hid);
+
+    // Bias, QK-norm (before RoPE, per head over D), RoPE; then K/V into the paged cache.
+#pragma omp parallel for schedule(static) if (T * qkv_dim > kParallelMin)
+    for (int64_t t = 0; t < T; t++) {
+      float* row = qkv_ + t * qkv_dim;
+      if (!L.bqkv.empty())
+        for (int64_t i = 0; i < qkv_dim; i++) row[i] += L.bqkv[i];
+      if (!L.q_norm.empty()) {
+        rmsnorm_serial(row, row, L.q_norm.data(), H, D, D, eps);
+        rmsnorm_serial(row + H * D, row + H * D, L.k_norm.data(), KV, D, D, eps);
+      }
+      for (int64_t h = 0; h < H + KV; h++) rope_head(row + h * D, cos_ + t * half, sin_ + t * half, D);
+      const BatchSeq& s = seqs[tok_seq_[t]];
+      const int64_t pos = tok_pos_[t];
+      const int64_t block = s.block_table[pos / kBlockSize], slot = pos % kBlockSize;
+      std::memcpy(kv_.k(l, block, slot), row + H * D, KV * D * sizeof(float));
+      std::memcpy(kv_.v(l, block, slot), row + (H + KV) * D, KV * D * sizeof(float));
+    }
+
+    attention(T, seqs, l);
+    matmul_nt(attn_, H * D, L.wo.data(), xn_, T, hid, H * D);
+    add_inplace(x_, xn_, T * hid);
+
+    rmsnorm(x_, xn_, L.post_norm.data(), T, hid, hid, eps);
+    matmul_nt(xn_, hid, L.w_gate_up.data(), gu_, T, 2 * I, hid);
+    swiglu_inplace(gu_, T, I);
+    matmul_nt(gu_, 2 * I, L.w_down.data(), xn_, T, hid, I);
+    add_inplace(x_, xn_, T * hid);
+  }
+
+  // Final norm only for the rows that will produce logits.
+  int64_t t_end = 0, n_out = 0;
+  for (const BatchSeq& s : seqs) {
+    t_end += s.num_tokens;
+    if (!s.need_output) continue;
+    rmsnorm_serial(x_ + (t_end - 1) * hid, hidden_out + n_out * hid, w_.final_norm.data(), 1, hid, hid, eps);
+    n_out++;
+  }
+}
+
+void CpuModel::lm_head(const float* hidden, int64_t rows, float* logits) {
+  if (rows > 0) matmul_nt(hidden, cfg_.hidden_size, w_.lm_head_data(), logits, rows, cfg_.vocab_size,
+                          cfg_.hidden_size);
+}
+
+}  // namespace engine::cpu

@@ -1,0 +1,114 @@
+// main.cpp — llm-engine: load a Hugging Face checkpoint, allocate the KV cache, serve
+// PROTOCOL.md over a ZeroMQ ROUTER socket.
+//
+// Exit codes: 0 after SIGINT/SIGTERM; 1 on a bad model directory or startup failure (the
+// message goes to stderr); 2 on a bad command line or a device this binary lacks.
+#include <fcntl.h>
+#include <omp.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+
+#include "common.h"
+#include "config.h"
+#include "cpu/cpu_model.h"
+#include "engine.h"
+#include "kv_cache.h"
+#include "model.h"
+#include "options.h"
+#include "safetensors.h"
+#include "server.h"
+
+namespace {
+
+// The one piece of process-global state: the write end of the self-pipe the signal handler
+// uses to wake the server loop (a handler may run on any thread, e.g. an OpenBLAS worker).
+int g_signal_pipe_write = -1;
+
+void on_signal(int signo) {
+  const unsigned char b = (unsigned char)signo;
+  ssize_t r = write(g_signal_pipe_write, &b, 1);
+  (void)r;
+}
+
+// Returns the read end of a pipe that becomes readable on SIGINT/SIGTERM.
+int install_signal_pipe() {
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return -1;
+  g_signal_pipe_write = fds[1];
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  return fds[0];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace engine;
+  std::vector<std::string> args(argv + 1, argv + argc);
+  for (const auto& a : args)
+    if (a == "--help" || a == "-h") { std::fputs(kUsage, stdout); return 0; }
+  Options opt;
+  try {
+    opt = parse_options(args);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "llm-engine: %s\n%s", e.what(), kUsage);
+    return 2;
+  }
+  if (opt.device == "sim" || opt.device.rfind("cuda", 0) == 0) {
+    // Later backends plug in here (see CMakeLists.txt ENGINE_CUDA).
+    std::fprintf(stderr, "llm-engine: device %s not built in this binary\n", opt.device.c_str());
+    return 2;
+  }
+  if (opt.device != "cpu") {
+    std::fprintf(stderr, "llm-engine: unknown device %s (expected cpu, cuda:N or sim)\n", opt.device.c_str());
+    return 2;
+  }
+  // OpenMP is the CPU backend's only thread pool (OpenBLAS runs single-threaded in it).
+  if (opt.threads > 0) omp_set_num_threads((int)opt.threads);
+  const int stop_fd = install_signal_pipe();
+
+  std::unique_ptr<Engine> eng;
+  try {
+    ModelConfig cfg = load_config(opt.model_dir);
+    TensorStore store = TensorStore::open_dir(opt.model_dir);
+    ModelWeights w = load_weights(cfg, store);
+    const std::string dtype = dtype_name(w.dtype);
+    const int64_t max_pos = opt.max_model_len > 0
+                                ? std::min(opt.max_model_len, cfg.max_position_embeddings)
+                                : cfg.max_position_embeddings;
+    const size_t per_block = KvCache::bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim);
+    const int64_t num_blocks = opt.num_blocks > 0 ? opt.num_blocks
+                                                  : (int64_t)((size_t)opt.kv_cache_bytes / per_block);
+    auto backend = std::make_unique<cpu::CpuModel>(cfg, std::move(w), num_blocks,
+                                                   opt.max_num_batched_tokens, max_pos);
+    std::fprintf(stderr,
+                 "llm-engine: %s (%s) vocab=%lld hidden=%lld layers=%lld heads=%lld kv_heads=%lld "
+                 "head_dim=%lld intermediate=%lld max_pos=%lld dtype=%s | device=cpu threads=%d "
+                 "num_blocks=%lld kv_cache_bytes=%zu | endpoint=%s\n",
+                 cfg.architecture.c_str(), cfg.model_type.c_str(), (long long)cfg.vocab_size,
+                 (long long)cfg.hidden_size, (long long)cfg.num_layers, (long long)cfg.num_heads,
+                 (long long)cfg.num_kv_heads, (long long)cfg.head_dim, (long long)cfg.intermediate_size,
+                 (long long)max_pos, dtype.c_str(), omp_get_max_threads(), (long long)num_blocks,
+                 backend->kv_cache_bytes(), opt.endpoint.c_str());
+    eng = std::make_unique<Engine>(std::move(cfg), std::move(backend), dtype, "cpu", max_pos);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "llm-engine: failed to load model from %s: %s\n", opt.model_dir.c_str(), e.what());
+    return 1;
+  }
+
+  try {
+    serve(*eng, opt.endpoint, stop_fd);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "llm-engine: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
