@@ -24,6 +24,7 @@ export const GpuStats = Schema.Struct({
   num_running: Schema.Int,
   num_waiting: Schema.Int,
   num_steps: Schema.Int,
+  num_engine_restarts: Schema.Int,
   engine_num_used_blocks: Schema.Int,
   engine_num_active_seqs: Schema.Int
 })
@@ -55,7 +56,7 @@ export const layer = GpuScheduler.toLayer(
         Effect.gen(function*() {
           const w = yield* worker
           const stats = yield* w.stats
-          const info = yield* w.engine.info
+          const info = yield* w.engine().info
           return {
             gpu_id: gpuId,
             device: info.device,
@@ -64,6 +65,7 @@ export const layer = GpuScheduler.toLayer(
             num_running: stats.numRunning,
             num_waiting: stats.numWaiting,
             num_steps: stats.numSteps,
+            num_engine_restarts: stats.numEngineRestarts,
             engine_num_used_blocks: info.num_used_blocks,
             engine_num_active_seqs: info.num_active_seqs
           }

@@ -9,7 +9,7 @@
  * (backpressure) until the reader drains half of it. Cancellation frees the sequence's blocks
  * at once; the engine is told in the next step (or a bare `release` when idle).
  */
-import { Effect, Fiber, Option, Queue, type Scope } from "effect"
+import { Duration, Effect, ExecutionStrategy, Exit, Fiber, Option, Queue, Schedule, Scope } from "effect"
 import * as EngineClient from "./EngineClient.js"
 import type { InfoReply, StepRequest } from "./EngineProtocol.js"
 import { EngineError, PromptTooLong } from "./Errors.js"
@@ -36,6 +36,7 @@ export interface Sequence {
 
 export interface StepStats {
   readonly numSteps: number
+  readonly numEngineRestarts: number
   readonly numRunning: number
   readonly numWaiting: number
   readonly numFreeBlocks: number
@@ -44,7 +45,8 @@ export interface StepStats {
 
 export interface GpuWorker {
   readonly gpuId: string
-  readonly engine: EngineClient.EngineClient
+  /** The client of the engine process running now (a new one after a restart). */
+  readonly engine: () => EngineClient.EngineClient
   readonly engineInfo: InfoReply
   /** Longest prompt + output the model accepts, in tokens. */
   readonly maxModelLen: number
@@ -75,8 +77,21 @@ interface Reader {
 
 export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, EngineError, Scope.Scope> =>
   Effect.gen(function*() {
-    const engine = yield* EngineClient.make(options)
-    const engineInfo = yield* engine.info
+    // Each engine process lives in a child scope, so that a crashed one can be replaced. Their
+    // parent is forked first so that it closes last, after the supervisor has stopped.
+    const enginesScope = yield* Scope.fork(yield* Effect.scope, ExecutionStrategy.sequential)
+    const startEngine = Effect.gen(function*() {
+      const scope = yield* Scope.fork(enginesScope, ExecutionStrategy.sequential)
+      const client = yield* EngineClient.make(options).pipe(
+        Scope.extend(scope),
+        Effect.onError(() => Scope.close(scope, Exit.void))
+      )
+      return { client, scope }
+    })
+    let current = yield* startEngine
+    const engine = () => current.client
+    let numEngineRestarts = 0
+    const engineInfo = yield* current.client.info
     const maxModelLen = engineInfo.model.max_position_embeddings
     const kv = new KvBlockManager(engineInfo.num_blocks, engineInfo.block_size)
     const core = new SchedulerCore(kv, {
@@ -112,13 +127,13 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
           deliver(item.seq_id, { _tag: "Failed", error })
         }
         const ids = [...plan.release, ...plan.items.map((i) => i.seq_id), ...core.takePendingRelease()]
-        yield* engine.release(ids).pipe(Effect.ignore)
+        yield* engine().release(ids).pipe(Effect.ignore)
       })
 
     const runStep = (plan: StepPlan) =>
       Effect.gen(function*() {
         const request: StepRequest = plan.release.length > 0 ? { release: plan.release, seqs: plan.items } : { seqs: plan.items }
-        const reply = yield* engine.step(request)
+        const reply = yield* engine().step(request)
         numSteps++
         const sampled = new Map<number, number>()
         for (const out of reply.outputs) if (out.token !== undefined) sampled.set(out.seq_id, out.token)
@@ -131,11 +146,35 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       const plan = core.schedule()
       if (plan !== undefined) return yield* runStep(plan)
       const release = core.takePendingRelease()
-      if (release.length > 0) return yield* engine.release(release).pipe(Effect.ignore)
+      if (release.length > 0) return yield* engine().release(release).pipe(Effect.ignore)
       yield* Queue.take(wakeup)
     }).pipe(Effect.forever)
     const loopFiber = yield* Effect.forkScoped(loop)
     yield* Effect.addFinalizer(() => Fiber.interrupt(loopFiber))
+
+    // Supervision: when the engine process dies, every live sequence fails at once (its
+    // reader gets Failed, its blocks are freed), and a new process is started with backoff.
+    const supervise = Effect.gen(function*() {
+      const code = yield* current.client.process.exited
+      numEngineRestarts++
+      const error = new EngineError({ code: "engine_exited", message: `engine ${options.gpuId} exited with code ${code}` })
+      yield* Effect.logError(`${error.message}; failing its sequences and restarting it`)
+      for (const seqId of [...readers.keys()]) {
+        core.cancel(seqId)
+        deliver(seqId, { _tag: "Failed", error })
+      }
+      core.takePendingRelease() // the new process starts with no sequences
+      yield* Scope.close(current.scope, Exit.void) // closes the socket: pending requests fail now
+      current = yield* startEngine.pipe(
+        Effect.tapError((e) => Effect.logError(`engine ${options.gpuId} restart failed: ${e.message}`)),
+        Effect.retry(Schedule.exponential(Duration.millis(200)).pipe(Schedule.union(Schedule.spaced(Duration.seconds(10)))))
+      )
+      yield* Effect.logInfo(`engine ${options.gpuId} restarted`)
+      wake()
+    }).pipe(Effect.forever)
+    const supervisor = yield* Effect.forkScoped(supervise)
+    // Stop supervising before the engines' scopes close on shutdown, or it would restart them.
+    yield* Effect.addFinalizer(() => Fiber.interrupt(supervisor))
 
     const generate = (request: GenerateRequest) =>
       Effect.gen(function*() {
@@ -186,6 +225,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       generate,
       stats: Effect.sync(() => ({
         numSteps,
+        numEngineRestarts,
         numRunning: core.numRunning,
         numWaiting: core.numWaiting,
         numFreeBlocks: kv.numFreeBlocks,

@@ -1,0 +1,120 @@
+/**
+ * GpuWorker against the real engine process: continuous batching through EngineClient,
+ * backpressure from a slow reader, and supervision (engine crash → sequences fail → restart).
+ */
+import { mkdtempSync } from "node:fs"
+import { tmpdir } from "node:os"
+import path from "node:path"
+import { describe, expect, it } from "@effect/vitest"
+import { Duration, Effect, Fiber } from "effect"
+import { generateTinyQwen3 } from "../../src/runtime/DefaultModel.js"
+import * as GpuWorker from "../../src/runtime/GpuWorker.js"
+import { assertEngineBuilt, ENGINE_BINARY } from "../support/engineProcess.js"
+
+const modelDir = (() => {
+  const dir = mkdtempSync(path.join(tmpdir(), "gpu-worker-model-"))
+  generateTinyQwen3(dir)
+  return dir
+})()
+
+const makeWorker = (bufferTokens: number) =>
+  GpuWorker.make({
+    gpuId: "gpu-test",
+    binary: (assertEngineBuilt(), ENGINE_BINARY),
+    modelDir,
+    device: "cpu",
+    endpoint: `ipc://${path.join(mkdtempSync(path.join(tmpdir(), "gw-")), "e.sock")}`,
+    numBlocks: 64,
+    maxNumSeqs: 16,
+    maxNumBatchedTokens: 256,
+    numSlots: 16,
+    bufferTokens
+  })
+
+const greedy = { temperature: 0, top_p: 1, top_k: 0, seed: 0 }
+const prompt = (n: number, salt: number) => Array.from({ length: n }, (_, i) => (i * 131 + salt * 17) % 5000 + 100)
+
+/** Reads a sequence to its end; returns its tokens and finish reason. */
+const drain = (seq: GpuWorker.Sequence) =>
+  Effect.gen(function*() {
+    const tokens: Array<number> = []
+    for (;;) {
+      const event = yield* seq.take
+      if (event._tag === "Failed") return { tokens, finish: `failed:${event.error.code}` }
+      tokens.push(event.tokenId)
+      if (event.finishReason !== undefined) return { tokens, finish: event.finishReason }
+    }
+  })
+
+describe("GpuWorker with the real engine", () => {
+  it.scopedLive("serves concurrent sequences and frees all blocks afterwards", () =>
+    Effect.gen(function*() {
+      const worker = yield* makeWorker(64)
+      const results = yield* Effect.forEach(
+        [5, 20, 37],
+        (n, i) => Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(n, i), maxTokens: 10, sampling: greedy, priority: 0 }), drain)),
+        { concurrency: "unbounded" }
+      )
+      for (const r of results) {
+        expect(r.tokens.length).toBe(10)
+        expect(r.finish).toBe("length")
+      }
+      // Each one alone gives the same tokens (continuous batching changes nothing).
+      const alone = yield* Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(20, 1), maxTokens: 10, sampling: greedy, priority: 0 }), drain))
+      expect(alone.tokens).toEqual(results[1]!.tokens)
+      yield* Effect.sleep(Duration.millis(50))
+      const info = yield* worker.engine().info
+      expect(info.num_used_blocks).toBe(0)
+      expect(info.num_active_seqs).toBe(0)
+      expect((yield* worker.stats).numFreeBlocks).toBe(64)
+    }))
+
+  it.scopedLive("a reader that stops reading pauses its sequence (bounded buffer)", () =>
+    Effect.gen(function*() {
+      const worker = yield* makeWorker(4)
+      const seq = yield* worker.generate({ promptTokenIds: prompt(8, 2), maxTokens: 200, sampling: greedy, priority: 0 })
+      yield* Effect.sleep(Duration.millis(300))
+      const stepsWhilePaused = (yield* worker.stats).numSteps
+      yield* Effect.sleep(Duration.millis(300))
+      // Paused: no step ran although the sequence is far from max tokens.
+      expect((yield* worker.stats).numSteps).toBe(stepsWhilePaused)
+      expect(stepsWhilePaused).toBeLessThanOrEqual(5)
+      const result = yield* drain(seq)
+      expect(result.tokens.length).toBe(200)
+      expect((yield* worker.stats).numSteps).toBeGreaterThanOrEqual(200)
+    }))
+
+  it.scopedLive("closing a sequence's scope cancels it and frees its blocks within a step", () =>
+    Effect.gen(function*() {
+      const worker = yield* makeWorker(64)
+      const fiber = yield* Effect.fork(Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(40, 3), maxTokens: 3000, sampling: greedy, priority: 0 }), drain)))
+      yield* Effect.sleep(Duration.millis(200))
+      expect((yield* worker.stats).numRunning).toBe(1)
+      yield* Fiber.interrupt(fiber)
+      expect((yield* worker.stats).numFreeBlocks).toBe(64)
+      yield* Effect.sleep(Duration.millis(100))
+      expect((yield* worker.engine().info).num_active_seqs).toBe(0)
+    }))
+
+  it.scopedLive("restarts a crashed engine: live sequences fail at once, new ones are served", () =>
+    Effect.gen(function*() {
+      const worker = yield* makeWorker(64)
+      const first = worker.engine()
+      const fiber = yield* Effect.fork(Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(10, 4), maxTokens: 3000, sampling: greedy, priority: 0 }), drain)))
+      yield* Effect.sleep(Duration.millis(200))
+      process.kill(first.process.pid, "SIGKILL")
+      const started = Date.now()
+      const failed = yield* Fiber.join(fiber)
+      expect(failed.finish).toBe("failed:engine_exited")
+      expect(Date.now() - started).toBeLessThan(2000)
+      // A new process serves the next sequence.
+      let result: { tokens: Array<number>; finish: string } | undefined
+      for (let attempt = 0; attempt < 50 && result === undefined; attempt++) {
+        if (worker.engine() === first) yield* Effect.sleep(Duration.millis(100))
+        else result = yield* Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(10, 4), maxTokens: 5, sampling: greedy, priority: 0 }), drain))
+      }
+      expect(result?.finish).toBe("length")
+      expect((yield* worker.stats).numEngineRestarts).toBe(1)
+      expect((yield* worker.stats).numFreeBlocks).toBe(64)
+    }), 30_000)
+})
