@@ -213,10 +213,15 @@ const stopProcess = (child: ChildProcess, exited: Deferred.Deferred<number | nul
     if (Option.isNone(done)) child.kill("SIGKILL")
   })
 
+/** A client of an engine process that this process spawned. */
+export interface SpawnedEngineClient extends EngineClient {
+  readonly process: EngineProcess
+}
+
 /** Spawns the engine and connects to it; both end with the scope. */
 export const make = (
   options: EngineProcessOptions & { readonly requestTimeoutMs?: number }
-): Effect.Effect<EngineClient & { readonly process: EngineProcess }, EngineError, Scope.Scope> =>
+): Effect.Effect<SpawnedEngineClient, EngineError, Scope.Scope> =>
   Effect.gen(function*() {
     const process = yield* spawn(options)
     const client = yield* connect(options.endpoint, options.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: options.requestTimeoutMs })

@@ -46,7 +46,7 @@ export interface StepStats {
 export interface GpuWorker {
   readonly gpuId: string
   /** The client of the engine process running now (a new one after a restart). */
-  readonly engine: () => EngineClient.EngineClient
+  readonly engine: () => EngineClient.SpawnedEngineClient
   readonly engineInfo: InfoReply
   /** Longest prompt + output the model accepts, in tokens. */
   readonly maxModelLen: number
