@@ -125,6 +125,13 @@ std::vector<Engine::Planned> Engine::validate_step(const Request& req) const {
   return plan;
 }
 
+// Drops released sequences, then stores the new states.
+void Engine::commit(const Request& req, std::vector<Planned>& plan) {
+  for (uint64_t id : req.release) seqs_.erase(id);
+  for (Planned& p : plan) seqs_[p.next.seq_id] = std::move(p.next);
+  num_steps_++;
+}
+
 StepReply Engine::step(const Request& req) {
   const auto t_start = std::chrono::steady_clock::now();
   std::vector<Planned> plan = validate_step(req);  // throws; nothing mutated yet
@@ -136,12 +143,32 @@ StepReply Engine::step(const Request& req) {
   int64_t n_out = 0, num_tokens = 0;
   for (const Planned& p : plan) { n_out += p.need_logits; num_tokens += (int64_t)p.tokens.size(); }
   hidden_.resize((size_t)(n_out * hid));
+  // Device sampling (Backend::forward_sample) unless someone wants the logits themselves.
+  bool device_path = true;
+  for (const Planned& p : plan) device_path = device_path && !p.req->return_logits;
+  std::vector<int32_t> dev_tokens;
+  std::vector<float> dev_logprobs;
+  std::vector<Backend::DeviceSample> dev_samples;
+  std::vector<size_t> out_plan;  // plan index of each output row, in order
+  if (device_path) {
+    dev_tokens.resize((size_t)n_out);
+    dev_logprobs.resize((size_t)n_out);
+  }
   std::vector<BatchSeq> chunk;
   int64_t in_chunk = 0, out_row = 0, chunk_out_row = 0;
   auto flush = [&]() {
     if (chunk.empty()) return;
-    backend_->forward(chunk, hidden_.data() + chunk_out_row * hid);
+    if (device_path) {
+      device_path = backend_->forward_sample(chunk, dev_samples, dev_tokens.data() + chunk_out_row,
+                                             dev_logprobs.data() + chunk_out_row);
+      // A backend that declines does so on its first call, before any chunk ran.
+      ENGINE_CHECK(device_path || chunk_out_row == 0, "internal", "backend declined forward_sample mid-step");
+      if (!device_path) backend_->forward(chunk, hidden_.data() + chunk_out_row * hid);
+    } else {
+      backend_->forward(chunk, hidden_.data() + chunk_out_row * hid);
+    }
     chunk.clear();
+    dev_samples.clear();
     in_chunk = 0;
     chunk_out_row = out_row;
   };
@@ -158,6 +185,10 @@ StepReply Engine::step(const Request& req) {
       b.block_table_len = (int64_t)p.next.block_table.size();
       b.need_output = p.need_logits && done + take == n;
       chunk.push_back(b);
+      if (b.need_output) {
+        dev_samples.push_back({p.next.sampling, (uint64_t)p.next.num_computed_tokens, p.req->logprobs});
+        out_plan.push_back((size_t)(&p - plan.data()));
+      }
       in_chunk += take;
       done += take;
       out_row += b.need_output;
@@ -165,6 +196,26 @@ StepReply Engine::step(const Request& req) {
   }
   flush();
   double forward_ms = ms_since(t_fwd);
+
+  if (device_path) {
+    StepReply reply;
+    reply.outputs.resize(plan.size());
+    for (size_t i = 0; i < plan.size(); i++) reply.outputs[i].seq_id = plan[i].next.seq_id;
+    for (size_t r = 0; r < out_plan.size(); r++) {
+      const Planned& p = plan[out_plan[r]];
+      StepOutput& o = reply.outputs[out_plan[r]];
+      if (!p.req->sample) continue;
+      o.has_token = true;
+      o.token = dev_tokens[r];
+      if (p.req->logprobs) { o.has_logprob = true; o.logprob = dev_logprobs[r]; }
+    }
+    commit(req, plan);
+    reply.forward_ms = forward_ms;
+    reply.sample_ms = 0;
+    reply.num_tokens = (uint64_t)num_tokens;
+    reply.total_ms = ms_since(t_start);
+    return reply;
+  }
 
   // LM head in groups of kLogitRows rows, then sample the group's rows in parallel (each
   // row is independent and draws from (seed, position) only, so threads do not change
@@ -202,10 +253,7 @@ StepReply Engine::step(const Request& req) {
     sample_ms += ms_since(t_sample);
   }
 
-  // Commit: drop released sequences, then store the new states.
-  for (uint64_t id : req.release) seqs_.erase(id);
-  for (Planned& p : plan) seqs_[p.next.seq_id] = std::move(p.next);
-  num_steps_++;
+  commit(req, plan);
 
   reply.forward_ms = forward_ms;
   reply.sample_ms = sample_ms;

@@ -42,6 +42,7 @@ class Engine {
     bool need_logits;
   };
   std::vector<Planned> validate_step(const Request& req) const;
+  void commit(const Request& req, std::vector<Planned>& plan);
 
   ModelConfig cfg_;
   std::unique_ptr<Backend> backend_;

@@ -7,6 +7,7 @@
 
 #include "config.h"
 #include "safetensors.h"
+#include "sampler.h"
 
 namespace engine {
 
@@ -65,6 +66,23 @@ class Backend {
   virtual void forward(const std::vector<BatchSeq>& seqs, float* hidden_out) = 0;
   // logits [rows, vocab] = hidden [rows, hidden] · lm_head^T.
   virtual void lm_head(const float* hidden, int64_t rows, float* logits) = 0;
+
+  // Optional fast path for backends that sample where the logits are (the GPU) or have no
+  // logits at all (`sim`): forward + LM head + sampling in one call, with nothing but token
+  // ids (and log-probabilities) coming back. `samples` has one entry per seq with
+  // need_output, in order; tokens_out/logprobs_out have as many entries. Sampling must follow
+  // PROTOCOL.md exactly (draw from (seed, pos) only). Returns false when unsupported; the
+  // engine then calls forward() and lm_head() and samples on the host. Used only for steps
+  // in which no sequence asks for return_logits.
+  struct DeviceSample {
+    SamplingParams params;
+    uint64_t pos = 0;           // position of the token being produced
+    bool want_logprob = false;
+  };
+  virtual bool forward_sample(const std::vector<BatchSeq>& /*seqs*/, const std::vector<DeviceSample>& /*samples*/,
+                              int32_t* /*tokens_out*/, float* /*logprobs_out*/) {
+    return false;
+  }
 };
 
 }  // namespace engine
