@@ -7,13 +7,15 @@
  * instead of the embedded one), MODEL_DIR (a Hugging Face checkpoint directory for pools whose
  * model is "default"), ENGINE_BIN (default engine/build/llm-engine), ENGINE_THREADS,
  * RUNNER_NAME (default: the first runner of cluster.config.ts), API_KEYS, LOG_ENGINE=1,
- * RUN_DIR (directory of the engines' ipc sockets `engine-<gpu>.sock`).
+ * RUN_DIR (directory of the engines' ipc sockets `engine-<gpu>.sock`), CLUSTER_CONFIG (a
+ * module whose default export replaces cluster.config.ts).
  */
 import { resolve } from "node:path"
 import { NodeRuntime } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
 import { Config, Effect, Layer, Option, Redacted, Schema } from "effect"
-import topologyInput from "../../cluster.config.js"
+import { pathToFileURL } from "node:url"
+import defaultTopology from "../../cluster.config.js"
 import * as ConversationEntity from "../actors/Conversation.js"
 import * as ConversationsLive from "../actors/ConversationsLive.js"
 import * as DecodeSlot from "../actors/DecodeSlot.js"
@@ -36,12 +38,16 @@ const settings = Config.all({
   engineThreads: Config.option(Config.integer("ENGINE_THREADS")),
   runnerName: Config.option(Config.string("RUNNER_NAME")),
   logEngine: Config.boolean("LOG_ENGINE").pipe(Config.withDefault(false)),
-  runDir: Config.option(Config.string("RUN_DIR"))
+  runDir: Config.option(Config.string("RUN_DIR")),
+  clusterConfig: Config.option(Config.string("CLUSTER_CONFIG"))
 })
 
 const MainLive = Layer.unwrapEffect(
   Effect.gen(function*() {
     const s = yield* settings
+    const topologyInput: unknown = Option.isNone(s.clusterConfig)
+      ? defaultTopology
+      : (yield* Effect.promise(() => import(pathToFileURL(resolve(s.clusterConfig.value)).href) as Promise<{ default: unknown }>)).default
     const topologyValue = yield* Schema.decodeUnknown(Topology.TopologySchema)(topologyInput, { errors: "all" })
     const runnerName = Option.getOrElse(s.runnerName, () => topologyValue.runners[0].name)
     const dataDir = resolve(s.dataDir)
