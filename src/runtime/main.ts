@@ -45,9 +45,10 @@ const settings = Config.all({
 const MainLive = Layer.unwrapEffect(
   Effect.gen(function*() {
     const s = yield* settings
-    const topologyInput: unknown = Option.isNone(s.clusterConfig)
+    const configPath = Option.getOrUndefined(s.clusterConfig)
+    const topologyInput: unknown = configPath === undefined
       ? defaultTopology
-      : (yield* Effect.promise(() => import(pathToFileURL(resolve(s.clusterConfig.value)).href) as Promise<{ default: unknown }>)).default
+      : (yield* Effect.promise(() => import(pathToFileURL(resolve(configPath)).href) as Promise<{ default: unknown }>)).default
     const topologyValue = yield* Schema.decodeUnknown(Topology.TopologySchema)(topologyInput, { errors: "all" })
     const runnerName = Option.getOrElse(s.runnerName, () => topologyValue.runners[0].name)
     const dataDir = resolve(s.dataDir)
