@@ -43,6 +43,20 @@ export interface StepStats {
   readonly numBlocks: number
 }
 
+/**
+ * Where one step's time went, in ms. `engine_ms` is the engine's own `timings.total_ms`;
+ * `rpc_ms - engine_ms` is IPC plus msgpack encode/decode plus reply Schema decoding.
+ * TypeScript-side overhead = schedule_ms + (rpc_ms - engine_ms) + dispatch_ms.
+ */
+export interface StepRecord {
+  readonly num_seqs: number
+  readonly num_tokens: number
+  readonly schedule_ms: number
+  readonly rpc_ms: number
+  readonly engine_ms: number
+  readonly dispatch_ms: number
+}
+
 export interface GpuWorker {
   readonly gpuId: string
   /** The client of the engine process running now (a new one after a restart). */
@@ -59,6 +73,8 @@ export interface GpuWorker {
   /** Reserves a DecodeSlot index; `undefined` when all are taken. */
   readonly acquireSlot: Effect.Effect<number | undefined>
   readonly releaseSlot: (slot: number) => Effect.Effect<void>
+  /** The last steps' timings (a ring of `stepHistory` entries), oldest first. */
+  readonly recentSteps: () => ReadonlyArray<StepRecord>
 }
 
 export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
@@ -68,6 +84,8 @@ export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
   readonly numSlots: number
   readonly bufferTokens: number
   readonly requestTimeoutMs?: number
+  /** How many StepRecords `recentSteps` keeps (default 1024). */
+  readonly stepHistory?: number
 }
 
 interface Reader {
@@ -105,6 +123,8 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     const freeSlots = Array.from({ length: options.numSlots }, (_, i) => options.numSlots - 1 - i)
     let nextSeqId = 1
     let numSteps = 0
+    const stepHistory = options.stepHistory ?? 1024
+    const steps: Array<StepRecord> = []
 
     const deliver = (seqId: number, event: SeqEvent) => {
       const reader = readers.get(seqId)
@@ -130,21 +150,33 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         yield* engine().release(ids).pipe(Effect.ignore)
       })
 
-    const runStep = (plan: StepPlan) =>
+    const runStep = (plan: StepPlan, scheduleMs: number) =>
       Effect.gen(function*() {
         const request: StepRequest = plan.release.length > 0 ? { release: plan.release, seqs: plan.items } : { seqs: plan.items }
+        const t0 = performance.now()
         const reply = yield* engine().step(request)
+        const t1 = performance.now()
         numSteps++
         const sampled = new Map<number, number>()
         for (const out of reply.outputs) if (out.token !== undefined) sampled.set(out.seq_id, out.token)
         for (const out of core.applyStepResult(plan, sampled)) {
           deliver(out.seqId, { _tag: "Token", tokenId: out.tokenId, finishReason: out.finishReason })
         }
+        if (steps.length === stepHistory) steps.shift()
+        steps.push({
+          num_seqs: plan.items.length,
+          num_tokens: plan.numBatchedTokens,
+          schedule_ms: scheduleMs,
+          rpc_ms: t1 - t0,
+          engine_ms: reply.timings.total_ms,
+          dispatch_ms: performance.now() - t1
+        })
       }).pipe(Effect.catchAll((error) => failPlan(plan, error)))
 
     const loop = Effect.gen(function*() {
+      const t0 = performance.now()
       const plan = core.schedule()
-      if (plan !== undefined) return yield* runStep(plan)
+      if (plan !== undefined) return yield* runStep(plan, performance.now() - t0)
       const release = core.takePendingRelease()
       if (release.length > 0) return yield* engine().release(release).pipe(Effect.ignore)
       yield* Queue.take(wakeup)
@@ -232,6 +264,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         numBlocks: kv.numBlocks
       })),
       acquireSlot: Effect.sync(() => freeSlots.pop()),
-      releaseSlot: (slot) => Effect.sync(() => void freeSlots.push(slot))
+      releaseSlot: (slot) => Effect.sync(() => void freeSlots.push(slot)),
+      recentSteps: () => steps.slice()
     } satisfies GpuWorker
   })
