@@ -48,6 +48,9 @@ export const DecodeSlot = Entity.make("DecodeSlot", [
   })
 ]).annotate(ClusterSchema.ShardGroup, shardGroupOf)
 
+/** Most tokens coalesced into one chunk when a reader lags behind. */
+const MAX_TOKENS_PER_CHUNK = 64
+
 /** Index of the first stop string in `text`, searching from `from`; -1 if none. */
 const findStop = (text: string, stops: ReadonlyArray<string>, from: number): number => {
   let best = -1
@@ -85,15 +88,23 @@ export const layer = DecodeSlot.toLayer(
             let text = ""
             let numTokens = 0
             let done = false
-            // Pull one token at a time; failing with Option.none ends the stream after the final chunk.
+            // One chunk per pull: every token buffered so far (one when the reader keeps up,
+            // many when it lags). Failing with Option.none ends the stream after the final chunk.
             const next: Effect.Effect<SlotChunk, Option.Option<EngineError>> = Effect.gen(function*() {
               if (done) return yield* Effect.fail(Option.none())
-              const event = yield* seq.take
-              if (event._tag === "Failed") return yield* Effect.fail(Option.some(event.error))
-              numTokens++
-              let finish = event.finishReason
-              let delta = detokenizer.push(event.tokenId)
-              if (finish !== undefined) delta += detokenizer.flush()
+              const events = yield* seq.takeAvailable(MAX_TOKENS_PER_CHUNK)
+              let delta = ""
+              let finish: FinishReason | undefined
+              for (const event of events) {
+                if (event._tag === "Failed") return yield* Effect.fail(Option.some(event.error))
+                numTokens++
+                delta += detokenizer.push(event.tokenId)
+                if (event.finishReason !== undefined) {
+                  delta += detokenizer.flush()
+                  finish = event.finishReason
+                  break
+                }
+              }
               if (payload.stop.length > 0 && delta.length > 0) {
                 const at = findStop(text + delta, payload.stop, text.length)
                 if (at >= 0) {

@@ -9,7 +9,7 @@
  * (backpressure) until the reader drains half of it. Cancellation frees the sequence's blocks
  * at once; the engine is told in the next step (or a bare `release` when idle).
  */
-import { Duration, Effect, ExecutionStrategy, Exit, Fiber, Option, Queue, Schedule, Scope } from "effect"
+import { Chunk, Duration, Effect, ExecutionStrategy, Exit, Fiber, Option, Queue, Schedule, Scope } from "effect"
 import * as EngineClient from "./EngineClient.js"
 import type { InfoReply, StepRequest } from "./EngineProtocol.js"
 import { EngineError, PromptTooLong } from "./Errors.js"
@@ -32,6 +32,11 @@ export interface Sequence {
   readonly seqId: number
   /** Next event; the last one is a Token with a finishReason, or Failed. */
   readonly take: Effect.Effect<SeqEvent>
+  /**
+   * Waits for one event, then also takes every event already buffered (at most `max`): a
+   * reader that fell behind catches up in one go instead of one message per token.
+   */
+  readonly takeAvailable: (max: number) => Effect.Effect<ReadonlyArray<SeqEvent>>
 }
 
 export interface StepStats {
@@ -235,18 +240,20 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
               if (core.cancel(seqId)) wake()
             })
         )
-        const take = Queue.take(reader.queue).pipe(
-          Effect.tap(() =>
-            Effect.sync(() => {
-              if (reader.paused && Option.getOrElse(reader.queue.unsafeSize(), () => 0) <= options.bufferTokens / 2) {
-                reader.paused = false
-                core.setPaused(seqId, false)
-                wake()
-              }
-            })
+        const resumeIfDrained = Effect.sync(() => {
+          if (reader.paused && Option.getOrElse(reader.queue.unsafeSize(), () => 0) <= options.bufferTokens / 2) {
+            reader.paused = false
+            core.setPaused(seqId, false)
+            wake()
+          }
+        })
+        const take = Queue.take(reader.queue).pipe(Effect.zipLeft(resumeIfDrained))
+        const takeAvailable = (max: number) =>
+          Queue.takeBetween(reader.queue, 1, max).pipe(
+            Effect.map((chunk) => Chunk.toReadonlyArray(chunk)),
+            Effect.zipLeft(resumeIfDrained)
           )
-        )
-        return { seqId, take } satisfies Sequence
+        return { seqId, take, takeAvailable } satisfies Sequence
       })
 
     return {
