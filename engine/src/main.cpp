@@ -7,6 +7,8 @@
 #include <omp.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <climits>
 #include <csignal>
 #include <cstdio>
 #include <iostream>
@@ -21,6 +23,7 @@
 #include "options.h"
 #include "safetensors.h"
 #include "server.h"
+#include "sim/sim_backend.h"
 
 namespace {
 
@@ -48,6 +51,75 @@ int install_signal_pipe() {
   return fds[0];
 }
 
+// --device cpu: the f32 reference backend over the checkpoint's weights.
+std::unique_ptr<engine::Engine> make_cpu_engine(const engine::Options& opt) {
+  using namespace engine;
+  ModelConfig cfg = load_config(opt.model_dir);
+  TensorStore store = TensorStore::open_dir(opt.model_dir);
+  ModelWeights w = load_weights(cfg, store);
+  const std::string dtype = dtype_name(w.dtype);
+  const int64_t max_pos = opt.max_model_len > 0
+                              ? std::min(opt.max_model_len, cfg.max_position_embeddings)
+                              : cfg.max_position_embeddings;
+  const size_t per_block = KvCache::bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim);
+  const int64_t num_blocks = opt.num_blocks > 0 ? opt.num_blocks
+                                                : (int64_t)((size_t)opt.kv_cache_bytes / per_block);
+  auto backend = std::make_unique<cpu::CpuModel>(cfg, std::move(w), num_blocks,
+                                                 opt.max_num_batched_tokens, max_pos);
+  std::fprintf(stderr,
+               "llm-engine: %s (%s) vocab=%lld hidden=%lld layers=%lld heads=%lld kv_heads=%lld "
+               "head_dim=%lld intermediate=%lld max_pos=%lld dtype=%s | device=cpu threads=%d "
+               "num_blocks=%lld kv_cache_bytes=%zu | endpoint=%s\n",
+               cfg.architecture.c_str(), cfg.model_type.c_str(), (long long)cfg.vocab_size,
+               (long long)cfg.hidden_size, (long long)cfg.num_layers, (long long)cfg.num_heads,
+               (long long)cfg.num_kv_heads, (long long)cfg.head_dim, (long long)cfg.intermediate_size,
+               (long long)max_pos, dtype.c_str(), omp_get_max_threads(), (long long)num_blocks,
+               backend->kv_cache_bytes(), opt.endpoint.c_str());
+  return std::make_unique<Engine>(std::move(cfg), std::move(backend), dtype, "cpu", max_pos);
+}
+
+// --device sim: config.json only (no weights are read); KV capacity and step times are those
+// of the modelled shape on the modelled GPU (sim/sim_backend.h).
+std::unique_ptr<engine::Engine> make_sim_engine(const engine::Options& opt) {
+  using namespace engine;
+  ModelConfig cfg = load_config(opt.model_dir);
+  const int64_t max_pos = opt.max_model_len > 0 ? std::min(opt.max_model_len, cfg.max_position_embeddings)
+                                                : cfg.max_position_embeddings;
+  sim::SimParams p;
+  p.shape = opt.sim.shape == "config" ? sim::shape_from_config(cfg) : sim::shape_by_name(opt.sim.shape);
+  p.bandwidth_gbps = opt.sim.bandwidth_gbps;
+  p.tflops = opt.sim.tflops;
+  p.bw_efficiency = opt.sim.bw_efficiency;
+  p.flops_efficiency = opt.sim.flops_efficiency;
+  p.overhead_us = opt.sim.overhead_us;
+  p.time_scale = opt.sim.time_scale;
+  p.eos_prob = opt.sim.eos_prob;
+  // Sampled ids stay below the tokenizer's first added (special) token so that the runtime
+  // detokenizes them as ordinary text.
+  p.max_token_id = opt.sim.max_token_id > 0 ? opt.sim.max_token_id : sim::first_added_token_id(opt.model_dir);
+  if (p.max_token_id < 0) p.max_token_id = 0;  // no tokenizer.json: the whole vocabulary
+  const double per_block = (double)kBlockSize * p.shape.kv_bytes_per_token();
+  // Block ids are int32 on the wire and in tables; a tiny `config` shape could exceed that.
+  const int64_t num_blocks = std::min<int64_t>(
+      INT32_MAX, opt.num_blocks > 0            ? opt.num_blocks
+                 : opt.kv_cache_bytes_given ? (int64_t)((double)opt.kv_cache_bytes / per_block)
+                                            : sim::default_num_blocks(p.shape, opt.sim.memory_gb * 1e9));
+  ENGINE_CHECK(num_blocks > 0, "internal",
+               "sim: no KV block fits (shape " << p.shape.name << ", " << per_block << " bytes per block, "
+                                               << p.shape.weight_bytes() << " bytes of weights)");
+  auto backend = std::make_unique<sim::SimBackend>(cfg, p, num_blocks, opt.max_num_batched_tokens);
+  std::fprintf(stderr,
+               "llm-engine: %s (%s) vocab=%lld max_pos=%lld | device=sim shape=%s params=%.4g "
+               "kv_bytes_per_token=%.0f bandwidth=%gGB/s*%g tflops=%g*%g overhead=%gus time_scale=%g "
+               "eos_prob=%g token_ids<%lld num_blocks=%lld kv_cache_bytes=%zu | endpoint=%s\n",
+               cfg.architecture.c_str(), cfg.model_type.c_str(), (long long)cfg.vocab_size, (long long)max_pos,
+               p.shape.name.c_str(), p.shape.num_params(), p.shape.kv_bytes_per_token(), p.bandwidth_gbps,
+               p.bw_efficiency, p.tflops, p.flops_efficiency, p.overhead_us, p.time_scale, p.eos_prob,
+               (long long)backend->token_limit(), (long long)num_blocks, backend->kv_cache_bytes(),
+               opt.endpoint.c_str());
+  return std::make_unique<Engine>(std::move(cfg), std::move(backend), "bf16", "sim", max_pos);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -62,12 +134,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "llm-engine: %s\n%s", e.what(), kUsage);
     return 2;
   }
-  if (opt.device == "sim" || opt.device.rfind("cuda", 0) == 0) {
-    // Later backends plug in here (see CMakeLists.txt ENGINE_CUDA).
+  if (opt.device.rfind("cuda", 0) == 0) {
+    // The CUDA backend plugs in here (see CMakeLists.txt ENGINE_CUDA).
     std::fprintf(stderr, "llm-engine: device %s not built in this binary\n", opt.device.c_str());
     return 2;
   }
-  if (opt.device != "cpu") {
+  if (opt.device != "cpu" && opt.device != "sim") {
     std::fprintf(stderr, "llm-engine: unknown device %s (expected cpu, cuda:N or sim)\n", opt.device.c_str());
     return 2;
   }
@@ -77,28 +149,7 @@ int main(int argc, char** argv) {
 
   std::unique_ptr<Engine> eng;
   try {
-    ModelConfig cfg = load_config(opt.model_dir);
-    TensorStore store = TensorStore::open_dir(opt.model_dir);
-    ModelWeights w = load_weights(cfg, store);
-    const std::string dtype = dtype_name(w.dtype);
-    const int64_t max_pos = opt.max_model_len > 0
-                                ? std::min(opt.max_model_len, cfg.max_position_embeddings)
-                                : cfg.max_position_embeddings;
-    const size_t per_block = KvCache::bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim);
-    const int64_t num_blocks = opt.num_blocks > 0 ? opt.num_blocks
-                                                  : (int64_t)((size_t)opt.kv_cache_bytes / per_block);
-    auto backend = std::make_unique<cpu::CpuModel>(cfg, std::move(w), num_blocks,
-                                                   opt.max_num_batched_tokens, max_pos);
-    std::fprintf(stderr,
-                 "llm-engine: %s (%s) vocab=%lld hidden=%lld layers=%lld heads=%lld kv_heads=%lld "
-                 "head_dim=%lld intermediate=%lld max_pos=%lld dtype=%s | device=cpu threads=%d "
-                 "num_blocks=%lld kv_cache_bytes=%zu | endpoint=%s\n",
-                 cfg.architecture.c_str(), cfg.model_type.c_str(), (long long)cfg.vocab_size,
-                 (long long)cfg.hidden_size, (long long)cfg.num_layers, (long long)cfg.num_heads,
-                 (long long)cfg.num_kv_heads, (long long)cfg.head_dim, (long long)cfg.intermediate_size,
-                 (long long)max_pos, dtype.c_str(), omp_get_max_threads(), (long long)num_blocks,
-                 backend->kv_cache_bytes(), opt.endpoint.c_str());
-    eng = std::make_unique<Engine>(std::move(cfg), std::move(backend), dtype, "cpu", max_pos);
+    eng = opt.device == "sim" ? make_sim_engine(opt) : make_cpu_engine(opt);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "llm-engine: failed to load model from %s: %s\n", opt.model_dir.c_str(), e.what());
     return 1;
