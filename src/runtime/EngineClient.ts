@@ -4,7 +4,7 @@
  * `spawn` starts and supervises the engine process itself; `connect` attaches to a running one.
  */
 import { type ChildProcess, spawn as spawnProcess } from "node:child_process"
-import { Deferred, Duration, Effect, Exit, Fiber, Option, ParseResult, type Schema, type Scope } from "effect"
+import { Deferred, Duration, Effect, Either, Exit, Option, ParseResult, Schema, type Scope } from "effect"
 import { Packr } from "msgpackr"
 import * as Zmq from "zeromq"
 import {
@@ -44,7 +44,8 @@ export interface EngineProcessOptions {
   readonly logPrefix?: string | undefined
 }
 
-const packr = new Packr({ useRecords: false, variableMapSize: true })
+// Engine integers (byte counts, ids) stay below 2^53: decode uint64 as plain numbers, not BigInt.
+const packr = new Packr({ useRecords: false, variableMapSize: true, int64AsType: "number" })
 
 const engineError = (code: string, message: string) => new EngineError({ code, message })
 
@@ -52,101 +53,122 @@ const engineError = (code: string, message: string) => new EngineError({ code, m
  * Connects a DEALER to `endpoint`. Requests may be issued concurrently; sends are serialized
  * (a zeromq v6 socket allows one pending send) and replies matched by `req_id`.
  * The socket closes when the scope closes; pending requests then fail with `closed`.
+ *
+ * The request path is deliberately plain (a JS receive loop, one `Effect.async` per request,
+ * a plain timer, a precompiled synchronous Schema decoder): it runs once per engine step, and
+ * the fiber machinery of Deferred + semaphore + `timeoutFail` cost 0.2 ms p50 / 4.4 ms p99 per
+ * round trip against 0.07 ms / 0.28 ms for zeromq itself (measured on 2 cores, sim engine).
  */
 export const connect = (
   endpoint: string,
   options: { readonly requestTimeoutMs?: number } = {}
 ): Effect.Effect<EngineClient, never, Scope.Scope> =>
   Effect.gen(function*() {
-    const timeout = Duration.millis(options.requestTimeoutMs ?? 60_000)
+    const timeoutMs = options.requestTimeoutMs ?? 60_000
     const socket = new Zmq.Dealer({ linger: 0 })
     socket.connect(endpoint)
-    const pending = new Map<number, Deferred.Deferred<unknown, EngineError>>()
-    const sendLock = yield* Effect.makeSemaphore(1)
+    const pending = new Map<number, (reply: unknown, error?: EngineError) => void>()
+    let sendChain: Promise<unknown> = Promise.resolve()
+    let closed = false
     let nextReqId = 1
 
-    const receiver = yield* Effect.tryPromise({
-      try: () => socket.receive(),
-      catch: (e) => engineError("closed", String(e))
-    }).pipe(
-      Effect.flatMap((frames) =>
-        Effect.sync(() => {
+    const failAll = (error: EngineError) => {
+      const callbacks = [...pending.values()]
+      pending.clear()
+      for (const callback of callbacks) callback(undefined, error)
+    }
+    void (async () => {
+      try {
+        for (;;) {
+          const frames = await socket.receive()
           const payload = frames[frames.length - 1]
-          if (payload === undefined) return
+          if (payload === undefined) continue
           let reply: unknown
           try {
             reply = packr.unpack(payload)
           } catch {
-            return
+            continue
           }
           const reqId = typeof reply === "object" && reply !== null ? (reply as { req_id?: unknown }).req_id : undefined
-          if (typeof reqId !== "number") return
-          const deferred = pending.get(reqId)
-          if (deferred === undefined) return
-          pending.delete(reqId)
-          Deferred.unsafeDone(deferred, Exit.succeed(reply))
-        })
-      ),
-      Effect.forever,
-      Effect.catchAll((e) =>
-        Effect.sync(() => {
-          for (const d of pending.values()) Deferred.unsafeDone(d, Exit.fail(e))
-          pending.clear()
-        })
-      ),
-      Effect.forkScoped
-    )
+          const callback = typeof reqId === "number" ? pending.get(reqId) : undefined
+          if (callback === undefined) continue
+          pending.delete(reqId as number)
+          callback(reply)
+        }
+      } catch (e) {
+        failAll(engineError("closed", closed ? "engine client closed" : String(e)))
+      }
+    })()
 
     yield* Effect.addFinalizer(() =>
       Effect.sync(() => {
+        closed = true
         socket.close()
-        for (const d of pending.values()) Deferred.unsafeDone(d, Exit.fail(engineError("closed", "engine client closed")))
-        pending.clear()
-      }).pipe(Effect.zipRight(Fiber.interrupt(receiver)))
+        failAll(engineError("closed", "engine client closed"))
+      })
     )
 
-    const request = <A, I>(
+    const request = <A>(
       type: string,
       body: Record<string, unknown>,
-      schema: Schema.Schema<A, I>
+      decode: (u: unknown) => Either.Either<A, ParseResult.ParseError>
     ): Effect.Effect<A, EngineError> =>
-      Effect.gen(function*() {
+      Effect.async<A, EngineError>((resume) => {
+        if (closed) return resume(Effect.fail(engineError("closed", "engine client closed")))
         const reqId = nextReqId++
-        const deferred = yield* Deferred.make<unknown, EngineError>()
-        pending.set(reqId, deferred)
+        const timer = setTimeout(() => {
+          pending.delete(reqId)
+          resume(Effect.fail(engineError("timeout", `engine did not answer ${type} within ${timeoutMs} ms`)))
+        }, timeoutMs)
+        pending.set(reqId, (reply, error) => {
+          clearTimeout(timer)
+          resume(error !== undefined ? Effect.fail(error) : decodeReply(type, reply, decode))
+        })
         const frame = packr.pack({ v: PROTOCOL_VERSION, type, req_id: reqId, ...body })
-        yield* sendLock.withPermits(1)(
-          Effect.tryPromise({ try: () => socket.send(frame), catch: (e) => engineError("send_failed", String(e)) })
-        )
-        const reply = yield* Deferred.await(deferred).pipe(
-          Effect.timeoutFail({
-            duration: timeout,
-            onTimeout: () => engineError("timeout", `engine did not answer ${type} within ${Duration.format(timeout)}`)
-          }),
-          Effect.ensuring(Effect.sync(() => pending.delete(reqId)))
-        )
-        return yield* decodeReply(type, reply, schema)
+        sendChain = sendChain.then(
+          () => socket.send(frame),
+          () => socket.send(frame)
+        ).catch((e) => {
+          const callback = pending.get(reqId)
+          pending.delete(reqId)
+          callback?.(undefined, engineError("send_failed", String(e)))
+        })
+        return Effect.sync(() => {
+          clearTimeout(timer)
+          pending.delete(reqId)
+        })
       })
 
+    const decodeInfo = Schema.decodeUnknownEither(InfoReply)
+    const decodeHealth = Schema.decodeUnknownEither(HealthReply)
+    const decodeStep = Schema.decodeUnknownEither(StepReply)
+    const decodeRelease = Schema.decodeUnknownEither(ReleaseReply)
     return {
       endpoint,
-      info: request("info", {}, InfoReply),
-      health: request("health", {}, HealthReply),
-      step: (body) => request("step", body as unknown as Record<string, unknown>, StepReply),
-      release: (seqIds) => request("release", { seq_ids: seqIds }, ReleaseReply)
+      info: request("info", {}, decodeInfo),
+      health: request("health", {}, decodeHealth),
+      step: (body) => request("step", body as unknown as Record<string, unknown>, decodeStep),
+      release: (seqIds) => request("release", { seq_ids: seqIds }, decodeRelease)
     } satisfies EngineClient
   })
 
-const decodeReply = <A, I>(type: string, reply: unknown, schema: Schema.Schema<A, I>): Effect.Effect<A, EngineError> => {
+const decodeErrorReply = Schema.decodeUnknownEither(ErrorReply)
+
+const decodeReply = <A>(
+  type: string,
+  reply: unknown,
+  decode: (u: unknown) => Either.Either<A, ParseResult.ParseError>
+): Effect.Effect<A, EngineError> => {
   if ((reply as { ok?: unknown }).ok === false) {
-    return ParseResult.decodeUnknown(ErrorReply)(reply).pipe(
-      Effect.mapError(() => engineError("bad_reply", `malformed error reply to ${type}`)),
-      Effect.flatMap((e) => Effect.fail(engineError(e.error.code, e.error.message)))
-    )
+    const e = decodeErrorReply(reply)
+    return Either.isLeft(e)
+      ? Effect.fail(engineError("bad_reply", `malformed error reply to ${type}`))
+      : Effect.fail(engineError(e.right.error.code, e.right.error.message))
   }
-  return ParseResult.decodeUnknown(schema)(reply).pipe(
-    Effect.mapError((e) => engineError("bad_reply", `malformed ${type} reply: ${ParseResult.TreeFormatter.formatIssueSync(e)}`))
-  )
+  const decoded = decode(reply)
+  return Either.isLeft(decoded)
+    ? Effect.fail(engineError("bad_reply", `malformed ${type} reply: ${ParseResult.TreeFormatter.formatErrorSync(decoded.left)}`))
+    : Effect.succeed(decoded.right)
 }
 
 /** Handle of a running engine process. `exited` completes when the process ends. */
