@@ -24,6 +24,9 @@
 #include "safetensors.h"
 #include "server.h"
 #include "sim/sim_backend.h"
+#ifdef ENGINE_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#endif
 
 namespace {
 
@@ -120,6 +123,38 @@ std::unique_ptr<engine::Engine> make_sim_engine(const engine::Options& opt) {
   return std::make_unique<Engine>(std::move(cfg), std::move(backend), "bf16", "sim", max_pos);
 }
 
+#ifdef ENGINE_HAVE_CUDA
+// --device cuda:N: bf16 weights and KV cache on the GPU (cuda/cuda_backend.h). KV blocks come
+// from --gpu-memory-utilization of the device memory unless --num-blocks is given.
+std::unique_ptr<engine::Engine> make_cuda_engine(const engine::Options& opt) {
+  using namespace engine;
+  ModelConfig cfg = load_config(opt.model_dir);
+  TensorStore store = TensorStore::open_dir(opt.model_dir);
+  ModelWeights w = load_weights(cfg, store);
+  const std::string dtype = dtype_name(w.dtype);
+  const int64_t max_pos = opt.max_model_len > 0
+                              ? std::min(opt.max_model_len, cfg.max_position_embeddings)
+                              : cfg.max_position_embeddings;
+  cuda::CudaOptions co;
+  co.device = opt.cuda_device;
+  co.gpu_memory_utilization = opt.gpu_memory_utilization;
+  co.num_blocks = opt.num_blocks;
+  co.max_tokens = opt.max_num_batched_tokens;
+  co.max_pos = max_pos;
+  auto backend = std::make_unique<cuda::CudaBackend>(cfg, std::move(w), co);
+  std::fprintf(stderr,
+               "llm-engine: %s (%s) vocab=%lld hidden=%lld layers=%lld heads=%lld kv_heads=%lld "
+               "head_dim=%lld intermediate=%lld max_pos=%lld dtype=%s | device=%s %s "
+               "num_blocks=%lld kv_cache_bytes=%zu | endpoint=%s\n",
+               cfg.architecture.c_str(), cfg.model_type.c_str(), (long long)cfg.vocab_size,
+               (long long)cfg.hidden_size, (long long)cfg.num_layers, (long long)cfg.num_heads,
+               (long long)cfg.num_kv_heads, (long long)cfg.head_dim, (long long)cfg.intermediate_size,
+               (long long)max_pos, dtype.c_str(), opt.device.c_str(), backend->device_description().c_str(),
+               (long long)backend->num_blocks(), backend->kv_cache_bytes(), opt.endpoint.c_str());
+  return std::make_unique<Engine>(std::move(cfg), std::move(backend), dtype, opt.device, max_pos);
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -134,12 +169,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "llm-engine: %s\n%s", e.what(), kUsage);
     return 2;
   }
+#ifndef ENGINE_HAVE_CUDA
   if (opt.device.rfind("cuda", 0) == 0) {
-    // The CUDA backend plugs in here (see CMakeLists.txt ENGINE_CUDA).
     std::fprintf(stderr, "llm-engine: device %s not built in this binary\n", opt.device.c_str());
     return 2;
   }
-  if (opt.device != "cpu" && opt.device != "sim") {
+#endif
+  if (opt.device != "cpu" && opt.device != "sim" && opt.device.rfind("cuda:", 0) != 0) {
     std::fprintf(stderr, "llm-engine: unknown device %s (expected cpu, cuda:N or sim)\n", opt.device.c_str());
     return 2;
   }
@@ -149,6 +185,10 @@ int main(int argc, char** argv) {
 
   std::unique_ptr<Engine> eng;
   try {
+#ifdef ENGINE_HAVE_CUDA
+    if (opt.device.rfind("cuda:", 0) == 0) eng = make_cuda_engine(opt);
+    else
+#endif
     eng = opt.device == "sim" ? make_sim_engine(opt) : make_cpu_engine(opt);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "llm-engine: failed to load model from %s: %s\n", opt.model_dir.c_str(), e.what());

@@ -12,6 +12,7 @@ const char* const kUsage =
     "usage: llm-engine --model DIR --endpoint ipc:///path.sock|tcp://HOST:PORT\n"
     "                  [--device cpu] [--kv-cache-bytes N] [--num-blocks N] [--threads N]\n"
     "                  [--max-num-batched-tokens N] [--max-model-len N]\n"
+    "  --device cuda:N: [--gpu-memory-utilization F (default 0.9)] [--num-blocks N]\n"
     "  --device sim:   [--sim-shape llama-3.1-8b|qwen3-0.6b|config] [--sim-bandwidth-gbps X]\n"
     "                  [--sim-tflops X] [--sim-bw-efficiency X] [--sim-flops-efficiency X]\n"
     "                  [--sim-overhead-us X] [--sim-time-scale X] [--sim-eos-prob X]\n"
@@ -62,6 +63,7 @@ Options parse_options(const std::vector<std::string>& args) {
     };
     if (a == "--model") o.model_dir = value();
     else if (a == "--device") o.device = value();
+    else if (a == "--gpu-memory-utilization") o.gpu_memory_utilization = parse_double(a, value(), 0, 1, true);
     else if (a == "--endpoint") o.endpoint = value();
     else if (a == "--kv-cache-bytes") { o.kv_cache_bytes = parse_int(a, value(), 1); o.kv_cache_bytes_given = true; }
     else if (a == "--num-blocks") o.num_blocks = parse_int(a, value(), 1);
@@ -86,6 +88,11 @@ Options parse_options(const std::vector<std::string>& args) {
   }
   if (o.model_dir.empty()) throw std::invalid_argument("--model is required");
   if (o.endpoint.empty()) throw std::invalid_argument("--endpoint is required");
+  if (o.device.rfind("cuda", 0) == 0) {  // cuda or cuda:N
+    const std::string n = o.device == "cuda" ? "0" : o.device.rfind("cuda:", 0) == 0 ? o.device.substr(5) : "";
+    o.cuda_device = (int)parse_int("--device cuda:N", n, 0);
+    o.device = "cuda:" + std::to_string(o.cuda_device);
+  }
   return o;
 }
 

@@ -18,6 +18,8 @@ struct Options {
   int64_t threads = 0;                   // --threads N: OpenMP + OpenBLAS threads; 0 = all cores
   int64_t max_num_batched_tokens = 2048; // --max-num-batched-tokens N: tokens per forward pass
   int64_t max_model_len = 0;             // --max-model-len N: caps max_position_embeddings; 0 = off
+  int cuda_device = 0;                   // N of --device cuda:N
+  double gpu_memory_utilization = 0.9;   // --gpu-memory-utilization F in (0, 1]: KV sizing (cuda)
 
   // --device sim only (ignored otherwise); see sim/sim_backend.h and README "sim device".
   struct SimOptions {

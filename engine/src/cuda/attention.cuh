@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
 
 // out[row] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits of row
 // (row = token * H + head). One block per row, one thread per dimension.
-__global__ void attn_combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
+static __global__ void attn_combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                     bf16* __restrict__ out, int splits, int D) {
   const size_t row = blockIdx.x;
   const float* ml = part_ml + row * splits * 2;

@@ -9,7 +9,7 @@ namespace engine::cuda {
 // ---- kernels ------------------------------------------------------------------------------
 
 // x[t, :] = f32(embed[tokens[t], :]). One block per token; 8 bf16 (16 bytes) per load.
-__global__ void embedding_kernel(const int32_t* __restrict__ tokens, const bf16* __restrict__ embed,
+static __global__ void embedding_kernel(const int32_t* __restrict__ tokens, const bf16* __restrict__ embed,
                                  float* __restrict__ x, int hidden) {
   const int t = blockIdx.x;
   const bf16* src = embed + (size_t)tokens[t] * hidden;
@@ -27,7 +27,7 @@ __global__ void embedding_kernel(const int32_t* __restrict__ tokens, const bf16*
 //   v = x[src] (+ delta[src]; written back to x[src] only when row_idx is null)
 //   y = v / sqrt(mean(v^2) + eps) * w  ->  out_bf16[r] (and out_f32[r] when given).
 // One block per output row; float4 loads (n % 4 == 0, checked by the launcher).
-__global__ void rmsnorm_kernel(float* __restrict__ x, const float* __restrict__ delta,
+static __global__ void rmsnorm_kernel(float* __restrict__ x, const float* __restrict__ delta,
                                const int32_t* __restrict__ row_idx, const float* __restrict__ w,
                                bf16* __restrict__ out, float* __restrict__ out_f32, int n, float eps) {
   __shared__ float scratch[33];
@@ -63,7 +63,7 @@ __global__ void rmsnorm_kernel(float* __restrict__ x, const float* __restrict__ 
 }
 
 // act[t, i] = silu(gu[t, i]) * gu[t, I + i], i < I; gu f32 [T, 2I], act bf16 [T, I].
-__global__ void swiglu_kernel(const float* __restrict__ gu, bf16* __restrict__ act, int T, int I) {
+static __global__ void swiglu_kernel(const float* __restrict__ gu, bf16* __restrict__ act, int T, int I) {
   const int I4 = I / 4;
   const int64_t total = (int64_t)T * I4;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
@@ -79,7 +79,7 @@ __global__ void swiglu_kernel(const float* __restrict__ gu, bf16* __restrict__ a
 }
 
 // cos/sin[t, i] of angle (f32)(pos[t] * inv_freq[i]), taken in f64 like the CPU backend.
-__global__ void rope_table_kernel(const int32_t* __restrict__ pos, const float* __restrict__ inv_freq,
+static __global__ void rope_table_kernel(const int32_t* __restrict__ pos, const float* __restrict__ inv_freq,
                                   float* __restrict__ cos_out, float* __restrict__ sin_out, int T, int half) {
   const int64_t total = (int64_t)T * half;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
@@ -93,7 +93,7 @@ __global__ void rope_table_kernel(const int32_t* __restrict__ pos, const float* 
 }
 
 // out[i] = bf16(in[i]).
-__global__ void f32_to_bf16_kernel(const float* __restrict__ in, bf16* __restrict__ out, int64_t n) {
+static __global__ void f32_to_bf16_kernel(const float* __restrict__ in, bf16* __restrict__ out, int64_t n) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
     out[i] = __float2bfloat16_rn(in[i]);
 }

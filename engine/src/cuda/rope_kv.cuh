@@ -15,7 +15,7 @@ constexpr int kRopeWarps = 4;
 constexpr int kMaxHeadDim = 256;
 
 // One block per token, one warp per head (q heads, then k heads, then v heads).
-__global__ void qkv_rope_kv_kernel(const float* __restrict__ qkv, const float* __restrict__ bias,
+static __global__ void qkv_rope_kv_kernel(const float* __restrict__ qkv, const float* __restrict__ bias,
                                    const float* __restrict__ q_norm, const float* __restrict__ k_norm,
                                    const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                    const int32_t* __restrict__ slot_mapping, bf16* __restrict__ q_out,

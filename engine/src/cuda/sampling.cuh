@@ -116,7 +116,7 @@ __device__ __forceinline__ void chunk_keep(const float* row, int V, int base, co
 
 }  // namespace detail
 
-__global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __restrict__ logits, int V,
+static __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __restrict__ logits, int V,
                                                                const SampleParam* __restrict__ params,
                                                                int32_t* __restrict__ tokens_out,
                                                                float* __restrict__ logprobs_out) {
@@ -128,7 +128,6 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __r
   __shared__ double hist_mass[256];
   __shared__ int sh_sel, sh_need, sh_found, sh_idx;
   __shared__ double sh_above, sh_e;
-  __shared__ float sh_val;
 
   const int r = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
   const float* row = logits + (size_t)r * V;
