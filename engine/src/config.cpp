@@ -92,10 +92,17 @@ ModelConfig parse_config(const std::string& text) {
                "config.json: head_dim must be positive and even, got " << c.head_dim);
 
   c.rms_norm_eps = opt_num(j, "rms_norm_eps", 1e-6);
-  c.rope_theta = opt_num(j, "rope_theta", 10000.0);
-  if (present(j, "rope_scaling")) {
-    const json& rs = j["rope_scaling"];
-    ENGINE_CHECK(rs.is_object(), "internal", "config.json: rope_scaling must be an object");
+  // transformers >= 5 writes `rope_parameters` ({rope_type, rope_theta, factor, ...}) where
+  // earlier versions wrote `rope_theta` + `rope_scaling`; read both.
+  const bool has_params = present(j, "rope_parameters");
+  if (has_params) ENGINE_CHECK(j["rope_parameters"].is_object(), "internal", "config.json: rope_parameters must be an object");
+  c.rope_theta = present(j, "rope_theta") ? opt_num(j, "rope_theta", 10000.0)
+                 : has_params             ? opt_num(j["rope_parameters"], "rope_theta", 10000.0)
+                                          : 10000.0;
+  const char* scaling_key = present(j, "rope_scaling") ? "rope_scaling" : has_params ? "rope_parameters" : nullptr;
+  if (scaling_key != nullptr) {
+    const json& rs = j[scaling_key];
+    ENGINE_CHECK(rs.is_object(), "internal", "config.json: " << scaling_key << " must be an object");
     std::string type;
     if (present(rs, "rope_type")) type = rs["rope_type"].get<std::string>();
     else if (present(rs, "type")) type = rs["type"].get<std::string>();

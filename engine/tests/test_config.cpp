@@ -51,6 +51,26 @@ TEST(llama3_inv_freq_matches_transformers) {
   for (const auto& r : ref) CHECK_NEAR(inv[r.i] / r.v, 1.0, 2e-6);
 }
 
+// transformers >= 5 writes the RoPE settings as one `rope_parameters` object.
+TEST(config_rope_parameters_transformers5) {
+  auto c = engine::parse_config(R"({
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+      "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})");
+  CHECK(c.rope_theta == 500000.0);
+  CHECK(c.rope_scaling.type == "llama3");
+  const auto ref = engine::rope_inv_freq(engine::parse_config(kLlama31));
+  const auto inv = engine::rope_inv_freq(c);
+  CHECK(inv.size() == ref.size());
+  for (size_t i = 0; i < inv.size(); i++) CHECK(inv[i] == ref[i]);
+  auto d = engine::parse_config(R"({"architectures":["Qwen3ForCausalLM"],"vocab_size":10,"hidden_size":8,
+    "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,"max_position_embeddings":64,
+    "rope_parameters":{"rope_type":"default","rope_theta":1000000.0}})");
+  CHECK(d.rope_theta == 1000000.0);
+}
+
 TEST(config_defaults_and_variants) {
   auto q3 = engine::parse_config(R"({"architectures":["Qwen3ForCausalLM"],"model_type":"qwen3",
     "vocab_size":151936,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
