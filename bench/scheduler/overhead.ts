@@ -49,7 +49,7 @@ const measure = (batchSize: number) =>
     Effect.gen(function*() {
       const worker = yield* GpuWorker.make({
         gpuId: "bench",
-        binary: path.resolve("engine/build/llm-engine"),
+        binary: path.resolve(process.env["ENGINE_BIN"] ?? "engine/build/llm-engine"),
         modelDir: ensureDefaultModel(path.resolve(".data")),
         device,
         endpoint: `ipc://${path.join(mkdtempSync(path.join(os.tmpdir(), "sched-")), "e.sock")}`,

@@ -4,8 +4,8 @@
  */
 import { Migrator, SqlClient } from "@effect/sql"
 import type { SqlError } from "@effect/sql/SqlError"
-import { Context, Effect, Layer, Option, Schema } from "effect"
-import { ConversationId, Role, Turn, TurnId, TurnStatus } from "./Domain.js"
+import { Context, Effect, Layer, Option, Schema, Struct } from "effect"
+import { ConversationId, type Role, Turn, TurnId, type TurnStatus } from "./Domain.js"
 import { StorageError } from "./Errors.js"
 
 export class ConversationRow extends Schema.Class<ConversationRow>("ConversationRow")({
@@ -42,16 +42,8 @@ export class ConversationStore extends Context.Tag("chat/ConversationStore")<Con
 
 const turnId = (conversationId: string, seq: number) => TurnId.make(`${conversationId}:${seq}`)
 
-const TurnRow = Schema.Struct({
-  conversation_id: ConversationId,
-  seq: Schema.Int,
-  role: Role,
-  content: Schema.String,
-  status: TurnStatus,
-  num_prompt_tokens: Schema.NullOr(Schema.Int),
-  num_completion_tokens: Schema.NullOr(Schema.Int),
-  created_at_ms: Schema.Number
-})
+/** A chat_turns row: a Turn without its derived id. */
+const TurnRow = Schema.Struct(Struct.omit(Turn.fields, "turn_id"))
 
 const toTurn = (row: typeof TurnRow.Type) => new Turn({ ...row, turn_id: turnId(row.conversation_id, row.seq) })
 
