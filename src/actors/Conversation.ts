@@ -12,7 +12,7 @@
 import { randomInt } from "node:crypto"
 import { Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
-import { Deferred, Effect, Option, Schema, Stream } from "effect"
+import { Deferred, Effect, Layer, Option, Schema, Stream } from "effect"
 import {
   type ConversationId,
   DoneEvent,
@@ -114,15 +114,18 @@ const buildPrompt = (
   }
 }
 
-export const layer = Conversation.toLayer(
+// The entity clients are made once for all Conversation entities: each one holds an RPC
+// client, and making them per entity cost ~hundreds of KB per live conversation.
+export const layer = Layer.unwrapEffect(Effect.gen(function*() {
+  const gpus = yield* GpuScheduler.client
+  const slots = yield* DecodeSlot.client
+  return Conversation.toLayer(
   Effect.gen(function*() {
     const address = yield* Entity.CurrentAddress
     const id = address.entityId as string as ConversationId
     const store = yield* ConversationStore
     const models = yield* Models
     const topology = yield* TopologyService
-    const gpus = yield* GpuScheduler.client
-    const slots = yield* DecodeSlot.client
     let loaded: Loaded | undefined
     let active: Deferred.Deferred<void> | undefined
     let nextGpu = 0
@@ -288,3 +291,4 @@ export const layer = Conversation.toLayer(
   // Cancel must reach the entity while SendTurn streams; a second SendTurn gets TurnInProgress.
   { concurrency: "unbounded" }
 )
+}))
