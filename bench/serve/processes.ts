@@ -1,0 +1,165 @@
+/**
+ * The two systems under test as child processes: the real service (src/runtime/main.ts with the
+ * bench topology, like `npm start`) and the baseline server (bench/baseline/server.ts).
+ */
+import { type ChildProcess, spawn } from "node:child_process"
+import { mkdtempSync, rmSync } from "node:fs"
+import { createServer } from "node:net"
+import { tmpdir } from "node:os"
+import path from "node:path"
+import { fileURLToPath } from "node:url"
+import { childrenOf, commandOf } from "./proc.js"
+
+export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..")
+
+export interface Running {
+  readonly name: string
+  readonly host: string
+  readonly port: number
+  readonly process: ChildProcess
+  readonly pid: number
+  /** Processes to account CPU to (name → pid). */
+  readonly pids: () => Record<string, number>
+  readonly output: () => string
+  readonly stop: () => Promise<void>
+}
+
+export const freePort = (): Promise<number> =>
+  new Promise((resolve, reject) => {
+    const server = createServer()
+    server.once("error", reject)
+    server.listen(0, "127.0.0.1", () => {
+      const address = server.address()
+      const port = typeof address === "object" && address !== null ? address.port : 0
+      server.close(() => resolve(port))
+    })
+  })
+
+const stopChild = (child: ChildProcess, exited: Promise<void>) => async () => {
+  if (child.exitCode !== null || child.signalCode !== null) return
+  child.kill("SIGTERM")
+  const timer = setTimeout(() => child.kill("SIGKILL"), 20_000)
+  await exited
+  clearTimeout(timer)
+}
+
+const waitHealthy = async (child: ChildProcess, url: string, output: () => string, timeoutMs: number) => {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`process exited with ${child.exitCode}:\n${output().slice(-4000)}`)
+    if (Date.now() > deadline) {
+      child.kill("SIGKILL")
+      throw new Error(`not healthy after ${timeoutMs} ms:\n${output().slice(-4000)}`)
+    }
+    try {
+      const res = await fetch(`${url}/healthz`)
+      if (res.ok) return
+    } catch {
+      // not listening yet
+    }
+    await new Promise((r) => setTimeout(r, 100))
+  }
+}
+
+export interface ServiceOptions {
+  /** Environment for the service (DATABASE_URL, BENCH_* of bench/serve/sim.config.ts, …). */
+  readonly env: Record<string, string | undefined>
+  /** Shared across starts so the tiny model (its tokenizer) is generated once per run. */
+  readonly dataDir: string
+  /** Extra node flags (e.g. --cpu-prof). */
+  readonly nodeArgs?: ReadonlyArray<string>
+}
+
+export const startService = async (options: ServiceOptions): Promise<Running> => {
+  const port = await freePort()
+  const runDir = mkdtempSync(path.join(tmpdir(), "chat-bench-run-"))
+  const env: Record<string, string> = {}
+  for (const [k, v] of Object.entries({
+    ...process.env,
+    PORT: String(port),
+    HOST: "127.0.0.1",
+    DATA_DIR: options.dataDir,
+    RUN_DIR: runDir,
+    CLUSTER_CONFIG: "bench/serve/sim.config.ts",
+    ...options.env
+  })) {
+    if (v !== undefined) env[k] = v
+  }
+  const child = spawn(process.execPath, [...(options.nodeArgs ?? []), "--import", "tsx", "src/runtime/main.ts"], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+  let output = ""
+  const keep = (d: Buffer) => {
+    output += d.toString()
+    if (output.length > 200_000) output = output.slice(-100_000)
+  }
+  child.stdout!.on("data", keep)
+  child.stderr!.on("data", keep)
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()))
+  const url = `http://127.0.0.1:${port}`
+  await waitHealthy(child, url, () => output, 120_000)
+  const pid = child.pid!
+  const enginePid = () => childrenOf(pid).find((c) => commandOf(c).includes("llm-engine"))
+  const stop = stopChild(child, exited)
+  return {
+    name: "service",
+    host: "127.0.0.1",
+    port,
+    process: child,
+    pid,
+    pids: () => {
+      const e = enginePid()
+      return e === undefined ? { service: pid } : { service: pid, engine: e }
+    },
+    output: () => output,
+    stop: async () => {
+      await stop()
+      rmSync(runDir, { recursive: true, force: true })
+    }
+  }
+}
+
+export interface BaselineOptions {
+  readonly maxNumSeqs: number
+  readonly maxNumBatchedTokens: number
+  readonly clientBufferTokens: number
+  /** Multiplies the modelled step time (default 1). */
+  readonly timeScale?: number
+}
+
+export const startBaseline = async (options: BaselineOptions, nodeArgs: ReadonlyArray<string> = []): Promise<Running> => {
+  const child = spawn(process.execPath, [
+    ...nodeArgs,
+    "--import", "tsx", "bench/baseline/server.ts",
+    "--port", "0",
+    "--max-num-seqs", String(options.maxNumSeqs),
+    "--max-num-batched-tokens", String(options.maxNumBatchedTokens),
+    "--client-buffer-tokens", String(options.clientBufferTokens),
+    "--time-scale", String(options.timeScale ?? 1)
+  ], { cwd: REPO_ROOT, stdio: ["ignore", "pipe", "pipe"] })
+  let output = ""
+  child.stderr!.on("data", (d: Buffer) => (output += d.toString()))
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()))
+  const port = await new Promise<number>((resolve, reject) => {
+    let line = ""
+    const timer = setTimeout(() => reject(new Error(`baseline did not start:\n${output}`)), 30_000)
+    child.stdout!.on("data", (d: Buffer) => {
+      line += d.toString()
+      const m = /READY (\d+)/.exec(line)
+      if (m !== null) {
+        clearTimeout(timer)
+        resolve(Number(m[1]))
+      }
+    })
+    child.once("exit", (code) => reject(new Error(`baseline exited with ${code}:\n${output}`)))
+  })
+  const pid = child.pid!
+  return {
+    name: "baseline",
+    host: "127.0.0.1",
+    port,
+    process: child,
+    pid,
+    pids: () => ({ baseline: pid }),
+    output: () => output,
+    stop: stopChild(child, exited)
+  }
+}

@@ -1,0 +1,84 @@
+/**
+ * The workload: seeded random numbers and the distributions of input length, output length and
+ * conversation length (turns). See bench/README.md, "Workload", for the sources.
+ *
+ * - Input (new user message) and output lengths, in tokens: log-normal, fitted to the means the
+ *   vLLM paper reports for ShareGPT (Kwon et al., "Efficient Memory Management for Large Language
+ *   Model Serving with PagedAttention", SOSP 2023, §6.1 / Fig. 11: mean input 161.31 tokens, mean
+ *   output 337.99 tokens), with a shape parameter sigma chosen to reproduce the long right tail of
+ *   that figure's histograms; clipped to [min, max] (the clip moves the mean a little: the achieved
+ *   means are reported with every run).
+ * - Turns per conversation: geometric on {1, 2, …} with mean 3, capped at 8 (LMSYS-Chat-1M reports
+ *   2.0 turns per conversation, ShareGPT conversations are longer; 3 is our middle ground), and a
+ *   conversation also ends before its context would pass `maxContextTokens`.
+ */
+
+/** mulberry32: a small, fast, seeded PRNG (uniform in [0, 1)). */
+export const rng = (seed: number): (() => number) => {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let t = a
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+export const normal = (u: () => number): number => {
+  // Box-Muller; 1 - u() keeps the log argument in (0, 1].
+  const r = Math.sqrt(-2 * Math.log(1 - u()))
+  return r * Math.cos(2 * Math.PI * u())
+}
+
+export interface LengthDistribution {
+  /** Mean of the log-normal before clipping. */
+  readonly mean: number
+  /** Shape: standard deviation of ln(length). */
+  readonly sigma: number
+  readonly min: number
+  readonly max: number
+}
+
+/** ln-space location for a log-normal of the given mean: mu = ln(mean) - sigma^2 / 2. */
+export const sampleLength = (u: () => number, d: LengthDistribution): number => {
+  const mu = Math.log(d.mean) - (d.sigma * d.sigma) / 2
+  const x = Math.round(Math.exp(mu + d.sigma * normal(u)))
+  return Math.min(d.max, Math.max(d.min, x))
+}
+
+/** Geometric on {1, 2, …} with the given mean, capped. */
+export const sampleTurns = (u: () => number, mean: number, cap: number): number => {
+  const p = 1 / mean
+  let k = 1
+  while (k < cap && u() >= p) k++
+  return k
+}
+
+/** Exponential inter-arrival gap in ms for a Poisson process of `ratePerSecond`. */
+export const sampleGapMs = (u: () => number, ratePerSecond: number): number => (-Math.log(1 - u()) / ratePerSecond) * 1000
+
+export interface Workload {
+  readonly input: LengthDistribution
+  readonly output: LengthDistribution
+  readonly turnsMean: number
+  readonly turnsCap: number
+  /** A conversation ends early rather than let history + next turn pass this many tokens. */
+  readonly maxContextTokens: number
+  readonly seed: number
+}
+
+export const SHAREGPT_LIKE: Workload = {
+  input: { mean: 161.31, sigma: 1.0, min: 4, max: 1024 },
+  output: { mean: 337.99, sigma: 0.9, min: 4, max: 1024 },
+  turnsMean: 3,
+  turnsCap: 8,
+  maxContextTokens: 3584,
+  seed: 42
+}
+
+/**
+ * The user message of `n` tokens: " hello" repeated (the Qwen3 tokenizer maps " hello" to one
+ * token; the achieved prompt length is checked against `usage.prompt_tokens`).
+ */
+export const contentOf = (n: number): string => " hello".repeat(n)
