@@ -6,6 +6,9 @@
 #include <fcntl.h>
 #include <omp.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 
 #include <algorithm>
 #include <climits>
@@ -158,6 +161,13 @@ std::unique_ptr<engine::Engine> make_cuda_engine(const engine::Options& opt) {
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifdef __linux__
+  // The runtime that spawned us owns our KV cache's meaning: if it dies (even by SIGKILL),
+  // stop too instead of holding the device as an orphan.
+  const pid_t parent = getppid();
+  prctl(PR_SET_PDEATHSIG, SIGTERM);
+  if (getppid() != parent) return 1;  // the parent died before prctl took effect
+#endif
   using namespace engine;
   std::vector<std::string> args(argv + 1, argv + argc);
   for (const auto& a : args)
