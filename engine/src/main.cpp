@@ -57,6 +57,11 @@ int install_signal_pipe() {
   return fds[0];
 }
 
+// The context length the engine serves: the model's, capped by --max-model-len.
+int64_t context_length(const engine::Options& opt, const engine::ModelConfig& cfg) {
+  return opt.max_model_len > 0 ? std::min(opt.max_model_len, cfg.max_position_embeddings) : cfg.max_position_embeddings;
+}
+
 // --device cpu: the f32 reference backend over the checkpoint's weights.
 std::unique_ptr<engine::Engine> make_cpu_engine(const engine::Options& opt) {
   using namespace engine;
@@ -64,9 +69,7 @@ std::unique_ptr<engine::Engine> make_cpu_engine(const engine::Options& opt) {
   TensorStore store = TensorStore::open_dir(opt.model_dir);
   ModelWeights w = load_weights(cfg, store);
   const std::string dtype = dtype_name(w.dtype);
-  const int64_t max_pos = opt.max_model_len > 0
-                              ? std::min(opt.max_model_len, cfg.max_position_embeddings)
-                              : cfg.max_position_embeddings;
+  const int64_t max_pos = context_length(opt, cfg);
   const size_t per_block = KvCache::bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim);
   const int64_t num_blocks = opt.num_blocks > 0 ? opt.num_blocks
                                                 : (int64_t)((size_t)opt.kv_cache_bytes / per_block);
@@ -89,8 +92,7 @@ std::unique_ptr<engine::Engine> make_cpu_engine(const engine::Options& opt) {
 std::unique_ptr<engine::Engine> make_sim_engine(const engine::Options& opt) {
   using namespace engine;
   ModelConfig cfg = load_config(opt.model_dir);
-  const int64_t max_pos = opt.max_model_len > 0 ? std::min(opt.max_model_len, cfg.max_position_embeddings)
-                                                : cfg.max_position_embeddings;
+  const int64_t max_pos = context_length(opt, cfg);
   sim::SimParams p;
   p.shape = opt.sim.shape == "config" ? sim::shape_from_config(cfg) : sim::shape_by_name(opt.sim.shape);
   p.bandwidth_gbps = opt.sim.bandwidth_gbps;
@@ -135,9 +137,7 @@ std::unique_ptr<engine::Engine> make_cuda_engine(const engine::Options& opt) {
   TensorStore store = TensorStore::open_dir(opt.model_dir);
   ModelWeights w = load_weights(cfg, store);
   const std::string dtype = dtype_name(w.dtype);
-  const int64_t max_pos = opt.max_model_len > 0
-                              ? std::min(opt.max_model_len, cfg.max_position_embeddings)
-                              : cfg.max_position_embeddings;
+  const int64_t max_pos = context_length(opt, cfg);
   cuda::CudaOptions co;
   co.device = opt.cuda_device;
   co.gpu_memory_utilization = opt.gpu_memory_utilization;
