@@ -122,6 +122,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       maxNumSeqs: options.maxNumSeqs,
       maxModelLen
     })
+    const eosTokenIds: ReadonlySet<number> = new Set(engineInfo.model.eos_token_ids)
     const readers = new Map<number, Reader>()
     const wakeup = yield* Queue.sliding<void>(1)
     const wake = () => void Queue.unsafeOffer(wakeup, undefined)
@@ -230,7 +231,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
               maxTokens: request.maxTokens,
               sampling: request.sampling,
               priority: request.priority,
-              eosTokenIds: new Set(engineInfo.model.eos_token_ids)
+              eosTokenIds
             })
             wake()
           }),
