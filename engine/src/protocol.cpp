@@ -187,6 +187,7 @@ Request decode_request(const char* data, size_t len, uint64_t* req_id) {
     // no body
   } else if (r.type == "step") {
     if ((f = field(m, "release"))) r.release = uint_array(*f, "release");
+    if ((f = field(m, "packed_outputs"))) r.packed_outputs = need_bool(*f, "packed_outputs");
     if (!(f = field(m, "seqs"))) bad("seqs is required");
     need_array(*f, "seqs");
     r.seqs.reserve(f->via.array.size);
@@ -276,24 +277,66 @@ std::string encode_health(uint64_t req_id, const HealthReply& r) {
   return to_string(b);
 }
 
+namespace {
+void pack_output(Packer& p, const StepOutput& o) {
+  p.pack_map(1 + o.has_token + o.has_logprob + o.has_logits);
+  key(p, "seq_id"); p.pack_uint64(o.seq_id);
+  if (o.has_token) { key(p, "token"); p.pack_uint64((uint64_t)o.token); }
+  if (o.has_logprob) { key(p, "logprob"); p.pack_double(o.logprob); }
+  if (o.has_logits) {
+    // x86-64 is little-endian, so the in-memory floats are already f32 LE.
+    key(p, "logits");
+    const uint32_t n = (uint32_t)(o.logits.size() * sizeof(float));
+    p.pack_bin(n);
+    p.pack_bin_body((const char*)o.logits.data(), n);
+  }
+}
+
+// A token-only output whose id fits the packed form.
+bool packable(const StepOutput& o) {
+  return o.has_token && !o.has_logprob && !o.has_logits && o.seq_id <= 0xFFFFFFFFull && o.token >= 0;
+}
+
+void pack_u32_bin(Packer& p, const std::vector<uint32_t>& v) {
+  // x86-64 is little-endian: the in-memory array is already u32 LE.
+  const uint32_t n = (uint32_t)(v.size() * sizeof(uint32_t));
+  p.pack_bin(n);
+  p.pack_bin_body((const char*)v.data(), n);
+}
+}  // namespace
+
 std::string encode_step(uint64_t req_id, const StepReply& r) {
   msgpack::sbuffer b;
   Packer p(b);
-  ok_header(p, req_id, "step", 3);
-  key(p, "outputs");
-  p.pack_array((uint32_t)r.outputs.size());
-  for (const StepOutput& o : r.outputs) {
-    p.pack_map(1 + o.has_token + o.has_logprob + o.has_logits);
-    key(p, "seq_id"); p.pack_uint64(o.seq_id);
-    if (o.has_token) { key(p, "token"); p.pack_uint64((uint64_t)o.token); }
-    if (o.has_logprob) { key(p, "logprob"); p.pack_double(o.logprob); }
-    if (o.has_logits) {
-      // x86-64 is little-endian, so the in-memory floats are already f32 LE.
-      key(p, "logits");
-      const uint32_t n = (uint32_t)(o.logits.size() * sizeof(float));
-      p.pack_bin(n);
-      p.pack_bin_body((const char*)o.logits.data(), n);
+  if (!r.packed) {
+    ok_header(p, req_id, "step", 3);
+    key(p, "outputs");
+    p.pack_array((uint32_t)r.outputs.size());
+    for (const StepOutput& o : r.outputs) pack_output(p, o);
+  } else {
+    // Packed: token-only outputs go to two parallel u32 arrays, the rest stay in `outputs`;
+    // outputs without a token (prefill chunks) are left out.
+    std::vector<uint32_t> seq_ids, tokens;
+    seq_ids.reserve(r.outputs.size());
+    tokens.reserve(r.outputs.size());
+    uint32_t num_rest = 0;
+    for (const StepOutput& o : r.outputs) {
+      if (packable(o)) {
+        seq_ids.push_back((uint32_t)o.seq_id);
+        tokens.push_back((uint32_t)o.token);
+      } else if (o.has_token || o.has_logprob || o.has_logits) {
+        num_rest++;
+      }
     }
+    ok_header(p, req_id, "step", 4);
+    key(p, "outputs");
+    p.pack_array(num_rest);
+    for (const StepOutput& o : r.outputs)
+      if (!packable(o) && (o.has_token || o.has_logprob || o.has_logits)) pack_output(p, o);
+    key(p, "packed");
+    p.pack_map(2);
+    key(p, "seq_ids"); pack_u32_bin(p, seq_ids);
+    key(p, "tokens"); pack_u32_bin(p, tokens);
   }
   key(p, "timings");
   p.pack_map(3);

@@ -45,6 +45,7 @@ struct Request {
   uint64_t req_id = 0;
   std::string type;                 // "info" | "health" | "step" | "release"
   std::vector<uint64_t> release;    // step.release
+  bool packed_outputs = false;      // step.packed_outputs: sampled tokens as two bins
   std::vector<StepSeqRequest> seqs;  // step.seqs
   std::vector<uint64_t> seq_ids;    // release.seq_ids
 };
@@ -79,6 +80,7 @@ struct StepOutput {
 
 struct StepReply {
   std::vector<StepOutput> outputs;
+  bool packed = false;              // encode token-only outputs as `packed` (PROTOCOL.md)
   double forward_ms = 0, sample_ms = 0, total_ms = 0;
   uint64_t num_tokens = 0;
 };

@@ -24,6 +24,19 @@ export interface EngineClient {
   readonly health: Effect.Effect<HealthReply, EngineError>
   readonly step: (request: StepRequest) => Effect.Effect<StepReply, EngineError>
   readonly release: (seqIds: ReadonlyArray<number>) => Effect.Effect<ReleaseReply, EngineError>
+  /**
+   * `step` for the step loop, without a fiber: the frame is sent before this returns (unless
+   * another send is pending) and `callback` runs with the decoded reply or the error, and the
+   * `performance.now()` at which the reply frame arrived (before msgpack and Schema decoding).
+   */
+  readonly sendStep: (
+    request: StepRequest,
+    callback: (result: Either.Either<StepReply, EngineError>, receivedAt: number) => void
+  ) => void
+  readonly sendRelease: (
+    seqIds: ReadonlyArray<number>,
+    callback: (result: Either.Either<ReleaseReply, EngineError>) => void
+  ) => void
 }
 
 export interface EngineProcessOptions {
@@ -67,8 +80,7 @@ export const connect = (
     const timeoutMs = options.requestTimeoutMs ?? 60_000
     const socket = new Zmq.Dealer({ linger: 0 })
     socket.connect(endpoint)
-    const pending = new Map<number, (reply: unknown, error?: EngineError) => void>()
-    let sendChain: Promise<unknown> = Promise.resolve()
+    const pending = new Map<number, (reply: unknown, error?: EngineError, receivedAt?: number) => void>()
     let closed = false
     let nextReqId = 1
 
@@ -81,6 +93,7 @@ export const connect = (
       try {
         for (;;) {
           const frames = await socket.receive()
+          const receivedAt = performance.now()
           const payload = frames[frames.length - 1]
           if (payload === undefined) continue
           let reply: unknown
@@ -93,7 +106,7 @@ export const connect = (
           const callback = typeof reqId === "number" ? pending.get(reqId) : undefined
           if (callback === undefined) continue
           pending.delete(reqId as number)
-          callback(reply)
+          callback(reply, undefined, receivedAt)
         }
       } catch (e) {
         failAll(engineError("closed", closed ? "engine client closed" : String(e)))
@@ -108,35 +121,61 @@ export const connect = (
       })
     )
 
+    // Sends go out synchronously when no other send is pending (zeromq's fast path), so a
+    // step is on the wire before the caller goes on to other work; later ones queue behind it.
+    const sendQueue: Array<{ readonly frame: Uint8Array; readonly reqId: number }> = []
+    let sending = false
+    const sendNext = (): void => {
+      const next = sendQueue.shift()
+      if (next === undefined) {
+        sending = false
+        return
+      }
+      sending = true
+      socket.send(next.frame).then(sendNext, (e) => {
+        const callback = pending.get(next.reqId)
+        pending.delete(next.reqId)
+        callback?.(undefined, engineError("send_failed", String(e)))
+        sendNext()
+      })
+    }
+
+    /** Sends one request; `callback` gets the decoded reply or the error. @returns a canceller. */
+    const send = <A>(
+      type: string,
+      body: Record<string, unknown>,
+      decode: (u: unknown) => Either.Either<A, ParseResult.ParseError>,
+      callback: (result: Either.Either<A, EngineError>, receivedAt: number) => void
+    ): () => void => {
+      if (closed) {
+        callback(Either.left(engineError("closed", "engine client closed")), performance.now())
+        return () => {}
+      }
+      const reqId = nextReqId++
+      const timer = setTimeout(() => {
+        pending.delete(reqId)
+        callback(Either.left(engineError("timeout", `engine did not answer ${type} within ${timeoutMs} ms`)), performance.now())
+      }, timeoutMs)
+      pending.set(reqId, (reply, error, receivedAt = performance.now()) => {
+        clearTimeout(timer)
+        callback(error !== undefined ? Either.left(error) : decodeReply(type, reply, decode), receivedAt)
+      })
+      sendQueue.push({ frame: packr.pack({ v: PROTOCOL_VERSION, type, req_id: reqId, ...body }), reqId })
+      if (!sending) sendNext()
+      return () => {
+        clearTimeout(timer)
+        pending.delete(reqId)
+      }
+    }
+
     const request = <A>(
       type: string,
       body: Record<string, unknown>,
       decode: (u: unknown) => Either.Either<A, ParseResult.ParseError>
     ): Effect.Effect<A, EngineError> =>
       Effect.async<A, EngineError>((resume) => {
-        if (closed) return resume(Effect.fail(engineError("closed", "engine client closed")))
-        const reqId = nextReqId++
-        const timer = setTimeout(() => {
-          pending.delete(reqId)
-          resume(Effect.fail(engineError("timeout", `engine did not answer ${type} within ${timeoutMs} ms`)))
-        }, timeoutMs)
-        pending.set(reqId, (reply, error) => {
-          clearTimeout(timer)
-          resume(error !== undefined ? Effect.fail(error) : decodeReply(type, reply, decode))
-        })
-        const frame = packr.pack({ v: PROTOCOL_VERSION, type, req_id: reqId, ...body })
-        sendChain = sendChain.then(
-          () => socket.send(frame),
-          () => socket.send(frame)
-        ).catch((e) => {
-          const callback = pending.get(reqId)
-          pending.delete(reqId)
-          callback?.(undefined, engineError("send_failed", String(e)))
-        })
-        return Effect.sync(() => {
-          clearTimeout(timer)
-          pending.delete(reqId)
-        })
+        const cancel = send(type, body, decode, (result) => resume(result))
+        return Effect.sync(cancel)
       })
 
     const decodeInfo = Schema.decodeUnknownEither(InfoReply)
@@ -148,7 +187,9 @@ export const connect = (
       info: request("info", {}, decodeInfo),
       health: request("health", {}, decodeHealth),
       step: (body) => request("step", body as unknown as Record<string, unknown>, decodeStep),
-      release: (seqIds) => request("release", { seq_ids: seqIds }, decodeRelease)
+      release: (seqIds) => request("release", { seq_ids: seqIds }, decodeRelease),
+      sendStep: (body, callback) => void send("step", body as unknown as Record<string, unknown>, decodeStep, callback),
+      sendRelease: (seqIds, callback) => void send("release", { seq_ids: seqIds }, decodeRelease, callback)
     } satisfies EngineClient
   })
 
@@ -158,17 +199,17 @@ const decodeReply = <A>(
   type: string,
   reply: unknown,
   decode: (u: unknown) => Either.Either<A, ParseResult.ParseError>
-): Effect.Effect<A, EngineError> => {
+): Either.Either<A, EngineError> => {
   if ((reply as { ok?: unknown }).ok === false) {
     const e = decodeErrorReply(reply)
     return Either.isLeft(e)
-      ? Effect.fail(engineError("bad_reply", `malformed error reply to ${type}`))
-      : Effect.fail(engineError(e.right.error.code, e.right.error.message))
+      ? Either.left(engineError("bad_reply", `malformed error reply to ${type}`))
+      : Either.left(engineError(e.right.error.code, e.right.error.message))
   }
   const decoded = decode(reply)
   return Either.isLeft(decoded)
-    ? Effect.fail(engineError("bad_reply", `malformed ${type} reply: ${ParseResult.TreeFormatter.formatErrorSync(decoded.left)}`))
-    : Effect.succeed(decoded.right)
+    ? Either.left(engineError("bad_reply", `malformed ${type} reply: ${ParseResult.TreeFormatter.formatErrorSync(decoded.left)}`))
+    : Either.right(decoded.right)
 }
 
 /** Handle of a running engine process. `exited` completes when the process ends. */

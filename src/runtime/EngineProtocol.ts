@@ -64,10 +64,23 @@ export const StepTimings = Schema.Struct({
   total_ms: Schema.Number
 })
 
+/** Token-only outputs of a `packed_outputs` step: parallel u32 little-endian arrays. */
+export const PackedOutputs = Schema.Struct({
+  seq_ids: Schema.Uint8ArrayFromSelf,
+  tokens: Schema.Uint8ArrayFromSelf
+}).pipe(
+  Schema.filter((p) =>
+    p.seq_ids.byteLength === p.tokens.byteLength && p.seq_ids.byteLength % 4 === 0
+      ? undefined
+      : "seq_ids and tokens must be u32 arrays of the same length"
+  )
+)
+
 export const StepReply = Schema.Struct({
   ok: Schema.Literal(true),
   req_id: UInt,
   outputs: Schema.Array(StepOutput),
+  packed: Schema.optional(PackedOutputs),
   timings: StepTimings,
   num_tokens: UInt
 })
@@ -84,6 +97,8 @@ export type ReleaseReply = typeof ReleaseReply.Type
 /** Body of a `step` request (PROTOCOL.md); built by the scheduler from its StepPlan. */
 export interface StepRequest {
   readonly release?: ReadonlyArray<number>
+  /** Ask for `packed` token outputs (PROTOCOL.md). */
+  readonly packed_outputs?: boolean
   readonly seqs: ReadonlyArray<{
     readonly seq_id: number
     readonly tokens: ReadonlyArray<number>
@@ -95,6 +110,16 @@ export interface StepRequest {
     readonly logprobs?: boolean
     readonly return_logits?: boolean
   }>
+}
+
+/** Calls `f(seq_id, token)` for every output of a step reply that carries a token. */
+export const forEachSampledToken = (reply: StepReply, f: (seqId: number, tokenId: number) => void): void => {
+  for (const out of reply.outputs) if (out.token !== undefined) f(out.seq_id, out.token)
+  const packed = reply.packed
+  if (packed === undefined) return
+  const ids = new DataView(packed.seq_ids.buffer, packed.seq_ids.byteOffset, packed.seq_ids.byteLength)
+  const tokens = new DataView(packed.tokens.buffer, packed.tokens.byteOffset, packed.tokens.byteLength)
+  for (let off = 0; off < packed.seq_ids.byteLength; off += 4) f(ids.getUint32(off, true), tokens.getUint32(off, true))
 }
 
 /** Little-endian float32 bytes (the `logits` bin) → Float32Array, copying to fix alignment. */

@@ -1,22 +1,25 @@
 /**
  * GpuWorker: everything one GPU's runner holds for it: the engine process and its client, the
- * continuous-batching SchedulerCore with its KvBlockManager, the step loop, and the token
- * buffers of the sequences it serves. The GpuScheduler and DecodeSlot entities of that GPU are
- * pinned to this runner (shard group) and talk to it in-process.
+ * continuous-batching SchedulerCore with its KvBlockManager, the step loop, and the sinks of
+ * the sequences it serves. The GpuScheduler and DecodeSlot entities of that GPU are pinned to
+ * this runner (shard group) and talk to it in-process.
  *
- * Step loop: schedule → one `step` request → apply the result → hand each sampled token to
- * its sequence's buffer. A buffer holding `bufferTokens` unread tokens pauses its sequence
- * (backpressure) until the reader drains half of it. Cancellation frees the sequence's blocks
- * at once; the engine is told in the next step (or a bare `release` when idle).
+ * Step loop (plain callbacks, no fiber per step or per token): schedule → send the `step` →
+ * hand the previous step's tokens to their sinks while the engine computes → on the reply,
+ * apply it and schedule again at once. The GPU waits only for apply + schedule + encode +
+ * IPC; per-token work (detokenization, socket writes) runs in the engine's shadow, one step
+ * behind. A sink pauses its sequence (backpressure) with `pause` and resumes it with `resume`.
+ * Cancellation frees the sequence's blocks at once; the engine is told in the next step (or a
+ * bare `release` when idle).
  */
-import { Chunk, Duration, Effect, ExecutionStrategy, Exit, Fiber, Option, Queue, Schedule, Scope } from "effect"
+import { Chunk, Duration, Effect, Either, ExecutionStrategy, Exit, Fiber, Option, Queue, Runtime, Schedule, Scope } from "effect"
 import * as EngineClient from "./EngineClient.js"
-import type { InfoReply, StepRequest } from "./EngineProtocol.js"
+import { forEachSampledToken, type InfoReply, type StepReply, type StepRequest } from "./EngineProtocol.js"
 import { EngineError, PromptTooLong } from "./Errors.js"
 import { KvBlockManager } from "./KvBlockManager.js"
-import { type SamplingParams, SchedulerCore, type StepPlan, type FinishReason } from "./SchedulerCore.js"
+import { type FinishReason, type SamplingParams, SchedulerCore, type StepPlan, type TokenOutput } from "./SchedulerCore.js"
 
-/** What a sequence's reader receives. */
+/** What a sequence's reader receives (the Queue-based `generate`). */
 export type SeqEvent =
   | { readonly _tag: "Token"; readonly tokenId: number; readonly finishReason: FinishReason | undefined }
   | { readonly _tag: "Failed"; readonly error: EngineError }
@@ -26,6 +29,25 @@ export interface GenerateRequest {
   readonly maxTokens: number
   readonly sampling: SamplingParams
   readonly priority: number
+}
+
+/**
+ * Receives a sequence's output, synchronously, from the step loop. After a token with a
+ * `finishReason`, or `onFailed`, nothing more comes. Sinks must not throw.
+ */
+export interface SeqSink {
+  readonly onToken: (tokenId: number, finishReason: FinishReason | undefined) => void
+  readonly onFailed: (error: EngineError) => void
+}
+
+/** Control of a started sequence. */
+export interface SeqHandle {
+  readonly seqId: number
+  /** Leave the sequence out of steps until `resume` (its reader is full). */
+  readonly pause: () => void
+  readonly resume: () => void
+  /** Stops it: blocks free now, no more sink calls. @returns whether it was still live. */
+  readonly cancel: () => boolean
 }
 
 export interface Sequence {
@@ -49,9 +71,15 @@ export interface StepStats {
 }
 
 /**
- * Where one step's time went, in ms. `engine_ms` is the engine's own `timings.total_ms`;
- * `rpc_ms - engine_ms` is IPC plus msgpack encode/decode plus reply Schema decoding.
- * TypeScript-side overhead = schedule_ms + (rpc_ms - engine_ms) + dispatch_ms.
+ * Where one step's time went, in ms, on the GPU's critical path:
+ * - `schedule_ms`: this side, from the previous reply being decoded (or a wake-up) to this
+ *   step being handed to the socket: apply the reply, schedule, build, msgpack-encode, send;
+ * - `rpc_ms`: send → reply frame received; `engine_ms` (the engine's `timings.total_ms`) is
+ *   inside it, the rest is ZeroMQ IPC both ways and the engine's own msgpack work;
+ * - `decode_ms`: this side, msgpack + Schema decoding of the reply.
+ * `dispatch_ms`, handing the previous step's tokens to their sinks, runs after the send,
+ * while the engine computes: it delays the GPU only if it outlasts the step (then the reply
+ * waits, which shows in `rpc_ms`).
  */
 export interface StepRecord {
   readonly num_seqs: number
@@ -59,6 +87,7 @@ export interface StepRecord {
   readonly schedule_ms: number
   readonly rpc_ms: number
   readonly engine_ms: number
+  readonly decode_ms: number
   readonly dispatch_ms: number
 }
 
@@ -70,8 +99,13 @@ export interface GpuWorker {
   /** Longest prompt + output the model accepts, in tokens. */
   readonly maxModelLen: number
   /**
-   * Queues a sequence; it is cancelled (blocks freed, engine told) when the scope closes
-   * unless it finished first. Fails with PromptTooLong if it could never fit.
+   * Queues a sequence whose output goes to `sink`. Fails with PromptTooLong (and changes
+   * nothing) if it could never fit. The caller must `cancel` it if it stops caring.
+   */
+  readonly start: (request: GenerateRequest, sink: SeqSink) => Either.Either<SeqHandle, PromptTooLong>
+  /**
+   * `start` with a buffered reader: it pauses the sequence while `bufferTokens` events are
+   * unread and resumes it at half; the sequence is cancelled when the scope closes.
    */
   readonly generate: (request: GenerateRequest) => Effect.Effect<Sequence, PromptTooLong, Scope.Scope>
   readonly stats: Effect.Effect<StepStats>
@@ -93,13 +127,10 @@ export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
   readonly stepHistory?: number
 }
 
-interface Reader {
-  readonly queue: Queue.Queue<SeqEvent>
-  paused: boolean
-}
 
 export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, EngineError, Scope.Scope> =>
   Effect.gen(function*() {
+    const runFork = Runtime.runFork(yield* Effect.runtime<never>())
     // Each engine process lives in a child scope, so that a crashed one can be replaced. Their
     // parent is forked first so that it closes last, after the supervisor has stopped.
     const enginesScope = yield* Scope.fork(yield* Effect.scope, ExecutionStrategy.sequential)
@@ -123,83 +154,127 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       maxModelLen
     })
     const eosTokenIds: ReadonlySet<number> = new Set(engineInfo.model.eos_token_ids)
-    const readers = new Map<number, Reader>()
-    const wakeup = yield* Queue.sliding<void>(1)
-    const wake = () => void Queue.unsafeOffer(wakeup, undefined)
+    const sinks = new Map<number, SeqSink>()
     const freeSlots = Array.from({ length: options.numSlots }, (_, i) => options.numSlots - 1 - i)
     let nextSeqId = 1
     let numSteps = 0
     const stepHistory = options.stepHistory ?? 1024
     const steps: Array<StepRecord> = []
 
-    const deliver = (seqId: number, event: SeqEvent) => {
-      const reader = readers.get(seqId)
-      if (reader === undefined) return
-      Queue.unsafeOffer(reader.queue, event)
-      if (event._tag === "Failed" || event.finishReason !== undefined) {
-        readers.delete(seqId)
-      } else if (!reader.paused && Option.getOrElse(reader.queue.unsafeSize(), () => 0) >= options.bufferTokens) {
-        reader.paused = true
-        core.setPaused(seqId, true)
+    // Step loop state: at most one request (step or release) is in flight.
+    let busy = false
+    let tickScheduled = false
+    let stopped = false
+    let undelivered: ReadonlyArray<TokenOutput> = []
+    let lastDispatchMs = 0
+
+    const deliver = (outputs: ReadonlyArray<TokenOutput>) => {
+      const t0 = performance.now()
+      for (const out of outputs) {
+        const sink = sinks.get(out.seqId)
+        if (sink === undefined) continue
+        if (out.finishReason !== undefined) sinks.delete(out.seqId)
+        sink.onToken(out.tokenId, out.finishReason)
       }
+      lastDispatchMs = performance.now() - t0
+    }
+    const fail = (seqId: number, error: EngineError) => {
+      const sink = sinks.get(seqId)
+      if (sink === undefined) return
+      sinks.delete(seqId)
+      sink.onFailed(error)
+    }
+    const wake = () => {
+      if (busy || tickScheduled || stopped) return
+      tickScheduled = true
+      setImmediate(() => tick(performance.now()))
+    }
+
+    /** Sends the next step (or a pending release), then delivers the previous step's tokens. */
+    const tick = (since: number): void => {
+      tickScheduled = false
+      if (busy || stopped) return
+      const plan = core.schedule()
+      if (plan === undefined) {
+        const outputs = undelivered
+        undelivered = []
+        deliver(outputs)
+        const release = core.takePendingRelease()
+        if (release.length > 0) {
+          busy = true
+          engine().sendRelease(release, () => {
+            busy = false
+            wake()
+          })
+        }
+        return
+      }
+      const request: StepRequest = plan.release.length > 0
+        ? { release: plan.release, packed_outputs: true, seqs: plan.items }
+        : { packed_outputs: true, seqs: plan.items }
+      let sentAt = Number.NaN
+      busy = true
+      engine().sendStep(request, (result, receivedAt) => onReply(plan, result, sentAt, receivedAt, sentAt - since))
+      sentAt = performance.now()
+      const outputs = undelivered
+      undelivered = []
+      deliver(outputs)
+    }
+
+    const onReply = (
+      plan: StepPlan,
+      result: Either.Either<StepReply, EngineError>,
+      sentAt: number,
+      receivedAt: number,
+      scheduleMs: number
+    ) => {
+      const decodedAt = performance.now()
+      busy = false
+      if (Either.isLeft(result)) return failPlan(plan, result.left)
+      const reply = result.right
+      numSteps++
+      const sampled = new Map<number, number>()
+      forEachSampledToken(reply, (seqId, tokenId) => sampled.set(seqId, tokenId))
+      undelivered = core.applyStepResult(plan, sampled)
+      if (steps.length === stepHistory) steps.shift()
+      steps.push({
+        num_seqs: plan.items.length,
+        num_tokens: plan.numBatchedTokens,
+        schedule_ms: scheduleMs,
+        rpc_ms: receivedAt - sentAt,
+        engine_ms: reply.timings.total_ms,
+        decode_ms: decodedAt - receivedAt,
+        dispatch_ms: lastDispatchMs
+      })
+      tick(decodedAt)
     }
 
     /** The engine failed a step: every sequence in it fails; their state is dropped on both sides. */
-    const failPlan = (plan: StepPlan, error: EngineError) =>
-      Effect.gen(function*() {
-        yield* Effect.logWarning(`engine ${options.gpuId} step failed: ${error.code}: ${error.message}`)
-        for (const item of plan.items) {
-          core.cancel(item.seq_id)
-          deliver(item.seq_id, { _tag: "Failed", error })
-        }
-        const ids = [...plan.release, ...plan.items.map((i) => i.seq_id), ...core.takePendingRelease()]
-        yield* engine().release(ids).pipe(Effect.ignore)
+    const failPlan = (plan: StepPlan, error: EngineError) => {
+      runFork(Effect.logWarning(`engine ${options.gpuId} step failed: ${error.code}: ${error.message}`))
+      for (const item of plan.items) {
+        core.cancel(item.seq_id)
+        fail(item.seq_id, error)
+      }
+      const ids = [...plan.release, ...plan.items.map((i) => i.seq_id), ...core.takePendingRelease()]
+      busy = true
+      engine().sendRelease(ids, () => {
+        busy = false
+        wake()
       })
+    }
+    yield* Effect.addFinalizer(() => Effect.sync(() => void (stopped = true)))
 
-    const runStep = (plan: StepPlan, scheduleMs: number) =>
-      Effect.gen(function*() {
-        const request: StepRequest = plan.release.length > 0 ? { release: plan.release, seqs: plan.items } : { seqs: plan.items }
-        const t0 = performance.now()
-        const reply = yield* engine().step(request)
-        const t1 = performance.now()
-        numSteps++
-        const sampled = new Map<number, number>()
-        for (const out of reply.outputs) if (out.token !== undefined) sampled.set(out.seq_id, out.token)
-        for (const out of core.applyStepResult(plan, sampled)) {
-          deliver(out.seqId, { _tag: "Token", tokenId: out.tokenId, finishReason: out.finishReason })
-        }
-        if (steps.length === stepHistory) steps.shift()
-        steps.push({
-          num_seqs: plan.items.length,
-          num_tokens: plan.numBatchedTokens,
-          schedule_ms: scheduleMs,
-          rpc_ms: t1 - t0,
-          engine_ms: reply.timings.total_ms,
-          dispatch_ms: performance.now() - t1
-        })
-      }).pipe(Effect.catchAll((error) => failPlan(plan, error)))
-
-    const loop = Effect.gen(function*() {
-      const t0 = performance.now()
-      const plan = core.schedule()
-      if (plan !== undefined) return yield* runStep(plan, performance.now() - t0)
-      const release = core.takePendingRelease()
-      if (release.length > 0) return yield* engine().release(release).pipe(Effect.ignore)
-      yield* Queue.take(wakeup)
-    }).pipe(Effect.forever)
-    const loopFiber = yield* Effect.forkScoped(loop)
-    yield* Effect.addFinalizer(() => Fiber.interrupt(loopFiber))
-
-    // Supervision: when the engine process dies, every live sequence fails at once (its
-    // reader gets Failed, its blocks are freed), and a new process is started with backoff.
+    // Supervision: when the engine process dies, every live sequence fails at once (its sink
+    // gets onFailed, its blocks are freed), and a new process is started with backoff.
     const supervise = Effect.gen(function*() {
       const code = yield* current.client.process.exited
       numEngineRestarts++
       const error = new EngineError({ code: "engine_exited", message: `engine ${options.gpuId} exited with code ${code}` })
       yield* Effect.logError(`${error.message}; failing its sequences and restarting it`)
-      for (const seqId of [...readers.keys()]) {
+      for (const seqId of [...sinks.keys()]) {
         core.cancel(seqId)
-        deliver(seqId, { _tag: "Failed", error })
+        fail(seqId, error)
       }
       core.takePendingRelease() // the new process starts with no sequences
       yield* Scope.close(current.scope, Exit.void) // closes the socket: pending requests fail now
@@ -214,47 +289,73 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     // Stop supervising before the engines' scopes close on shutdown, or it would restart them.
     yield* Effect.addFinalizer(() => Fiber.interrupt(supervisor))
 
+    const start = (request: GenerateRequest, sink: SeqSink): Either.Either<SeqHandle, PromptTooLong> => {
+      const n = request.promptTokenIds.length
+      if (n === 0 || n >= maxModelLen || kv.blocksFor(n + 1) > kv.numBlocks) {
+        return Either.left(
+          new PromptTooLong({ num_prompt_tokens: n, max_model_len: Math.min(maxModelLen, kv.numBlocks * kv.blockSize) })
+        )
+      }
+      const seqId = nextSeqId++
+      sinks.set(seqId, sink)
+      core.add({
+        seqId,
+        promptTokenIds: request.promptTokenIds,
+        maxTokens: request.maxTokens,
+        sampling: request.sampling,
+        priority: request.priority,
+        eosTokenIds
+      })
+      wake()
+      return Either.right({
+        seqId,
+        pause: () => core.setPaused(seqId, true),
+        resume: () => {
+          core.setPaused(seqId, false)
+          wake()
+        },
+        cancel: () => {
+          const live = sinks.delete(seqId)
+          if (core.cancel(seqId)) wake()
+          return live
+        }
+      })
+    }
+
     const generate = (request: GenerateRequest) =>
       Effect.gen(function*() {
-        const n = request.promptTokenIds.length
-        if (n === 0 || n >= maxModelLen || kv.blocksFor(n + 1) > kv.numBlocks) {
-          return yield* new PromptTooLong({ num_prompt_tokens: n, max_model_len: Math.min(maxModelLen, kv.numBlocks * kv.blockSize) })
+        const queue = yield* Queue.unbounded<SeqEvent>()
+        const size = () => Option.getOrElse(queue.unsafeSize(), () => 0)
+        let paused = false
+        let handle: SeqHandle | undefined
+        const sink: SeqSink = {
+          onToken: (tokenId, finishReason) => {
+            Queue.unsafeOffer(queue, { _tag: "Token", tokenId, finishReason })
+            if (!paused && finishReason === undefined && size() >= options.bufferTokens) {
+              paused = true
+              handle?.pause()
+            }
+          },
+          onFailed: (error) => void Queue.unsafeOffer(queue, { _tag: "Failed", error })
         }
-        const seqId = nextSeqId++
-        const reader: Reader = { queue: yield* Queue.unbounded<SeqEvent>(), paused: false }
-        yield* Effect.acquireRelease(
-          Effect.sync(() => {
-            readers.set(seqId, reader)
-            core.add({
-              seqId,
-              promptTokenIds: request.promptTokenIds,
-              maxTokens: request.maxTokens,
-              sampling: request.sampling,
-              priority: request.priority,
-              eosTokenIds
-            })
-            wake()
-          }),
-          () =>
-            Effect.sync(() => {
-              readers.delete(seqId)
-              if (core.cancel(seqId)) wake()
-            })
+        const h = yield* Effect.acquireRelease(
+          Effect.suspend(() => start(request, sink)),
+          (h) => Effect.sync(() => h.cancel())
         )
+        handle = h
         const resumeIfDrained = Effect.sync(() => {
-          if (reader.paused && Option.getOrElse(reader.queue.unsafeSize(), () => 0) <= options.bufferTokens / 2) {
-            reader.paused = false
-            core.setPaused(seqId, false)
-            wake()
+          if (paused && size() <= options.bufferTokens / 2) {
+            paused = false
+            h.resume()
           }
         })
-        const take = Queue.take(reader.queue).pipe(Effect.zipLeft(resumeIfDrained))
+        const take = Queue.take(queue).pipe(Effect.zipLeft(resumeIfDrained))
         const takeAvailable = (max: number) =>
-          Queue.takeBetween(reader.queue, 1, max).pipe(
+          Queue.takeBetween(queue, 1, max).pipe(
             Effect.map((chunk) => Chunk.toReadonlyArray(chunk)),
             Effect.zipLeft(resumeIfDrained)
           )
-        return { seqId, take, takeAvailable } satisfies Sequence
+        return { seqId: h.seqId, take, takeAvailable } satisfies Sequence
       })
 
     return {
@@ -262,6 +363,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       engine,
       engineInfo,
       maxModelLen,
+      start,
       generate,
       stats: Effect.sync(() => ({
         numSteps,
