@@ -1,21 +1,23 @@
 /**
  * The `Conversations` facade (what the HTTP layer calls) implemented with the cluster:
- * every call goes to the Conversation entity of its id; history pages read the store.
+ * every call goes to the Conversation entity of its id; history pages read the store. A turn
+ * gets a TurnStream in this runner's registry first; the entity's DecodeSlot writes into it.
  */
 import { randomUUID } from "node:crypto"
-import { Duration, Effect, Exit, Layer, Option, Scope, Sink, Stream } from "effect"
+import { Effect, Layer, Option } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
-import { ConversationId, HistoryPage, type TurnEvent } from "../runtime/Domain.js"
-import { ConversationNotFound, EngineError, GenerationFailed, ModelNotFound } from "../runtime/Errors.js"
+import { ConversationId, HistoryPage } from "../runtime/Domain.js"
+import { ConversationNotFound, EngineError, ModelNotFound } from "../runtime/Errors.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { poolFor, TopologyService } from "../runtime/Topology.js"
-import { Conversation, type ConversationEvent } from "./Conversation.js"
+import { TurnStreams } from "../runtime/TurnStream.js"
+import { Conversation } from "./Conversation.js"
 
 const unavailable = (e: { readonly _tag: string }) =>
   new EngineError({ code: "unavailable", message: `cluster could not deliver the message (${e._tag})` })
 
-/** If the HTTP layer never runs the returned stream, the generation is stopped after this. */
-const UNCONSUMED_STREAM_TIMEOUT = Duration.seconds(15)
+/** If the HTTP layer never takes the turn's stream, the generation is stopped after this. */
+const UNCONSUMED_STREAM_TIMEOUT_MS = 15_000
 
 export const layer = Layer.effect(
   Conversations,
@@ -23,6 +25,7 @@ export const layer = Layer.effect(
     const client = yield* Conversation.client
     const store = yield* ConversationStore
     const topology = yield* TopologyService
+    const streams = yield* TurnStreams
 
     return Conversations.of({
       create: (input) =>
@@ -38,46 +41,23 @@ export const layer = Layer.effect(
 
       sendTurn: (id, input) =>
         Effect.gen(function*() {
-          // The entity's stream is peeled up to its first event (Accepted: the user turn is
-          // durable), so that 404/409/400 surface before any SSE byte; the rest stays open in
-          // `scope` until the caller finishes or abandons the returned stream.
-          const scope = yield* Scope.make()
-          const events = client(id).SendTurn({
+          const stream = streams.make()
+          yield* client(id).SendTurn({
             content: input.content,
             ...(input.max_tokens === undefined ? {} : { max_tokens: input.max_tokens }),
-            ...(input.temperature === undefined ? {} : { temperature: input.temperature })
+            ...(input.temperature === undefined ? {} : { temperature: input.temperature }),
+            stream_id: stream.id
           }).pipe(
-            Stream.catchTags({
-              MailboxFull: (e) => Stream.fail(unavailable(e)),
-              AlreadyProcessingMessage: (e) => Stream.fail(unavailable(e)),
-              PersistenceError: (e) => Stream.fail(unavailable(e))
-            })
+            Effect.catchTags({
+              MailboxFull: (e) => Effect.fail(unavailable(e)),
+              AlreadyProcessingMessage: (e) => Effect.fail(unavailable(e)),
+              PersistenceError: (e) => Effect.fail(unavailable(e))
+            }),
+            // Not accepted: nothing will write to the stream.
+            Effect.onExit((exit) => Effect.sync(() => exit._tag === "Failure" && stream.cancel()))
           )
-          const [first, rest] = yield* Stream.peel(events, Sink.head<ConversationEvent>()).pipe(
-            Scope.extend(scope),
-            Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : Scope.close(scope, exit))),
-            Effect.catchTag("GenerationFailed", (e) => Effect.fail(new EngineError({ code: "generation_failed", message: e.message })))
-          )
-          if (Option.isNone(first) || first.value._tag !== "Accepted") {
-            yield* Scope.close(scope, Exit.void)
-            return yield* new EngineError({ code: "protocol", message: "conversation stream did not start with Accepted" })
-          }
-          let started = false
-          yield* Effect.sleep(UNCONSUMED_STREAM_TIMEOUT).pipe(
-            Effect.zipRight(Effect.suspend(() => (started ? Effect.void : Scope.close(scope, Exit.void)))),
-            Effect.forkDaemon
-          )
-          return Stream.suspend(() => {
-            started = true
-            return rest
-          }).pipe(
-            Stream.filter((e): e is TurnEvent => e._tag !== "Accepted"),
-            // After Accepted only generation errors can occur; anything else is a protocol slip.
-            Stream.mapError((e) =>
-              e._tag === "EngineError" || e._tag === "GenerationFailed" ? e : new GenerationFailed({ message: e._tag })
-            ),
-            Stream.ensuring(Scope.close(scope, Exit.void))
-          )
+          stream.cancelIfNotAttachedWithin(UNCONSUMED_STREAM_TIMEOUT_MS)
+          return stream
         }),
 
       cancel: (id) =>

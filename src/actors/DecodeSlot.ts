@@ -1,20 +1,29 @@
 /**
- * DecodeSlot entity `{gpu}/{slot}`: one sequence's life on its GPU. `Generate` queues the
- * sequence in the GPU's scheduler, turns sampled tokens into text with incremental
- * detokenization, applies stop strings and max tokens, and streams chunks to the caller.
- * The GpuWorker's per-sequence buffer is the bounded buffer to the client: when the reader
- * lags by `client_buffer_tokens`, the scheduler leaves the sequence out of steps.
+ * DecodeSlot entity `{gpu}/{slot}`: one sequence's life on its GPU (DESIGN.md data flow 4).
  *
- * Interruption (client gone, cancel) closes the stream's scope: the sequence is cancelled and
- * its KV blocks are free before the next scheduler step; the slot is returned.
+ * `Start` queues the sequence in the GPU's scheduler and returns; from then on the GPU step
+ * loop calls the slot's sink with each sampled token, synchronously, once per step: the sink
+ * detokenizes incrementally, applies stop strings and writes the text into the turn's
+ * TurnStream (the data plane). A full reader pauses the sequence (backpressure) until it
+ * drains. At the end the slot reports the turn to its owner through `TurnFinisher` (the
+ * Conversation entity stores it), then writes the terminal `done` (or `error`) event, and the
+ * slot is free again.
+ *
+ * `Cancel` (POST cancel) and a reader that goes away (disconnect) stop the sequence: its KV
+ * blocks are free before the next scheduler step, and the turn ends as `cancelled`.
+ *
+ * Slot state lives in the runner (not in the entity instance), so an entity that is idle
+ * between messages may be reaped while its sequence runs.
  */
 import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
-import { Effect, Option, Schema, Stream } from "effect"
-import { FinishReason } from "../runtime/Domain.js"
-import { EngineError, PromptTooLong } from "../runtime/Errors.js"
+import { Context, Effect, Either, Layer, Runtime, Schema } from "effect"
+import { ConversationId, DoneEvent, FinishReason, TurnId, type TurnStatus, Usage } from "../runtime/Domain.js"
+import { EngineError, PromptTooLong, StorageError } from "../runtime/Errors.js"
+import type { SeqHandle } from "../runtime/GpuWorker.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Models } from "../runtime/Models.js"
+import { TurnStreamId, TurnStreams } from "../runtime/TurnStream.js"
 import { shardGroupOf, UnknownGpu } from "./GpuScheduler.js"
 
 export const Sampling = Schema.Struct({
@@ -24,32 +33,46 @@ export const Sampling = Schema.Struct({
   seed: Schema.Int
 })
 
-/** Text produced since the previous chunk; the last chunk carries `finish_reason`. */
-export const SlotChunk = Schema.Struct({
-  text: Schema.String,
-  num_completion_tokens: Schema.Int,
-  finish_reason: Schema.optional(FinishReason)
-})
-export type SlotChunk = typeof SlotChunk.Type
-
 export const DecodeSlot = Entity.make("DecodeSlot", [
-  Rpc.make("Generate", {
+  Rpc.make("Start", {
     payload: {
       pool: Schema.String,
+      conversation_id: ConversationId,
+      turn_id: TurnId,
+      /** The gateway's TurnStream that receives the text. */
+      stream_id: TurnStreamId,
       prompt_token_ids: Schema.Array(Schema.Int),
       max_tokens: Schema.Int,
       sampling: Sampling,
       priority: Schema.Int,
       stop: Schema.Array(Schema.String)
     },
-    success: SlotChunk,
-    error: Schema.Union(EngineError, PromptTooLong, UnknownGpu),
-    stream: true
-  })
+    error: Schema.Union(EngineError, PromptTooLong, UnknownGpu)
+  }),
+  /** Stops the slot's sequence, if any. @returns whether one was running. */
+  Rpc.make("Cancel", { success: Schema.Boolean })
 ]).annotate(ClusterSchema.ShardGroup, shardGroupOf)
 
-/** Most tokens coalesced into one chunk when a reader lags behind. */
-const MAX_TOKENS_PER_CHUNK = 64
+/** How a turn ended, as the slot reports it to the turn's owner. */
+export const FinishedTurn = Schema.Struct({
+  conversation_id: ConversationId,
+  turn_id: TurnId,
+  text: Schema.String,
+  status: Schema.Literal("completed", "cancelled", "failed"),
+  finish_reason: FinishReason,
+  num_prompt_tokens: Schema.Int,
+  num_completion_tokens: Schema.Int
+})
+export type FinishedTurn = typeof FinishedTurn.Type
+
+/**
+ * Where a slot reports its finished turn (the Conversation entity, which stores it). The
+ * slot writes the terminal event only after this succeeds, so a client that saw `done` finds
+ * the turn in the history.
+ */
+export class TurnFinisher extends Context.Tag("chat/TurnFinisher")<TurnFinisher, {
+  readonly finish: (turn: FinishedTurn) => Effect.Effect<void, StorageError | EngineError>
+}>() {}
 
 /** Index of the first stop string in `text`, searching from `from`; -1 if none. */
 const findStop = (text: string, stops: ReadonlyArray<string>, from: number): number => {
@@ -61,68 +84,133 @@ const findStop = (text: string, stops: ReadonlyArray<string>, from: number): num
   return best
 }
 
-export const layer = DecodeSlot.toLayer(
-  Effect.gen(function*() {
-    const address = yield* Entity.CurrentAddress
-    const gpuId = shardGroupOf(address.entityId)
-    const slot = Number(address.entityId.split("/")[1])
-    const workers = yield* GpuWorkers
-    const models = yield* Models
+export const layer = Layer.unwrapEffect(Effect.gen(function*() {
+  const workers = yield* GpuWorkers
+  const models = yield* Models
+  const streams = yield* TurnStreams
+  const finisher = yield* TurnFinisher
+  const runFork = Runtime.runFork(yield* Effect.runtime<never>())
+  /** Live sequences of this runner's slots, by slot entity id: how to cancel each. */
+  const running = new Map<string, () => boolean>()
 
-    return DecodeSlot.of({
-      Generate: ({ payload }) =>
-        Stream.unwrapScoped(
-          Effect.gen(function*() {
-            const worker = workers.get(gpuId)
-            if (worker === undefined) return yield* new UnknownGpu({ gpu_id: gpuId })
-            yield* Effect.addFinalizer(() => worker.releaseSlot(slot))
-            const model = models.get(payload.pool)
-            if (model === undefined) return yield* new EngineError({ code: "unknown_pool", message: payload.pool })
-            const seq = yield* worker.generate({
+  return DecodeSlot.toLayer(
+    Effect.gen(function*() {
+      const address = yield* Entity.CurrentAddress
+      const slotId = address.entityId
+      const gpuId = shardGroupOf(slotId)
+      const slot = Number(slotId.split("/")[1])
+
+      const start = (payload: StartPayload) =>
+        Effect.gen(function*() {
+          if (running.has(slotId)) return yield* new EngineError({ code: "slot_busy", message: `slot ${slotId} is running` })
+          const worker = workers.get(gpuId)
+          if (worker === undefined) return yield* new UnknownGpu({ gpu_id: gpuId })
+          // From here on a failed Start gives the slot back (it was taken by AcquireSlot).
+          const fail = <E>(error: E) => Effect.zipRight(worker.releaseSlot(slot), Effect.fail(error))
+          const model = models.get(payload.pool)
+          if (model === undefined) return yield* fail(new EngineError({ code: "unknown_pool", message: payload.pool }))
+          const stream = streams.get(payload.stream_id)
+          if (stream === undefined) {
+            return yield* fail(
+              new EngineError({ code: "stream_not_found", message: `no open token stream ${payload.stream_id} on this runner` })
+            )
+          }
+
+          const detokenizer = model.tokenizer.newDetokenizer()
+          let text = ""
+          let numTokens = 0
+          let handle: SeqHandle | undefined
+          let ended = false
+          const end = (status: TurnStatus, finishReason: FinishReason, error?: EngineError) => {
+            if (ended) return
+            ended = true
+            running.delete(slotId)
+            runFork(
+              worker.releaseSlot(slot).pipe(
+                Effect.zipRight(finisher.finish({
+                  conversation_id: payload.conversation_id,
+                  turn_id: payload.turn_id,
+                  text,
+                  status,
+                  finish_reason: finishReason,
+                  num_prompt_tokens: payload.prompt_token_ids.length,
+                  num_completion_tokens: numTokens
+                })),
+                Effect.match({
+                  onFailure: (e) => stream.fail("storage_error", `the turn could not be stored: ${e.message}`),
+                  onSuccess: () =>
+                    error !== undefined
+                      ? stream.fail("generation_failed", `EngineError: ${error.message}`)
+                      : stream.done(
+                        new DoneEvent({
+                          turn_id: payload.turn_id,
+                          finish_reason: finishReason,
+                          usage: new Usage({ prompt_tokens: payload.prompt_token_ids.length, completion_tokens: numTokens })
+                        })
+                      )
+                })
+              )
+            )
+          }
+          const started = worker.start(
+            {
               promptTokenIds: payload.prompt_token_ids,
               maxTokens: payload.max_tokens,
               sampling: payload.sampling,
               priority: payload.priority
-            })
-            const detokenizer = model.tokenizer.newDetokenizer()
-            let text = ""
-            let numTokens = 0
-            let done = false
-            // One chunk per pull: every token buffered so far (one when the reader keeps up,
-            // many when it lags). Failing with Option.none ends the stream after the final chunk.
-            const next: Effect.Effect<SlotChunk, Option.Option<EngineError>> = Effect.gen(function*() {
-              if (done) return yield* Effect.fail(Option.none())
-              const events = yield* seq.takeAvailable(MAX_TOKENS_PER_CHUNK)
-              let delta = ""
-              let finish: FinishReason | undefined
-              for (const event of events) {
-                if (event._tag === "Failed") return yield* Effect.fail(Option.some(event.error))
+            },
+            {
+              onToken: (tokenId, finishReason) => {
+                if (ended) return
                 numTokens++
-                delta += detokenizer.push(event.tokenId)
-                if (event.finishReason !== undefined) {
-                  delta += detokenizer.flush()
-                  finish = event.finishReason
-                  break
+                let delta = detokenizer.push(tokenId)
+                if (finishReason !== undefined) delta += detokenizer.flush()
+                let finish: FinishReason | undefined = finishReason
+                if (payload.stop.length > 0 && delta.length > 0) {
+                  const at = findStop(text + delta, payload.stop, text.length)
+                  if (at >= 0) {
+                    delta = (text + delta).slice(text.length, at)
+                    finish = "stop"
+                    if (finishReason === undefined) handle?.cancel()
+                  }
                 }
-              }
-              if (payload.stop.length > 0 && delta.length > 0) {
-                const at = findStop(text + delta, payload.stop, text.length)
-                if (at >= 0) {
-                  delta = (text + delta).slice(text.length, at)
-                  finish = "stop"
-                }
-              }
-              text += delta
-              if (finish !== undefined) done = true
-              return finish === undefined
-                ? { text: delta, num_completion_tokens: numTokens }
-                : { text: delta, num_completion_tokens: numTokens, finish_reason: finish }
-            })
-            return Stream.repeatEffectOption(next).pipe(
-              Stream.filter((c) => c.text.length > 0 || c.finish_reason !== undefined)
-            )
-          })
-        )
-    })
-  })
-)
+                text += delta
+                if (delta.length > 0 && !stream.token(delta)) handle?.pause()
+                if (finish !== undefined) end("completed", finish)
+              },
+              onFailed: (error) => end("failed", "error", error)
+            }
+          )
+          if (Either.isLeft(started)) return yield* fail(started.left)
+          const h = started.right
+          handle = h
+          const cancel = () => {
+            if (!h.cancel()) return false
+            end("cancelled", "cancelled")
+            return true
+          }
+          running.set(slotId, cancel)
+          stream.setProducer({ onDrain: () => h.resume(), onCancel: cancel })
+        })
+
+      return DecodeSlot.of({
+        Start: ({ payload }) => start(payload),
+        Cancel: () =>
+          Effect.sync(() => running.get(slotId)?.() ?? false)
+      })
+    }),
+    { concurrency: "unbounded" }
+  )
+}))
+
+interface StartPayload {
+  readonly pool: string
+  readonly conversation_id: ConversationId
+  readonly turn_id: TurnId
+  readonly stream_id: TurnStreamId
+  readonly prompt_token_ids: ReadonlyArray<number>
+  readonly max_tokens: number
+  readonly sampling: typeof Sampling.Type
+  readonly priority: number
+  readonly stop: ReadonlyArray<string>
+}

@@ -36,14 +36,12 @@ export const ConversationsLive = HttpApiBuilder.group(
         .handle("sendTurn", ({ path, payload }) =>
           Effect.gen(function*() {
             // The outer effect fails (404/409/400/503) before any byte of the SSE response.
-            const events = yield* conversations.sendTurn(path.id, payload).pipe(
+            const stream = yield* conversations.sendTurn(path.id, payload).pipe(
               Effect.tapError(logServerFailure),
               Effect.mapError(ApiError.fromRuntime)
             )
             const settings = yield* Sse.SseSettings
-            // The response stream runs in the request fiber: when the client goes away,
-            // @effect/platform-node interrupts that fiber, which interrupts `events`.
-            return Sse.turnResponse(events, settings)
+            return Sse.turnResponse(stream, settings)
           }))
         .handle("cancel", ({ path }) =>
           conversations.cancel(path.id).pipe(

@@ -2,40 +2,31 @@
  * The facade the HTTP layer talks to. The real layer (src/actors/ConversationsLive.ts) routes
  * each call to the Conversation entity of the cluster; tests may provide an in-memory layer.
  */
-import { Context, type Effect, type Stream } from "effect"
-import type {
-  ConversationId,
-  CreateConversation,
-  HistoryPage,
-  TurnEvent,
-  UserTurnInput
-} from "./Domain.js"
+import { Context, type Effect } from "effect"
+import type { ConversationId, CreateConversation, HistoryPage, UserTurnInput } from "./Domain.js"
 import type {
   ConversationNotFound,
   EngineError,
-  GenerationFailed,
   ModelNotFound,
   PromptTooLong,
   StorageError,
   TurnInProgress
 } from "./Errors.js"
+import type { TurnStream } from "./TurnStream.js"
 
 export type SendTurnError = ConversationNotFound | TurnInProgress | PromptTooLong | StorageError | EngineError
-export type StreamError = GenerationFailed | EngineError
 
 export interface ConversationsService {
   /** Creates a conversation (durably) and returns its id. */
   readonly create: (input: CreateConversation) => Effect.Effect<ConversationId, ModelNotFound | StorageError>
   /**
-   * Appends the user turn durably, then starts generation. The outer effect succeeds only once
-   * the user turn is stored (the acknowledgement point); its failures map to 404/409/400.
-   * The inner stream yields token events and ends with exactly one DoneEvent. Interrupting
-   * the stream (client gone) cancels the generation like `cancel`.
+   * Appends the user turn durably, then starts generation. The effect succeeds only once the
+   * user turn is stored (the acknowledgement point); its failures map to 404/409/400/503.
+   * The TurnStream carries the text, then exactly one `done` (or `error`) event; consume it
+   * with `toSse` or `toStream`. A consumer that goes away cancels the generation like
+   * `cancel`; one that never attaches does so after 15 s.
    */
-  readonly sendTurn: (
-    id: ConversationId,
-    input: UserTurnInput
-  ) => Effect.Effect<Stream.Stream<TurnEvent, StreamError>, SendTurnError>
+  readonly sendTurn: (id: ConversationId, input: UserTurnInput) => Effect.Effect<TurnStream, SendTurnError>
   /** Stops the running generation, if any; its KV blocks are freed within one scheduler step. */
   readonly cancel: (id: ConversationId) => Effect.Effect<void, ConversationNotFound | StorageError>
   /**

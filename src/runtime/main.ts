@@ -29,6 +29,7 @@ import * as GpuWorkers from "./GpuWorkers.js"
 import * as Models from "./Models.js"
 import * as Storage from "./Storage.js"
 import * as Topology from "./Topology.js"
+import { TurnStreams } from "./TurnStream.js"
 
 const settings = Config.all({
   dataDir: Config.string("DATA_DIR").pipe(Config.withDefault(".data")),
@@ -83,11 +84,16 @@ const MainLive = Layer.unwrapEffect(
       socketDir: Option.getOrUndefined(Option.map(s.runDir, (d) => resolve(d)))
     }).pipe(Layer.provide(ModelsLive), Layer.provide(TopologyLive))
     const StoreLive = Storage.layer.pipe(Layer.provide(SqlLive))
-    const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, DecodeSlot.layer).pipe(
-      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive))
+    // One registry of token streams per runner: the facade opens them, DecodeSlots write them.
+    const StreamsLive = TurnStreams.layer
+    const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
+    const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive).pipe(
+      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive))
     )
     const ClusterLive = EntitiesLive.pipe(Layer.provideMerge(Cluster.layerSingle(topologyValue, runnerName)))
-    const ConversationsLayer = ConversationsLive.layer.pipe(Layer.provide(Layer.mergeAll(ClusterLive, StoreLive, TopologyLive)))
+    const ConversationsLayer = ConversationsLive.layer.pipe(
+      Layer.provide(Layer.mergeAll(ClusterLive, StoreLive, TopologyLive, StreamsLive))
+    )
     return HttpServer.layer.pipe(Layer.provide(ConversationsLayer), Layer.provide(SqlLive))
   })
 )

@@ -11,6 +11,7 @@
  * - `!defect`        → 1 token, then the stream dies
  * A `model` of `missing` makes create fail with ModelNotFound.
  */
+import { TurnStream } from "../../src/runtime/TurnStream.js"
 import { Cause, Context, Deferred, Duration, Effect, Exit, type FiberId, Layer, Option, Schedule, Stream } from "effect"
 import type { ConversationsService } from "../../src/runtime/Conversations.js"
 import { Conversations } from "../../src/runtime/Conversations.js"
@@ -172,7 +173,7 @@ export const make = (options: FakeOptions = {}) =>
           })
           const events = mode === "!no_done" ? tokens : Stream.concat(tokens, Stream.fromEffect(done))
 
-          return Stream.unwrapScoped(
+          return yield* TurnStream.fromStream(Stream.unwrapScoped(
             Effect.as(
               Effect.addFinalizer((exit) =>
                 Effect.gen(function*() {
@@ -197,7 +198,7 @@ export const make = (options: FakeOptions = {}) =>
               ),
               events
             )
-          )
+          ))
         }),
 
       cancel: (id) =>

@@ -1,0 +1,322 @@
+/**
+ * TurnStream: the token data plane of one generation. The actors (Conversation, DecodeSlot)
+ * stay the control plane: they start, cancel and finish a turn with one message each. The
+ * text itself goes from the DecodeSlot's sink, called by the GPU step loop, straight into the
+ * TurnStream that the gateway registered for the turn, and from there to the client's socket
+ * as SSE bytes: no fiber, queue or stream stage per token, and none held by a waiting turn.
+ *
+ * Producer side: `token`, then exactly one `done` or `fail`. `token` returns false when the
+ * reader's buffer is full; the producer then pauses its sequence until `onDrain` (Node's
+ * Readable backpressure contract). `onCancel` fires once if the reader goes away first
+ * (client disconnect, response never taken), and stops the generation.
+ *
+ * Consumer side, one of: `toSse` (a Readable of `text/event-stream` bytes for the HTTP
+ * response, with keep-alive comments), or `toStream` (an Effect Stream of TurnEvents). What
+ * arrives before the consumer attaches is buffered.
+ *
+ * Runner-local: the registry (`TurnStreams`) lives in the gateway process; the producer finds
+ * the stream by id. Both are in the same process in every deployment this runtime has today
+ * (a single runner); a remote producer would need a runner-to-runner transport.
+ */
+import { randomUUID } from "node:crypto"
+import { Readable } from "node:stream"
+import { Cause, Context, Effect, Fiber, Layer, Option, Runtime, Schema, Stream } from "effect"
+import { DoneEvent, TokenEvent, type TurnEvent } from "./Domain.js"
+import { EngineError, GenerationFailed } from "./Errors.js"
+
+export const TurnStreamId = Schema.String.pipe(Schema.brand("TurnStreamId"))
+export type TurnStreamId = typeof TurnStreamId.Type
+
+/** Callbacks of the producer; set once it has started the generation. */
+export interface TurnStreamProducer {
+  /** The reader drained its buffer after `token` returned false. */
+  readonly onDrain: () => void
+  /** The reader went away before the end. */
+  readonly onCancel: () => void
+}
+
+type Item =
+  | { readonly _tag: "Token"; readonly text: string }
+  | { readonly _tag: "Done"; readonly event: DoneEvent }
+  | { readonly _tag: "Error"; readonly code: string; readonly message: string }
+
+/** SSE framing (DESIGN.md data flow step 5); payloads are JSON, so newlines cannot break it. */
+export const Sse = {
+  keepAlive: ": keep-alive\n\n",
+  token: (index: number, text: string): string => `event: token\nid: ${index}\ndata: ${JSON.stringify({ text })}\n\n`,
+  /** `id` is the index after the last token event. */
+  done: (event: DoneEvent, id: number): string =>
+    `event: done\nid: ${id}\ndata: ${
+      JSON.stringify({
+        turn_id: event.turn_id,
+        finish_reason: event.finish_reason,
+        usage: { prompt_tokens: event.usage.prompt_tokens, completion_tokens: event.usage.completion_tokens }
+      })
+    }\n\n`,
+  error: (code: string, message: string): string => `event: error\ndata: ${JSON.stringify({ error: { code, message } })}\n\n`
+}
+
+export interface SseOptions {
+  /** Comment line after this long without a write; 0 or Infinity: none. */
+  readonly keepAliveMs: number
+  /** Bytes the Readable buffers before `token` reports a full reader (default 4 KiB). */
+  readonly highWaterMarkBytes?: number
+}
+
+export class TurnStream {
+  readonly id: TurnStreamId
+  private nextIndex = 0
+  private ended = false
+  private gone = false
+  private pending: Array<Item> | undefined = []
+  private producer: TurnStreamProducer | undefined
+  private emit: ((item: Item) => boolean) | undefined
+  private wantDrain = false
+  private attachTimer: ReturnType<typeof setTimeout> | undefined
+  private readonly onClose: (stream: TurnStream) => void
+
+  constructor(id: TurnStreamId, onClose: (stream: TurnStream) => void = () => {}) {
+    this.id = id
+    this.onClose = onClose
+  }
+
+  /** Whether `done` or `fail` was called, or the reader went away. */
+  get isClosed(): boolean {
+    return this.ended || this.gone
+  }
+
+  // ---- producer side ------------------------------------------------------------------
+
+  setProducer(producer: TurnStreamProducer): void {
+    this.producer = producer
+    if (this.gone && !this.ended) producer.onCancel()
+  }
+
+  /** Appends a text delta. @returns false when the reader is full: pause until `onDrain`. */
+  token(text: string): boolean {
+    if (this.isClosed) return true
+    const ok = this.push({ _tag: "Token", text })
+    if (!ok) this.wantDrain = true
+    return ok
+  }
+
+  done(event: DoneEvent): void {
+    if (this.isClosed) return
+    this.ended = true
+    this.push({ _tag: "Done", event })
+    this.finish()
+  }
+
+  fail(code: string, message: string): void {
+    if (this.isClosed) return
+    this.ended = true
+    this.push({ _tag: "Error", code, message })
+    this.finish()
+  }
+
+  // ---- consumer side ------------------------------------------------------------------
+
+  /** The reader is gone (disconnect): the producer is told to stop. Idempotent. */
+  cancel(): void {
+    if (this.gone) return
+    this.gone = true
+    this.clearAttachTimer()
+    if (!this.ended) this.producer?.onCancel()
+    this.onClose(this)
+  }
+
+  /** Cancels the stream if no consumer has attached within `ms`. */
+  cancelIfNotAttachedWithin(ms: number): void {
+    if (this.pending === undefined || this.isClosed) return
+    this.attachTimer = setTimeout(() => this.pending !== undefined && this.cancel(), ms)
+  }
+
+  /** The `text/event-stream` body; ends after the `done` or `error` event. Attach once. */
+  toSse(options: SseOptions): Readable {
+    let lastWriteMs = performance.now()
+    let keepAlive: ReturnType<typeof setInterval> | undefined
+    const stop = () => keepAlive !== undefined && clearInterval(keepAlive)
+    const readable = new Readable({
+      highWaterMark: options.highWaterMarkBytes ?? 4096,
+      read: () => {
+        if (!this.wantDrain) return
+        this.wantDrain = false
+        this.producer?.onDrain()
+      },
+      destroy: (error, callback) => {
+        stop()
+        if (!this.ended) this.cancel()
+        callback(error)
+      }
+    })
+    this.attach((item) => {
+      lastWriteMs = performance.now()
+      switch (item._tag) {
+        case "Token":
+          return readable.push(Sse.token(this.nextIndex++, item.text))
+        case "Done":
+          readable.push(Sse.done(item.event, this.nextIndex))
+          stop()
+          return readable.push(null)
+        case "Error":
+          readable.push(Sse.error(item.code, item.message))
+          stop()
+          return readable.push(null)
+      }
+    })
+    if (!this.ended && options.keepAliveMs > 0 && Number.isFinite(options.keepAliveMs)) {
+      keepAlive = setInterval(() => {
+        if (performance.now() - lastWriteMs < options.keepAliveMs) return
+        lastWriteMs = performance.now()
+        readable.push(Sse.keepAlive)
+      }, options.keepAliveMs)
+    }
+    return readable
+  }
+
+  /**
+   * The events as an Effect Stream: tokens, then one DoneEvent; an `error` ends it with
+   * GenerationFailed (code `generation_failed`) or EngineError. Interrupting it cancels.
+   */
+  toStream(): Stream.Stream<TurnEvent, GenerationFailed | EngineError> {
+    return Stream.asyncPush<TurnEvent, GenerationFailed | EngineError>((emit) =>
+      Effect.acquireRelease(
+        Effect.sync(() =>
+          this.attach((item) => {
+            switch (item._tag) {
+              case "Token":
+                emit.single(new TokenEvent({ index: this.nextIndex++, text: item.text }))
+                return true
+              case "Done":
+                emit.single(item.event)
+                emit.end()
+                return true
+              case "Error":
+                emit.fail(
+                  item.code === "generation_failed"
+                    ? new GenerationFailed({ message: item.message })
+                    : new EngineError({ code: item.code, message: item.message })
+                )
+                return true
+            }
+          })
+        ),
+        () => Effect.sync(() => this.ended || this.cancel())
+      )
+    )
+  }
+
+  private attach(emit: (item: Item) => boolean): void {
+    if (this.emit !== undefined || this.pending === undefined) throw new Error("TurnStream: consumer already attached")
+    this.clearAttachTimer()
+    const pending = this.pending
+    this.pending = undefined
+    this.emit = emit
+    for (const item of pending) emit(item)
+    if (this.wantDrain) {
+      this.wantDrain = false
+      this.producer?.onDrain()
+    }
+  }
+
+  private push(item: Item): boolean {
+    if (this.emit !== undefined) return this.emit(item)
+    this.pending!.push(item)
+    return this.pending!.length < 64
+  }
+
+  private finish(): void {
+    this.clearAttachTimer()
+    this.onClose(this)
+  }
+
+  private clearAttachTimer(): void {
+    if (this.attachTimer !== undefined) clearTimeout(this.attachTimer)
+    this.attachTimer = undefined
+  }
+
+  /**
+   * A TurnStream fed by an Effect Stream of TurnEvents (in-memory facades, tests). The source
+   * runs from the moment a consumer attaches; a reader that goes away interrupts it. A
+   * failure becomes an `error` event (errorFromCause), an end without DoneEvent an `internal`
+   * error.
+   */
+  static fromStream<E>(events: Stream.Stream<TurnEvent, E>): Effect.Effect<TurnStream> {
+    return Effect.map(Effect.runtime<never>(), (runtime) => {
+      const stream = new TurnStream(TurnStreamId.make(randomUUID()))
+      let fiber: Fiber.RuntimeFiber<void, never> | undefined
+      let paused: (() => void) | undefined
+      const run = events.pipe(
+        Stream.takeUntil((event) => event._tag === "Done"),
+        Stream.runForEach((event) =>
+          Effect.suspend(() => {
+            if (event._tag === "Done") return Effect.sync(() => stream.done(event))
+            if (stream.token(event.text)) return Effect.void
+            return Effect.async<void>((resume) => void (paused = () => resume(Effect.void)))
+          })
+        ),
+        Effect.matchCause({
+          onSuccess: () => stream.fail("internal", "The generation ended without a terminal event"),
+          onFailure: (cause) => {
+            if (Cause.isInterruptedOnly(cause) && stream.isClosed) return
+            const { code, message } = errorFromCause(cause)
+            stream.fail(code, message)
+          }
+        })
+      )
+      stream.setProducer({
+        onDrain: () => {
+          const resume = paused
+          paused = undefined
+          resume?.()
+        },
+        onCancel: () => void (fiber !== undefined && Runtime.runFork(runtime)(Fiber.interrupt(fiber)))
+      })
+      // Started on the next tick: the consumer attaches synchronously after this returns.
+      setImmediate(() => {
+        if (!stream.gone) fiber = Runtime.runFork(runtime)(run)
+      })
+      return stream
+    })
+  }
+}
+
+/** The `event: error` code and message for a failure of a generation's event stream. */
+export const errorFromCause = (cause: Cause.Cause<unknown>): { readonly code: string; readonly message: string } => {
+  const failure = Cause.failureOption(cause)
+  if (Option.isSome(failure)) {
+    const e = failure.value as { readonly _tag?: unknown; readonly message?: unknown; readonly code?: unknown }
+    const message = typeof e.message === "string" ? e.message : "Generation failed"
+    switch (e._tag) {
+      case "EngineError":
+        return { code: "engine_error", message: typeof e.code === "string" ? `${e.code}: ${message}` : message }
+      case "GenerationFailed":
+        return { code: "generation_failed", message }
+    }
+    return { code: "internal", message }
+  }
+  if (Cause.isInterruptedOnly(cause)) return { code: "internal", message: "Generation was interrupted" }
+  return { code: "internal", message: "Internal error" }
+}
+
+/** The runner's open TurnStreams, by id. */
+export class TurnStreams extends Context.Tag("chat/TurnStreams")<TurnStreams, {
+  /** A new registered stream; it leaves the registry when it ends or its reader goes. */
+  readonly make: () => TurnStream
+  readonly get: (id: TurnStreamId) => TurnStream | undefined
+  readonly size: () => number
+}>() {
+  static readonly layer = Layer.sync(TurnStreams, () => {
+    const streams = new Map<TurnStreamId, TurnStream>()
+    const remove = (stream: TurnStream) => void streams.delete(stream.id)
+    return {
+      make: () => {
+        const stream = new TurnStream(TurnStreamId.make(randomUUID()), remove)
+        streams.set(stream.id, stream)
+        return stream
+      },
+      get: (id) => streams.get(id),
+      size: () => streams.size
+    }
+  })
+}
