@@ -17,7 +17,7 @@
  */
 import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
-import { Context, Effect, Either, Layer, Runtime, Schema } from "effect"
+import { Context, Duration, Effect, Either, Layer, Runtime, Schema } from "effect"
 import { ConversationId, DoneEvent, FinishReason, TurnId, type TurnStatus, Usage } from "../runtime/Domain.js"
 import { EngineError, PromptTooLong, StorageError } from "../runtime/Errors.js"
 import type { SeqHandle } from "../runtime/GpuWorker.js"
@@ -199,7 +199,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           Effect.sync(() => running.get(slotId)?.() ?? false)
       })
     }),
-    { concurrency: "unbounded" }
+    // Stateless between messages (the sequence lives in the runner), so an idle slot entity
+    // is dropped soon: a waiting turn then holds no entity instance on the GPU side.
+    { concurrency: "unbounded", maxIdleTime: Duration.seconds(1) }
   )
 }))
 

@@ -230,6 +230,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     ) => {
       const decodedAt = performance.now()
       busy = false
+      if (stopped) return
       if (Either.isLeft(result)) return failPlan(plan, result.left)
       const reply = result.right
       numSteps++
