@@ -136,6 +136,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   num_prompt_tokens: payload.prompt_token_ids.length,
                   num_completion_tokens: numTokens
                 })),
+                Effect.tapError((e) => Effect.logError(`turn ${payload.turn_id} could not be stored`, e)),
                 Effect.match({
                   onFailure: (e) => stream.fail("storage_error", `the turn could not be stored: ${e.message}`),
                   onSuccess: () =>

@@ -47,8 +47,11 @@ const TurnRow = Schema.Struct(Struct.omit(Turn.fields, "turn_id"))
 
 const toTurn = (row: typeof TurnRow.Type) => new Turn({ ...row, turn_id: turnId(row.conversation_id, row.seq) })
 
-const storageError = (what: string) => (e: SqlError | { readonly message: string }) =>
-  new StorageError({ message: `${what}: ${e.message}` })
+/** The SqlError's own message is generic ("Failed to execute statement"): keep its cause's. */
+const storageError = (what: string) => (e: SqlError | { readonly message: string; readonly cause?: unknown }) => {
+  const cause = "cause" in e && e.cause instanceof Error ? `: ${e.cause.message}` : ""
+  return new StorageError({ message: `${what}: ${e.message}${cause}` })
+}
 
 /** Schema migrations of this module, applied in order by `migrate`. */
 const migrations = Migrator.fromRecord({

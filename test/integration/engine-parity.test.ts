@@ -366,6 +366,41 @@ describe("engine parity (tiny Qwen3, CPU backend)", () => {
     expect(mismatches).toEqual([])
   })
 
+  it("packed_outputs: the same tokens as u32 arrays; logits rows and prefill chunks stay out of them", async () => {
+    const sampling: Sampling = { temperature: 0.7, top_p: 0.95, top_k: 0, seed: 99 }
+    const prompt = promptTokens(24, 300)
+    const expected = (await runAlone(prompt, 8, { sampling })).tokens
+    const u32 = (bytes: Uint8Array) => Array.from({ length: bytes.byteLength / 4 }, (_, i) =>
+      new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getUint32(i * 4, true))
+    const seq = newSeq(sampling)
+    const chunk = newSeq()
+    const withLogits = newSeq()
+    // one step: a sampled prefill (packed), a non-final prefill chunk (absent), a logits row (in outputs)
+    const first = await client.request({
+      type: "step",
+      packed_outputs: true,
+      seqs: [
+        seq.entry(prompt),
+        chunk.entry(promptTokens(10, 301), { sample: false }),
+        withLogits.entry(promptTokens(5, 302), { return_logits: true })
+      ]
+    })
+    const packed = first["packed"] as { seq_ids: Uint8Array; tokens: Uint8Array }
+    expect(u32(packed.seq_ids)).toEqual([seq.id])
+    const tokens = u32(packed.tokens)
+    const outputs = first["outputs"] as Array<Reply>
+    expect(outputs.map((o) => o["seq_id"])).toEqual([withLogits.id])
+    expect(outputs[0]!["logits"]).toBeInstanceOf(Uint8Array)
+    await release(chunk, withLogits)
+    while (tokens.length < 8) {
+      const reply = await client.request({ type: "step", packed_outputs: true, seqs: [seq.entry([tokens[tokens.length - 1]!])] })
+      expect(reply["outputs"]).toEqual([])
+      tokens.push(...u32((reply["packed"] as { tokens: Uint8Array }).tokens))
+    }
+    await release(seq)
+    expect(tokens).toEqual(expected)
+  })
+
   it("bad messages get error replies and change nothing", async () => {
     const numBlocks = info["num_blocks"] as number
     const prompt = promptTokens(20, 300)

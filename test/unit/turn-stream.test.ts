@@ -1,0 +1,146 @@
+/**
+ * TurnStream, the token data plane: buffering before a consumer attaches, SSE framing,
+ * backpressure (token → false, then onDrain), the reader going away (onCancel, exactly once),
+ * the Effect Stream consumer, and the registry.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import { Chunk, Effect, Either, Stream } from "effect"
+import { DoneEvent, TurnId, Usage } from "../../src/runtime/Domain.js"
+import { TurnStream, TurnStreamId, TurnStreams } from "../../src/runtime/TurnStream.js"
+
+const done = (n: number) =>
+  new DoneEvent({
+    turn_id: TurnId.make("c:1"),
+    finish_reason: "stop",
+    usage: new Usage({ prompt_tokens: 3, completion_tokens: n })
+  })
+
+const readAll = (readable: NodeJS.ReadableStream) =>
+  new Promise<string>((resolve, reject) => {
+    let text = ""
+    readable.setEncoding("utf8")
+    readable.on("data", (chunk: string) => (text += chunk))
+    readable.on("end", () => resolve(text))
+    readable.on("error", reject)
+  })
+
+const producer = () => {
+  const calls = { drain: 0, cancel: 0 }
+  return { calls, producer: { onDrain: () => void calls.drain++, onCancel: () => void calls.cancel++ } }
+}
+
+describe("TurnStream", () => {
+  it("buffers before the consumer attaches, then frames SSE events with ids and a done", async () => {
+    const stream = new TurnStream(TurnStreamId.make("s1"))
+    stream.token("Hel")
+    stream.token("lo\n\"x\"")
+    const readable = stream.toSse({ keepAliveMs: 0 })
+    stream.token("!")
+    stream.done(done(3))
+    const text = await readAll(readable)
+    expect(text).toBe(
+      "event: token\nid: 0\ndata: {\"text\":\"Hel\"}\n\n" +
+        "event: token\nid: 1\ndata: {\"text\":\"lo\\n\\\"x\\\"\"}\n\n" +
+        "event: token\nid: 2\ndata: {\"text\":\"!\"}\n\n" +
+        "event: done\nid: 3\ndata: {\"turn_id\":\"c:1\",\"finish_reason\":\"stop\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":3}}\n\n"
+    )
+    expect(stream.isClosed).toBe(true)
+    expect(stream.token("late")).toBe(true) // ignored after the end
+  })
+
+  it("fail ends the stream with an error event and never a done", async () => {
+    const stream = new TurnStream(TurnStreamId.make("s2"))
+    const readable = stream.toSse({ keepAliveMs: 0 })
+    stream.token("a")
+    stream.fail("generation_failed", "EngineError: boom")
+    stream.done(done(1))
+    const text = await readAll(readable)
+    expect(text).toContain("event: error\ndata: {\"error\":{\"code\":\"generation_failed\",\"message\":\"EngineError: boom\"}}")
+    expect(text).not.toContain("event: done")
+  })
+
+  it("reports a full reader and calls onDrain once it reads again", async () => {
+    const stream = new TurnStream(TurnStreamId.make("s3"))
+    const { calls, producer: p } = producer()
+    stream.setProducer(p)
+    const readable = stream.toSse({ keepAliveMs: 0, highWaterMarkBytes: 256 })
+    let accepted = 0
+    while (stream.token("x".repeat(40))) accepted++
+    expect(accepted).toBeLessThan(10) // ~60 bytes per event against a 256-byte buffer
+    expect(calls.drain).toBe(0)
+    readable.read()
+    await new Promise((r) => setImmediate(r))
+    expect(calls.drain).toBe(1)
+    expect(calls.cancel).toBe(0)
+  })
+
+  it("a reader that goes away cancels the producer once, and only before the end", async () => {
+    const registry = await Effect.runPromise(Effect.provide(TurnStreams, TurnStreams.layer))
+    const stream = registry.make()
+    const { calls, producer: p } = producer()
+    stream.setProducer(p)
+    expect(registry.get(stream.id)).toBe(stream)
+    const readable = stream.toSse({ keepAliveMs: 0 })
+    stream.token("a")
+    readable.destroy()
+    await new Promise((r) => setImmediate(r))
+    expect(calls.cancel).toBe(1)
+    stream.cancel()
+    expect(calls.cancel).toBe(1)
+    expect(registry.get(stream.id)).toBeUndefined()
+
+    // After a normal end, destroying the readable cancels nothing.
+    const other = registry.make()
+    const o = producer()
+    other.setProducer(o.producer)
+    const r2 = other.toSse({ keepAliveMs: 0 })
+    other.done(done(0))
+    await readAll(r2)
+    r2.destroy()
+    expect(o.calls.cancel).toBe(0)
+    expect(registry.size()).toBe(0)
+  })
+
+  it("a producer that arrives after the reader left is cancelled at once", () => {
+    const stream = new TurnStream(TurnStreamId.make("s4"))
+    stream.cancel()
+    const { calls, producer: p } = producer()
+    stream.setProducer(p)
+    expect(calls.cancel).toBe(1)
+  })
+
+  it("cancelIfNotAttachedWithin cancels a stream nobody takes", async () => {
+    const stream = new TurnStream(TurnStreamId.make("s5"))
+    const { calls, producer: p } = producer()
+    stream.setProducer(p)
+    stream.cancelIfNotAttachedWithin(20)
+    await new Promise((r) => setTimeout(r, 60))
+    expect(calls.cancel).toBe(1)
+
+    const taken = new TurnStream(TurnStreamId.make("s6"))
+    const t = producer()
+    taken.setProducer(t.producer)
+    taken.cancelIfNotAttachedWithin(20)
+    taken.toSse({ keepAliveMs: 0 })
+    await new Promise((r) => setTimeout(r, 60))
+    expect(t.calls.cancel).toBe(0)
+    taken.done(done(0))
+  })
+
+  it.effect("toStream yields TokenEvents then the DoneEvent; an error fails it", () =>
+    Effect.gen(function*() {
+      const ok = new TurnStream(TurnStreamId.make("s7"))
+      ok.token("a")
+      ok.token("b")
+      ok.done(done(2))
+      const events = Chunk.toReadonlyArray(yield* Stream.runCollect(ok.toStream()))
+      expect(events.map((e) => e._tag)).toEqual(["Token", "Token", "Done"])
+      expect(events[1]).toMatchObject({ index: 1, text: "b" })
+
+      const bad = new TurnStream(TurnStreamId.make("s8"))
+      bad.token("a")
+      bad.fail("generation_failed", "boom")
+      const result = yield* Stream.runCollect(bad.toStream()).pipe(Effect.either)
+      expect(Either.isLeft(result) && result.left._tag).toBe("GenerationFailed")
+    }))
+})
