@@ -166,6 +166,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 numTokens++
                 let delta = detokenizer.push(tokenId)
                 if (finishReason !== undefined) delta += detokenizer.flush()
+                // PostgreSQL text cannot hold U+0000; the client sees what is stored.
+                if (delta.includes("\u0000")) delta = delta.replaceAll("\u0000", "\uFFFD")
                 let finish: FinishReason | undefined = finishReason
                 if (payload.stop.length > 0 && delta.length > 0) {
                   const at = findStop(text + delta, payload.stop, text.length)

@@ -59,16 +59,21 @@ export class DoneEvent extends Schema.TaggedClass<DoneEvent>()("Done", {
 export const TurnEvent = Schema.Union(TokenEvent, DoneEvent)
 export type TurnEvent = typeof TurnEvent.Type
 
+/** Text that PostgreSQL can store: no U+0000. */
+const StorableText = Schema.String.pipe(
+  Schema.filter((s) => !s.includes("\u0000") || "must not contain U+0000 (NUL)")
+)
+
 /** Input of POST /v1/conversations. */
 export class CreateConversation extends Schema.Class<CreateConversation>("CreateConversation")({
   model: Schema.optional(Schema.String.pipe(Schema.minLength(1), Schema.maxLength(128))),
-  system_prompt: Schema.optional(Schema.String.pipe(Schema.maxLength(32_768)))
+  system_prompt: Schema.optional(StorableText.pipe(Schema.maxLength(32_768)))
 }) {}
 
 /** Input of POST /v1/conversations/{id}/turns. */
 export class UserTurnInput extends Schema.Class<UserTurnInput>("UserTurnInput")({
   role: Schema.Literal("user"),
-  content: Schema.String.pipe(Schema.minLength(1), Schema.maxLength(65_536)),
+  content: StorableText.pipe(Schema.minLength(1), Schema.maxLength(65_536)),
   max_tokens: Schema.optional(Schema.Int.pipe(Schema.between(1, 4096))),
   temperature: Schema.optional(Schema.Number.pipe(Schema.between(0, 2)))
 }) {}

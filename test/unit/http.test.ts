@@ -211,6 +211,8 @@ describe("HTTP API", () => {
       expect(missing.message).toBe("Invalid request: content: is missing")
       await expectError(await json(turns, { body: { role: "assistant", content: "x" } }), 400, "invalid_request")
       await expectError(await json(turns, { body: { role: "user", content: "" } }), 400, "invalid_request")
+      await expectError(await json(turns, { body: { role: "user", content: "a\u0000b" } }), 400, "invalid_request")
+      await expectError(await json(`${url}/v1/conversations`, { body: { system_prompt: "\u0000" } }), 400, "invalid_request")
       await expectError(await json(turns, { body: { role: "user", content: "x", max_tokens: 0 } }), 400, "invalid_request")
       await expectError(await json(turns, { body: { role: "user", content: "x", max_tokens: 1.5 } }), 400, "invalid_request")
       const nonJson = await expectError(await json(turns, { body: "{not json" }), 400, "invalid_request")
