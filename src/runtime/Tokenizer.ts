@@ -9,6 +9,9 @@ import { Template } from "@huggingface/jinja"
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers"
 import { Effect, Schema } from "effect"
 import { StorageError } from "./Errors.js"
+import { byteLevelDetokenizer, type Detokenizer, memoizedEncode, type TokenizerJson } from "./internal/tokenizerFastPaths.js"
+
+export type { Detokenizer } from "./internal/tokenizerFastPaths.js"
 
 export interface ChatMessage {
   readonly role: "system" | "user" | "assistant"
@@ -22,7 +25,8 @@ export interface ModelTokenizer {
   readonly decode: (ids: ReadonlyArray<number>) => string
   /** The prompt string for `messages`, ending with the assistant's generation prompt. */
   readonly renderChat: (messages: ReadonlyArray<ChatMessage>) => string
-  readonly newDetokenizer: () => IncrementalDetokenizer
+  /** Streaming byte-level when exact for this tokenizer, else IncrementalDetokenizer. */
+  readonly newDetokenizer: () => Detokenizer
 }
 
 const TokenizerConfig = Schema.Struct({
@@ -61,10 +65,12 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
     const template = new Template(source)
     const bos = tokenText(config.bos_token)
     const eos = tokenText(config.eos_token)
-    const encode = (text: string) => tokenizer.encode(text, { add_special_tokens: false }).ids
+    const encodeRaw = (text: string) => tokenizer.encode(text, { add_special_tokens: false }).ids
+    const encode = memoizedEncode(tokenizerJson as TokenizerJson, encodeRaw)
     // The library rejects an empty list; an empty list is simply no text.
     const decode = (ids: ReadonlyArray<number>) =>
       ids.length === 0 ? "" : tokenizer.decode(ids as Array<number>, { skip_special_tokens: true })
+    const byteLevel = byteLevelDetokenizer(tokenizerJson as TokenizerJson, rawConfig as Record<string, unknown>)
     return {
       encode,
       decode,
@@ -76,7 +82,7 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
           bos_token: bos,
           eos_token: eos
         }),
-      newDetokenizer: () => new IncrementalDetokenizer(decode)
+      newDetokenizer: byteLevel ?? (() => new IncrementalDetokenizer(decode))
     } satisfies ModelTokenizer
   })
 
@@ -86,7 +92,7 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
  * until its last token arrives, so such a delta is held back. Algorithm of Hugging Face
  * text-generation-inference / vLLM `detokenize_incrementally` (prefix and read offsets).
  */
-export class IncrementalDetokenizer {
+export class IncrementalDetokenizer implements Detokenizer {
   private readonly ids: Array<number> = []
   private prefixOffset = 0
   private readOffset = 0

