@@ -76,7 +76,7 @@ interface Loaded {
 
 /** A turn between SendTurn and FinishTurn. */
 interface ActiveTurn {
-  readonly turnId: TurnId
+  turnId: TurnId
   slotId: string | undefined
   cancelRequested: boolean
 }
@@ -162,6 +162,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         Effect.gen(function*() {
           // Claim the conversation before the first yield: handlers run concurrently.
           if (activeTurns.has(id)) return yield* new TurnInProgress({ conversation_id: id })
+          // The turn id is known once the user turn's seq is; "" until then.
           const active: ActiveTurn = { turnId: TurnId.make(""), slotId: undefined, cancelRequested: false }
           activeTurns.set(id, active)
           let stored: { readonly seq: number; readonly numPromptTokens: number } | undefined
@@ -188,7 +189,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             conv.nextSeq = userSeq + 2 // the assistant turn's seq is reserved now
             conv.history.push({ role: "user", content: input.content })
             const turnId = TurnId.make(`${id}:${userSeq + 1}`)
-            ;(active as { turnId: TurnId }).turnId = turnId
+            active.turnId = turnId
             stored = { seq: userSeq + 1, numPromptTokens: promptIds.length }
 
             const gpuId = pool.gpus[nextGpu++ % pool.gpus.length]!.id
