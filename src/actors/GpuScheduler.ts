@@ -56,7 +56,7 @@ export const layer = GpuScheduler.toLayer(
         Effect.gen(function*() {
           const w = yield* worker
           const stats = yield* w.stats
-          const info = yield* w.info
+          const info = yield* w.engine().info
           return {
             gpu_id: gpuId,
             device: info.device,

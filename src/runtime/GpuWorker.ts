@@ -91,17 +91,11 @@ export interface StepRecord {
   readonly dispatch_ms: number
 }
 
-/**
- * One GPU's step loop, as the entities use it. `make` runs it on the calling thread;
- * GpuWorkerThread runs it on a worker thread of its own, so that a busy main event loop never
- * keeps the engine waiting for its next step.
- */
 export interface GpuWorker {
   readonly gpuId: string
-  /** `info` as the engine answered at start. */
+  /** The client of the engine process running now (a new one after a restart). */
+  readonly engine: () => EngineClient.SpawnedEngineClient
   readonly engineInfo: InfoReply
-  /** A fresh `info` from the engine running now (counters of blocks and sequences). */
-  readonly info: Effect.Effect<InfoReply, EngineError>
   /** Longest prompt + output the model accepts, in tokens. */
   readonly maxModelLen: number
   /**
@@ -122,12 +116,6 @@ export interface GpuWorker {
   readonly recentSteps: () => ReadonlyArray<StepRecord>
 }
 
-/** A GpuWorker on this thread, with its engine client at hand. */
-export interface LocalGpuWorker extends GpuWorker {
-  /** The client of the engine process running now (a new one after a restart). */
-  readonly engine: () => EngineClient.SpawnedEngineClient
-}
-
 export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
   readonly gpuId: string
   readonly maxNumSeqs: number
@@ -140,7 +128,7 @@ export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
 }
 
 
-export const make = (options: GpuWorkerOptions): Effect.Effect<LocalGpuWorker, EngineError, Scope.Scope> =>
+export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, EngineError, Scope.Scope> =>
   Effect.gen(function*() {
     const runFork = Runtime.runFork(yield* Effect.runtime<never>())
     // Each engine process lives in a child scope, so that a crashed one can be replaced. Their
@@ -303,8 +291,12 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<LocalGpuWorker, E
     yield* Effect.addFinalizer(() => Fiber.interrupt(supervisor))
 
     const start = (request: GenerateRequest, sink: SeqSink): Either.Either<SeqHandle, PromptTooLong> => {
-      const tooLong = checkPrompt(request.promptTokenIds.length, maxModelLen, kv.numBlocks, kv.blockSize)
-      if (tooLong !== undefined) return Either.left(tooLong)
+      const n = request.promptTokenIds.length
+      if (n === 0 || n >= maxModelLen || kv.blocksFor(n + 1) > kv.numBlocks) {
+        return Either.left(
+          new PromptTooLong({ num_prompt_tokens: n, max_model_len: Math.min(maxModelLen, kv.numBlocks * kv.blockSize) })
+        )
+      }
       const seqId = nextSeqId++
       sinks.set(seqId, sink)
       core.add({
@@ -331,14 +323,49 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<LocalGpuWorker, E
       })
     }
 
+    const generate = (request: GenerateRequest) =>
+      Effect.gen(function*() {
+        const queue = yield* Queue.unbounded<SeqEvent>()
+        const size = () => Option.getOrElse(queue.unsafeSize(), () => 0)
+        let paused = false
+        let handle: SeqHandle | undefined
+        const sink: SeqSink = {
+          onToken: (tokenId, finishReason) => {
+            Queue.unsafeOffer(queue, { _tag: "Token", tokenId, finishReason })
+            if (!paused && finishReason === undefined && size() >= options.bufferTokens) {
+              paused = true
+              handle?.pause()
+            }
+          },
+          onFailed: (error) => void Queue.unsafeOffer(queue, { _tag: "Failed", error })
+        }
+        const h = yield* Effect.acquireRelease(
+          Effect.suspend(() => start(request, sink)),
+          (h) => Effect.sync(() => h.cancel())
+        )
+        handle = h
+        const resumeIfDrained = Effect.sync(() => {
+          if (paused && size() <= options.bufferTokens / 2) {
+            paused = false
+            h.resume()
+          }
+        })
+        const take = Queue.take(queue).pipe(Effect.zipLeft(resumeIfDrained))
+        const takeAvailable = (max: number) =>
+          Queue.takeBetween(queue, 1, max).pipe(
+            Effect.map((chunk) => Chunk.toReadonlyArray(chunk)),
+            Effect.zipLeft(resumeIfDrained)
+          )
+        return { seqId: h.seqId, take, takeAvailable } satisfies Sequence
+      })
+
     return {
       gpuId: options.gpuId,
       engine,
       engineInfo,
-      info: Effect.suspend(() => current.client.info),
       maxModelLen,
       start,
-      generate: generateFrom(start, options.bufferTokens),
+      generate,
       stats: Effect.sync(() => ({
         numSteps,
         numEngineRestarts,
@@ -350,60 +377,5 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<LocalGpuWorker, E
       acquireSlot: Effect.sync(() => freeSlots.pop()),
       releaseSlot: (slot) => Effect.sync(() => void freeSlots.push(slot)),
       recentSteps: () => steps.slice()
-    } satisfies LocalGpuWorker
-  })
-
-/** The PromptTooLong for a prompt of `n` tokens that could never be served, else undefined. */
-export const checkPrompt = (
-  n: number,
-  maxModelLen: number,
-  numBlocks: number,
-  blockSize: number
-): PromptTooLong | undefined =>
-  n === 0 || n >= maxModelLen || Math.ceil((n + 1) / blockSize) > numBlocks
-    ? new PromptTooLong({ num_prompt_tokens: n, max_model_len: Math.min(maxModelLen, numBlocks * blockSize) })
-    : undefined
-
-/**
- * `generate` on top of `start`: a Queue-backed reader that pauses the sequence while
- * `bufferTokens` events are unread and resumes it at half; cancelled when the scope closes.
- */
-export const generateFrom = (
-  start: GpuWorker["start"],
-  bufferTokens: number
-) =>
-(request: GenerateRequest): Effect.Effect<Sequence, PromptTooLong, Scope.Scope> =>
-  Effect.gen(function*() {
-    const queue = yield* Queue.unbounded<SeqEvent>()
-    const size = () => Option.getOrElse(queue.unsafeSize(), () => 0)
-    let paused = false
-    let handle: SeqHandle | undefined
-    const sink: SeqSink = {
-      onToken: (tokenId, finishReason) => {
-        Queue.unsafeOffer(queue, { _tag: "Token", tokenId, finishReason })
-        if (!paused && finishReason === undefined && size() >= bufferTokens) {
-          paused = true
-          handle?.pause()
-        }
-      },
-      onFailed: (error) => void Queue.unsafeOffer(queue, { _tag: "Failed", error })
-    }
-    const h = yield* Effect.acquireRelease(
-      Effect.suspend(() => start(request, sink)),
-      (h) => Effect.sync(() => h.cancel())
-    )
-    handle = h
-    const resumeIfDrained = Effect.sync(() => {
-      if (paused && size() <= bufferTokens / 2) {
-        paused = false
-        h.resume()
-      }
-    })
-    const take = Queue.take(queue).pipe(Effect.zipLeft(resumeIfDrained))
-    const takeAvailable = (max: number) =>
-      Queue.takeBetween(queue, 1, max).pipe(
-        Effect.map((chunk) => Chunk.toReadonlyArray(chunk)),
-        Effect.zipLeft(resumeIfDrained)
-      )
-    return { seqId: h.seqId, take, takeAvailable } satisfies Sequence
+    } satisfies GpuWorker
   })

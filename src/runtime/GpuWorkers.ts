@@ -8,7 +8,6 @@ import { join } from "node:path"
 import { Context, Effect, Layer } from "effect"
 import type { EngineError } from "./Errors.js"
 import * as GpuWorker from "./GpuWorker.js"
-import * as GpuWorkerThread from "./GpuWorkerThread.js"
 import { Models } from "./Models.js"
 import { TopologyService } from "./Topology.js"
 
@@ -32,8 +31,6 @@ export interface GpuWorkersOptions {
    * ask an engine for `info`; default: a per-process name in the temp directory.
    */
   readonly socketDir?: string | undefined
-  /** Run each GPU's step loop on a worker thread (GpuWorkerThread; default true). */
-  readonly stepLoopThread?: boolean | undefined
 }
 
 export const layer = (options: GpuWorkersOptions): Layer.Layer<GpuWorkers, EngineError, TopologyService | Models> =>
@@ -48,8 +45,7 @@ export const layer = (options: GpuWorkersOptions): Layer.Layer<GpuWorkers, Engin
         const model = models.get(poolName)!
         for (const gpu of pool.gpus) {
           if (!hosted.has(gpu.id) || workers.has(gpu.id)) continue
-          const make = options.stepLoopThread === false ? GpuWorker.make : GpuWorkerThread.make
-          const worker = yield* make({
+          const worker = yield* GpuWorker.make({
             gpuId: gpu.id,
             binary: options.engineBinary,
             modelDir: model.modelDir,

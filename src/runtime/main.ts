@@ -8,8 +8,7 @@
  * model is "default"), ENGINE_BIN (default engine/build/llm-engine), ENGINE_THREADS,
  * RUNNER_NAME (default: the first runner of cluster.config.ts), API_KEYS, LOG_ENGINE=1,
  * RUN_DIR (directory of the engines' ipc sockets `engine-<gpu>.sock`), CLUSTER_CONFIG (a
- * module whose default export replaces cluster.config.ts), STEP_LOOP_THREAD (default true:
- * each GPU's step loop on its own worker thread).
+ * module whose default export replaces cluster.config.ts).
  */
 import { resolve } from "node:path"
 import { NodeRuntime } from "@effect/platform-node"
@@ -41,8 +40,7 @@ const settings = Config.all({
   runnerName: Config.option(Config.string("RUNNER_NAME")),
   logEngine: Config.boolean("LOG_ENGINE").pipe(Config.withDefault(false)),
   runDir: Config.option(Config.string("RUN_DIR")),
-  clusterConfig: Config.option(Config.string("CLUSTER_CONFIG")),
-  stepLoopThread: Config.boolean("STEP_LOOP_THREAD").pipe(Config.withDefault(true))
+  clusterConfig: Config.option(Config.string("CLUSTER_CONFIG"))
 })
 
 const MainLive = Layer.unwrapEffect(
@@ -83,8 +81,7 @@ const MainLive = Layer.unwrapEffect(
       engineBinary: resolve(s.engineBinary),
       threads: Option.getOrUndefined(s.engineThreads),
       logEngine: s.logEngine,
-      socketDir: Option.getOrUndefined(Option.map(s.runDir, (d) => resolve(d))),
-      stepLoopThread: s.stepLoopThread
+      socketDir: Option.getOrUndefined(Option.map(s.runDir, (d) => resolve(d)))
     }).pipe(Layer.provide(ModelsLive), Layer.provide(TopologyLive))
     const StoreLive = Storage.layer.pipe(Layer.provide(SqlLive))
     // One registry of token streams per runner: the facade opens them, DecodeSlots write them.

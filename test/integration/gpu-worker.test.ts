@@ -9,7 +9,6 @@ import { describe, expect, it } from "@effect/vitest"
 import { Duration, Effect, Fiber } from "effect"
 import { generateTinyQwen3 } from "../../src/runtime/DefaultModel.js"
 import * as GpuWorker from "../../src/runtime/GpuWorker.js"
-import * as GpuWorkerThread from "../../src/runtime/GpuWorkerThread.js"
 import { assertEngineBuilt, ENGINE_BINARY } from "../support/engineProcess.js"
 
 const modelDir = (() => {
@@ -120,56 +119,5 @@ describe("GpuWorker with the real engine", () => {
       expect(result?.finish).toBe("length")
       expect((yield* worker.stats).numEngineRestarts).toBe(1)
       expect((yield* worker.stats).numFreeBlocks).toBe(64)
-    }), 30_000)
-})
-
-describe("GpuWorkerThread (the step loop on a worker thread) with the real engine", () => {
-  const makeThreadWorker = (bufferTokens: number) =>
-    GpuWorkerThread.make({
-      gpuId: "gpu-thread-test",
-      binary: (assertEngineBuilt(), ENGINE_BINARY),
-      modelDir,
-      device: "cpu",
-      endpoint: `ipc://${path.join(mkdtempSync(path.join(tmpdir(), "gwt-")), "e.sock")}`,
-      numBlocks: 64,
-      maxNumSeqs: 16,
-      maxNumBatchedTokens: 256,
-      numSlots: 16,
-      bufferTokens
-    })
-
-  it.scopedLive("serves the same tokens as the in-thread loop, with backpressure, cancel and clean blocks", () =>
-    Effect.gen(function*() {
-      const local = yield* makeWorker(64)
-      const worker = yield* makeThreadWorker(4)
-      const request = { promptTokenIds: prompt(20, 1), maxTokens: 12, sampling: greedy, priority: 0 }
-      const [a, b] = yield* Effect.all(
-        [Effect.scoped(Effect.flatMap(local.generate(request), drain)), Effect.scoped(Effect.flatMap(worker.generate(request), drain))],
-        { concurrency: "unbounded" }
-      )
-      expect(b).toEqual(a)
-      expect(worker.recentSteps().length).toBeGreaterThan(0)
-
-      // A reader that stops reading pauses its sequence: steps stop.
-      const seq = yield* worker.generate({ promptTokenIds: prompt(8, 2), maxTokens: 200, sampling: greedy, priority: 0 })
-      yield* Effect.sleep(Duration.millis(300))
-      const paused = (yield* worker.stats).numSteps
-      yield* Effect.sleep(Duration.millis(300))
-      expect((yield* worker.stats).numSteps).toBe(paused)
-      yield* seq.takeAvailable(64)
-
-      // Cancelling (closing the scope) frees the blocks on both sides.
-      const fiber = yield* Effect.fork(Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(40, 3), maxTokens: 3000, sampling: greedy, priority: 0 }), drain)))
-      yield* Effect.sleep(Duration.millis(200))
-      yield* Fiber.interrupt(fiber)
-      yield* Effect.sleep(Duration.millis(100))
-      const stats = yield* worker.stats
-      expect(stats.numRunning).toBe(1) // the paused one above is still live
-      const info = yield* worker.info
-      expect(info.num_active_seqs).toBeLessThanOrEqual(1)
-
-      // A prompt that can never fit is refused at once, nothing queued.
-      const tooLong = worker.start({ ...request, promptTokenIds: prompt(5000, 1) }, { onToken: () => {}, onFailed: () => {} })
-      expect(tooLong._tag).toBe("Left")
     }), 30_000)
 })
