@@ -41,7 +41,7 @@ export const layer = Layer.effect(
 
       sendTurn: (id, input) =>
         Effect.gen(function*() {
-          const stream = streams.make()
+          const stream = streams.make(topology.generation.client_buffer_tokens)
           yield* client(id).SendTurn({
             content: input.content,
             ...(input.max_tokens === undefined ? {} : { max_tokens: input.max_tokens }),

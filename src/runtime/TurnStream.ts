@@ -59,8 +59,6 @@ export const Sse = {
 export interface SseOptions {
   /** Comment line after this long without a write; 0 or Infinity: none. */
   readonly keepAliveMs: number
-  /** Bytes the Readable buffers before `token` reports a full reader (default 4 KiB). */
-  readonly highWaterMarkBytes?: number
 }
 
 export class TurnStream {
@@ -75,7 +73,15 @@ export class TurnStream {
   private attachTimer: ReturnType<typeof setTimeout> | undefined
   private readonly onClose: (stream: TurnStream) => void
 
-  constructor(id: TurnStreamId, onClose: (stream: TurnStream) => void = () => {}) {
+  /**
+   * @param bufferEvents events the reader may hold unread before `token` reports it full
+   *   (the topology's `client_buffer_tokens`; a token event carries one step's text).
+   */
+  constructor(
+    id: TurnStreamId,
+    onClose: (stream: TurnStream) => void = () => {},
+    private readonly bufferEvents: number = 64
+  ) {
     this.id = id
     this.onClose = onClose
   }
@@ -136,8 +142,10 @@ export class TurnStream {
     let lastWriteMs = performance.now()
     let keepAlive: ReturnType<typeof setInterval> | undefined
     const stop = () => keepAlive !== undefined && clearInterval(keepAlive)
+    // Object mode: strings go to the socket as they are, and the buffer counts events.
     const readable = new Readable({
-      highWaterMark: options.highWaterMarkBytes ?? 4096,
+      objectMode: true,
+      highWaterMark: this.bufferEvents,
       read: () => {
         if (!this.wantDrain) return
         this.wantDrain = false
@@ -222,7 +230,7 @@ export class TurnStream {
   private push(item: Item): boolean {
     if (this.emit !== undefined) return this.emit(item)
     this.pending!.push(item)
-    return this.pending!.length < 64
+    return this.pending!.length < this.bufferEvents
   }
 
   private finish(): void {
@@ -301,8 +309,11 @@ export const errorFromCause = (cause: Cause.Cause<unknown>): { readonly code: st
 
 /** The runner's open TurnStreams, by id. */
 export class TurnStreams extends Context.Tag("chat/TurnStreams")<TurnStreams, {
-  /** A new registered stream; it leaves the registry when it ends or its reader goes. */
-  readonly make: () => TurnStream
+  /**
+   * A new registered stream; it leaves the registry when it ends or its reader goes.
+   * @param bufferEvents unread events before backpressure (`client_buffer_tokens`).
+   */
+  readonly make: (bufferEvents: number) => TurnStream
   readonly get: (id: TurnStreamId) => TurnStream | undefined
   readonly size: () => number
 }>() {
@@ -310,8 +321,8 @@ export class TurnStreams extends Context.Tag("chat/TurnStreams")<TurnStreams, {
     const streams = new Map<TurnStreamId, TurnStream>()
     const remove = (stream: TurnStream) => void streams.delete(stream.id)
     return {
-      make: () => {
-        const stream = new TurnStream(TurnStreamId.make(randomUUID()), remove)
+      make: (bufferEvents) => {
+        const stream = new TurnStream(TurnStreamId.make(randomUUID()), remove, bufferEvents)
         streams.set(stream.id, stream)
         return stream
       },

@@ -18,8 +18,7 @@ const done = (n: number) =>
 const readAll = (readable: NodeJS.ReadableStream) =>
   new Promise<string>((resolve, reject) => {
     let text = ""
-    readable.setEncoding("utf8")
-    readable.on("data", (chunk: string) => (text += chunk))
+    readable.on("data", (chunk: string | Buffer) => (text += String(chunk)))
     readable.on("end", () => resolve(text))
     readable.on("error", reject)
   })
@@ -60,13 +59,13 @@ describe("TurnStream", () => {
   })
 
   it("reports a full reader and calls onDrain once it reads again", async () => {
-    const stream = new TurnStream(TurnStreamId.make("s3"))
+    const stream = new TurnStream(TurnStreamId.make("s3"), undefined, 4)
     const { calls, producer: p } = producer()
     stream.setProducer(p)
-    const readable = stream.toSse({ keepAliveMs: 0, highWaterMarkBytes: 256 })
+    const readable = stream.toSse({ keepAliveMs: 0 })
     let accepted = 0
     while (stream.token("x".repeat(40))) accepted++
-    expect(accepted).toBeLessThan(10) // ~60 bytes per event against a 256-byte buffer
+    expect(accepted).toBe(3) // the 4th unread event fills the 4-event buffer
     expect(calls.drain).toBe(0)
     readable.read()
     await new Promise((r) => setImmediate(r))
@@ -76,7 +75,7 @@ describe("TurnStream", () => {
 
   it("a reader that goes away cancels the producer once, and only before the end", async () => {
     const registry = await Effect.runPromise(Effect.provide(TurnStreams, TurnStreams.layer))
-    const stream = registry.make()
+    const stream = registry.make(64)
     const { calls, producer: p } = producer()
     stream.setProducer(p)
     expect(registry.get(stream.id)).toBe(stream)
@@ -90,7 +89,7 @@ describe("TurnStream", () => {
     expect(registry.get(stream.id)).toBeUndefined()
 
     // After a normal end, destroying the readable cancels nothing.
-    const other = registry.make()
+    const other = registry.make(64)
     const o = producer()
     other.setProducer(o.producer)
     const r2 = other.toSse({ keepAliveMs: 0 })
