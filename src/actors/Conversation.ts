@@ -266,6 +266,11 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           if (loaded !== undefined) {
             if (turn.status !== "failed") loaded.history.push({ role: "assistant", content: turn.text })
             loaded.nextSeq = Math.max(loaded.nextSeq, seq + 1)
+            // The next prompts hold this message: use the ids the model produced for it
+            // rather than encode its text again (the per-turn cost of a long reply).
+            if (turn.completion_token_ids !== undefined) {
+              models.get(loaded.pool)?.tokenizer.rememberAssistant(turn.text, turn.completion_token_ids)
+            }
           }
         }).pipe(
           Effect.ensuring(Effect.sync(() => {

@@ -61,7 +61,12 @@ export const FinishedTurn = Schema.Struct({
   status: Schema.Literal("completed", "cancelled", "failed"),
   finish_reason: FinishReason,
   num_prompt_tokens: Schema.Int,
-  num_completion_tokens: Schema.Int
+  num_completion_tokens: Schema.Int,
+  /**
+   * The generated token ids, when `text` is exactly their decoding (completed, no stop string
+   * cut, no character replaced): the Conversation reuses them in later prompts.
+   */
+  completion_token_ids: Schema.optional(Schema.Array(Schema.Int))
 })
 export type FinishedTurn = typeof FinishedTurn.Type
 
@@ -118,6 +123,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
 
           const detokenizer = model.tokenizer.newDetokenizer()
           let text = ""
+          /** The generated ids while `text` is exactly their decoding (see FinishedTurn). */
+          let tokenIds: Array<number> | undefined = []
           let numTokens = 0
           let handle: SeqHandle | undefined
           let ended = false
@@ -134,7 +141,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   status,
                   finish_reason: finishReason,
                   num_prompt_tokens: payload.prompt_token_ids.length,
-                  num_completion_tokens: numTokens
+                  num_completion_tokens: numTokens,
+                  ...(status === "completed" && tokenIds !== undefined ? { completion_token_ids: tokenIds } : {})
                 })),
                 Effect.tapError((e) => Effect.logError(`turn ${payload.turn_id} could not be stored`, e)),
                 Effect.match({
@@ -164,16 +172,22 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               onToken: (tokenId, finishReason) => {
                 if (ended) return
                 numTokens++
+                // The end-of-sequence token is not part of the text.
+                if (finishReason !== "stop") tokenIds?.push(tokenId)
                 let delta = detokenizer.push(tokenId)
                 if (finishReason !== undefined) delta += detokenizer.flush()
                 // PostgreSQL text cannot hold U+0000; the client sees what is stored.
-                if (delta.includes("\u0000")) delta = delta.replaceAll("\u0000", "\uFFFD")
+                if (delta.includes("\u0000")) {
+                  delta = delta.replaceAll("\u0000", "\uFFFD")
+                  tokenIds = undefined
+                }
                 let finish: FinishReason | undefined = finishReason
                 if (payload.stop.length > 0 && delta.length > 0) {
                   const at = findStop(text + delta, payload.stop, text.length)
                   if (at >= 0) {
                     delta = (text + delta).slice(text.length, at)
                     finish = "stop"
+                    tokenIds = undefined
                     if (finishReason === undefined) handle?.cancel()
                   }
                 }

@@ -25,6 +25,13 @@ export interface ModelTokenizer {
   readonly decode: (ids: ReadonlyArray<number>) => string
   /** The prompt string for `messages`, ending with the assistant's generation prompt. */
   readonly renderChat: (messages: ReadonlyArray<ChatMessage>) => string
+  /**
+   * Records that the assistant message `content` was generated as `ids` (its exact decoding,
+   * end-of-sequence token excluded): later prompts that hold it use these ids instead of
+   * encoding its text again. Prompts then carry the tokens the model produced, which can
+   * differ from a fresh encoding of the same text.
+   */
+  readonly rememberAssistant: (content: string, ids: ReadonlyArray<number>) => void
   /** Streaming byte-level when exact for this tokenizer, else IncrementalDetokenizer. */
   readonly newDetokenizer: () => Detokenizer
 }
@@ -66,22 +73,38 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
     const bos = tokenText(config.bos_token)
     const eos = tokenText(config.eos_token)
     const encodeRaw = (text: string) => tokenizer.encode(text, { add_special_tokens: false }).ids
-    const encode = memoizedEncode(tokenizerJson as TokenizerJson, encodeRaw)
+    const memo = memoizedEncode(tokenizerJson as TokenizerJson, encodeRaw)
+    const encode = memo.encode
     // The library rejects an empty list; an empty list is simply no text.
     const decode = (ids: ReadonlyArray<number>) =>
       ids.length === 0 ? "" : tokenizer.decode(ids as Array<number>, { skip_special_tokens: true })
     const byteLevel = byteLevelDetokenizer(tokenizerJson as TokenizerJson, rawConfig as Record<string, unknown>)
+    const renderChat = (messages: ReadonlyArray<ChatMessage>) =>
+      template.render({
+        messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        add_generation_prompt: true,
+        enable_thinking: false,
+        bos_token: bos,
+        eos_token: eos
+      })
+    // Where an earlier assistant message's content sits in a rendered prompt: the piece
+    // (text between added tokens) that holds it, as prefix + content + suffix.
+    const marker = "\u0001assistant-content\u0001"
+    const piece = memo.memoized
+      ? memo.split(renderChat([{ role: "user", content: "u" }, { role: "assistant", content: marker }, { role: "user", content: "v" }]))
+        .find((p, i) => i % 2 === 0 && p.includes(marker))
+      : undefined
+    const affix = piece === undefined
+      ? undefined
+      : { prefix: piece.slice(0, piece.indexOf(marker)), suffix: piece.slice(piece.indexOf(marker) + marker.length) }
     return {
       encode,
       decode,
-      renderChat: (messages) =>
-        template.render({
-          messages: messages.map((m) => ({ role: m.role, content: m.content })),
-          add_generation_prompt: true,
-          enable_thinking: false,
-          bos_token: bos,
-          eos_token: eos
-        }),
+      renderChat,
+      rememberAssistant: (content, ids) => {
+        if (affix === undefined || memo.split(content).length !== 1) return
+        memo.seed(affix.prefix + content + affix.suffix, [...encodeRaw(affix.prefix), ...ids, ...encodeRaw(affix.suffix)])
+      },
       newDetokenizer: byteLevel ?? (() => new IncrementalDetokenizer(decode))
     } satisfies ModelTokenizer
   })

