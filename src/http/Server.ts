@@ -151,8 +151,15 @@ export const layerNodeServer = (
 /** `PORT` (default 8080) and `HOST` (default: all interfaces). */
 export const listenConfig: Config.Config<ListenOptions> = Config.all({
   port: Config.port("PORT").pipe(Config.withDefault(8080)),
-  host: Config.option(Config.string("HOST"))
-}).pipe(Config.map(({ host, port }): ListenOptions => Option.isSome(host) ? { port, host: host.value } : { port }))
+  host: Config.option(Config.string("HOST")),
+  // Node's default accept backlog (511) overflowed at 2048 clients connecting at once while
+  // the event loop was busy (ECONNRESET on connect); the kernel caps it at net.core.somaxconn.
+  backlog: Config.integer("LISTEN_BACKLOG").pipe(Config.withDefault(4096))
+}).pipe(
+  Config.map(({ backlog, host, port }): ListenOptions =>
+    Option.isSome(host) ? { port, host: host.value, backlog } : { port, backlog }
+  )
+)
 
 /** The HTTP server from config: needs only `Conversations`. */
 export const layer: Layer.Layer<never, HttpServerError.ServeError | ConfigError.ConfigError, Conversations> = Layer
