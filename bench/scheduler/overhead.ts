@@ -114,14 +114,15 @@ const measureIpcFloor = (batchSize: number) =>
       yield* Effect.addFinalizer(() => Effect.sync(() => socket.close()))
       const blocksPerSeq = Math.ceil((contextTokens + 200) / 16)
       let reqId = 1
+      /** One step: pack, send, receive, unpack; returns its wall time minus the engine's step. */
       const roundTrip = (body: Record<string, unknown>) =>
         Effect.promise(async () => {
-          await socket.send(packr.pack({ v: 1, type: "step", req_id: reqId++, ...body }))
           const t0 = performance.now()
+          await socket.send(packr.pack({ v: 1, type: "step", req_id: reqId++, ...body }))
           const [frame] = await socket.receive()
           const reply = packr.unpack(frame!) as { ok: boolean; timings?: { total_ms: number } }
           if (!reply.ok) throw new Error(`engine error: ${JSON.stringify(reply)}`)
-          return { receivedAfterMs: performance.now() - t0, engineMs: reply.timings!.total_ms }
+          return performance.now() - t0 - reply.timings!.total_ms
         })
       const sampling = { temperature: 0.8, top_p: 0.95, top_k: 0, seed: 7 }
       yield* roundTrip({
@@ -139,12 +140,7 @@ const measureIpcFloor = (batchSize: number) =>
           packed_outputs: true,
           seqs: Array.from({ length: batchSize }, (_, i) => ({ seq_id: i + 1, tokens: [1000 + i], start_pos: contextTokens + s }))
         }
-        const t0 = performance.now()
-        const frame = packr.pack({ v: 1, type: "step", req_id: reqId++, ...body })
-        yield* Effect.promise(() => socket.send(frame))
-        const [reply] = yield* Effect.promise(() => socket.receive())
-        const decoded = packr.unpack(reply!) as { timings: { total_ms: number } }
-        floor.push(performance.now() - t0 - decoded.timings.total_ms)
+        floor.push(yield* roundTrip(body))
       }
       return floor
     })

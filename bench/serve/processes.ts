@@ -4,10 +4,10 @@
  */
 import { type ChildProcess, spawn } from "node:child_process"
 import { mkdtempSync, rmSync } from "node:fs"
-import { createServer } from "node:net"
 import { tmpdir } from "node:os"
 import path from "node:path"
 import { fileURLToPath } from "node:url"
+import { freePort } from "../../src/runtime/internal/freePort.js"
 import { childrenOf, commandOf } from "./proc.js"
 
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..")
@@ -23,17 +23,6 @@ export interface Running {
   readonly output: () => string
   readonly stop: () => Promise<void>
 }
-
-export const freePort = (): Promise<number> =>
-  new Promise((resolve, reject) => {
-    const server = createServer()
-    server.once("error", reject)
-    server.listen(0, "127.0.0.1", () => {
-      const address = server.address()
-      const port = typeof address === "object" && address !== null ? address.port : 0
-      server.close(() => resolve(port))
-    })
-  })
 
 const stopChild = (child: ChildProcess, exited: Promise<void>) => async () => {
   if (child.exitCode !== null || child.signalCode !== null) return

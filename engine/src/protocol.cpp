@@ -305,10 +305,10 @@ void pack_u32_bin(Packer& p, const std::vector<uint32_t>& v) {
 }
 }  // namespace
 
-std::string encode_step(uint64_t req_id, const StepReply& r) {
+std::string encode_step(uint64_t req_id, const StepReply& r, bool packed) {
   msgpack::sbuffer b;
   Packer p(b);
-  if (!r.packed) {
+  if (!packed) {
     ok_header(p, req_id, "step", 3);
     key(p, "outputs");
     p.pack_array((uint32_t)r.outputs.size());
@@ -319,20 +319,19 @@ std::string encode_step(uint64_t req_id, const StepReply& r) {
     std::vector<uint32_t> seq_ids, tokens;
     seq_ids.reserve(r.outputs.size());
     tokens.reserve(r.outputs.size());
-    uint32_t num_rest = 0;
+    std::vector<const StepOutput*> rest;
     for (const StepOutput& o : r.outputs) {
       if (packable(o)) {
         seq_ids.push_back((uint32_t)o.seq_id);
         tokens.push_back((uint32_t)o.token);
       } else if (o.has_token || o.has_logprob || o.has_logits) {
-        num_rest++;
+        rest.push_back(&o);
       }
     }
     ok_header(p, req_id, "step", 4);
     key(p, "outputs");
-    p.pack_array(num_rest);
-    for (const StepOutput& o : r.outputs)
-      if (!packable(o) && (o.has_token || o.has_logprob || o.has_logits)) pack_output(p, o);
+    p.pack_array((uint32_t)rest.size());
+    for (const StepOutput* o : rest) pack_output(p, *o);
     key(p, "packed");
     p.pack_map(2);
     key(p, "seq_ids"); pack_u32_bin(p, seq_ids);

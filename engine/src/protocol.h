@@ -80,7 +80,6 @@ struct StepOutput {
 
 struct StepReply {
   std::vector<StepOutput> outputs;
-  bool packed = false;              // encode token-only outputs as `packed` (PROTOCOL.md)
   double forward_ms = 0, sample_ms = 0, total_ms = 0;
   uint64_t num_tokens = 0;
 };
@@ -91,7 +90,8 @@ struct ReleaseReply {
 
 std::string encode_info(uint64_t req_id, const InfoReply& r);
 std::string encode_health(uint64_t req_id, const HealthReply& r);
-std::string encode_step(uint64_t req_id, const StepReply& r);
+// `packed`: token-only outputs go to the `packed` bins (the request's packed_outputs).
+std::string encode_step(uint64_t req_id, const StepReply& r, bool packed = false);
 std::string encode_release(uint64_t req_id, const ReleaseReply& r);
 std::string encode_error(uint64_t req_id, const std::string& code, const std::string& message);
 

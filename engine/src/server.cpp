@@ -19,11 +19,7 @@ std::string handle_frame(Engine& eng, const char* data, size_t len) {
     const Request req = decode_request(data, len, &req_id);
     if (req.type == "info") return encode_info(req_id, eng.info());
     if (req.type == "health") return encode_health(req_id, eng.health());
-    if (req.type == "step") {
-      StepReply reply = eng.step(req);
-      reply.packed = req.packed_outputs;
-      return encode_step(req_id, reply);
-    }
+    if (req.type == "step") return encode_step(req_id, eng.step(req), req.packed_outputs);
     if (req.type == "release") return encode_release(req_id, eng.release(req.seq_ids));
     return encode_error(req_id, "unknown_type", "unknown request type");  // decode rejects these
   } catch (const EngineError& e) {

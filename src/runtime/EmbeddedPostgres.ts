@@ -7,21 +7,11 @@
  * exclusive), so several runners must use a real PostgreSQL (DESIGN.md, measured facts).
  */
 import { mkdirSync } from "node:fs"
-import { createServer } from "node:net"
 import { PGlite } from "@electric-sql/pglite"
 import { PGLiteSocketServer } from "@electric-sql/pglite-socket"
 import { Effect, type Scope } from "effect"
 import { StorageError } from "./Errors.js"
-
-const freePort = Effect.async<number, StorageError>((resume) => {
-  const server = createServer()
-  server.once("error", (e) => resume(Effect.fail(new StorageError({ message: `no free port: ${e.message}` }))))
-  server.listen(0, "127.0.0.1", () => {
-    const address = server.address()
-    const port = typeof address === "object" && address !== null ? address.port : 0
-    server.close(() => resume(Effect.succeed(port)))
-  })
-})
+import { freePort } from "./internal/freePort.js"
 
 /**
  * Starts PGlite on `dataDir` behind a socket server; returns its connection URL. Both stop
@@ -37,7 +27,10 @@ export const start = (dataDir: string): Effect.Effect<{ readonly url: string }, 
       }),
       (db) => Effect.promise(() => db.close()).pipe(Effect.ignore)
     )
-    const port = yield* freePort
+    const port = yield* Effect.tryPromise({
+      try: freePort,
+      catch: (e) => new StorageError({ message: `no free port: ${String(e)}` })
+    })
     // The cluster's storages hold several connections at once (sharding, message storage).
     const server = new PGLiteSocketServer({ db, port, host: "127.0.0.1", maxConnections: 16 })
     yield* Effect.acquireRelease(

@@ -190,6 +190,15 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       setImmediate(() => tick(performance.now()))
     }
 
+    /** A bare `release` (no step to carry it); the loop goes on when it is answered. */
+    const sendRelease = (seqIds: ReadonlyArray<number>) => {
+      busy = true
+      engine().sendRelease(seqIds, () => {
+        busy = false
+        wake()
+      })
+    }
+
     /** Sends the next step (or a pending release), then delivers the previous step's tokens. */
     const tick = (since: number): void => {
       tickScheduled = false
@@ -200,13 +209,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         undelivered = []
         deliver(outputs)
         const release = core.takePendingRelease()
-        if (release.length > 0) {
-          busy = true
-          engine().sendRelease(release, () => {
-            busy = false
-            wake()
-          })
-        }
+        if (release.length > 0) sendRelease(release)
         return
       }
       const request: StepRequest = plan.release.length > 0
@@ -257,12 +260,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         core.cancel(item.seq_id)
         fail(item.seq_id, error)
       }
-      const ids = [...plan.release, ...plan.items.map((i) => i.seq_id), ...core.takePendingRelease()]
-      busy = true
-      engine().sendRelease(ids, () => {
-        busy = false
-        wake()
-      })
+      sendRelease([...plan.release, ...plan.items.map((i) => i.seq_id), ...core.takePendingRelease()])
     }
     yield* Effect.addFinalizer(() => Effect.sync(() => void (stopped = true)))
 

@@ -94,16 +94,18 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
       ? memo.split(renderChat([{ role: "user", content: "u" }, { role: "assistant", content: marker }, { role: "user", content: "v" }]))
         .find((p, i) => i % 2 === 0 && p.includes(marker))
       : undefined
-    const affix = piece === undefined
-      ? undefined
-      : { prefix: piece.slice(0, piece.indexOf(marker)), suffix: piece.slice(piece.indexOf(marker) + marker.length) }
+    const affix = piece === undefined ? undefined : (() => {
+      const prefix = piece.slice(0, piece.indexOf(marker))
+      const suffix = piece.slice(piece.indexOf(marker) + marker.length)
+      return { prefix, suffix, prefixIds: encodeRaw(prefix), suffixIds: encodeRaw(suffix) }
+    })()
     return {
       encode,
       decode,
       renderChat,
       rememberAssistant: (content, ids) => {
         if (affix === undefined || memo.split(content).length !== 1) return
-        memo.seed(affix.prefix + content + affix.suffix, [...encodeRaw(affix.prefix), ...ids, ...encodeRaw(affix.suffix)])
+        memo.seed(affix.prefix + content + affix.suffix, [...affix.prefixIds, ...ids, ...affix.suffixIds])
       },
       newDetokenizer: byteLevel ?? (() => new IncrementalDetokenizer(decode))
     } satisfies ModelTokenizer

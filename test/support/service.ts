@@ -4,9 +4,9 @@
  */
 import { type ChildProcess, spawn } from "node:child_process"
 import { mkdtempSync } from "node:fs"
-import { createServer } from "node:net"
 import { tmpdir } from "node:os"
 import path from "node:path"
+import { freePort } from "../../src/runtime/internal/freePort.js"
 import { REPO_ROOT } from "./engineProcess.js"
 
 export interface Service {
@@ -17,17 +17,6 @@ export interface Service {
   readonly output: () => string
   readonly stop: () => Promise<void>
 }
-
-export const freePort = (): Promise<number> =>
-  new Promise((resolve, reject) => {
-    const server = createServer()
-    server.once("error", reject)
-    server.listen(0, "127.0.0.1", () => {
-      const address = server.address()
-      const port = typeof address === "object" && address !== null ? address.port : 0
-      server.close(() => resolve(port))
-    })
-  })
 
 /** Starts the service and waits until /healthz answers (timeout 90 s). */
 export const startService = async (options: {
