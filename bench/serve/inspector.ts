@@ -14,6 +14,8 @@ interface MinimalWebSocket {
 export interface Inspector {
   readonly call: (method: string, params?: Record<string, unknown>) => Promise<Record<string, unknown>>
   readonly close: () => void
+  /** Listens to an event (`HeapProfiler.addHeapSnapshotChunk`, …); returns the unsubscribe. */
+  readonly on: (method: string, listener: (params: Record<string, unknown>) => void) => () => void
 }
 
 /** The ws:// URL a process started with --inspect printed on stderr, if any. */
@@ -29,9 +31,19 @@ export const connectInspector = async (url: string): Promise<Inspector | undefin
   })
   let nextId = 1
   const pending = new Map<number, (r: Record<string, unknown>) => void>()
+  const listeners = new Map<string, (params: Record<string, unknown>) => void>()
   ws.addEventListener("message", (event) => {
-    const msg = JSON.parse(String(event.data)) as { id?: number; result?: Record<string, unknown>; error?: unknown }
-    if (msg.id === undefined) return
+    const msg = JSON.parse(String(event.data)) as {
+      id?: number
+      method?: string
+      params?: Record<string, unknown>
+      result?: Record<string, unknown>
+      error?: unknown
+    }
+    if (msg.id === undefined) {
+      if (msg.method !== undefined) listeners.get(msg.method)?.(msg.params ?? {})
+      return
+    }
     const resolve = pending.get(msg.id)
     pending.delete(msg.id)
     resolve?.(msg.result ?? { error: msg.error })
@@ -43,6 +55,10 @@ export const connectInspector = async (url: string): Promise<Inspector | undefin
         pending.set(id, resolve)
         ws.send(JSON.stringify({ id, method, ...(params === undefined ? {} : { params }) }))
       }),
-    close: () => ws.close()
+    close: () => ws.close(),
+    on: (method, listener) => {
+      listeners.set(method, listener)
+      return () => listeners.delete(method)
+    }
   }
 }

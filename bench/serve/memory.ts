@@ -5,7 +5,8 @@
  * `--inspect=127.0.0.1:0`; before each reading we force a full GC through the inspector
  * (HeapProfiler.collectGarbage, twice) and read the V8 heap in use (Runtime.getHeapUsage) and
  * VmRSS (/proc/<pid>/status, median of 3 readings). Readings: after a warm-up with no idle
- * stream (level 0), then with N/4, N/2, 3N/4 and N idle streams. Reported:
+ * stream (level 0), then with N/4, N/2, 3N/4 (1 s after each level is open) and N idle streams
+ * (6 s after: SETTLE_MS). Reported:
  *   per stream  = (RSS(N) − RSS(0)) / N              the headline figure
  *   marginal    = least-squares slope of RSS over the levels N/4 … N (one-time growth cancels)
  *   heap        = least-squares slope of the V8 heap in use over all levels
@@ -39,6 +40,13 @@ export interface MemoryResult {
   readonly streamsFailed: number
   readonly method: string
 }
+
+/**
+ * Wait before the last reading: the state of a stream that has waited a few seconds, not of
+ * one just opened. The cluster reaps entity instances idle for their `maxIdleTime` (1 s for
+ * Conversation and DecodeSlot) on a 5 s period.
+ */
+const SETTLE_MS = 6_000
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms))
 
@@ -92,6 +100,17 @@ export const measureIdleMemory = async (
     xs.sort((a, b) => a - b)
     return { streams, rssBytes: xs[1]!, heapUsedBytes }
   }
+  // MEMORY_HEAP_SNAPSHOT=PREFIX: a V8 heap snapshot at level 0 and at level N, written to
+  // PREFIX-<level>.heapsnapshot (diff them with bench/serve/heap-diff.ts).
+  const snapshotPrefix = process.env["MEMORY_HEAP_SNAPSHOT"]
+  const snapshot = async (level: string) => {
+    if (inspector === undefined || snapshotPrefix === undefined) return
+    const chunks: Array<string> = []
+    const off = inspector.on("HeapProfiler.addHeapSnapshotChunk", (params) => chunks.push(String(params.chunk)))
+    await inspector.call("HeapProfiler.takeHeapSnapshot", { reportProgress: false })
+    off()
+    await import("node:fs").then((fs) => fs.writeFileSync(`${snapshotPrefix}-${level}.heapsnapshot`, chunks.join("")))
+  }
   let blocker: Turn | undefined
   // The whole measurement is bounded: pending requests are cut after `timeoutMs`.
   const timeoutMs = 60_000 + n * 200
@@ -117,6 +136,7 @@ export const measureIdleMemory = async (
     if (blocker.result.end !== 0) throw new Error(`memory blocker turn ended early: ${blocker.result.error?.message ?? "?"}`)
     await sleep(500)
     const levels: Array<MemoryLevel> = [await reading(0)]
+    await snapshot("0")
     // MEMORY_HEAP_PROFILE=FILE: sample allocations from here on; what is still alive at the end
     // is written as a V8 sampling heap profile (attributes the per-stream memory to code).
     const heapProfile = process.env["MEMORY_HEAP_PROFILE"]
@@ -138,9 +158,10 @@ export const measureIdleMemory = async (
     for (const k of [1, 2, 3, 4]) {
       const level = Math.round((n * k) / 4)
       await open(level - turns.length)
-      await sleep(1000)
+      await sleep(k === 4 ? SETTLE_MS : 1000)
       levels.push(await reading(level))
     }
+    await snapshot(String(n))
     if (inspector !== undefined && heapProfile !== undefined) {
       const { profile } = (await inspector.call("HeapProfiler.getSamplingProfile")) as { profile: unknown }
       await import("node:fs").then((fs) => fs.writeFileSync(heapProfile, JSON.stringify(profile)))

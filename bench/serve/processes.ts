@@ -3,7 +3,7 @@
  * bench topology, like `npm start`) and the baseline server (bench/baseline/server.ts).
  */
 import { type ChildProcess, spawn } from "node:child_process"
-import { mkdtempSync, rmSync } from "node:fs"
+import { existsSync, mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import path from "node:path"
 import { fileURLToPath } from "node:url"
@@ -59,6 +59,17 @@ export interface ServiceOptions {
   readonly nodeArgs?: ReadonlyArray<string>
 }
 
+/**
+ * The compiled entry point under dist/ (`npm run build`, which `npm run bench` runs first):
+ * both servers are measured as they would be deployed, not through tsx's loader (whose
+ * keep-names transform adds a property to every function it creates).
+ */
+const built = (file: string): string => {
+  const full = path.join(REPO_ROOT, "dist", file)
+  if (!existsSync(full)) throw new Error(`${full} is missing: run npm run build`)
+  return full
+}
+
 export const startService = async (options: ServiceOptions): Promise<Running> => {
   const port = await freePort()
   const runDir = mkdtempSync(path.join(tmpdir(), "chat-bench-run-"))
@@ -74,7 +85,7 @@ export const startService = async (options: ServiceOptions): Promise<Running> =>
   })) {
     if (v !== undefined) env[k] = v
   }
-  const child = spawn(process.execPath, [...(options.nodeArgs ?? []), "--import", "tsx", "src/runtime/main.ts"], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+  const child = spawn(process.execPath, [...(options.nodeArgs ?? []), built("src/runtime/main.js")], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
   let output = ""
   const keep = (d: Buffer) => {
     output += d.toString()
@@ -117,7 +128,7 @@ export interface BaselineOptions {
 export const startBaseline = async (options: BaselineOptions, nodeArgs: ReadonlyArray<string> = []): Promise<Running> => {
   const child = spawn(process.execPath, [
     ...nodeArgs,
-    "--import", "tsx", "bench/baseline/server.ts",
+    built("bench/baseline/server.js"),
     "--port", "0",
     "--max-num-seqs", String(options.maxNumSeqs),
     "--max-num-batched-tokens", String(options.maxNumBatchedTokens),

@@ -14,7 +14,7 @@
 import { randomInt } from "node:crypto"
 import { Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
-import { Effect, Layer, Option, Schema } from "effect"
+import { Duration, Effect, Layer, Option, Schema } from "effect"
 import { type ConversationId, TurnId } from "../runtime/Domain.js"
 import {
   ConversationNotFound,
@@ -30,6 +30,10 @@ import { TopologyService } from "../runtime/Topology.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, TurnFinisher } from "./DecodeSlot.js"
 import { GpuScheduler } from "./GpuScheduler.js"
+import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
+
+/** Budget of the runner's hot conversation state (chars of prompts and history, ~2 bytes each). */
+const HOT_CONVERSATIONS_MAX_CHARS = 32 * 1024 * 1024
 
 /** Reply of SendTurn: the user turn is durable and the generation is queued. */
 export class Accepted extends Schema.Class<Accepted>("Accepted")({
@@ -66,13 +70,6 @@ export const Conversation = Entity.make("Conversation", [
   /** Stops the streaming turn, if any. @returns whether one was running. */
   Rpc.make("Cancel", { success: Schema.Boolean, error: Schema.Union(ConversationNotFound, StorageError) })
 ])
-
-interface Loaded {
-  readonly pool: string
-  readonly systemPrompt: string | null
-  readonly history: Array<ChatMessage>
-  nextSeq: number
-}
 
 /** A turn between SendTurn and FinishTurn. */
 interface ActiveTurn {
@@ -129,6 +126,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const gpus = yield* GpuScheduler.client
   const slots = yield* DecodeSlot.client
   const activeTurns = new Map<ConversationId, ActiveTurn>()
+  const hot = new HotConversations(HOT_CONVERSATIONS_MAX_CHARS)
   return Conversation.toLayer(
     Effect.gen(function*() {
       const address = yield* Entity.CurrentAddress
@@ -136,11 +134,13 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       const store = yield* ConversationStore
       const models = yield* Models
       const topology = yield* TopologyService
-      let loaded: Loaded | undefined
+      let loaded: ConversationState | undefined
       let nextGpu = 0
 
       const load = Effect.gen(function*() {
         if (loaded !== undefined) return loaded
+        const cached = hot.get(id)
+        if (cached !== undefined) return (loaded = cached)
         const row = yield* store.getConversation(id)
         if (Option.isNone(row)) return yield* new ConversationNotFound({ conversation_id: id })
         const turns = yield* store.listTurns(id, { limit: 100_000 })
@@ -155,6 +155,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             active === undefined ? 0 : seqOf(active.turnId) + 1
           )
         }
+        hot.set(id, loaded)
         return loaded
       })
 
@@ -185,9 +186,16 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               status: "completed",
               num_prompt_tokens: null,
               num_completion_tokens: null
-            })
+            }).pipe(
+              // Possibly a stale hot state (see hotConversations.ts): the next message reloads.
+              Effect.tapError(() => Effect.sync(() => {
+                hot.delete(id)
+                loaded = undefined
+              }))
+            )
             conv.nextSeq = userSeq + 2 // the assistant turn's seq is reserved now
             conv.history.push({ role: "user", content: input.content })
+            hot.set(id, conv)
             const turnId = TurnId.make(`${id}:${userSeq + 1}`)
             active.turnId = turnId
             stored = { seq: userSeq + 1, numPromptTokens: promptIds.length }
@@ -263,9 +271,14 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             num_prompt_tokens: turn.num_prompt_tokens,
             num_completion_tokens: turn.num_completion_tokens
           })
-          if (loaded !== undefined) {
+          // The instance may have been reaped while the turn streamed: its state is then in
+          // `hot` (or only in the store, which now has this turn).
+          const state = loaded ?? hot.get(id)
+          if (state !== undefined) {
+            loaded = state
             if (turn.status !== "failed") loaded.history.push({ role: "assistant", content: turn.text })
             loaded.nextSeq = Math.max(loaded.nextSeq, seq + 1)
+            hot.set(id, loaded)
             // The next prompts hold this message: use the ids the model produced for it
             // rather than encode its text again (the per-turn cost of a long reply).
             if (turn.completion_token_ids !== undefined) {
@@ -284,6 +297,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             Effect.tap(() =>
               Effect.sync(() => {
                 loaded = { pool: payload.pool, systemPrompt: payload.system_prompt, history: [], nextSeq: 0 }
+                hot.set(id, loaded)
               })
             ),
             Effect.asVoid
@@ -304,8 +318,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       })
     }),
     // Cancel and FinishTurn must reach the entity while SendTurn waits; a second SendTurn
-    // gets TurnInProgress.
-    { concurrency: "unbounded" }
+    // gets TurnInProgress. An instance is dropped 1 s after its last message: its state stays
+    // in `hot` and `activeTurns`, so a streaming turn holds no entity instance.
+    { concurrency: "unbounded", maxIdleTime: Duration.seconds(1) }
   )
 }))
 

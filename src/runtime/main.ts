@@ -11,6 +11,7 @@
  * module whose default export replaces cluster.config.ts).
  */
 import { resolve } from "node:path"
+import { HttpMiddleware } from "@effect/platform"
 import { NodeRuntime } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
 import { Config, Effect, Layer, Option, Redacted, Schema } from "effect"
@@ -43,13 +44,24 @@ const settings = Config.all({
   clusterConfig: Config.option(Config.string("CLUSTER_CONFIG"))
 })
 
+/**
+ * A topology module. A `.ts` one is loaded through tsx, so that a compiled server
+ * (`npm start` runs dist/) takes the same config files as `node --import tsx`.
+ */
+const importConfig = async (file: string): Promise<{ default: unknown }> => {
+  const url = pathToFileURL(file).href
+  if (!/\.[cm]?ts$/.test(file)) return import(url) as Promise<{ default: unknown }>
+  const { tsImport } = await import("tsx/esm/api")
+  return tsImport(url, import.meta.url) as Promise<{ default: unknown }>
+}
+
 const MainLive = Layer.unwrapEffect(
   Effect.gen(function*() {
     const s = yield* settings
     const configPath = Option.getOrUndefined(s.clusterConfig)
     const topologyInput: unknown = configPath === undefined
       ? defaultTopology
-      : (yield* Effect.promise(() => import(pathToFileURL(resolve(configPath)).href) as Promise<{ default: unknown }>)).default
+      : (yield* Effect.promise(() => importConfig(resolve(configPath)))).default
     const topologyValue = yield* Schema.decodeUnknown(Topology.TopologySchema)(topologyInput, { errors: "all" })
     const runnerName = Option.getOrElse(s.runnerName, () => topologyValue.runners[0].name)
     const dataDir = resolve(s.dataDir)
@@ -99,5 +111,14 @@ const MainLive = Layer.unwrapEffect(
 )
 
 // No trace exporter is configured, so spans (one per HTTP request, RPC and SQL statement)
-// would only cost CPU and memory on every turn.
-NodeRuntime.runMain(Layer.launch(MainLive.pipe(Layer.provide(Layer.setTracerEnabled(false)))))
+// would only cost CPU and memory on every turn. The HTTP server's tracer middleware builds its
+// span (URL, redacted headers, attributes) even so, and keeps its frames on the request fiber
+// for as long as an SSE response streams: it is switched off per request too.
+NodeRuntime.runMain(
+  Layer.launch(
+    MainLive.pipe(
+      HttpMiddleware.withTracerDisabledWhen(() => true),
+      Layer.provide(Layer.setTracerEnabled(false))
+    )
+  )
+)

@@ -26,6 +26,35 @@ const waitForFreeBlocks = async (service: Service, timeoutMs = 2000) => {
 
 const tokenText = (events: ReadonlyArray<SseEvent>) => events.filter((e) => e.event === "token").map((e) => e.data.text).join("")
 
+/**
+ * Prompt tokens of a second turn: system + turn 1 (user and the assistant's reply) + turn 2,
+ * where the reply is the ids the model generated (its end-of-sequence token excluded), not a
+ * fresh encoding of its text (Tokenizer.rememberAssistant).
+ */
+const secondPromptTokens = (
+  tokenizer: Tokenizer.ModelTokenizer,
+  system: string,
+  user1: string,
+  turn1: ReadonlyArray<SseEvent>,
+  user2: string
+): number => {
+  const reply1 = tokenText(turn1)
+  const done1 = turn1.at(-1)!
+  const rendered2 = tokenizer.encode(tokenizer.renderChat([
+    { role: "system", content: system },
+    { role: "user", content: user1 },
+    { role: "assistant", content: reply1 },
+    { role: "user", content: user2 }
+  ]))
+  const numGenerated1 = done1.data.usage.completion_tokens - (done1.data.finish_reason === "stop" ? 1 : 0)
+  // A reply holding an added token's text is encoded again instead (so is one with a
+  // generated U+0000, replaced by U+FFFD: about one reply in 2,000 here, not told apart).
+  const reusable = tokenizer.encode(reply1).every((t) => t < 151643)
+  return reusable
+    ? rendered2.length - tokenizer.encode(`assistant\n${reply1}`).length + tokenizer.encode("assistant\n").length + numGenerated1
+    : rendered2.length
+}
+
 describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
   let service: Service
   let tokenizer: Tokenizer.ModelTokenizer
@@ -73,28 +102,14 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     ]))
     expect(done1.data.usage.prompt_tokens).toBe(expectedPrompt1.length)
 
-    // Turn 2: its prompt is system + turn 1 (user and the assistant's reply) + turn 2, where the
-    // reply is the ids the model generated (its end-of-sequence token excluded), not a fresh
-    // encoding of its text (Tokenizer.rememberAssistant).
+    // Turn 2: its prompt holds turn 1 (secondPromptTokens).
     const res2 = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Say more.", max_tokens: 16 })
     const turn2 = await readSse(res2, () => undefined)
     const done2 = turn2.at(-1)!
     expect(done2.event).toBe("done")
-    const reply1 = tokenText(turn1)
-    const rendered2 = tokenizer.encode(tokenizer.renderChat([
-      { role: "system", content: "You are terse." },
-      { role: "user", content: "Hello, who are you?" },
-      { role: "assistant", content: reply1 },
-      { role: "user", content: "Say more." }
-    ]))
-    const numGenerated1 = done1.data.usage.completion_tokens - (done1.data.finish_reason === "stop" ? 1 : 0)
-    // A reply holding an added token's text is encoded again instead (so is one with a
-    // generated U+0000, replaced by U+FFFD: about one reply in 2,000 here, not told apart).
-    const reusable = tokenizer.encode(reply1).every((t) => t < 151643)
-    const expectedPrompt2 = reusable
-      ? rendered2.length - tokenizer.encode(`assistant\n${reply1}`).length + tokenizer.encode("assistant\n").length + numGenerated1
-      : rendered2.length
-    expect(done2.data.usage.prompt_tokens).toBe(expectedPrompt2)
+    expect(done2.data.usage.prompt_tokens).toBe(
+      secondPromptTokens(tokenizer, "You are terse.", "Hello, who are you?", turn1, "Say more.")
+    )
     expect(done2.data.usage.prompt_tokens).toBeGreaterThan(done1.data.usage.prompt_tokens + 5)
 
     // Turn 3: cancelled mid-stream with POST cancel; a concurrent turn meanwhile gets 409.
@@ -128,6 +143,24 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     expect(page2.turns[1].num_completion_tokens).toBe(done1.data.usage.completion_tokens)
     expect(page2.next_cursor).toBeNull()
   })
+
+  it("a conversation whose entity instance was reaped between turns keeps its history", async () => {
+    const created = await postJson(`${service.url}/v1/conversations`, { system_prompt: "Be brief." })
+    const { conversation_id: id } = (await created.json()) as { conversation_id: string }
+    // Conversation instances are dropped 1 s after their last message, on a 5 s period. A turn
+    // that streams for longer than that (~1,500 tokens at ~200 tokens/s on the CPU engine)
+    // ends at a new instance, which must add the reply to the runner's hot state.
+    const t0 = performance.now()
+    const turn1 = await readSse(await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Hi there", max_tokens: 1500 }), () => undefined)
+    expect(turn1.at(-1)!.event).toBe("done")
+    console.log(`reaped-instance turn: ${turn1.at(-1)!.data.usage.completion_tokens} tokens in ${((performance.now() - t0) / 1000).toFixed(1)} s`)
+    const turn2 = await readSse(await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "And then?", max_tokens: 4 }), () => undefined)
+    const done2 = turn2.at(-1)!
+    expect(done2.event).toBe("done")
+    expect(done2.data.usage.prompt_tokens).toBe(secondPromptTokens(tokenizer, "Be brief.", "Hi there", turn1, "And then?"))
+    const history = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
+    expect(history.turns.map((t: any) => [t.seq, t.role])).toEqual([[0, "user"], [1, "assistant"], [2, "user"], [3, "assistant"]])
+  }, 30_000)
 
   it("a client that disconnects mid-stream cancels the generation and frees its blocks", async () => {
     const { conversation_id: id } = (await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any

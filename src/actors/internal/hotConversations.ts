@@ -1,0 +1,73 @@
+/**
+ * The runner's hot conversation state: what a Conversation entity loaded from the store
+ * (system prompt, history, next seq), kept after the entity instance is reaped so that the
+ * next message to that conversation (its FinishTurn, the user's next turn) needs no query.
+ * The entity instances themselves are dropped 1 s after their last message: each holds
+ * ~20 KB of cluster machinery (measured with bench/serve/heap-diff.ts), this state holds the
+ * text. DESIGN.md's "hot history cached" tier, in process.
+ *
+ * Least recently used entries go first once the total exceeds `maxChars` (UTF-16 code units
+ * of system prompt + history, plus a fixed cost per entry).
+ *
+ * Staleness: a conversation's entity lives on one runner at a time, and the state is only
+ * written by it. Were a shard to move to another runner and back, this runner's entry could
+ * miss turns written meanwhile; its next append then reuses a seq that the store's primary key
+ * rejects, and the entity drops the entry (`delete`) so that the next message reloads it.
+ */
+import type { ChatMessage } from "../../runtime/Tokenizer.js"
+
+export interface ConversationState {
+  readonly pool: string
+  readonly systemPrompt: string | null
+  readonly history: Array<ChatMessage>
+  nextSeq: number
+}
+
+/** Per-entry overhead counted against the budget, in chars (~bytes of a small object). */
+const ENTRY_COST_CHARS = 256
+
+const sizeOf = (state: ConversationState): number => {
+  let chars = ENTRY_COST_CHARS + (state.systemPrompt?.length ?? 0)
+  for (const m of state.history) chars += m.content.length + 16
+  return chars
+}
+
+export class HotConversations {
+  // A Map iterates in insertion order: re-inserting on use keeps the oldest first.
+  private readonly entries = new Map<string, { state: ConversationState; chars: number }>()
+  private totalChars = 0
+
+  constructor(readonly maxChars: number) {}
+
+  get size(): number {
+    return this.entries.size
+  }
+
+  get(id: string): ConversationState | undefined {
+    const entry = this.entries.get(id)
+    if (entry === undefined) return undefined
+    this.entries.delete(id)
+    this.entries.set(id, entry)
+    return entry.state
+  }
+
+  /** Stores (or re-measures, after the state grew) a conversation's state. */
+  set(id: string, state: ConversationState): void {
+    this.delete(id)
+    const chars = sizeOf(state)
+    this.entries.set(id, { state, chars })
+    this.totalChars += chars
+    for (const [oldest, entry] of this.entries) {
+      if (this.totalChars <= this.maxChars || oldest === id) break
+      this.entries.delete(oldest)
+      this.totalChars -= entry.chars
+    }
+  }
+
+  delete(id: string): void {
+    const entry = this.entries.get(id)
+    if (entry === undefined) return
+    this.entries.delete(id)
+    this.totalChars -= entry.chars
+  }
+}
