@@ -3,7 +3,7 @@
  * bench topology, like `npm start`) and the baseline server (bench/baseline/server.ts).
  */
 import { type ChildProcess, spawn } from "node:child_process"
-import { existsSync, mkdtempSync, rmSync } from "node:fs"
+import { appendFileSync, existsSync, mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import path from "node:path"
 import { fileURLToPath } from "node:url"
@@ -85,9 +85,14 @@ export const startService = async (options: ServiceOptions): Promise<Running> =>
   })) {
     if (v !== undefined) env[k] = v
   }
-  const child = spawn(process.execPath, [...(options.nodeArgs ?? []), built("src/runtime/main.js")], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+  // Diagnostics: BENCH_SERVICE_NODE_ARGS="--trace-gc …" adds node flags; BENCH_SERVICE_LOG=FILE
+  // appends everything the service prints to FILE.
+  const extraArgs = (process.env["BENCH_SERVICE_NODE_ARGS"] ?? "").split(" ").filter((a) => a !== "")
+  const logFile = process.env["BENCH_SERVICE_LOG"]
+  const child = spawn(process.execPath, [...(options.nodeArgs ?? []), ...extraArgs, built("src/runtime/main.js")], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
   let output = ""
   const keep = (d: Buffer) => {
+    if (logFile !== undefined) appendFileSync(logFile, d)
     output += d.toString()
     if (output.length > 200_000) output = output.slice(-100_000)
   }

@@ -14,7 +14,7 @@
 import { randomInt } from "node:crypto"
 import { Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
-import { Duration, Effect, Layer, Option, Schema } from "effect"
+import { Deferred, Duration, Effect, Exit, Fiber, Layer, Option, Schema } from "effect"
 import { type ConversationId, TurnId } from "../runtime/Domain.js"
 import {
   ConversationNotFound,
@@ -76,6 +76,8 @@ interface ActiveTurn {
   turnId: TurnId
   slotId: string | undefined
   cancelRequested: boolean
+  /** Whether the user turn is durable, once its append ends; FinishTurn waits for it. */
+  userTurnStored: Deferred.Deferred<boolean> | undefined
 }
 
 /** Entity-client failures that mean "the cluster could not deliver": surfaced as a 503. */
@@ -164,9 +166,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           // Claim the conversation before the first yield: handlers run concurrently.
           if (activeTurns.has(id)) return yield* new TurnInProgress({ conversation_id: id })
           // The turn id is known once the user turn's seq is; "" until then.
-          const active: ActiveTurn = { turnId: TurnId.make(""), slotId: undefined, cancelRequested: false }
+          const active: ActiveTurn = { turnId: TurnId.make(""), slotId: undefined, cancelRequested: false, userTurnStored: undefined }
           activeTurns.set(id, active)
           let stored: { readonly seq: number; readonly numPromptTokens: number } | undefined
+          const userTurnStored = yield* Deferred.make<boolean>()
           const accepted = yield* Effect.gen(function*() {
             const conv = yield* load
             const model = models.get(conv.pool)
@@ -178,7 +181,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             // Checked before anything is stored: a rejected turn changes nothing.
             const promptIds = yield* buildPrompt(model, conv.systemPrompt, conv.history, input.content, Math.min(maxTokens, 16))
             const userSeq = conv.nextSeq
-            yield* store.appendTurn({
+            // The append runs while the generation is queued (it is on the TTFT path
+            // otherwise); SendTurn, which acknowledges the turn, returns only once it is durable.
+            const append = yield* store.appendTurn({
               conversation_id: id,
               seq: userSeq,
               role: "user",
@@ -191,8 +196,11 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               Effect.tapError(() => Effect.sync(() => {
                 hot.delete(id)
                 loaded = undefined
-              }))
+              })),
+              Effect.onExit((exit) => Deferred.succeed(userTurnStored, Exit.isSuccess(exit))),
+              Effect.fork
             )
+            active.userTurnStored = userTurnStored
             conv.nextSeq = userSeq + 2 // the assistant turn's seq is reserved now
             conv.history.push({ role: "user", content: input.content })
             hot.set(id, conv)
@@ -230,6 +238,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               })
             )
             active.slotId = slotId
+            yield* Fiber.join(append).pipe(
+              // Not durable: the generation stops, and its FinishTurn stores nothing.
+              Effect.tapError(() => slots(slotId).Cancel().pipe(Effect.ignore))
+            )
             if (active.cancelRequested) yield* slots(slotId).Cancel().pipe(Effect.ignore)
             return new Accepted({
               user_turn_id: TurnId.make(`${id}:${userSeq}`),
@@ -237,24 +249,35 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               num_prompt_tokens: promptIds.length
             })
           }).pipe(
-            // Not started: the conversation is free again; a stored user turn gets its
-            // assistant turn as `failed`, so the history never has a hole.
+            // Not started: the conversation is free again (once a started generation's
+            // FinishTurn has come); a stored user turn gets its assistant turn as `failed`, so
+            // the history never has a hole.
             Effect.tapError(() =>
               Effect.gen(function*() {
-                if (activeTurns.get(id) === active) activeTurns.delete(id)
-                if (stored === undefined) return
+                const userTurnDurable = stored !== undefined && (yield* Deferred.await(userTurnStored))
+                if (activeTurns.get(id) === active && (userTurnDurable || active.slotId === undefined)) {
+                  activeTurns.delete(id)
+                }
+                if (!userTurnDurable) return
                 yield* store.appendTurn({
                   conversation_id: id,
-                  seq: stored.seq,
+                  seq: stored!.seq,
                   role: "assistant",
                   content: "",
                   status: "failed",
-                  num_prompt_tokens: stored.numPromptTokens,
+                  num_prompt_tokens: stored!.numPromptTokens,
                   num_completion_tokens: 0
                 }).pipe(Effect.ignoreLogged)
               })
             ),
-            Effect.onInterrupt(() => Effect.sync(() => activeTurns.get(id) === active && activeTurns.delete(id)))
+            // A started generation is stopped by the caller (its stream is cancelled); its
+            // FinishTurn then frees the conversation and, the user turn unconfirmed, stores nothing.
+            Effect.onInterrupt(() =>
+              Effect.sync(() => {
+                Deferred.unsafeDone(userTurnStored, Exit.succeed(false))
+                if (activeTurns.get(id) === active && active.slotId === undefined) activeTurns.delete(id)
+              })
+            )
           )
           return accepted
         })
@@ -262,6 +285,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       const finishTurn = (turn: FinishedTurn) =>
         Effect.gen(function*() {
           const seq = seqOf(turn.turn_id)
+          // A generation can end before its user turn is durable (SendTurn appends it
+          // meanwhile); a reply to a user turn that was never stored is not stored either.
+          const active = activeTurns.get(id)
+          if (active?.turnId === turn.turn_id && active.userTurnStored !== undefined) {
+            if (!(yield* Deferred.await(active.userTurnStored))) return
+          }
           yield* store.appendTurn({
             conversation_id: id,
             seq,

@@ -54,6 +54,21 @@ class FakeEngine {
 }
 
 describe("SchedulerCore", () => {
+  it("returns each sequence's first token before the running sequences' tokens (TTFT)", () => {
+    const kv = new KvBlockManager(64, 16)
+    const core = new SchedulerCore(kv, { maxNumBatchedTokens: 64, maxNumSeqs: 8, maxModelLen: 1024 })
+    const engine = new FakeEngine(64, () => 1)
+    core.add(request(1, 4, 10))
+    core.add(request(2, 4, 10))
+    let plan = core.schedule()!
+    expect(core.applyStepResult(plan, engine.step(plan)).map((o) => o.seqId)).toEqual([1, 2])
+    core.add(request(3, 4, 10))
+    plan = core.schedule()!
+    // Running 1 and 2 are planned before the admitted 3; 3's first token is returned first.
+    expect(plan.items.map((i) => i.seq_id)).toEqual([1, 2, 3])
+    expect(core.applyStepResult(plan, engine.step(plan)).map((o) => o.seqId)).toEqual([3, 1, 2])
+  })
+
   it("chunks a long prefill under the token budget and batches decodes with it", () => {
     const kv = new KvBlockManager(64, 16)
     const core = new SchedulerCore(kv, { maxNumBatchedTokens: 32, maxNumSeqs: 8, maxModelLen: 1024 })
