@@ -1,8 +1,8 @@
 /**
  * `npm run bench [-- options]`: the serving benchmark (bench/README.md).
  *
- * One invocation measures the baseline (bench/baseline/server.ts) and then the real service
- * (src/runtime/main.ts with bench/serve/sim.config.ts: a simulated H100 serving a
+ * One invocation measures the baseline (bench/baseline/server.ts, compiled to dist/) and then the real service
+ * (src/runtime/main.ts compiled to dist/, with bench/serve/sim.config.ts: a simulated H100 serving a
  * Llama-3.1-8B-shaped model) at the same load points, measures memory per idle SSE stream on
  * both, runs the scheduler-overhead bench if bench/scheduler/overhead.ts exists, prints a
  * table (ours, baseline, ours vs baseline) and writes bench/results/<name>.json and .svg.
@@ -399,7 +399,7 @@ const main = async () => {
   let baseline: SystemRun | undefined
   try {
     if (only !== "service") {
-      log("baseline: bench/baseline/server.ts")
+      log("baseline: dist/bench/baseline/server.js (compiled)")
       const t = performance.now()
       const b = await track(startBaseline(engine))
       baseline = { points: [], startupS: round((performance.now() - t) / 1000, 2) }
@@ -426,7 +426,7 @@ const main = async () => {
       }
     }
     if (only !== "baseline") {
-      log("service: src/runtime/main.ts, CLUSTER_CONFIG=bench/serve/sim.config.ts")
+      log("service: dist/src/runtime/main.js (compiled), CLUSTER_CONFIG=bench/serve/sim.config.ts")
       const t = performance.now()
       const s = await track(startService({ dataDir, env: serviceEnv({}), nodeArgs: profileDir === undefined ? [] : ["--cpu-prof", `--cpu-prof-dir=${path.resolve(profileDir)}`] }))
       ours = { points: [], startupS: round((performance.now() - t) / 1000, 2) }

@@ -146,6 +146,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         const row = yield* store.getConversation(id)
         if (Option.isNone(row)) return yield* new ConversationNotFound({ conversation_id: id })
         const turns = yield* store.listTurns(id, { limit: 100_000 })
+        // A concurrent message's load may have finished first: keep the one state in use.
+        if (loaded !== undefined) return loaded
         const active = activeTurns.get(id)
         loaded = {
           pool: row.value.model,
@@ -170,8 +172,11 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           activeTurns.set(id, active)
           let stored: { readonly seq: number; readonly numPromptTokens: number } | undefined
           const userTurnStored = yield* Deferred.make<boolean>()
-          const accepted = yield* Effect.gen(function*() {
-            const conv = yield* load
+          // Interruptible only until something is stored or started (load, prompt): from the
+          // append on, a caller that goes away cancels the turn's stream instead, and the turn
+          // ends as `failed` (Start finds no stream) or `cancelled`, never half-recorded.
+          const accepted = yield* Effect.uninterruptibleMask((restore) => Effect.gen(function*() {
+            const conv = yield* restore(load)
             const model = models.get(conv.pool)
             const pool = topology.pools[conv.pool]
             if (model === undefined || pool === undefined) {
@@ -192,12 +197,17 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               num_prompt_tokens: null,
               num_completion_tokens: null
             }).pipe(
-              // Possibly a stale hot state (see hotConversations.ts): the next message reloads.
-              Effect.tapError(() => Effect.sync(() => {
-                hot.delete(id)
-                loaded = undefined
-              })),
-              Effect.onExit((exit) => Deferred.succeed(userTurnStored, Exit.isSuccess(exit))),
+              Effect.onExit((exit) =>
+                Effect.suspend(() => {
+                  // Not stored (possibly a stale hot state, see hotConversations.ts): drop
+                  // the state that already holds this user turn; the next message reloads.
+                  if (Exit.isFailure(exit)) {
+                    hot.delete(id)
+                    loaded = undefined
+                  }
+                  return Deferred.succeed(userTurnStored, Exit.isSuccess(exit))
+                })
+              ),
               Effect.fork
             )
             active.userTurnStored = userTurnStored
@@ -248,12 +258,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               turn_id: turnId,
               num_prompt_tokens: promptIds.length
             })
-          }).pipe(
-            // Not started: the conversation is free again (once a started generation's
-            // FinishTurn has come); a stored user turn gets its assistant turn as `failed`, so
-            // the history never has a hole.
-            Effect.tapError(() =>
-              Effect.gen(function*() {
+          })).pipe(
+            // Not started (an error, a defect, or an interrupt during load): the conversation is
+            // free again (once a started generation's FinishTurn has come); a stored user turn
+            // gets its assistant turn as `failed`, so the history never has a hole.
+            Effect.onExit((exit) =>
+              Exit.isSuccess(exit) ? Effect.void : Effect.gen(function*() {
                 const userTurnDurable = stored !== undefined && (yield* Deferred.await(userTurnStored))
                 if (activeTurns.get(id) === active && (userTurnDurable || active.slotId === undefined)) {
                   activeTurns.delete(id)
@@ -269,14 +279,6 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   num_completion_tokens: 0
                 }).pipe(Effect.ignoreLogged)
               })
-            ),
-            // A started generation is stopped by the caller (its stream is cancelled); its
-            // FinishTurn then frees the conversation and, the user turn unconfirmed, stores nothing.
-            Effect.onInterrupt(() =>
-              Effect.sync(() => {
-                Deferred.unsafeDone(userTurnStored, Exit.succeed(false))
-                if (activeTurns.get(id) === active && active.slotId === undefined) activeTurns.delete(id)
-              })
             )
           )
           return accepted
@@ -289,7 +291,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           // meanwhile); a reply to a user turn that was never stored is not stored either.
           const active = activeTurns.get(id)
           if (active?.turnId === turn.turn_id && active.userTurnStored !== undefined) {
-            if (!(yield* Deferred.await(active.userTurnStored))) return
+            if (!(yield* Deferred.await(active.userTurnStored))) {
+              return yield* new StorageError({ message: `the user turn of ${turn.turn_id} was not stored` })
+            }
           }
           yield* store.appendTurn({
             conversation_id: id,
