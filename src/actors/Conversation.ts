@@ -153,10 +153,11 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           pool: row.value.model,
           systemPrompt: row.value.system_prompt,
           history: turns.filter((t) => t.role !== "system" && t.status !== "failed").map((t) => ({ role: t.role, content: t.content })),
-          // A running turn's assistant seq is reserved although its row is not written yet.
+          // A running turn's assistant seq is reserved although its row is not written yet
+          // (a turn still being accepted, as when SendTurn itself loads, has no id yet).
           nextSeq: Math.max(
             turns.length === 0 ? 0 : turns[turns.length - 1]!.seq + 1,
-            active === undefined ? 0 : seqOf(active.turnId) + 1
+            active === undefined || active.turnId === "" ? 0 : seqOf(active.turnId) + 1
           )
         }
         hot.set(id, loaded)

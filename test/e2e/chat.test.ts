@@ -3,10 +3,11 @@
  * test PostgreSQL, real HTTP/SSE), driven with fetch.
  */
 import path from "node:path"
+import { SqlClient } from "@effect/sql"
 import { Effect } from "effect"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import * as Tokenizer from "../../src/runtime/Tokenizer.js"
-import { databaseUrl } from "../support/database.js"
+import { databaseUrl, PgLive } from "../support/database.js"
 import { assertEngineBuilt, rawRequest } from "../support/engineProcess.js"
 import { postJson, readSse, type Service, type SseEvent, startService } from "../support/service.js"
 
@@ -162,6 +163,48 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     expect(history.turns.map((t: any) => [t.seq, t.role])).toEqual([[0, "user"], [1, "assistant"], [2, "user"], [3, "assistant"]])
   }, 30_000)
 
+  it("a user turn that cannot be stored is not acknowledged, stops its generation and leaves no row", async () => {
+    // Fault injection in the real database: this one user text fails its INSERT.
+    const failing = "e2e: this append fails"
+    const sql = (statement: string) =>
+      Effect.runPromise(Effect.flatMap(SqlClient.SqlClient, (client) => client.unsafe(statement)).pipe(Effect.provide(PgLive)))
+    await sql(`CREATE OR REPLACE FUNCTION chat_e2e_fail_append() RETURNS trigger AS $$
+      BEGIN IF NEW.content = '${failing}' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql`)
+    await sql(`CREATE OR REPLACE TRIGGER chat_e2e_fail_append BEFORE INSERT ON chat_turns
+      FOR EACH ROW EXECUTE FUNCTION chat_e2e_fail_append()`)
+    try {
+      const created = await postJson(`${service.url}/v1/conversations`, { system_prompt: "Be brief." })
+      const { conversation_id: id } = (await created.json()) as { conversation_id: string }
+      const failed = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: failing, max_tokens: 3000 })
+      expect(failed.status).toBe(500)
+      expect(((await failed.json()) as any).error.code).toBe("internal")
+      // Its generation was queued while the append ran: it is cancelled, its blocks freed.
+      await waitForFreeBlocks(service)
+      // The conversation is free again once that generation has ended (within a step or so).
+      let next: Response
+      for (let i = 0; ; i++) {
+        next = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Hello", max_tokens: 4 })
+        if (next.status !== 409 || i === 50) break
+        await new Promise((r) => setTimeout(r, 20))
+      }
+      expect(next.status).toBe(200)
+      const turn = await readSse(next, () => undefined)
+      const done = turn.at(-1)!
+      expect(done.event).toBe("done")
+      // The failed text is in neither the prompt nor the history, whose seqs have no gap.
+      const expectedPrompt = tokenizer.encode(tokenizer.renderChat([
+        { role: "system", content: "Be brief." },
+        { role: "user", content: "Hello" }
+      ]))
+      expect(done.data.usage.prompt_tokens).toBe(expectedPrompt.length)
+      const history = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
+      expect(history.turns.map((t: any) => [t.seq, t.role, t.content === failing])).toEqual([[0, "user", false], [1, "assistant", false]])
+    } finally {
+      await sql("DROP TRIGGER IF EXISTS chat_e2e_fail_append ON chat_turns")
+      await sql("DROP FUNCTION IF EXISTS chat_e2e_fail_append()")
+    }
+  }, 30_000)
+
   it("a client that disconnects mid-stream cancels the generation and frees its blocks", async () => {
     const { conversation_id: id } = (await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any
     const controller = new AbortController()
@@ -218,6 +261,12 @@ describe("embedded default (PGlite) keeps its data across restarts", () => {
       const history = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
       expect(history.turns.map((t: any) => [t.role, t.content.length > 0])).toEqual([["user", true], ["assistant", true]])
       expect(history.turns[0].content).toBe("Remember me")
+      // The restarted runner loads the conversation from the store: the next turn continues
+      // its numbering (seq 2 and 3, no gap).
+      const next = await readSse(await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Still there?", max_tokens: 4 }), () => undefined)
+      expect(next.at(-1)!.event).toBe("done")
+      const after = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
+      expect(after.turns.map((t: any) => [t.seq, t.role])).toEqual([[0, "user"], [1, "assistant"], [2, "user"], [3, "assistant"]])
     } finally {
       await service.stop()
     }
