@@ -12,7 +12,7 @@
  * Cancel: stops the running turn, if any.
  */
 import { randomInt } from "node:crypto"
-import { Entity } from "@effect/cluster"
+import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { Deferred, Duration, Effect, Exit, Fiber, Layer, Option, Schema } from "effect"
 import { type ConversationId, TurnId } from "../runtime/Domain.js"
@@ -69,7 +69,7 @@ export const Conversation = Entity.make("Conversation", [
   Rpc.make("FinishTurn", { payload: FinishedTurn, error: StorageError }),
   /** Stops the streaming turn, if any. @returns whether one was running. */
   Rpc.make("Cancel", { success: Schema.Boolean, error: Schema.Union(ConversationNotFound, StorageError) })
-])
+]).annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
 
 /** A turn between SendTurn and FinishTurn. */
 interface ActiveTurn {

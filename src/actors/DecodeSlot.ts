@@ -26,6 +26,9 @@ import { Models } from "../runtime/Models.js"
 import { TurnStreamId, TurnStreams } from "../runtime/TurnStream.js"
 import { shardGroupOf, UnknownGpu } from "./GpuScheduler.js"
 
+/** Events built here from typed values: Schema classes skip re-validating them (per turn). */
+const noValidation = { disableValidation: true } as const
+
 export const Sampling = Schema.Struct({
   temperature: Schema.Number,
   top_p: Schema.Number,
@@ -52,6 +55,7 @@ export const DecodeSlot = Entity.make("DecodeSlot", [
   /** Stops the slot's sequence, if any. @returns whether one was running. */
   Rpc.make("Cancel", { success: Schema.Boolean })
 ]).annotate(ClusterSchema.ShardGroup, shardGroupOf)
+  .annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
 
 /** How a turn ended, as the slot reports it to the turn's owner. */
 export const FinishedTurn = Schema.Struct({
@@ -154,8 +158,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                         new DoneEvent({
                           turn_id: payload.turn_id,
                           finish_reason: finishReason,
-                          usage: new Usage({ prompt_tokens: payload.prompt_token_ids.length, completion_tokens: numTokens })
-                        })
+                          usage: new Usage({ prompt_tokens: payload.prompt_token_ids.length, completion_tokens: numTokens }, noValidation)
+                        }, noValidation)
                       )
                 })
               )

@@ -35,6 +35,7 @@ export const GpuScheduler = Entity.make("GpuScheduler", [
   Rpc.make("AcquireSlot", { success: Schema.String, error: Schema.Union(NoFreeSlot, UnknownGpu) }),
   Rpc.make("Stats", { success: GpuStats, error: Schema.Union(UnknownGpu, EngineError) })
 ]).annotate(ClusterSchema.ShardGroup, shardGroupOf)
+  .annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
 
 export const layer = GpuScheduler.toLayer(
   Effect.gen(function*() {

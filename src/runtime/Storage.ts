@@ -45,7 +45,11 @@ const turnId = (conversationId: string, seq: number) => TurnId.make(`${conversat
 /** A chat_turns row: a Turn without its derived id. */
 const TurnRow = Schema.Struct(Struct.omit(Turn.fields, "turn_id"))
 
-const toTurn = (row: typeof TurnRow.Type) => new Turn({ ...row, turn_id: turnId(row.conversation_id, row.seq) })
+// Rows are typed already (our own inserts, or decoded with TurnRow): no second validation.
+const noValidation = { disableValidation: true } as const
+
+const toTurn = (row: typeof TurnRow.Type) =>
+  new Turn({ ...row, turn_id: turnId(row.conversation_id, row.seq) }, noValidation)
 
 /** The SqlError's own message is generic ("Failed to execute statement"): keep its cause's. */
 const storageError = (what: string) => (e: SqlError | { readonly message: string; readonly cause?: unknown }) => {
@@ -89,7 +93,7 @@ const make = Effect.gen(function*() {
     createConversation: (row) => {
       const full = { ...row, created_at_ms: Date.now() }
       return sql`INSERT INTO chat_conversations ${sql.insert(full)}`.pipe(
-        Effect.as(new ConversationRow(full)),
+        Effect.as(new ConversationRow(full, noValidation)),
         Effect.mapError(storageError("create conversation"))
       )
     },
