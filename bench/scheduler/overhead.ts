@@ -108,7 +108,7 @@ const measureIpcFloor = (batchSize: number) =>
     Effect.gen(function*() {
       const ep = endpoint()
       yield* EngineClient.spawn({ binary, modelDir, device, endpoint: ep, numBlocks: numBlocksFor(batchSize) })
-      const packr = new Packr({ useRecords: false, variableMapSize: true, int64AsType: "number" })
+      const packr = new Packr(EngineClient.packrOptions)
       const socket = new Zmq.Dealer({ linger: 0 })
       socket.connect(ep)
       yield* Effect.addFinalizer(() => Effect.sync(() => socket.close()))

@@ -14,7 +14,7 @@
 import { randomInt } from "node:crypto"
 import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
-import { Deferred, Duration, Effect, Exit, Fiber, Layer, Option, Schema } from "effect"
+import { Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Schema } from "effect"
 import { type ConversationId, TurnId } from "../runtime/Domain.js"
 import {
   ConversationNotFound,
@@ -77,7 +77,7 @@ interface ActiveTurn {
   slotId: string | undefined
   cancelRequested: boolean
   /** Whether the user turn is durable, once its append ends; FinishTurn waits for it. */
-  userTurnStored: Deferred.Deferred<boolean> | undefined
+  readonly userTurnStored: Deferred.Deferred<boolean>
 }
 
 /** Entity-client failures that mean "the cluster could not deliver": surfaced as a 503. */
@@ -115,7 +115,8 @@ const buildPrompt = (
 /** Sequence number of a turn id `<conversation_id>:<seq>`. */
 const seqOf = (turnId: TurnId): number => Number(turnId.slice(turnId.lastIndexOf(":") + 1))
 
-const clusterErrors = {
+/** `Effect.catchTags` handlers for the entity clients' delivery failures (→ 503). */
+export const clusterErrors = {
   MailboxFull: (e: { readonly _tag: string }) => Effect.fail(clusterUnavailable(e)),
   AlreadyProcessingMessage: (e: { readonly _tag: string }) => Effect.fail(clusterUnavailable(e)),
   PersistenceError: (e: { readonly _tag: string }) => Effect.fail(clusterUnavailable(e))
@@ -169,10 +170,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           // Claim the conversation before the first yield: handlers run concurrently.
           if (activeTurns.has(id)) return yield* new TurnInProgress({ conversation_id: id })
           // The turn id is known once the user turn's seq is; "" until then.
-          const active: ActiveTurn = { turnId: TurnId.make(""), slotId: undefined, cancelRequested: false, userTurnStored: undefined }
+          const userTurnStored = Deferred.unsafeMake<boolean>(FiberId.none)
+          const active: ActiveTurn = { turnId: TurnId.make(""), slotId: undefined, cancelRequested: false, userTurnStored }
           activeTurns.set(id, active)
           let stored: { readonly seq: number; readonly numPromptTokens: number } | undefined
-          const userTurnStored = yield* Deferred.make<boolean>()
           // Interruptible only until something is stored or started (load, prompt): from the
           // append on, a caller that goes away cancels the turn's stream instead, and the turn
           // ends as `failed` (Start finds no stream) or `cancelled`, never half-recorded.
@@ -211,10 +212,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               ),
               Effect.fork
             )
-            active.userTurnStored = userTurnStored
             conv.nextSeq = userSeq + 2 // the assistant turn's seq is reserved now
-            conv.history.push({ role: "user", content: input.content })
-            hot.set(id, conv)
+            const userMessage: ChatMessage = { role: "user", content: input.content }
+            conv.history.push(userMessage)
+            hot.grew(id, conv, userMessage)
             const turnId = TurnId.make(`${id}:${userSeq + 1}`)
             active.turnId = turnId
             stored = { seq: userSeq + 1, numPromptTokens: promptIds.length }
@@ -291,7 +292,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           // A generation can end before its user turn is durable (SendTurn appends it
           // meanwhile); a reply to a user turn that was never stored is not stored either.
           const active = activeTurns.get(id)
-          if (active?.turnId === turn.turn_id && active.userTurnStored !== undefined) {
+          if (active?.turnId === turn.turn_id) {
             if (!(yield* Deferred.await(active.userTurnStored))) {
               return yield* new StorageError({ message: `the user turn of ${turn.turn_id} was not stored` })
             }
@@ -310,9 +311,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           const state = loaded ?? hot.get(id)
           if (state !== undefined) {
             loaded = state
-            if (turn.status !== "failed") loaded.history.push({ role: "assistant", content: turn.text })
+            const reply: ChatMessage | undefined = turn.status === "failed" ? undefined : { role: "assistant", content: turn.text }
+            if (reply !== undefined) loaded.history.push(reply)
             loaded.nextSeq = Math.max(loaded.nextSeq, seq + 1)
-            hot.set(id, loaded)
+            hot.grew(id, loaded, reply)
             // The next prompts hold this message: use the ids the model produced for it
             // rather than encode its text again (the per-turn cost of a long reply).
             if (turn.completion_token_ids !== undefined) {

@@ -7,14 +7,12 @@ import { randomUUID } from "node:crypto"
 import { Effect, FiberRef, Layer, Option } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
 import { ConversationId, HistoryPage } from "../runtime/Domain.js"
-import { ConversationNotFound, EngineError, ModelNotFound } from "../runtime/Errors.js"
+import { ConversationNotFound, ModelNotFound } from "../runtime/Errors.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { poolFor, TopologyService } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
-import { Conversation } from "./Conversation.js"
+import { clusterErrors, Conversation } from "./Conversation.js"
 
-const unavailable = (e: { readonly _tag: string }) =>
-  new EngineError({ code: "unavailable", message: `cluster could not deliver the message (${e._tag})` })
 
 /** If the HTTP layer never takes the turn's stream, the generation is stopped after this. */
 const UNCONSUMED_STREAM_TIMEOUT_MS = 15_000
@@ -57,11 +55,7 @@ export const layer = Layer.effect(
             stream_id: stream.id
           }).pipe(
             detached,
-            Effect.catchTags({
-              MailboxFull: (e) => Effect.fail(unavailable(e)),
-              AlreadyProcessingMessage: (e) => Effect.fail(unavailable(e)),
-              PersistenceError: (e) => Effect.fail(unavailable(e))
-            }),
+            Effect.catchTags(clusterErrors),
             // Not accepted: nothing will write to the stream.
             Effect.onExit((exit) => Effect.sync(() => exit._tag === "Failure" && stream.cancel()))
           )

@@ -18,16 +18,13 @@
 import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { Context, Duration, Effect, Either, Layer, Runtime, Schema } from "effect"
-import { ConversationId, DoneEvent, FinishReason, TurnId, type TurnStatus, Usage } from "../runtime/Domain.js"
+import { ConversationId, DoneEvent, FinishReason, noValidation, TurnId, TurnStatus, Usage } from "../runtime/Domain.js"
 import { EngineError, PromptTooLong, StorageError } from "../runtime/Errors.js"
 import type { SeqHandle } from "../runtime/GpuWorker.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Models } from "../runtime/Models.js"
 import { TurnStreamId, TurnStreams } from "../runtime/TurnStream.js"
 import { shardGroupOf, UnknownGpu } from "./GpuScheduler.js"
-
-/** Events built here from typed values: Schema classes skip re-validating them (per turn). */
-const noValidation = { disableValidation: true } as const
 
 export const Sampling = Schema.Struct({
   temperature: Schema.Number,
@@ -36,20 +33,23 @@ export const Sampling = Schema.Struct({
   seed: Schema.Int
 })
 
+const StartPayload = Schema.Struct({
+  pool: Schema.String,
+  conversation_id: ConversationId,
+  turn_id: TurnId,
+  /** The gateway's TurnStream that receives the text. */
+  stream_id: TurnStreamId,
+  prompt_token_ids: Schema.Array(Schema.Int),
+  max_tokens: Schema.Int,
+  sampling: Sampling,
+  priority: Schema.Int,
+  stop: Schema.Array(Schema.String)
+})
+type StartPayload = typeof StartPayload.Type
+
 export const DecodeSlot = Entity.make("DecodeSlot", [
   Rpc.make("Start", {
-    payload: {
-      pool: Schema.String,
-      conversation_id: ConversationId,
-      turn_id: TurnId,
-      /** The gateway's TurnStream that receives the text. */
-      stream_id: TurnStreamId,
-      prompt_token_ids: Schema.Array(Schema.Int),
-      max_tokens: Schema.Int,
-      sampling: Sampling,
-      priority: Schema.Int,
-      stop: Schema.Array(Schema.String)
-    },
+    payload: StartPayload,
     error: Schema.Union(EngineError, PromptTooLong, UnknownGpu)
   }),
   /** Stops the slot's sequence, if any. @returns whether one was running. */
@@ -62,7 +62,7 @@ export const FinishedTurn = Schema.Struct({
   conversation_id: ConversationId,
   turn_id: TurnId,
   text: Schema.String,
-  status: Schema.Literal("completed", "cancelled", "failed"),
+  status: TurnStatus,
   finish_reason: FinishReason,
   num_prompt_tokens: Schema.Int,
   num_completion_tokens: Schema.Int,
@@ -226,14 +226,3 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   )
 }))
 
-interface StartPayload {
-  readonly pool: string
-  readonly conversation_id: ConversationId
-  readonly turn_id: TurnId
-  readonly stream_id: TurnStreamId
-  readonly prompt_token_ids: ReadonlyArray<number>
-  readonly max_tokens: number
-  readonly sampling: typeof Sampling.Type
-  readonly priority: number
-  readonly stop: ReadonlyArray<string>
-}

@@ -4,6 +4,12 @@
  */
 import { Schema } from "effect"
 
+/**
+ * Constructor option for the Schema classes below when built from values that are typed
+ * already (our own fields, or rows decoded with a Schema): skips a second validation.
+ */
+export const noValidation = { disableValidation: true } as const
+
 /** Conversation id: `conv_` + 32 hex chars (random), or any 1–64 char [A-Za-z0-9_-] id. */
 export const ConversationId = Schema.String.pipe(
   Schema.pattern(/^[A-Za-z0-9_-]{1,64}$/),

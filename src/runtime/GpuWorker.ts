@@ -166,6 +166,9 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     let tickScheduled = false
     let stopped = false
     let undelivered: ReadonlyArray<TokenOutput> = []
+    // One map for every step's sampled tokens (applyStepResult does not keep it).
+    const sampled = new Map<number, number>()
+    const setSampled = (seqId: number, tokenId: number) => void sampled.set(seqId, tokenId)
     let lastDispatchMs = 0
 
     const deliver = (outputs: ReadonlyArray<TokenOutput>) => {
@@ -237,8 +240,8 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       if (Either.isLeft(result)) return failPlan(plan, result.left)
       const reply = result.right
       numSteps++
-      const sampled = new Map<number, number>()
-      forEachSampledToken(reply, (seqId, tokenId) => sampled.set(seqId, tokenId))
+      sampled.clear()
+      forEachSampledToken(reply, setSampled)
       undelivered = core.applyStepResult(plan, sampled)
       if (steps.length === stepHistory) steps.shift()
       steps.push({

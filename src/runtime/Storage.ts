@@ -5,7 +5,7 @@
 import { Migrator, SqlClient } from "@effect/sql"
 import type { SqlError } from "@effect/sql/SqlError"
 import { Context, Effect, Layer, Option, Schema, Struct } from "effect"
-import { ConversationId, type Role, Turn, TurnId, type TurnStatus } from "./Domain.js"
+import { ConversationId, noValidation, type Role, Turn, TurnId, type TurnStatus } from "./Domain.js"
 import { StorageError } from "./Errors.js"
 
 export class ConversationRow extends Schema.Class<ConversationRow>("ConversationRow")({
@@ -46,8 +46,6 @@ const turnId = (conversationId: string, seq: number) => TurnId.make(`${conversat
 const TurnRow = Schema.Struct(Struct.omit(Turn.fields, "turn_id"))
 
 // Rows are typed already (our own inserts, or decoded with TurnRow): no second validation.
-const noValidation = { disableValidation: true } as const
-
 const toTurn = (row: typeof TurnRow.Type) =>
   new Turn({ ...row, turn_id: turnId(row.conversation_id, row.seq) }, noValidation)
 

@@ -41,9 +41,10 @@ type Item =
   | { readonly _tag: "Error"; readonly code: string; readonly message: string }
 
 /** SSE framing (DESIGN.md data flow step 5); payloads are JSON, so newlines cannot break it. */
-export const Sse = {
+const Sse = {
   keepAlive: ": keep-alive\n\n",
-  token: (index: number, text: string): string => `event: token\nid: ${index}\ndata: ${JSON.stringify({ text })}\n\n`,
+  // Per token: the JSON object is written out rather than built and stringified.
+  token: (index: number, text: string): string => `event: token\nid: ${index}\ndata: {"text":${JSON.stringify(text)}}\n\n`,
   /** `id` is the index after the last token event. */
   done: (event: DoneEvent, id: number): string =>
     `event: done\nid: ${id}\ndata: ${

@@ -1,7 +1,7 @@
 /**
  * The runner's hot conversation state: least recently used entries go first once the char
- * budget is exceeded; a re-measured (grown) entry counts its new size; the newest entry stays
- * even when it alone exceeds the budget.
+ * budget is exceeded; a re-measured (grown) entry counts its new size, and so does one that
+ * grew by a counted message; the newest entry stays even when it alone exceeds the budget.
  */
 import { describe, expect, it } from "@effect/vitest"
 import { type ConversationState, HotConversations } from "../../src/actors/internal/hotConversations.js"
@@ -39,6 +39,24 @@ describe("HotConversations", () => {
     hot.set("big", state(10_000))
     expect(hot.size).toBe(1)
     expect(hot.get("big")).toBeDefined()
+  })
+
+  it("counts a message appended with grew as set would after measuring the whole history", () => {
+    const hot = new HotConversations(3000)
+    const a = state(1000)
+    hot.set("a", a)
+    hot.set("b", state(1000))
+    const reply = { role: "assistant" as const, content: "y".repeat(1000) }
+    a.history.push(reply)
+    hot.grew("a", a, reply) // 2544 now, as in the re-measure case: b (older) must go
+    expect(hot.get("b")).toBeUndefined()
+    expect(hot.get("a")).toBe(a)
+    hot.set("c", state(100)) // 372 more: 2916, within budget
+    expect(hot.size).toBe(2)
+    hot.grew("c", hot.get("c")!) // no message: only marks c as recently used
+    hot.set("d", state(100)) // 3288 > 3000: a, now the least recently used, goes
+    expect(hot.get("a")).toBeUndefined()
+    expect(hot.size).toBe(2)
   })
 
   it("forgets a deleted entry and its size", () => {

@@ -25,10 +25,12 @@ export interface ConversationState {
 
 /** Per-entry overhead counted against the budget, in chars (~bytes of a small object). */
 const ENTRY_COST_CHARS = 256
+/** Per-message overhead, in chars. */
+const MESSAGE_COST_CHARS = 16
 
 const sizeOf = (state: ConversationState): number => {
   let chars = ENTRY_COST_CHARS + (state.systemPrompt?.length ?? 0)
-  for (const m of state.history) chars += m.content.length + 16
+  for (const m of state.history) chars += m.content.length + MESSAGE_COST_CHARS
   return chars
 }
 
@@ -57,8 +59,29 @@ export class HotConversations {
     const chars = sizeOf(state)
     this.entries.set(id, { state, chars })
     this.totalChars += chars
+    this.evictBut(id)
+  }
+
+  /**
+   * Marks a conversation's state as used, after `message` (if any) was appended to its
+   * history: counts that message alone instead of measuring the whole history again.
+   */
+  grew(id: string, state: ConversationState, message?: ChatMessage): void {
+    const entry = this.entries.get(id)
+    if (entry === undefined || entry.state !== state) return this.set(id, state)
+    this.entries.delete(id)
+    this.entries.set(id, entry)
+    if (message === undefined) return
+    const chars = message.content.length + MESSAGE_COST_CHARS
+    entry.chars += chars
+    this.totalChars += chars
+    this.evictBut(id)
+  }
+
+  /** Drops the least recently used entries until within budget, never `keep`. */
+  private evictBut(keep: string): void {
     for (const [oldest, entry] of this.entries) {
-      if (this.totalChars <= this.maxChars || oldest === id) break
+      if (this.totalChars <= this.maxChars || oldest === keep) break
       this.entries.delete(oldest)
       this.totalChars -= entry.chars
     }
