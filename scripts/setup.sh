@@ -23,9 +23,9 @@ bash scripts/install-system-deps.sh | { [ "$quiet" -eq 1 ] && cat >/dev/null || 
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   say "installing npm dependencies (npm ci)"
-  # npm ci refuses lock files without other systems' optional packages; npm install then
-  # installs exactly the locked versions.
-  npm ci --no-audit --no-fund --loglevel=error 2>/dev/null || npm install --no-audit --no-fund --loglevel=error
+  # The lock file lists every platform's optional packages, so npm ci accepts it and never
+  # rewrites it.
+  npm ci --no-audit --no-fund --loglevel=error
 fi
 
 say "building the engine"
