@@ -81,6 +81,8 @@ export const startService = async (options: ServiceOptions): Promise<Running> =>
     DATA_DIR: options.dataDir,
     RUN_DIR: runDir,
     CLUSTER_CONFIG: "bench/serve/sim.config.ts",
+    // Every bench client connects from 127.0.0.1.
+    MAX_CONNECTIONS_PER_CLIENT: "16384",
     ...options.env
   })) {
     if (v !== undefined) env[k] = v

@@ -26,7 +26,7 @@ import {
 import { type LoadedModel, Models } from "../runtime/Models.js"
 import type { ChatMessage } from "../runtime/Tokenizer.js"
 import { ConversationStore } from "../runtime/Storage.js"
-import { TopologyService } from "../runtime/Topology.js"
+import { lookup, TopologyService } from "../runtime/Topology.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, TurnFinisher } from "./DecodeSlot.js"
 import { GpuScheduler } from "./GpuScheduler.js"
@@ -180,7 +180,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           const accepted = yield* Effect.uninterruptibleMask((restore) => Effect.gen(function*() {
             const conv = yield* restore(load)
             const model = models.get(conv.pool)
-            const pool = topology.pools[conv.pool]
+            const pool = lookup(topology.pools, conv.pool)
             if (model === undefined || pool === undefined) {
               return yield* new EngineError({ code: "unknown_pool", message: `pool ${conv.pool} is not configured` })
             }

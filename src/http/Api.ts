@@ -37,7 +37,7 @@ const IntFromString = Schema.String.pipe(
 
 export const HistoryParams = Schema.Struct({
   /** Cursor from a previous page's `next_cursor`: only turns with seq < before. */
-  before: Schema.optional(IntFromString),
+  before: Schema.optional(IntFromString.pipe(Schema.between(0, 2_147_483_647))),
   limit: Schema.optionalWith(IntFromString.pipe(Schema.between(1, 200)), { default: () => 50 })
 })
 
@@ -69,6 +69,7 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
       .addError(ApiError.TurnInProgressJson)
       .addError(ApiError.PromptTooLongJson)
       .addError(ApiError.EngineUnavailableJson)
+      .addError(ApiError.OverloadedJson)
   )
   .add(
     HttpApiEndpoint.post("cancel")`/v1/conversations/${id}/cancel`
@@ -88,5 +89,8 @@ export class Api extends HttpApi.make("chat")
   .add(ConversationsGroup)
   .addError(ApiError.InvalidRequestJson)
   .addError(ApiError.NotFoundJson)
+  .addError(ApiError.PayloadTooLargeJson)
   .addError(ApiError.InternalErrorJson)
+  .addError(ApiError.StorageUnavailableJson)
+  .addError(ApiError.ShuttingDownJson)
 {}

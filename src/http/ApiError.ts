@@ -12,14 +12,27 @@
  * | ConversationNotFound| 404    | `conversation_not_found` |
  * | ModelNotFound       | 404    | `model_not_found`        |
  * | TurnInProgress      | 409    | `turn_in_progress`       |
+ * | PayloadTooLarge     | 413    | `payload_too_large`      |
  * | InternalError       | 500    | `internal`               |
  * | EngineUnavailable   | 503    | `engine_error`           |
+ * | Overloaded          | 503    | `overloaded`             |
+ * | StorageUnavailable  | 503    | `storage_unavailable`    |
+ * | ShuttingDown        | 503    | `shutting_down`          |
  *
  * `model_not_found` is a 404 like the OpenAI API answers it (the named resource does not exist).
+ * The 503s carry `Retry-After` (seconds); messages are cut to {@link MAX_MESSAGE_CHARS}, so a
+ * rejected value is never echoed whole.
  */
 import { HttpApiSchema } from "@effect/platform"
 import { Schema } from "effect"
 import type * as Errors from "../runtime/Errors.js"
+
+/** Longest `message` an error body carries (a prefix of the value that failed, at most). */
+export const MAX_MESSAGE_CHARS = 512
+
+/** `message` cut to {@link MAX_MESSAGE_CHARS}. */
+export const truncateMessage = (message: string): string =>
+  message.length <= MAX_MESSAGE_CHARS ? message : `${message.slice(0, MAX_MESSAGE_CHARS - 1)}…`
 
 /** The JSON body of every error response. */
 export const ErrorBody = <const Code extends string>(code: Code) =>
@@ -46,7 +59,7 @@ export const toJson = <A extends { readonly message: string }, const Code extend
   Schema.transform(ErrorBody(code), Schema.typeSchema(self as Schema.Schema<A, any>), {
     strict: true,
     decode: ({ error }) => new self({ message: error.message }),
-    encode: (e) => ({ error: { code, message: e.message } })
+    encode: (e) => ({ error: { code, message: truncateMessage(e.message) } })
   }).annotations(HttpApiSchema.annotations({ status }))
 
 /** Bad JSON body, schema failure, bad path or query parameters. */
@@ -100,6 +113,14 @@ export class TurnInProgress extends Schema.TaggedError<TurnInProgress>()(
 ) {}
 export const TurnInProgressJson = toJson(TurnInProgress, "turn_in_progress", 409)
 
+/** The body is larger than the configured limit (`MAX_BODY_BYTES`). */
+export class PayloadTooLarge extends Schema.TaggedError<PayloadTooLarge>()(
+  "PayloadTooLarge",
+  { message: Schema.String },
+  HttpApiSchema.annotations({ status: 413 })
+) {}
+export const PayloadTooLargeJson = toJson(PayloadTooLarge, "payload_too_large", 413)
+
 export class InternalError extends Schema.TaggedError<InternalError>()(
   "InternalError",
   { message: Schema.String },
@@ -115,6 +136,33 @@ export class EngineUnavailable extends Schema.TaggedError<EngineUnavailable>()(
 ) {}
 export const EngineUnavailableJson = toJson(EngineUnavailable, "engine_error", 503)
 
+/** Fields of the 503s: when to try again. */
+const retryable = { message: Schema.String, retry_after_s: Schema.optionalWith(Schema.Int, { default: () => 1 }) }
+
+/** The turn was refused up front (its GPU pool is past its waiting bound or TTFT target); nothing was stored. */
+export class Overloaded extends Schema.TaggedError<Overloaded>()(
+  "Overloaded",
+  retryable,
+  HttpApiSchema.annotations({ status: 503 })
+) {}
+export const OverloadedJson = toJson(Overloaded, "overloaded", 503)
+
+/** The database could not be reached (after retries); nothing was acknowledged. */
+export class StorageUnavailable extends Schema.TaggedError<StorageUnavailable>()(
+  "StorageUnavailable",
+  retryable,
+  HttpApiSchema.annotations({ status: 503 })
+) {}
+export const StorageUnavailableJson = toJson(StorageUnavailable, "storage_unavailable", 503)
+
+/** The server is stopping and takes no new turns. */
+export class ShuttingDown extends Schema.TaggedError<ShuttingDown>()(
+  "ShuttingDown",
+  retryable,
+  HttpApiSchema.annotations({ status: 503 })
+) {}
+export const ShuttingDownJson = toJson(ShuttingDown, "shutting_down", 503)
+
 export type ApiError =
   | InvalidRequest
   | PromptTooLong
@@ -123,8 +171,12 @@ export type ApiError =
   | ConversationNotFound
   | ModelNotFound
   | TurnInProgress
+  | PayloadTooLarge
   | InternalError
   | EngineUnavailable
+  | Overloaded
+  | StorageUnavailable
+  | ShuttingDown
 
 const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   InvalidRequest,
@@ -134,9 +186,45 @@ const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   ConversationNotFound,
   ModelNotFound,
   TurnInProgress,
+  PayloadTooLarge,
   InternalError,
-  EngineUnavailable
+  EngineUnavailable,
+  Overloaded,
+  StorageUnavailable,
+  ShuttingDown
 ]
+
+/** The HTTP status and body code of an API error. */
+export const statusAndCode = (e: ApiError): { readonly status: number; readonly code: string } => {
+  switch (e._tag) {
+    case "InvalidRequest":
+      return { status: 400, code: "invalid_request" }
+    case "PromptTooLong":
+      return { status: 400, code: "prompt_too_long" }
+    case "Unauthorized":
+      return { status: 401, code: "unauthorized" }
+    case "NotFound":
+      return { status: 404, code: "not_found" }
+    case "ConversationNotFound":
+      return { status: 404, code: "conversation_not_found" }
+    case "ModelNotFound":
+      return { status: 404, code: "model_not_found" }
+    case "TurnInProgress":
+      return { status: 409, code: "turn_in_progress" }
+    case "PayloadTooLarge":
+      return { status: 413, code: "payload_too_large" }
+    case "InternalError":
+      return { status: 500, code: "internal" }
+    case "EngineUnavailable":
+      return { status: 503, code: "engine_error" }
+    case "Overloaded":
+      return { status: 503, code: "overloaded" }
+    case "StorageUnavailable":
+      return { status: 503, code: "storage_unavailable" }
+    case "ShuttingDown":
+      return { status: 503, code: "shutting_down" }
+  }
+}
 
 export const isApiError = (u: unknown): u is ApiError => classes.some((cls) => u instanceof cls)
 
@@ -152,6 +240,8 @@ export type RuntimeError =
   | Errors.EngineError
   | Errors.GenerationFailed
   | Errors.StorageError
+  | Errors.Overloaded
+  | Errors.ShuttingDown
 
 /** The API error a runtime error maps to (distributes over unions). */
 export type FromRuntime<E> = E extends Errors.ConversationNotFound ? ConversationNotFound
@@ -159,7 +249,10 @@ export type FromRuntime<E> = E extends Errors.ConversationNotFound ? Conversatio
   : E extends Errors.ModelNotFound ? ModelNotFound
   : E extends Errors.PromptTooLong ? PromptTooLong
   : E extends Errors.EngineError ? EngineUnavailable
-  : E extends Errors.GenerationFailed | Errors.StorageError ? InternalError
+  : E extends Errors.GenerationFailed ? InternalError
+  : E extends Errors.StorageError ? StorageUnavailable
+  : E extends Errors.Overloaded ? Overloaded
+  : E extends Errors.ShuttingDown ? ShuttingDown
   : never
 
 /** Maps a typed runtime failure to the API error the client sees. */
@@ -183,6 +276,10 @@ export const fromRuntime = <E extends RuntimeError>(error: E): FromRuntime<E> =>
     case "GenerationFailed":
       return new InternalError({ message: `Generation failed: ${e.message}` }) as FromRuntime<E>
     case "StorageError":
-      return new InternalError({ message: "Storage error" }) as FromRuntime<E>
+      return new StorageUnavailable({ message: "The database is unavailable; nothing was stored", retry_after_s: 2 }) as FromRuntime<E>
+    case "Overloaded":
+      return new Overloaded({ message: e.message, retry_after_s: e.retry_after_s }) as FromRuntime<E>
+    case "ShuttingDown":
+      return new ShuttingDown({ message: "The server is shutting down", retry_after_s: 5 }) as FromRuntime<E>
   }
 }

@@ -2,7 +2,8 @@
  * The HTTP server: the API with its handlers, served by NodeHttpServer.
  *
  * - `layer`: everything from config (`PORT` default 8080, `HOST` optional, `API_KEYS`,
- *   `SSE_KEEPALIVE_INTERVAL`); needs only `Conversations`.
+ *   `SSE_KEEPALIVE_INTERVAL`, `MAX_BODY_BYTES`, `HTTP_HEADERS_TIMEOUT_MS`,
+ *   `HTTP_REQUEST_TIMEOUT_MS`, `MAX_CONNECTIONS_PER_CLIENT`); needs only `Conversations`.
  * - `layerServe`: the API on whatever `HttpServer` is provided (compose your own server).
  * - `layerTest`: on a random local port, with an `HttpClient` pointed at it.
  */
@@ -12,15 +13,17 @@ import {
   HttpApiError,
   type HttpApp,
   type HttpClient,
+  HttpIncomingMessage,
   type HttpRouter,
   HttpServer,
   HttpServerError,
-  HttpServerRequest
+  HttpServerRequest,
+  HttpServerResponse
 } from "@effect/platform"
-import { NodeHttpClient, NodeHttpServer } from "@effect/platform-node"
-import { Cause, Config, type ConfigError, Effect, Layer, Option } from "effect"
-import { createServer, type Server as NodeServer } from "node:http"
-import type { ListenOptions } from "node:net"
+import { NodeHttpClient, NodeHttpServer, NodeHttpServerRequest } from "@effect/platform-node"
+import { Cause, Config, type ConfigError, Context, Effect, Layer, Option } from "effect"
+import { createServer } from "node:http"
+import type { ListenOptions, Socket } from "node:net"
 import type { Conversations } from "../runtime/Conversations.js"
 import { Api } from "./Api.js"
 import * as ApiError from "./ApiError.js"
@@ -28,40 +31,129 @@ import { ApiKeys, AuthorizationLive } from "./Auth.js"
 import * as Handlers from "./Handlers.js"
 import { SseSettings } from "./Sse.js"
 
-/** `role: is missing; max_tokens: Expected …` from the issues of a decode error. */
+/** `role: is missing; max_tokens: Expected …` from the issues of a decode error (each cut short). */
 const formatIssues = (error: HttpApiError.HttpApiDecodeError): string => {
-  const parts = error.issues.slice(0, 8).map((issue) =>
-    issue.path.length > 0 ? `${issue.path.join(".")}: ${issue.message}` : issue.message
-  )
-  return parts.length > 0 ? `Invalid request: ${parts.join("; ")}` : `Invalid request: ${error.message}`
+  const parts = error.issues.slice(0, 8).map((issue) => {
+    const text = issue.path.length > 0 ? `${issue.path.join(".")}: ${issue.message}` : issue.message
+    return text.length > 160 ? `${text.slice(0, 159)}…` : text
+  })
+  return parts.length > 0 ? `Invalid request: ${parts.join("; ")}` : `Invalid request: ${error.message.slice(0, 160)}`
 }
 
 const isJsonContentType = (contentType: string | undefined): boolean =>
   contentType === undefined || contentType === "" || /^application\/([a-z0-9.+-]*\+)?json\b/i.test(contentType.trim())
 
 /**
- * Bodies must be JSON (or absent): HttpApiBuilder would otherwise decode a form or text body
- * into something the schema rejects with a confusing message (`curl -d` sends a form type).
+ * Deepest nesting of arrays and objects in a JSON text (strings skipped), counted without
+ * parsing it, so that a hostile body cannot reach a recursive decoder.
  */
-const requireJsonBody = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | ApiError.InvalidRequest, R> =>
-  Effect.gen(function*() {
-    const request = yield* HttpServerRequest.HttpServerRequest
-    const contentType = request.headers["content-type"]
-    if (request.method !== "GET" && request.method !== "HEAD" && !isJsonContentType(contentType)) {
-      return yield* new ApiError.InvalidRequest({
-        message: `Content-Type must be application/json (got ${contentType})`
-      })
-    }
-    return yield* app
+export const jsonDepth = (text: string): number => {
+  let depth = 0
+  let max = 0
+  let inString = false
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    if (inString) {
+      if (c === 92) i++ // backslash: skip the escaped char
+      else if (c === 34) inString = false
+    } else if (c === 34) inString = true
+    else if (c === 123 || c === 91) {
+      if (++depth > max) max = depth
+    } else if (c === 125 || c === 93) depth--
+  }
+  return max
+}
+
+/** Limits on what a request may send (`MAX_BODY_BYTES`, default 1 MiB; JSON nesting at most 32). */
+export class RequestLimits extends Context.Reference<RequestLimits>()("chat/http/RequestLimits", {
+  defaultValue: (): { readonly maxBodyBytes: number; readonly maxJsonDepth: number } => ({
+    maxBodyBytes: 1024 * 1024,
+    maxJsonDepth: 32
   })
+}) {
+  static readonly layerConfig = Layer.effect(
+    RequestLimits,
+    Effect.map(
+      Config.integer("MAX_BODY_BYTES").pipe(Config.withDefault(1024 * 1024)),
+      (maxBodyBytes) => ({ maxBodyBytes, maxJsonDepth: 32 })
+    )
+  )
+}
+
+const isMaxBytesExceeded = (e: HttpServerError.RequestError): boolean =>
+  e.cause instanceof Error && e.cause.message === "maxBytes exceeded"
 
 /**
- * Turns every failure that is not already an API error into one, so that every error response
- * is `{"error":{"code","message"}}`: decode errors (the stock HttpApiDecodeError), unreadable
- * or non-JSON bodies and non-JSON content types → `invalid_request`, no route → `not_found`, anything else → `internal`.
+ * Checks what every route must satisfy before any handler reads the request:
+ * - one `Authorization` header at most (Node keeps only the first of duplicates: a request
+ *   with two is ambiguous, so it is a 400);
+ * - a JSON body (or none): HttpApiBuilder would otherwise decode a form or text body into
+ *   something the schema rejects with a confusing message (`curl -d` sends a form type);
+ * - at most `maxBodyBytes`: a `Content-Length` above it is a 413 before a byte is read, and a
+ *   chunked body is read up to the limit only; the text read here is what the route decodes
+ *   (the request caches it);
+ * - nesting at most `maxJsonDepth` deep, checked before anything parses it.
  */
-export const normalizeErrors = (app: HttpApp.Default): HttpApp.Default<ApiError.ApiError> =>
-  Effect.catchAllCause(requireJsonBody(app), (cause) =>
+const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | ApiError.ApiError, R> =>
+  Effect.gen(function*() {
+    const request = yield* HttpServerRequest.HttpServerRequest
+    const raw = NodeHttpServerRequest.toIncomingMessage(request).rawHeaders
+    let numAuthorization = 0
+    for (let i = 0; i < raw.length; i += 2) if (raw[i]!.toLowerCase() === "authorization") numAuthorization++
+    if (numAuthorization > 1) {
+      return yield* new ApiError.InvalidRequest({ message: "More than one Authorization header" })
+    }
+    if (request.method === "GET" || request.method === "HEAD") return yield* app
+    const contentType = request.headers["content-type"]
+    if (!isJsonContentType(contentType)) {
+      return yield* new ApiError.InvalidRequest({
+        message: `Content-Type must be application/json (got ${ApiError.truncateMessage(contentType ?? "")})`
+      })
+    }
+    const limits = yield* RequestLimits
+    const declared = Number(request.headers["content-length"] ?? "0")
+    if (declared > limits.maxBodyBytes) {
+      return yield* new ApiError.PayloadTooLarge({ message: `The body is larger than ${limits.maxBodyBytes} bytes` })
+    }
+    const text = yield* request.text.pipe(
+      HttpIncomingMessage.withMaxBodySize(Option.some(limits.maxBodyBytes)),
+      Effect.mapError((e): ApiError.ApiError =>
+        isMaxBytesExceeded(e)
+          ? new ApiError.PayloadTooLarge({ message: `The body is larger than ${limits.maxBodyBytes} bytes` })
+          : new ApiError.InvalidRequest({ message: "The request body could not be read" })
+      )
+    )
+    if (jsonDepth(text) > limits.maxJsonDepth) {
+      return yield* new ApiError.InvalidRequest({ message: `The body nests deeper than ${limits.maxJsonDepth} levels` })
+    }
+    return yield* app
+  }) as HttpApp.Default<E | ApiError.ApiError, R>
+
+/** The error response: `{"error":{"code","message"}}` with the headers its status calls for. */
+export const errorResponse = (e: ApiError.ApiError): HttpServerResponse.HttpServerResponse => {
+  const { code, status } = ApiError.statusAndCode(e)
+  const headers: Record<string, string> = {}
+  if (e._tag === "Unauthorized") headers["www-authenticate"] = "Bearer"
+  if (e._tag === "Overloaded" || e._tag === "StorageUnavailable" || e._tag === "ShuttingDown") {
+    headers["retry-after"] = String(e.retry_after_s)
+  }
+  // The rest of an over-long body is not read: the connection cannot be reused.
+  if (e._tag === "PayloadTooLarge") headers["connection"] = "close"
+  return HttpServerResponse.unsafeJson({ error: { code, message: ApiError.truncateMessage(e.message) } }, {
+    status,
+    headers
+  })
+}
+
+/**
+ * Turns every failure into an error response `{"error":{"code","message"}}`: API errors as
+ * they are, decode errors (the stock HttpApiDecodeError), unreadable or non-JSON bodies and
+ * non-JSON content types → `invalid_request`, no route → `not_found`, anything else →
+ * `internal`. Responses are built here (not by HttpApiBuilder's error encoding) so that they
+ * carry their headers: `WWW-Authenticate` on a 401, `Retry-After` on a 503.
+ */
+export const normalizeErrors = (app: HttpApp.Default): HttpApp.Default =>
+  Effect.catchAllCause(guardRequest(app), (cause) =>
     Effect.gen(function*() {
       if (Cause.isInterruptedOnly(cause)) {
         return yield* Effect.failCause(cause as Cause.Cause<never>)
@@ -69,15 +161,15 @@ export const normalizeErrors = (app: HttpApp.Default): HttpApp.Default<ApiError.
       const failure = Cause.failureOption(cause)
       if (Option.isSome(failure)) {
         const error: unknown = failure.value
-        if (ApiError.isApiError(error)) {
-          return yield* Effect.fail(error)
-        }
+        if (ApiError.isApiError(error)) return errorResponse(error)
         if (error instanceof HttpApiError.HttpApiDecodeError) {
-          return yield* new ApiError.InvalidRequest({ message: formatIssues(error) })
+          return errorResponse(new ApiError.InvalidRequest({ message: formatIssues(error) }))
         }
         if (HttpServerError.isServerError(error) && error._tag === "RouteNotFound") {
           const request = yield* HttpServerRequest.HttpServerRequest
-          return yield* new ApiError.NotFound({ message: `No route for ${request.method} ${request.url}` })
+          return errorResponse(
+            new ApiError.NotFound({ message: `No route for ${request.method} ${request.url.slice(0, 200)}` })
+          )
         }
       }
       const defect = Cause.dieOption(cause)
@@ -85,14 +177,16 @@ export const normalizeErrors = (app: HttpApp.Default): HttpApp.Default<ApiError.
         Option.isSome(defect) && HttpServerError.isServerError(defect.value) && defect.value._tag === "RequestError"
       ) {
         // HttpApiBuilder reads bodies with `Effect.orDie(request.json)`: bad JSON is a defect.
-        return yield* new ApiError.InvalidRequest({
-          message: defect.value.reason === "Decode"
-            ? "The request body is not valid JSON"
-            : "The request body could not be read"
-        })
+        return errorResponse(
+          new ApiError.InvalidRequest({
+            message: defect.value.reason === "Decode"
+              ? "The request body is not valid JSON"
+              : "The request body could not be read"
+          })
+        )
       }
       yield* Effect.logError("unhandled HTTP failure", cause)
-      return yield* new ApiError.InternalError({ message: "Internal server error" })
+      return errorResponse(new ApiError.InternalError({ message: "Internal server error" }))
     }))
 
 /**
@@ -126,18 +220,63 @@ export const layerServe: Layer.Layer<
   HttpServer.withLogAddress
 )
 
+/** Connection-level limits of the Node server (each from config in `layer`). */
+export interface ConnectionLimits {
+  /** A request whose head is not complete after this long gets 408 (`HTTP_HEADERS_TIMEOUT_MS`, 10 s). */
+  readonly headersTimeoutMs: number
+  /** A request not fully received after this long gets 408 (`HTTP_REQUEST_TIMEOUT_MS`, 30 s). */
+  readonly requestTimeoutMs: number
+  /** Open connections per client address; more are answered 429 and closed (`MAX_CONNECTIONS_PER_CLIENT`, 1024). */
+  readonly maxConnectionsPerClient: number
+}
+
+export const defaultConnectionLimits: ConnectionLimits = {
+  headersTimeoutMs: 10_000,
+  requestTimeoutMs: 30_000,
+  maxConnectionsPerClient: 1024
+}
+
+const rawResponse = (status: string, code: string, message: string): string => {
+  const body = JSON.stringify({ error: { code, message } })
+  return `HTTP/1.1 ${status}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`
+}
+
 /**
- * A Node HTTP server that, on shutdown, stops listening and closes the open connections (an
- * open SSE stream would otherwise keep `server.close` waiting forever): the request fibers of
- * those connections are interrupted, which cancels their generations. Runs before
- * NodeHttpServer's own finalizer (which then finds the server closed).
+ * A Node HTTP server with the connection limits applied (slow or lying clients get 408 from
+ * Node's own request timers; a client address past its connection bound gets 429; `CONNECT`
+ * gets 405), which, on shutdown, stops listening and closes the open connections (an open SSE
+ * stream would otherwise keep `server.close` waiting forever): the request fibers of those
+ * connections are interrupted, which cancels their generations. Runs before NodeHttpServer's
+ * own finalizer (which then finds the server closed).
  */
 export const layerNodeServer = (
   listen: ListenOptions,
-  make: () => NodeServer = () => createServer()
+  limits: ConnectionLimits = defaultConnectionLimits
 ) =>
   Layer.unwrapEffect(Effect.sync(() => {
-    const server = make()
+    const server = createServer({
+      headersTimeout: limits.headersTimeoutMs,
+      requestTimeout: limits.requestTimeoutMs,
+      // How often Node checks those timers (default 30 s).
+      connectionsCheckingInterval: Math.min(1000, limits.headersTimeoutMs)
+    })
+    const perClient = new Map<string, number>()
+    server.on("connection", (socket: Socket) => {
+      const address = socket.remoteAddress ?? ""
+      const n = (perClient.get(address) ?? 0) + 1
+      perClient.set(address, n)
+      socket.once("close", () => {
+        const left = (perClient.get(address) ?? 1) - 1
+        if (left === 0) perClient.delete(address)
+        else perClient.set(address, left)
+      })
+      if (n > limits.maxConnectionsPerClient) {
+        socket.end(rawResponse("429 Too Many Requests", "too_many_connections", `At most ${limits.maxConnectionsPerClient} open connections per client`))
+      }
+    })
+    server.on("connect", (_request, socket: Socket) => {
+      socket.end(rawResponse("405 Method Not Allowed", "method_not_allowed", "CONNECT is not supported"))
+    })
     return Layer.scopedDiscard(
       Effect.addFinalizer(() =>
         Effect.sync(() => {
@@ -147,6 +286,15 @@ export const layerNodeServer = (
       )
     ).pipe(Layer.provideMerge(NodeHttpServer.layer(() => server, listen)))
   }))
+
+/** The connection limits from config (see {@link ConnectionLimits}). */
+export const connectionLimitsConfig: Config.Config<ConnectionLimits> = Config.all({
+  headersTimeoutMs: Config.integer("HTTP_HEADERS_TIMEOUT_MS").pipe(Config.withDefault(defaultConnectionLimits.headersTimeoutMs)),
+  requestTimeoutMs: Config.integer("HTTP_REQUEST_TIMEOUT_MS").pipe(Config.withDefault(defaultConnectionLimits.requestTimeoutMs)),
+  maxConnectionsPerClient: Config.integer("MAX_CONNECTIONS_PER_CLIENT").pipe(
+    Config.withDefault(defaultConnectionLimits.maxConnectionsPerClient)
+  )
+})
 
 /** `PORT` (default 8080) and `HOST` (default: all interfaces). */
 export const listenConfig: Config.Config<ListenOptions> = Config.all({
@@ -163,26 +311,31 @@ export const listenConfig: Config.Config<ListenOptions> = Config.all({
 
 /** The HTTP server from config: needs only `Conversations`. */
 export const layer: Layer.Layer<never, HttpServerError.ServeError | ConfigError.ConfigError, Conversations> = Layer
-  .unwrapEffect(Effect.map(listenConfig, (listen) => layerNodeServer(listen)))
+  .unwrapEffect(Effect.map(Config.all([listenConfig, connectionLimitsConfig]), ([listen, limits]) => layerNodeServer(listen, limits)))
   .pipe(
     (server) => layerServe.pipe(Layer.provide(server)),
     Layer.provide(ApiKeys.layerConfig),
-    Layer.provide(SseSettings.layerConfig)
+    Layer.provide(SseSettings.layerConfig),
+    Layer.provide(RequestLimits.layerConfig)
   )
 
 /**
  * For tests: the API on a random port of 127.0.0.1; exposes the `HttpServer` (its address)
  * and an `HttpClient` with the server's URL prepended. Provide `Conversations` and `ApiKeys`
- * (and `SseSettings` to change the keep-alive interval).
+ * (and `SseSettings` to change the keep-alive interval, `RequestLimits` the body limits).
  */
-export const layerTest: Layer.Layer<
+export const layerTestWith = (limits: ConnectionLimits = defaultConnectionLimits): Layer.Layer<
   HttpServer.HttpServer | HttpClient.HttpClient,
   HttpServerError.ServeError,
   Conversations | ApiKeys
-> = layerServe.pipe(
-  Layer.provideMerge(HttpServer.layerTestClient.pipe(
-    Layer.provide(NodeHttpClient.layerWithoutAgent),
-    Layer.provide(NodeHttpClient.makeAgentLayer({ keepAlive: false })),
-    Layer.provideMerge(layerNodeServer({ port: 0, host: "127.0.0.1" }))
-  ))
-)
+> =>
+  layerServe.pipe(
+    Layer.provideMerge(HttpServer.layerTestClient.pipe(
+      Layer.provide(NodeHttpClient.layerWithoutAgent),
+      Layer.provide(NodeHttpClient.makeAgentLayer({ keepAlive: false })),
+      Layer.provideMerge(layerNodeServer({ port: 0, host: "127.0.0.1" }, limits))
+    ))
+  )
+
+/** {@link layerTestWith} the default connection limits. */
+export const layerTest = layerTestWith()

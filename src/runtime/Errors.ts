@@ -34,3 +34,15 @@ export class GenerationFailed extends Schema.TaggedError<GenerationFailed>()("Ge
 export class StorageError extends Schema.TaggedError<StorageError>()("StorageError", {
   message: Schema.String
 }) {}
+
+/**
+ * A turn refused before anything was stored: its GPU pool is past its waiting bound, or the
+ * predicted wait for its first token exceeds its tier's TTFT target. Retry after `retry_after_s`.
+ */
+export class Overloaded extends Schema.TaggedError<Overloaded>()("Overloaded", {
+  message: Schema.String,
+  retry_after_s: Schema.Int
+}) {}
+
+/** The runner is stopping: it takes no new turns. */
+export class ShuttingDown extends Schema.TaggedError<ShuttingDown>()("ShuttingDown", {}) {}

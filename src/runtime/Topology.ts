@@ -80,9 +80,16 @@ export class TopologyService extends Context.Tag("chat/Topology")<TopologyServic
 export const layer = (input: unknown) =>
   Layer.effect(TopologyService, Schema.decodeUnknown(TopologySchema)(input, { errors: "all" }).pipe(Effect.orDie))
 
+/**
+ * `record[key]` if `key` is the record's own key: user input such as a model name must never
+ * reach `Object.prototype` (`constructor`, `__proto__`, `toString`).
+ */
+export const lookup = <A>(record: Readonly<Record<string, A>>, key: string): A | undefined =>
+  Object.hasOwn(record, key) ? record[key] : undefined
+
 /** The pool a model name or tier resolves to. */
 export const poolFor = (topology: Topology, model: string | undefined): { name: string; pool: Pool } | undefined => {
-  const name = model ?? topology.tiers[topology.default_tier]!.pool
-  const pool = topology.pools[name]
+  const name = model ?? lookup(topology.tiers, topology.default_tier)!.pool
+  const pool = lookup(topology.pools, name)
   return pool === undefined ? undefined : { name, pool }
 }

@@ -43,6 +43,7 @@ type Item =
 /** SSE framing (DESIGN.md data flow step 5); payloads are JSON, so newlines cannot break it. */
 const Sse = {
   keepAlive: ": keep-alive\n\n",
+  accepted: ": accepted\n\n",
   // Per token: the JSON object is written out rather than built and stringified.
   token: (index: number, text: string): string => `event: token\nid: ${index}\ndata: {"text":${JSON.stringify(text)}}\n\n`,
   /** `id` is the index after the last token event. */
@@ -158,6 +159,9 @@ export class TurnStream {
         callback(error)
       }
     })
+    // A first comment at once: the status line and headers go out with it, so a turn that
+    // waits for the GPU does not look like a dead connection.
+    readable.push(Sse.accepted)
     this.attach((item) => {
       lastWriteMs = performance.now()
       switch (item._tag) {

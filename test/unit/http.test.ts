@@ -2,6 +2,7 @@ import { HttpServer } from "@effect/platform"
 import { describe, expect, it } from "@effect/vitest"
 import { Duration, Effect, Exit, Layer, Scope } from "effect"
 import * as Http from "node:http"
+import * as Net from "node:net"
 import { ApiKeys } from "../../src/http/Auth.js"
 import * as Server from "../../src/http/Server.js"
 import { SseSettings } from "../../src/http/Sse.js"
@@ -13,6 +14,7 @@ interface Ctx {
 }
 
 interface Options {
+  readonly limits?: Server.ConnectionLimits
   readonly keys?: ReadonlyArray<string>
   readonly keepAlive?: Duration.DurationInput
   readonly fake?: Fake.FakeOptions
@@ -29,7 +31,7 @@ const withServer = (options: Options, body: (ctx: Ctx) => Promise<void>) =>
     yield* Effect.promise(() => body({ url, control }))
   }).pipe(
     Effect.provide(
-      Server.layerTest.pipe(
+      Server.layerTestWith(options.limits).pipe(
         Layer.provideMerge(Fake.layer(options.fake ?? {})),
         Layer.provide(ApiKeys.layer(options.keys ?? [])),
         Layer.provide(SseSettings.layer({ keepAliveInterval: options.keepAlive ?? Duration.seconds(15) }))
@@ -393,7 +395,9 @@ describe("HTTP API", () => {
         .text()
       const { comments, events } = parseSse(text)
       expect(events.map((e) => e.event)).toEqual(["token", "token", "done"])
-      expect(comments.every((c) => c === "keep-alive")).toBe(true)
+      // The first comment goes out with the headers, at once; then keep-alives.
+      expect(comments[0]).toBe("accepted")
+      expect(comments.slice(1).every((c) => c === "keep-alive")).toBe(true)
       // ~300 ms of idle time at 40 ms → several comments, and at least one before the first token
       expect(comments.length).toBeGreaterThanOrEqual(4)
       expect(text.indexOf(": keep-alive\n\n")).toBeLessThan(text.indexOf("event: token"))
@@ -404,7 +408,7 @@ describe("HTTP API", () => {
       const id = await create(url)
       const text = await (await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content: "x" } }))
         .text()
-      expect(parseSse(text).comments).toEqual([])
+      expect(parseSse(text).comments).toEqual(["accepted"])
     }))
 
   it.live("history paging with before/limit", () =>
@@ -470,5 +474,134 @@ describe("HTTP API", () => {
       await expectError(await fetch(`${url}/nope`), 404, "not_found")
       await expectError(await fetch(`${url}/v1/conversations/abc/turns`), 404, "not_found") // GET on a POST route
       await expectError(await json(`${url}/v2/conversations`, { body: {} }), 404, "not_found")
+    }))
+})
+
+/** A raw HTTP/1.1 exchange: writes `request`, returns what the server answered before closing. */
+const rawExchange = (url: string, request: string, timeoutMs = 10_000): Promise<string> =>
+  new Promise((resolve, reject) => {
+    const { hostname, port } = new URL(url)
+    const socket = Net.connect(Number(port), hostname, () => socket.write(request))
+    let answer = ""
+    socket.setEncoding("utf8")
+    socket.on("data", (d: string) => (answer += d))
+    socket.on("close", () => resolve(answer))
+    socket.on("error", reject)
+    setTimeout(() => {
+      socket.destroy()
+      resolve(answer)
+    }, timeoutMs)
+  })
+
+describe("HTTP API: hostile input (issue 9)", () => {
+  it.live("a history cursor past int32 is a 400, not a storage error", () =>
+    withServer({}, async ({ url }) => {
+      const id = await create(url)
+      await expectError(await fetch(`${url}/v1/conversations/${id}?before=2147483648`), 400, "invalid_request")
+      await expectError(await fetch(`${url}/v1/conversations/${id}?before=999999999999999`), 400, "invalid_request")
+      expect((await fetch(`${url}/v1/conversations/${id}?before=2147483647`)).status).toBe(200)
+    }))
+
+  it.live("JSON nested thousands of levels deep is a 400 before validation", () =>
+    withServer({}, async ({ url }) => {
+      const id = await create(url)
+      const deep = "[".repeat(5000) + "]".repeat(5000)
+      const body = `{"role":"user","content":${deep}}`
+      await expectError(await json(`${url}/v1/conversations/${id}/turns`, { body }), 400, "invalid_request")
+      await expectError(await json(`${url}/v1/conversations`, { body: `{"system_prompt":${deep}}` }), 400, "invalid_request")
+      // Brackets inside strings do not count.
+      const ok = await json(`${url}/v1/conversations`, { body: { system_prompt: "[".repeat(5000) } })
+      expect(ok.status).toBe(201)
+    }))
+
+  it.live("error bodies quote a short prefix of a rejected value, never all of it", () =>
+    withServer({}, async ({ url }) => {
+      const response = await json(`${url}/v1/conversations`, { body: { system_prompt: "x".repeat(1_000_000) } })
+      const text = await response.text()
+      expect(response.status).toBe(400)
+      expect(text.length).toBeLessThan(2048)
+      expect(JSON.parse(text).error.code).toBe("invalid_request")
+    }))
+
+  it.live("a body over the limit is a 413, declared or chunked", () =>
+    withServer({}, async ({ url }) => {
+      const big = JSON.stringify({ system_prompt: "x".repeat(2 * 1024 * 1024) })
+      await expectError(await json(`${url}/v1/conversations`, { body: big }), 413, "payload_too_large")
+      const chunks = new ReadableStream<Uint8Array>({
+        start(controller) {
+          const piece = new TextEncoder().encode("x".repeat(64 * 1024))
+          controller.enqueue(new TextEncoder().encode('{"system_prompt":"'))
+          for (let i = 0; i < 40; i++) controller.enqueue(piece)
+          controller.close()
+        }
+      })
+      const chunked = await fetch(`${url}/v1/conversations`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: chunks,
+        duplex: "half"
+      } as RequestInit).catch(() => undefined)
+      // Either the 413 arrives, or the server cut the upload short; never a 201.
+      if (chunked !== undefined) expect(chunked.status).toBe(413)
+      expect((await fetch(`${url}/healthz`)).status).toBe(200)
+    }))
+
+  it.live("a client that sends less than its Content-Length gets 408, not a connection held forever", () =>
+    withServer({ limits: { headersTimeoutMs: 500, requestTimeoutMs: 1000, maxConnectionsPerClient: 1024 } }, async ({ url }) => {
+      const t0 = Date.now()
+      const answer = await rawExchange(
+        url,
+        "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":",
+        8000
+      )
+      expect(answer).toMatch(/^HTTP\/1\.1 408/)
+      expect(Date.now() - t0).toBeLessThan(5000)
+      const slowHead = await rawExchange(url, "GET /healthz HTTP/1.1\r\nHost: x\r\n", 8000)
+      expect(slowHead).toMatch(/^HTTP\/1\.1 408/)
+    }))
+
+  it.live("connections per client address are bounded", () =>
+    withServer({ limits: { ...Server.defaultConnectionLimits, maxConnectionsPerClient: 4 } }, async ({ url }) => {
+      const { hostname, port } = new URL(url)
+      const sockets = await Promise.all(
+        Array.from({ length: 4 }, () =>
+          new Promise<Net.Socket>((resolve) => {
+            const s = Net.connect(Number(port), hostname, () => resolve(s))
+          }))
+      )
+      const fifth = await rawExchange(url, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 3000)
+      expect(fifth).toMatch(/^HTTP\/1\.1 429/)
+      for (const s of sockets) s.destroy()
+      await new Promise((r) => setTimeout(r, 100))
+      expect((await fetch(`${url}/healthz`)).status).toBe(200)
+    }))
+
+  it.live("two Authorization headers → 400; a 401 says WWW-Authenticate: Bearer; CONNECT → 405", () =>
+    withServer({ keys: ["key-one"] }, async ({ url }) => {
+      const twice = await rawExchange(
+        url,
+        "GET /v1/conversations/abc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-one\r\nAuthorization: Bearer nope\r\nConnection: close\r\n\r\n"
+      )
+      expect(twice).toMatch(/^HTTP\/1\.1 400/)
+      expect(twice).toContain("invalid_request")
+      const unauthorized = await fetch(`${url}/v1/conversations/abc`)
+      expect(unauthorized.headers.get("www-authenticate")).toBe("Bearer")
+      await expectError(unauthorized, 401, "unauthorized")
+      const connect = await rawExchange(url, "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+      expect(connect).toMatch(/^HTTP\/1\.1 405/)
+    }))
+
+  it.live("a turn's status line and headers arrive at once, before its first token", () =>
+    withServer({ fake: { tokens: 2, tokenDelay: Duration.seconds(3) } }, async ({ url }) => {
+      const id = await create(url)
+      const t0 = Date.now()
+      const response = await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content: "hi" } })
+      expect(response.status).toBe(200)
+      expect(response.headers.get("content-type")).toMatch(/^text\/event-stream/)
+      const reader = response.body!.getReader()
+      const first = await readUntil(reader, (t) => t.includes("\n\n"))
+      expect(first.startsWith(":")).toBe(true)
+      expect(Date.now() - t0).toBeLessThan(2000)
+      await reader.cancel()
     }))
 })

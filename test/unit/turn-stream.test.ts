@@ -38,7 +38,8 @@ describe("TurnStream", () => {
     stream.done(done(3))
     const text = await readAll(readable)
     expect(text).toBe(
-      "event: token\nid: 0\ndata: {\"text\":\"Hel\"}\n\n" +
+      ": accepted\n\n" +
+        "event: token\nid: 0\ndata: {\"text\":\"Hel\"}\n\n" +
         "event: token\nid: 1\ndata: {\"text\":\"lo\\n\\\"x\\\"\"}\n\n" +
         "event: token\nid: 2\ndata: {\"text\":\"!\"}\n\n" +
         "event: done\nid: 3\ndata: {\"turn_id\":\"c:1\",\"finish_reason\":\"stop\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":3}}\n\n"
@@ -65,7 +66,7 @@ describe("TurnStream", () => {
     const readable = stream.toSse({ keepAliveMs: 0 })
     let accepted = 0
     while (stream.token("x".repeat(40))) accepted++
-    expect(accepted).toBe(3) // the 4th unread event fills the 4-event buffer
+    expect(accepted).toBe(2) // the first comment and the 3rd unread event fill the 4-event buffer
     expect(calls.drain).toBe(0)
     readable.read()
     await new Promise((r) => setImmediate(r))
