@@ -19,18 +19,20 @@ import { type ConversationId, TurnId } from "../runtime/Domain.js"
 import {
   ConversationNotFound,
   EngineError,
+  Overloaded,
   PromptTooLong,
   StorageError,
   TurnInProgress
 } from "../runtime/Errors.js"
-import { type LoadedModel, Models } from "../runtime/Models.js"
+import { Models } from "../runtime/Models.js"
 import type { ChatMessage } from "../runtime/Tokenizer.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, TurnFinisher } from "./DecodeSlot.js"
-import { GpuScheduler } from "./GpuScheduler.js"
+import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
+import { buildPrompt } from "./internal/promptAssembly.js"
 
 /** Budget of the runner's hot conversation state (chars of prompts and history, ~2 bytes each). */
 const HOT_CONVERSATIONS_MAX_CHARS = 32 * 1024 * 1024
@@ -47,7 +49,8 @@ export const SendTurnError = Schema.Union(
   TurnInProgress,
   PromptTooLong,
   StorageError,
-  EngineError
+  EngineError,
+  Overloaded
 )
 
 export const Conversation = Entity.make("Conversation", [
@@ -78,39 +81,16 @@ interface ActiveTurn {
   cancelRequested: boolean
   /** Whether the user turn is durable, once its append ends; FinishTurn waits for it. */
   readonly userTurnStored: Deferred.Deferred<boolean>
+  /** Done once the turn is over and the conversation takes a new one (Cancel waits for it). */
+  readonly ended: Deferred.Deferred<void>
 }
+
+/** How long Cancel waits for the cancelled turn to be stored before it answers. */
+const CANCEL_SETTLE_TIMEOUT = Duration.seconds(10)
 
 /** Entity-client failures that mean "the cluster could not deliver": surfaced as a 503. */
 const clusterUnavailable = (e: { readonly _tag: string }) =>
   new EngineError({ code: "unavailable", message: `cluster could not deliver the message (${e._tag})` })
-
-/**
- * Token ids of the prompt for `history` + `content`, dropping the oldest turns until the
- * prompt leaves room for at least `minNewTokens`. Fails with PromptTooLong if even the system
- * prompt and the new turn alone do not fit.
- */
-const buildPrompt = (
-  model: LoadedModel,
-  systemPrompt: string | null,
-  history: ReadonlyArray<ChatMessage>,
-  content: string,
-  minNewTokens: number
-): Effect.Effect<Array<number>, PromptTooLong> => {
-  const system: Array<ChatMessage> = systemPrompt === null ? [] : [{ role: "system", content: systemPrompt }]
-  const limit = model.maxModelLen - minNewTokens
-  let first = 0
-  for (;;) {
-    const ids = model.tokenizer.encode(
-      model.tokenizer.renderChat([...system, ...history.slice(first), { role: "user", content }])
-    )
-    if (ids.length <= limit) return Effect.succeed(ids)
-    if (first >= history.length) {
-      return Effect.fail(new PromptTooLong({ num_prompt_tokens: ids.length, max_model_len: model.maxModelLen }))
-    }
-    // Drop a whole exchange (user + assistant) so the history never starts mid-exchange.
-    first += history[first]?.role === "user" && history[first + 1]?.role === "assistant" ? 2 : 1
-  }
-}
 
 /** Sequence number of a turn id `<conversation_id>:<seq>`. */
 const seqOf = (turnId: TurnId): number => Number(turnId.slice(turnId.lastIndexOf(":") + 1))
@@ -138,7 +118,6 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       const models = yield* Models
       const topology = yield* TopologyService
       let loaded: ConversationState | undefined
-      let nextGpu = 0
 
       const load = Effect.gen(function*() {
         if (loaded !== undefined) return loaded
@@ -150,14 +129,18 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         // A concurrent message's load may have finished first: keep the one state in use.
         if (loaded !== undefined) return loaded
         const active = activeTurns.get(id)
+        const last = turns.at(-1)
         loaded = {
           pool: row.value.model,
           systemPrompt: row.value.system_prompt,
           history: turns.filter((t) => t.role !== "system" && t.status !== "failed").map((t) => ({ role: t.role, content: t.content })),
-          // A running turn's assistant seq is reserved although its row is not written yet
-          // (a turn still being accepted, as when SendTurn itself loads, has no id yet).
+          historyIds: [],
+          // A user turn's reply keeps its seq (user seq + 1) even while its row is missing
+          // (still streaming, or lost in a crash until start-up reconciliation fills it in);
+          // a running turn's too (a turn still being accepted, as when SendTurn itself loads,
+          // has no id yet).
           nextSeq: Math.max(
-            turns.length === 0 ? 0 : turns[turns.length - 1]!.seq + 1,
+            last === undefined ? 0 : last.seq + (last.role === "user" ? 2 : 1),
             active === undefined || active.turnId === "" ? 0 : seqOf(active.turnId) + 1
           )
         }
@@ -165,18 +148,32 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         return loaded
       })
 
+      /** Ends `active`: the conversation is free again, and Cancel's wait is over. */
+      const release = (active: ActiveTurn) => {
+        if (activeTurns.get(id) === active) activeTurns.delete(id)
+        Deferred.unsafeDone(active.ended, Exit.void)
+      }
+
       const sendTurn = (input: SendTurnInput) =>
         Effect.gen(function*() {
           // Claim the conversation before the first yield: handlers run concurrently.
           if (activeTurns.has(id)) return yield* new TurnInProgress({ conversation_id: id })
           // The turn id is known once the user turn's seq is; "" until then.
           const userTurnStored = Deferred.unsafeMake<boolean>(FiberId.none)
-          const active: ActiveTurn = { turnId: TurnId.make(""), slotId: undefined, cancelRequested: false, userTurnStored }
+          const active: ActiveTurn = {
+            turnId: TurnId.make(""),
+            slotId: undefined,
+            cancelRequested: false,
+            userTurnStored,
+            ended: Deferred.unsafeMake<void>(FiberId.none)
+          }
           activeTurns.set(id, active)
           let stored: { readonly seq: number; readonly numPromptTokens: number } | undefined
-          // Interruptible only until something is stored or started (load, prompt): from the
-          // append on, a caller that goes away cancels the turn's stream instead, and the turn
-          // ends as `failed` (Start finds no stream) or `cancelled`, never half-recorded.
+          /** A slot admitted for this turn and not (yet) started: given back on failure. */
+          let reservedSlot: string | undefined
+          // Interruptible only until something is stored or started (load, prompt, admission):
+          // from the append on, a caller that goes away cancels the turn's stream instead, and
+          // the turn ends as `failed` (Start finds no stream) or `cancelled`, never half-recorded.
           const accepted = yield* Effect.uninterruptibleMask((restore) => Effect.gen(function*() {
             const conv = yield* restore(load)
             const model = models.get(conv.pool)
@@ -184,9 +181,24 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             if (model === undefined || pool === undefined) {
               return yield* new EngineError({ code: "unknown_pool", message: `pool ${conv.pool} is not configured` })
             }
+            const tier = lookup(topology.tiers, topology.default_tier)!
             const maxTokens = input.max_tokens ?? topology.generation.max_tokens
             // Checked before anything is stored: a rejected turn changes nothing.
-            const promptIds = yield* buildPrompt(model, conv.systemPrompt, conv.history, input.content, Math.min(maxTokens, 16))
+            const promptIds = yield* buildPrompt(model, conv, input.content, Math.min(maxTokens, 16))
+            // Admission before anything is stored too: a refused turn leaves no row.
+            const gpuId = pool.gpus[pool.gpus.length === 1 ? 0 : randomInt(pool.gpus.length)]!.id
+            const slotId = yield* restore(gpus(gpuId).AcquireSlot({
+              priority: tier.priority,
+              num_prompt_tokens: promptIds.length,
+              ttft_target_ms: tier.ttft_p99_ms
+            })).pipe(
+              Effect.catchTags({
+                AdmissionRefused: (e) => Effect.fail(new Overloaded({ message: e.message, retry_after_s: e.retry_after_s })),
+                UnknownGpu: (e) => Effect.fail(new EngineError({ code: "unknown_gpu", message: e.gpu_id })),
+                ...clusterErrors
+              })
+            )
+            reservedSlot = slotId
             const userSeq = conv.nextSeq
             // The append runs while the generation is queued (it is on the TTFT path
             // otherwise); SendTurn, which acknowledges the turn, returns only once it is durable.
@@ -220,14 +232,6 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             active.turnId = turnId
             stored = { seq: userSeq + 1, numPromptTokens: promptIds.length }
 
-            const gpuId = pool.gpus[nextGpu++ % pool.gpus.length]!.id
-            const slotId = yield* gpus(gpuId).AcquireSlot().pipe(
-              Effect.catchTags({
-                NoFreeSlot: (e) => Effect.fail(new EngineError({ code: "no_free_slot", message: `all decode slots of ${e.gpu_id} are busy` })),
-                UnknownGpu: (e) => Effect.fail(new EngineError({ code: "unknown_gpu", message: e.gpu_id })),
-                ...clusterErrors
-              })
-            )
             yield* slots(slotId).Start({
               pool: conv.pool,
               conversation_id: id,
@@ -241,14 +245,19 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 top_k: topology.generation.top_k,
                 seed: randomInt(0, 2 ** 31)
               },
-              priority: topology.tiers[topology.default_tier]!.priority,
+              priority: tier.priority,
               stop: []
             }).pipe(
               Effect.catchTags({
                 UnknownGpu: (e) => Effect.fail(new EngineError({ code: "unknown_gpu", message: e.gpu_id })),
                 ...clusterErrors
-              })
+              }),
+              // A Start that failed gave its slot back itself; one that never arrived did not.
+              Effect.tapErrorTag("EngineError", (e) => Effect.sync(() => {
+                if (e.code !== "unavailable") reservedSlot = undefined
+              }))
             )
+            reservedSlot = undefined
             active.slotId = slotId
             yield* Fiber.join(append).pipe(
               // Not durable: the generation stops, and its FinishTurn stores nothing.
@@ -266,11 +275,15 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             // gets its assistant turn as `failed`, so the history never has a hole.
             Effect.onExit((exit) =>
               Exit.isSuccess(exit) ? Effect.void : Effect.gen(function*() {
-                const userTurnDurable = stored !== undefined && (yield* Deferred.await(userTurnStored))
-                if (activeTurns.get(id) === active && (userTurnDurable || active.slotId === undefined)) {
-                  activeTurns.delete(id)
+                if (reservedSlot !== undefined) {
+                  const slotId = reservedSlot
+                  yield* gpus(shardGroupOf(slotId)).ReleaseSlot({ slot_id: slotId }).pipe(Effect.ignoreLogged)
                 }
-                if (!userTurnDurable) return
+                const userTurnDurable = stored !== undefined && (yield* Deferred.await(userTurnStored))
+                if (!userTurnDurable) {
+                  if (active.slotId === undefined) release(active)
+                  return
+                }
                 yield* store.appendTurn({
                   conversation_id: id,
                   seq: stored!.seq,
@@ -280,6 +293,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   num_prompt_tokens: stored!.numPromptTokens,
                   num_completion_tokens: 0
                 }).pipe(Effect.ignoreLogged)
+                release(active)
               })
             )
           )
@@ -323,7 +337,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           }
         }).pipe(
           Effect.ensuring(Effect.sync(() => {
-            if (activeTurns.get(id)?.turnId === turn.turn_id) activeTurns.delete(id)
+            const active = activeTurns.get(id)
+            if (active?.turnId === turn.turn_id) release(active)
           }))
         )
 
@@ -332,7 +347,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           store.createConversation({ id, model: payload.pool, system_prompt: payload.system_prompt }).pipe(
             Effect.tap(() =>
               Effect.sync(() => {
-                loaded = { pool: payload.pool, systemPrompt: payload.system_prompt, history: [], nextSeq: 0 }
+                loaded = { pool: payload.pool, systemPrompt: payload.system_prompt, history: [], historyIds: [], nextSeq: 0 }
                 hot.set(id, loaded)
               })
             ),
@@ -345,11 +360,13 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             yield* load
             const active = activeTurns.get(id)
             if (active === undefined) return false
-            if (active.slotId === undefined) {
-              active.cancelRequested = true
-              return true
-            }
-            return yield* slots(active.slotId).Cancel().pipe(Effect.orElseSucceed(() => false))
+            let cancelled = true
+            if (active.slotId === undefined) active.cancelRequested = true
+            else cancelled = yield* slots(active.slotId).Cancel().pipe(Effect.orElseSucceed(() => false))
+            // Answer once the turn is stored and the conversation takes a new one (a send
+            // right after the 204 must not meet turn_in_progress).
+            yield* Deferred.await(active.ended).pipe(Effect.timeout(CANCEL_SETTLE_TIMEOUT), Effect.ignore)
+            return cancelled
           })
       })
     }),

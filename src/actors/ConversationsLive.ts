@@ -4,10 +4,11 @@
  * gets a TurnStream in this runner's registry first; the entity's DecodeSlot writes into it.
  */
 import { randomUUID } from "node:crypto"
-import { Effect, FiberRef, Layer, Option } from "effect"
+import { Duration, Effect, FiberRef, Layer, Option } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
 import { ConversationId, HistoryPage } from "../runtime/Domain.js"
-import { ConversationNotFound, ModelNotFound } from "../runtime/Errors.js"
+import { ConversationNotFound, ModelNotFound, ShuttingDown } from "../runtime/Errors.js"
+import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { poolFor, TopologyService } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
@@ -24,6 +25,14 @@ export const layer = Layer.effect(
     const store = yield* ConversationStore
     const topology = yield* TopologyService
     const streams = yield* TurnStreams
+    const workers = yield* GpuWorkers
+    let draining = false
+    /** Polls until no turn stream is open, or `ms` have passed. */
+    const awaitNoStreams = (ms: number) =>
+      Effect.gen(function*() {
+        const deadline = Date.now() + ms
+        while (streams.size() > 0 && Date.now() < deadline) yield* Effect.sleep(Duration.millis(25))
+      })
     // Entity calls run with this layer's context, not the caller's: an entity made by a call
     // captures the caller's fiber refs for its lifetime (its ResourceRef and server fibers),
     // and an HTTP request's context holds the request, its socket and response (~20 KB per
@@ -47,6 +56,7 @@ export const layer = Layer.effect(
 
       sendTurn: (id, input) =>
         Effect.gen(function*() {
+          if (draining) return yield* new ShuttingDown()
           const stream = streams.make(topology.generation.client_buffer_tokens)
           yield* client(id).SendTurn({
             content: input.content,
@@ -69,6 +79,25 @@ export const layer = Layer.effect(
           Effect.asVoid,
           Effect.catchTags({ MailboxFull: (e) => Effect.die(e), AlreadyProcessingMessage: (e) => Effect.die(e), PersistenceError: (e) => Effect.die(e) })
         ),
+
+      drain: (graceMs) =>
+        Effect.gen(function*() {
+          draining = true
+          yield* Effect.logInfo(`shutting down: ${streams.size()} turns in flight get up to ${graceMs} ms to finish`)
+          yield* awaitNoStreams(graceMs)
+          const left = streams.all()
+          for (const stream of left) stream.shutdown()
+          // Each stopped turn is stored (cancelled, with its text so far) before its stream ends.
+          yield* awaitNoStreams(10_000)
+          yield* Effect.logInfo(`shut down: ${left.length} turns were stopped, ${streams.size()} still open`)
+        }),
+
+      notReady: Effect.gen(function*() {
+        if (draining) return "shutting down"
+        const down = workers.all.filter((w) => !w.isEngineUp()).map((w) => w.gpuId)
+        if (down.length > 0) return `engine down: ${down.join(", ")}`
+        return yield* store.ping.pipe(Effect.as(undefined), Effect.catchAll(() => Effect.succeed("database unreachable")))
+      }),
 
       history: (id, { before, limit }) =>
         Effect.gen(function*() {

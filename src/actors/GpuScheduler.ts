@@ -6,14 +6,20 @@
  */
 import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
-import { Effect, Schema } from "effect"
+import { Effect, Either, Schema } from "effect"
 import { EngineError } from "../runtime/Errors.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 
 /** Every GPU-pinned entity id starts with its GPU id: "gpu-0", "gpu-0/17". */
 export const shardGroupOf = (entityId: string): string => entityId.split("/")[0]!
 
-export class NoFreeSlot extends Schema.TaggedError<NoFreeSlot>()("NoFreeSlot", { gpu_id: Schema.String }) {}
+/** The GPU refused a new sequence (GpuWorker.admit): every slot is taken, or its predicted wait is past the TTFT target. */
+export class AdmissionRefused extends Schema.TaggedError<AdmissionRefused>()("AdmissionRefused", {
+  gpu_id: Schema.String,
+  reason: Schema.Literal("no_free_slot", "ttft_target"),
+  message: Schema.String,
+  retry_after_s: Schema.Int
+}) {}
 export class UnknownGpu extends Schema.TaggedError<UnknownGpu>()("UnknownGpu", { gpu_id: Schema.String }) {}
 
 export const GpuStats = Schema.Struct({
@@ -31,8 +37,17 @@ export const GpuStats = Schema.Struct({
 export type GpuStats = typeof GpuStats.Type
 
 export const GpuScheduler = Entity.make("GpuScheduler", [
-  /** Reserves a DecodeSlot of this GPU; the slot is returned when its Generate stream ends. */
-  Rpc.make("AcquireSlot", { success: Schema.String, error: Schema.Union(NoFreeSlot, UnknownGpu) }),
+  /**
+   * Admits a new sequence: reserves a DecodeSlot of this GPU (returned when the slot's
+   * sequence ends, or by ReleaseSlot if it is never started), or refuses it.
+   */
+  Rpc.make("AcquireSlot", {
+    payload: { priority: Schema.Int, num_prompt_tokens: Schema.Int, ttft_target_ms: Schema.Int },
+    success: Schema.String,
+    error: Schema.Union(AdmissionRefused, UnknownGpu)
+  }),
+  /** Gives back a slot that AcquireSlot reserved and that was never started. */
+  Rpc.make("ReleaseSlot", { payload: { slot_id: Schema.String }, error: UnknownGpu }),
   Rpc.make("Stats", { success: GpuStats, error: Schema.Union(UnknownGpu, EngineError) })
 ]).annotate(ClusterSchema.ShardGroup, shardGroupOf)
   .annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
@@ -47,12 +62,21 @@ export const layer = GpuScheduler.toLayer(
       return w === undefined ? Effect.fail(new UnknownGpu({ gpu_id: gpuId })) : Effect.succeed(w)
     })
     return GpuScheduler.of({
-      AcquireSlot: () =>
+      AcquireSlot: ({ payload }) =>
         Effect.gen(function*() {
-          const slot = yield* (yield* worker).acquireSlot
-          if (slot === undefined) return yield* new NoFreeSlot({ gpu_id: gpuId })
-          return `${gpuId}/${slot}`
+          const admitted = (yield* worker).admit({
+            priority: payload.priority,
+            numPromptTokens: payload.num_prompt_tokens,
+            ttftTargetMs: payload.ttft_target_ms
+          })
+          if (Either.isLeft(admitted)) {
+            const { message, reason, retryAfterS } = admitted.left
+            return yield* new AdmissionRefused({ gpu_id: gpuId, reason, message, retry_after_s: retryAfterS })
+          }
+          return `${gpuId}/${admitted.right}`
         }),
+      ReleaseSlot: ({ payload }) =>
+        Effect.flatMap(worker, (w) => w.releaseSlot(Number(payload.slot_id.split("/")[1]))),
       Stats: () =>
         Effect.gen(function*() {
           const w = yield* worker

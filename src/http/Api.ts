@@ -5,7 +5,8 @@
  * - `POST /v1/conversations/:id/turns` UserTurnInput → 200 `text/event-stream` (see Sse.ts)
  * - `POST /v1/conversations/:id/cancel` → 204
  * - `GET  /v1/conversations/:id?before=<cursor>&limit=<1..200, default 50>` → HistoryPage
- * - `GET  /healthz` → `{status:"ok"}`
+ * - `GET  /healthz` → `{status:"ok"}` (liveness)
+ * - `GET  /readyz` → `{status:"ready"}`, or 503 `not_ready` (engine down, database unreachable, stopping)
  *
  * Every error is `{"error":{"code","message"}}` (ApiError.ts); decode failures of bodies,
  * paths and query strings become `invalid_request` (the global middleware in Server.ts
@@ -50,8 +51,14 @@ export const EventStream = HttpApiSchema.Text({ contentType: "text/event-stream"
 
 const id = HttpApiSchema.param("id", ConversationId)
 
+export class Ready extends Schema.Class<Ready>("Ready")({
+  status: Schema.Literal("ready")
+}) {}
+
+/** Liveness (`/healthz`: the process answers) and readiness (`/readyz`: engine up, database reachable, not stopping). */
 export class HealthGroup extends HttpApiGroup.make("health")
   .add(HttpApiEndpoint.get("healthz", "/healthz").addSuccess(Health))
+  .add(HttpApiEndpoint.get("readyz", "/readyz").addSuccess(Ready).addError(ApiError.NotReadyJson))
 {}
 
 export class ConversationsGroup extends HttpApiGroup.make("conversations")

@@ -18,6 +18,7 @@
  * | Overloaded          | 503    | `overloaded`             |
  * | StorageUnavailable  | 503    | `storage_unavailable`    |
  * | ShuttingDown        | 503    | `shutting_down`          |
+ * | NotReady            | 503    | `not_ready` (`/readyz`)  |
  *
  * `model_not_found` is a 404 like the OpenAI API answers it (the named resource does not exist).
  * The 503s carry `Retry-After` (seconds); messages are cut to {@link MAX_MESSAGE_CHARS}, so a
@@ -163,6 +164,14 @@ export class ShuttingDown extends Schema.TaggedError<ShuttingDown>()(
 ) {}
 export const ShuttingDownJson = toJson(ShuttingDown, "shutting_down", 503)
 
+/** Readiness failed: the engine is down, the database unreachable, or the server stopping. */
+export class NotReady extends Schema.TaggedError<NotReady>()(
+  "NotReady",
+  retryable,
+  HttpApiSchema.annotations({ status: 503 })
+) {}
+export const NotReadyJson = toJson(NotReady, "not_ready", 503)
+
 export type ApiError =
   | InvalidRequest
   | PromptTooLong
@@ -177,6 +186,7 @@ export type ApiError =
   | Overloaded
   | StorageUnavailable
   | ShuttingDown
+  | NotReady
 
 const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   InvalidRequest,
@@ -191,7 +201,8 @@ const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   EngineUnavailable,
   Overloaded,
   StorageUnavailable,
-  ShuttingDown
+  ShuttingDown,
+  NotReady
 ]
 
 /** The HTTP status and body code of an API error. */
@@ -223,6 +234,8 @@ export const statusAndCode = (e: ApiError): { readonly status: number; readonly 
       return { status: 503, code: "storage_unavailable" }
     case "ShuttingDown":
       return { status: 503, code: "shutting_down" }
+    case "NotReady":
+      return { status: 503, code: "not_ready" }
   }
 }
 

@@ -5,7 +5,7 @@ import { HttpApiBuilder } from "@effect/platform"
 import { Effect, Layer } from "effect"
 import { CreateConversation } from "../runtime/Domain.js"
 import { Conversations } from "../runtime/Conversations.js"
-import { Api, ConversationCreated, Health } from "./Api.js"
+import { Api, ConversationCreated, Health, Ready } from "./Api.js"
 import * as ApiError from "./ApiError.js"
 import * as Sse from "./Sse.js"
 
@@ -17,7 +17,17 @@ const logServerFailure = <E extends { readonly _tag: string }>(error: E) =>
 export const HealthLive = HttpApiBuilder.group(
   Api,
   "health",
-  (handlers) => handlers.handle("healthz", () => Effect.succeed(new Health({ status: "ok" })))
+  (handlers) =>
+    Effect.gen(function*() {
+      const conversations = yield* Conversations
+      return handlers
+        .handle("healthz", () => Effect.succeed(new Health({ status: "ok" })))
+        .handle("readyz", () =>
+          Effect.flatMap(conversations.notReady, (reason) =>
+            reason === undefined
+              ? Effect.succeed(new Ready({ status: "ready" }))
+              : Effect.fail(new ApiError.NotReady({ message: `Not ready: ${reason}`, retry_after_s: 1 }))))
+    })
 )
 
 export const ConversationsLive = HttpApiBuilder.group(

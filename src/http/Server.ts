@@ -24,6 +24,7 @@ import { NodeHttpClient, NodeHttpServer, NodeHttpServerRequest } from "@effect/p
 import { Cause, Config, type ConfigError, Context, Effect, Layer, Option } from "effect"
 import { createServer } from "node:http"
 import type { ListenOptions, Socket } from "node:net"
+import { Conversations as ConversationsTag } from "../runtime/Conversations.js"
 import type { Conversations } from "../runtime/Conversations.js"
 import { Api } from "./Api.js"
 import * as ApiError from "./ApiError.js"
@@ -134,7 +135,7 @@ export const errorResponse = (e: ApiError.ApiError): HttpServerResponse.HttpServ
   const { code, status } = ApiError.statusAndCode(e)
   const headers: Record<string, string> = {}
   if (e._tag === "Unauthorized") headers["www-authenticate"] = "Bearer"
-  if (e._tag === "Overloaded" || e._tag === "StorageUnavailable" || e._tag === "ShuttingDown") {
+  if (e._tag === "Overloaded" || e._tag === "StorageUnavailable" || e._tag === "ShuttingDown" || e._tag === "NotReady") {
     headers["retry-after"] = String(e.retry_after_s)
   }
   // The rest of an over-long body is not read: the connection cannot be reused.
@@ -309,11 +310,26 @@ export const listenConfig: Config.Config<ListenOptions> = Config.all({
   )
 )
 
+/**
+ * Graceful stop (SIGTERM): a finalizer that runs before the API stops serving and before the
+ * server closes its connections: it drains the turns (`Conversations.drain`) so that every
+ * in-flight turn finishes within `SHUTDOWN_GRACE_MS` (default 10 s) or is stored `cancelled`
+ * and its client told `shutting_down`; a deploy does not look like a crash.
+ */
+export const layerDrainOnStop: Layer.Layer<never, ConfigError.ConfigError, Conversations> = Layer.scopedDiscard(
+  Effect.gen(function*() {
+    const graceMs = yield* Config.integer("SHUTDOWN_GRACE_MS").pipe(Config.withDefault(10_000))
+    const conversations = yield* ConversationsTag
+    yield* Effect.addFinalizer(() => conversations.drain(graceMs))
+  })
+)
+
 /** The HTTP server from config: needs only `Conversations`. */
 export const layer: Layer.Layer<never, HttpServerError.ServeError | ConfigError.ConfigError, Conversations> = Layer
   .unwrapEffect(Effect.map(Config.all([listenConfig, connectionLimitsConfig]), ([listen, limits]) => layerNodeServer(listen, limits)))
   .pipe(
-    (server) => layerServe.pipe(Layer.provide(server)),
+    // Built after the server and the API, so its finalizer runs before theirs.
+    (server) => layerDrainOnStop.pipe(Layer.provideMerge(layerServe), Layer.provide(server)),
     Layer.provide(ApiKeys.layerConfig),
     Layer.provide(SseSettings.layerConfig),
     Layer.provide(RequestLimits.layerConfig)

@@ -8,13 +8,22 @@ import type {
   ConversationNotFound,
   EngineError,
   ModelNotFound,
+  Overloaded,
   PromptTooLong,
+  ShuttingDown,
   StorageError,
   TurnInProgress
 } from "./Errors.js"
 import type { TurnStream } from "./TurnStream.js"
 
-export type SendTurnError = ConversationNotFound | TurnInProgress | PromptTooLong | StorageError | EngineError
+export type SendTurnError =
+  | ConversationNotFound
+  | TurnInProgress
+  | PromptTooLong
+  | StorageError
+  | EngineError
+  | Overloaded
+  | ShuttingDown
 
 export interface ConversationsService {
   /** Creates a conversation (durably) and returns its id. */
@@ -37,6 +46,15 @@ export interface ConversationsService {
     id: ConversationId,
     options: { readonly before?: number | undefined; readonly limit: number }
   ) => Effect.Effect<HistoryPage, ConversationNotFound | StorageError>
+  /**
+   * Graceful stop: new turns fail with ShuttingDown from now on; turns in flight may finish
+   * within `graceMs`; the rest are stopped (stored `cancelled` with their text so far, their
+   * streams ending with `event: error` code `shutting_down`). Succeeds once every turn is
+   * stored (or after a bounded wait for that).
+   */
+  readonly drain: (graceMs: number) => Effect.Effect<void>
+  /** Readiness: `undefined` when turns can be served, else what is not ready. */
+  readonly notReady: Effect.Effect<string | undefined>
 }
 
 export class Conversations extends Context.Tag("chat/Conversations")<Conversations, ConversationsService>() {}

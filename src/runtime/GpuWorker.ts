@@ -109,11 +109,30 @@ export interface GpuWorker {
    */
   readonly generate: (request: GenerateRequest) => Effect.Effect<Sequence, PromptTooLong, Scope.Scope>
   readonly stats: Effect.Effect<StepStats>
-  /** Reserves a DecodeSlot index; `undefined` when all are taken. */
-  readonly acquireSlot: Effect.Effect<number | undefined>
+  /**
+   * Admission of a new sequence: reserves a DecodeSlot index, or refuses it when every slot
+   * is taken (the waiting bound) or when its predicted wait for a first token
+   * (`SchedulerCore.predictedWaitSteps` × the measured step time) exceeds `ttftTargetMs`.
+   */
+  readonly admit: (request: AdmitRequest) => Either.Either<number, AdmitRefusal>
   readonly releaseSlot: (slot: number) => Effect.Effect<void>
+  /** Whether an engine process is up and answering (false while it restarts). */
+  readonly isEngineUp: () => boolean
   /** The last steps' timings (a ring of `stepHistory` entries), oldest first. */
   readonly recentSteps: () => ReadonlyArray<StepRecord>
+}
+
+export interface AdmitRequest {
+  readonly priority: number
+  readonly numPromptTokens: number
+  readonly ttftTargetMs: number
+}
+
+export interface AdmitRefusal {
+  readonly reason: "no_free_slot" | "ttft_target"
+  readonly message: string
+  /** When a retry may be admitted, in whole seconds (≥ 1). */
+  readonly retryAfterS: number
 }
 
 export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
@@ -125,6 +144,13 @@ export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
   readonly requestTimeoutMs?: number
   /** How many StepRecords `recentSteps` keeps (default 1024). */
   readonly stepHistory?: number
+  /**
+   * A step unanswered after `stepDeadlineMinMs` (default 2 s) + 10 × its predicted time gets
+   * the engine killed and restarted, its sequences re-queued.
+   */
+  readonly stepDeadlineMinMs?: number
+  /** Sequences wait this long for a restarting engine before they fail (default 30 s). */
+  readonly engineDownMaxMs?: number
 }
 
 
@@ -162,6 +188,13 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     const steps: Array<StepRecord> = []
 
     // Step loop state: at most one request (step or release) is in flight.
+    // `engineEpoch` counts engine processes: a reply (or error) from an earlier one is void.
+    let engineEpoch = 0
+    let engineUp = true
+    let stepMsEwma = 0
+    let msPerTokenEwma = 0
+    const stepDeadlineMinMs = options.stepDeadlineMinMs ?? 2000
+    let deadlineTimer: ReturnType<typeof setTimeout> | undefined
     let busy = false
     let tickScheduled = false
     let stopped = false
@@ -188,7 +221,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       sink.onFailed(error)
     }
     const wake = () => {
-      if (busy || tickScheduled || stopped) return
+      if (busy || tickScheduled || stopped || !engineUp) return
       tickScheduled = true
       setImmediate(() => tick(performance.now()))
     }
@@ -196,16 +229,29 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     /** A bare `release` (no step to carry it); the loop goes on when it is answered. */
     const sendRelease = (seqIds: ReadonlyArray<number>) => {
       busy = true
+      const epoch = engineEpoch
       engine().sendRelease(seqIds, () => {
+        if (epoch !== engineEpoch) return
         busy = false
         wake()
       })
     }
 
+    /** The engine is hung: kill it; supervision restarts it and re-queues the sequences. */
+    const onStepDeadline = (epoch: number, deadlineMs: number) => {
+      if (epoch !== engineEpoch || stopped) return
+      runFork(Effect.logError(`engine ${options.gpuId} did not answer a step within ${Math.round(deadlineMs)} ms; killing it`))
+      try {
+        process.kill(current.client.process.pid, "SIGKILL")
+      } catch {
+        // already gone: supervision sees it exit
+      }
+    }
+
     /** Sends the next step (or a pending release), then delivers the previous step's tokens. */
     const tick = (since: number): void => {
       tickScheduled = false
-      if (busy || stopped) return
+      if (busy || stopped || !engineUp) return
       const plan = core.schedule()
       if (plan === undefined) {
         const outputs = undelivered
@@ -220,7 +266,13 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         : { packed_outputs: true, seqs: plan.items }
       let sentAt = Number.NaN
       busy = true
-      engine().sendStep(request, (result, receivedAt) => onReply(plan, result, sentAt, receivedAt, sentAt - since))
+      const epoch = engineEpoch
+      const deadlineMs = stepDeadlineMinMs + 10 * (stepMsEwma + msPerTokenEwma * plan.numBatchedTokens)
+      deadlineTimer = setTimeout(() => onStepDeadline(epoch, deadlineMs), deadlineMs)
+      engine().sendStep(request, (result, receivedAt) => {
+        clearTimeout(deadlineTimer)
+        if (epoch === engineEpoch) onReply(plan, result, sentAt, receivedAt, sentAt - since)
+      })
       sentAt = performance.now()
       const outputs = undelivered
       undelivered = []
@@ -240,6 +292,10 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       if (Either.isLeft(result)) return failPlan(plan, result.left)
       const reply = result.right
       numSteps++
+      const stepMs = decodedAt - sentAt + scheduleMs
+      stepMsEwma = numSteps === 1 ? stepMs : 0.9 * stepMsEwma + 0.1 * stepMs
+      const msPerToken = (receivedAt - sentAt) / Math.max(1, plan.numBatchedTokens)
+      msPerTokenEwma = numSteps === 1 ? msPerToken : 0.9 * msPerTokenEwma + 0.1 * msPerToken
       sampled.clear()
       forEachSampledToken(reply, setSampled)
       undelivered = core.applyStepResult(plan, sampled)
@@ -267,23 +323,42 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     }
     yield* Effect.addFinalizer(() => Effect.sync(() => void (stopped = true)))
 
-    // Supervision: when the engine process dies, every live sequence fails at once (its sink
-    // gets onFailed, its blocks are freed), and a new process is started with backoff.
-    const supervise = Effect.gen(function*() {
-      const code = yield* current.client.process.exited
-      numEngineRestarts++
-      const error = new EngineError({ code: "engine_exited", message: `engine ${options.gpuId} exited with code ${code}` })
-      yield* Effect.logError(`${error.message}; failing its sequences and restarting it`)
-      for (const seqId of [...sinks.keys()]) {
+    // Supervision: when the engine process dies (or is killed for missing a step deadline),
+    // its live sequences go back to the waiting queue with their output so far, and a new
+    // process is started with backoff; they are prefilled again there (prompt + generated
+    // tokens), so their clients see a pause, not an error. Sequences fail only if no engine
+    // is back within `engineDownMaxMs`.
+    const engineDownMaxMs = options.engineDownMaxMs ?? 30_000
+    const failAllLive = (error: EngineError) => {
+      for (const seqId of core.liveSeqIds()) {
         core.cancel(seqId)
         fail(seqId, error)
       }
-      core.takePendingRelease() // the new process starts with no sequences
-      yield* Scope.close(current.scope, Exit.void) // closes the socket: pending requests fail now
+      core.takePendingRelease()
+    }
+    const supervise = Effect.gen(function*() {
+      const code = yield* current.client.process.exited
+      numEngineRestarts++
+      engineUp = false
+      engineEpoch++
+      clearTimeout(deadlineTimer)
+      busy = false
+      undelivered = []
+      core.requeueAll()
+      yield* Effect.logError(
+        `engine ${options.gpuId} exited with code ${code}; restarting it, ${core.numWaiting} sequences wait for it`
+      )
+      const downTimer = setTimeout(() => {
+        if (engineUp || stopped) return
+        failAllLive(new EngineError({ code: "engine_unavailable", message: `engine ${options.gpuId} is down` }))
+      }, engineDownMaxMs)
+      yield* Scope.close(current.scope, Exit.void) // closes the socket: pending requests fail now (and are void)
       current = yield* startEngine.pipe(
         Effect.tapError((e) => Effect.logError(`engine ${options.gpuId} restart failed: ${e.message}`)),
         Effect.retry(Schedule.exponential(Duration.millis(200)).pipe(Schedule.union(Schedule.spaced(Duration.seconds(10)))))
       )
+      clearTimeout(downTimer)
+      engineUp = true
       yield* Effect.logInfo(`engine ${options.gpuId} restarted`)
       wake()
     }).pipe(Effect.forever)
@@ -375,8 +450,22 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         numFreeBlocks: kv.numFreeBlocks,
         numBlocks: kv.numBlocks
       })),
-      acquireSlot: Effect.sync(() => freeSlots.pop()),
+      admit: ({ numPromptTokens, priority, ttftTargetMs }) => {
+        if (freeSlots.length === 0) {
+          return Either.left({ reason: "no_free_slot", message: `all ${options.numSlots} decode slots of ${options.gpuId} are taken`, retryAfterS: 1 })
+        }
+        const waitMs = core.predictedWaitSteps(priority, numPromptTokens) * stepMsEwma
+        if (waitMs > ttftTargetMs) {
+          return Either.left({
+            reason: "ttft_target",
+            message: `${options.gpuId} predicts a ${Math.round(waitMs)} ms wait for a first token (target ${ttftTargetMs} ms)`,
+            retryAfterS: Math.min(60, Math.max(1, Math.ceil(waitMs / 1000)))
+          })
+        }
+        return Either.right(freeSlots.pop()!)
+      },
       releaseSlot: (slot) => Effect.sync(() => void freeSlots.push(slot)),
+      isEngineUp: () => engineUp,
       recentSteps: () => steps.slice()
     } satisfies GpuWorker
   })

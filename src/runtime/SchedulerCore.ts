@@ -106,6 +106,35 @@ export class SchedulerCore {
     return this.pendingRelease.size > 0 || this.waiting.length > 0 || this.running.some((s) => !s.paused)
   }
 
+  /**
+   * Engine steps until a new sequence of `priority` with `numPromptTokens` would get its first
+   * token, predicted from the queue ahead of it (waiting sequences of its priority or better)
+   * and from the running sequences' remaining output bounds (`maxTokens`): once every running
+   * seat is taken, a newcomer waits for as many running sequences to finish as there are
+   * sequences ahead of it beyond the free seats. An upper bound when sequences stop early
+   * (end of sequence); paused sequences count as running.
+   */
+  predictedWaitSteps(priority: number, numPromptTokens: number): number {
+    let ahead = 0
+    let prefillTokens = numPromptTokens
+    for (const seq of this.waiting) {
+      if (seq.request.priority > priority) break
+      ahead++
+      prefillTokens += seq.tokenIds.length - seq.numComputedTokens
+    }
+    const prefillSteps = Math.ceil(prefillTokens / this.limits.maxNumBatchedTokens)
+    const freeSeats = this.limits.maxNumSeqs - this.running.length
+    if (ahead < freeSeats) return prefillSteps
+    const remaining = this.running.map((s) => Math.max(0, s.request.maxTokens - s.numOutputTokens)).sort((a, b) => a - b)
+    const k = ahead - freeSeats // index of the running sequence whose end frees our seat
+    if (k < remaining.length) return remaining[k]! + prefillSteps
+    // Past every running sequence: later ones wait for the waiting ones to run in turn.
+    const longest = remaining.at(-1) ?? 0
+    const rounds = Math.ceil((k - remaining.length + 1) / this.limits.maxNumSeqs)
+    const meanMaxTokens = this.waiting.reduce((sum, s) => sum + s.request.maxTokens, 0) / Math.max(1, this.waiting.length)
+    return longest + rounds * meanMaxTokens + prefillSteps
+  }
+
   /** Queues a new sequence. @returns false if the seqId is already live or the prompt cannot ever fit. */
   add(request: SequenceRequest): boolean {
     if (this.bySeqId.has(request.seqId)) return false
@@ -142,6 +171,26 @@ export class SchedulerCore {
   setPaused(seqId: number, paused: boolean): void {
     const seq = this.bySeqId.get(seqId)
     if (seq !== undefined) seq.paused = paused
+  }
+
+  /**
+   * The engine lost every sequence's state (it was restarted): each running sequence goes
+   * back to the waiting queue with its output so far, as a preemption by recompute, and is
+   * prefilled again from prompt + generated tokens on the next engine. Pending releases are
+   * dropped (the new engine holds nothing).
+   */
+  requeueAll(): void {
+    for (const seq of [...this.running]) this.preempt(seq)
+    for (const seq of this.waiting) {
+      seq.engineKnows = false
+      seq.numBlocksSent = 0
+    }
+    this.pendingRelease.clear()
+  }
+
+  /** Ids of every live sequence (running and waiting). */
+  liveSeqIds(): ReadonlyArray<number> {
+    return [...this.bySeqId.keys()]
   }
 
   /** Release ids not yet sent to the engine; taking them clears the set. */

@@ -4,7 +4,7 @@
  */
 import { Migrator, SqlClient } from "@effect/sql"
 import type { SqlError } from "@effect/sql/SqlError"
-import { Context, Effect, Layer, Option, Schema, Struct } from "effect"
+import { Context, Duration, Effect, Layer, Option, Schedule, Schema, Struct } from "effect"
 import { ConversationId, noValidation, type Role, Turn, TurnId, type TurnStatus } from "./Domain.js"
 import { StorageError } from "./Errors.js"
 
@@ -26,6 +26,8 @@ export interface NewTurn {
 }
 
 export interface ConversationStoreService {
+  /** Whether the database answers (readiness). */
+  readonly ping: Effect.Effect<void, StorageError>
   /** Stores a new conversation; fails if the id exists. */
   readonly createConversation: (row: Omit<ConversationRow, "created_at_ms">) => Effect.Effect<ConversationRow, StorageError>
   readonly getConversation: (id: ConversationId) => Effect.Effect<Option.Option<ConversationRow>, StorageError>
@@ -54,6 +56,30 @@ const storageError = (what: string) => (e: SqlError | { readonly message: string
   const cause = "cause" in e && e.cause instanceof Error ? `: ${e.cause.message}` : ""
   return new StorageError({ message: `${what}: ${e.message}${cause}` })
 }
+
+/** PostgreSQL's SQLSTATE of a failed statement, when the driver gave one. */
+const sqlState = (e: SqlError): string | undefined => {
+  const code = (e.cause as { readonly code?: unknown } | undefined)?.code
+  return typeof code === "string" ? code : undefined
+}
+
+/**
+ * Whether a failure may pass on retry: lost connections, terminated backends, a server
+ * restarting (anything without a SQLSTATE, classes 08, 53, 57, 40), not constraint violations.
+ */
+const isTransient = (e: SqlError): boolean => {
+  const code = sqlState(e)
+  return code === undefined || /^(08|53|57|40)/.test(code)
+}
+
+/**
+ * Retries of a statement on transient failures: exponential from 50 ms, at most ~6 s in all,
+ * so that a database blip (backends terminated, a failover) costs a pause, not a lost turn.
+ */
+const retryTransient = Schedule.exponential(Duration.millis(50), 2).pipe(
+  Schedule.either(Schedule.spaced(Duration.seconds(1))),
+  Schedule.upTo(Duration.seconds(6))
+)
 
 /** Schema migrations of this module, applied in order by `migrate`. */
 const migrations = Migrator.fromRecord({
@@ -88,21 +114,43 @@ const make = Effect.gen(function*() {
   const decodeTurns = Schema.decodeUnknown(Schema.Array(TurnRow))
 
   return ConversationStore.of({
+    ping: sql`SELECT 1`.pipe(Effect.asVoid, Effect.mapError(storageError("ping"))),
     createConversation: (row) => {
       const full = { ...row, created_at_ms: Date.now() }
       return sql`INSERT INTO chat_conversations ${sql.insert(full)}`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.as(new ConversationRow(full, noValidation)),
         Effect.mapError(storageError("create conversation"))
       )
     },
     getConversation: (id) =>
       sql`SELECT id, model, system_prompt, created_at_ms FROM chat_conversations WHERE id = ${id}`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.flatMap((rows) => rows.length === 0 ? Effect.succeedNone : Effect.asSome(decodeConversation(rows[0]))),
         Effect.mapError(storageError("get conversation"))
       ),
     appendTurn: (turn) => {
       const row = { ...turn, created_at_ms: Date.now() }
-      return sql`INSERT INTO chat_turns ${sql.insert(row)}`.pipe(
+      let attempts = 0
+      // A retried INSERT may meet its own earlier attempt (committed, but the reply was lost):
+      // the same row already there is success; any other row at that seq is a conflict.
+      const insert = Effect.suspend(() => {
+        attempts++
+        return sql`INSERT INTO chat_turns ${sql.insert(row)}`
+      }).pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.catchIf(
+          (e) => attempts > 1 && sqlState(e) === "23505",
+          (e) =>
+            sql<{ role: string; content: string }>`SELECT role, content FROM chat_turns
+              WHERE conversation_id = ${turn.conversation_id} AND seq = ${turn.seq}`.pipe(
+              Effect.flatMap((rows) =>
+                rows[0]?.role === turn.role && rows[0]?.content === turn.content ? Effect.void : Effect.fail(e)
+              )
+            )
+        )
+      )
+      return insert.pipe(
         Effect.as(toTurn(row)),
         Effect.mapError(storageError("append turn"))
       )
@@ -112,12 +160,33 @@ const make = Effect.gen(function*() {
         ? sql`SELECT * FROM chat_turns WHERE conversation_id = ${id} ORDER BY seq DESC LIMIT ${limit}`
         : sql`SELECT * FROM chat_turns WHERE conversation_id = ${id} AND seq < ${before} ORDER BY seq DESC LIMIT ${limit}`
       ).pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.flatMap(decodeTurns),
         Effect.map((rows) => rows.map(toTurn).reverse()),
         Effect.mapError(storageError("list turns"))
       )
   })
 })
+
+/**
+ * Start-up reconciliation after a crash: every user turn without its reply (the process died
+ * while generating it) gets its assistant turn as `failed`, at the seq that was reserved for
+ * it, so that the history has no hole and no later turn takes that number. Only for a runner
+ * that owns every conversation (the single-process deployment): elsewhere a reply may still
+ * be streaming on another runner. @returns how many replies were filled in.
+ */
+export const reconcile: Effect.Effect<number, StorageError, SqlClient.SqlClient> = Effect.gen(function*() {
+  const sql = yield* SqlClient.SqlClient
+  const rows = yield* sql`INSERT INTO chat_turns
+      (conversation_id, seq, role, content, status, num_prompt_tokens, num_completion_tokens, created_at_ms)
+    SELECT u.conversation_id, u.seq + 1, 'assistant', '', 'failed', NULL, 0, ${Date.now()}
+    FROM chat_turns u
+    WHERE u.role = 'user' AND NOT EXISTS (
+      SELECT 1 FROM chat_turns r WHERE r.conversation_id = u.conversation_id AND r.seq = u.seq + 1
+    )
+    RETURNING conversation_id`
+  return rows.length
+}).pipe(Effect.mapError(storageError("reconcile")))
 
 /** PostgreSQL-backed store; runs the migrations when built. */
 export const layer: Layer.Layer<ConversationStore, StorageError, SqlClient.SqlClient> = Layer.effect(
@@ -130,6 +199,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
   const conversations = new Map<string, ConversationRow>()
   const turns = new Map<string, Array<Turn>>()
   return ConversationStore.of({
+    ping: Effect.void,
     createConversation: (row) =>
       Effect.suspend(() => {
         if (conversations.has(row.id)) return Effect.fail(new StorageError({ message: `conversation ${row.id} exists` }))

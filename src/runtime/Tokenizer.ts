@@ -34,6 +34,28 @@ export interface ModelTokenizer {
   readonly rememberAssistant: (content: string, ids: ReadonlyArray<number>) => void
   /** Streaming byte-level when exact for this tokenizer, else IncrementalDetokenizer. */
   readonly newDetokenizer: () => Detokenizer
+  /**
+   * The chat template as per-message token segments, when it is exactly that for this model
+   * (checked at load): a prompt is then the concatenation of its messages' ids and the
+   * generation prompt, so a conversation re-encodes only its new messages. `undefined` when
+   * the template or the tokenizer is not additive; callers render the whole prompt instead.
+   */
+  readonly promptSegments: PromptSegments | undefined
+}
+
+/**
+ * A chat template split into per-message pieces: `encode(renderChat(ms))` equals
+ * `first(ms[0]) ++ middle(ms[1]) ++ … ++ middle(ms[n-1]) ++ generationPrompt` for every list
+ * whose last message is a user message. Each piece ends right after an added token, where the
+ * tokenizer splits text anyway, which is why the ids add up.
+ */
+export interface PromptSegments {
+  /** Ids of a message that opens the prompt. */
+  readonly first: (message: ChatMessage) => Array<number>
+  /** Ids of a message after the first. */
+  readonly middle: (message: ChatMessage) => Array<number>
+  /** Ids after the last message: the assistant's generation prompt. */
+  readonly generationPrompt: ReadonlyArray<number>
 }
 
 const TokenizerConfig = Schema.Struct({
@@ -99,10 +121,12 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
       const suffix = piece.slice(piece.indexOf(marker) + marker.length)
       return { prefix, suffix, prefixIds: encodeRaw(prefix), suffixIds: encodeRaw(suffix) }
     })()
+    const promptSegments = memo.memoized ? derivePromptSegments(renderChat, encode, memo.split) : undefined
     return {
       encode,
       decode,
       renderChat,
+      promptSegments,
       rememberAssistant: (content, ids) => {
         if (affix === undefined || memo.split(content).length !== 1) return
         memo.seed(affix.prefix + content + affix.suffix, [...affix.prefixIds, ...ids, ...affix.suffixIds])
@@ -110,6 +134,96 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
       newDetokenizer: byteLevel ?? (() => new IncrementalDetokenizer(decode))
     } satisfies ModelTokenizer
   })
+
+/**
+ * Finds the per-message pieces of a chat template by rendering marker messages, then checks
+ * them on sample conversations (with and without a system prompt) against the full render,
+ * as strings and as ids. Between two messages the template writes `post(previous) +
+ * pre(next)`; that text is split right after its first added token, so every piece ends with
+ * an added token.
+ */
+const derivePromptSegments = (
+  renderChat: (messages: ReadonlyArray<ChatMessage>) => string,
+  encode: (text: string) => Array<number>,
+  split: (text: string) => Array<string>
+): PromptSegments | undefined => {
+  const m1 = "\u0002m1\u0002"
+  const m2 = "\u0002m2\u0002"
+  const m3 = "\u0002m3\u0002"
+  const between = (text: string, a: string, b: string) => {
+    const i = text.indexOf(a)
+    const j = text.lastIndexOf(b)
+    return i < 0 || j < i + a.length ? undefined : text.slice(i + a.length, j)
+  }
+  /** `joint` = post + pre, split right after its first added token. */
+  const splitJoint = (joint: string): { post: string; pre: string } | undefined => {
+    const parts = split(joint)
+    if (parts.length < 2) return undefined
+    const end = parts[0]!.length + parts[1]!.length
+    return { post: joint.slice(0, end), pre: joint.slice(end) }
+  }
+  try {
+    const affixes = new Map<ChatMessage["role"], { pre: string; post: string; preFirst: string }>()
+    // user and assistant in the middle of a conversation, between two user messages
+    let postUser: string | undefined
+    let preUser: string | undefined
+    for (const role of ["user", "assistant"] as const) {
+      const r = renderChat([{ role: "user", content: m1 }, { role, content: m2 }, { role: "user", content: m3 }])
+      const a = between(r, m1, m2)
+      const b = between(r, m2, m3)
+      if (a === undefined || b === undefined) return undefined
+      const ja = splitJoint(a)
+      const jb = splitJoint(b)
+      if (ja === undefined || jb === undefined) return undefined
+      postUser ??= ja.post
+      preUser ??= jb.pre
+      if (ja.post !== postUser || jb.pre !== preUser) return undefined
+      affixes.set(role, { pre: ja.pre, post: jb.post, preFirst: "" })
+    }
+    const sys = renderChat([{ role: "system", content: m2 }, { role: "user", content: m3 }])
+    const jsys = splitJoint(between(sys, m2, m3) ?? "")
+    if (jsys === undefined || jsys.pre !== preUser) return undefined
+    affixes.set("system", { pre: "", post: jsys.post, preFirst: sys.slice(0, sys.indexOf(m2)) })
+    const alone = renderChat([{ role: "user", content: m3 }])
+    const user = affixes.get("user")!
+    user.preFirst = alone.slice(0, alone.indexOf(m3))
+    const tail = alone.slice(alone.indexOf(m3) + m3.length)
+    if (!tail.startsWith(user.post)) return undefined
+    const generation = tail.slice(user.post.length)
+    const assistant = affixes.get("assistant")!
+    assistant.preFirst = user.preFirst.endsWith(user.pre)
+      ? user.preFirst.slice(0, user.preFirst.length - user.pre.length) + assistant.pre
+      : assistant.pre
+    const text = (m: ChatMessage, first: boolean) => {
+      const a = affixes.get(m.role)!
+      return (first ? a.preFirst : a.pre) + m.content + a.post
+    }
+    const segments: PromptSegments = {
+      first: (m) => encode(text(m, true)),
+      middle: (m) => encode(text(m, false)),
+      generationPrompt: encode(generation)
+    }
+    // Checked on sample conversations, with and without a system prompt.
+    const sample: Array<ChatMessage> = [
+      { role: "system", content: "You are terse.\nAnswer in English." },
+      { role: "user", content: "Hi there! <b>bold</b>" },
+      { role: "assistant", content: "Hello. How can I help?" },
+      { role: "user", content: "Tell me\n\na story, 2 lines." },
+      { role: "assistant", content: " Once upon a time…\nThe end." },
+      { role: "user", content: "thanks" }
+    ]
+    for (const messages of [sample, sample.slice(1), sample.slice(3)]) {
+      const rendered = renderChat(messages)
+      if (messages.map((m, i) => text(m, i === 0)).join("") + generation !== rendered) return undefined
+      const ids = [...messages.flatMap((m, i) => i === 0 ? segments.first(m) : segments.middle(m)), ...segments.generationPrompt]
+      const expected = encode(rendered)
+      if (ids.length !== expected.length || ids.some((id, i) => id !== expected[i])) return undefined
+    }
+    return segments
+  } catch {
+    return undefined
+  }
+}
 
 /**
  * Turns a growing list of token ids into text deltas without ever emitting a broken UTF-8

@@ -68,6 +68,7 @@ export class TurnStream {
   private nextIndex = 0
   private ended = false
   private gone = false
+  private stopping = false
   private pending: Array<Item> | undefined = []
   private producer: TurnStreamProducer | undefined
   private emit: ((item: Item) => boolean) | undefined
@@ -97,7 +98,7 @@ export class TurnStream {
 
   setProducer(producer: TurnStreamProducer): void {
     this.producer = producer
-    if (this.gone && !this.ended) producer.onCancel()
+    if ((this.gone || this.stopping) && !this.ended) producer.onCancel()
   }
 
   /** Appends a text delta. @returns false when the reader is full: pause until `onDrain`. */
@@ -110,6 +111,7 @@ export class TurnStream {
 
   done(event: DoneEvent): void {
     if (this.isClosed) return
+    if (this.stopping) return this.fail("shutting_down", "The server is shutting down; the turn was stored as cancelled")
     this.ended = true
     this.push({ _tag: "Done", event })
     this.finish()
@@ -120,6 +122,16 @@ export class TurnStream {
     this.ended = true
     this.push({ _tag: "Error", code, message })
     this.finish()
+  }
+
+  /**
+   * The server is stopping: the producer is told to stop (as when the reader goes), and the
+   * stream then ends with `event: error` code `shutting_down` instead of `done`.
+   */
+  shutdown(): void {
+    if (this.isClosed || this.stopping) return
+    this.stopping = true
+    this.producer?.onCancel()
   }
 
   // ---- consumer side ------------------------------------------------------------------
@@ -321,6 +333,8 @@ export class TurnStreams extends Context.Tag("chat/TurnStreams")<TurnStreams, {
   readonly make: (bufferEvents: number) => TurnStream
   readonly get: (id: TurnStreamId) => TurnStream | undefined
   readonly size: () => number
+  /** Every open stream, for a graceful stop. */
+  readonly all: () => ReadonlyArray<TurnStream>
 }>() {
   static readonly layer = Layer.sync(TurnStreams, () => {
     const streams = new Map<TurnStreamId, TurnStream>()
@@ -332,7 +346,8 @@ export class TurnStreams extends Context.Tag("chat/TurnStreams")<TurnStreams, {
         return stream
       },
       get: (id) => streams.get(id),
-      size: () => streams.size
+      size: () => streams.size,
+      all: () => [...streams.values()]
     }
   })
 }

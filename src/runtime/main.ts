@@ -95,7 +95,16 @@ const MainLive = Layer.unwrapEffect(
       logEngine: s.logEngine,
       socketDir: Option.getOrUndefined(Option.map(s.runDir, (d) => resolve(d)))
     }).pipe(Layer.provide(ModelsLive), Layer.provide(TopologyLive))
-    const StoreLive = Storage.layer.pipe(Layer.provide(SqlLive))
+    // One runner owns every conversation here: replies lost in a crash are filled in as
+    // `failed` before any turn is taken (Storage.reconcile).
+    const ReconcileLive = Layer.effectDiscard(
+      Storage.reconcile.pipe(
+        Effect.tap((n) => n > 0 ? Effect.logWarning(`reconciled ${n} user turns left without a reply by a crash`) : Effect.void)
+      )
+    )
+    const StoreLive = topologyValue.runners.length === 1
+      ? ReconcileLive.pipe(Layer.provideMerge(Storage.layer), Layer.provide(SqlLive))
+      : Storage.layer.pipe(Layer.provide(SqlLive))
     // One registry of token streams per runner: the facade opens them, DecodeSlots write them.
     const StreamsLive = TurnStreams.layer
     const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
@@ -104,7 +113,7 @@ const MainLive = Layer.unwrapEffect(
     )
     const ClusterLive = EntitiesLive.pipe(Layer.provideMerge(Cluster.layerSingle(topologyValue, runnerName)))
     const ConversationsLayer = ConversationsLive.layer.pipe(
-      Layer.provide(Layer.mergeAll(ClusterLive, StoreLive, TopologyLive, StreamsLive))
+      Layer.provide(Layer.mergeAll(ClusterLive, StoreLive, TopologyLive, StreamsLive, WorkersLive))
     )
     return HttpServer.layer.pipe(Layer.provide(ConversationsLayer), Layer.provide(SqlLive))
   })

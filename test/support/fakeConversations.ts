@@ -109,6 +109,8 @@ export const make = (options: FakeOptions = {}) =>
     }
 
     const service: ConversationsService = {
+      drain: () => Effect.void,
+      notReady: Effect.succeed(undefined),
       create: (input) =>
         Effect.suspend(() => {
           if (input.model === "missing") {

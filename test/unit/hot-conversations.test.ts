@@ -10,7 +10,7 @@ const state = (chars: number): ConversationState => ({
   pool: "default",
   systemPrompt: null,
   history: [{ role: "user", content: "x".repeat(chars) }],
-  nextSeq: 1
+  historyIds: [], nextSeq: 1
 })
 
 describe("HotConversations", () => {

@@ -20,6 +20,8 @@ export interface ConversationState {
   readonly pool: string
   readonly systemPrompt: string | null
   readonly history: Array<ChatMessage>
+  /** Token ids of each history message as a prompt segment, filled in by prompt assembly. */
+  readonly historyIds: Array<Uint32Array>
   nextSeq: number
 }
 
@@ -31,6 +33,8 @@ const MESSAGE_COST_CHARS = 16
 const sizeOf = (state: ConversationState): number => {
   let chars = ENTRY_COST_CHARS + (state.systemPrompt?.length ?? 0)
   for (const m of state.history) chars += m.content.length + MESSAGE_COST_CHARS
+  // ~2 bytes per char: 4-byte ids count as 2 chars each.
+  for (const ids of state.historyIds) chars += 2 * ids.length
   return chars
 }
 
