@@ -176,8 +176,9 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
       const created = await postJson(`${service.url}/v1/conversations`, { system_prompt: "Be brief." })
       const { conversation_id: id } = (await created.json()) as { conversation_id: string }
       const failed = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: failing, max_tokens: 3000 })
-      expect(failed.status).toBe(500)
-      expect(((await failed.json()) as any).error.code).toBe("internal")
+      expect(failed.status).toBe(503)
+      expect(failed.headers.get("retry-after")).not.toBeNull()
+      expect(((await failed.json()) as any).error.code).toBe("storage_unavailable")
       // Its generation was queued while the append ran: it is cancelled, its blocks freed.
       await waitForFreeBlocks(service)
       // The conversation is free again once that generation has ended (within a step or so).

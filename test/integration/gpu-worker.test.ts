@@ -99,24 +99,21 @@ describe("GpuWorker with the real engine", () => {
       expect((yield* worker.engine().info).num_active_seqs).toBe(0)
     }))
 
-  it.scopedLive("restarts a crashed engine: live sequences fail at once, new ones are served", () =>
+  it.scopedLive("restarts a crashed engine: live sequences are re-prefilled there and finish as if undisturbed", () =>
     Effect.gen(function*() {
       const worker = yield* makeWorker(64)
+      const request = { promptTokenIds: prompt(10, 4), maxTokens: 200, sampling: greedy, priority: 0 }
+      const undisturbed = yield* Effect.scoped(Effect.flatMap(worker.generate(request), drain))
       const first = worker.engine()
-      const fiber = yield* Effect.fork(Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(10, 4), maxTokens: 3000, sampling: greedy, priority: 0 }), drain)))
-      yield* Effect.sleep(Duration.millis(200))
+      const fiber = yield* Effect.fork(Effect.scoped(Effect.flatMap(worker.generate(request), drain)))
+      yield* Effect.sleep(Duration.millis(100))
       process.kill(first.process.pid, "SIGKILL")
-      const started = Date.now()
-      const failed = yield* Fiber.join(fiber)
-      expect(failed.finish).toBe("failed:engine_exited")
-      expect(Date.now() - started).toBeLessThan(2000)
-      // A new process serves the next sequence.
-      let result: { tokens: Array<number>; finish: string } | undefined
-      for (let attempt = 0; attempt < 50 && result === undefined; attempt++) {
-        if (worker.engine() === first) yield* Effect.sleep(Duration.millis(100))
-        else result = yield* Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(10, 4), maxTokens: 5, sampling: greedy, priority: 0 }), drain))
-      }
-      expect(result?.finish).toBe("length")
+      const result = yield* Fiber.join(fiber)
+      // A pause, not an error: the sequence went back to the queue with its output so far,
+      // and the new engine prefilled prompt + generated tokens; greedy output is unchanged.
+      expect(result.finish).toBe("length")
+      expect(result.tokens).toEqual(undisturbed.tokens)
+      expect(worker.engine()).not.toBe(first)
       expect((yield* worker.stats).numEngineRestarts).toBe(1)
       expect((yield* worker.stats).numFreeBlocks).toBe(64)
     }), 30_000)
