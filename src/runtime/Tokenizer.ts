@@ -138,9 +138,8 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
 /**
  * Finds the per-message pieces of a chat template by rendering marker messages, then checks
  * them on sample conversations (with and without a system prompt) against the full render,
- * as strings and as ids. Between two messages the template writes `post(previous) +
- * pre(next)`; that text is split right after its first added token, so every piece ends with
- * an added token.
+ * as strings and as ids. The text between two messages is split right after its first added
+ * token, so every piece ends with an added token, where the tokenizer splits anyway.
  */
 const derivePromptSegments = (
   renderChat: (messages: ReadonlyArray<ChatMessage>) => string,
@@ -163,40 +162,36 @@ const derivePromptSegments = (
     return { post: joint.slice(0, end), pre: joint.slice(end) }
   }
   try {
-    const affixes = new Map<ChatMessage["role"], { pre: string; post: string; preFirst: string }>()
-    // user and assistant in the middle of a conversation, between two user messages
+    // Between two messages the template writes post(previous) + pre(next); the user
+    // message's post and pre must be the same next to any message.
     let postUser: string | undefined
     let preUser: string | undefined
     for (const role of ["user", "assistant"] as const) {
       const r = renderChat([{ role: "user", content: m1 }, { role, content: m2 }, { role: "user", content: m3 }])
-      const a = between(r, m1, m2)
-      const b = between(r, m2, m3)
-      if (a === undefined || b === undefined) return undefined
-      const ja = splitJoint(a)
-      const jb = splitJoint(b)
+      const ja = splitJoint(between(r, m1, m2) ?? "")
+      const jb = splitJoint(between(r, m2, m3) ?? "")
       if (ja === undefined || jb === undefined) return undefined
       postUser ??= ja.post
       preUser ??= jb.pre
       if (ja.post !== postUser || jb.pre !== preUser) return undefined
-      affixes.set(role, { pre: ja.pre, post: jb.post, preFirst: "" })
     }
     const sys = renderChat([{ role: "system", content: m2 }, { role: "user", content: m3 }])
     const jsys = splitJoint(between(sys, m2, m3) ?? "")
     if (jsys === undefined || jsys.pre !== preUser) return undefined
-    affixes.set("system", { pre: "", post: jsys.post, preFirst: sys.slice(0, sys.indexOf(m2)) })
     const alone = renderChat([{ role: "user", content: m3 }])
-    const user = affixes.get("user")!
-    user.preFirst = alone.slice(0, alone.indexOf(m3))
-    const tail = alone.slice(alone.indexOf(m3) + m3.length)
-    if (!tail.startsWith(user.post)) return undefined
-    const generation = tail.slice(user.post.length)
-    const assistant = affixes.get("assistant")!
-    assistant.preFirst = user.preFirst.endsWith(user.pre)
-      ? user.preFirst.slice(0, user.preFirst.length - user.pre.length) + assistant.pre
-      : assistant.pre
+    const tail = alone.slice(alone.lastIndexOf(m3) + m3.length)
+    if (!tail.startsWith(postUser!)) return undefined
+    const generation = tail.slice(postUser!.length)
+    // A message's piece is cut out of a render of it between two marker messages (or before
+    // one, for the opening message): whatever the template does to content (Qwen3 drops an
+    // earlier reply's <think> block) is then done here too.
     const text = (m: ChatMessage, first: boolean) => {
-      const a = affixes.get(m.role)!
-      return (first ? a.preFirst : a.pre) + m.content + a.post
+      if (first) {
+        const r = renderChat([m, { role: "user", content: m3 }])
+        return r.slice(0, r.lastIndexOf(m3) - preUser!.length)
+      }
+      const r = renderChat([{ role: "user", content: m1 }, m, { role: "user", content: m3 }])
+      return r.slice(r.indexOf(m1) + m1.length + postUser!.length, r.lastIndexOf(m3) - preUser!.length)
     }
     const segments: PromptSegments = {
       first: (m) => encode(text(m, true)),
@@ -209,7 +204,7 @@ const derivePromptSegments = (
       { role: "user", content: "Hi there! <b>bold</b>" },
       { role: "assistant", content: "Hello. How can I help?" },
       { role: "user", content: "Tell me\n\na story, 2 lines." },
-      { role: "assistant", content: " Once upon a time…\nThe end." },
+      { role: "assistant", content: "<think>\nplan\n</think>\n\n Once upon a time…\nThe end." },
       { role: "user", content: "thanks" }
     ]
     for (const messages of [sample, sample.slice(1), sample.slice(3)]) {
