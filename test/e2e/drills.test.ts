@@ -1,0 +1,242 @@
+/**
+ * Hardening drills through HTTP against the real service process, the real engine and a
+ * PostgreSQL database of their own: hostile input, overload, cancel-then-send, engine crash
+ * and hang, database backends terminated, SIGTERM and SIGKILL. Each fault drill ends in a
+ * loss audit: every acknowledged user turn has its reply row, and every client's text equals
+ * the stored reply.
+ */
+import { execFileSync } from "node:child_process"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { freshDatabase, sqlAt } from "../support/database.js"
+import { assertEngineBuilt } from "../support/engineProcess.js"
+import { postJson, readSse, type Service, type SseEvent, startService } from "../support/service.js"
+
+interface TurnResult {
+  readonly conversationId: string
+  readonly status: number
+  readonly events: ReadonlyArray<SseEvent>
+  readonly text: string
+  readonly terminal: SseEvent | undefined
+}
+
+const create = async (url: string): Promise<string> =>
+  ((await (await postJson(`${url}/v1/conversations`, { system_prompt: "Be brief." })).json()) as any).conversation_id
+
+/** Sends a turn and reads its stream to the end; `onToken` sees each token event. */
+const turn = async (
+  url: string,
+  conversationId: string,
+  body: Record<string, unknown>,
+  onToken?: (e: SseEvent) => void
+): Promise<TurnResult> => {
+  const res = await postJson(`${url}/v1/conversations/${conversationId}/turns`, { role: "user", ...body })
+  if (res.status !== 200) return { conversationId, status: res.status, events: [], text: "", terminal: undefined }
+  const events = await readSse(res, (e) => void (e.event === "token" && onToken?.(e))).catch(() => [] as Array<SseEvent>)
+  const text = events.filter((e) => e.event === "token").map((e) => e.data.text).join("")
+  const terminal = events.find((e) => e.event === "done" || e.event === "error")
+  return { conversationId, status: res.status, events, text, terminal }
+}
+
+const rowsOf = (dbUrl: string, conversationId: string) =>
+  sqlAt("SELECT seq, role, status, content FROM chat_turns WHERE conversation_id = $1 ORDER BY seq", [conversationId], dbUrl)
+
+/** Every acknowledged turn has its reply row, and the client's text equals it. */
+const audit = async (dbUrl: string, results: ReadonlyArray<TurnResult>, statuses: ReadonlyArray<string>) => {
+  for (const r of results.filter((r) => r.status === 200)) {
+    const rows = await rowsOf(dbUrl, r.conversationId)
+    const user = [...rows].reverse().find((row: any) => row.role === "user")
+    expect(user).toBeDefined()
+    const reply = rows.find((row) => row.seq === user.seq + 1)
+    expect(reply?.role).toBe("assistant")
+    expect(statuses).toContain(reply.status)
+    if (reply.status !== "failed") expect(reply.content).toBe(r.text)
+  }
+}
+
+const enginePid = (service: Service): number =>
+  Number(execFileSync("pgrep", ["-f", `llm-engine.*${service.runDir}`]).toString().trim().split("\n")[0])
+
+const waitFor = async (predicate: () => boolean, timeoutMs: number) => {
+  const deadline = Date.now() + timeoutMs
+  while (!predicate() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
+}
+
+const exited = (service: Service) =>
+  new Promise<number | null>((resolve) =>
+    service.process.exitCode !== null ? resolve(service.process.exitCode) : service.process.once("exit", (code) => resolve(code))
+  )
+
+describe("drills on a running service (own database)", () => {
+  let service: Service
+  let dbUrl: string
+
+  beforeAll(async () => {
+    assertEngineBuilt()
+    dbUrl = (await freshDatabase()).url
+    service = await startService({
+      env: { DATABASE_URL: dbUrl, CLUSTER_CONFIG: "test/e2e/drill.config.ts", DRILL_MAX_NUM_SEQS: "4", DRILL_NUM_SLOTS: "8" }
+    })
+  }, 120_000)
+
+  afterAll(async () => {
+    await service?.stop()
+  })
+
+  it("hostile model names and cursors are 4xx and store nothing", async () => {
+    for (const model of ["constructor", "__proto__", "toString", "hasOwnProperty"]) {
+      const res = await postJson(`${service.url}/v1/conversations`, { model })
+      expect(res.status).toBe(404)
+      expect(((await res.json()) as any).error.code).toBe("model_not_found")
+    }
+    expect((await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl))[0].n).toBe(0)
+    const id = await create(service.url)
+    for (const before of ["2147483648", "999999999999999"]) {
+      const res = await fetch(`${service.url}/v1/conversations/${id}?before=${before}`)
+      expect(res.status).toBe(400)
+    }
+  })
+
+  it("past the waiting bound a turn is refused with 503 and Retry-After, and stores nothing", async () => {
+    const ids = await Promise.all(Array.from({ length: 14 }, () => create(service.url)))
+    const controllers = ids.map(() => new AbortController())
+    const responses = await Promise.all(ids.map((id, i) =>
+      postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Go on", max_tokens: 3000 }, controllers[i]!.signal)
+    ))
+    const refused = responses.flatMap((res, i) => res.status === 503 ? [i] : [])
+    expect(responses.filter((r) => r.status === 200).length).toBeLessThanOrEqual(8)
+    expect(refused.length).toBeGreaterThanOrEqual(6)
+    for (const i of refused) {
+      expect(responses[i]!.headers.get("retry-after")).toMatch(/^[0-9]+$/)
+      expect(((await responses[i]!.json()) as any).error.code).toBe("overloaded")
+      expect(await rowsOf(dbUrl, ids[i]!)).toEqual([])
+    }
+    for (const c of controllers) c.abort()
+    // Every slot comes back: a later turn is served.
+    await new Promise((r) => setTimeout(r, 500))
+    const later = await turn(service.url, ids[refused[0]!]!, { content: "Now", max_tokens: 4 })
+    expect(later.terminal?.event).toBe("done")
+  })
+
+  it("a new turn right after a cancel's 204 is taken (20 tries)", async () => {
+    const id = await create(service.url)
+    for (let i = 0; i < 20; i++) {
+      const res = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: `long ${i}`, max_tokens: 3000 })
+      expect(res.status).toBe(200)
+      const reading = readSse(res, () => undefined)
+      const cancel = await fetch(`${service.url}/v1/conversations/${id}/cancel`, { method: "POST" })
+      expect(cancel.status).toBe(204)
+      const next = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: `short ${i}`, max_tokens: 2 })
+      expect(next.status).toBe(200)
+      await readSse(next, () => undefined)
+      await reading
+    }
+    const rows = await rowsOf(dbUrl, id)
+    expect(rows.map((r) => r.seq)).toEqual(rows.map((_, i) => i))
+  }, 60_000)
+
+  it("an engine killed mid-stream is restarted; its streams pause, then finish, and turns sent meanwhile are served", async () => {
+    const ids = await Promise.all(Array.from({ length: 4 }, () => create(service.url)))
+    let seen = 0
+    const running = ids.map((id) => turn(service.url, id, { content: "Tell me a story", max_tokens: 120, temperature: 0 }, () => void seen++))
+    await waitFor(() => seen >= 8, 10_000)
+    process.kill(enginePid(service), "SIGKILL")
+    const during = turn(service.url, await create(service.url), { content: "Meanwhile", max_tokens: 8 })
+    const results = [...(await Promise.all(running)), await during]
+    for (const r of results) {
+      expect(r.status).toBe(200)
+      expect(r.terminal?.event).toBe("done")
+    }
+    await audit(dbUrl, results, ["completed"])
+  }, 60_000)
+
+  it("a hung engine (SIGSTOP) is killed after its step deadline and its streams finish", async () => {
+    const ids = await Promise.all(Array.from({ length: 3 }, () => create(service.url)))
+    let seen = 0
+    const running = ids.map((id) => turn(service.url, id, { content: "Another story", max_tokens: 80 }, () => void seen++))
+    await waitFor(() => seen >= 6, 10_000)
+    const pid = enginePid(service)
+    process.kill(pid, "SIGSTOP")
+    const t0 = Date.now()
+    const results = await Promise.all(running)
+    expect(Date.now() - t0).toBeLessThan(20_000)
+    for (const r of results) expect(r.terminal?.event).toBe("done")
+    await audit(dbUrl, results, ["completed"])
+    try {
+      process.kill(pid, "SIGCONT")
+    } catch {
+      // killed, as it should be
+    }
+  }, 60_000)
+
+  it("terminated database backends during traffic: every turn is stored and matches what its client saw", async () => {
+    const ids = await Promise.all(Array.from({ length: 4 }, () => create(service.url)))
+    const dbName = new URL(dbUrl).pathname.slice(1)
+    const running = ids.map((id) => turn(service.url, id, { content: "Keep going", max_tokens: 60 }))
+    for (let i = 0; i < 3; i++) {
+      await new Promise((r) => setTimeout(r, 150))
+      await sqlAt("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", [dbName])
+    }
+    const results = await Promise.all(running)
+    for (const r of results) expect(r.terminal?.event).toBe("done")
+    await audit(dbUrl, results, ["completed"])
+    // The service recovered by itself.
+    const after = await turn(service.url, await create(service.url), { content: "After", max_tokens: 4 })
+    expect(after.terminal?.event).toBe("done")
+    expect((await fetch(`${service.url}/readyz`)).status).toBe(200)
+  }, 60_000)
+})
+
+describe("stop and crash drills (own database)", () => {
+  it("SIGTERM: in-flight turns end with shutting_down, are stored cancelled with their text, and the process exits", async () => {
+    assertEngineBuilt()
+    const dbUrl = (await freshDatabase()).url
+    const service = await startService({ env: { DATABASE_URL: dbUrl, SHUTDOWN_GRACE_MS: "300" } })
+    try {
+      const ids = await Promise.all(Array.from({ length: 20 }, () => create(service.url)))
+      let seen = 0
+      const running = ids.map((id) => turn(service.url, id, { content: "A very long answer", max_tokens: 3000 }, () => void seen++))
+      await waitFor(() => seen >= 40, 20_000)
+      const exit = exited(service)
+      service.process.kill("SIGTERM")
+      const results = await Promise.all(running)
+      expect(await exit).toBe(0)
+      for (const r of results) {
+        expect(r.status).toBe(200)
+        expect(r.terminal?.event).toBe("error")
+        expect(r.terminal?.data.error.code).toBe("shutting_down")
+      }
+      await audit(dbUrl, results, ["cancelled"])
+    } finally {
+      await service.stop()
+    }
+  }, 90_000)
+
+  it("SIGKILL: on restart every acknowledged turn gets a failed reply and no number is reused", async () => {
+    assertEngineBuilt()
+    const dbUrl = (await freshDatabase()).url
+    const first = await startService({ env: { DATABASE_URL: dbUrl } })
+    const ids = await Promise.all(Array.from({ length: 20 }, () => create(first.url)))
+    let seen = 0
+    const running = ids.map((id) => turn(first.url, id, { content: "Crash me", max_tokens: 3000 }, () => void seen++))
+    await waitFor(() => seen >= 40, 20_000)
+    const exit = exited(first)
+    first.process.kill("SIGKILL")
+    await exit
+    const results = await Promise.all(running)
+    const second = await startService({ env: { DATABASE_URL: dbUrl }, dataDir: first.dataDir })
+    try {
+      await audit(dbUrl, results, ["failed"])
+      const next = await turn(second.url, ids[0]!, { content: "Again", max_tokens: 3 })
+      expect(next.terminal?.event).toBe("done")
+      const rows = await rowsOf(dbUrl, ids[0]!)
+      expect(rows.map((r) => [r.seq, r.role, r.status])).toEqual([
+        [0, "user", "completed"],
+        [1, "assistant", "failed"],
+        [2, "user", "completed"],
+        [3, "assistant", "completed"]
+      ])
+    } finally {
+      await second.stop()
+    }
+  }, 120_000)
+})
