@@ -2,7 +2,7 @@
 import { randomUUID } from "node:crypto"
 import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
-import { Effect, Redacted } from "effect"
+import { Effect, ManagedRuntime, Redacted } from "effect"
 
 export const databaseUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 
@@ -25,4 +25,18 @@ export const freshDatabase = async (): Promise<{ readonly url: string; readonly 
   const url = new URL(databaseUrl)
   url.pathname = `/${name}`
   return { url: url.toString(), name }
+}
+
+/** A pooled client of the database at `url`, for tests that run many statements. */
+export const sqlPool = (url: string) => {
+  const runtime = ManagedRuntime.make(PgClient.layer({ url: Redacted.make(url), maxConnections: 2 }))
+  return {
+    query: (statement: string, params: ReadonlyArray<unknown> = []): Promise<Array<any>> =>
+      runtime.runPromise(
+        Effect.flatMap(SqlClient.SqlClient, (sql) => sql.unsafe(statement, params as Array<any>)).pipe(
+          Effect.map((rows) => [...rows] as Array<any>)
+        )
+      ),
+    close: () => runtime.dispose()
+  }
 }
