@@ -1,0 +1,101 @@
+/**
+ * Event-loop cost of long conversations: `node --import tsx bench/serve/long-conversation.ts
+ * [--exchanges 500] [--turns 20]`. Starts the service (CPU engine, a fresh database of the
+ * PostgreSQL at DATABASE_URL), gives one conversation N earlier exchanges (written to the
+ * database), then sends 1-token turns to it one after another while a prober asks /healthz
+ * every 5 ms. Reports /healthz latency (p50, p99, max) during the first (cold: the history is
+ * loaded and encoded) and the later turns, and each turn's wall time. Results go to
+ * bench/results/long-conversation.json with machine, date, commit and command.
+ */
+import { execFileSync } from "node:child_process"
+import { writeFileSync } from "node:fs"
+import os from "node:os"
+import { freshDatabase, sqlPool } from "../../test/support/database.js"
+import { postJson, readSse, startService } from "../../test/support/service.js"
+
+const args = process.argv.slice(2)
+const flag = (name: string, fallback: number) => {
+  const i = args.indexOf(`--${name}`)
+  return i < 0 ? fallback : Number(args[i + 1])
+}
+const numExchanges = flag("exchanges", 500)
+const numTurns = flag("turns", 20)
+
+const percentile = (xs: ReadonlyArray<number>, p: number) => {
+  const sorted = [...xs].sort((a, b) => a - b)
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN
+}
+const summary = (xs: ReadonlyArray<number>) => ({
+  n: xs.length,
+  p50_ms: +percentile(xs, 50).toFixed(2),
+  p99_ms: +percentile(xs, 99).toFixed(2),
+  max_ms: +Math.max(...xs).toFixed(2)
+})
+
+const main = async () => {
+  const db = await freshDatabase()
+  const service = await startService({ env: { DATABASE_URL: db.url } })
+  const pool = sqlPool(db.url)
+  try {
+    const id = ((await (await postJson(`${service.url}/v1/conversations`, { system_prompt: "You are a helpful assistant." })).json()) as any)
+      .conversation_id as string
+    const now = Date.now()
+    for (let start = 0; start < 2 * numExchanges; start += 500) {
+      const values: Array<string> = []
+      for (let seq = start; seq < Math.min(start + 500, 2 * numExchanges); seq++) {
+        const role = seq % 2 === 0 ? "user" : "assistant"
+        const content = role === "user"
+          ? `Question ${seq / 2}: how does a paged KV cache work with continuous batching on a GPU?`
+          : `Answer ${(seq - 1) / 2}: blocks of 16 tokens are allocated on demand and freed when the sequence ends, so many sequences share the memory.`
+        values.push(`('${id}', ${seq}, '${role}', '${content}', 'completed', NULL, NULL, ${now})`)
+      }
+      await pool.query(`INSERT INTO chat_turns (conversation_id, seq, role, content, status, num_prompt_tokens, num_completion_tokens, created_at_ms) VALUES ${values.join(",")}`)
+    }
+    // Restart so that nothing of the conversation is cached: the first turn loads it cold.
+    await service.stop()
+    const warm = await startService({ env: { DATABASE_URL: db.url }, dataDir: service.dataDir })
+    const probes: Array<Array<number>> = []
+    const turnMs: Array<number> = []
+    let current: Array<number> = []
+    let probing = true
+    const prober = (async () => {
+      while (probing) {
+        const t0 = performance.now()
+        await fetch(`${warm.url}/healthz`).then((r) => r.arrayBuffer())
+        current.push(performance.now() - t0)
+        await new Promise((r) => setTimeout(r, 5))
+      }
+    })()
+    for (let i = 0; i < numTurns; i++) {
+      current = []
+      const t0 = performance.now()
+      const res = await postJson(`${warm.url}/v1/conversations/${id}/turns`, { role: "user", content: `Turn ${i}: and then?`, max_tokens: 1 })
+      if (res.status !== 200) throw new Error(`turn ${i}: ${res.status} ${await res.text()}`)
+      const events = await readSse(res, () => undefined)
+      if (events.at(-1)?.event !== "done") throw new Error(`turn ${i} did not complete: ${JSON.stringify(events.at(-1))}`)
+      turnMs.push(performance.now() - t0)
+      probes.push(current)
+    }
+    probing = false
+    await prober
+    await warm.stop()
+    const result = {
+      benchmark: "long-conversation",
+      command: `node --import tsx bench/serve/long-conversation.ts --exchanges ${numExchanges} --turns ${numTurns}`,
+      date: new Date().toISOString(),
+      commit: execFileSync("git", ["rev-parse", "--short", "HEAD"]).toString().trim(),
+      machine: { cpuModel: os.cpus()[0]?.model, cpuCount: os.cpus().length, node: process.version, os: `${os.type()} ${os.release()}` },
+      num_earlier_exchanges: numExchanges,
+      healthz_first_turn: summary(probes[0]!),
+      healthz_later_turns: summary(probes.slice(1).flat()),
+      turn_ms_first: +turnMs[0]!.toFixed(1),
+      turn_ms_later: summary(turnMs.slice(1))
+    }
+    console.log(JSON.stringify(result, null, 2))
+    writeFileSync("bench/results/long-conversation.json", JSON.stringify(result, null, 2) + "\n")
+  } finally {
+    await pool.close()
+  }
+}
+
+void main()
