@@ -48,9 +48,11 @@ export const buildPrompt = (
     for (let i = start; i < history.length; i++) n += historyIds[i]!.length
     return n
   }
-  let userIds = system === undefined && history.length === 0 ? segments.first(user) : segments.middle(user)
-  if (fixed + userIds.length > limit) {
-    return Effect.fail(new PromptTooLong({ num_prompt_tokens: fixed + userIds.length, max_model_len: model.maxModelLen }))
+  let userIds = segments.middle(user)
+  // The smallest prompt: no history (the user message then opens it when there is no system prompt).
+  const alone = system === undefined ? segments.first(user) : userIds
+  if (fixed + alone.length > limit) {
+    return Effect.fail(new PromptTooLong({ num_prompt_tokens: fixed + alone.length, max_model_len: model.maxModelLen }))
   }
   let total = fixed + userIds.length
   let start = history.length
@@ -61,10 +63,7 @@ export const buildPrompt = (
   if (system === undefined) {
     for (;;) {
       if (start === history.length) {
-        userIds = segments.first(user)
-        if (fits(start, userIds) > limit) {
-          return Effect.fail(new PromptTooLong({ num_prompt_tokens: fits(start, userIds), max_model_len: model.maxModelLen }))
-        }
+        userIds = alone
         break
       }
       opening = segments.first(history[start]!)
