@@ -34,7 +34,11 @@ export const buildPrompt = (
 ): Effect.Effect<Array<number>, PromptTooLong> => {
   const segments = model.tokenizer.promptSegments
   const limit = model.maxModelLen - minNewTokens
-  if (segments === undefined) return buildByRender(model, state, content, limit)
+  // A <think> block anywhere may change how the template renders other messages (Qwen3
+  // places reasoning by the last query): render the whole prompt then.
+  if (segments === undefined || content.includes("think>") || state.history.some((m) => m.content.includes("think>"))) {
+    return buildByRender(model, state, content, limit)
+  }
   const { history, historyIds } = state
   for (let i = historyIds.length; i < history.length; i++) historyIds.push(Uint32Array.from(segments.middle(history[i]!)))
   const system = state.systemPrompt === null ? undefined : segments.first({ role: "system", content: state.systemPrompt })
