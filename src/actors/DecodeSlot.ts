@@ -1,5 +1,5 @@
 /**
- * DecodeSlot entity `{gpu}/{slot}`: one sequence's life on its GPU (DESIGN.md data flow 4).
+ * DecodeSlot entity `{gpu}/{slot}`: one sequence's life on its GPU.
  *
  * `Start` queues the sequence in the GPU's scheduler and returns; from then on the GPU step
  * loop calls the slot's sink with each sampled token, synchronously, once per step: the sink

@@ -1,5 +1,5 @@
 /**
- * Server-Sent Events encoding of one generation (DESIGN.md, data flow step 5).
+ * Server-Sent Events encoding of one generation.
  *
  * ```text
  * event: token
@@ -18,7 +18,7 @@
  *
  * Payloads are JSON, so a newline inside token text can never break the framing. Every stream
  * ends with exactly one `done` or `error` event; a generation that ends without its terminal
- * event is reported as an `error` (DESIGN.md: never infer the end). The encoding itself is in
+ * event is reported as an `error` (a stream cut short must never pass for a finished one). The encoding itself is in
  * src/runtime/TurnStream.ts, where tokens are written.
  */
 import { HttpServerResponse } from "@effect/platform"

@@ -55,7 +55,7 @@ export class TokenEvent extends Schema.TaggedClass<TokenEvent>()("Token", {
   text: Schema.String
 }) {}
 
-/** The terminal event: every generation ends with exactly one (DESIGN.md: never infer the end). */
+/** The terminal event: every generation ends with exactly one (a stream cut short must never pass for a finished one). */
 export class DoneEvent extends Schema.TaggedClass<DoneEvent>()("Done", {
   turn_id: TurnId,
   finish_reason: FinishReason,

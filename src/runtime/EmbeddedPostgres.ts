@@ -4,7 +4,7 @@
  * loopback port, so the cluster's SQL storages and ours use an ordinary PgClient.
  *
  * One process only: PGlite shares one backend between connections (advisory locks are not
- * exclusive), so several runners must use a real PostgreSQL (DESIGN.md, measured facts).
+ * exclusive), so several runners must use a real PostgreSQL.
  */
 import { mkdirSync } from "node:fs"
 import { PGlite } from "@electric-sql/pglite"

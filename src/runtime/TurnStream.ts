@@ -40,7 +40,7 @@ type Item =
   | { readonly _tag: "Done"; readonly event: DoneEvent }
   | { readonly _tag: "Error"; readonly code: string; readonly message: string }
 
-/** SSE framing (DESIGN.md data flow step 5); payloads are JSON, so newlines cannot break it. */
+/** SSE framing : payloads are JSON, so newlines cannot break it. */
 const Sse = {
   keepAlive: ": keep-alive\n\n",
   accepted: ": accepted\n\n",

@@ -4,7 +4,7 @@
  * next message to that conversation (its FinishTurn, the user's next turn) needs no query.
  * The entity instances themselves are dropped 1 s after their last message: each holds
  * ~20 KB of cluster machinery (measured with bench/serve/heap-diff.ts), this state holds the
- * text. DESIGN.md's "hot history cached" tier, in process.
+ * text. The in-process tier of the hot history (docs/architecture.md).
  *
  * Least recently used entries go first once the total exceeds `maxChars` (UTF-16 code units
  * of system prompt + history, plus a fixed cost per entry).
