@@ -61,6 +61,11 @@ export const buildPrompt = (
   let total = fixed + userIds.length
   let start = history.length
   while (start > 0 && total + historyIds[start - 1]!.length <= limit) total += historyIds[--start]!.length
+  // Without a system prompt the oldest message kept is encoded as the opener, which may be
+  // shorter than its middle form: one more user message may fit that way.
+  if (system === undefined && start > 0 && history[start - 1]!.role === "user") {
+    if (total + segments.first(history[start - 1]!).length <= limit) start--
+  }
   // Never start mid-exchange: the window opens with a user message.
   while (start < history.length && history[start]!.role !== "user") start++
   let opening: ReadonlyArray<number> | undefined
