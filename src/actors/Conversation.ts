@@ -32,7 +32,7 @@ import { TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, TurnFinisher } from "./DecodeSlot.js"
 import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
-import { buildPrompt } from "./internal/promptAssembly.js"
+import { buildPrompt, emptyPromptCache } from "./internal/promptAssembly.js"
 
 /** Budget of the runner's hot conversation state (chars of prompts and history, ~2 bytes each). */
 const HOT_CONVERSATIONS_MAX_CHARS = 32 * 1024 * 1024
@@ -134,7 +134,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           pool: row.value.model,
           systemPrompt: row.value.system_prompt,
           history: turns.filter((t) => t.role !== "system" && t.status !== "failed").map((t) => ({ role: t.role, content: t.content })),
-          historyIds: [],
+          cache: emptyPromptCache(),
           // A user turn's reply keeps its seq (user seq + 1) even while its row is missing
           // (still streaming, or lost in a crash until start-up reconciliation fills it in);
           // a running turn's too (a turn still being accepted, as when SendTurn itself loads,
@@ -347,7 +347,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           store.createConversation({ id, model: payload.pool, system_prompt: payload.system_prompt }).pipe(
             Effect.tap(() =>
               Effect.sync(() => {
-                loaded = { pool: payload.pool, systemPrompt: payload.system_prompt, history: [], historyIds: [], nextSeq: 0 }
+                loaded = { pool: payload.pool, systemPrompt: payload.system_prompt, history: [], cache: emptyPromptCache(), nextSeq: 0 }
                 hot.set(id, loaded)
               })
             ),

@@ -5,12 +5,14 @@
  */
 import { describe, expect, it } from "@effect/vitest"
 import { type ConversationState, HotConversations } from "../../src/actors/internal/hotConversations.js"
+import { emptyPromptCache } from "../../src/actors/internal/promptAssembly.js"
 
 const state = (chars: number): ConversationState => ({
   pool: "default",
   systemPrompt: null,
   history: [{ role: "user", content: "x".repeat(chars) }],
-  historyIds: [], nextSeq: 1
+  cache: emptyPromptCache(),
+  nextSeq: 1
 })
 
 describe("HotConversations", () => {

@@ -10,7 +10,7 @@ import { dirname, join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
 import { Effect, Either } from "effect"
 import fc from "fast-check"
-import { buildPrompt } from "../../src/actors/internal/promptAssembly.js"
+import { buildPrompt, emptyPromptCache } from "../../src/actors/internal/promptAssembly.js"
 import type { LoadedModel } from "../../src/runtime/Models.js"
 import * as Tokenizer from "../../src/runtime/Tokenizer.js"
 
@@ -41,9 +41,9 @@ describe("prompt assembly by template segments", () => {
               { role: "assistant" as const, content: a }
             ])
             const model = { pool: "p", modelDir: modelsDir, tokenizer, maxModelLen }
-            const viaSegments = Effect.runSync(Effect.either(buildPrompt(model, { systemPrompt, history, historyIds: [] }, content, 4)))
+            const viaSegments = Effect.runSync(Effect.either(buildPrompt(model, { systemPrompt, history, cache: emptyPromptCache() }, content, 4)))
             const viaRender = Effect.runSync(
-              Effect.either(buildPrompt({ ...byRender, maxModelLen }, { systemPrompt, history, historyIds: [] }, content, 4))
+              Effect.either(buildPrompt({ ...byRender, maxModelLen }, { systemPrompt, history, cache: emptyPromptCache() }, content, 4))
             )
             expect(Either.isRight(viaSegments)).toBe(Either.isRight(viaRender))
             if (Either.isRight(viaSegments) && Either.isRight(viaRender)) expect(viaSegments.right).toEqual(viaRender.right)
@@ -57,15 +57,52 @@ describe("prompt assembly by template segments", () => {
     Effect.gen(function*() {
       const tokenizer = yield* Tokenizer.load(modelsDir)
       const model = { pool: "p", modelDir: modelsDir, tokenizer, maxModelLen: 100_000 }
-      const state = { systemPrompt: "Be brief.", history: [] as Array<Tokenizer.ChatMessage>, historyIds: [] as Array<Uint32Array> }
+      const state = { systemPrompt: "Be brief.", history: [] as Array<Tokenizer.ChatMessage>, cache: emptyPromptCache() }
       for (let i = 0; i < 50; i++) {
         yield* buildPrompt(model, state, `question ${i}`, 4)
         state.history.push({ role: "user", content: `question ${i}` }, { role: "assistant", content: `answer ${i}` })
       }
       // Each message was encoded once and kept: the ids of the first stay the same object.
-      const firstIds = state.historyIds[0]
+      const firstIds = state.cache.historyIds[0]
       yield* buildPrompt(model, state, "last", 4)
-      expect(state.historyIds.length).toBe(100)
-      expect(state.historyIds[0]).toBe(firstIds)
+      expect(state.cache.historyIds.length).toBe(100)
+      expect(state.cache.historyIds[0]).toBe(firstIds)
+    }))
+
+  const longHistory = (numExchanges: number) =>
+    Array.from({ length: numExchanges }, (_, i) => [
+      { role: "user" as const, content: `Question ${i}: how does a paged KV cache work?` },
+      { role: "assistant" as const, content: `Answer ${i}: blocks of 16 tokens are allocated on demand.` }
+    ]).flat()
+
+  it.effect("a cold long conversation encodes only the messages that fit", () =>
+    Effect.gen(function*() {
+      const tokenizer = yield* Tokenizer.load(modelsDir)
+      const model = { pool: "p", modelDir: modelsDir, tokenizer, maxModelLen: 512 }
+      const state = { systemPrompt: "Be brief.", history: longHistory(2000), cache: emptyPromptCache() }
+      const ids = yield* buildPrompt(model, state, "and then?", 16)
+      expect(ids.length).toBeLessThanOrEqual(512 - 16)
+      const numEncoded = state.cache.historyIds.filter((x) => x !== undefined).length
+      expect(numEncoded).toBeGreaterThan(4)
+      expect(numEncoded).toBeLessThan(40) // of 4,000 messages
+    }))
+
+  it.effect("rendering a long conversation (a <think> block in it) renders a few windows, not every prefix", () =>
+    Effect.gen(function*() {
+      const tokenizer = yield* Tokenizer.load(modelsDir)
+      let numRenders = 0
+      const counting = { ...tokenizer, renderChat: (m: ReadonlyArray<Tokenizer.ChatMessage>) => (numRenders++, tokenizer.renderChat(m)) }
+      const history = longHistory(500)
+      history[1] = { role: "assistant", content: "<think>hmm</think>Answer 0." }
+      const model = { pool: "p", modelDir: modelsDir, tokenizer: counting, maxModelLen: 512 }
+      const ids = yield* buildPrompt(model, { systemPrompt: null, history, cache: emptyPromptCache() }, "and then?", 16)
+      expect(ids.length).toBeLessThanOrEqual(512 - 16)
+      expect(numRenders).toBeLessThan(20)
+      // The same prompt as the longest suffix of whole exchanges whose full render fits.
+      const render = (first: number) => tokenizer.encode(tokenizer.renderChat([...history.slice(first), { role: "user", content: "and then?" }]))
+      let first = history.length
+      while (first > 0 && render(first - 2).length <= 512 - 16) first -= 2
+      const expected = render(first)
+      expect(ids).toEqual(expected)
     }))
 })

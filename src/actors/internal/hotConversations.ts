@@ -15,13 +15,14 @@
  * rejects, and the entity drops the entry (`delete`) so that the next message reloads it.
  */
 import type { ChatMessage } from "../../runtime/Tokenizer.js"
+import type { PromptCache } from "./promptAssembly.js"
 
 export interface ConversationState {
   readonly pool: string
   readonly systemPrompt: string | null
   readonly history: Array<ChatMessage>
-  /** Token ids of each history message as a prompt segment, filled in by prompt assembly. */
-  readonly historyIds: Array<Uint32Array>
+  /** What prompt assembly keeps between turns (history messages' token ids). */
+  readonly cache: PromptCache
   nextSeq: number
 }
 
@@ -34,7 +35,7 @@ const sizeOf = (state: ConversationState): number => {
   let chars = ENTRY_COST_CHARS + (state.systemPrompt?.length ?? 0)
   for (const m of state.history) chars += m.content.length + MESSAGE_COST_CHARS
   // ~2 bytes per char: 4-byte ids count as 2 chars each.
-  for (const ids of state.historyIds) chars += 2 * ids.length
+  for (const ids of state.cache.historyIds) if (ids !== undefined) chars += 2 * ids.length
   return chars
 }
 

@@ -6,7 +6,9 @@
  * when it first enters a prompt, and kept in the conversation's state (`historyIds`); a turn
  * then costs the new message's encoding plus a walk back over the messages that fit, never a
  * render of the whole history (which cost ~600 ms at 150 exchanges and blocked the event loop).
- * Without segments the whole prompt is rendered, dropping exchanges until it fits.
+ * A message older than every prompt so far is never encoded, so a cold load of a long
+ * conversation encodes only its last window. Without segments the prompt is rendered whole,
+ * for a few candidate starts found by search.
  */
 import { Effect } from "effect"
 import { PromptTooLong } from "../../runtime/Errors.js"
@@ -17,14 +19,28 @@ import type { ChatMessage } from "../../runtime/Tokenizer.js"
 export interface PromptState {
   readonly systemPrompt: string | null
   readonly history: ReadonlyArray<ChatMessage>
-  /** `middle` segment ids of `history[i]`, filled in lazily (shorter than `history` until then). */
-  readonly historyIds: Array<Uint32Array>
+  readonly cache: PromptCache
 }
+
+/** Per-conversation work kept between turns; `emptyPromptCache()` for a new or reloaded one. */
+export interface PromptCache {
+  /** `middle` segment ids of `history[i]`, encoded when a prompt first reaches back to it. */
+  readonly historyIds: Array<Uint32Array | undefined>
+  /** How many history messages were checked for a `<think>` block, and whether one had one. */
+  numScanned: number
+  hasThink: boolean
+}
+
+export const emptyPromptCache = (): PromptCache => ({ historyIds: [], numScanned: 0, hasThink: false })
+
+const THINK = "think>"
 
 /**
  * Token ids of the prompt for `state` + `content`, keeping the most recent exchanges that
  * leave room for at least `minNewTokens` (history never starts mid-exchange). Fails with
  * PromptTooLong if even the system prompt and the new message alone do not fit.
+ *
+ * Cost: the messages that fit (and one more), never the whole history.
  */
 export const buildPrompt = (
   model: LoadedModel,
@@ -34,40 +50,60 @@ export const buildPrompt = (
 ): Effect.Effect<Array<number>, PromptTooLong> => {
   const segments = model.tokenizer.promptSegments
   const limit = model.maxModelLen - minNewTokens
-  // A <think> block anywhere may change how the template renders other messages (Qwen3
-  // places reasoning by the last query): render the whole prompt then.
-  if (segments === undefined || content.includes("think>") || state.history.some((m) => m.content.includes("think>"))) {
-    return buildByRender(model, state, content, limit)
+  const { cache, history } = state
+  for (; cache.numScanned < history.length; cache.numScanned++) {
+    if (history[cache.numScanned]!.content.includes(THINK)) cache.hasThink = true
   }
-  const { history, historyIds } = state
-  for (let i = historyIds.length; i < history.length; i++) historyIds.push(Uint32Array.from(segments.middle(history[i]!)))
+  if (segments === undefined) return buildByRender(model, state, content, limit, history.length)
+  const bySegments = buildBySegments(segments, state, content, limit)
+  // A <think> block may change how the template renders other messages (Qwen3 places
+  // reasoning by the last query): render then, starting the search where the segments ended.
+  if (cache.hasThink || content.includes(THINK)) {
+    return buildByRender(model, state, content, limit, "start" in bySegments ? bySegments.start : history.length)
+  }
+  return "start" in bySegments
+    ? Effect.succeed(bySegments.ids)
+    : Effect.fail(new PromptTooLong({ num_prompt_tokens: bySegments.numPromptTokens, max_model_len: model.maxModelLen }))
+}
+
+type Segments = NonNullable<LoadedModel["tokenizer"]["promptSegments"]>
+
+/** The prompt by template segments: the ids and the first history message kept, or the size of the smallest prompt. */
+const buildBySegments = (
+  segments: Segments,
+  state: PromptState,
+  content: string,
+  limit: number
+): { readonly ids: Array<number>; readonly start: number } | { readonly numPromptTokens: number } => {
+  const { history } = state
+  const { historyIds } = state.cache
+  const idsOf = (i: number): Uint32Array => historyIds[i] ??= Uint32Array.from(segments.middle(history[i]!))
   const system = state.systemPrompt === null ? undefined : segments.first({ role: "system", content: state.systemPrompt })
   const user: ChatMessage = { role: "user", content }
   const generation = segments.generationPrompt
   const fixed = (system?.length ?? 0) + generation.length
-  // Walk back from the newest message while it fits; `opening` is the first message's ids
-  // when there is no system prompt (the template may open a prompt differently).
-  const fits = (start: number, userIds: ReadonlyArray<number>): number => {
-    let n = fixed + userIds.length
-    for (let i = start; i < history.length; i++) n += historyIds[i]!.length
-    return n
-  }
   let userIds = segments.middle(user)
   // The smallest prompt: no history (the user message then opens it when there is no system prompt).
   const alone = system === undefined ? segments.first(user) : userIds
-  if (fixed + alone.length > limit) {
-    return Effect.fail(new PromptTooLong({ num_prompt_tokens: fixed + alone.length, max_model_len: model.maxModelLen }))
-  }
+  if (fixed + alone.length > limit) return { numPromptTokens: fixed + alone.length }
+  // Walk back from the newest message while it fits.
   let total = fixed + userIds.length
   let start = history.length
-  while (start > 0 && total + historyIds[start - 1]!.length <= limit) total += historyIds[--start]!.length
+  while (start > 0 && total + idsOf(start - 1).length <= limit) total += idsOf(--start).length
   // Without a system prompt the oldest message kept is encoded as the opener, which may be
   // shorter than its middle form: one more user message may fit that way.
   if (system === undefined && start > 0 && history[start - 1]!.role === "user") {
-    if (total + segments.first(history[start - 1]!).length <= limit) start--
+    const opener = segments.first(history[start - 1]!)
+    if (total + opener.length <= limit) {
+      start--
+      total += idsOf(start).length
+    }
   }
   // Never start mid-exchange: the window opens with a user message.
-  while (start < history.length && history[start]!.role !== "user") start++
+  const skip = () => {
+    while (start < history.length && history[start]!.role !== "user") total -= idsOf(start++).length
+  }
+  skip()
   let opening: ReadonlyArray<number> | undefined
   if (system === undefined) {
     for (;;) {
@@ -76,42 +112,84 @@ export const buildPrompt = (
         break
       }
       opening = segments.first(history[start]!)
-      if (fits(start, userIds) - historyIds[start]!.length + opening.length <= limit) break
-      start++
-      while (start < history.length && history[start]!.role !== "user") start++
+      if (total - idsOf(start).length + opening.length <= limit) break
+      total -= idsOf(start++).length
+      skip()
       opening = undefined
     }
   }
   const ids: Array<number> = []
   if (system !== undefined) for (const id of system) ids.push(id)
   for (let i = start; i < history.length; i++) {
-    const piece = i === start && opening !== undefined ? opening : historyIds[i]!
+    const piece = i === start && opening !== undefined ? opening : idsOf(i)
     for (const id of piece) ids.push(id)
   }
   for (const id of userIds) ids.push(id)
   for (const id of generation) ids.push(id)
-  return Effect.succeed(ids)
+  return { ids, start }
 }
 
-/** The whole prompt rendered and encoded, dropping the oldest exchanges until it fits. */
+/**
+ * The whole prompt rendered through the chat template and encoded, keeping the longest
+ * history that fits: history may start at its first message or at any user message. Assumes
+ * a later start never renders longer, and searches from `hint` (the expected start) by
+ * doubling steps and then bisection, so that a turn renders a few windows, not every prefix.
+ */
 const buildByRender = (
   model: LoadedModel,
   state: PromptState,
   content: string,
-  limit: number
+  limit: number,
+  hint: number
 ): Effect.Effect<Array<number>, PromptTooLong> => {
   const system: Array<ChatMessage> = state.systemPrompt === null ? [] : [{ role: "system", content: state.systemPrompt }]
-  const history = state.history
-  let first = 0
-  for (;;) {
-    const ids = model.tokenizer.encode(
-      model.tokenizer.renderChat([...system, ...history.slice(first), { role: "user", content }])
-    )
-    if (ids.length <= limit) return Effect.succeed(ids)
-    if (first >= history.length) {
-      return Effect.fail(new PromptTooLong({ num_prompt_tokens: ids.length, max_model_len: model.maxModelLen }))
+  const { history } = state
+  const starts: Array<number> = []
+  for (let i = 0; i < history.length; i++) if (i === 0 || history[i]!.role === "user") starts.push(i)
+  starts.push(history.length) // no history
+  const rendered = new Map<number, Array<number>>()
+  const idsAt = (k: number): Array<number> => {
+    let ids = rendered.get(k)
+    if (ids === undefined) {
+      const messages = [...system, ...history.slice(starts[k]), { role: "user" as const, content }]
+      rendered.set(k, ids = model.tokenizer.encode(model.tokenizer.renderChat(messages)))
     }
-    // Drop a whole exchange (user + assistant) so the history never starts mid-exchange.
-    first += history[first]?.role === "user" && history[first + 1]?.role === "assistant" ? 2 : 1
+    return ids
   }
+  const fits = (k: number) => idsAt(k).length <= limit
+  const last = starts.length - 1
+  let k0 = starts.findIndex((i) => i >= hint)
+  if (k0 < 0) k0 = last
+  // Invariant once found: fits(hi), and lo < 0 or !fits(lo).
+  let lo = -1
+  let hi = k0
+  if (fits(k0)) {
+    for (let step = 1; hi > 0; step *= 2) {
+      const k = Math.max(0, hi - step)
+      if (!fits(k)) {
+        lo = k
+        break
+      }
+      hi = k
+    }
+  } else {
+    lo = k0
+    for (let step = 1;; step *= 2) {
+      const k = Math.min(last, lo + step)
+      if (fits(k)) {
+        hi = k
+        break
+      }
+      if (k === last) {
+        return Effect.fail(new PromptTooLong({ num_prompt_tokens: idsAt(last).length, max_model_len: model.maxModelLen }))
+      }
+      lo = k
+    }
+  }
+  while (hi - lo > 1) {
+    const mid = (lo + hi) >> 1
+    if (fits(mid)) hi = mid
+    else lo = mid
+  }
+  return Effect.succeed(idsAt(hi))
 }
