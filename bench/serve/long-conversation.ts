@@ -1,6 +1,6 @@
 /**
  * Event-loop cost of long conversations: `node --import tsx bench/serve/long-conversation.ts
- * [--exchanges 500] [--turns 20]`. Starts the service (CPU engine, a fresh database of the
+ * [--exchanges 500] [--turns 20] [--engine-threads 1]`. Starts the service (CPU engine, a fresh database of the
  * PostgreSQL at DATABASE_URL), gives one conversation N earlier exchanges (written to the
  * database), then sends 1-token turns to it one after another while a prober asks /healthz
  * every 5 ms. Reports /healthz latency (p50, p99, max) during the first (cold: the history is
@@ -20,6 +20,9 @@ const flag = (name: string, fallback: number) => {
 }
 const numExchanges = flag("exchanges", 500)
 const numTurns = flag("turns", 20)
+// The CPU engine's threads compete with the service for this machine's cores; one thread
+// leaves a core to the service, so that the figures measure the event loop, not the OS scheduler.
+const engineThreads = flag("engine-threads", 1)
 
 const percentile = (xs: ReadonlyArray<number>, p: number) => {
   const sorted = [...xs].sort((a, b) => a - b)
@@ -53,7 +56,7 @@ const main = async () => {
     }
     // Restart so that nothing of the conversation is cached: the first turn loads it cold.
     await service.stop()
-    const warm = await startService({ env: { DATABASE_URL: db.url }, dataDir: service.dataDir })
+    const warm = await startService({ env: { DATABASE_URL: db.url, ENGINE_THREADS: String(engineThreads) }, dataDir: service.dataDir })
     const probes: Array<Array<number>> = []
     const turnMs: Array<number> = []
     let current: Array<number> = []
@@ -81,11 +84,12 @@ const main = async () => {
     await warm.stop()
     const result = {
       benchmark: "long-conversation",
-      command: `node --import tsx bench/serve/long-conversation.ts --exchanges ${numExchanges} --turns ${numTurns}`,
+      command: `node --import tsx bench/serve/long-conversation.ts --exchanges ${numExchanges} --turns ${numTurns} --engine-threads ${engineThreads}`,
       date: new Date().toISOString(),
       commit: execFileSync("git", ["rev-parse", "--short", "HEAD"]).toString().trim(),
       machine: { cpuModel: os.cpus()[0]?.model, cpuCount: os.cpus().length, node: process.version, os: `${os.type()} ${os.release()}` },
       num_earlier_exchanges: numExchanges,
+      engine_threads: engineThreads,
       healthz_first_turn: summary(probes[0]!),
       healthz_later_turns: summary(probes.slice(1).flat()),
       turn_ms_first: +turnMs[0]!.toFixed(1),

@@ -111,8 +111,9 @@ export interface GpuWorker {
   readonly stats: Effect.Effect<StepStats>
   /**
    * Admission of a new sequence: reserves a DecodeSlot index, or refuses it when every slot
-   * is taken (the waiting bound) or when its predicted wait for a first token
-   * (`SchedulerCore.predictedWaitSteps` × the measured step time) exceeds `ttftTargetMs`.
+   * is taken (the waiting bound) or when the queue ahead is predicted to delay its first token
+   * by more than `ttftTargetMs` (`SchedulerCore.predictedQueueingSteps` × the measured step
+   * time). An idle GPU admits any prompt: its own prefill time is no reason to refuse it.
    */
   readonly admit: (request: AdmitRequest) => Either.Either<number, AdmitRefusal>
   readonly releaseSlot: (slot: number) => Effect.Effect<void>
@@ -454,11 +455,11 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         if (freeSlots.length === 0) {
           return Either.left({ reason: "no_free_slot", message: `all ${options.numSlots} decode slots of ${options.gpuId} are taken`, retryAfterS: 1 })
         }
-        const waitMs = core.predictedWaitSteps(priority, numPromptTokens) * stepMsEwma
+        const waitMs = core.predictedQueueingSteps(priority, numPromptTokens) * stepMsEwma
         if (waitMs > ttftTargetMs) {
           return Either.left({
             reason: "ttft_target",
-            message: `${options.gpuId} predicts a ${Math.round(waitMs)} ms wait for a first token (target ${ttftTargetMs} ms)`,
+            message: `${options.gpuId} predicts a ${Math.round(waitMs)} ms queueing delay before a first token (target ${ttftTargetMs} ms)`,
             retryAfterS: Math.min(60, Math.max(1, Math.ceil(waitMs / 1000)))
           })
         }

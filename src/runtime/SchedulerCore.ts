@@ -107,14 +107,17 @@ export class SchedulerCore {
   }
 
   /**
-   * Engine steps until a new sequence of `priority` with `numPromptTokens` would get its first
-   * token, predicted from the queue ahead of it (waiting sequences of its priority or better)
-   * and from the running sequences' remaining output bounds (`maxTokens`): once every running
-   * seat is taken, a newcomer waits for as many running sequences to finish as there are
-   * sequences ahead of it beyond the free seats. An upper bound when sequences stop early
-   * (end of sequence); paused sequences count as running.
+   * Engine steps by which the queue delays the first token of a new sequence of `priority` with
+   * `numPromptTokens`: the steps until its first token, less the ceil(numPromptTokens /
+   * maxNumBatchedTokens) its own prefill takes on an idle engine (so 0 when nothing is ahead).
+   * Predicted from the queue ahead of it (waiting sequences of its priority or better, whose
+   * prefill shares the token budget) and from the running sequences' remaining output bounds
+   * (`maxTokens`): once every running seat is taken, a newcomer waits for as many running
+   * sequences to finish as there are sequences ahead of it beyond the free seats. An upper
+   * bound when sequences stop early (end of sequence); paused sequences count as running.
    */
-  predictedWaitSteps(priority: number, numPromptTokens: number): number {
+  predictedQueueingSteps(priority: number, numPromptTokens: number): number {
+    const ownSteps = Math.ceil(numPromptTokens / this.limits.maxNumBatchedTokens)
     let ahead = 0
     let prefillTokens = numPromptTokens
     for (const seq of this.waiting) {
@@ -124,15 +127,15 @@ export class SchedulerCore {
     }
     const prefillSteps = Math.ceil(prefillTokens / this.limits.maxNumBatchedTokens)
     const freeSeats = this.limits.maxNumSeqs - this.running.length
-    if (ahead < freeSeats) return prefillSteps
+    if (ahead < freeSeats) return prefillSteps - ownSteps
     const remaining = this.running.map((s) => Math.max(0, s.request.maxTokens - s.numOutputTokens)).sort((a, b) => a - b)
     const k = ahead - freeSeats // index of the running sequence whose end frees our seat
-    if (k < remaining.length) return remaining[k]! + prefillSteps
+    if (k < remaining.length) return remaining[k]! + prefillSteps - ownSteps
     // Past every running sequence: later ones wait for the waiting ones to run in turn.
     const longest = remaining.at(-1) ?? 0
     const rounds = Math.ceil((k - remaining.length + 1) / this.limits.maxNumSeqs)
     const meanMaxTokens = this.waiting.reduce((sum, s) => sum + s.request.maxTokens, 0) / Math.max(1, this.waiting.length)
-    return longest + rounds * meanMaxTokens + prefillSteps
+    return longest + rounds * meanMaxTokens + prefillSteps - ownSteps
   }
 
   /** Queues a new sequence. @returns false if the seqId is already live or the prompt cannot ever fit. */

@@ -6,7 +6,7 @@ import { mkdtempSync } from "node:fs"
 import { tmpdir } from "node:os"
 import path from "node:path"
 import { describe, expect, it } from "@effect/vitest"
-import { Duration, Effect, Fiber } from "effect"
+import { Duration, Effect, Either, Fiber } from "effect"
 import { generateTinyQwen3 } from "../../src/runtime/DefaultModel.js"
 import * as GpuWorker from "../../src/runtime/GpuWorker.js"
 import { assertEngineBuilt, ENGINE_BINARY } from "../support/engineProcess.js"
@@ -17,7 +17,7 @@ const modelDir = (() => {
   return dir
 })()
 
-const makeWorker = (bufferTokens: number) =>
+const makeWorker = (bufferTokens: number, overrides: Partial<GpuWorker.GpuWorkerOptions> = {}) =>
   GpuWorker.make({
     gpuId: "gpu-test",
     binary: (assertEngineBuilt(), ENGINE_BINARY),
@@ -28,7 +28,8 @@ const makeWorker = (bufferTokens: number) =>
     maxNumSeqs: 16,
     maxNumBatchedTokens: 256,
     numSlots: 16,
-    bufferTokens
+    bufferTokens,
+    ...overrides
   })
 
 const greedy = { temperature: 0, top_p: 1, top_k: 0, seed: 0 }
@@ -116,5 +117,29 @@ describe("GpuWorker with the real engine", () => {
       expect(worker.engine()).not.toBe(first)
       expect((yield* worker.stats).numEngineRestarts).toBe(1)
       expect((yield* worker.stats).numFreeBlocks).toBe(64)
+    }), 30_000)
+
+  it.scopedLive("admission: an idle GPU admits any prompt; a full one refuses past the TTFT target, and past its slots", () =>
+    Effect.gen(function*() {
+      const worker = yield* makeWorker(64, { maxNumSeqs: 2, numSlots: 4 })
+      const admit = (ttftTargetMs: number) => worker.admit({ priority: 0, numPromptTokens: 200, ttftTargetMs })
+      // Idle: its own prefill is no reason to refuse, whatever the target.
+      const idle = admit(0)
+      expect(Either.isRight(idle)).toBe(true)
+      yield* worker.releaseSlot(Either.getOrThrow(idle))
+      // Both running seats taken by long sequences: a newcomer would wait for one to end.
+      for (const salt of [5, 6]) {
+        yield* Effect.forkScoped(Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(8, salt), maxTokens: 3000, sampling: greedy, priority: 0 }), drain)))
+      }
+      yield* Effect.sleep(Duration.millis(300))
+      expect((yield* worker.stats).numRunning).toBe(2)
+      const refused = admit(100)
+      expect(Either.isLeft(refused) && refused.left.reason).toBe("ttft_target")
+      expect(Either.isLeft(refused) && refused.left.retryAfterS).toBeGreaterThanOrEqual(1)
+      // A generous target admits, until the slots (the waiting bound) run out.
+      const slots = [admit(3_600_000), admit(3_600_000), admit(3_600_000), admit(3_600_000)]
+      expect(slots.map(Either.isRight)).toEqual([true, true, true, true])
+      const full = admit(3_600_000)
+      expect(Either.isLeft(full) && full.left.reason).toBe("no_free_slot")
     }), 30_000)
 })

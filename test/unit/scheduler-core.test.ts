@@ -54,6 +54,26 @@ class FakeEngine {
 }
 
 describe("SchedulerCore", () => {
+  it("predicts queueing delay: none on an idle engine, the running bounds once seats are full, lower priorities not counted", () => {
+    const kv = new KvBlockManager(256, 16)
+    const core = new SchedulerCore(kv, { maxNumBatchedTokens: 64, maxNumSeqs: 2, maxModelLen: 1024 })
+    // Idle: even a prompt of many prefill steps is not delayed by anything.
+    expect(core.predictedQueueingSteps(0, 1000)).toBe(0)
+    core.add(request(1, 4, 10))
+    core.add(request(2, 4, 30))
+    const plan = core.schedule()!
+    core.applyStepResult(plan, new Map([[1, 5], [2, 5]]))
+    // Both seats taken: the newcomer waits for the sooner of the two to end (9 more tokens).
+    expect(core.predictedQueueingSteps(0, 4)).toBe(9)
+    // A waiting sequence ahead takes that seat: the newcomer waits for the second (29 more).
+    core.add(request(3, 4, 10, 0))
+    expect(core.predictedQueueingSteps(0, 4)).toBe(29)
+    // A newcomer of better priority than the waiting one is not queued behind it.
+    core.add(request(4, 4, 10, 5))
+    expect(core.predictedQueueingSteps(1, 4)).toBe(29)
+    expect(core.predictedQueueingSteps(-1, 4)).toBe(9)
+  })
+
   it("returns each sequence's first token before the running sequences' tokens (TTFT)", () => {
     const kv = new KvBlockManager(64, 16)
     const core = new SchedulerCore(kv, { maxNumBatchedTokens: 64, maxNumSeqs: 8, maxModelLen: 1024 })
