@@ -239,4 +239,38 @@ describe("stop and crash drills (own database)", () => {
       await second.stop()
     }
   }, 120_000)
+
+  it("SIGKILL on the embedded store (PGlite): on restart every acknowledged turn has a failed reply, numbering goes on", async () => {
+    assertEngineBuilt()
+    const env = { DATABASE_URL: undefined }
+    const first = await startService({ env })
+    const ids = await Promise.all(Array.from({ length: 5 }, () => create(first.url)))
+    let seen = 0
+    const running = ids.map((id) => turn(first.url, id, { content: "Crash me", max_tokens: 3000 }, () => void seen++))
+    await waitFor(() => seen >= 10, 20_000)
+    const exit = exited(first)
+    first.process.kill("SIGKILL")
+    await exit
+    const results = await Promise.all(running)
+    expect(results.every((r) => r.status === 200)).toBe(true)
+    const second = await startService({ env, dataDir: first.dataDir })
+    try {
+      // The audit through HTTP: the store is inside the service.
+      for (const id of ids) {
+        const history = (await (await fetch(`${second.url}/v1/conversations/${id}`)).json()) as any
+        expect(history.turns.map((t: any) => [t.seq, t.role, t.status])).toEqual([[0, "user", "completed"], [1, "assistant", "failed"]])
+      }
+      const next = await turn(second.url, ids[0]!, { content: "Again", max_tokens: 3 })
+      expect(next.terminal?.event).toBe("done")
+      const after = (await (await fetch(`${second.url}/v1/conversations/${ids[0]}`)).json()) as any
+      expect(after.turns.map((t: any) => [t.seq, t.role, t.status])).toEqual([
+        [0, "user", "completed"],
+        [1, "assistant", "failed"],
+        [2, "user", "completed"],
+        [3, "assistant", "completed"]
+      ])
+    } finally {
+      await second.stop()
+    }
+  }, 180_000)
 })
