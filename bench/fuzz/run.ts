@@ -30,6 +30,19 @@ const jsonish = fc.oneof(
   fc.string({ maxLength: 300 }),
   fc.constantFrom("", "{", "null", "[".repeat(3000) + "]".repeat(3000), "{\"content\":" + "[".repeat(3000) + "]".repeat(3000) + "}")
 )
+// A turn that is valid or nearly so (one field hostile), so that turns also run and stream.
+const turnBody = fc.record({
+  role: fc.constant("user"),
+  content: fc.string({ minLength: 1, maxLength: 200 }),
+  max_tokens: fc.integer({ min: 1, max: 8 }),
+  temperature: fc.double({ min: 0, max: 2, noNaN: true })
+}).chain((valid) =>
+  fc.oneof(
+    fc.constant(valid),
+    fc.record({ key: fc.constantFrom("role", "content", "max_tokens", "temperature", "top_p", "stop"), value: fc.jsonValue({ maxDepth: 2 }) })
+      .map(({ key, value }) => ({ ...valid, [key]: value }))
+  )
+).map((v) => JSON.stringify(v))
 const idArb = fc.oneof(fc.string({ minLength: 1, maxLength: 80 }).map(encodeURIComponent), fc.constantFrom("constructor", "%00", "a".repeat(65)))
 const queryArb = fc.record({
   before: fc.oneof(fc.integer().map(String), fc.constantFrom("2147483648", "999999999999999", "-1", "abc")),
@@ -39,7 +52,7 @@ const queryArb = fc.record({
 type Req = { route: string; method: string; path: (id: string) => string; body?: string }
 const requestArb: fc.Arbitrary<Req> = fc.oneof(
   jsonish.map((body) => ({ route: "POST /v1/conversations", method: "POST", path: () => "/v1/conversations", body })),
-  fc.tuple(fc.boolean(), idArb, jsonish).map(([own, id, body]) => ({
+  fc.tuple(fc.boolean(), idArb, fc.oneof(jsonish, turnBody)).map(([own, id, body]) => ({
     route: "POST /v1/conversations/{id}/turns",
     method: "POST",
     path: (c: string) => `/v1/conversations/${own ? c : id}/turns`,
