@@ -1,6 +1,6 @@
 /**
  * Fuzzes the HTTP API of a real service: `npm run fuzz -- --requests N [--url URL]`.
- * Without --url it starts the service (src/runtime/main.ts, CPU engine) on a fresh database
+ * Without --url it starts the service (src/main.ts, CPU engine) on a fresh database
  * of the PostgreSQL at DATABASE_URL and reads its RSS from /proc. Prints the status histogram
  * per route, every 5xx, and RSS at start and end; exits 1 if any 5xx was seen. Requests go to
  * loopback only, one at a time, and stop after N.

@@ -1,5 +1,5 @@
 /**
- * The two systems under test as child processes: the real service (src/runtime/main.ts with the
+ * The two systems under test as child processes: the real service (src/main.ts with the
  * bench topology, like `npm start`) and the baseline server (bench/baseline/server.ts).
  */
 import { type ChildProcess, spawn } from "node:child_process"
@@ -91,7 +91,7 @@ export const startService = async (options: ServiceOptions): Promise<Running> =>
   // appends everything the service prints to FILE.
   const extraArgs = (process.env["BENCH_SERVICE_NODE_ARGS"] ?? "").split(" ").filter((a) => a !== "")
   const logFile = process.env["BENCH_SERVICE_LOG"]
-  const child = spawn(process.execPath, [...(options.nodeArgs ?? []), ...extraArgs, built("src/runtime/main.js")], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+  const child = spawn(process.execPath, [...(options.nodeArgs ?? []), ...extraArgs, built("src/main.js")], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
   let output = ""
   const keep = (d: Buffer) => {
     if (logFile !== undefined) appendFileSync(logFile, d)

@@ -2,7 +2,7 @@
  * `npm run bench [-- options]`: the serving benchmark (bench/README.md).
  *
  * One invocation measures the baseline (bench/baseline/server.ts, compiled to dist/) and then the real service
- * (src/runtime/main.ts compiled to dist/, with bench/serve/sim.config.ts: a simulated H100 serving a
+ * (src/main.ts compiled to dist/, with bench/serve/sim.config.ts: a simulated H100 serving a
  * Llama-3.1-8B-shaped model) at the same load points, measures memory per idle SSE stream on
  * both, runs the scheduler-overhead bench if bench/scheduler/overhead.ts exists, prints a
  * table (ours, baseline, ours vs baseline) and writes bench/results/<name>.json and .svg.
@@ -426,7 +426,7 @@ const main = async () => {
       }
     }
     if (only !== "baseline") {
-      log("service: dist/src/runtime/main.js (compiled), CLUSTER_CONFIG=bench/serve/sim.config.ts")
+      log("service: dist/src/main.js (compiled), CLUSTER_CONFIG=bench/serve/sim.config.ts")
       const t = performance.now()
       const s = await track(startService({ dataDir, env: serviceEnv({}), nodeArgs: profileDir === undefined ? [] : ["--cpu-prof", `--cpu-prof-dir=${path.resolve(profileDir)}`] }))
       ours = { points: [], startupS: round((performance.now() - t) / 1000, 2) }

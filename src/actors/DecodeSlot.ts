@@ -4,7 +4,7 @@
  * `Start` queues the sequence in the GPU's scheduler and returns; from then on the GPU step
  * loop calls the slot's sink with each sampled token, synchronously, once per step: the sink
  * detokenizes incrementally, applies stop strings and writes the text into the turn's
- * TurnStream (the data plane). A full reader pauses the sequence (backpressure) until it
+ * TurnStream, in this process or on the gateway runner that holds it (DataPlane). A full reader pauses the sequence (backpressure) until it
  * drains. At the end the slot reports the turn to its owner through `TurnFinisher` (the
  * Conversation entity stores it), then writes the terminal `done` (or `error`) event, and the
  * slot is free again.
@@ -23,7 +23,8 @@ import { EngineError, PromptTooLong, StorageError } from "../runtime/Errors.js"
 import type { SeqHandle } from "../runtime/GpuWorker.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Models } from "../runtime/Models.js"
-import { TurnStreamId, TurnStreams } from "../runtime/TurnStream.js"
+import { DataPlane } from "../runtime/DataPlane.js"
+import { TurnStreamId } from "../runtime/TurnStream.js"
 import { shardGroupOf, UnknownGpu } from "./GpuScheduler.js"
 
 export const Sampling = Schema.Struct({
@@ -96,7 +97,7 @@ const findStop = (text: string, stops: ReadonlyArray<string>, from: number): num
 export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const workers = yield* GpuWorkers
   const models = yield* Models
-  const streams = yield* TurnStreams
+  const dataPlane = yield* DataPlane
   const finisher = yield* TurnFinisher
   const runFork = Runtime.runFork(yield* Effect.runtime<never>())
   /** Live sequences of this runner's slots, by slot entity id: how to cancel each. */
@@ -118,10 +119,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           const fail = <E>(error: E) => Effect.zipRight(worker.releaseSlot(slot), Effect.fail(error))
           const model = models.get(payload.pool)
           if (model === undefined) return yield* fail(new EngineError({ code: "unknown_pool", message: payload.pool }))
-          const stream = streams.get(payload.stream_id)
+          const stream = dataPlane.sink(payload.stream_id)
           if (stream === undefined) {
             return yield* fail(
-              new EngineError({ code: "stream_not_found", message: `no open token stream ${payload.stream_id} on this runner` })
+              new EngineError({ code: "stream_not_found", message: `no open token stream ${payload.stream_id}` })
             )
           }
 

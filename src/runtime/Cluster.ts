@@ -1,34 +1,104 @@
 /**
- * The cluster runner of this process. Here: the single-runner deployment (`SingleRunner`:
- * Sharding with SqlMessageStorage and SqlRunnerStorage on PostgreSQL, no socket server), which
- * owns the default shard group (Conversation entities) and one shard group per GPU it hosts
- * (GpuScheduler and DecodeSlot entities, whose ids start with the GPU id).
+ * The cluster runner of this process.
+ *
+ * - `layerSingle`: the one-runner deployment (`SingleRunner`: Sharding with SqlMessageStorage
+ *   and SqlRunnerStorage, no socket server).
+ * - `layerSocket`: one runner of several processes. Runners reach each other over TCP
+ *   (`cluster_port` of the topology, TCP_NODELAY on both ends: entity messages are small and
+ *   latency-bound), register in SqlRunnerStorage and keep undelivered messages in
+ *   SqlMessageStorage, both in the PostgreSQL of DATABASE_URL.
+ *
+ * Shard groups: "default" holds the Conversation entities and is assigned to gateway runners;
+ * each GPU is a shard group of its own (its GpuScheduler and DecodeSlot entities, whose ids
+ * start with the GPU id), assigned only to the runner that hosts that GPU's engine.
  */
-import { SingleRunner } from "@effect/cluster"
-import { Duration } from "effect"
-import type { Topology } from "./Topology.js"
+import { RunnerAddress, RunnerHealth, Runners, ShardingConfig, SingleRunner, SocketRunner, SqlMessageStorage, SqlRunnerStorage } from "@effect/cluster"
+import * as NodeSocket from "@effect/platform-node/NodeSocket"
+import * as NodeSocketServer from "@effect/platform-node/NodeSocketServer"
+import { RpcClient, RpcSerialization } from "@effect/rpc"
+import { Socket } from "@effect/platform"
+import { Duration, Effect, Layer, Option } from "effect"
+import { runnerNamed, type Topology } from "./Topology.js"
 
-export const layerSingle = (topology: Topology, runnerName: string) => {
-  const allGpus = topology.runners.flatMap((r) => r.gpus)
-  const ownGpus = topology.runners.find((r) => r.name === runnerName)?.gpus ?? []
+/**
+ * Shard ownership timings. A dead runner's shards move after its lock expires: with a 3 s
+ * expiration refreshed every 1 s and assignments re-read every 1 s, they are reassigned within
+ * ~4 s of a crash (the issue's target is 5 s).
+ */
+const timings = {
+  shardsPerGroup: 16,
+  entityMailboxCapacity: 4096,
+  entityMaxIdleTime: Duration.minutes(5),
+  // KV blocks of a GPU runner must be freed fast on shutdown.
+  entityTerminationTimeout: Duration.seconds(2),
+  shardLockExpiration: Duration.seconds(3),
+  shardLockRefreshInterval: Duration.seconds(1),
+  refreshAssignmentsInterval: Duration.seconds(1),
+  runnerHealthCheckInterval: Duration.seconds(1),
+  sendRetryInterval: Duration.millis(100),
+  entityMessagePollInterval: Duration.millis(500),
+  entityReplyPollInterval: Duration.millis(100)
+} as const
+
+/** Shard groups: every GPU's, and the ones `runnerName` owns. */
+const shardGroups = (topology: Topology, runnerName: string) => {
+  const runner = runnerNamed(topology, runnerName)
+  return {
+    availableShardGroups: ["default", ...topology.runners.flatMap((r) => r.gpus)],
+    assignedShardGroups: [...(runner?.roles.includes("gateway") ? ["default"] : []), ...(runner?.gpus ?? [])]
+  }
+}
+
+export const layerSingle = (topology: Topology, runnerName: string) =>
   // Every option is given explicitly: SingleRunner otherwise reads ShardingConfig from
   // environment variables such as PORT, which belong to the HTTP server.
-  return SingleRunner.layer({
+  SingleRunner.layer({
     runnerStorage: "sql",
     shardingConfig: {
-      shardsPerGroup: 16,
-      availableShardGroups: ["default", ...allGpus],
-      assignedShardGroups: ["default", ...ownGpus],
-      entityMailboxCapacity: 4096,
-      entityMaxIdleTime: Duration.minutes(5),
-      // KV blocks of a GPU runner must be freed fast on shutdown.
-      entityTerminationTimeout: Duration.seconds(2),
-      shardLockExpiration: Duration.seconds(6),
-      shardLockRefreshInterval: Duration.seconds(1),
-      refreshAssignmentsInterval: Duration.seconds(1),
+      ...timings,
+      ...shardGroups(topology, runnerName),
       // Local entities: skip the encode/decode round trip that would simulate a remote
       // runner (every stream chunk paid it: ~2x CPU per token at 64 streams, measured).
       simulateRemoteSerialization: process.env["CLUSTER_SIMULATE_REMOTE_SERIALIZATION"] === "1"
     }
   })
+
+/** Connects to a runner's cluster port, with TCP_NODELAY. */
+const layerClientProtocol = Layer.effect(
+  Runners.RpcClientProtocol,
+  Effect.gen(function*() {
+    const serialization = yield* RpcSerialization.RpcSerialization
+    return (address: RunnerAddress.RunnerAddress) =>
+      Effect.gen(function*() {
+        const socket = yield* NodeSocket.makeNet({ openTimeout: 1000, timeout: 5500, host: address.host, port: address.port, noDelay: true })
+        return yield* RpcClient.makeProtocolSocket().pipe(
+          Effect.provideService(Socket.Socket, socket),
+          Effect.provideService(RpcSerialization.RpcSerialization, serialization)
+        )
+      }).pipe(Effect.orDie)
+  })
+)
+
+/**
+ * Runner `runnerName` of a multi-process topology. Requires a SqlClient (PostgreSQL): the
+ * runners' registry and the message store are shared through it.
+ */
+export const layerSocket = (topology: Topology, runnerName: string) => {
+  const runner = runnerNamed(topology, runnerName)!
+  const address = RunnerAddress.make(runner.host ?? "127.0.0.1", runner.cluster_port!)
+  const config = ShardingConfig.layer({
+    ...timings,
+    ...shardGroups(topology, runnerName),
+    runnerAddress: Option.some(address),
+    runnerListenAddress: Option.some(RunnerAddress.make("0.0.0.0", address.port))
+  })
+  const server = NodeSocketServer.layer({ host: "0.0.0.0", port: address.port, noDelay: true })
+  const health = RunnerHealth.layerPing.pipe(Layer.provide(Runners.layerRpc), Layer.provide(layerClientProtocol))
+  return SocketRunner.layer.pipe(
+    Layer.provide([server, layerClientProtocol, health]),
+    Layer.provideMerge(Layer.orDie(SqlMessageStorage.layer)),
+    Layer.provide(Layer.orDie(SqlRunnerStorage.layer)),
+    Layer.provide(config),
+    Layer.provide(RpcSerialization.layerMsgPack)
+  )
 }

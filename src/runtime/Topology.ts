@@ -8,13 +8,24 @@ const PositiveInt = Schema.Int.pipe(Schema.positive())
 export const GpuId = Schema.String.pipe(Schema.pattern(/^[a-z0-9-]{1,32}$/), Schema.brand("GpuId"))
 export type GpuId = typeof GpuId.Type
 
+const Port = Schema.Int.pipe(Schema.between(1, 65535))
+
 export const Runner = Schema.Struct({
-  name: Schema.String,
+  name: Schema.String.pipe(Schema.pattern(/^[a-z0-9-]{1,32}$/)),
   roles: Schema.Array(Schema.Literal("gateway", "gpu")),
   region: Schema.String,
   /** GPUs this runner hosts: their GpuScheduler/DecodeSlot entities live only here. */
-  gpus: Schema.Array(GpuId)
+  gpus: Schema.Array(GpuId),
+  /** Where the other runners reach this one (default 127.0.0.1). */
+  host: Schema.optional(Schema.String),
+  /** The cluster's runner-to-runner RPC port (entity messages); required with several runners. */
+  cluster_port: Schema.optional(Port),
+  /** The token data plane's ZeroMQ port (token frames and stream control); required with several runners. */
+  data_port: Schema.optional(Port),
+  /** A gateway's HTTP port (PORT overrides it; default 8080). */
+  http_port: Schema.optional(Port)
 })
+export type Runner = typeof Runner.Type
 
 export const EngineSettings = Schema.Struct({
   kv_cache_bytes: PositiveInt,
@@ -64,6 +75,15 @@ export const TopologySchema = Schema.Struct({
     for (const [name, tier] of Object.entries(t.tiers)) {
       if (t.pools[tier.pool] === undefined) issues.push(`tier "${name}" routes to unknown pool "${tier.pool}"`)
     }
+    const names = new Set<string>()
+    for (const r of t.runners) {
+      if (names.has(r.name)) issues.push(`runner "${r.name}" is listed twice`)
+      names.add(r.name)
+      if (t.runners.length > 1 && (r.cluster_port === undefined || r.data_port === undefined)) {
+        issues.push(`runner "${r.name}" needs cluster_port and data_port (the topology has several runners)`)
+      }
+    }
+    if (!t.runners.some((r) => r.roles.includes("gateway"))) issues.push("no runner has the gateway role")
     const hosted = new Set(t.runners.flatMap((r) => r.gpus))
     for (const [name, pool] of Object.entries(t.pools)) {
       for (const gpu of pool.gpus) if (!hosted.has(gpu.id)) issues.push(`pool "${name}" GPU "${gpu.id}" is hosted by no runner`)
@@ -73,6 +93,9 @@ export const TopologySchema = Schema.Struct({
 )
 export type Topology = typeof TopologySchema.Type
 export type TopologyInput = typeof TopologySchema.Encoded
+
+/** The runner named `name`, if the topology has it. */
+export const runnerNamed = (topology: Topology, name: string): Runner | undefined => topology.runners.find((r) => r.name === name)
 
 export class TopologyService extends Context.Tag("chat/Topology")<TopologyService, Topology>() {}
 

@@ -336,18 +336,21 @@ export class TurnStreams extends Context.Tag("chat/TurnStreams")<TurnStreams, {
   /** Every open stream, for a graceful stop. */
   readonly all: () => ReadonlyArray<TurnStream>
 }>() {
-  static readonly layer = Layer.sync(TurnStreams, () => {
-    const streams = new Map<TurnStreamId, TurnStream>()
-    const remove = (stream: TurnStream) => void streams.delete(stream.id)
-    return {
-      make: (bufferEvents) => {
-        const stream = new TurnStream(TurnStreamId.make(randomUUID()), remove, bufferEvents)
-        streams.set(stream.id, stream)
-        return stream
-      },
-      get: (id) => streams.get(id),
-      size: () => streams.size,
-      all: () => [...streams.values()]
-    }
-  })
+  /** The registry of runner `runnerName`: stream ids are `<runner>.<uuid>` (the data plane routes by them). */
+  static readonly layerFor = (runnerName: string) =>
+    Layer.sync(TurnStreams, () => {
+      const streams = new Map<TurnStreamId, TurnStream>()
+      const remove = (stream: TurnStream) => void streams.delete(stream.id)
+      return {
+        make: (bufferEvents) => {
+          const stream = new TurnStream(TurnStreamId.make(`${runnerName}.${randomUUID()}`), remove, bufferEvents)
+          streams.set(stream.id, stream)
+          return stream
+        },
+        get: (id) => streams.get(id),
+        size: () => streams.size,
+        all: () => [...streams.values()]
+      }
+    })
+  static readonly layer = TurnStreams.layerFor("local")
 }

@@ -1,5 +1,5 @@
 /**
- * Starts the real service (`src/runtime/main.ts`) as a child process, as a user would with
+ * Starts the real service (`src/main.ts`) as a child process, as a user would with
  * `npm start`, and talks to it over HTTP/SSE like a client.
  */
 import { type ChildProcess, spawn } from "node:child_process"
@@ -30,7 +30,7 @@ export const startService = async (options: {
   for (const [k, v] of Object.entries({ ...process.env, PORT: String(port), HOST: "127.0.0.1", DATA_DIR: dataDir, RUN_DIR: runDir, ...options.env })) {
     if (v !== undefined) env[k] = v
   }
-  const child = spawn(process.execPath, ["--import", "tsx", "src/runtime/main.ts"], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+  const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts"], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
   let output = ""
   child.stdout!.on("data", (d: Buffer) => (output += d.toString()))
   child.stderr!.on("data", (d: Buffer) => (output += d.toString()))

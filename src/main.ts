@@ -14,23 +14,24 @@ import { resolve } from "node:path"
 import { HttpMiddleware } from "@effect/platform"
 import { NodeRuntime } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
-import { Config, Effect, Layer, Option, Redacted, Schema } from "effect"
+import { Config, ConfigProvider, Effect, Layer, Option, Redacted, Schema } from "effect"
 import { pathToFileURL } from "node:url"
-import defaultTopology from "../../cluster.config.js"
-import * as ConversationEntity from "../actors/Conversation.js"
-import * as ConversationsLive from "../actors/ConversationsLive.js"
-import * as DecodeSlot from "../actors/DecodeSlot.js"
-import * as GpuScheduler from "../actors/GpuScheduler.js"
-import * as HttpServer from "../http/Server.js"
-import * as Cluster from "./Cluster.js"
-import { ensureDefaultModel } from "./DefaultModel.js"
-import * as EmbeddedPostgres from "./EmbeddedPostgres.js"
-import { StorageError } from "./Errors.js"
-import * as GpuWorkers from "./GpuWorkers.js"
-import * as Models from "./Models.js"
-import * as Storage from "./Storage.js"
-import * as Topology from "./Topology.js"
-import { TurnStreams } from "./TurnStream.js"
+import defaultTopology from "../cluster.config.js"
+import * as ConversationEntity from "./actors/Conversation.js"
+import * as ConversationsLive from "./actors/ConversationsLive.js"
+import * as DecodeSlot from "./actors/DecodeSlot.js"
+import * as GpuScheduler from "./actors/GpuScheduler.js"
+import * as HttpServer from "./http/Server.js"
+import * as Cluster from "./runtime/Cluster.js"
+import * as DataPlane from "./runtime/DataPlane.js"
+import { ensureDefaultModel } from "./runtime/DefaultModel.js"
+import * as EmbeddedPostgres from "./runtime/EmbeddedPostgres.js"
+import { StorageError } from "./runtime/Errors.js"
+import * as GpuWorkers from "./runtime/GpuWorkers.js"
+import * as Models from "./runtime/Models.js"
+import * as Storage from "./runtime/Storage.js"
+import * as Topology from "./runtime/Topology.js"
+import { TurnStreams } from "./runtime/TurnStream.js"
 
 const settings = Config.all({
   dataDir: Config.string("DATA_DIR").pipe(Config.withDefault(".data")),
@@ -55,6 +56,15 @@ const importConfig = async (file: string): Promise<{ default: unknown }> => {
   return tsImport(url, import.meta.url) as Promise<{ default: unknown }>
 }
 
+/** `--name NAME` on the command line (`npm run runner -- --name gw-1`), else RUNNER_NAME. */
+const nameArg = (() => {
+  const i = process.argv.indexOf("--name")
+  return i < 0 ? undefined : process.argv[i + 1]
+})()
+
+/** A start-up misconfiguration: the process exits with this message. */
+const misconfigured = (message: string) => Effect.fail(new StorageError({ message }))
+
 const MainLive = Layer.unwrapEffect(
   Effect.gen(function*() {
     const s = yield* settings
@@ -63,7 +73,16 @@ const MainLive = Layer.unwrapEffect(
       ? defaultTopology
       : (yield* Effect.promise(() => importConfig(resolve(configPath)))).default
     const topologyValue = yield* Schema.decodeUnknown(Topology.TopologySchema)(topologyInput, { errors: "all" })
-    const runnerName = Option.getOrElse(s.runnerName, () => topologyValue.runners[0].name)
+    const runnerName = nameArg ?? Option.getOrElse(s.runnerName, () => topologyValue.runners[0].name)
+    const runner = Topology.runnerNamed(topologyValue, runnerName)
+    if (runner === undefined) {
+      return yield* misconfigured(`runner "${runnerName}" is not in the topology (${topologyValue.runners.map((r) => r.name).join(", ")})`)
+    }
+    // Several runners share their registry, messages and turns through one PostgreSQL.
+    const multiRunner = topologyValue.runners.length > 1
+    if (multiRunner && Option.isNone(s.databaseUrl)) {
+      return yield* misconfigured("a topology of several runners needs DATABASE_URL (a PostgreSQL that every runner reaches)")
+    }
     const dataDir = resolve(s.dataDir)
 
     const resolveModelDir = (model: string) =>
@@ -102,20 +121,39 @@ const MainLive = Layer.unwrapEffect(
         Effect.tap((n) => n > 0 ? Effect.logWarning(`reconciled ${n} user turns left without a reply by a crash`) : Effect.void)
       )
     )
-    const StoreLive = topologyValue.runners.length === 1
-      ? ReconcileLive.pipe(Layer.provideMerge(Storage.layer), Layer.provide(SqlLive))
-      : Storage.layer.pipe(Layer.provide(SqlLive))
-    // One registry of token streams per runner: the facade opens them, DecodeSlots write them.
-    const StreamsLive = TurnStreams.layer
+    const StoreLive = multiRunner
+      ? Storage.layer.pipe(Layer.provide(SqlLive))
+      : ReconcileLive.pipe(Layer.provideMerge(Storage.layer), Layer.provide(SqlLive))
+    // One registry of token streams per runner: the facade opens them, DecodeSlots write them
+    // (through the data plane when the slot is on another runner).
+    const StreamsLive = TurnStreams.layerFor(runnerName)
+    const DataPlaneLive = (multiRunner ? DataPlane.layerZmq(topologyValue, runnerName) : DataPlane.layerLocal).pipe(
+      Layer.provide(StreamsLive)
+    )
     const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
     const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive).pipe(
-      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive))
+      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive))
     )
-    const ClusterLive = EntitiesLive.pipe(Layer.provideMerge(Cluster.layerSingle(topologyValue, runnerName)))
+    const ClusterLive = EntitiesLive.pipe(
+      Layer.provideMerge(
+        // orDie: one error channel for both; a runner that cannot start exits with the cause.
+        multiRunner
+          ? Cluster.layerSocket(topologyValue, runnerName).pipe(Layer.provide(SqlLive), Layer.orDie)
+          : Cluster.layerSingle(topologyValue, runnerName).pipe(Layer.provide(SqlLive), Layer.orDie)
+      )
+    )
+    yield* Effect.logInfo(`runner ${runnerName} (${runner.roles.join(", ")}) of ${topologyValue.runners.length}`)
+    if (!runner.roles.includes("gateway")) return Layer.discard(ClusterLive)
     const ConversationsLayer = ConversationsLive.layer.pipe(
       Layer.provide(Layer.mergeAll(ClusterLive, StoreLive, TopologyLive, StreamsLive, WorkersLive))
     )
-    return HttpServer.layer.pipe(Layer.provide(ConversationsLayer), Layer.provide(SqlLive))
+    // PORT overrides the runner's http_port.
+    const port = process.env["PORT"] ?? (runner.http_port === undefined ? undefined : String(runner.http_port))
+    return HttpServer.layer.pipe(
+      Layer.provide(ConversationsLayer),
+      Layer.provide(SqlLive),
+      Layer.provide(Layer.setConfigProvider(ConfigProvider.orElse(ConfigProvider.fromJson(port === undefined ? {} : { PORT: port }), () => ConfigProvider.fromEnv())))
+    )
   })
 )
 

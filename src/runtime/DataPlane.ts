@@ -1,0 +1,246 @@
+/**
+ * The token data plane: how a DecodeSlot's text reaches the TurnStream that holds the client's
+ * socket, and how that reader's backpressure and departure reach the slot.
+ *
+ * A stream's id names its gateway runner (`<runner>.<uuid>`, see TurnStreams). On the same
+ * runner the slot writes into the TurnStream directly (a function call per token). Across
+ * runners it writes into a `RemoteSink`: its events are batched per destination runner and
+ * sent as one ZeroMQ frame after each engine step (the step loop calls every sink
+ * synchronously, so a flush scheduled with `setImmediate` carries the whole step). The
+ * gateway answers with control messages: pause (its reader is full), resume (drained) and
+ * cancel (the reader went away, or the stream is unknown there).
+ *
+ * Wire: each runner binds a PULL socket on its topology `data_port` and connects a PUSH socket
+ * to each peer it sends to. A frame is msgpack `[sender, [message, ...]]`; messages:
+ * `["t", id, text]`, `["d", id, done]`, `["f", id, code, text]` towards the gateway and
+ * `["p", id]`, `["r", id]`, `["c", id]` towards the slot. PUSH/PULL keeps each pair's order.
+ */
+import { Context, Effect, Layer } from "effect"
+import { Packr } from "msgpackr"
+import * as Zmq from "zeromq"
+import { DoneEvent, FinishReason, noValidation, TurnId, Usage } from "./Domain.js"
+import { runnerNamed, type Topology } from "./Topology.js"
+import { type TurnStreamId, type TurnStreamProducer, TurnStreams } from "./TurnStream.js"
+
+/** What a DecodeSlot writes its turn into: a TurnStream, or its remote stand-in. */
+export interface TokenSink {
+  /** Appends a text delta. @returns false when the reader is full: pause until `onDrain`. */
+  readonly token: (text: string) => boolean
+  readonly done: (event: DoneEvent) => void
+  readonly fail: (code: string, message: string) => void
+  readonly setProducer: (producer: TurnStreamProducer) => void
+}
+
+export class DataPlane extends Context.Tag("chat/DataPlane")<DataPlane, {
+  /** The sink of stream `id`, or undefined when no runner of that name can serve it. */
+  readonly sink: (id: TurnStreamId) => TokenSink | undefined
+}>() {}
+
+/** The runner named in a stream id. */
+export const runnerOfStream = (id: string): string => id.slice(0, Math.max(0, id.indexOf(".")))
+
+/** One process: every stream is local. */
+export const layerLocal = Layer.effect(
+  DataPlane,
+  Effect.map(TurnStreams, (streams) => DataPlane.of({ sink: (id) => streams.get(id) }))
+)
+
+type Message =
+  | readonly ["t", string, string]
+  | readonly ["d", string, { turn_id: string; finish_reason: string; usage: { prompt_tokens: number; completion_tokens: number } }]
+  | readonly ["f", string, string, string]
+  | readonly ["p" | "r" | "c", string]
+
+const packr = new Packr({ useRecords: false })
+
+/** A slot's view of a TurnStream on another runner. */
+class RemoteSink implements TokenSink {
+  paused = false
+  producer: TurnStreamProducer | undefined
+  ended = false
+  constructor(readonly id: string, private readonly send: (message: Message) => void, private readonly forget: () => void) {}
+  token(text: string): boolean {
+    if (this.ended) return true
+    this.send(["t", this.id, text])
+    return !this.paused
+  }
+  done(event: DoneEvent): void {
+    if (this.end()) {
+      this.send(["d", this.id, { turn_id: event.turn_id, finish_reason: event.finish_reason, usage: { prompt_tokens: event.usage.prompt_tokens, completion_tokens: event.usage.completion_tokens } }])
+    }
+  }
+  fail(code: string, message: string): void {
+    if (this.end()) this.send(["f", this.id, code, message])
+  }
+  setProducer(producer: TurnStreamProducer): void {
+    this.producer = producer
+  }
+  private end(): boolean {
+    if (this.ended) return false
+    this.ended = true
+    this.forget()
+    return true
+  }
+}
+
+/**
+ * Runner `runnerName` of a multi-process topology: binds its `data_port`, serves the
+ * TurnStreams of this runner to slots elsewhere, and opens RemoteSinks to other gateways.
+ */
+export const layerZmq = (topology: Topology, runnerName: string) =>
+  Layer.scoped(
+    DataPlane,
+    Effect.gen(function*() {
+      const streams = yield* TurnStreams
+      const self = runnerNamed(topology, runnerName)!
+      const pull = new Zmq.Pull({ linger: 0 })
+      yield* Effect.promise(() => pull.bind(`tcp://0.0.0.0:${self.data_port}`))
+
+      /** Batched outgoing messages, one PUSH socket and queue per peer runner. */
+      const peers = new Map<string, { socket: Zmq.Push; outbox: Array<Message>; sending: boolean; flushScheduled: boolean }>()
+      const peer = (name: string) => {
+        let p = peers.get(name)
+        if (p === undefined) {
+          const runner = runnerNamed(topology, name)!
+          // A peer that is gone must not hold messages forever: drop after the linger.
+          const socket = new Zmq.Push({ linger: 1000, sendHighWaterMark: 100_000, sendTimeout: 5000 })
+          socket.connect(`tcp://${runner.host ?? "127.0.0.1"}:${runner.data_port}`)
+          p = { socket, outbox: [], sending: false, flushScheduled: false }
+          peers.set(name, p)
+        }
+        return p
+      }
+      const flush = (p: NonNullable<ReturnType<typeof peers.get>>) => {
+        p.flushScheduled = false
+        if (p.sending || p.outbox.length === 0) return
+        const batch = p.outbox
+        p.outbox = []
+        p.sending = true
+        p.socket.send(packr.pack([runnerName, batch])).then(
+          () => {
+            p.sending = false
+            flush(p)
+          },
+          () => {
+            // The peer is unreachable: its streams are lost with it (their turns are ended by
+            // the Conversation's own recovery); keep sending later messages.
+            p.sending = false
+            flush(p)
+          }
+        )
+      }
+      const send = (to: string, message: Message) => {
+        const p = peer(to)
+        p.outbox.push(message)
+        if (!p.flushScheduled) {
+          p.flushScheduled = true
+          setImmediate(() => flush(p))
+        }
+      }
+
+      /** Slot side: the remote sinks of this runner's slots, by stream id. */
+      const sinks = new Map<string, RemoteSink>()
+      /** Gateway side: which runner feeds each stream, and whether it was told to pause. */
+      const feeders = new Map<string, { readonly from: string; paused: boolean }>()
+
+      const onGatewayMessage = (from: string, message: Message) => {
+        const id = message[1] as TurnStreamId
+        const stream = streams.get(id)
+        if (stream === undefined) {
+          if (message[0] === "t") send(from, ["c", id])
+          return
+        }
+        let feeder = feeders.get(id)
+        if (feeder === undefined) {
+          const f = { from, paused: false }
+          feeders.set(id, feeder = f)
+          stream.setProducer({
+            onDrain: () => {
+              if (!f.paused) return
+              f.paused = false
+              send(from, ["r", id])
+            },
+            onCancel: () => send(from, ["c", id])
+          })
+        }
+        switch (message[0]) {
+          case "t":
+            if (!stream.token(message[2]) && !feeder.paused) {
+              feeder.paused = true
+              send(from, ["p", id])
+            }
+            break
+          case "d": {
+            const d = message[2]
+            feeders.delete(id)
+            stream.done(new DoneEvent({
+              turn_id: TurnId.make(d.turn_id),
+              finish_reason: d.finish_reason as FinishReason,
+              usage: new Usage(d.usage, noValidation)
+            }, noValidation))
+            break
+          }
+          case "f":
+            feeders.delete(id)
+            stream.fail(message[2], message[3])
+            break
+        }
+      }
+
+      const onSlotMessage = (message: Message) => {
+        const sink = sinks.get(message[1])
+        if (sink === undefined) return
+        switch (message[0]) {
+          case "p":
+            sink.paused = true
+            break
+          case "r":
+            sink.paused = false
+            sink.producer?.onDrain()
+            break
+          case "c":
+            sink.producer?.onCancel()
+            break
+        }
+      }
+
+      void (async () => {
+        try {
+          for await (const [frame] of pull) {
+            let decoded: unknown
+            try {
+              decoded = packr.unpack(frame!)
+            } catch {
+              continue
+            }
+            if (!Array.isArray(decoded) || typeof decoded[0] !== "string" || !Array.isArray(decoded[1])) continue
+            const from = decoded[0]
+            for (const message of decoded[1] as Array<Message>) {
+              if (message[0] === "t" || message[0] === "d" || message[0] === "f") onGatewayMessage(from, message)
+              else onSlotMessage(message)
+            }
+          }
+        } catch {
+          // closed
+        }
+      })()
+      yield* Effect.addFinalizer(() =>
+        Effect.sync(() => {
+          pull.close()
+          for (const p of peers.values()) p.socket.close()
+        })
+      )
+
+      return DataPlane.of({
+        sink: (id) => {
+          const local = streams.get(id)
+          if (local !== undefined) return local
+          const gateway = runnerOfStream(id)
+          if (gateway === runnerName || runnerNamed(topology, gateway) === undefined) return undefined
+          const sink: RemoteSink = new RemoteSink(id, (m) => send(gateway, m), () => sinks.delete(id))
+          sinks.set(id, sink)
+          return sink
+        }
+      })
+    })
+  )
