@@ -1,0 +1,120 @@
+/**
+ * The local cluster (examples/cluster-local.config.ts) as separate processes on loopback:
+ * gateways gw-1 and gw-2, GPU runners gpu-1 and gpu-2 (simulated GPUs), one PostgreSQL.
+ * Clients talk HTTP/SSE to either gateway; tokens cross from the GPU runner to the gateway
+ * that holds the client's socket over the ZeroMQ data plane. Each test ends in a loss audit:
+ * every acknowledged user turn has its reply row, and every client's text equals it.
+ */
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { type LocalCluster, startCluster } from "../support/cluster.js"
+import { freshDatabase, sqlAt } from "../support/database.js"
+import { assertEngineBuilt } from "../support/engineProcess.js"
+import { postJson, readSse, type SseEvent } from "../support/service.js"
+
+interface TurnResult {
+  readonly conversationId: string
+  readonly status: number
+  readonly text: string
+  readonly terminal: SseEvent | undefined
+}
+
+const create = async (url: string): Promise<string> => {
+  const res = await postJson(`${url}/v1/conversations`, {})
+  expect(res.status).toBe(201)
+  return ((await res.json()) as any).conversation_id
+}
+
+const turn = async (url: string, conversationId: string, body: Record<string, unknown>, signal?: AbortSignal): Promise<TurnResult> => {
+  const res = await postJson(`${url}/v1/conversations/${conversationId}/turns`, { role: "user", ...body }, signal)
+  if (res.status !== 200) return { conversationId, status: res.status, text: "", terminal: undefined }
+  const events = await readSse(res, () => undefined)
+  return {
+    conversationId,
+    status: res.status,
+    text: events.filter((e) => e.event === "token").map((e) => e.data.text).join(""),
+    terminal: events.find((e) => e.event === "done" || e.event === "error")
+  }
+}
+
+const rowsOf = (dbUrl: string, conversationId: string) =>
+  sqlAt("SELECT seq, role, status, content FROM chat_turns WHERE conversation_id = $1 ORDER BY seq", [conversationId], dbUrl)
+
+/** Every acknowledged turn's reply is stored, and equals what its client read. */
+const audit = async (dbUrl: string, results: ReadonlyArray<TurnResult>) => {
+  for (const r of results.filter((r) => r.status === 200)) {
+    const rows = await rowsOf(dbUrl, r.conversationId)
+    const user = [...rows].reverse().find((row: any) => row.role === "user")
+    const reply = rows.find((row) => row.seq === user.seq + 1)
+    expect(reply?.role).toBe("assistant")
+    expect(reply.status).toBe("completed")
+    expect(reply.content).toBe(r.text)
+  }
+}
+
+describe("local cluster: two gateways, two GPU runners", () => {
+  let cluster: LocalCluster
+  let dbUrl: string
+
+  beforeAll(async () => {
+    assertEngineBuilt()
+    dbUrl = (await freshDatabase()).url
+    cluster = await startCluster({ databaseUrl: dbUrl })
+  }, 180_000)
+
+  afterAll(async () => {
+    await cluster?.stop()
+  }, 60_000)
+
+  it("conversations take turns through either gateway; every client's text is the stored reply", async () => {
+    const [gw1, gw2] = cluster.gateways
+    const ids = await Promise.all(Array.from({ length: 8 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
+    const results: Array<TurnResult> = []
+    for (const round of [0, 1]) {
+      // Each conversation's turns alternate between the gateways.
+      const batch = await Promise.all(ids.map((id, i) => turn((i + round) % 2 === 0 ? gw1 : gw2, id, { content: `hello ${round}`, max_tokens: 24 })))
+      for (const r of batch) {
+        expect(r.status).toBe(200)
+        expect(r.terminal?.event).toBe("done")
+      }
+      await audit(dbUrl, batch)
+      results.push(...batch)
+    }
+    for (const id of ids) expect((await rowsOf(dbUrl, id)).map((r) => r.seq)).toEqual([0, 1, 2, 3])
+    // Both GPU runners served turns (the pool spreads sequences over its GPUs).
+    const history = await Promise.all(ids.map((id) => fetch(`${gw2}/v1/conversations/${id}`).then((r) => r.json() as Promise<any>)))
+    expect(history.every((h) => h.turns.length === 4)).toBe(true)
+  }, 120_000)
+
+  it("two gateways racing on one conversation stream exactly one turn", async () => {
+    const [gw1, gw2] = cluster.gateways
+    for (let i = 0; i < 5; i++) {
+      const id = await create(gw1)
+      const results = await Promise.all([gw1, gw2].map((gw) => turn(gw, id, { content: `race ${i}`, max_tokens: 32 })))
+      expect(results.map((r) => r.status).sort()).toEqual([200, 409])
+      await audit(dbUrl, results)
+      expect((await rowsOf(dbUrl, id)).length).toBe(2)
+    }
+  }, 120_000)
+
+  it("a client that goes away on gw-2 ends its turn as cancelled; the conversation takes the next one", async () => {
+    const [gw1, gw2] = cluster.gateways
+    const id = await create(gw1)
+    const controller = new AbortController()
+    const res = await postJson(`${gw2}/v1/conversations/${id}/turns`, { role: "user", content: "long", max_tokens: 3000 }, controller.signal)
+    expect(res.status).toBe(200)
+    let seen = 0
+    await readSse(res, (e) => (e.event === "token" && ++seen >= 5 ? "stop" : undefined)).catch(() => [])
+    controller.abort()
+    const deadline = Date.now() + 10_000
+    let rows: Array<any> = []
+    while (Date.now() < deadline) {
+      rows = await rowsOf(dbUrl, id)
+      if (rows.length === 2) break
+      await new Promise((r) => setTimeout(r, 100))
+    }
+    expect(rows.map((r) => [r.seq, r.role, r.status])).toEqual([[0, "user", "completed"], [1, "assistant", "cancelled"]])
+    const next = await turn(gw1, id, { content: "next", max_tokens: 4 })
+    expect(next.terminal?.event).toBe("done")
+    await audit(dbUrl, [next])
+  }, 60_000)
+})

@@ -1,0 +1,119 @@
+/**
+ * Starts the processes of examples/cluster-local.config.ts (gateways gw-1 and gw-2, GPU runners
+ * gpu-1 and gpu-2 with simulated GPUs) on loopback ports of their own, as
+ * `npm run cluster:local` would, and stops them.
+ */
+import { type ChildProcess, spawn } from "node:child_process"
+import { mkdtempSync } from "node:fs"
+import net from "node:net"
+import { tmpdir } from "node:os"
+import path from "node:path"
+import { REPO_ROOT } from "./engineProcess.js"
+
+export interface RunnerProcess {
+  readonly name: string
+  readonly process: ChildProcess
+  readonly output: () => string
+  readonly exited: Promise<void>
+}
+
+export interface LocalCluster {
+  /** gw-1's and gw-2's base URLs. */
+  readonly gateways: readonly [string, string]
+  readonly runners: ReadonlyMap<string, RunnerProcess>
+  /** Starts runner `name` again (after a kill), on the same ports and data directory. */
+  readonly restart: (name: string) => Promise<RunnerProcess>
+  readonly stop: () => Promise<void>
+}
+
+const RUNNERS = ["gw-1", "gw-2", "gpu-1", "gpu-2"] as const
+
+const portFree = (port: number) =>
+  new Promise<boolean>((resolve) => {
+    const server = net.createServer()
+    server.once("error", () => resolve(false))
+    server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)))
+  })
+
+/** A base whose ports +1..+4, +11..+14 and +21..+22 are all free. */
+const freeBase = async (): Promise<number> => {
+  for (;;) {
+    const base = 20_000 + 30 * Math.floor(Math.random() * 1000)
+    const ports = [1, 2, 3, 4, 11, 12, 13, 14, 21, 22].map((i) => base + i)
+    if ((await Promise.all(ports.map(portFree))).every(Boolean)) return base
+  }
+}
+
+export const startCluster = async (options: { readonly databaseUrl: string }): Promise<LocalCluster> => {
+  const base = await freeBase()
+  const root = mkdtempSync(path.join(tmpdir(), "chat-cluster-"))
+  const gateways = [`http://127.0.0.1:${base + 21}`, `http://127.0.0.1:${base + 22}`] as const
+  const runners = new Map<string, RunnerProcess>()
+
+  const spawnRunner = (name: string): RunnerProcess => {
+    const env: Record<string, string> = {}
+    for (const [k, v] of Object.entries({
+      ...process.env,
+      PORT: undefined,
+      RUNNER_NAME: name,
+      CLUSTER_CONFIG: "examples/cluster-local.config.ts",
+      CLUSTER_LOCAL_PORT_BASE: String(base),
+      CLUSTER_LOCAL_HTTP_BASE: String(base + 20),
+      DATABASE_URL: options.databaseUrl,
+      DATA_DIR: path.join(root, name),
+      RUN_DIR: mkdtempSync(path.join(root, `run-${name}-`)),
+      SHUTDOWN_GRACE_MS: "3000"
+    })) {
+      if (v !== undefined) env[k] = v
+    }
+    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts"], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+    let output = ""
+    child.stdout!.on("data", (d: Buffer) => (output += d.toString()))
+    child.stderr!.on("data", (d: Buffer) => (output += d.toString()))
+    const runner = { name, process: child, output: () => output, exited: new Promise<void>((r) => child.once("exit", () => r())) }
+    runners.set(name, runner)
+    return runner
+  }
+
+  const ready = async (runner: RunnerProcess) => {
+    const deadline = Date.now() + 120_000
+    const i = RUNNERS.indexOf(runner.name as (typeof RUNNERS)[number])
+    for (;;) {
+      if (runner.process.exitCode !== null) throw new Error(`${runner.name} exited with ${runner.process.exitCode}:\n${runner.output()}`)
+      if (Date.now() > deadline) throw new Error(`${runner.name} did not become ready:\n${runner.output()}`)
+      if (i < 2) {
+        const ok = await fetch(`${gateways[i]}/readyz`).then((r) => r.ok, () => false)
+        if (ok) return
+      } else if (/engine sim-\d ready/.test(runner.output())) return
+      await new Promise((r) => setTimeout(r, 200))
+    }
+  }
+
+  const stopRunner = async (runner: RunnerProcess) => {
+    if (runner.process.exitCode !== null || runner.process.signalCode !== null) return
+    runner.process.kill("SIGTERM")
+    const timer = setTimeout(() => runner.process.kill("SIGKILL"), 20_000)
+    await runner.exited
+    clearTimeout(timer)
+  }
+
+  for (const name of RUNNERS) spawnRunner(name)
+  try {
+    await Promise.all([...runners.values()].map(ready))
+  } catch (e) {
+    await Promise.all([...runners.values()].map((r) => (r.process.kill("SIGKILL"), r.exited)))
+    throw e
+  }
+  return {
+    gateways,
+    runners,
+    restart: async (name) => {
+      const runner = spawnRunner(name)
+      await ready(runner)
+      return runner
+    },
+    stop: async () => {
+      await Promise.all([...runners.values()].map(stopRunner))
+    }
+  }
+}
