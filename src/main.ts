@@ -8,7 +8,9 @@
  * model is "default"), ENGINE_BIN (default engine/build/llm-engine), ENGINE_THREADS,
  * RUNNER_NAME (default: the first runner of cluster.config.ts), API_KEYS, LOG_ENGINE=1,
  * RUN_DIR (directory of the engines' ipc sockets `engine-<gpu>.sock`), CLUSTER_CONFIG (a
- * module whose default export replaces cluster.config.ts).
+ * module whose default export replaces cluster.config.ts), REDIS_URL and REDIS_KEY_PREFIX (the
+ * turn stream logs of a multi-runner topology; default redis://127.0.0.1:6379, `chat:`).
+ * `--name NAME` (or RUNNER_NAME) picks the runner of the topology this process is.
  */
 import { resolve } from "node:path"
 import { HttpMiddleware } from "@effect/platform"
@@ -31,6 +33,7 @@ import * as GpuWorkers from "./runtime/GpuWorkers.js"
 import * as Models from "./runtime/Models.js"
 import * as Storage from "./runtime/Storage.js"
 import * as Topology from "./runtime/Topology.js"
+import * as TurnEventLog from "./runtime/TurnEventLog.js"
 import { TurnStreams } from "./runtime/TurnStream.js"
 
 const settings = Config.all({
@@ -42,7 +45,9 @@ const settings = Config.all({
   runnerName: Config.option(Config.string("RUNNER_NAME")),
   logEngine: Config.boolean("LOG_ENGINE").pipe(Config.withDefault(false)),
   runDir: Config.option(Config.string("RUN_DIR")),
-  clusterConfig: Config.option(Config.string("CLUSTER_CONFIG"))
+  clusterConfig: Config.option(Config.string("CLUSTER_CONFIG")),
+  redisUrl: Config.string("REDIS_URL").pipe(Config.withDefault("redis://127.0.0.1:6379")),
+  redisKeyPrefix: Config.string("REDIS_KEY_PREFIX").pipe(Config.withDefault("chat:"))
 })
 
 /**
@@ -130,9 +135,11 @@ const MainLive = Layer.unwrapEffect(
     const DataPlaneLive = (multiRunner ? DataPlane.layerZmq(topologyValue, runnerName) : DataPlane.layerLocal).pipe(
       Layer.provide(StreamsLive)
     )
+    // Turn stream logs for resuming on any gateway: Redis across runners, memory in one process.
+    const EventLogLive = multiRunner ? TurnEventLog.layerRedis(s.redisUrl, s.redisKeyPrefix) : TurnEventLog.layerMemory
     const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
     const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive).pipe(
-      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive))
+      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive))
     )
     const ClusterLive = EntitiesLive.pipe(
       Layer.provideMerge(
@@ -145,7 +152,7 @@ const MainLive = Layer.unwrapEffect(
     yield* Effect.logInfo(`runner ${runnerName} (${runner.roles.join(", ")}) of ${topologyValue.runners.length}`)
     if (!runner.roles.includes("gateway")) return Layer.discard(ClusterLive)
     const ConversationsLayer = ConversationsLive.layer.pipe(
-      Layer.provide(Layer.mergeAll(ClusterLive, StoreLive, TopologyLive, StreamsLive, WorkersLive))
+      Layer.provide(Layer.mergeAll(ClusterLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive))
     )
     // PORT overrides the runner's http_port.
     const port = process.env["PORT"] ?? (runner.http_port === undefined ? undefined : String(runner.http_port))

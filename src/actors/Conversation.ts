@@ -63,7 +63,7 @@ export const Conversation = Entity.make("Conversation", [
       content: Schema.String,
       max_tokens: Schema.optional(Schema.Int),
       temperature: Schema.optional(Schema.Number),
-      /** The caller's TurnStream (on the GPU's runner) that receives the generated text. */
+      /** The caller's TurnStream (on the gateway that holds the client) that receives the generated text. */
       stream_id: TurnStreamId
     },
     success: Accepted,
@@ -71,7 +71,12 @@ export const Conversation = Entity.make("Conversation", [
   }),
   Rpc.make("FinishTurn", { payload: FinishedTurn, error: StorageError }),
   /** Stops the streaming turn, if any. @returns whether one was running. */
-  Rpc.make("Cancel", { success: Schema.Boolean, error: Schema.Union(ConversationNotFound, StorageError) })
+  Rpc.make("Cancel", { success: Schema.Boolean, error: Schema.Union(ConversationNotFound, StorageError) }),
+  /**
+   * The turn whose reply may still be generating: the running one, else (after a shard move
+   * or a restart) the reply reserved after a last user turn. Null when neither.
+   */
+  Rpc.make("InFlight", { success: Schema.NullOr(TurnId), error: Schema.Union(ConversationNotFound, StorageError) })
 ]).annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
 
 /** A turn between SendTurn and FinishTurn. */
@@ -354,6 +359,15 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             Effect.asVoid
           ),
         SendTurn: ({ payload }) => sendTurn(payload),
+        InFlight: () =>
+          Effect.gen(function*() {
+            const active = activeTurns.get(id)
+            if (active !== undefined && active.turnId !== "") return active.turnId
+            const conv = yield* load
+            // nextSeq is 2 past a last user turn: its reply's seq is reserved (see load).
+            const last = conv.history.at(-1)
+            return last?.role === "user" ? TurnId.make(`${id}:${conv.nextSeq - 1}`) : null
+          }),
         FinishTurn: ({ payload }) => finishTurn(payload),
         Cancel: () =>
           Effect.gen(function*() {

@@ -7,7 +7,8 @@ import { randomUUID } from "node:crypto"
 import { Duration, Effect, FiberRef, Layer, Option } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
 import { ConversationId, HistoryPage } from "../runtime/Domain.js"
-import { ConversationNotFound, ModelNotFound, ShuttingDown } from "../runtime/Errors.js"
+import { ConversationNotFound, ModelNotFound, ShuttingDown, StreamNotFound } from "../runtime/Errors.js"
+import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { poolFor, TopologyService } from "../runtime/Topology.js"
@@ -26,6 +27,7 @@ export const layer = Layer.effect(
     const topology = yield* TopologyService
     const streams = yield* TurnStreams
     const workers = yield* GpuWorkers
+    const eventLog = yield* TurnEventLog
     let draining = false
     /** Polls until no turn stream is open, or `ms` have passed. */
     const awaitNoStreams = (ms: number) =>
@@ -58,7 +60,7 @@ export const layer = Layer.effect(
         Effect.gen(function*() {
           if (draining) return yield* new ShuttingDown()
           const stream = streams.make(topology.generation.client_buffer_tokens)
-          yield* client(id).SendTurn({
+          const accepted = yield* client(id).SendTurn({
             content: input.content,
             ...(input.max_tokens === undefined ? {} : { max_tokens: input.max_tokens }),
             ...(input.temperature === undefined ? {} : { temperature: input.temperature }),
@@ -69,6 +71,7 @@ export const layer = Layer.effect(
             // Not accepted: nothing will write to the stream.
             Effect.onExit((exit) => Effect.sync(() => exit._tag === "Failure" && stream.cancel()))
           )
+          stream.setTurnId(accepted.turn_id)
           stream.cancelIfNotAttachedWithin(UNCONSUMED_STREAM_TIMEOUT_MS)
           return stream
         }),
@@ -90,6 +93,25 @@ export const layer = Layer.effect(
           // Each stopped turn is stored (cancelled, with its text so far) before its stream ends.
           yield* awaitNoStreams(10_000)
           yield* Effect.logInfo(`shut down: ${left.length} turns were stopped, ${streams.size()} still open`)
+        }),
+
+      resume: (id, after) =>
+        Effect.gen(function*() {
+          const turnId = after?.turnId ?? (yield* client(id).InFlight().pipe(
+            detached,
+            Effect.catchTags({ MailboxFull: (e) => Effect.die(e), AlreadyProcessingMessage: (e) => Effect.die(e), PersistenceError: (e) => Effect.die(e) })
+          ))
+          if (turnId === null) return Option.none()
+          const followed = yield* eventLog.follow(turnId, after?.index ?? -1)
+          switch (followed._tag) {
+            case "Missing":
+              // Without a Last-Event-ID there is just nothing in flight to follow.
+              return after === undefined ? Option.none() : yield* new StreamNotFound({ turn_id: turnId })
+            case "Ended":
+              return Option.none()
+            case "Events":
+              return Option.some({ turnId, events: followed.events })
+          }
         }),
 
       notReady: Effect.gen(function*() {

@@ -24,6 +24,7 @@ import type { SeqHandle } from "../runtime/GpuWorker.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Models } from "../runtime/Models.js"
 import { DataPlane } from "../runtime/DataPlane.js"
+import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { shardGroupOf, UnknownGpu } from "./GpuScheduler.js"
 
@@ -98,6 +99,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const workers = yield* GpuWorkers
   const models = yield* Models
   const dataPlane = yield* DataPlane
+  const eventLog = yield* TurnEventLog
   const finisher = yield* TurnFinisher
   const runFork = Runtime.runFork(yield* Effect.runtime<never>())
   /** Live sequences of this runner's slots, by slot entity id: how to cancel each. */
@@ -133,6 +135,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           let numTokens = 0
           let handle: SeqHandle | undefined
           let ended = false
+          /** Token events written so far: the next one's index (as the stream numbers them). */
+          let numEvents = 0
+          const failStream = (code: string, message: string) => {
+            eventLog.append(payload.turn_id, { index: numEvents, kind: "error", code, message })
+            stream.fail(code, message)
+          }
           const end = (status: TurnStatus, finishReason: FinishReason, error?: EngineError) => {
             if (ended) return
             ended = true
@@ -151,17 +159,13 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 })),
                 Effect.tapError((e) => Effect.logError(`turn ${payload.turn_id} could not be stored`, e)),
                 Effect.match({
-                  onFailure: (e) => stream.fail("storage_error", `the turn could not be stored: ${e.message}`),
-                  onSuccess: () =>
-                    error !== undefined
-                      ? stream.fail("generation_failed", `EngineError: ${error.message}`)
-                      : stream.done(
-                        new DoneEvent({
-                          turn_id: payload.turn_id,
-                          finish_reason: finishReason,
-                          usage: new Usage({ prompt_tokens: payload.prompt_token_ids.length, completion_tokens: numTokens }, noValidation)
-                        }, noValidation)
-                      )
+                  onFailure: (e) => failStream("storage_error", `the turn could not be stored: ${e.message}`),
+                  onSuccess: () => {
+                    if (error !== undefined) return failStream("generation_failed", `EngineError: ${error.message}`)
+                    const usage = { prompt_tokens: payload.prompt_token_ids.length, completion_tokens: numTokens }
+                    eventLog.append(payload.turn_id, { index: numEvents, kind: "done", done: { turn_id: payload.turn_id, finish_reason: finishReason, usage } })
+                    stream.done(new DoneEvent({ turn_id: payload.turn_id, finish_reason: finishReason, usage: new Usage(usage, noValidation) }, noValidation))
+                  }
                 })
               )
             )
@@ -197,7 +201,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   }
                 }
                 text += delta
-                if (delta.length > 0 && !stream.token(delta)) handle?.pause()
+                if (delta.length > 0) {
+                  eventLog.append(payload.turn_id, { index: numEvents++, kind: "token", text: delta })
+                  if (!stream.token(delta)) handle?.pause()
+                }
                 if (finish !== undefined) end("completed", finish)
               },
               onFailed: (error) => end("failed", "error", error)

@@ -4,6 +4,9 @@
  * - `POST /v1/conversations` CreateConversation → 201 `{conversation_id}`
  * - `POST /v1/conversations/:id/turns` UserTurnInput → 200 `text/event-stream` (see Sse.ts)
  * - `POST /v1/conversations/:id/cancel` → 204
+ * - `GET  /v1/conversations/:id/stream` (`Last-Event-ID` header or `last_event_id` query) →
+ *   200 `text/event-stream` resuming the turn after that event, or the in-flight turn from its
+ *   start; 204 when there is nothing to send
  * - `GET  /v1/conversations/:id?before=<cursor>&limit=<1..200, default 50>` → HistoryPage
  * - `GET  /healthz` → `{status:"ok"}` (liveness)
  * - `GET  /readyz` → `{status:"ready"}`, or 503 `not_ready` (engine down, database unreachable, stopping)
@@ -51,6 +54,11 @@ export const EventStream = HttpApiSchema.Text({ contentType: "text/event-stream"
 
 const id = HttpApiSchema.param("id", ConversationId)
 
+/** A Last-Event-ID as sent back by a client: `<turn_id>:<index>` (ids are short; longer is invalid). */
+const LastEventId = Schema.String.pipe(Schema.maxLength(200))
+export const ResumeParams = Schema.Struct({ last_event_id: Schema.optional(LastEventId) })
+export const ResumeHeaders = Schema.Struct({ "last-event-id": Schema.optional(LastEventId) })
+
 export class Ready extends Schema.Class<Ready>("Ready")({
   status: Schema.Literal("ready")
 }) {}
@@ -81,6 +89,16 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
   .add(
     HttpApiEndpoint.post("cancel")`/v1/conversations/${id}/cancel`
       .addError(ApiError.ConversationNotFoundJson)
+  )
+  .add(
+    HttpApiEndpoint.get("resume")`/v1/conversations/${id}/stream`
+      .setUrlParams(ResumeParams)
+      .setHeaders(ResumeHeaders)
+      .addSuccess(EventStream)
+      .addSuccess(HttpApiSchema.NoContent)
+      .addError(ApiError.ConversationNotFoundJson)
+      .addError(ApiError.StreamNotFoundJson)
+      .addError(ApiError.StreamUnavailableJson)
   )
   .add(
     HttpApiEndpoint.get("history")`/v1/conversations/${id}`

@@ -11,6 +11,7 @@
  * | NotFound            | 404    | `not_found` (no route)   |
  * | ConversationNotFound| 404    | `conversation_not_found` |
  * | ModelNotFound       | 404    | `model_not_found`        |
+ * | StreamNotFound      | 404    | `stream_not_found`       |
  * | TurnInProgress      | 409    | `turn_in_progress`       |
  * | PayloadTooLarge     | 413    | `payload_too_large`      |
  * | InternalError       | 500    | `internal`               |
@@ -18,6 +19,7 @@
  * | Overloaded          | 503    | `overloaded`             |
  * | StorageUnavailable  | 503    | `storage_unavailable`    |
  * | ShuttingDown        | 503    | `shutting_down`          |
+ * | StreamUnavailable   | 503    | `stream_unavailable`     |
  * | NotReady            | 503    | `not_ready` (`/readyz`)  |
  *
  * `model_not_found` is a 404 like the OpenAI API answers it (the named resource does not exist).
@@ -164,6 +166,22 @@ export class ShuttingDown extends Schema.TaggedError<ShuttingDown>()(
 ) {}
 export const ShuttingDownJson = toJson(ShuttingDown, "shutting_down", 503)
 
+/** A resume named a turn whose stream log is unknown or expired. */
+export class StreamNotFound extends Schema.TaggedError<StreamNotFound>()(
+  "StreamNotFound",
+  { message: Schema.String },
+  HttpApiSchema.annotations({ status: 404 })
+) {}
+export const StreamNotFoundJson = toJson(StreamNotFound, "stream_not_found", 404)
+
+/** The stream logs (Redis) cannot be read just now. */
+export class StreamUnavailable extends Schema.TaggedError<StreamUnavailable>()(
+  "StreamUnavailable",
+  retryable,
+  HttpApiSchema.annotations({ status: 503 })
+) {}
+export const StreamUnavailableJson = toJson(StreamUnavailable, "stream_unavailable", 503)
+
 /** Readiness failed: the engine is down, the database unreachable, or the server stopping. */
 export class NotReady extends Schema.TaggedError<NotReady>()(
   "NotReady",
@@ -187,6 +205,8 @@ export type ApiError =
   | StorageUnavailable
   | ShuttingDown
   | NotReady
+  | StreamNotFound
+  | StreamUnavailable
 
 const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   InvalidRequest,
@@ -202,7 +222,9 @@ const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   Overloaded,
   StorageUnavailable,
   ShuttingDown,
-  NotReady
+  NotReady,
+  StreamNotFound,
+  StreamUnavailable
 ]
 
 /** The HTTP status and body code of an API error. */
@@ -236,6 +258,10 @@ export const statusAndCode = (e: ApiError): { readonly status: number; readonly 
       return { status: 503, code: "shutting_down" }
     case "NotReady":
       return { status: 503, code: "not_ready" }
+    case "StreamNotFound":
+      return { status: 404, code: "stream_not_found" }
+    case "StreamUnavailable":
+      return { status: 503, code: "stream_unavailable" }
   }
 }
 
@@ -255,6 +281,8 @@ export type RuntimeError =
   | Errors.StorageError
   | Errors.Overloaded
   | Errors.ShuttingDown
+  | Errors.StreamNotFound
+  | Errors.TurnEventsUnavailable
 
 /** The API error a runtime error maps to (distributes over unions). */
 export type FromRuntime<E> = E extends Errors.ConversationNotFound ? ConversationNotFound
@@ -266,6 +294,8 @@ export type FromRuntime<E> = E extends Errors.ConversationNotFound ? Conversatio
   : E extends Errors.StorageError ? StorageUnavailable
   : E extends Errors.Overloaded ? Overloaded
   : E extends Errors.ShuttingDown ? ShuttingDown
+  : E extends Errors.StreamNotFound ? StreamNotFound
+  : E extends Errors.TurnEventsUnavailable ? StreamUnavailable
   : never
 
 /** Maps a typed runtime failure to the API error the client sees. */
@@ -294,5 +324,9 @@ export const fromRuntime = <E extends RuntimeError>(error: E): FromRuntime<E> =>
       return new Overloaded({ message: e.message, retry_after_s: e.retry_after_s }) as FromRuntime<E>
     case "ShuttingDown":
       return new ShuttingDown({ message: "The server is shutting down", retry_after_s: 5 }) as FromRuntime<E>
+    case "StreamNotFound":
+      return new StreamNotFound({ message: `No stream is kept for turn ${e.turn_id} (unknown, or expired after its end)` }) as FromRuntime<E>
+    case "TurnEventsUnavailable":
+      return new StreamUnavailable({ message: "Streams cannot be resumed just now", retry_after_s: 2 }) as FromRuntime<E>
   }
 }

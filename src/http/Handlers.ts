@@ -1,9 +1,9 @@
 /**
  * Handlers of the API groups; they only translate between HTTP and the `Conversations` service.
  */
-import { HttpApiBuilder } from "@effect/platform"
-import { Effect, Layer } from "effect"
-import { CreateConversation } from "../runtime/Domain.js"
+import { HttpApiBuilder, HttpServerResponse } from "@effect/platform"
+import { Effect, Layer, Option } from "effect"
+import { CreateConversation, TurnId } from "../runtime/Domain.js"
 import { Conversations } from "../runtime/Conversations.js"
 import { Api, ConversationCreated, Health, Ready } from "./Api.js"
 import * as ApiError from "./ApiError.js"
@@ -58,6 +58,26 @@ export const ConversationsLive = HttpApiBuilder.group(
             Effect.tapError(logServerFailure),
             Effect.mapError(ApiError.fromRuntime)
           ))
+        .handle("resume", ({ headers, path, urlParams }) =>
+          Effect.gen(function*() {
+            const raw = headers["last-event-id"] ?? urlParams.last_event_id
+            let after: { readonly turnId: TurnId; readonly index: number } | undefined
+            if (raw !== undefined && raw !== "") {
+              // `<conversation_id>:<seq>:<index>`, of this conversation.
+              const m = /^([^:]+):([0-9]{1,9}):([0-9]{1,9})$/.exec(raw)
+              if (m === null || m[1] !== path.id) {
+                return yield* new ApiError.InvalidRequest({ message: "Last-Event-ID is not an event id of this conversation" })
+              }
+              after = { turnId: TurnId.make(`${m[1]}:${m[2]}`), index: Number(m[3]) }
+            }
+            const resumed = yield* conversations.resume(path.id, after).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime)
+            )
+            if (Option.isNone(resumed)) return HttpServerResponse.empty({ status: 204 })
+            const settings = yield* Sse.SseSettings
+            return Sse.resumeResponse(resumed.value.turnId, resumed.value.events, settings)
+          }))
         .handle("history", ({ path, urlParams }) =>
           conversations.history(path.id, { before: urlParams.before, limit: urlParams.limit }).pipe(
             Effect.tapError(logServerFailure),

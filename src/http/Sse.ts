@@ -3,11 +3,11 @@
  *
  * ```text
  * event: token
- * id: 0
+ * id: conv_…:1:0
  * data: {"text":"Hel"}
  *
  * event: done
- * id: 3
+ * id: conv_…:1:3
  * data: {"turn_id":"c:1","finish_reason":"stop","usage":{"prompt_tokens":12,"completion_tokens":3}}
  *
  * event: error
@@ -16,14 +16,19 @@
  * : keep-alive
  * ```
  *
- * Payloads are JSON, so a newline inside token text can never break the framing. Every stream
+ * An event's id is `<turn_id>:<index>`: the turn and the position, which is what a client sends
+ * back as `Last-Event-ID` to resume (`GET /v1/conversations/{id}/stream`). Payloads are JSON,
+ * so a newline inside token text can never break the framing. Every stream
  * ends with exactly one `done` or `error` event; a generation that ends without its terminal
  * event is reported as an `error` (a stream cut short must never pass for a finished one). The encoding itself is in
  * src/runtime/TurnStream.ts, where tokens are written.
  */
 import { HttpServerResponse } from "@effect/platform"
-import { Config, Context, Duration, Effect, Layer } from "effect"
-import type { TurnStream } from "../runtime/TurnStream.js"
+import { Config, Context, Duration, Effect, Layer, Stream } from "effect"
+import type { TurnId } from "../runtime/Domain.js"
+import type { TurnEventsUnavailable } from "../runtime/Errors.js"
+import type { LoggedEvent } from "../runtime/TurnEventLog.js"
+import { Sse, type TurnStream } from "../runtime/TurnStream.js"
 
 /** Settings of the SSE responses. */
 export class SseSettings extends Context.Reference<SseSettings>()("chat/http/SseSettings", {
@@ -66,3 +71,28 @@ export const turnResponse = (
     contentType,
     headers
   })
+
+/** How long an EventSource waits before it reconnects (the `retry:` field, sent once). */
+const RETRY_MS = 3000
+
+/**
+ * The SSE response of a resumed turn: `retry:` once, then the logged events (ids
+ * `<turn_id>:<index>`), keep-alive comments while idle, ending after the terminal event. A log
+ * that becomes unreadable midway ends the stream with `event: error` `stream_unavailable`.
+ */
+export const resumeResponse = (
+  turnId: TurnId,
+  events: Stream.Stream<LoggedEvent, TurnEventsUnavailable>,
+  settings: { readonly keepAliveInterval: Duration.DurationInput }
+): HttpServerResponse.HttpServerResponse => {
+  const idPrefix = `${turnId}:`
+  const encoded = events.pipe(
+    Stream.map((e) =>
+      e.kind === "token" ? Sse.token(idPrefix, e.index, e.text) : e.kind === "done" ? Sse.done(e.done, idPrefix, e.index) : Sse.error(e.code, e.message)
+    ),
+    Stream.catchAll((e) => Stream.make(Sse.error("stream_unavailable", e.message)))
+  )
+  const keepAlive = Stream.tick(settings.keepAliveInterval).pipe(Stream.drop(1), Stream.as(Sse.keepAlive))
+  const body = Stream.concat(Stream.make(`retry: ${RETRY_MS}\n\n`), Stream.merge(encoded, keepAlive, { haltStrategy: "left" }))
+  return HttpServerResponse.stream(Stream.encodeText(body), { status: 200, contentType, headers })
+}

@@ -3,7 +3,7 @@
  * each call to the Conversation entity of the cluster; tests may provide an in-memory layer.
  */
 import { Context, type Effect } from "effect"
-import type { ConversationId, CreateConversation, HistoryPage, UserTurnInput } from "./Domain.js"
+import type { ConversationId, CreateConversation, HistoryPage, TurnId, UserTurnInput } from "./Domain.js"
 import type {
   ConversationNotFound,
   EngineError,
@@ -14,7 +14,10 @@ import type {
   StorageError,
   TurnInProgress
 } from "./Errors.js"
+import type { LoggedEvent } from "./TurnEventLog.js"
 import type { TurnStream } from "./TurnStream.js"
+import type { Option, Stream } from "effect"
+import type { StreamNotFound, TurnEventsUnavailable } from "./Errors.js"
 
 export type SendTurnError =
   | ConversationNotFound
@@ -53,6 +56,19 @@ export interface ConversationsService {
    * stored (or after a bounded wait for that).
    */
   readonly drain: (graceMs: number) => Effect.Effect<void>
+  /**
+   * Resumes a turn's stream: the events after `after` (the turn and index of the client's
+   * Last-Event-ID), or without it the in-flight turn's from its start, then the live ones.
+   * None when there is nothing to send (no turn in flight, or the client saw the end).
+   * Fails with StreamNotFound when `after` names a turn whose log is unknown or expired.
+   */
+  readonly resume: (
+    id: ConversationId,
+    after: { readonly turnId: TurnId; readonly index: number } | undefined
+  ) => Effect.Effect<
+    Option.Option<{ readonly turnId: TurnId; readonly events: Stream.Stream<LoggedEvent, TurnEventsUnavailable> }>,
+    ConversationNotFound | StorageError | StreamNotFound | TurnEventsUnavailable
+  >
   /** Readiness: `undefined` when turns can be served, else what is not ready. */
   readonly notReady: Effect.Effect<string | undefined>
 }

@@ -46,3 +46,13 @@ export class Overloaded extends Schema.TaggedError<Overloaded>()("Overloaded", {
 
 /** The runner is stopping: it takes no new turns. */
 export class ShuttingDown extends Schema.TaggedError<ShuttingDown>()("ShuttingDown", {}) {}
+
+/** The event log of turn streams (Redis) could not be read: a resume is refused with 503. */
+export class TurnEventsUnavailable extends Schema.TaggedError<TurnEventsUnavailable>()("TurnEventsUnavailable", {
+  message: Schema.String
+}) {}
+
+/** A resume named a turn whose stream log is unknown or expired. */
+export class StreamNotFound extends Schema.TaggedError<StreamNotFound>()("StreamNotFound", {
+  turn_id: Schema.String
+}) {}

@@ -40,15 +40,20 @@ type Item =
   | { readonly _tag: "Done"; readonly event: DoneEvent }
   | { readonly _tag: "Error"; readonly code: string; readonly message: string }
 
-/** SSE framing : payloads are JSON, so newlines cannot break it. */
-const Sse = {
+/** SSE framing: payloads are JSON, so newlines cannot break it. Shared with resumed streams (http/Sse.ts). */
+export const Sse = {
   keepAlive: ": keep-alive\n\n",
   accepted: ": accepted\n\n",
   // Per token: the JSON object is written out rather than built and stringified.
-  token: (index: number, text: string): string => `event: token\nid: ${index}\ndata: {"text":${JSON.stringify(text)}}\n\n`,
-  /** `id` is the index after the last token event. */
-  done: (event: DoneEvent, id: number): string =>
-    `event: done\nid: ${id}\ndata: ${
+  token: (idPrefix: string, index: number, text: string): string =>
+    `event: token\nid: ${idPrefix}${index}\ndata: {"text":${JSON.stringify(text)}}\n\n`,
+  /** `id` ends with the index after the last token event. */
+  done: (
+    event: { readonly turn_id: string; readonly finish_reason: string; readonly usage: { readonly prompt_tokens: number; readonly completion_tokens: number } },
+    idPrefix: string,
+    index: number
+  ): string =>
+    `event: done\nid: ${idPrefix}${index}\ndata: ${
       JSON.stringify({
         turn_id: event.turn_id,
         finish_reason: event.finish_reason,
@@ -66,6 +71,8 @@ export interface SseOptions {
 export class TurnStream {
   readonly id: TurnStreamId
   private nextIndex = 0
+  /** `<turn_id>:` once the turn is known: event ids then name the turn and the position. */
+  private idPrefix = ""
   private ended = false
   private gone = false
   private stopping = false
@@ -92,6 +99,11 @@ export class TurnStream {
   /** Whether `done` or `fail` was called, or the reader went away. */
   get isClosed(): boolean {
     return this.ended || this.gone
+  }
+
+  /** Names the turn in the event ids (`<turn_id>:<index>`): a client resumes with the last one. */
+  setTurnId(turnId: string): void {
+    this.idPrefix = `${turnId}:`
   }
 
   // ---- producer side ------------------------------------------------------------------
@@ -178,9 +190,9 @@ export class TurnStream {
       lastWriteMs = performance.now()
       switch (item._tag) {
         case "Token":
-          return readable.push(Sse.token(this.nextIndex++, item.text))
+          return readable.push(Sse.token(this.idPrefix, this.nextIndex++, item.text))
         case "Done":
-          readable.push(Sse.done(item.event, this.nextIndex))
+          readable.push(Sse.done(item.event, this.idPrefix, this.nextIndex))
           stop()
           return readable.push(null)
         case "Error":

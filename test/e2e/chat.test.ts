@@ -92,7 +92,9 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     expect(["stop", "length"]).toContain(done1.data.finish_reason)
     expect(done1.data.usage.completion_tokens).toBeGreaterThan(0)
     const tokens1 = turn1.filter((e) => e.event === "token")
-    expect(tokens1.map((e) => e.id)).toEqual(tokens1.map((_, i) => String(i)))
+    // Event ids name the turn and the position: `<turn_id>:<index>`.
+    expect(tokens1.map((e) => e.id)).toEqual(tokens1.map((_, i) => `${done1.data.turn_id}:${i}`))
+    expect(done1.id).toBe(`${done1.data.turn_id}:${tokens1.length}`)
     console.log(
       `turn 1: TTFT ${ttftMs.toFixed(1)} ms, ${done1.data.usage.completion_tokens} tokens in ${totalMs.toFixed(1)} ms ` +
         `(${((done1.data.usage.completion_tokens - 1) / ((totalMs - ttftMs) / 1000)).toFixed(0)} tokens/s after the first)`
@@ -117,7 +119,7 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     const res3 = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Write a long story.", max_tokens: 3000 })
     let cancelled = false
     const turn3 = await readSse(res3, async (e) => {
-      if (e.event === "token" && Number(e.id) === 4 && !cancelled) {
+      if (e.event === "token" && e.id?.endsWith(":4") && !cancelled) {
         const busy = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Too soon" })
         expect(busy.status).toBe(409)
         expect(((await busy.json()) as any).error.code).toBe("turn_in_progress")
@@ -210,7 +212,7 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     const { conversation_id: id } = (await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any
     const controller = new AbortController()
     const res = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Go on forever", max_tokens: 3000 }, controller.signal)
-    const seen = await readSse(res, (e) => (e.event === "token" && Number(e.id) >= 3 ? "stop" : undefined))
+    const seen = await readSse(res, (e) => (e.event === "token" && Number(e.id?.split(":").at(-1)) >= 3 ? "stop" : undefined))
     controller.abort()
     expect(seen.filter((e) => e.event === "token").length).toBe(4)
     await waitForFreeBlocks(service)
@@ -224,6 +226,41 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     } while (Date.now() < deadline)
     expect(history.turns.map((t: any) => [t.role, t.status])).toEqual([["user", "completed"], ["assistant", "cancelled"]])
     expect(history.turns[1].num_completion_tokens).toBeGreaterThanOrEqual(4)
+  })
+
+  it("GET /stream follows the in-flight turn from its start, and resumes after a Last-Event-ID with every token once", async () => {
+    const { conversation_id: id } = (await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any
+    expect((await fetch(`${service.url}/v1/conversations/${id}/stream`)).status).toBe(204) // nothing in flight
+    const res = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Tell me more", max_tokens: 40 })
+    expect(res.status).toBe(200)
+    // A second reader (another tab) follows the same turn from its start.
+    const follower = fetch(`${service.url}/v1/conversations/${id}/stream`).then((r) => {
+      expect(r.headers.get("content-type")).toContain("text/event-stream")
+      return readSse(r, () => undefined)
+    })
+    const original = await readSse(res, () => undefined)
+    const followed = await follower
+    const tokens = (events: ReadonlyArray<any>) => events.filter((e) => e.event === "token")
+    expect(tokens(followed).map((e) => [e.id, e.data.text])).toEqual(tokens(original).map((e) => [e.id, e.data.text]))
+    expect(followed.at(-1)!.event).toBe("done")
+    // After the end, resuming from the 10th token replays the rest, by header or by query.
+    const lastSeen = tokens(original)[9]!.id
+    for (const r of [
+      await fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: { "last-event-id": lastSeen } }),
+      await fetch(`${service.url}/v1/conversations/${id}/stream?last_event_id=${encodeURIComponent(lastSeen)}`)
+    ]) {
+      expect(r.status).toBe(200)
+      const rest = await readSse(r, () => undefined)
+      expect(tokens(rest).map((e) => e.id)).toEqual(tokens(original).slice(10).map((e) => e.id))
+      expect(rest.at(-1)).toEqual(original.at(-1))
+    }
+    // Having seen the end, there is nothing more (EventSource stops on 204).
+    expect((await fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: { "last-event-id": original.at(-1)!.id } })).status).toBe(204)
+    // Ids of another conversation, or malformed, are 400; a turn never logged is 404.
+    expect((await fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: { "last-event-id": "conv_x:1:2" } })).status).toBe(400)
+    const missing = await fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: { "last-event-id": `${id}:99:0` } })
+    expect(missing.status).toBe(404)
+    expect(((await missing.json()) as any).error.code).toBe("stream_not_found")
   })
 
   it("answers bad requests with JSON errors and changes nothing", async () => {

@@ -111,6 +111,8 @@ export const make = (options: FakeOptions = {}) =>
     const service: ConversationsService = {
       drain: () => Effect.void,
       notReady: Effect.succeed(undefined),
+      // The HTTP unit tests drive resuming through the real service (test/e2e): nothing to resume here.
+      resume: (id) => conversations.has(id) ? Effect.succeed(Option.none()) : Effect.fail(new ConversationNotFound({ conversation_id: id })),
       create: (input) =>
         Effect.suspend(() => {
           if (input.model === "missing") {

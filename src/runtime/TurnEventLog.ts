@@ -1,0 +1,197 @@
+/**
+ * The event log of each turn's stream, for resuming it on any gateway
+ * (`GET /v1/conversations/{id}/stream` with `Last-Event-ID`).
+ *
+ * The DecodeSlot that produces a turn appends every event it sends (token text with its index,
+ * then one `done` or `error`), so that the log holds the turn even when the gateway that served
+ * its client is gone. A follower replays the events after an index, then follows the live
+ * ones until the terminal event.
+ *
+ * - `layerRedis`: a Redis Stream per turn (`<prefix>turn:<turn_id>`), appended in one pipeline
+ *   per tick (every sink of an engine step writes in the same tick), trimmed to ~100,000
+ *   entries, expiring an hour after the last append or 5 minutes after the terminal event.
+ *   Appends while Redis is down are dropped (the live stream does not depend on them).
+ * - `layerMemory`: the same in this process (the one-runner deployment).
+ */
+import { Context, Effect, Layer, Stream } from "effect"
+import { Redis } from "ioredis"
+import type { TurnId } from "./Domain.js"
+import { TurnEventsUnavailable } from "./Errors.js"
+
+export type LoggedEvent =
+  | { readonly index: number; readonly kind: "token"; readonly text: string }
+  | {
+    readonly index: number
+    readonly kind: "done"
+    readonly done: { readonly turn_id: string; readonly finish_reason: string; readonly usage: { readonly prompt_tokens: number; readonly completion_tokens: number } }
+  }
+  | { readonly index: number; readonly kind: "error"; readonly code: string; readonly message: string }
+
+/** Seconds a turn's log is kept after its terminal event. */
+export const ENDED_TTL_S = 300
+/** Seconds a turn's log is kept after its last append (a producer that vanished). */
+const LIVE_TTL_S = 3600
+/** A follower that sees nothing for this long ends with `stream_stalled`. */
+const FOLLOW_IDLE_MS = 120_000
+
+/** A follow: the log has no such turn; the follower saw its terminal event already; or the events to come. */
+export type Followed =
+  | { readonly _tag: "Missing" }
+  | { readonly _tag: "Ended" }
+  | { readonly _tag: "Events"; readonly events: Stream.Stream<LoggedEvent, TurnEventsUnavailable> }
+
+export class TurnEventLog extends Context.Tag("chat/TurnEventLog")<TurnEventLog, {
+  /** Appends an event of `turnId` (fire and forget). */
+  readonly append: (turnId: TurnId, event: LoggedEvent) => void
+  /**
+   * The events of `turnId` with index > `afterIndex` (-1: all), then the live ones, ending
+   * after the terminal event (whose index is the number of tokens).
+   */
+  readonly follow: (turnId: TurnId, afterIndex: number) => Effect.Effect<Followed, TurnEventsUnavailable>
+}>() {}
+
+const isTerminal = (e: LoggedEvent) => e.kind !== "token"
+
+export const layerMemory = Layer.sync(TurnEventLog, () => {
+  const turns = new Map<string, { events: Array<LoggedEvent>; listeners: Set<(e: LoggedEvent) => void>; timer?: ReturnType<typeof setTimeout> }>()
+  return TurnEventLog.of({
+    append: (turnId, event) => {
+      let turn = turns.get(turnId)
+      if (turn === undefined) turns.set(turnId, turn = { events: [], listeners: new Set() })
+      turn.events.push(event)
+      for (const listener of turn.listeners) listener(event)
+      if (isTerminal(event)) {
+        const t = turn
+        t.timer = setTimeout(() => turns.get(turnId) === t && turns.delete(turnId), ENDED_TTL_S * 1000)
+        t.timer.unref()
+      }
+    },
+    follow: (turnId, afterIndex) =>
+      Effect.sync((): Followed => {
+        const turn = turns.get(turnId)
+        if (turn === undefined) return { _tag: "Missing" }
+        const last = turn.events.at(-1)
+        if (last !== undefined && isTerminal(last) && last.index <= afterIndex) return { _tag: "Ended" }
+        const events = Stream.asyncPush<LoggedEvent, TurnEventsUnavailable>((emit) =>
+          Effect.acquireRelease(
+            Effect.sync(() => {
+              const push = (e: LoggedEvent) => {
+                if (e.index <= afterIndex) return
+                emit.single(e)
+                if (isTerminal(e)) emit.end()
+              }
+              for (const e of turn.events) push(e)
+              if (last !== undefined && isTerminal(last)) return undefined
+              turn.listeners.add(push)
+              return push
+            }),
+            (listener) => Effect.sync(() => listener !== undefined && turn.listeners.delete(listener))
+          )
+        )
+        return { _tag: "Events", events }
+      })
+  })
+})
+
+const encode = (e: LoggedEvent): string => JSON.stringify(e)
+const decode = (fields: ReadonlyArray<string>): LoggedEvent | undefined => {
+  const i = fields.indexOf("e")
+  if (i < 0) return undefined
+  try {
+    return JSON.parse(fields[i + 1]!) as LoggedEvent
+  } catch {
+    return undefined
+  }
+}
+
+/** Redis at `url`; keys start with `prefix` (tests use one of their own). */
+export const layerRedis = (url: string, prefix: string) =>
+  Layer.scoped(
+    TurnEventLog,
+    Effect.gen(function*() {
+      const options = { maxRetriesPerRequest: 1, enableOfflineQueue: false, lazyConnect: false } as const
+      const redis = new Redis(url, options)
+      // Connection errors are retried by ioredis itself; log them once per outage.
+      let down = false
+      redis.on("error", () => {
+        if (!down) console.warn(`TurnEventLog: Redis at ${url} unreachable; stream logs are not kept meanwhile`)
+        down = true
+      })
+      redis.on("ready", () => (down = false))
+      yield* Effect.addFinalizer(() => Effect.promise(() => redis.quit().catch(() => undefined)))
+      const key = (turnId: string) => `${prefix}turn:${turnId}`
+
+      let pending: Array<{ readonly key: string; readonly event: LoggedEvent }> = []
+      const flush = () => {
+        const batch = pending
+        pending = []
+        if (redis.status !== "ready") return
+        const pipeline = redis.pipeline()
+        const ttl = new Map<string, number>()
+        for (const { event, key } of batch) {
+          pipeline.xadd(key, "MAXLEN", "~", 100_000, "*", "e", encode(event))
+          ttl.set(key, isTerminal(event) ? ENDED_TTL_S : ttl.get(key) ?? LIVE_TTL_S)
+        }
+        for (const [k, seconds] of ttl) pipeline.expire(k, seconds)
+        pipeline.exec().catch(() => undefined)
+      }
+
+      return TurnEventLog.of({
+        append: (turnId, event) => {
+          if (pending.length === 0) setImmediate(flush)
+          pending.push({ key: key(turnId), event })
+        },
+        follow: (turnId, afterIndex) =>
+          Effect.gen(function*() {
+            const k = key(turnId)
+            const unavailable = (e: unknown) => new TurnEventsUnavailable({ message: `Redis: ${String(e)}` })
+            // The newest entry says whether the turn is known, and whether it has ended.
+            const newest = yield* Effect.tryPromise({ try: () => redis.xrevrange(k, "+", "-", "COUNT", 1), catch: unavailable })
+            if (newest.length === 0) return { _tag: "Missing" } as const
+            const last = decode(newest[0]![1])
+            if (last !== undefined && isTerminal(last) && last.index <= afterIndex) return { _tag: "Ended" } as const
+            const events = Stream.asyncPush<LoggedEvent, TurnEventsUnavailable>((emit) =>
+              Effect.acquireRelease(
+                Effect.sync(() => {
+                  // XREAD BLOCK holds its connection: each follower has one of its own.
+                  const reader = redis.duplicate({ ...options, enableOfflineQueue: true })
+                  reader.on("error", () => undefined)
+                  let open = true
+                  void (async () => {
+                    let lastId = "0"
+                    let lastSeenMs = Date.now()
+                    try {
+                      while (open) {
+                        const reply = await reader.xread("COUNT", 1000, "BLOCK", 5000, "STREAMS", k, lastId)
+                        if (!open) return
+                        const entries = reply?.[0]?.[1] ?? []
+                        if (entries.length === 0 && Date.now() - lastSeenMs > FOLLOW_IDLE_MS) {
+                          emit.single({ index: afterIndex + 1, kind: "error", code: "stream_stalled", message: "the turn's producer has sent nothing for 120 s" })
+                          return emit.end()
+                        }
+                        for (const [id, fields] of entries) {
+                          lastId = id
+                          lastSeenMs = Date.now()
+                          const e = decode(fields)
+                          if (e === undefined || e.index <= afterIndex) continue
+                          emit.single(e)
+                          if (isTerminal(e)) return emit.end()
+                        }
+                      }
+                    } catch (e) {
+                      if (open) emit.fail(unavailable(e))
+                    }
+                  })()
+                  return () => {
+                    open = false
+                    reader.disconnect()
+                  }
+                }),
+                (close) => Effect.sync(close)
+              )
+            )
+            return { _tag: "Events", events } as const
+          })
+      })
+    })
+  )
