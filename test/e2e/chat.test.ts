@@ -255,7 +255,7 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
       expect(rest.at(-1)).toEqual(original.at(-1))
     }
     // Having seen the end, there is nothing more (EventSource stops on 204).
-    expect((await fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: { "last-event-id": original.at(-1)!.id } })).status).toBe(204)
+    expect((await fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: { "last-event-id": original.at(-1)!.id! } })).status).toBe(204)
     // Ids of another conversation, or malformed, are 400; a turn never logged is 404.
     expect((await fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: { "last-event-id": "conv_x:1:2" } })).status).toBe(400)
     const missing = await fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: { "last-event-id": `${id}:99:0` } })

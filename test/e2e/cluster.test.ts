@@ -117,4 +117,55 @@ describe("local cluster: two gateways, two GPU runners", () => {
     expect(next.terminal?.event).toBe("done")
     await audit(dbUrl, [next])
   }, 60_000)
+
+  it("drill (a): SIGKILL the gateway that holds streaming clients; they resume on the other one, every token once", async () => {
+    const [gw1, gw2] = cluster.gateways
+    const ids = await Promise.all(Array.from({ length: 6 }, () => create(gw2)))
+    const controllers = ids.map(() => new AbortController())
+    const seen = ids.map(() => [] as Array<SseEvent>)
+    const first = ids.map((id, i) =>
+      postJson(`${gw1}/v1/conversations/${id}/turns`, { role: "user", content: "A long story", max_tokens: 1500 }, controllers[i]!.signal).then((res) => {
+        expect(res.status).toBe(200)
+        return readSse(res, (e) => void seen[i]!.push(e)).catch(() => [])
+      })
+    )
+    const deadline = Date.now() + 20_000
+    while (seen.some((s) => s.filter((e) => e.event === "token").length < 10) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
+    const gw1Process = cluster.runners.get("gw-1")!
+    gw1Process.process.kill("SIGKILL")
+    await gw1Process.exited
+    await Promise.all(first)
+    const killedAt = Date.now()
+    const resumed = await Promise.all(ids.map(async (id, i) => {
+      const tokens = seen[i]!.filter((e) => e.event === "token")
+      const lastId = tokens.at(-1)!.id!
+      const res = await fetch(`${gw2}/v1/conversations/${id}/stream`, { headers: { "last-event-id": lastId } })
+      expect(res.status).toBe(200)
+      const resumedAfterMs = Date.now() - killedAt
+      const rest = await readSse(res, () => undefined)
+      return { id, before: tokens, rest, resumedAfterMs }
+    }))
+    for (const r of resumed) {
+      const restTokens = r.rest.filter((e) => e.event === "token")
+      // Every token exactly once: positions continue where the client was cut off.
+      const indices = [...r.before, ...restTokens].map((e) => Number(e.id!.split(":").at(-1)))
+      expect(indices).toEqual(indices.map((_, i) => i))
+      expect(r.rest.at(-1)?.event).toBe("done")
+      const text = [...r.before, ...restTokens].map((e) => e.data.text).join("")
+      // The turn completes and is stored (its Conversation may have lived on gw-1: the shard moves).
+      const stored = await waitForRows(dbUrl, r.id, 2)
+      expect(stored[1]).toMatchObject({ role: "assistant", status: "completed", content: text })
+    }
+    console.log(`drill (a): resume answered ${Math.max(...resumed.map((r) => r.resumedAfterMs))} ms after the kill (max of ${resumed.length})`)
+    await cluster.restart("gw-1")
+  }, 120_000)
 })
+
+const waitForRows = async (dbUrl: string, conversationId: string, n: number, timeoutMs = 20_000) => {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const rows = await rowsOf(dbUrl, conversationId)
+    if (rows.length >= n || Date.now() > deadline) return rows
+    await new Promise((r) => setTimeout(r, 100))
+  }
+}

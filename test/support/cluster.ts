@@ -62,7 +62,9 @@ export const startCluster = async (options: { readonly databaseUrl: string }): P
       DATABASE_URL: options.databaseUrl,
       DATA_DIR: path.join(root, name),
       RUN_DIR: mkdtempSync(path.join(root, `run-${name}-`)),
-      SHUTDOWN_GRACE_MS: "3000"
+      SHUTDOWN_GRACE_MS: "3000",
+      // Each test cluster keeps its stream logs under keys of its own in the shared Redis.
+      REDIS_KEY_PREFIX: `chat-test-${base}:`
     })) {
       if (v !== undefined) env[k] = v
     }
