@@ -147,6 +147,8 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
         const id = message[1] as TurnStreamId
         const stream = streams.get(id)
         if (stream === undefined) {
+          // Gone (its reader left, or it ended): the slot is told to stop.
+          feeders.delete(id)
           if (message[0] === "t") send(from, ["c", id])
           return
         }
