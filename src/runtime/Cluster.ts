@@ -56,6 +56,9 @@ export const layerSingle = (topology: Topology, runnerName: string) =>
     runnerStorage: "sql",
     shardingConfig: {
       ...timings,
+      // No other runner takes shards over here: a longer expiration only guards against a
+      // refresh delayed by a busy event loop.
+      shardLockExpiration: Duration.seconds(6),
       ...shardGroups(topology, runnerName),
       // Local entities: skip the encode/decode round trip that would simulate a remote
       // runner (every stream chunk paid it: ~2x CPU per token at 64 streams, measured).
