@@ -16,7 +16,7 @@ import { resolve } from "node:path"
 import { HttpMiddleware } from "@effect/platform"
 import { NodeRuntime } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
-import { Config, ConfigProvider, Effect, Layer, Option, Redacted, Schema } from "effect"
+import { Config, ConfigProvider, Duration, Effect, Layer, Option, Redacted, Schema } from "effect"
 import { pathToFileURL } from "node:url"
 import defaultTopology from "../cluster.config.js"
 import * as ConversationEntity from "./actors/Conversation.js"
@@ -126,8 +126,15 @@ const MainLive = Layer.unwrapEffect(
         Effect.tap((n) => n > 0 ? Effect.logWarning(`reconciled ${n} user turns left without a reply by a crash`) : Effect.void)
       )
     )
+    // Runners that start together on a fresh database race to create the same tables (a
+    // CREATE TABLE IF NOT EXISTS can still fail on its type's unique index): the loser retries
+    // and finds them made.
+    // (The cluster's own migrations die rather than fail, so this catches every cause.)
+    const retryStartup = <A, E, R>(layer: Layer.Layer<A, E, R>, attempts = 5): Layer.Layer<A, E, R> =>
+      attempts === 0 ? layer : Layer.catchAllCause(Layer.fresh(layer), () =>
+        Layer.unwrapEffect(Effect.as(Effect.sleep(Duration.millis(500 + Math.random() * 500)), retryStartup(layer, attempts - 1))))
     const StoreLive = multiRunner
-      ? Storage.layer.pipe(Layer.provide(SqlLive))
+      ? retryStartup(Storage.layer.pipe(Layer.provide(SqlLive)))
       : ReconcileLive.pipe(Layer.provideMerge(Storage.layer), Layer.provide(SqlLive))
     // One registry of token streams per runner: the facade opens them, DecodeSlots write them
     // (through the data plane when the slot is on another runner).
@@ -145,7 +152,7 @@ const MainLive = Layer.unwrapEffect(
       Layer.provideMerge(
         // orDie: one error channel for both; a runner that cannot start exits with the cause.
         multiRunner
-          ? Cluster.layerSocket(topologyValue, runnerName).pipe(Layer.provide(SqlLive), Layer.orDie)
+          ? retryStartup(Cluster.layerSocket(topologyValue, runnerName).pipe(Layer.provide(SqlLive))).pipe(Layer.orDie)
           : Cluster.layerSingle(topologyValue, runnerName).pipe(Layer.provide(SqlLive), Layer.orDie)
       )
     )

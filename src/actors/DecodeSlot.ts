@@ -211,6 +211,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             }
           )
           if (Either.isLeft(started)) return yield* fail(started.left)
+          // The turn is in the log before its first token: a follower that comes now finds it.
+          eventLog.append(payload.turn_id, { index: -1, kind: "start" })
           const h = started.right
           handle = h
           const cancel = () => {

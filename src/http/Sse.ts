@@ -24,7 +24,7 @@
  * src/runtime/TurnStream.ts, where tokens are written.
  */
 import { HttpServerResponse } from "@effect/platform"
-import { Config, Context, Duration, Effect, Layer, Stream } from "effect"
+import { Config, Context, Duration, Effect, Layer, Option, Stream } from "effect"
 import type { TurnId } from "../runtime/Domain.js"
 import type { TurnEventsUnavailable } from "../runtime/Errors.js"
 import type { LoggedEvent } from "../runtime/TurnEventLog.js"
@@ -87,9 +87,18 @@ export const resumeResponse = (
 ): HttpServerResponse.HttpServerResponse => {
   const idPrefix = `${turnId}:`
   const encoded = events.pipe(
-    Stream.map((e) =>
-      e.kind === "token" ? Sse.token(idPrefix, e.index, e.text) : e.kind === "done" ? Sse.done(e.done, idPrefix, e.index) : Sse.error(e.code, e.message)
-    ),
+    Stream.filterMap((e) => {
+      switch (e.kind) {
+        case "start":
+          return Option.none()
+        case "token":
+          return Option.some(Sse.token(idPrefix, e.index, e.text))
+        case "done":
+          return Option.some(Sse.done(e.done, idPrefix, e.index))
+        case "error":
+          return Option.some(Sse.error(e.code, e.message))
+      }
+    }),
     Stream.catchAll((e) => Stream.make(Sse.error("stream_unavailable", e.message)))
   )
   const keepAlive = Stream.tick(settings.keepAliveInterval).pipe(Stream.drop(1), Stream.as(Sse.keepAlive))

@@ -19,6 +19,8 @@ import type { TurnId } from "./Domain.js"
 import { TurnEventsUnavailable } from "./Errors.js"
 
 export type LoggedEvent =
+  /** Written when the generation starts (index -1, never sent): a follower finds the turn before its first token. */
+  | { readonly index: -1; readonly kind: "start" }
   | { readonly index: number; readonly kind: "token"; readonly text: string }
   | {
     readonly index: number
@@ -50,7 +52,7 @@ export class TurnEventLog extends Context.Tag("chat/TurnEventLog")<TurnEventLog,
   readonly follow: (turnId: TurnId, afterIndex: number) => Effect.Effect<Followed, TurnEventsUnavailable>
 }>() {}
 
-const isTerminal = (e: LoggedEvent) => e.kind !== "token"
+const isTerminal = (e: LoggedEvent) => e.kind === "done" || e.kind === "error"
 
 export const layerMemory = Layer.sync(TurnEventLog, () => {
   const turns = new Map<string, { events: Array<LoggedEvent>; listeners: Set<(e: LoggedEvent) => void>; timer?: ReturnType<typeof setTimeout> }>()
