@@ -14,7 +14,9 @@
 import { randomInt } from "node:crypto"
 import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
-import { Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Schema } from "effect"
+import { Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
+import { DataPlane } from "../runtime/DataPlane.js"
+import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { type ConversationId, TurnId } from "../runtime/Domain.js"
 import {
   ConversationNotFound,
@@ -29,7 +31,8 @@ import type { ChatMessage } from "../runtime/Tokenizer.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
-import { DecodeSlot, FinishedTurn, TurnFinisher } from "./DecodeSlot.js"
+import { DecodeSlot, FinishedTurn, type StartPayload, TurnFinisher } from "./DecodeSlot.js"
+import * as failover from "./internal/failover.js"
 import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
 import { buildPrompt, emptyPromptCache } from "./internal/promptAssembly.js"
@@ -83,6 +86,8 @@ export const Conversation = Entity.make("Conversation", [
 interface ActiveTurn {
   turnId: TurnId
   slotId: string | undefined
+  /** What started it (a failover starts it again elsewhere with this). */
+  start: StartPayload | undefined
   cancelRequested: boolean
   /** Whether the user turn is durable, once its append ends; FinishTurn waits for it. */
   readonly userTurnStored: Deferred.Deferred<boolean>
@@ -115,6 +120,31 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const slots = yield* DecodeSlot.client
   const activeTurns = new Map<ConversationId, ActiveTurn>()
   const hot = new HotConversations(HOT_CONVERSATIONS_MAX_CHARS)
+  const topologyValue = yield* TopologyService
+  const multiRunner = topologyValue.runners.length > 1
+  const failoverDeps = { slots, gpus, eventLog: yield* TurnEventLog, dataPlane: yield* DataPlane, topology: topologyValue }
+  const runFork = Runtime.runFork(yield* Effect.runtime<ConversationStore>())
+  /** Watches a started turn until it ends; one that could not be moved is stored as failed. */
+  const watchTurn = (id: ConversationId, active: ActiveTurn) =>
+    failover.watch(failoverDeps, active, () => activeTurns.get(id) === active).pipe(
+      Effect.flatMap((outcome) =>
+        outcome === "watched" ? Effect.void : Effect.gen(function*() {
+          const store = yield* ConversationStore
+          yield* store.appendTurn({
+            conversation_id: id,
+            seq: seqOf(active.turnId),
+            role: "assistant",
+            content: "",
+            status: "failed",
+            num_prompt_tokens: active.start?.prompt_token_ids.length ?? null,
+            num_completion_tokens: 0
+          }).pipe(Effect.ignoreLogged)
+          hot.delete(id)
+          if (activeTurns.get(id) === active) activeTurns.delete(id)
+          Deferred.unsafeDone(active.ended, Exit.void)
+        })
+      )
+    )
   return Conversation.toLayer(
     Effect.gen(function*() {
       const address = yield* Entity.CurrentAddress
@@ -168,6 +198,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           const active: ActiveTurn = {
             turnId: TurnId.make(""),
             slotId: undefined,
+            start: undefined,
             cancelRequested: false,
             userTurnStored,
             ended: Deferred.unsafeMake<void>(FiberId.none)
@@ -237,7 +268,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             active.turnId = turnId
             stored = { seq: userSeq + 1, numPromptTokens: promptIds.length }
 
-            yield* slots(slotId).Start({
+            const startPayload: StartPayload = {
               pool: conv.pool,
               conversation_id: id,
               turn_id: turnId,
@@ -252,7 +283,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               },
               priority: tier.priority,
               stop: []
-            }).pipe(
+            }
+            yield* slots(slotId).Start(startPayload).pipe(
               Effect.catchTags({
                 UnknownGpu: (e) => Effect.fail(new EngineError({ code: "unknown_gpu", message: e.gpu_id })),
                 ...clusterErrors
@@ -264,11 +296,14 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             )
             reservedSlot = undefined
             active.slotId = slotId
+            active.start = startPayload
             yield* Fiber.join(append).pipe(
               // Not durable: the generation stops, and its FinishTurn stores nothing.
               Effect.tapError(() => slots(slotId).Cancel().pipe(Effect.ignore))
             )
             if (active.cancelRequested) yield* slots(slotId).Cancel().pipe(Effect.ignore)
+            // Other runners may die: a turn whose GPU runner goes moves to another GPU.
+            if (multiRunner) runFork(watchTurn(id, active))
             return new Accepted({
               user_turn_id: TurnId.make(`${id}:${userSeq}`),
               turn_id: turnId,
@@ -312,6 +347,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           // meanwhile); a reply to a user turn that was never stored is not stored either.
           const active = activeTurns.get(id)
           if (active?.turnId === turn.turn_id) {
+            // The turn moved to another GPU (failover): the earlier slot's report is void.
+            if (active.slotId !== undefined && turn.slot_id !== active.slotId) return
             if (!(yield* Deferred.await(active.userTurnStored))) {
               return yield* new StorageError({ message: `the user turn of ${turn.turn_id} was not stored` })
             }

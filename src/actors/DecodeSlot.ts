@@ -45,9 +45,19 @@ const StartPayload = Schema.Struct({
   max_tokens: Schema.Int,
   sampling: Sampling,
   priority: Schema.Int,
-  stop: Schema.Array(Schema.String)
+  stop: Schema.Array(Schema.String),
+  /**
+   * A failover: the turn continues here after its GPU runner was lost. `token_ids` (generated
+   * there, as logged) are prefilled after the prompt; text and event indices go on from
+   * `text` and `num_events`. The same sampling seed gives the same tokens from there on.
+   */
+  resume: Schema.optional(Schema.Struct({
+    num_events: Schema.Int,
+    text: Schema.String,
+    token_ids: Schema.Array(Schema.Int)
+  }))
 })
-type StartPayload = typeof StartPayload.Type
+export type StartPayload = typeof StartPayload.Type
 
 export const DecodeSlot = Entity.make("DecodeSlot", [
   Rpc.make("Start", {
@@ -55,7 +65,9 @@ export const DecodeSlot = Entity.make("DecodeSlot", [
     error: Schema.Union(EngineError, PromptTooLong, UnknownGpu)
   }),
   /** Stops the slot's sequence, if any. @returns whether one was running. */
-  Rpc.make("Cancel", { success: Schema.Boolean })
+  Rpc.make("Cancel", { success: Schema.Boolean }),
+  /** Whether the slot runs `turn_id` (its owner's liveness probe: no answer means the runner is gone). */
+  Rpc.make("Alive", { payload: { turn_id: TurnId }, success: Schema.Boolean })
 ]).annotate(ClusterSchema.ShardGroup, shardGroupOf)
   .annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
 
@@ -63,6 +75,8 @@ export const DecodeSlot = Entity.make("DecodeSlot", [
 export const FinishedTurn = Schema.Struct({
   conversation_id: ConversationId,
   turn_id: TurnId,
+  /** The DecodeSlot that ran it: after a failover, a report from the earlier slot is ignored. */
+  slot_id: Schema.String,
   text: Schema.String,
   status: TurnStatus,
   finish_reason: FinishReason,
@@ -102,8 +116,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const eventLog = yield* TurnEventLog
   const finisher = yield* TurnFinisher
   const runFork = Runtime.runFork(yield* Effect.runtime<never>())
-  /** Live sequences of this runner's slots, by slot entity id: how to cancel each. */
-  const running = new Map<string, () => boolean>()
+  /** Live sequences of this runner's slots, by slot entity id: their turn and how to cancel each. */
+  const running = new Map<string, { readonly turnId: string; readonly cancel: () => boolean }>()
 
   return DecodeSlot.toLayer(
     Effect.gen(function*() {
@@ -128,15 +142,20 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             )
           }
 
+          const resume = payload.resume
           const detokenizer = model.tokenizer.newDetokenizer()
-          let text = ""
+          // A failover continues the detokenizer's state where the lost slot's text ended.
+          if (resume !== undefined) for (const id of resume.token_ids) detokenizer.push(id)
+          let text = resume?.text ?? ""
           /** The generated ids while `text` is exactly their decoding (see FinishedTurn). */
-          let tokenIds: Array<number> | undefined = []
-          let numTokens = 0
+          let tokenIds: Array<number> | undefined = resume === undefined ? [] : undefined
+          let numTokens = resume?.token_ids.length ?? 0
           let handle: SeqHandle | undefined
           let ended = false
           /** Token events written so far: the next one's index (as the stream numbers them). */
-          let numEvents = 0
+          let numEvents = resume?.num_events ?? 0
+          /** Tokens generated since the last token event: logged with the next one. */
+          let unloggedIds: Array<number> = []
           const failStream = (code: string, message: string) => {
             eventLog.append(payload.turn_id, { index: numEvents, kind: "error", code, message })
             stream.fail(code, message)
@@ -150,6 +169,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 Effect.zipRight(finisher.finish({
                   conversation_id: payload.conversation_id,
                   turn_id: payload.turn_id,
+                  slot_id: slotId,
                   text,
                   status,
                   finish_reason: finishReason,
@@ -172,8 +192,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           }
           const started = worker.start(
             {
-              promptTokenIds: payload.prompt_token_ids,
-              maxTokens: payload.max_tokens,
+              promptTokenIds: resume === undefined ? payload.prompt_token_ids : [...payload.prompt_token_ids, ...resume.token_ids],
+              maxTokens: payload.max_tokens - (resume?.token_ids.length ?? 0),
               sampling: payload.sampling,
               priority: payload.priority
             },
@@ -181,6 +201,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               onToken: (tokenId, finishReason) => {
                 if (ended) return
                 numTokens++
+                unloggedIds.push(tokenId)
                 // The end-of-sequence token is not part of the text.
                 if (finishReason !== "stop") tokenIds?.push(tokenId)
                 let delta = detokenizer.push(tokenId)
@@ -202,7 +223,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 }
                 text += delta
                 if (delta.length > 0) {
-                  eventLog.append(payload.turn_id, { index: numEvents++, kind: "token", text: delta })
+                  eventLog.append(payload.turn_id, { index: numEvents++, kind: "token", text: delta, ids: unloggedIds })
+                  unloggedIds = []
                   if (!stream.token(delta)) handle?.pause()
                 }
                 if (finish !== undefined) end("completed", finish)
@@ -212,7 +234,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           )
           if (Either.isLeft(started)) return yield* fail(started.left)
           // The turn is in the log before its first token: a follower that comes now finds it.
-          eventLog.append(payload.turn_id, { index: -1, kind: "start" })
+          if (resume === undefined) eventLog.append(payload.turn_id, { index: -1, kind: "start" })
           const h = started.right
           handle = h
           const cancel = () => {
@@ -220,14 +242,15 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             end("cancelled", "cancelled")
             return true
           }
-          running.set(slotId, cancel)
+          running.set(slotId, { turnId: payload.turn_id, cancel })
           stream.setProducer({ onDrain: () => h.resume(), onCancel: cancel })
         })
 
       return DecodeSlot.of({
         Start: ({ payload }) => start(payload),
         Cancel: () =>
-          Effect.sync(() => running.get(slotId)?.() ?? false)
+          Effect.sync(() => running.get(slotId)?.cancel() ?? false),
+        Alive: ({ payload }) => Effect.sync(() => running.get(slotId)?.turnId === payload.turn_id)
       })
     }),
     // Stateless between messages (the sequence lives in the runner), so an idle slot entity

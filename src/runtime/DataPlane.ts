@@ -153,7 +153,8 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
           return
         }
         let feeder = feeders.get(id)
-        if (feeder === undefined) {
+        // A new feeder: the first message, or the turn moved to another GPU runner (failover).
+        if (feeder === undefined || feeder.from !== from) {
           const f = { from, paused: false }
           feeders.set(id, feeder = f)
           stream.setProducer({

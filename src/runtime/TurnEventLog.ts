@@ -21,7 +21,8 @@ import { TurnEventsUnavailable } from "./Errors.js"
 export type LoggedEvent =
   /** Written when the generation starts (index -1, never sent): a follower finds the turn before its first token. */
   | { readonly index: -1; readonly kind: "start" }
-  | { readonly index: number; readonly kind: "token"; readonly text: string }
+  /** `ids`: the tokens generated since the previous token event (what a failover re-prefills). */
+  | { readonly index: number; readonly kind: "token"; readonly text: string; readonly ids: ReadonlyArray<number> }
   | {
     readonly index: number
     readonly kind: "done"
@@ -50,6 +51,8 @@ export class TurnEventLog extends Context.Tag("chat/TurnEventLog")<TurnEventLog,
    * after the terminal event (whose index is the number of tokens).
    */
   readonly follow: (turnId: TurnId, afterIndex: number) => Effect.Effect<Followed, TurnEventsUnavailable>
+  /** Every event of `turnId` logged so far (none if unknown). */
+  readonly read: (turnId: TurnId) => Effect.Effect<ReadonlyArray<LoggedEvent>, TurnEventsUnavailable>
 }>() {}
 
 const isTerminal = (e: LoggedEvent) => e.kind === "done" || e.kind === "error"
@@ -68,6 +71,7 @@ export const layerMemory = Layer.sync(TurnEventLog, () => {
         t.timer.unref()
       }
     },
+    read: (turnId) => Effect.sync(() => [...(turns.get(turnId)?.events ?? [])]),
     follow: (turnId, afterIndex) =>
       Effect.sync((): Followed => {
         const turn = turns.get(turnId)
@@ -143,6 +147,11 @@ export const layerRedis = (url: string, prefix: string) =>
           if (pending.length === 0) setImmediate(flush)
           pending.push({ key: key(turnId), event })
         },
+        read: (turnId) =>
+          Effect.tryPromise({
+            try: () => redis.xrange(key(turnId), "-", "+"),
+            catch: (e) => new TurnEventsUnavailable({ message: `Redis: ${String(e)}` })
+          }).pipe(Effect.map((entries) => entries.flatMap(([, fields]) => decode(fields) ?? []))),
         follow: (turnId, afterIndex) =>
           Effect.gen(function*() {
             const k = key(turnId)

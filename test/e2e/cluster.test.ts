@@ -5,6 +5,7 @@
  * that holds the client's socket over the ZeroMQ data plane. Each test ends in a loss audit:
  * every acknowledged user turn has its reply row, and every client's text equals it.
  */
+import { execFileSync } from "node:child_process"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { type LocalCluster, startCluster } from "../support/cluster.js"
 import { freshDatabase, sqlAt } from "../support/database.js"
@@ -13,6 +14,7 @@ import { postJson, readSse, type SseEvent } from "../support/service.js"
 
 interface TurnResult {
   readonly conversationId: string
+  readonly events?: ReadonlyArray<SseEvent>
   readonly status: number
   readonly text: string
   readonly terminal: SseEvent | undefined
@@ -158,6 +160,51 @@ describe("local cluster: two gateways, two GPU runners", () => {
     }
     console.log(`drill (a): resume answered ${Math.max(...resumed.map((r) => r.resumedAfterMs))} ms after the kill (max of ${resumed.length})`)
     await cluster.restart("gw-1")
+  }, 120_000)
+
+  it("drill (c): SIGKILL a GPU runner and its engine; its turns go on on the other GPU, with the text of an undisturbed run", async () => {
+    const [gw1, gw2] = cluster.gateways
+    const body = { content: "The same question", max_tokens: 1200, temperature: 0 }
+    // At temperature 0 the simulated engine's tokens depend on the position only: an
+    // undisturbed turn with the same prompt is the reference.
+    const reference = await turn(gw1, await create(gw1), body)
+    expect(reference.terminal?.event).toBe("done")
+    const ids = await Promise.all(Array.from({ length: 8 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
+    const arrivals = ids.map(() => [] as Array<number>)
+    const running = ids.map((id, i) =>
+      postJson(`${i % 2 === 0 ? gw1 : gw2}/v1/conversations/${id}/turns`, { role: "user", ...body }).then(async (res) => {
+        expect(res.status).toBe(200)
+        const events = await readSse(res, (e) => void (e.event === "token" && arrivals[i]!.push(Date.now())))
+        return {
+          conversationId: id,
+          status: res.status,
+          events,
+          text: events.filter((e) => e.event === "token").map((e) => e.data.text).join(""),
+          terminal: events.find((e) => e.event === "done" || e.event === "error")
+        }
+      })
+    )
+    const deadline = Date.now() + 20_000
+    while (arrivals.some((a) => a.length < 20) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
+    const gpu1 = cluster.runners.get("gpu-1")!
+    gpu1.process.kill("SIGKILL")
+    try {
+      execFileSync("pkill", ["-9", "-f", "engine-sim-1.sock"])
+    } catch {
+      // already gone with its runner
+    }
+    await gpu1.exited
+    const results = await Promise.all(running)
+    for (const r of results) {
+      expect(r.terminal?.event).toBe("done")
+      const indices = r.events.filter((e) => e.event === "token").map((e) => Number(e.id!.split(":").at(-1)))
+      expect(indices).toEqual(indices.map((_, i) => i))
+      expect(r.text).toBe(reference.text)
+    }
+    await audit(dbUrl, results)
+    const pauses = arrivals.map((a) => Math.max(...a.slice(1).map((t, i) => t - a[i]!)))
+    console.log(`drill (c): longest pause per client ${pauses.join(", ")} ms`)
+    await cluster.restart("gpu-1")
   }, 120_000)
 })
 
