@@ -135,7 +135,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           const fail = <E>(error: E) => Effect.zipRight(worker.releaseSlot(slot), Effect.fail(error))
           const model = models.get(payload.pool)
           if (model === undefined) return yield* fail(new EngineError({ code: "unknown_pool", message: payload.pool }))
-          const stream = dataPlane.sink(payload.stream_id)
+          const stream = dataPlane.sink(payload.stream_id, payload.resume?.num_events ?? 0)
           if (stream === undefined) {
             return yield* fail(
               new EngineError({ code: "stream_not_found", message: `no open token stream ${payload.stream_id}` })

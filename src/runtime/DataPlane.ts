@@ -12,7 +12,7 @@
  *
  * Wire: each runner binds a PULL socket on its topology `data_port` and connects a PUSH socket
  * to each peer it sends to. A frame is msgpack `[sender, [message, ...]]`; messages:
- * `["t", id, text]`, `["d", id, done]`, `["f", id, code, text]` towards the gateway and
+ * `["t", id, text, index]`, `["d", id, done]`, `["f", id, code, text]` towards the gateway and
  * `["p", id]`, `["r", id]`, `["c", id]` towards the slot. PUSH/PULL keeps each pair's order.
  */
 import { Context, Effect, Layer } from "effect"
@@ -32,8 +32,12 @@ export interface TokenSink {
 }
 
 export class DataPlane extends Context.Tag("chat/DataPlane")<DataPlane, {
-  /** The sink of stream `id`, or undefined when no runner of that name can serve it. */
-  readonly sink: (id: TurnStreamId) => TokenSink | undefined
+  /**
+   * The sink of stream `id`, or undefined when no runner of that name can serve it.
+   * `firstIndex`: the index of the first token event written to it (0, or where a failover
+   * resumes), so that a gateway can drop what it already has.
+   */
+  readonly sink: (id: TurnStreamId, firstIndex?: number) => TokenSink | undefined
 }>() {}
 
 /** The runner named in a stream id. */
@@ -46,7 +50,7 @@ export const layerLocal = Layer.effect(
 )
 
 type Message =
-  | readonly ["t", string, string]
+  | readonly ["t", string, string, number]
   | readonly ["d", string, { turn_id: string; finish_reason: string; usage: { prompt_tokens: number; completion_tokens: number } }]
   | readonly ["f", string, string, string]
   | readonly ["p" | "r" | "c", string]
@@ -56,12 +60,21 @@ const packr = new Packr({ useRecords: false })
 /** A slot's view of a TurnStream on another runner. */
 class RemoteSink implements TokenSink {
   paused = false
+  /** The index of the next token event (a failover's slot starts where the lost one ended). */
+  nextIndex: number
   producer: TurnStreamProducer | undefined
   ended = false
-  constructor(readonly id: string, private readonly send: (message: Message) => void, private readonly forget: () => void) {}
+  constructor(
+    readonly id: string,
+    private readonly send: (message: Message) => void,
+    private readonly forget: () => void,
+    firstIndex: number
+  ) {
+    this.nextIndex = firstIndex
+  }
   token(text: string): boolean {
     if (this.ended) return true
-    this.send(["t", this.id, text])
+    this.send(["t", this.id, text, this.nextIndex++])
     return !this.paused
   }
   done(event: DoneEvent): void {
@@ -140,8 +153,11 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
 
       /** Slot side: the remote sinks of this runner's slots, by stream id. */
       const sinks = new Map<string, RemoteSink>()
-      /** Gateway side: which runner feeds each stream, and whether it was told to pause. */
-      const feeders = new Map<string, { readonly from: string; paused: boolean }>()
+      /**
+       * Gateway side: which runner feeds each stream, whether it was told to pause, the next
+       * token index it expects, and the runners it replaced (a failover), whose messages are void.
+       */
+      const feeders = new Map<string, { readonly from: string; paused: boolean; nextIndex: number; readonly retired: Set<string> }>()
 
       const onGatewayMessage = (from: string, message: Message) => {
         const id = message[1] as TurnStreamId
@@ -153,9 +169,12 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
           return
         }
         let feeder = feeders.get(id)
+        if (feeder?.retired.has(from)) return
         // A new feeder: the first message, or the turn moved to another GPU runner (failover).
         if (feeder === undefined || feeder.from !== from) {
-          const f = { from, paused: false }
+          const retired = feeder?.retired ?? new Set<string>()
+          if (feeder !== undefined) retired.add(feeder.from)
+          const f = { from, paused: false, nextIndex: feeder?.nextIndex ?? 0, retired }
           feeders.set(id, feeder = f)
           stream.setProducer({
             onDrain: () => {
@@ -168,6 +187,9 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
         }
         switch (message[0]) {
           case "t":
+            // What the client has already had (a failover resumes from the log, which may be behind).
+            if (message[3] < feeder.nextIndex) break
+            feeder.nextIndex = message[3] + 1
             if (!stream.token(message[2]) && !feeder.paused) {
               feeder.paused = true
               send(from, ["p", id])
@@ -235,12 +257,12 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
       )
 
       return DataPlane.of({
-        sink: (id) => {
+        sink: (id, firstIndex = 0) => {
           const local = streams.get(id)
           if (local !== undefined) return local
           const gateway = runnerOfStream(id)
           if (gateway === runnerName || runnerNamed(topology, gateway) === undefined) return undefined
-          const sink: RemoteSink = new RemoteSink(id, (m) => send(gateway, m), () => sinks.delete(id))
+          const sink: RemoteSink = new RemoteSink(id, (m) => send(gateway, m), () => sinks.delete(id), firstIndex)
           sinks.set(id, sink)
           return sink
         }

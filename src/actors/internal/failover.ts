@@ -1,6 +1,6 @@
 /**
  * A running turn outlives its GPU runner: the Conversation's runner probes the turn's
- * DecodeSlot every second (`Alive`), and after three probes without an answer (the runner is
+ * DecodeSlot every 0.5 s (`Alive`), and after three probes without an answer (the runner is
  * gone: its GPU's shard group has no other owner) it starts the turn again on another GPU of
  * the pool. The new slot prefills the prompt plus the tokens the lost one generated (read back
  * from the turn's event log), continues the text and event indices where they ended, and keeps
@@ -20,9 +20,13 @@ import type { DecodeSlot, StartPayload } from "../DecodeSlot.js"
 import type { GpuScheduler } from "../GpuScheduler.js"
 import { shardGroupOf } from "../GpuScheduler.js"
 
-/** Probe period, and how many probes in a row may go unanswered before the turn moves. */
-export const PROBE_INTERVAL = Duration.seconds(1)
-const PROBE_TIMEOUT = Duration.seconds(2)
+/**
+ * Probe period and timeout, and how many probes in a row may go unanswered before the turn
+ * moves: a lost runner is noticed within ~3 × (0.5 + 1) s. A probe is one small entity
+ * message per running turn and period.
+ */
+export const PROBE_INTERVAL = Duration.millis(500)
+const PROBE_TIMEOUT = Duration.seconds(1)
 const MAX_MISSED_PROBES = 3
 
 /** What the watch needs of the turn (the Conversation's ActiveTurn). */
@@ -71,7 +75,10 @@ export const watch = (deps: {
 const move = (deps: Parameters<typeof watch>[0], turn: WatchedTurn) =>
   Effect.gen(function*() {
     const start = turn.start!
-    const lostGpu = shardGroupOf(turn.slotId!)
+    const lostSlot = turn.slotId!
+    const lostGpu = shardGroupOf(lostSlot)
+    // Were the runner only slow to answer, its sequence must stop: the turn goes on elsewhere.
+    yield* Effect.forkDaemon(deps.slots(lostSlot).Cancel().pipe(Effect.timeout(Duration.seconds(30)), Effect.ignore))
     const events = yield* deps.eventLog.read(turn.turnId).pipe(Effect.orElseSucceed(() => []))
     if (events.some((e) => e.kind === "done" || e.kind === "error")) return "ended" as const
     let text = ""
