@@ -162,6 +162,30 @@ describe("local cluster: two gateways, two GPU runners", () => {
     await cluster.restart("gw-1")
   }, 120_000)
 
+  it("drill (b): SIGKILL an engine of a GPU runner; its GpuWorker restarts it and the streams pause, then finish with the undisturbed text", async () => {
+    const [gw1, gw2] = cluster.gateways
+    const body = { content: "Another question", max_tokens: 800, temperature: 0 }
+    const reference = await turn(gw1, await create(gw1), body)
+    expect(reference.terminal?.event).toBe("done")
+    const ids = await Promise.all(Array.from({ length: 6 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
+    let seen = 0
+    const running = ids.map((id, i) =>
+      postJson(`${i % 2 === 0 ? gw1 : gw2}/v1/conversations/${id}/turns`, { role: "user", ...body }).then(async (res) => {
+        const events = await readSse(res, (e) => void (e.event === "token" && seen++))
+        return { conversationId: id, status: res.status, events, text: events.filter((e) => e.event === "token").map((e) => e.data.text).join(""), terminal: events.at(-1) }
+      })
+    )
+    const deadline = Date.now() + 20_000
+    while (seen < 60 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
+    execFileSync("pkill", ["-9", "-f", "engine-sim-2.sock"])
+    const results = await Promise.all(running)
+    for (const r of results) {
+      expect(r.terminal?.event).toBe("done")
+      expect(r.text).toBe(reference.text)
+    }
+    await audit(dbUrl, results)
+  }, 120_000)
+
   it("drill (c): SIGKILL a GPU runner and its engine; its turns go on on the other GPU, with the text of an undisturbed run", async () => {
     const [gw1, gw2] = cluster.gateways
     const body = { content: "The same question", max_tokens: 1200, temperature: 0 }
