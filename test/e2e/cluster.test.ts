@@ -186,6 +186,30 @@ describe("local cluster: two gateways, two GPU runners", () => {
     await audit(dbUrl, results)
   }, 120_000)
 
+  it("drill (d): PostgreSQL backends terminated during traffic; the cluster recovers, no acknowledged turn is lost", async () => {
+    const [gw1, gw2] = cluster.gateways
+    const dbName = new URL(dbUrl).pathname.slice(1)
+    const ids = await Promise.all(Array.from({ length: 6 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
+    const running = ids.map((id, i) => turn(i % 2 === 0 ? gw2 : gw1, id, { content: "Keep going", max_tokens: 300 }))
+    for (let i = 0; i < 3; i++) {
+      await new Promise((r) => setTimeout(r, 200))
+      await sqlAt("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", [dbName])
+    }
+    const results = await Promise.all(running)
+    // Acknowledged (200) turns finish and are stored; a turn that could not be made durable was refused (503).
+    for (const r of results) expect([200, 503]).toContain(r.status)
+    for (const r of results.filter((r) => r.status === 200)) expect(r.terminal?.event).toBe("done")
+    await audit(dbUrl, results)
+    // Recovered by itself: both gateways are ready and serve turns.
+    const deadline = Date.now() + 30_000
+    for (const gw of [gw1, gw2]) {
+      while ((await fetch(`${gw}/readyz`)).status !== 200 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200))
+      const after = await turn(gw, await create(gw), { content: "After", max_tokens: 8 })
+      expect(after.terminal?.event).toBe("done")
+      await audit(dbUrl, [after])
+    }
+  }, 120_000)
+
   it("drill (c): SIGKILL a GPU runner and its engine; its turns go on on the other GPU, with the text of an undisturbed run", async () => {
     const [gw1, gw2] = cluster.gateways
     const body = { content: "The same question", max_tokens: 1200, temperature: 0 }
