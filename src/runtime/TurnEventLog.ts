@@ -57,6 +57,31 @@ export class TurnEventLog extends Context.Tag("chat/TurnEventLog")<TurnEventLog,
 
 const isTerminal = (e: LoggedEvent) => e.kind === "done" || e.kind === "error"
 
+/**
+ * Passes a follower's events on in order; an index past the next expected one means the log
+ * missed events (appends are dropped while Redis is down): the follower then gets
+ * `stream_incomplete` instead of a stream with a hole. @returns false once the stream ended.
+ */
+const inOrder = (afterIndex: number, emit: { single: (e: LoggedEvent) => unknown; end: () => unknown }) => {
+  let expected = afterIndex + 1
+  return (e: LoggedEvent): boolean => {
+    if (e.index < expected) return true
+    if (e.index > expected) {
+      emit.single({ index: expected, kind: "error", code: "stream_incomplete", message: `the turn's log lacks events from ${expected} on` })
+      emit.end()
+      return false
+    }
+    if (e.kind === "token") {
+      expected++
+      emit.single(e)
+      return true
+    }
+    emit.single(e)
+    emit.end()
+    return false
+  }
+}
+
 export const layerMemory = Layer.sync(TurnEventLog, () => {
   const turns = new Map<string, { events: Array<LoggedEvent>; listeners: Set<(e: LoggedEvent) => void>; timer?: ReturnType<typeof setTimeout> }>()
   return TurnEventLog.of({
@@ -81,13 +106,13 @@ export const layerMemory = Layer.sync(TurnEventLog, () => {
         const events = Stream.asyncPush<LoggedEvent, TurnEventsUnavailable>((emit) =>
           Effect.acquireRelease(
             Effect.sync(() => {
+              const next = inOrder(afterIndex, emit)
+              let open = true
               const push = (e: LoggedEvent) => {
-                if (e.index <= afterIndex) return
-                emit.single(e)
-                if (isTerminal(e)) emit.end()
+                if (open && e.kind !== "start") open = next(e)
               }
               for (const e of turn.events) push(e)
-              if (last !== undefined && isTerminal(last)) return undefined
+              if (!open || (last !== undefined && isTerminal(last))) return undefined
               turn.listeners.add(push)
               return push
             }),
@@ -168,6 +193,7 @@ export const layerRedis = (url: string, prefix: string) =>
                   const reader = redis.duplicate({ ...options, enableOfflineQueue: true })
                   reader.on("error", () => undefined)
                   let open = true
+                  const next = inOrder(afterIndex, emit)
                   void (async () => {
                     let lastId = "0"
                     let lastSeenMs = Date.now()
@@ -184,9 +210,8 @@ export const layerRedis = (url: string, prefix: string) =>
                           lastId = id
                           lastSeenMs = Date.now()
                           const e = decode(fields)
-                          if (e === undefined || e.index <= afterIndex) continue
-                          emit.single(e)
-                          if (isTerminal(e)) return emit.end()
+                          if (e === undefined || e.kind === "start") continue
+                          if (!next(e)) return
                         }
                       }
                     } catch (e) {

@@ -44,7 +44,7 @@ const freeBase = async (): Promise<number> => {
   }
 }
 
-export const startCluster = async (options: { readonly databaseUrl: string }): Promise<LocalCluster> => {
+export const startCluster = async (options: { readonly databaseUrl: string; readonly redisUrl?: string }): Promise<LocalCluster> => {
   const base = await freeBase()
   const root = mkdtempSync(path.join(tmpdir(), "chat-cluster-"))
   const gateways = [`http://127.0.0.1:${base + 21}`, `http://127.0.0.1:${base + 22}`] as const
@@ -60,6 +60,7 @@ export const startCluster = async (options: { readonly databaseUrl: string }): P
       CLUSTER_LOCAL_PORT_BASE: String(base),
       CLUSTER_LOCAL_HTTP_BASE: String(base + 20),
       DATABASE_URL: options.databaseUrl,
+      ...(options.redisUrl === undefined ? {} : { REDIS_URL: options.redisUrl }),
       DATA_DIR: path.join(root, name),
       RUN_DIR: mkdtempSync(path.join(root, `run-${name}-`)),
       SHUTDOWN_GRACE_MS: "3000",
@@ -116,6 +117,42 @@ export const startCluster = async (options: { readonly databaseUrl: string }): P
     },
     stop: async () => {
       await Promise.all([...runners.values()].map(stopRunner))
+    }
+  }
+}
+
+export interface RedisProcess {
+  readonly url: string
+  readonly start: () => Promise<void>
+  readonly kill: () => Promise<void>
+}
+
+/** A Redis server of its own (redis-server, no persistence) on a free port, for drills that stop it. */
+export const privateRedis = async (): Promise<RedisProcess> => {
+  let port = 0
+  while (port === 0) {
+    const p = 20_000 + Math.floor(Math.random() * 40_000)
+    if (await portFree(p)) port = p
+  }
+  let child: ChildProcess | undefined
+  const start = async () => {
+    child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], { stdio: "ignore" })
+    const deadline = Date.now() + 10_000
+    while (await portFree(port)) {
+      if (Date.now() > deadline) throw new Error("redis-server did not start")
+      await new Promise((r) => setTimeout(r, 50))
+    }
+  }
+  await start()
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    start,
+    kill: async () => {
+      const c = child
+      if (c === undefined || c.exitCode !== null) return
+      const exited = new Promise((r) => c.once("exit", r))
+      c.kill("SIGKILL")
+      await exited
     }
   }
 }
