@@ -14,6 +14,7 @@
  */
 import { resolve } from "node:path"
 import { HttpMiddleware } from "@effect/platform"
+import { Sharding } from "@effect/cluster"
 import { NodeRuntime } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
 import { Config, ConfigProvider, Duration, Effect, Layer, Option, Redacted, Schema } from "effect"
@@ -31,6 +32,7 @@ import * as EmbeddedPostgres from "./runtime/EmbeddedPostgres.js"
 import { StorageError } from "./runtime/Errors.js"
 import * as GpuWorkers from "./runtime/GpuWorkers.js"
 import * as Models from "./runtime/Models.js"
+import * as RunnerStatus from "./runtime/RunnerStatus.js"
 import * as Storage from "./runtime/Storage.js"
 import * as Topology from "./runtime/Topology.js"
 import * as TurnEventLog from "./runtime/TurnEventLog.js"
@@ -157,9 +159,35 @@ const MainLive = Layer.unwrapEffect(
       )
     )
     yield* Effect.logInfo(`runner ${runnerName} (${runner.roles.join(", ")}) of ${topologyValue.runners.length}`)
-    if (!runner.roles.includes("gateway")) return Layer.discard(ClusterLive)
+    const graceMs = Number(process.env["SHUTDOWN_GRACE_MS"] ?? 10_000)
+    // Built after the cluster (it needs Sharding), so released before it: on a stop, this
+    // runner's GPUs admit nothing more and their sequences may finish before the engines and
+    // entities go; what is left moves to other GPUs (the Conversations' failover).
+    const GpuDrainLive = Layer.scopedDiscard(Effect.gen(function*() {
+      yield* Sharding.Sharding
+      const workers = yield* GpuWorkers.GpuWorkers
+      if (workers.all.length === 0) return
+      yield* Effect.addFinalizer(() =>
+        Effect.gen(function*() {
+          yield* Effect.logInfo(`stopping: ${workers.all.length} GPUs admit nothing more; sequences get up to ${graceMs} ms`)
+          const left = yield* workers.drain(graceMs)
+          yield* Effect.logInfo(`stopping: ${left} sequences were still running and move to other GPUs`)
+        })
+      )
+    }))
+    // Operators' view (npm run cluster -- status) and drain requests, with several runners.
+    const RunnerStatusLive = RunnerStatus.layer({
+      runner,
+      shardGroups: [...(runner.roles.includes("gateway") ? ["default"] : []), ...runner.gpus],
+      shardsPerGroup: Cluster.SHARDS_PER_GROUP,
+      onDrain: Effect.sync(() => process.kill(process.pid, "SIGTERM"))
+    }).pipe(Layer.provide(SqlLive))
+    const RunnerLive = multiRunner
+      ? Layer.mergeAll(GpuDrainLive, RunnerStatusLive).pipe(Layer.provideMerge(ClusterLive), Layer.provide(Layer.mergeAll(WorkersLive, StreamsLive)))
+      : GpuDrainLive.pipe(Layer.provideMerge(ClusterLive), Layer.provide(WorkersLive))
+    if (!runner.roles.includes("gateway")) return Layer.discard(RunnerLive)
     const ConversationsLayer = ConversationsLive.layer.pipe(
-      Layer.provide(Layer.mergeAll(ClusterLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive))
+      Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive))
     )
     // PORT overrides the runner's http_port.
     const port = process.env["PORT"] ?? (runner.http_port === undefined ? undefined : String(runner.http_port))

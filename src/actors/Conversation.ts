@@ -95,6 +95,9 @@ interface ActiveTurn {
   readonly ended: Deferred.Deferred<void>
 }
 
+/** A GPU whose scheduler does not answer admission within this is skipped (its runner is gone). */
+const ACQUIRE_TIMEOUT = Duration.seconds(2)
+
 /** How long Cancel waits for the cancelled turn to be stored before it answers. */
 const CANCEL_SETTLE_TIMEOUT = Duration.seconds(10)
 
@@ -222,12 +225,29 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             // Checked before anything is stored: a rejected turn changes nothing.
             const promptIds = yield* buildPrompt(model, conv, input.content, Math.min(maxTokens, 16))
             // Admission before anything is stored too: a refused turn leaves no row.
-            const gpuId = pool.gpus[pool.gpus.length === 1 ? 0 : randomInt(pool.gpus.length)]!.id
-            const slotId = yield* restore(gpus(gpuId).AcquireSlot({
-              priority: tier.priority,
-              num_prompt_tokens: promptIds.length,
-              ttft_target_ms: tier.ttft_p99_ms
-            })).pipe(
+            // A GPU picked at random; one that is draining, or whose runner is gone (no answer
+            // within ACQUIRE_TIMEOUT), hands over to the next.
+            const first = pool.gpus.length === 1 ? 0 : randomInt(pool.gpus.length)
+            type AcquireError = Effect.Effect.Error<ReturnType<ReturnType<typeof gpus>["AcquireSlot"]>> | EngineError
+            const acquire = (k: number): Effect.Effect<string, AcquireError> => {
+              const gpuId = pool.gpus[(first + k) % pool.gpus.length]!.id
+              const next = k + 1 < pool.gpus.length
+              return gpus(gpuId).AcquireSlot({
+                priority: tier.priority,
+                num_prompt_tokens: promptIds.length,
+                ttft_target_ms: tier.ttft_p99_ms
+              }).pipe(
+                Effect.timeoutFail({
+                  duration: ACQUIRE_TIMEOUT,
+                  onTimeout: () => new EngineError({ code: "unavailable", message: `${gpuId} did not answer` })
+                }),
+                Effect.catchIf(
+                  (e) => next && ((e._tag === "AdmissionRefused" && e.reason === "draining") || (e._tag === "EngineError" && e.code === "unavailable")),
+                  () => acquire(k + 1)
+                )
+              )
+            }
+            const slotId = yield* restore(acquire(0)).pipe(
               Effect.catchTags({
                 AdmissionRefused: (e) => Effect.fail(new Overloaded({ message: e.message, retry_after_s: e.retry_after_s })),
                 UnknownGpu: (e) => Effect.fail(new EngineError({ code: "unknown_gpu", message: e.gpu_id })),

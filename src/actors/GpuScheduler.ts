@@ -16,7 +16,7 @@ export const shardGroupOf = (entityId: string): string => entityId.split("/")[0]
 /** The GPU refused a new sequence (GpuWorker.admit): every slot is taken, or its predicted wait is past the TTFT target. */
 export class AdmissionRefused extends Schema.TaggedError<AdmissionRefused>()("AdmissionRefused", {
   gpu_id: Schema.String,
-  reason: Schema.Literal("no_free_slot", "ttft_target"),
+  reason: Schema.Literal("no_free_slot", "ttft_target", "draining"),
   message: Schema.String,
   retry_after_s: Schema.Int
 }) {}

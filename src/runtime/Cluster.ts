@@ -25,8 +25,11 @@ import { runnerNamed, type Topology } from "./Topology.js"
  * expiration refreshed every 1 s and assignments re-read every 1 s, they are reassigned within
  * ~4 s of a crash (the issue's target is 5 s).
  */
+/** Shards in each shard group. */
+export const SHARDS_PER_GROUP = 16
+
 const timings = {
-  shardsPerGroup: 16,
+  shardsPerGroup: SHARDS_PER_GROUP,
   entityMailboxCapacity: 4096,
   entityMaxIdleTime: Duration.minutes(5),
   // KV blocks of a GPU runner must be freed fast on shutdown.

@@ -117,6 +117,8 @@ export interface GpuWorker {
    */
   readonly admit: (request: AdmitRequest) => Either.Either<number, AdmitRefusal>
   readonly releaseSlot: (slot: number) => Effect.Effect<void>
+  /** Admits nothing from now on (a drain): running and waiting sequences go on. */
+  readonly stopAdmitting: () => void
   /** Whether an engine process is up and answering (false while it restarts). */
   readonly isEngineUp: () => boolean
   /** The last steps' timings (a ring of `stepHistory` entries), oldest first. */
@@ -130,7 +132,7 @@ export interface AdmitRequest {
 }
 
 export interface AdmitRefusal {
-  readonly reason: "no_free_slot" | "ttft_target"
+  readonly reason: "no_free_slot" | "ttft_target" | "draining"
   readonly message: string
   /** When a retry may be admitted, in whole seconds (≥ 1). */
   readonly retryAfterS: number
@@ -182,6 +184,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     })
     const eosTokenIds: ReadonlySet<number> = new Set(engineInfo.model.eos_token_ids)
     const sinks = new Map<number, SeqSink>()
+    let draining = false
     const freeSlots = Array.from({ length: options.numSlots }, (_, i) => options.numSlots - 1 - i)
     let nextSeqId = 1
     let numSteps = 0
@@ -452,6 +455,9 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         numBlocks: kv.numBlocks
       })),
       admit: ({ numPromptTokens, priority, ttftTargetMs }) => {
+        if (draining) {
+          return Either.left({ reason: "draining", message: `${options.gpuId} is draining (its runner is stopping)`, retryAfterS: 1 })
+        }
         if (freeSlots.length === 0) {
           return Either.left({ reason: "no_free_slot", message: `all ${options.numSlots} decode slots of ${options.gpuId} are taken`, retryAfterS: 1 })
         }
@@ -466,6 +472,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         return Either.right(freeSlots.pop()!)
       },
       releaseSlot: (slot) => Effect.sync(() => void freeSlots.push(slot)),
+      stopAdmitting: () => void (draining = true),
       isEngineUp: () => engineUp,
       recentSteps: () => steps.slice()
     } satisfies GpuWorker

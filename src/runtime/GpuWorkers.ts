@@ -5,7 +5,7 @@
  */
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { Context, Effect, Layer } from "effect"
+import { Context, Duration, Effect, Layer } from "effect"
 import type { EngineError } from "./Errors.js"
 import * as GpuWorker from "./GpuWorker.js"
 import { Models } from "./Models.js"
@@ -14,6 +14,11 @@ import { TopologyService } from "./Topology.js"
 export interface GpuWorkersService {
   readonly get: (gpuId: string) => GpuWorker.GpuWorker | undefined
   readonly all: ReadonlyArray<GpuWorker.GpuWorker>
+  /**
+   * A drain: every GPU stops admitting, and this waits until their running and waiting
+   * sequences have ended, or `graceMs` passed. @returns how many sequences were left.
+   */
+  readonly drain: (graceMs: number) => Effect.Effect<number>
 }
 
 export class GpuWorkers extends Context.Tag("chat/GpuWorkers")<GpuWorkers, GpuWorkersService>() {}
@@ -69,6 +74,18 @@ export const layer = (options: GpuWorkersOptions): Layer.Layer<GpuWorkers, Engin
           workers.set(gpu.id, worker)
         }
       }
-      return { get: (id) => workers.get(id), all: [...workers.values()] }
+      const all = [...workers.values()]
+      const numLive = Effect.map(Effect.forEach(all, (w) => w.stats), (stats) => stats.reduce((n, s) => n + s.numRunning + s.numWaiting, 0))
+      return {
+        get: (id) => workers.get(id),
+        all,
+        drain: (graceMs) =>
+          Effect.gen(function*() {
+            for (const w of all) w.stopAdmitting()
+            const deadline = Date.now() + graceMs
+            while ((yield* numLive) > 0 && Date.now() < deadline) yield* Effect.sleep(Duration.millis(50))
+            return yield* numLive
+          })
+      }
     })
   )

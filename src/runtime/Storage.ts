@@ -3,6 +3,7 @@
  * (`layer`), or in memory (`layerMemory`, for tests). Rows are decoded with Schema.
  */
 import { Migrator, SqlClient } from "@effect/sql"
+import * as RunnerStatus from "./RunnerStatus.js"
 import type { SqlError } from "@effect/sql/SqlError"
 import { Context, Duration, Effect, Layer, Option, Schedule, Schema, Struct } from "effect"
 import { ConversationId, noValidation, type Role, Turn, TurnId, type TurnStatus } from "./Domain.js"
@@ -102,7 +103,8 @@ const migrations = Migrator.fromRecord({
       created_at_ms double precision NOT NULL,
       PRIMARY KEY (conversation_id, seq)
     )`
-  })
+  }),
+  "2_runner_status": RunnerStatus.createTable
 })
 
 /** Creates or upgrades this module's tables (idempotent). */

@@ -303,6 +303,33 @@ describe("local cluster: two gateways, two GPU runners", () => {
     console.log(`drill (c): longest pause per client ${pauses.join(", ")} ms`)
     await cluster.restart("gpu-1")
   }, 120_000)
+
+  it("npm run cluster -- status lists the runners and GPUs; drain NAME stops a GPU runner after its turns, and turns go on elsewhere", async () => {
+    const [gw1, gw2] = cluster.gateways
+    const cli = (...args: Array<string>) =>
+      execFileSync(process.execPath, ["--import", "tsx", "scripts/cluster.ts", ...args], { env: { ...process.env, DATABASE_URL: dbUrl } }).toString()
+    await new Promise((r) => setTimeout(r, 2500)) // a report from every runner, gpu-1 restarted too
+    const status = cli("status")
+    for (const runner of ["gw-1", "gw-2", "gpu-1", "gpu-2"]) expect(status).toMatch(new RegExp(`^${runner} +up `, "m"))
+    expect(status).toMatch(/sim-1: engine up, KV \d+\/\d+ blocks/)
+    expect(status).toMatch(/sim-2: engine up/)
+    // Turns in flight, then a drain of gpu-2: they finish (on gpu-2, or moved), and it exits.
+    const ids = await Promise.all(Array.from({ length: 6 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
+    const running = ids.map((id, i) => turn(i % 2 === 0 ? gw2 : gw1, id, { content: "Drain me", max_tokens: 300 }))
+    await new Promise((r) => setTimeout(r, 300))
+    expect(cli("drain", "gpu-2")).toContain("drain requested for gpu-2")
+    const gpu2 = cluster.runners.get("gpu-2")!
+    const exitedWithin = await Promise.race([gpu2.exited.then(() => true), new Promise((r) => setTimeout(() => r(false), 30_000))])
+    expect(exitedWithin).toBe(true)
+    const results = await Promise.all(running)
+    for (const r of results) expect(r.terminal?.event).toBe("done")
+    await audit(dbUrl, results)
+    // The pool goes on with sim-1 alone.
+    const after = await Promise.all([gw1, gw2].map(async (gw) => turn(gw, await create(gw), { content: "Still here?", max_tokens: 8 })))
+    for (const r of after) expect(r.terminal?.event).toBe("done")
+    expect(cli("status")).toMatch(/^gpu-2 +draining /m)
+    await cluster.restart("gpu-2")
+  }, 120_000)
 })
 
 const waitForRows = async (dbUrl: string, conversationId: string, n: number, timeoutMs = 20_000) => {
