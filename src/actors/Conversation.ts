@@ -20,6 +20,7 @@ import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { type ConversationId, TurnId } from "../runtime/Domain.js"
 import {
   ConversationNotFound,
+  DuplicateTurn,
   EngineError,
   Overloaded,
   PromptTooLong,
@@ -49,6 +50,7 @@ export class Accepted extends Schema.Class<Accepted>("Accepted")({
 
 export const SendTurnError = Schema.Union(
   ConversationNotFound,
+  DuplicateTurn,
   TurnInProgress,
   PromptTooLong,
   StorageError,
@@ -67,7 +69,9 @@ export const Conversation = Entity.make("Conversation", [
       max_tokens: Schema.optional(Schema.Int),
       temperature: Schema.optional(Schema.Number),
       /** The caller's TurnStream (on the gateway that holds the client) that receives the generated text. */
-      stream_id: TurnStreamId
+      stream_id: TurnStreamId,
+      /** The client's Idempotency-Key: a turn re-sent with it fails with DuplicateTurn (that turn). */
+      idempotency_key: Schema.optional(Schema.String)
     },
     success: Accepted,
     error: SendTurnError
@@ -85,6 +89,8 @@ export const Conversation = Entity.make("Conversation", [
 /** A turn between SendTurn and FinishTurn. */
 interface ActiveTurn {
   turnId: TurnId
+  /** The client's Idempotency-Key of this turn, if it sent one. */
+  readonly idempotencyKey: string | undefined
   slotId: string | undefined
   /** What started it (a failover starts it again elsewhere with this). */
   start: StartPayload | undefined
@@ -194,12 +200,21 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
 
       const sendTurn = (input: SendTurnInput) =>
         Effect.gen(function*() {
+          const key = input.idempotency_key
           // Claim the conversation before the first yield: handlers run concurrently.
-          if (activeTurns.has(id)) return yield* new TurnInProgress({ conversation_id: id })
+          const running = activeTurns.get(id)
+          if (running !== undefined) {
+            // The client re-sends the turn it already has (a retry): that one, not a 409.
+            if (key !== undefined && running.idempotencyKey === key && running.turnId !== "") {
+              return yield* new DuplicateTurn({ conversation_id: id, turn_id: running.turnId })
+            }
+            return yield* new TurnInProgress({ conversation_id: id })
+          }
           // The turn id is known once the user turn's seq is; "" until then.
           const userTurnStored = Deferred.unsafeMake<boolean>(FiberId.none)
           const active: ActiveTurn = {
             turnId: TurnId.make(""),
+            idempotencyKey: key,
             slotId: undefined,
             start: undefined,
             cancelRequested: false,
@@ -215,6 +230,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           // the turn ends as `failed` (Start finds no stream) or `cancelled`, never half-recorded.
           const accepted = yield* Effect.uninterruptibleMask((restore) => Effect.gen(function*() {
             const conv = yield* restore(load)
+            if (key !== undefined) {
+              const earlier = yield* restore(store.findIdempotentTurn(id, key))
+              if (Option.isSome(earlier)) {
+                return yield* new DuplicateTurn({ conversation_id: id, turn_id: `${id}:${earlier.value + 1}` })
+              }
+            }
             const model = models.get(conv.pool)
             const pool = lookup(topology.pools, conv.pool)
             if (model === undefined || pool === undefined) {
@@ -266,7 +287,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               status: "completed",
               num_prompt_tokens: null,
               num_completion_tokens: null
-            }).pipe(
+            }, { idempotencyKey: key }).pipe(
               Effect.onExit((exit) =>
                 Effect.suspend(() => {
                   // Not stored (possibly a stale hot state, see hotConversations.ts): drop
@@ -453,6 +474,7 @@ interface SendTurnInput {
   readonly max_tokens?: number | undefined
   readonly temperature?: number | undefined
   readonly stream_id: TurnStreamId
+  readonly idempotency_key?: string | undefined
 }
 
 /** The DecodeSlots' TurnFinisher: each finished turn goes to its Conversation entity. */

@@ -56,7 +56,7 @@ export const layer = Layer.effect(
           return id
         }),
 
-      sendTurn: (id, input) =>
+      sendTurn: (id, input, options) =>
         Effect.gen(function*() {
           if (draining) return yield* new ShuttingDown()
           const stream = streams.make(topology.generation.client_buffer_tokens)
@@ -64,7 +64,8 @@ export const layer = Layer.effect(
             content: input.content,
             ...(input.max_tokens === undefined ? {} : { max_tokens: input.max_tokens }),
             ...(input.temperature === undefined ? {} : { temperature: input.temperature }),
-            stream_id: stream.id
+            stream_id: stream.id,
+            ...(options?.idempotencyKey === undefined ? {} : { idempotency_key: options.idempotencyKey })
           }).pipe(
             detached,
             Effect.catchTags(clusterErrors),

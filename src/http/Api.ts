@@ -2,7 +2,9 @@
  * The HTTP API: groups `health` and `conversations` (the latter behind `Authorization`).
  *
  * - `POST /v1/conversations` CreateConversation → 201 `{conversation_id}`
- * - `POST /v1/conversations/:id/turns` UserTurnInput → 200 `text/event-stream` (see Sse.ts)
+ * - `POST /v1/conversations/:id/turns` UserTurnInput → 200 `text/event-stream` (see Sse.ts);
+ *   with an `Idempotency-Key` this conversation already took, the stream of that turn (after
+ *   `Last-Event-ID`, if given) instead of a new turn
  * - `POST /v1/conversations/:id/cancel` → 204
  * - `GET  /v1/conversations/:id/stream` (`Last-Event-ID` header or `last_event_id` query) →
  *   200 `text/event-stream` resuming the turn after that event, or the in-flight turn from its
@@ -58,6 +60,11 @@ const id = HttpApiSchema.param("id", ConversationId)
 const LastEventId = Schema.String.pipe(Schema.maxLength(200))
 export const ResumeParams = Schema.Struct({ last_event_id: Schema.optional(LastEventId) })
 export const ResumeHeaders = Schema.Struct({ "last-event-id": Schema.optional(LastEventId) })
+/** `Idempotency-Key`: a client's own id for a turn, so that re-sending it never makes a second turn. */
+export const SendTurnHeaders = Schema.Struct({
+  "idempotency-key": Schema.optional(Schema.String.pipe(Schema.minLength(1), Schema.maxLength(200))),
+  "last-event-id": Schema.optional(LastEventId)
+})
 
 export class Ready extends Schema.Class<Ready>("Ready")({
   status: Schema.Literal("ready")
@@ -79,9 +86,12 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
   .add(
     HttpApiEndpoint.post("sendTurn")`/v1/conversations/${id}/turns`
       .setPayload(UserTurnInput)
+      .setHeaders(SendTurnHeaders)
       .addSuccess(EventStream)
       .addError(ApiError.ConversationNotFoundJson)
       .addError(ApiError.TurnInProgressJson)
+      .addError(ApiError.DuplicateTurnJson)
+      .addError(ApiError.StreamUnavailableJson)
       .addError(ApiError.PromptTooLongJson)
       .addError(ApiError.EngineUnavailableJson)
       .addError(ApiError.OverloadedJson)

@@ -13,6 +13,7 @@
  * | ModelNotFound       | 404    | `model_not_found`        |
  * | StreamNotFound      | 404    | `stream_not_found`       |
  * | TurnInProgress      | 409    | `turn_in_progress`       |
+ * | DuplicateTurn       | 409    | `duplicate_turn`         |
  * | PayloadTooLarge     | 413    | `payload_too_large`      |
  * | InternalError       | 500    | `internal`               |
  * | EngineUnavailable   | 503    | `engine_error`           |
@@ -166,6 +167,14 @@ export class ShuttingDown extends Schema.TaggedError<ShuttingDown>()(
 ) {}
 export const ShuttingDownJson = toJson(ShuttingDown, "shutting_down", 503)
 
+/** A turn re-sent with a used Idempotency-Key whose stream can no longer be replayed. */
+export class DuplicateTurn extends Schema.TaggedError<DuplicateTurn>()(
+  "DuplicateTurn",
+  { message: Schema.String },
+  HttpApiSchema.annotations({ status: 409 })
+) {}
+export const DuplicateTurnJson = toJson(DuplicateTurn, "duplicate_turn", 409)
+
 /** A resume named a turn whose stream log is unknown or expired. */
 export class StreamNotFound extends Schema.TaggedError<StreamNotFound>()(
   "StreamNotFound",
@@ -207,6 +216,7 @@ export type ApiError =
   | NotReady
   | StreamNotFound
   | StreamUnavailable
+  | DuplicateTurn
 
 const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   InvalidRequest,
@@ -224,7 +234,8 @@ const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   ShuttingDown,
   NotReady,
   StreamNotFound,
-  StreamUnavailable
+  StreamUnavailable,
+  DuplicateTurn
 ]
 
 /** The HTTP status and body code of an API error. */
@@ -262,6 +273,8 @@ export const statusAndCode = (e: ApiError): { readonly status: number; readonly 
       return { status: 404, code: "stream_not_found" }
     case "StreamUnavailable":
       return { status: 503, code: "stream_unavailable" }
+    case "DuplicateTurn":
+      return { status: 409, code: "duplicate_turn" }
   }
 }
 
@@ -283,6 +296,7 @@ export type RuntimeError =
   | Errors.ShuttingDown
   | Errors.StreamNotFound
   | Errors.TurnEventsUnavailable
+  | Errors.DuplicateTurn
 
 /** The API error a runtime error maps to (distributes over unions). */
 export type FromRuntime<E> = E extends Errors.ConversationNotFound ? ConversationNotFound
@@ -296,6 +310,7 @@ export type FromRuntime<E> = E extends Errors.ConversationNotFound ? Conversatio
   : E extends Errors.ShuttingDown ? ShuttingDown
   : E extends Errors.StreamNotFound ? StreamNotFound
   : E extends Errors.TurnEventsUnavailable ? StreamUnavailable
+  : E extends Errors.DuplicateTurn ? DuplicateTurn
   : never
 
 /** Maps a typed runtime failure to the API error the client sees. */
@@ -328,5 +343,7 @@ export const fromRuntime = <E extends RuntimeError>(error: E): FromRuntime<E> =>
       return new StreamNotFound({ message: `No stream is kept for turn ${e.turn_id} (unknown, or expired after its end)` }) as FromRuntime<E>
     case "TurnEventsUnavailable":
       return new StreamUnavailable({ message: "Streams cannot be resumed just now", retry_after_s: 2 }) as FromRuntime<E>
+    case "DuplicateTurn":
+      return new DuplicateTurn({ message: `This Idempotency-Key was used for turn ${e.turn_id}; read it from the history` }) as FromRuntime<E>
   }
 }

@@ -14,6 +14,17 @@ const logServerFailure = <E extends { readonly _tag: string }>(error: E) =>
     ? Effect.logError("request failed", error)
     : Effect.void
 
+/**
+ * A Last-Event-ID `<conversation_id>:<seq>:<index>` of conversation `id`: its turn and index;
+ * undefined when absent, null when malformed or of another conversation.
+ */
+const parseLastEventId = (raw: string | undefined, id: string): { readonly turnId: TurnId; readonly index: number } | undefined | null => {
+  if (raw === undefined || raw === "") return undefined
+  const m = /^([^:]+):([0-9]{1,9}):([0-9]{1,9})$/.exec(raw)
+  if (m === null || m[1] !== id) return null
+  return { turnId: TurnId.make(`${m[1]}:${m[2]}`), index: Number(m[3]) }
+}
+
 export const HealthLive = HttpApiBuilder.group(
   Api,
   "health",
@@ -43,15 +54,29 @@ export const ConversationsLive = HttpApiBuilder.group(
             Effect.mapError(ApiError.fromRuntime),
             Effect.map((conversation_id) => new ConversationCreated({ conversation_id }))
           ))
-        .handle("sendTurn", ({ path, payload }) =>
+        .handle("sendTurn", ({ headers, path, payload }) =>
           Effect.gen(function*() {
+            const settings = yield* Sse.SseSettings
             // The outer effect fails (404/409/400/503) before any byte of the SSE response.
-            const stream = yield* conversations.sendTurn(path.id, payload).pipe(
+            const sent = yield* conversations.sendTurn(path.id, payload, { idempotencyKey: headers["idempotency-key"] }).pipe(
+              Effect.map((stream) => Sse.turnResponse(stream, settings)),
+              // A re-sent turn (same Idempotency-Key): that turn's stream, from Last-Event-ID.
+              Effect.catchTag("DuplicateTurn", (e) =>
+                Effect.gen(function*() {
+                  const after = parseLastEventId(headers["last-event-id"], path.id)
+                  const turnId = TurnId.make(e.turn_id)
+                  const resumed = yield* conversations.resume(path.id, {
+                    turnId,
+                    index: after?.turnId === turnId ? after.index : -1
+                  }).pipe(Effect.catchTag("StreamNotFound", () => Effect.fail(e)))
+                  if (Option.isNone(resumed)) return HttpServerResponse.empty({ status: 204 })
+                  return Sse.resumeResponse(turnId, resumed.value.events, settings)
+                })
+              ),
               Effect.tapError(logServerFailure),
               Effect.mapError(ApiError.fromRuntime)
             )
-            const settings = yield* Sse.SseSettings
-            return Sse.turnResponse(stream, settings)
+            return sent
           }))
         .handle("cancel", ({ path }) =>
           conversations.cancel(path.id).pipe(
@@ -61,14 +86,9 @@ export const ConversationsLive = HttpApiBuilder.group(
         .handle("resume", ({ headers, path, urlParams }) =>
           Effect.gen(function*() {
             const raw = headers["last-event-id"] ?? urlParams.last_event_id
-            let after: { readonly turnId: TurnId; readonly index: number } | undefined
-            if (raw !== undefined && raw !== "") {
-              // `<conversation_id>:<seq>:<index>`, of this conversation.
-              const m = /^([^:]+):([0-9]{1,9}):([0-9]{1,9})$/.exec(raw)
-              if (m === null || m[1] !== path.id) {
-                return yield* new ApiError.InvalidRequest({ message: "Last-Event-ID is not an event id of this conversation" })
-              }
-              after = { turnId: TurnId.make(`${m[1]}:${m[2]}`), index: Number(m[3]) }
+            const after = parseLastEventId(raw, path.id)
+            if (after === null) {
+              return yield* new ApiError.InvalidRequest({ message: "Last-Event-ID is not an event id of this conversation" })
             }
             const resumed = yield* conversations.resume(path.id, after).pipe(
               Effect.tapError(logServerFailure),

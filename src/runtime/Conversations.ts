@@ -6,6 +6,7 @@ import { Context, type Effect } from "effect"
 import type { ConversationId, CreateConversation, HistoryPage, TurnId, UserTurnInput } from "./Domain.js"
 import type {
   ConversationNotFound,
+  DuplicateTurn,
   EngineError,
   ModelNotFound,
   Overloaded,
@@ -21,6 +22,7 @@ import type { StreamNotFound, TurnEventsUnavailable } from "./Errors.js"
 
 export type SendTurnError =
   | ConversationNotFound
+  | DuplicateTurn
   | TurnInProgress
   | PromptTooLong
   | StorageError
@@ -38,7 +40,17 @@ export interface ConversationsService {
    * with `toSse` or `toStream`. A consumer that goes away cancels the generation like
    * `cancel`; one that never attaches does so after 15 s.
    */
-  readonly sendTurn: (id: ConversationId, input: UserTurnInput) => Effect.Effect<TurnStream, SendTurnError>
+  readonly sendTurn: (
+    id: ConversationId,
+    input: UserTurnInput,
+    options?: {
+      /**
+       * The client's Idempotency-Key: a turn re-sent with a key this conversation took fails
+       * with DuplicateTurn naming that turn (resume it), and stores nothing.
+       */
+      readonly idempotencyKey?: string | undefined
+    }
+  ) => Effect.Effect<TurnStream, SendTurnError>
   /** Stops the running generation, if any; its KV blocks are freed within one scheduler step. */
   readonly cancel: (id: ConversationId) => Effect.Effect<void, ConversationNotFound | StorageError>
   /**

@@ -56,3 +56,9 @@ export class TurnEventsUnavailable extends Schema.TaggedError<TurnEventsUnavaila
 export class StreamNotFound extends Schema.TaggedError<StreamNotFound>()("StreamNotFound", {
   turn_id: Schema.String
 }) {}
+
+/** A turn re-sent with an Idempotency-Key that conversation already took: that turn, not a new one. */
+export class DuplicateTurn extends Schema.TaggedError<DuplicateTurn>()("DuplicateTurn", {
+  conversation_id: Schema.String,
+  turn_id: Schema.String
+}) {}

@@ -32,8 +32,13 @@ export interface ConversationStoreService {
   /** Stores a new conversation; fails if the id exists. */
   readonly createConversation: (row: Omit<ConversationRow, "created_at_ms">) => Effect.Effect<ConversationRow, StorageError>
   readonly getConversation: (id: ConversationId) => Effect.Effect<Option.Option<ConversationRow>, StorageError>
-  /** Appends one turn; `seq` must be the next index (the primary key rejects duplicates). */
-  readonly appendTurn: (turn: NewTurn) => Effect.Effect<Turn, StorageError>
+  /**
+   * Appends one turn; `seq` must be the next index (the primary key rejects duplicates). A user
+   * turn may carry the client's `Idempotency-Key` (unique per conversation).
+   */
+  readonly appendTurn: (turn: NewTurn, options?: { readonly idempotencyKey?: string | undefined }) => Effect.Effect<Turn, StorageError>
+  /** The seq of the user turn sent with `key` in conversation `id`, if any. */
+  readonly findIdempotentTurn: (id: ConversationId, key: string) => Effect.Effect<Option.Option<number>, StorageError>
   /** Up to `limit` turns with seq < `before` (or the latest), oldest first. */
   readonly listTurns: (
     id: ConversationId,
@@ -104,7 +109,13 @@ const migrations = Migrator.fromRecord({
       PRIMARY KEY (conversation_id, seq)
     )`
   }),
-  "2_runner_status": RunnerStatus.createTable
+  "2_runner_status": RunnerStatus.createTable,
+  "3_idempotency_keys": Effect.gen(function*() {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`ALTER TABLE chat_turns ADD COLUMN IF NOT EXISTS idempotency_key text`
+    yield* sql`CREATE UNIQUE INDEX IF NOT EXISTS chat_turns_idempotency_key
+      ON chat_turns (conversation_id, idempotency_key) WHERE idempotency_key IS NOT NULL`
+  })
 })
 
 /** Creates or upgrades this module's tables (idempotent). */
@@ -131,14 +142,15 @@ const make = Effect.gen(function*() {
         Effect.flatMap((rows) => rows.length === 0 ? Effect.succeedNone : Effect.asSome(decodeConversation(rows[0]))),
         Effect.mapError(storageError("get conversation"))
       ),
-    appendTurn: (turn) => {
+    appendTurn: (turn, options) => {
       const row = { ...turn, created_at_ms: Date.now() }
+      const inserted = options?.idempotencyKey === undefined ? row : { ...row, idempotency_key: options.idempotencyKey }
       let attempts = 0
       // A retried INSERT may meet its own earlier attempt (committed, but the reply was lost):
       // the same row already there is success; any other row at that seq is a conflict.
       const insert = Effect.suspend(() => {
         attempts++
-        return sql`INSERT INTO chat_turns ${sql.insert(row)}`
+        return sql`INSERT INTO chat_turns ${sql.insert(inserted)}`
       }).pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.catchIf(
@@ -157,6 +169,12 @@ const make = Effect.gen(function*() {
         Effect.mapError(storageError("append turn"))
       )
     },
+    findIdempotentTurn: (id, key) =>
+      sql<{ seq: number }>`SELECT seq FROM chat_turns WHERE conversation_id = ${id} AND idempotency_key = ${key}`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.map((rows) => Option.fromNullable(rows[0]?.seq)),
+        Effect.mapError(storageError("find idempotent turn"))
+      ),
     listTurns: (id, { before, limit }) =>
       (before === undefined
         ? sql`SELECT * FROM chat_turns WHERE conversation_id = ${id} ORDER BY seq DESC LIMIT ${limit}`
@@ -200,6 +218,7 @@ export const layer: Layer.Layer<ConversationStore, StorageError, SqlClient.SqlCl
 export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(ConversationStore, () => {
   const conversations = new Map<string, ConversationRow>()
   const turns = new Map<string, Array<Turn>>()
+  const keys = new Map<string, number>()
   return ConversationStore.of({
     ping: Effect.void,
     createConversation: (row) =>
@@ -211,15 +230,22 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         return Effect.succeed(full)
       }),
     getConversation: (id) => Effect.sync(() => Option.fromNullable(conversations.get(id))),
-    appendTurn: (turn) =>
+    appendTurn: (turn, options) =>
       Effect.suspend(() => {
         const list = turns.get(turn.conversation_id)
         if (list === undefined) return Effect.fail(new StorageError({ message: `no conversation ${turn.conversation_id}` }))
         if (list.some((t) => t.seq === turn.seq)) return Effect.fail(new StorageError({ message: `turn ${turn.seq} exists` }))
+        const key = options?.idempotencyKey
+        if (key !== undefined) {
+          const byKey = `${turn.conversation_id}\u0000${key}`
+          if (keys.has(byKey)) return Effect.fail(new StorageError({ message: `idempotency key ${key} was used` }))
+          keys.set(byKey, turn.seq)
+        }
         const stored = toTurn({ ...turn, created_at_ms: Date.now() })
         list.push(stored)
         return Effect.succeed(stored)
       }),
+    findIdempotentTurn: (id, key) => Effect.sync(() => Option.fromNullable(keys.get(`${id}\u0000${key}`))),
     listTurns: (id, { before, limit }) =>
       Effect.sync(() => {
         const list = (turns.get(id) ?? []).filter((t) => before === undefined || t.seq < before)

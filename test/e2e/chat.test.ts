@@ -263,6 +263,33 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     expect(((await missing.json()) as any).error.code).toBe("stream_not_found")
   })
 
+  it("a turn re-sent with its Idempotency-Key gets that turn's stream back, never a second turn", async () => {
+    const { conversation_id: id } = (await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any
+    const send = (headers: Record<string, string>, content = "Once only") =>
+      fetch(`${service.url}/v1/conversations/${id}/turns`, {
+        method: "POST",
+        headers: { "content-type": "application/json", ...headers },
+        body: JSON.stringify({ role: "user", content, max_tokens: 40 })
+      })
+    const first = await send({ "idempotency-key": "k-1" })
+    expect(first.status).toBe(200)
+    const firstEvents = await readSse(first, () => undefined)
+    const tokens = (events: ReadonlyArray<any>) => events.filter((e) => e.event === "token")
+    // Re-sent (even with other content): the same turn, whole, or after a Last-Event-ID.
+    const again = await readSse(await send({ "idempotency-key": "k-1" }, "Something else"), () => undefined)
+    expect(tokens(again).map((e) => [e.id, e.data.text])).toEqual(tokens(firstEvents).map((e) => [e.id, e.data.text]))
+    expect(again.at(-1)).toEqual(firstEvents.at(-1))
+    const rest = await readSse(await send({ "idempotency-key": "k-1", "last-event-id": tokens(firstEvents)[4]!.id }), () => undefined)
+    expect(tokens(rest).map((e) => e.id)).toEqual(tokens(firstEvents).slice(5).map((e) => e.id))
+    const history = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
+    expect(history.turns.map((t: any) => [t.seq, t.role])).toEqual([[0, "user"], [1, "assistant"]])
+    // Another key is another turn.
+    const other = await send({ "idempotency-key": "k-2" })
+    expect((await readSse(other, () => undefined)).at(-1)!.event).toBe("done")
+    const after = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
+    expect(after.turns.length).toBe(4)
+  })
+
   it("answers bad requests with JSON errors and changes nothing", async () => {
     const missing = await postJson(`${service.url}/v1/conversations/conv_doesnotexist/turns`, { role: "user", content: "hi" })
     expect(missing.status).toBe(404)
