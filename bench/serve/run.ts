@@ -20,6 +20,8 @@
  *   --database-url URL     PostgreSQL server (default $DATABASE_URL or postgres://postgres@127.0.0.1:5432/test);
  *                          the run creates its own database there (chat_bench_<pid>_<time>) and drops it
  *   --no-overhead          skip bench/scheduler/overhead.ts
+ *   --cluster              the local cluster against the one-process server at 512 streams
+ *                          (bench/serve/cluster.ts; its own options: --streams, --warmup, --duration)
  *   --profile DIR          the service runs with `node --cpu-prof --cpu-prof-dir DIR` (a .cpuprofile
  *                          per service start, written when it stops)
  */
@@ -553,7 +555,9 @@ const main = async () => {
   process.stdout.write(out.join("\n") + "\n")
 }
 
-main().then(
+// `--cluster`: the local cluster against the one-process server instead (bench/serve/cluster.ts).
+if (flag("cluster")) void import("./cluster.js")
+else main().then(
   () => process.exit(0),
   (e) => {
     progress.finish()

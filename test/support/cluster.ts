@@ -44,7 +44,13 @@ const freeBase = async (): Promise<number> => {
   }
 }
 
-export const startCluster = async (options: { readonly databaseUrl: string; readonly redisUrl?: string }): Promise<LocalCluster> => {
+export const startCluster = async (options: {
+  readonly databaseUrl: string
+  readonly redisUrl?: string
+  /** How node runs a runner (default: `--import tsx src/main.ts`; benchmarks use the compiled dist/src/main.js). */
+  readonly entry?: ReadonlyArray<string>
+  readonly env?: Record<string, string>
+}): Promise<LocalCluster> => {
   const base = await freeBase()
   const root = mkdtempSync(path.join(tmpdir(), "chat-cluster-"))
   const gateways = [`http://127.0.0.1:${base + 21}`, `http://127.0.0.1:${base + 22}`] as const
@@ -65,14 +71,20 @@ export const startCluster = async (options: { readonly databaseUrl: string; read
       RUN_DIR: mkdtempSync(path.join(root, `run-${name}-`)),
       SHUTDOWN_GRACE_MS: "3000",
       // Each test cluster keeps its stream logs under keys of its own in the shared Redis.
-      REDIS_KEY_PREFIX: `chat-test-${base}:`
+      REDIS_KEY_PREFIX: `chat-test-${base}:`,
+      ...options.env
     })) {
       if (v !== undefined) env[k] = v
     }
-    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts"], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+    const child = spawn(process.execPath, [...(options.entry ?? ["--import", "tsx", "src/main.ts"])], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
     let output = ""
-    child.stdout!.on("data", (d: Buffer) => (output += d.toString()))
-    child.stderr!.on("data", (d: Buffer) => (output += d.toString()))
+    // Kept bounded: a long benchmark would otherwise hold every log line.
+    const keep = (d: Buffer) => {
+      output += d.toString()
+      if (output.length > 200_000) output = output.slice(-100_000)
+    }
+    child.stdout!.on("data", keep)
+    child.stderr!.on("data", keep)
     const runner = { name, process: child, output: () => output, exited: new Promise<void>((r) => child.once("exit", () => r())) }
     runners.set(name, runner)
     return runner

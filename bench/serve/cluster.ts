@@ -1,0 +1,106 @@
+/**
+ * `npm run bench -- --cluster` (or `node --import tsx bench/serve/cluster.ts [--streams 512]
+ * [--warmup 10] [--duration 20]`): the local cluster (examples/cluster-local.config.ts: two
+ * gateways, two GPU runners with one simulated H100 each, as four processes) against the
+ * one-process server (bench/serve/sim.config.ts: one simulated H100), both compiled (dist/),
+ * at the same closed-loop load of N streams of the ShareGPT-like workload. Against the cluster
+ * half the streams go to each gateway. Reports output tok/s, TTFT and ITL per system and the
+ * cluster's ratios to the one-process figures; writes bench/results/cluster.json with machine,
+ * date, commit and command.
+ */
+import { execFileSync } from "node:child_process"
+import { mkdtempSync, writeFileSync } from "node:fs"
+import os from "node:os"
+import path from "node:path"
+import { startCluster } from "../../test/support/cluster.js"
+import { makeAgent, type Target } from "./client.js"
+import { createPrivateDatabase } from "./database.js"
+import { type PointResult, runPoint } from "./loadgen.js"
+import { REPO_ROOT, startService } from "./processes.js"
+import { Progress } from "./progress.js"
+import { round } from "./stats.js"
+import { SHAREGPT_LIKE } from "./workload.js"
+
+const argv = process.argv.slice(2)
+const num = (name: string, fallback: number) => {
+  const i = argv.indexOf(`--${name}`)
+  return i < 0 ? fallback : Number(argv[i + 1])
+}
+const numStreams = num("streams", 512)
+const warmupMs = num("warmup", 10) * 1000
+const durationMs = num("duration", 20) * 1000
+const serverUrl = process.env["DATABASE_URL"] ?? "postgres://postgres@127.0.0.1:5432/test"
+const progress = new Progress()
+
+const summarize = (r: ReadonlyArray<PointResult>) => ({
+  output_tok_per_s: round(r.reduce((n, p) => n + p.outputTokPerS, 0), 1),
+  // Per gateway, the worst: percentiles of separate runs cannot be merged exactly.
+  ttft_ms: { p50: round(Math.max(...r.map((p) => p.ttftMs.p50)), 1), p99: round(Math.max(...r.map((p) => p.ttftMs.p99)), 1) },
+  itl_ms: { p50: round(Math.max(...r.map((p) => p.itlMs.p50)), 2), p99: round(Math.max(...r.map((p) => p.itlMs.p99)), 2) },
+  completed: r.reduce((n, p) => n + p.requests.completedInWindow, 0),
+  errors: r.reduce((n, p) => n + p.errors.total, 0),
+  error_samples: r.flatMap((p) => p.errors.samples).slice(0, 5)
+})
+
+const load = (targets: ReadonlyArray<Target>, label: string, pids: () => Record<string, number>) =>
+  Promise.all(targets.map((target, i) =>
+    runPoint(target, { kind: "closed", concurrency: numStreams / targets.length }, {
+      label: `${label}${targets.length > 1 ? ` gw-${i + 1}` : ""}`,
+      warmupMs,
+      durationMs,
+      workload: SHAREGPT_LIKE,
+      maxInFlight: numStreams,
+      progress,
+      cpuPids: pids
+    })
+  ))
+
+const main = async () => {
+  execFileSync("npm", ["run", "build", "--silent"], { cwd: REPO_ROOT, stdio: "inherit" })
+  const env = { MAX_CONNECTIONS_PER_CLIENT: "16384", SHUTDOWN_GRACE_MS: "2000" }
+
+  const db1 = await createPrivateDatabase(serverUrl)
+  const single = await startService({ env: { DATABASE_URL: db1.url, ...env }, dataDir: mkdtempSync(path.join(os.tmpdir(), "bench-cluster-")) })
+  let oneProcess: ReturnType<typeof summarize>
+  try {
+    oneProcess = summarize(await load([{ host: single.host, port: single.port, agent: makeAgent() }], "one process", () => single.pids()))
+  } finally {
+    await single.stop()
+    await db1.drop()
+  }
+
+  const db2 = await createPrivateDatabase(serverUrl)
+  const cluster = await startCluster({ databaseUrl: db2.url, entry: [path.join(REPO_ROOT, "dist/src/main.js")], env })
+  let clustered: ReturnType<typeof summarize>
+  try {
+    const targets = cluster.gateways.map((url) => {
+      const u = new URL(url)
+      return { host: u.hostname, port: Number(u.port), agent: makeAgent() }
+    })
+    const pids = () => Object.fromEntries([...cluster.runners].map(([name, r]) => [name, r.process.pid!]))
+    clustered = summarize(await load(targets, "cluster", pids))
+  } finally {
+    await cluster.stop()
+    await db2.drop()
+  }
+
+  const result = {
+    benchmark: "cluster",
+    command: `node --import tsx bench/serve/cluster.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}`,
+    date: new Date().toISOString(),
+    commit: execFileSync("git", ["rev-parse", "--short", "HEAD"]).toString().trim(),
+    machine: { cpuModel: os.cpus()[0]?.model, cpuCount: os.cpus().length, node: process.version, os: `${os.type()} ${os.release()}` },
+    num_streams: numStreams,
+    one_process: oneProcess,
+    cluster: clustered,
+    cluster_vs_one_process: {
+      output_tok_per_s_ratio: round(clustered.output_tok_per_s / oneProcess.output_tok_per_s, 3),
+      ttft_p99_delta_ms: round(clustered.ttft_ms.p99 - oneProcess.ttft_ms.p99, 1)
+    }
+  }
+  console.log(JSON.stringify(result, null, 2))
+  writeFileSync(path.join(REPO_ROOT, "bench/results/cluster.json"), JSON.stringify(result, null, 2) + "\n")
+  process.exit(0)
+}
+
+void main()
