@@ -131,8 +131,15 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const hot = new HotConversations(HOT_CONVERSATIONS_MAX_CHARS)
   const topologyValue = yield* TopologyService
   const multiRunner = topologyValue.runners.length > 1
-  const failoverDeps = { slots, gpus, eventLog: yield* TurnEventLog, dataPlane: yield* DataPlane, topology: topologyValue }
   const runFork = Runtime.runFork(yield* Effect.runtime<ConversationStore>())
+  const failoverDeps: failover.FailoverDeps = {
+    slots,
+    gpus,
+    eventLog: yield* TurnEventLog,
+    dataPlane: yield* DataPlane,
+    topology: topologyValue,
+    missedPings: failover.gpuHealth(gpus, runFork)
+  }
   /** Watches a started turn until it ends; one that could not be moved is stored as failed. */
   const watchTurn = (id: ConversationId, active: ActiveTurn) =>
     failover.watch(failoverDeps, active, () => activeTurns.get(id) === active).pipe(

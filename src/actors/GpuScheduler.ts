@@ -48,7 +48,9 @@ export const GpuScheduler = Entity.make("GpuScheduler", [
   }),
   /** Gives back a slot that AcquireSlot reserved and that was never started. */
   Rpc.make("ReleaseSlot", { payload: { slot_id: Schema.String }, error: UnknownGpu }),
-  Rpc.make("Stats", { success: GpuStats, error: Schema.Union(UnknownGpu, EngineError) })
+  Rpc.make("Stats", { success: GpuStats, error: Schema.Union(UnknownGpu, EngineError) }),
+  /** Answers while the GPU's runner is up (failover's liveness probe, one per GPU, not per turn). */
+  Rpc.make("Ping", {})
 ]).annotate(ClusterSchema.ShardGroup, shardGroupOf)
   .annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
 
@@ -75,6 +77,7 @@ export const layer = GpuScheduler.toLayer(
           }
           return `${gpuId}/${admitted.right}`
         }),
+      Ping: () => Effect.void,
       ReleaseSlot: ({ payload }) =>
         Effect.flatMap(worker, (w) => w.releaseSlot(Number(payload.slot_id.split("/")[1]))),
       Stats: () =>

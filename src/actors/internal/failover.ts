@@ -1,8 +1,7 @@
 /**
- * A running turn outlives its GPU runner: the Conversation's runner probes the turn's
- * DecodeSlot every 0.5 s (`Alive`), and after three probes without an answer (the runner is
- * gone: its GPU's shard group has no other owner) it starts the turn again on another GPU of
- * the pool. The new slot prefills the prompt plus the tokens the lost one generated (read back
+ * A running turn outlives its GPU runner: the Conversation's runner pings each GPU it has
+ * turns on every 0.5 s, and after three pings without an answer (the runner is gone: its GPU's
+ * shard group has no other owner) it starts those turns again on other GPUs of the pool. The new slot prefills the prompt plus the tokens the lost one generated (read back
  * from the turn's event log), continues the text and event indices where they ended, and keeps
  * the sampling seed, so that the tokens from there on are the ones the lost slot would have
  * produced (the engines sample by seed and position). The client sees a pause.
@@ -21,13 +20,19 @@ import type { GpuScheduler } from "../GpuScheduler.js"
 import { shardGroupOf } from "../GpuScheduler.js"
 
 /**
- * Probe period and timeout, and how many probes in a row may go unanswered before the turn
- * moves: a lost runner is noticed within ~3 × (0.5 + 1) s. A probe is one small entity
- * message per running turn and period.
+ * Probe period and timeout, and how many probes in a row may go unanswered before the turns
+ * of a GPU move: a lost runner is noticed within ~3 × (0.5 + 1) s. The probe is one `Ping` per
+ * GPU and period from each runner that watches turns there, whatever the number of turns.
  */
 export const PROBE_INTERVAL = Duration.millis(500)
 const PROBE_TIMEOUT = Duration.seconds(1)
 const MAX_MISSED_PROBES = 3
+/**
+ * A slot that answers but no longer runs the turn (its runner restarted and lost it), checked
+ * per turn this often, moves the turn once that has lasted as long (a finished turn's
+ * FinishTurn arrives well within it).
+ */
+const SLOT_CHECK_INTERVAL_MS = 5_000
 
 /** What the watch needs of the turn (the Conversation's ActiveTurn). */
 export interface WatchedTurn {
@@ -39,32 +44,58 @@ export interface WatchedTurn {
 type Slots = Effect.Effect.Success<typeof DecodeSlot.client>
 type Gpus = Effect.Effect.Success<typeof GpuScheduler.client>
 
-/**
- * Watches `turn` while `isActive()`; moves it to another GPU when its slot stops answering.
- * Never fails. @returns "lost" when the turn could not be moved (its client was told), else
- * "watched" (it ended, or is no longer active).
- */
-export const watch = (deps: {
+export interface FailoverDeps {
   readonly slots: Slots
   readonly gpus: Gpus
   readonly eventLog: TurnEventLog["Type"]
   readonly dataPlane: DataPlane["Type"]
   readonly topology: Topology
-}, turn: WatchedTurn, isActive: () => boolean): Effect.Effect<"watched" | "lost"> =>
+  /** Consecutive unanswered pings of a GPU (see `gpuHealth`). */
+  readonly missedPings: (gpuId: string) => number
+}
+
+/**
+ * This runner's view of each GPU's liveness: a prober per GPU, started when the first turn
+ * there is watched, pings it every PROBE_INTERVAL and counts consecutive misses.
+ */
+export const gpuHealth = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) => unknown) => {
+  const missed = new Map<string, number>()
+  return (gpuId: string): number => {
+    const n = missed.get(gpuId)
+    if (n !== undefined) return n
+    missed.set(gpuId, 0)
+    runFork(Effect.forever(Effect.gen(function*() {
+      const ok = yield* gpus(gpuId).Ping().pipe(Effect.timeout(PROBE_TIMEOUT), Effect.option)
+      missed.set(gpuId, Option.isSome(ok) ? 0 : (missed.get(gpuId) ?? 0) + 1)
+      yield* Effect.sleep(PROBE_INTERVAL)
+    })))
+    return 0
+  }
+}
+
+/**
+ * Watches `turn` while `isActive()`; moves it to another GPU when its GPU stops answering, or
+ * when its slot no longer runs it. Never fails. @returns "lost" when the turn could not be
+ * moved (its client was told), else "watched" (it ended, or is no longer active).
+ */
+export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean): Effect.Effect<"watched" | "lost"> =>
   Effect.gen(function*() {
-    let missed = 0
+    let lastSlotCheckMs = Date.now()
+    let notRunningSinceMs: number | undefined
     while (isActive()) {
       yield* Effect.sleep(PROBE_INTERVAL)
       if (!isActive() || turn.slotId === undefined) return "watched" as const
-      const alive = yield* deps.slots(turn.slotId).Alive({ turn_id: turn.turnId }).pipe(Effect.timeout(PROBE_TIMEOUT), Effect.option)
-      if (Option.isSome(alive)) {
-        // Not running it any more: it ended there, and its FinishTurn is on its way.
-        if (!alive.value) return "watched" as const
-        missed = 0
-        continue
+      let lost = deps.missedPings(shardGroupOf(turn.slotId)) >= MAX_MISSED_PROBES
+      if (!lost && Date.now() - lastSlotCheckMs >= SLOT_CHECK_INTERVAL_MS) {
+        lastSlotCheckMs = Date.now()
+        const alive = yield* deps.slots(turn.slotId).Alive({ turn_id: turn.turnId }).pipe(Effect.timeout(PROBE_TIMEOUT), Effect.option)
+        if (Option.isSome(alive) && !alive.value) {
+          notRunningSinceMs ??= Date.now()
+          lost = Date.now() - notRunningSinceMs >= SLOT_CHECK_INTERVAL_MS && isActive()
+        } else notRunningSinceMs = undefined
       }
-      if (++missed < MAX_MISSED_PROBES) continue
-      missed = 0
+      if (!lost) continue
+      notRunningSinceMs = undefined
       const moved = yield* move(deps, turn)
       if (moved !== "moved") return moved === "ended" ? "watched" as const : "lost" as const
     }
@@ -72,7 +103,7 @@ export const watch = (deps: {
   }).pipe(Effect.catchAllCause((cause) => Effect.as(Effect.logError(`failover watch of ${turn.turnId} stopped`, cause), "watched" as const)))
 
 /** Starts `turn` on another GPU: "moved", "ended" (it had ended after all), or "lost". */
-const move = (deps: Parameters<typeof watch>[0], turn: WatchedTurn) =>
+const move = (deps: FailoverDeps, turn: WatchedTurn) =>
   Effect.gen(function*() {
     const start = turn.start!
     const lostSlot = turn.slotId!
