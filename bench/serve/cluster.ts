@@ -38,6 +38,8 @@ const summarize = (r: ReadonlyArray<PointResult>) => ({
   ttft_ms: { p50: round(Math.max(...r.map((p) => p.ttftMs.p50)), 1), p99: round(Math.max(...r.map((p) => p.ttftMs.p99)), 1) },
   itl_ms: { p50: round(Math.max(...r.map((p) => p.itlMs.p50)), 2), p99: round(Math.max(...r.map((p) => p.itlMs.p99)), 2) },
   completed: r.reduce((n, p) => n + p.requests.completedInWindow, 0),
+  // Cores each process used in the window (the runs against both gateways measure the same processes).
+  cpu_cores: r[0]!.cpuCores,
   errors: r.reduce((n, p) => n + p.errors.total, 0),
   error_samples: r.flatMap((p) => p.errors.samples).slice(0, 5)
 })

@@ -101,8 +101,8 @@ interface ActiveTurn {
   readonly ended: Deferred.Deferred<void>
 }
 
-/** A GPU whose scheduler does not answer admission within this is skipped (its runner is gone). */
-const ACQUIRE_TIMEOUT = Duration.seconds(2)
+/** A GPU whose scheduler does not answer admission within this is skipped (its runner is gone; a loaded one answers well within it). */
+const ACQUIRE_TIMEOUT = Duration.seconds(10)
 
 /** How long Cancel waits for the cancelled turn to be stored before it answers. */
 const CANCEL_SETTLE_TIMEOUT = Duration.seconds(10)
