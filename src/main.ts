@@ -141,11 +141,12 @@ const MainLive = Layer.unwrapEffect(
     // One registry of token streams per runner: the facade opens them, DecodeSlots write them
     // (through the data plane when the slot is on another runner).
     const StreamsLive = TurnStreams.layerFor(runnerName)
-    const DataPlaneLive = (multiRunner ? DataPlane.layerZmq(topologyValue, runnerName) : DataPlane.layerLocal).pipe(
-      Layer.provide(StreamsLive)
-    )
     // Turn stream logs for resuming on any gateway: Redis across runners, memory in one process.
     const EventLogLive = multiRunner ? TurnEventLog.layerRedis(s.redisUrl, s.redisKeyPrefix) : TurnEventLog.layerMemory
+    const DataPlaneLive = (multiRunner ? DataPlane.layerZmq(topologyValue, runnerName) : DataPlane.layerLocal).pipe(
+      Layer.provide(StreamsLive),
+      Layer.provide(EventLogLive)
+    )
     const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
     const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive).pipe(
       Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive))

@@ -20,6 +20,7 @@ import { Packr } from "msgpackr"
 import * as Zmq from "zeromq"
 import { DoneEvent, FinishReason, noValidation, TurnId, Usage } from "./Domain.js"
 import { runnerNamed, type Topology } from "./Topology.js"
+import { TurnEventLog } from "./TurnEventLog.js"
 import { type TurnStreamId, type TurnStreamProducer, TurnStreams } from "./TurnStream.js"
 
 /** What a DecodeSlot writes its turn into: a TurnStream, or its remote stand-in. */
@@ -56,6 +57,19 @@ type Message =
   | readonly ["p" | "r" | "c", string]
 
 const packr = new Packr({ useRecords: false })
+
+/**
+ * A gateway's record of who feeds one of its streams: the runner, whether it was told to
+ * pause, the next token index it expects, the runners it replaced (a failover), whose messages
+ * are void, and, while a gap is filled from the turn's log, the messages that wait for it.
+ */
+interface Feeder {
+  readonly from: string
+  paused: boolean
+  nextIndex: number
+  readonly retired: Set<string>
+  waiting: Array<readonly [string, Message]> | undefined
+}
 
 /** A slot's view of a TurnStream on another runner. */
 class RemoteSink implements TokenSink {
@@ -105,6 +119,7 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
     DataPlane,
     Effect.gen(function*() {
       const streams = yield* TurnStreams
+      const eventLog = yield* TurnEventLog
       const self = runnerNamed(topology, runnerName)!
       const pull = new Zmq.Pull({ linger: 0 })
       yield* Effect.promise(() => pull.bind(`tcp://0.0.0.0:${self.data_port}`))
@@ -157,7 +172,7 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
        * Gateway side: which runner feeds each stream, whether it was told to pause, the next
        * token index it expects, and the runners it replaced (a failover), whose messages are void.
        */
-      const feeders = new Map<string, { readonly from: string; paused: boolean; nextIndex: number; readonly retired: Set<string> }>()
+      const feeders = new Map<string, Feeder>()
 
       const onGatewayMessage = (from: string, message: Message) => {
         const id = message[1] as TurnStreamId
@@ -170,11 +185,13 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
         }
         let feeder = feeders.get(id)
         if (feeder?.retired.has(from)) return
+        // A gap is being filled: everything after it waits, in order.
+        if (feeder?.waiting !== undefined) return void feeder.waiting.push([from, message])
         // A new feeder: the first message, or the turn moved to another GPU runner (failover).
         if (feeder === undefined || feeder.from !== from) {
           const retired = feeder?.retired ?? new Set<string>()
           if (feeder !== undefined) retired.add(feeder.from)
-          const f = { from, paused: false, nextIndex: feeder?.nextIndex ?? 0, retired }
+          const f: Feeder = { from, paused: false, nextIndex: feeder?.nextIndex ?? 0, retired, waiting: undefined }
           feeders.set(id, feeder = f)
           stream.setProducer({
             onDrain: () => {
@@ -189,6 +206,13 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
           case "t":
             // What the client has already had (a failover resumes from the log, which may be behind).
             if (message[3] < feeder.nextIndex) break
+            // Ahead of what the client has (a failover resumed from a log that had frames the
+            // lost runner never sent): the missing events come from the log first.
+            if (message[3] > feeder.nextIndex && stream.turnId !== undefined) {
+              feeder.waiting = [[from, message]]
+              void fillGap(id, stream.turnId, feeder, message[3])
+              break
+            }
             feeder.nextIndex = message[3] + 1
             if (!stream.token(message[2]) && !feeder.paused) {
               feeder.paused = true
@@ -210,6 +234,25 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
             stream.fail(message[2], message[3])
             break
         }
+      }
+
+      /** Delivers the log's token events [feeder.nextIndex, upTo), then the messages that waited. */
+      const fillGap = async (id: TurnStreamId, turnId: string, feeder: Feeder, upTo: number) => {
+        const events = await Effect.runPromise(Effect.either(eventLog.read(TurnId.make(turnId))))
+        const stream = streams.get(id)
+        const waiting = feeder.waiting ?? []
+        feeder.waiting = undefined
+        if (stream === undefined) return
+        for (const e of events._tag === "Right" ? events.right : []) {
+          if (e.kind !== "token" || e.index !== feeder.nextIndex || e.index >= upTo) continue
+          feeder.nextIndex++
+          stream.token(e.text)
+        }
+        if (feeder.nextIndex < upTo) {
+          feeders.delete(id)
+          return stream.fail("stream_incomplete", `events ${feeder.nextIndex} to ${upTo - 1} of this turn were lost with its GPU runner; read the turn from the history`)
+        }
+        for (const [from, message] of waiting) onGatewayMessage(from, message)
       }
 
       const onSlotMessage = (message: Message) => {

@@ -101,6 +101,11 @@ export class TurnStream {
     return this.ended || this.gone
   }
 
+  /** The turn, once `setTurnId` named it. */
+  get turnId(): string | undefined {
+    return this.idPrefix === "" ? undefined : this.idPrefix.slice(0, -1)
+  }
+
   /** Names the turn in the event ids (`<turn_id>:<index>`): a client resumes with the last one. */
   setTurnId(turnId: string): void {
     this.idPrefix = `${turnId}:`
