@@ -6,12 +6,15 @@
  *
  * Ports: HTTP at CLUSTER_LOCAL_HTTP_BASE + 1, + 2 (default 8080); cluster RPC at
  * CLUSTER_LOCAL_PORT_BASE + 1..4 and the token data plane at CLUSTER_LOCAL_PORT_BASE + 11..14
- * (default 34400), so that tests can run several clusters side by side.
+ * (default 34400), so that tests can run several clusters side by side. Engine settings per
+ * GPU: CLUSTER_LOCAL_MAX_NUM_SEQS (256), CLUSTER_LOCAL_NUM_SLOTS (512),
+ * CLUSTER_LOCAL_KV_CACHE_BYTES (1 GiB) (the cluster benchmark sets the one-process bench's).
  */
 import type { TopologyInput } from "../src/runtime/Topology.js"
 
 const base = Number(process.env["CLUSTER_LOCAL_PORT_BASE"] ?? 34400)
 const httpBase = Number(process.env["CLUSTER_LOCAL_HTTP_BASE"] ?? 8080)
+const int = (name: string, fallback: number) => Number(process.env[name] ?? fallback)
 
 const runner = (name: string, i: number, roles: Array<"gateway" | "gpu">, gpus: Array<string>) => ({
   name,
@@ -35,7 +38,12 @@ const config: TopologyInput = {
     mini: {
       model: "default",
       gpus: [{ id: "sim-1", device: "sim" }, { id: "sim-2", device: "sim" }],
-      engine: { kv_cache_bytes: 1024 * 1024 * 1024, max_num_batched_tokens: 4096, max_num_seqs: 256, num_slots: 512 }
+      engine: {
+        kv_cache_bytes: int("CLUSTER_LOCAL_KV_CACHE_BYTES", 1024 * 1024 * 1024),
+        max_num_batched_tokens: 4096,
+        max_num_seqs: int("CLUSTER_LOCAL_MAX_NUM_SEQS", 256),
+        num_slots: int("CLUSTER_LOCAL_NUM_SLOTS", 512)
+      }
     }
   },
   tiers: {
