@@ -140,24 +140,31 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
     topology: topologyValue,
     missedPings: failover.gpuHealth(gpus, runFork)
   }
+  /** Ends `active`: the conversation is free again, and Cancel's wait is over. */
+  const release = (id: ConversationId, active: ActiveTurn) => {
+    if (activeTurns.get(id) === active) activeTurns.delete(id)
+    Deferred.unsafeDone(active.ended, Exit.void)
+  }
+  /** Stores a user turn's reply as `failed` (never leaves a hole in the history); logs a failure. */
+  const appendFailedReply = (id: ConversationId, seq: number, numPromptTokens: number | null) =>
+    Effect.flatMap(ConversationStore, (store) =>
+      store.appendTurn({
+        conversation_id: id,
+        seq,
+        role: "assistant",
+        content: "",
+        status: "failed",
+        num_prompt_tokens: numPromptTokens,
+        num_completion_tokens: 0
+      }).pipe(Effect.ignoreLogged))
   /** Watches a started turn until it ends; one that could not be moved is stored as failed. */
   const watchTurn = (id: ConversationId, active: ActiveTurn) =>
     failover.watch(failoverDeps, active, () => activeTurns.get(id) === active).pipe(
       Effect.flatMap((outcome) =>
         outcome === "watched" ? Effect.void : Effect.gen(function*() {
-          const store = yield* ConversationStore
-          yield* store.appendTurn({
-            conversation_id: id,
-            seq: seqOf(active.turnId),
-            role: "assistant",
-            content: "",
-            status: "failed",
-            num_prompt_tokens: active.start?.prompt_token_ids.length ?? null,
-            num_completion_tokens: 0
-          }).pipe(Effect.ignoreLogged)
+          yield* appendFailedReply(id, seqOf(active.turnId), active.start?.prompt_token_ids.length ?? null)
           hot.delete(id)
-          if (activeTurns.get(id) === active) activeTurns.delete(id)
-          Deferred.unsafeDone(active.ended, Exit.void)
+          release(id, active)
         })
       )
     )
@@ -200,11 +207,6 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       })
 
       /** Ends `active`: the conversation is free again, and Cancel's wait is over. */
-      const release = (active: ActiveTurn) => {
-        if (activeTurns.get(id) === active) activeTurns.delete(id)
-        Deferred.unsafeDone(active.ended, Exit.void)
-      }
-
       const sendTurn = (input: SendTurnInput) =>
         Effect.gen(function*() {
           const key = input.idempotency_key
@@ -369,19 +371,11 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 }
                 const userTurnDurable = stored !== undefined && (yield* Deferred.await(userTurnStored))
                 if (!userTurnDurable) {
-                  if (active.slotId === undefined) release(active)
+                  if (active.slotId === undefined) release(id, active)
                   return
                 }
-                yield* store.appendTurn({
-                  conversation_id: id,
-                  seq: stored!.seq,
-                  role: "assistant",
-                  content: "",
-                  status: "failed",
-                  num_prompt_tokens: stored!.numPromptTokens,
-                  num_completion_tokens: 0
-                }).pipe(Effect.ignoreLogged)
-                release(active)
+                yield* appendFailedReply(id, stored!.seq, stored!.numPromptTokens)
+                release(id, active)
               })
             )
           )
@@ -428,7 +422,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         }).pipe(
           Effect.ensuring(Effect.sync(() => {
             const active = activeTurns.get(id)
-            if (active?.turnId === turn.turn_id) release(active)
+            if (active?.turnId === turn.turn_id) release(id, active)
           }))
         )
 

@@ -16,6 +16,18 @@ import { TurnStreams } from "../runtime/TurnStream.js"
 import { clusterErrors, Conversation } from "./Conversation.js"
 
 
+/** Create, Cancel and InFlight have no 503 of their own: a cluster that cannot deliver them is a defect. */
+type DeliveryFailure = { readonly _tag: "MailboxFull" | "AlreadyProcessingMessage" | "PersistenceError" }
+const dieOnDeliveryFailure = <A, E extends { readonly _tag: string }, R>(
+  effect: Effect.Effect<A, E, R>
+): Effect.Effect<A, Exclude<E, Extract<E, DeliveryFailure>>, R> =>
+  Effect.catchIf(
+    effect,
+    (e): e is Extract<E, DeliveryFailure> =>
+      e._tag === "MailboxFull" || e._tag === "AlreadyProcessingMessage" || e._tag === "PersistenceError",
+    Effect.die
+  )
+
 /** If the HTTP layer never takes the turn's stream, the generation is stopped after this. */
 const UNCONSUMED_STREAM_TIMEOUT_MS = 15_000
 
@@ -51,7 +63,7 @@ export const layer = Layer.effect(
           const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
           yield* client(id).Create({ pool: pool.name, system_prompt: input.system_prompt ?? null }).pipe(
             detached,
-            Effect.catchTags({ MailboxFull: (e) => Effect.die(e), AlreadyProcessingMessage: (e) => Effect.die(e), PersistenceError: (e) => Effect.die(e) })
+            dieOnDeliveryFailure
           )
           return id
         }),
@@ -81,7 +93,7 @@ export const layer = Layer.effect(
         client(id).Cancel().pipe(
           detached,
           Effect.asVoid,
-          Effect.catchTags({ MailboxFull: (e) => Effect.die(e), AlreadyProcessingMessage: (e) => Effect.die(e), PersistenceError: (e) => Effect.die(e) })
+          dieOnDeliveryFailure
         ),
 
       drain: (graceMs) =>
@@ -100,7 +112,7 @@ export const layer = Layer.effect(
         Effect.gen(function*() {
           const turnId = after?.turnId ?? (yield* client(id).InFlight().pipe(
             detached,
-            Effect.catchTags({ MailboxFull: (e) => Effect.die(e), AlreadyProcessingMessage: (e) => Effect.die(e), PersistenceError: (e) => Effect.die(e) })
+            dieOnDeliveryFailure
           ))
           if (turnId === null) return Option.none()
           const followed = yield* eventLog.follow(turnId, after?.index ?? -1)

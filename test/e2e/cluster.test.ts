@@ -180,12 +180,7 @@ describe("local cluster: two gateways, two GPU runners", () => {
     expect(reference.terminal?.event).toBe("done")
     const ids = await Promise.all(Array.from({ length: 6 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
     let seen = 0
-    const running = ids.map((id, i) =>
-      postJson(`${i % 2 === 0 ? gw1 : gw2}/v1/conversations/${id}/turns`, { role: "user", ...body }).then(async (res) => {
-        const events = await readSse(res, (e) => void (e.event === "token" && seen++))
-        return { conversationId: id, status: res.status, events, text: events.filter((e) => e.event === "token").map((e) => e.data.text).join(""), terminal: events.at(-1) }
-      })
-    )
+    const running = ids.map((id, i) => turn(i % 2 === 0 ? gw1 : gw2, id, body, undefined, () => void seen++))
     const deadline = Date.now() + 20_000
     while (seen < 60 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
     execFileSync("pkill", ["-9", "-f", "engine-sim-2.sock"])
@@ -268,19 +263,7 @@ describe("local cluster: two gateways, two GPU runners", () => {
     expect(reference.terminal?.event).toBe("done")
     const ids = await Promise.all(Array.from({ length: 8 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
     const arrivals = ids.map(() => [] as Array<number>)
-    const running = ids.map((id, i) =>
-      postJson(`${i % 2 === 0 ? gw1 : gw2}/v1/conversations/${id}/turns`, { role: "user", ...body }).then(async (res) => {
-        expect(res.status).toBe(200)
-        const events = await readSse(res, (e) => void (e.event === "token" && arrivals[i]!.push(Date.now())))
-        return {
-          conversationId: id,
-          status: res.status,
-          events,
-          text: events.filter((e) => e.event === "token").map((e) => e.data.text).join(""),
-          terminal: events.find((e) => e.event === "done" || e.event === "error")
-        }
-      })
-    )
+    const running = ids.map((id, i) => turn(i % 2 === 0 ? gw1 : gw2, id, body, undefined, () => void arrivals[i]!.push(Date.now())))
     const deadline = Date.now() + 20_000
     while (arrivals.some((a) => a.length < 20) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
     const gpu1 = cluster.runners.get("gpu-1")!
@@ -293,8 +276,9 @@ describe("local cluster: two gateways, two GPU runners", () => {
     await gpu1.exited
     const results = await Promise.all(running)
     for (const r of results) {
+      expect(r.status).toBe(200)
       expect(r.terminal?.event).toBe("done")
-      const indices = r.events.filter((e) => e.event === "token").map((e) => Number(e.id!.split(":").at(-1)))
+      const indices = r.events!.filter((e) => e.event === "token").map((e) => Number(e.id!.split(":").at(-1)))
       expect(indices).toEqual(indices.map((_, i) => i))
       expect(r.text).toBe(reference.text)
     }
