@@ -5,10 +5,10 @@
  */
 import { type ChildProcess, spawn } from "node:child_process"
 import { mkdtempSync } from "node:fs"
-import net from "node:net"
 import { tmpdir } from "node:os"
 import path from "node:path"
 import { REPO_ROOT } from "./engineProcess.js"
+import { freeListenPort, LISTEN_PORT_MAX, LISTEN_PORT_MIN, portFree } from "./ports.js"
 
 export interface RunnerProcess {
   readonly name: string
@@ -28,17 +28,10 @@ export interface LocalCluster {
 
 const RUNNERS = ["gw-1", "gw-2", "gpu-1", "gpu-2"] as const
 
-const portFree = (port: number) =>
-  new Promise<boolean>((resolve) => {
-    const server = net.createServer()
-    server.once("error", () => resolve(false))
-    server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)))
-  })
-
 /** A base whose ports +1..+4, +11..+14 and +21..+22 are all free. */
 const freeBase = async (): Promise<number> => {
   for (;;) {
-    const base = 20_000 + 30 * Math.floor(Math.random() * 1000)
+    const base = LISTEN_PORT_MIN + 30 * Math.floor(Math.random() * ((LISTEN_PORT_MAX - LISTEN_PORT_MIN) / 30 - 1))
     const ports = [1, 2, 3, 4, 11, 12, 13, 14, 21, 22].map((i) => base + i)
     if ((await Promise.all(ports.map(portFree))).every(Boolean)) return base
   }
@@ -141,11 +134,7 @@ export interface RedisProcess {
 
 /** A Redis server of its own (redis-server, no persistence) on a free port, for drills that stop it. */
 export const privateRedis = async (): Promise<RedisProcess> => {
-  let port = 0
-  while (port === 0) {
-    const p = 20_000 + Math.floor(Math.random() * 40_000)
-    if (await portFree(p)) port = p
-  }
+  const port = await freeListenPort()
   let child: ChildProcess | undefined
   const start = async () => {
     child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], { stdio: "ignore" })

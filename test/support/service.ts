@@ -6,8 +6,8 @@ import { type ChildProcess, spawn } from "node:child_process"
 import { mkdtempSync } from "node:fs"
 import { tmpdir } from "node:os"
 import path from "node:path"
-import { freePort } from "../../src/runtime/internal/freePort.js"
 import { REPO_ROOT } from "./engineProcess.js"
+import { freeListenPort } from "./ports.js"
 
 export interface Service {
   readonly url: string
@@ -23,7 +23,7 @@ export const startService = async (options: {
   readonly env?: Record<string, string | undefined>
   readonly dataDir?: string
 }): Promise<Service> => {
-  const port = await freePort()
+  const port = await freeListenPort()
   const dataDir = options.dataDir ?? mkdtempSync(path.join(tmpdir(), "chat-e2e-data-"))
   const runDir = mkdtempSync(path.join(tmpdir(), "chat-e2e-run-"))
   const env: Record<string, string> = {}

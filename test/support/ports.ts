@@ -1,0 +1,24 @@
+/**
+ * Listening ports for test processes, drawn below Linux's ephemeral range (32768-60999): a port in
+ * that range that is free when checked can be taken by another process's outgoing connection
+ * before the child listens on it (a CI run lost a gateway to EADDRINUSE that way).
+ */
+import net from "node:net"
+
+export const LISTEN_PORT_MIN = 10_000
+export const LISTEN_PORT_MAX = 32_000
+
+export const portFree = (port: number) =>
+  new Promise<boolean>((resolve) => {
+    const server = net.createServer()
+    server.once("error", () => resolve(false))
+    server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)))
+  })
+
+/** A free port in [LISTEN_PORT_MIN, LISTEN_PORT_MAX). */
+export const freeListenPort = async (): Promise<number> => {
+  for (;;) {
+    const port = LISTEN_PORT_MIN + Math.floor(Math.random() * (LISTEN_PORT_MAX - LISTEN_PORT_MIN))
+    if (await portFree(port)) return port
+  }
+}
