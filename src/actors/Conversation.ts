@@ -10,13 +10,22 @@
  * FinishTurn: sent by the DecodeSlot when the generation ends; appends the assistant turn
  * (`completed`, `cancelled` on Cancel or disconnect, `failed` on an engine error).
  * Cancel: stops the running turn, if any.
+ *
+ * State: the entity instance owns its running turn (at most one: a second SendTurn is
+ * turn_in_progress) and is kept alive while it runs. Everything it must carry across a shard
+ * move is in storage: the history and next seq in PostgreSQL (a last user turn without a
+ * reply reserves the reply's seq), and where the turn runs in the turn's log (its `start`
+ * event: slot and request). The keep-alive message is persisted, so when a gateway runner is
+ * lost its conversations with running turns start on their new owner, which takes each turn
+ * over (`recover`). The runner's `hot` map is a cache of the history, checked against the
+ * store's last seq before use when other runners may have written since.
  */
 import { randomInt } from "node:crypto"
-import { ClusterSchema, Entity } from "@effect/cluster"
+import { ClusterSchema, Entity, type Sharding } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
 import { DataPlane } from "../runtime/DataPlane.js"
-import { TurnEventLog } from "../runtime/TurnEventLog.js"
+import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { type ConversationId, TurnId } from "../runtime/Domain.js"
 import {
   ConversationNotFound,
@@ -32,7 +41,7 @@ import type { ChatMessage } from "../runtime/Tokenizer.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
-import { DecodeSlot, FinishedTurn, type StartPayload, TurnFinisher } from "./DecodeSlot.js"
+import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSlot.js"
 import * as failover from "./internal/failover.js"
 import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
@@ -111,6 +120,9 @@ const CANCEL_SETTLE_TIMEOUT = Duration.seconds(10)
 const clusterUnavailable = (e: { readonly _tag: string }) =>
   new EngineError({ code: "unavailable", message: `cluster could not deliver the message (${e._tag})` })
 
+/** A start payload read back from a turn's log (another process wrote it). */
+const decodeStartPayload = Schema.decodeUnknownOption(StartPayload)
+
 /** Sequence number of a turn id `<conversation_id>:<seq>`. */
 const seqOf = (turnId: TurnId): number => Number(turnId.slice(turnId.lastIndexOf(":") + 1))
 
@@ -122,28 +134,22 @@ export const clusterErrors = {
 }
 
 // The entity clients are made once for all Conversation entities: each one holds an RPC
-// client, and making them per entity cost ~hundreds of KB per live conversation. Active
-// turns are kept per runner too, so that an entity reaped while idle loses nothing.
+// client, and making them per entity cost ~hundreds of KB per live conversation.
 export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const gpus = yield* GpuScheduler.client
   const slots = yield* DecodeSlot.client
-  const activeTurns = new Map<ConversationId, ActiveTurn>()
   const hot = new HotConversations(HOT_CONVERSATIONS_MAX_CHARS)
   const topologyValue = yield* TopologyService
   const multiRunner = topologyValue.runners.length > 1
   const runFork = Runtime.runFork(yield* Effect.runtime<ConversationStore>())
+  const eventLog = yield* TurnEventLog
   const failoverDeps: failover.FailoverDeps = {
     slots,
     gpus,
-    eventLog: yield* TurnEventLog,
+    eventLog,
     dataPlane: yield* DataPlane,
     topology: topologyValue,
     missedPings: failover.gpuHealth(gpus, runFork)
-  }
-  /** Ends `active`: the conversation is free again, and Cancel's wait is over. */
-  const release = (id: ConversationId, active: ActiveTurn) => {
-    if (activeTurns.get(id) === active) activeTurns.delete(id)
-    Deferred.unsafeDone(active.ended, Exit.void)
   }
   /** Stores a user turn's reply as `failed` (never leaves a hole in the history); logs a failure. */
   const appendFailedReply = (id: ConversationId, seq: number, numPromptTokens: number | null) =>
@@ -157,17 +163,6 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         num_prompt_tokens: numPromptTokens,
         num_completion_tokens: 0
       }).pipe(Effect.ignoreLogged))
-  /** Watches a started turn until it ends; one that could not be moved is stored as failed. */
-  const watchTurn = (id: ConversationId, active: ActiveTurn) =>
-    failover.watch(failoverDeps, active, () => activeTurns.get(id) === active).pipe(
-      Effect.flatMap((outcome) =>
-        outcome === "watched" ? Effect.void : Effect.gen(function*() {
-          yield* appendFailedReply(id, seqOf(active.turnId), active.start?.prompt_token_ids.length ?? null)
-          hot.delete(id)
-          release(id, active)
-        })
-      )
-    )
   return Conversation.toLayer(
     Effect.gen(function*() {
       const address = yield* Entity.CurrentAddress
@@ -175,19 +170,68 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       const store = yield* ConversationStore
       const models = yield* Models
       const topology = yield* TopologyService
+      const entityContext = yield* Effect.context<Sharding.Sharding | Entity.CurrentAddress>()
       let loaded: ConversationState | undefined
+      /** The conversation's turn between SendTurn and FinishTurn (at most one). */
+      let active: ActiveTurn | undefined
+      /** The last row of the history as `load` read it from the store (recovery reads it). */
+      let lastStoredTurn: { readonly seq: number; readonly role: string } | undefined
+
+      // While a turn is active the instance is kept alive (a persisted keep-alive message):
+      // the idle reaper leaves it, and after a shard move the message makes the new owner
+      // start the entity at once, which takes the turn over (`recover`).
+      let keepAliveOn: Fiber.RuntimeFiber<void> | undefined
+      const hold = () => {
+        keepAliveOn = runFork(Effect.provide(Entity.keepAlive(true), entityContext))
+      }
+      const unhold = () => {
+        const on = keepAliveOn
+        keepAliveOn = undefined
+        runFork(Effect.zipRight(on === undefined ? Effect.void : Fiber.await(on), Effect.provide(Entity.keepAlive(false), entityContext)))
+      }
+      /** Ends `turn`: the conversation is free again, and Cancel's wait is over. */
+      const release = (turn: ActiveTurn) => {
+        if (active === turn) {
+          active = undefined
+          unhold()
+        }
+        Deferred.unsafeDone(turn.ended, Exit.void)
+      }
+      /** Watches a started turn until it ends; one that could not be moved is stored as failed. */
+      const watchTurn = (turn: ActiveTurn) =>
+        failover.watch(failoverDeps, turn, () => active === turn).pipe(
+          Effect.flatMap((outcome) =>
+            outcome === "watched" ? Effect.void : Effect.gen(function*() {
+              yield* appendFailedReply(id, seqOf(turn.turnId), turn.start?.prompt_token_ids.length ?? null)
+              hot.delete(id)
+              release(turn)
+            })
+          )
+        )
 
       const load = Effect.gen(function*() {
         if (loaded !== undefined) return loaded
         const cached = hot.get(id)
-        if (cached !== undefined) return (loaded = cached)
+        if (cached !== undefined && !multiRunner) return (loaded = cached)
+        if (cached !== undefined) {
+          // Another runner may have written turns since this one cached them (the shard
+          // moved away and back): the cache holds only while it ends where the store does.
+          const tail = yield* store.listTurns(id, { limit: 1 })
+          if (loaded !== undefined) return loaded
+          const last = tail.at(-1)
+          if (last !== undefined && last.seq + (last.role === "user" ? 2 : 1) === cached.nextSeq) {
+            lastStoredTurn = last
+            return (loaded = cached)
+          }
+          hot.delete(id)
+        }
         const row = yield* store.getConversation(id)
         if (Option.isNone(row)) return yield* new ConversationNotFound({ conversation_id: id })
         const turns = yield* store.listTurns(id, { limit: 100_000 })
         // A concurrent message's load may have finished first: keep the one state in use.
         if (loaded !== undefined) return loaded
-        const active = activeTurns.get(id)
         const last = turns.at(-1)
+        lastStoredTurn = last
         loaded = {
           pool: row.value.model,
           systemPrompt: row.value.system_prompt,
@@ -206,12 +250,63 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         return loaded
       })
 
-      /** Ends `active`: the conversation is free again, and Cancel's wait is over. */
+      /**
+       * Takes over a turn this instance did not start (its shard moved here while the turn
+       * ran: the last stored row is a user turn without its reply). The turn's log says where
+       * it runs and what started it: the entity then watches it as its own, so a second turn
+       * meets turn_in_progress and a lost GPU runner still moves it. A turn that never started,
+       * or ended without its reply being stored, gets a `failed` reply (the conversation is
+       * never stuck). Runs once per instance, before any message is handled; a log that cannot
+       * be read (Redis down) leaves the conversation as it is.
+       */
+      const recover = Effect.gen(function*() {
+        const conv = yield* load
+        if (active !== undefined || lastStoredTurn?.role !== "user") return
+        const turnId = TurnId.make(`${id}:${lastStoredTurn.seq + 1}`)
+        const events = yield* eventLog.read(turnId)
+        if (events.some((e) => e.kind === "done")) return // stored before `done` was written
+        let started: Extract<LoggedEvent, { kind: "start" }> | undefined
+        for (const e of events) if (e.kind === "start") started = e
+        const request = started === undefined ? Option.none() : decodeStartPayload(started.request)
+        if (Option.isNone(request) || events.some((e) => e.kind === "error")) {
+          yield* Effect.logWarning(`turn ${turnId} has no running generation: its reply is stored as failed`)
+          yield* appendFailedReply(id, lastStoredTurn.seq + 1, Option.isSome(request) ? request.value.prompt_token_ids.length : null)
+          lastStoredTurn = { seq: lastStoredTurn.seq + 1, role: "assistant" }
+          conv.nextSeq = Math.max(conv.nextSeq, lastStoredTurn.seq + 1)
+          return
+        }
+        if (active !== undefined) return
+        const turn: ActiveTurn = {
+          turnId,
+          idempotencyKey: undefined,
+          slotId: started!.slot_id,
+          start: request.value,
+          cancelRequested: false,
+          userTurnStored: Deferred.unsafeMake<boolean>(FiberId.none),
+          ended: Deferred.unsafeMake<void>(FiberId.none)
+        }
+        Deferred.unsafeDone(turn.userTurnStored, Exit.succeed(true))
+        active = turn
+        hold()
+        runFork(watchTurn(turn))
+        yield* Effect.logInfo(`turn ${turnId} taken over on slot ${turn.slotId}`)
+      }).pipe(
+        Effect.catchAll((e) =>
+          e._tag === "ConversationNotFound" ? Effect.void : Effect.logWarning(`conversation ${id}: its running turn could not be recovered`, e)
+        ),
+        // Nothing to keep alive for (a keep-alive message that brought the entity here is answered).
+        Effect.ensuring(Effect.suspend(() => active === undefined ? Effect.provide(Entity.keepAlive(false), entityContext) : Effect.void))
+      )
+      const recovered = multiRunner ? yield* Effect.cached(recover) : Effect.void
+      if (multiRunner) yield* Effect.forkScoped(recovered)
+      else yield* Entity.keepAlive(false)
+
       const sendTurn = (input: SendTurnInput) =>
         Effect.gen(function*() {
           const key = input.idempotency_key
-          // Claim the conversation before the first yield: handlers run concurrently.
-          const running = activeTurns.get(id)
+          yield* recovered
+          // Claim the conversation before the next yield: handlers run concurrently.
+          const running = active
           if (running !== undefined) {
             // The client re-sends the turn it already has (a retry): that one, not a 409.
             if (key !== undefined && running.idempotencyKey === key && running.turnId !== "") {
@@ -221,7 +316,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           }
           // The turn id is known once the user turn's seq is; "" until then.
           const userTurnStored = Deferred.unsafeMake<boolean>(FiberId.none)
-          const active: ActiveTurn = {
+          const turn: ActiveTurn = {
             turnId: TurnId.make(""),
             idempotencyKey: key,
             slotId: undefined,
@@ -230,7 +325,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             userTurnStored,
             ended: Deferred.unsafeMake<void>(FiberId.none)
           }
-          activeTurns.set(id, active)
+          active = turn
           let stored: { readonly seq: number; readonly numPromptTokens: number } | undefined
           /** A slot admitted for this turn and not (yet) started: given back on failure. */
           let reservedSlot: string | undefined
@@ -315,7 +410,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             conv.history.push(userMessage)
             hot.grew(id, conv, userMessage)
             const turnId = TurnId.make(`${id}:${userSeq + 1}`)
-            active.turnId = turnId
+            turn.turnId = turnId
             stored = { seq: userSeq + 1, numPromptTokens: promptIds.length }
 
             const startPayload: StartPayload = {
@@ -345,15 +440,17 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               }))
             )
             reservedSlot = undefined
-            active.slotId = slotId
-            active.start = startPayload
+            turn.slotId = slotId
+            turn.start = startPayload
             yield* Fiber.join(append).pipe(
               // Not durable: the generation stops, and its FinishTurn stores nothing.
               Effect.tapError(() => slots(slotId).Cancel().pipe(Effect.ignore))
             )
-            if (active.cancelRequested) yield* slots(slotId).Cancel().pipe(Effect.ignore)
+            if (turn.cancelRequested) yield* slots(slotId).Cancel().pipe(Effect.ignore)
             // Other runners may die: a turn whose GPU runner goes moves to another GPU.
-            if (multiRunner) runFork(watchTurn(id, active))
+            // The instance outlives this message while the turn runs (and moves with its shard).
+            if (active === turn) hold()
+            if (multiRunner) runFork(watchTurn(turn))
             return new Accepted({
               user_turn_id: TurnId.make(`${id}:${userSeq}`),
               turn_id: turnId,
@@ -371,11 +468,11 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 }
                 const userTurnDurable = stored !== undefined && (yield* Deferred.await(userTurnStored))
                 if (!userTurnDurable) {
-                  if (active.slotId === undefined) release(id, active)
+                  if (turn.slotId === undefined) release(turn)
                   return
                 }
                 yield* appendFailedReply(id, stored!.seq, stored!.numPromptTokens)
-                release(id, active)
+                release(turn)
               })
             )
           )
@@ -387,11 +484,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           const seq = seqOf(turn.turn_id)
           // A generation can end before its user turn is durable (SendTurn appends it
           // meanwhile); a reply to a user turn that was never stored is not stored either.
-          const active = activeTurns.get(id)
-          if (active?.turnId === turn.turn_id) {
+          yield* recovered
+          const current = active
+          if (current?.turnId === turn.turn_id) {
             // The turn moved to another GPU (failover): the earlier slot's report is void.
-            if (active.slotId !== undefined && turn.slot_id !== active.slotId) return
-            if (!(yield* Deferred.await(active.userTurnStored))) {
+            if (current.slotId !== undefined && turn.slot_id !== current.slotId) return
+            if (!(yield* Deferred.await(current.userTurnStored))) {
               return yield* new StorageError({ message: `the user turn of ${turn.turn_id} was not stored` })
             }
           }
@@ -404,8 +502,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             num_prompt_tokens: turn.num_prompt_tokens,
             num_completion_tokens: turn.num_completion_tokens
           })
-          // The instance may have been reaped while the turn streamed: its state is then in
-          // `hot` (or only in the store, which now has this turn).
+          // A report of a turn this instance did not start (one that ended as the shard moved)
+          // updates the runner's cached state, if any (or only the store, which has it now).
           const state = loaded ?? hot.get(id)
           if (state !== undefined) {
             loaded = state
@@ -421,8 +519,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           }
         }).pipe(
           Effect.ensuring(Effect.sync(() => {
-            const active = activeTurns.get(id)
-            if (active?.turnId === turn.turn_id) release(id, active)
+            if (active?.turnId === turn.turn_id) release(active)
           }))
         )
 
@@ -440,7 +537,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         SendTurn: ({ payload }) => sendTurn(payload),
         InFlight: () =>
           Effect.gen(function*() {
-            const active = activeTurns.get(id)
+            yield* recovered
             if (active !== undefined && active.turnId !== "") return active.turnId
             const conv = yield* load
             // nextSeq is 2 past a last user turn: its reply's seq is reserved (see load).
@@ -451,21 +548,22 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         Cancel: () =>
           Effect.gen(function*() {
             yield* load
-            const active = activeTurns.get(id)
-            if (active === undefined) return false
+            yield* recovered
+            const turn = active
+            if (turn === undefined) return false
             let cancelled = true
-            if (active.slotId === undefined) active.cancelRequested = true
-            else cancelled = yield* slots(active.slotId).Cancel().pipe(Effect.orElseSucceed(() => false))
+            if (turn.slotId === undefined) turn.cancelRequested = true
+            else cancelled = yield* slots(turn.slotId).Cancel().pipe(Effect.orElseSucceed(() => false))
             // Answer once the turn is stored and the conversation takes a new one (a send
             // right after the 204 must not meet turn_in_progress).
-            yield* Deferred.await(active.ended).pipe(Effect.timeout(CANCEL_SETTLE_TIMEOUT), Effect.ignore)
+            yield* Deferred.await(turn.ended).pipe(Effect.timeout(CANCEL_SETTLE_TIMEOUT), Effect.ignore)
             return cancelled
           })
       })
     }),
     // Cancel and FinishTurn must reach the entity while SendTurn waits; a second SendTurn
-    // gets TurnInProgress. An instance is dropped 1 s after its last message: its state stays
-    // in `hot` and `activeTurns`, so a streaming turn holds no entity instance.
+    // gets TurnInProgress. An idle instance without a turn is dropped 1 s after its last
+    // message (its history stays in `hot`); one with a turn is kept alive until it ends.
     { concurrency: "unbounded", maxIdleTime: Duration.seconds(1) }
   )
 }))

@@ -35,7 +35,7 @@ export const Sampling = Schema.Struct({
   seed: Schema.Int
 })
 
-const StartPayload = Schema.Struct({
+export const StartPayload = Schema.Struct({
   pool: Schema.String,
   conversation_id: ConversationId,
   turn_id: TurnId,
@@ -233,8 +233,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             }
           )
           if (Either.isLeft(started)) return yield* fail(started.left)
-          // The turn is in the log before its first token: a follower that comes now finds it.
-          if (resume === undefined) eventLog.append(payload.turn_id, { index: -1, kind: "start" })
+          // The turn is in the log before its first token: a follower that comes now finds it,
+          // and so does its Conversation's next owner after a shard move (see Conversation.ts).
+          const { resume: _, ...request } = payload
+          eventLog.append(payload.turn_id, { index: -1, kind: "start", slot_id: slotId, request })
           const h = started.right
           handle = h
           const cancel = () => {

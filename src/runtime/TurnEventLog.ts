@@ -19,8 +19,13 @@ import type { TurnId } from "./Domain.js"
 import { TurnEventsUnavailable } from "./Errors.js"
 
 export type LoggedEvent =
-  /** Written when the generation starts (index -1, never sent): a follower finds the turn before its first token. */
-  | { readonly index: -1; readonly kind: "start" }
+  /**
+   * Written when a generation starts, and again when a failover starts it on another slot
+   * (index -1, never sent): a follower finds the turn before its first token, and a
+   * Conversation entity that takes the turn over after a shard move finds its slot and what
+   * started it (`request`: the DecodeSlot's start payload, decoded by the reader).
+   */
+  | { readonly index: -1; readonly kind: "start"; readonly slot_id: string; readonly request: unknown }
   /** `ids`: the tokens generated since the previous token event (what a failover re-prefills). */
   | { readonly index: number; readonly kind: "token"; readonly text: string; readonly ids: ReadonlyArray<number> }
   | {

@@ -131,9 +131,10 @@ describe("local cluster: two gateways, two GPU runners", () => {
     await audit(dbUrl, [next])
   }, 60_000)
 
-  it("drill (a): SIGKILL the gateway that holds streaming clients; they resume on the other one, every token once", async () => {
+  it("drill (a): SIGKILL the gateway that holds streaming clients; they resume on the other one, every token once; turns whose Conversation moved are taken over (409 to a second turn)", async () => {
     const [gw1, gw2] = cluster.gateways
-    const ids = await Promise.all(Array.from({ length: 6 }, () => create(gw2)))
+    // Eight conversations: their entities are spread over gw-1 and gw-2 by shard, so some move.
+    const ids = await Promise.all(Array.from({ length: 8 }, () => create(gw2)))
     const controllers = ids.map(() => new AbortController())
     const seen = ids.map(() => [] as Array<SseEvent>)
     const first = ids.map((id, i) =>
@@ -149,6 +150,13 @@ describe("local cluster: two gateways, two GPU runners", () => {
     await gw1Process.exited
     await Promise.all(first)
     const killedAt = Date.now()
+    // A second turn while the first streams is turn_in_progress, also where the Conversation
+    // lived on gw-1: its new owner took the running turn over from the store and the log.
+    const second = Promise.all(ids.map(async (id) => {
+      const res = await postJson(`${gw2}/v1/conversations/${id}/turns`, { role: "user", content: "second", max_tokens: 4 })
+      if (res.status === 200) await res.body?.cancel() // a second turn was accepted: the failure below says so
+      return { status: res.status, body: res.status === 200 ? undefined : (await res.json()) as any }
+    }))
     const resumed = await Promise.all(ids.map(async (id, i) => {
       const tokens = seen[i]!.filter((e) => e.event === "token")
       const lastId = tokens.at(-1)!.id!
@@ -169,6 +177,15 @@ describe("local cluster: two gateways, two GPU runners", () => {
       const stored = await waitForRows(dbUrl, r.id, 2)
       expect(stored[1]).toMatchObject({ role: "assistant", status: "completed", content: text })
     }
+    for (const r of await second) {
+      expect(r.status).toBe(409)
+      expect(r.body.error.code).toBe("turn_in_progress")
+    }
+    // The conversations take their next turn once the first has ended.
+    const next = await Promise.all(ids.map((id) => turn(gw2, id, { content: "next", max_tokens: 4 })))
+    for (const r of next) expect(r.terminal?.event).toBe("done")
+    await audit(dbUrl, next)
+    for (const id of ids) expect((await rowsOf(dbUrl, id)).map((r) => r.seq)).toEqual([0, 1, 2, 3])
     console.log(`drill (a): resume answered ${Math.max(...resumed.map((r) => r.resumedAfterMs))} ms after the kill (max of ${resumed.length})`)
     await cluster.restart("gw-1")
   }, 120_000)
