@@ -17,7 +17,7 @@ import { HttpMiddleware } from "@effect/platform"
 import { Sharding } from "@effect/cluster"
 import { NodeRuntime } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
-import { Config, ConfigProvider, Duration, Effect, Layer, Option, Redacted, Schema } from "effect"
+import { Config, ConfigProvider, Context, Duration, Effect, Layer, Option, Redacted, Schema } from "effect"
 import { pathToFileURL } from "node:url"
 import defaultTopology from "../cluster.config.js"
 import * as ConversationEntity from "./actors/Conversation.js"
@@ -37,6 +37,9 @@ import * as Storage from "./runtime/Storage.js"
 import * as Topology from "./runtime/Topology.js"
 import * as TurnEventLog from "./runtime/TurnEventLog.js"
 import { TurnStreams } from "./runtime/TurnStream.js"
+
+/** The PostgreSQL every pool of this process connects to (DATABASE_URL, or the embedded one). */
+class DatabaseUrl extends Context.Tag("chat/DatabaseUrl")<DatabaseUrl, Redacted.Redacted>() {}
 
 const settings = Config.all({
   dataDir: Config.string("DATA_DIR").pipe(Config.withDefault(".data")),
@@ -102,15 +105,23 @@ const MainLive = Layer.unwrapEffect(
           catch: (e) => new StorageError({ message: `cannot generate the default model: ${String(e)}` })
         })
 
-    const SqlLive = Option.isSome(s.databaseUrl)
-      ? PgClient.layer({ url: s.databaseUrl.value, maxConnections: 16 })
-      : Layer.unwrapScoped(
+    const DatabaseUrlLive = Option.isSome(s.databaseUrl)
+      ? Layer.succeed(DatabaseUrl, s.databaseUrl.value)
+      : Layer.scoped(
+        DatabaseUrl,
         EmbeddedPostgres.start(resolve(dataDir, "pg")).pipe(
           Effect.tap(({ url }) => Effect.logInfo(`embedded PostgreSQL (PGlite) at ${url}, data in ${dataDir}/pg`)),
-          // Fewer pool connections than pglite-socket accepts (the runner storage reserves one).
-          Effect.map(({ url }) => PgClient.layer({ url: Redacted.make(url), maxConnections: 8 }))
+          Effect.map(({ url }) => Redacted.make(url))
         )
       )
+    const pgPool = (maxConnections: number) =>
+      Layer.unwrapEffect(Effect.map(DatabaseUrl, (url) => PgClient.layer({ url, maxConnections }))).pipe(Layer.provide(DatabaseUrlLive))
+    // The conversation store's pool (fewer connections than pglite-socket accepts, 16).
+    const SqlLive = pgPool(8)
+    // The cluster's storages have a pool of their own: a shard lock refresh that queued behind
+    // hundreds of turn appends missed its deadline under load, and the runner then gave up
+    // every shard at once (interrupting its entities mid-message).
+    const ClusterSqlLive = pgPool(4)
 
     const TopologyLive = Layer.succeed(Topology.TopologyService, topologyValue)
     const ModelsLive = Models.layer(resolveModelDir).pipe(Layer.provide(TopologyLive))
@@ -155,8 +166,8 @@ const MainLive = Layer.unwrapEffect(
       Layer.provideMerge(
         // orDie: one error channel for both; a runner that cannot start exits with the cause.
         multiRunner
-          ? retryStartup(Cluster.layerSocket(topologyValue, runnerName).pipe(Layer.provide(SqlLive))).pipe(Layer.orDie)
-          : Cluster.layerSingle(topologyValue, runnerName).pipe(Layer.provide(SqlLive), Layer.orDie)
+          ? retryStartup(Cluster.layerSocket(topologyValue, runnerName).pipe(Layer.provide(ClusterSqlLive))).pipe(Layer.orDie)
+          : Cluster.layerSingle(topologyValue, runnerName).pipe(Layer.provide(ClusterSqlLive), Layer.orDie)
       )
     )
     yield* Effect.logInfo(`runner ${runnerName} (${runner.roles.join(", ")}) of ${topologyValue.runners.length}`)

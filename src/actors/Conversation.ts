@@ -113,6 +113,13 @@ interface ActiveTurn {
 /** A GPU whose scheduler does not answer admission within this is skipped (its runner is gone; a loaded one answers well within it). */
 const ACQUIRE_TIMEOUT = Duration.seconds(10)
 
+/**
+ * How long a Conversation that took a running turn over (a shard move) waits for the turn's
+ * log to show it started before it stores the reply as failed: the previous owner may still be
+ * admitting and starting it (up to the admission timeout).
+ */
+const TAKEOVER_WAIT_MS = 15_000
+
 /** How long Cancel waits for the cancelled turn to be stored before it answers. */
 const CANCEL_SETTLE_TIMEOUT = Duration.seconds(10)
 
@@ -252,35 +259,18 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
 
       /**
        * Takes over a turn this instance did not start (its shard moved here while the turn
-       * ran: the last stored row is a user turn without its reply). The turn's log says where
-       * it runs and what started it: the entity then watches it as its own, so a second turn
-       * meets turn_in_progress and a lost GPU runner still moves it. A turn that never started,
-       * or ended without its reply being stored, gets a `failed` reply (the conversation is
-       * never stuck). Runs once per instance, before any message is handled; a log that cannot
-       * be read (Redis down) leaves the conversation as it is.
+       * ran: the last stored row is a user turn without its reply). The turn is this entity's
+       * at once (a second turn meets turn_in_progress); `takeOver` then finds where it runs.
+       * Runs once per instance, before any message is handled.
        */
       const recover = Effect.gen(function*() {
-        const conv = yield* load
+        yield* load
         if (active !== undefined || lastStoredTurn?.role !== "user") return
-        const turnId = TurnId.make(`${id}:${lastStoredTurn.seq + 1}`)
-        const events = yield* eventLog.read(turnId)
-        if (events.some((e) => e.kind === "done")) return // stored before `done` was written
-        let started: Extract<LoggedEvent, { kind: "start" }> | undefined
-        for (const e of events) if (e.kind === "start") started = e
-        const request = started === undefined ? Option.none() : decodeStartPayload(started.request)
-        if (Option.isNone(request) || events.some((e) => e.kind === "error")) {
-          yield* Effect.logWarning(`turn ${turnId} has no running generation: its reply is stored as failed`)
-          yield* appendFailedReply(id, lastStoredTurn.seq + 1, Option.isSome(request) ? request.value.prompt_token_ids.length : null)
-          lastStoredTurn = { seq: lastStoredTurn.seq + 1, role: "assistant" }
-          conv.nextSeq = Math.max(conv.nextSeq, lastStoredTurn.seq + 1)
-          return
-        }
-        if (active !== undefined) return
         const turn: ActiveTurn = {
-          turnId,
+          turnId: TurnId.make(`${id}:${lastStoredTurn.seq + 1}`),
           idempotencyKey: undefined,
-          slotId: started!.slot_id,
-          start: request.value,
+          slotId: undefined,
+          start: undefined,
           cancelRequested: false,
           userTurnStored: Deferred.unsafeMake<boolean>(FiberId.none),
           ended: Deferred.unsafeMake<void>(FiberId.none)
@@ -288,8 +278,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         Deferred.unsafeDone(turn.userTurnStored, Exit.succeed(true))
         active = turn
         hold()
-        runFork(watchTurn(turn))
-        yield* Effect.logInfo(`turn ${turnId} taken over on slot ${turn.slotId}`)
+        runFork(takeOver(turn))
       }).pipe(
         Effect.catchAll((e) =>
           e._tag === "ConversationNotFound" ? Effect.void : Effect.logWarning(`conversation ${id}: its running turn could not be recovered`, e)
@@ -297,6 +286,47 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         // Nothing to keep alive for (a keep-alive message that brought the entity here is answered).
         Effect.ensuring(Effect.suspend(() => active === undefined ? Effect.provide(Entity.keepAlive(false), entityContext) : Effect.void))
       )
+
+      /**
+       * Reads the taken-over turn's log until it says where the turn runs (its last `start`
+       * event: slot and request), then watches it as its own (a lost GPU runner still moves
+       * it). The previous owner may still be starting it (its last steps run to the end), so a
+       * log without a start is read again each second for TAKEOVER_WAIT_MS. A turn that ended
+       * (`done`: its reply is stored) is released; one that never started, or ended without
+       * its reply stored, gets a `failed` reply, so the conversation is never stuck.
+       */
+      const takeOver = (turn: ActiveTurn) =>
+        Effect.gen(function*() {
+          const deadline = Date.now() + TAKEOVER_WAIT_MS
+          for (;;) {
+            const events = yield* eventLog.read(turn.turnId).pipe(Effect.orElseSucceed(() => []))
+            if (active !== turn) return // its FinishTurn came meanwhile
+            let started: Extract<LoggedEvent, { kind: "start" }> | undefined
+            for (const e of events) if (e.kind === "start") started = e
+            const request = started === undefined ? Option.none() : decodeStartPayload(started.request)
+            const ended = events.find((e) => e.kind === "done" || e.kind === "error")
+            if (ended === undefined && Option.isSome(request)) {
+              turn.slotId = started!.slot_id
+              turn.start = request.value
+              yield* Effect.logInfo(`turn ${turn.turnId} taken over on slot ${turn.slotId}`)
+              if (turn.cancelRequested) yield* slots(turn.slotId).Cancel().pipe(Effect.ignore)
+              return yield* watchTurn(turn)
+            }
+            if (ended !== undefined || Date.now() > deadline) {
+              // `done` comes only once the reply is stored; otherwise it is stored as failed.
+              if (ended?.kind !== "done") {
+                yield* Effect.logWarning(`turn ${turn.turnId} has no running generation: its reply is stored as failed`)
+                yield* appendFailedReply(id, seqOf(turn.turnId), turn.start?.prompt_token_ids.length ?? null)
+              }
+              // The state in memory lacks the reply: the next message reads it from the store.
+              hot.delete(id)
+              loaded = undefined
+              return release(turn)
+            }
+            yield* Effect.sleep(Duration.seconds(1))
+          }
+        })
+
       const recovered = multiRunner ? yield* Effect.cached(recover) : Effect.void
       if (multiRunner) yield* Effect.forkScoped(recovered)
       else yield* Entity.keepAlive(false)
@@ -311,6 +341,13 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             // The client re-sends the turn it already has (a retry): that one, not a 409.
             if (key !== undefined && running.idempotencyKey === key && running.turnId !== "") {
               return yield* new DuplicateTurn({ conversation_id: id, turn_id: running.turnId })
+            }
+            // A turn taken over after a shard move does not know its key: the store does.
+            if (key !== undefined && running.idempotencyKey === undefined && running.turnId !== "") {
+              const earlier = yield* store.findIdempotentTurn(id, key)
+              if (Option.isSome(earlier) && earlier.value + 1 === seqOf(running.turnId)) {
+                return yield* new DuplicateTurn({ conversation_id: id, turn_id: running.turnId })
+              }
             }
             return yield* new TurnInProgress({ conversation_id: id })
           }
@@ -471,6 +508,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   if (turn.slotId === undefined) release(turn)
                   return
                 }
+                yield* Effect.logWarning(`turn ${id}:${stored!.seq} did not start: its reply is stored as failed`, exit.cause)
                 yield* appendFailedReply(id, stored!.seq, stored!.numPromptTokens)
                 release(turn)
               })

@@ -4,10 +4,10 @@
  * gets a TurnStream in this runner's registry first; the entity's DecodeSlot writes into it.
  */
 import { randomUUID } from "node:crypto"
-import { Duration, Effect, FiberRef, Layer, Option } from "effect"
+import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
-import { ConversationId, HistoryPage } from "../runtime/Domain.js"
-import { ConversationNotFound, ModelNotFound, ShuttingDown, StreamNotFound } from "../runtime/Errors.js"
+import { ConversationId, HistoryPage, TurnId } from "../runtime/Domain.js"
+import { ConversationNotFound, EngineError, ModelNotFound, ShuttingDown, StreamNotFound } from "../runtime/Errors.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { ConversationStore } from "../runtime/Storage.js"
@@ -27,6 +27,30 @@ const dieOnDeliveryFailure = <A, E extends { readonly _tag: string }, R>(
       e._tag === "MailboxFull" || e._tag === "AlreadyProcessingMessage" || e._tag === "PersistenceError",
     Effect.die
   )
+
+/**
+ * An entity call that ends interrupted while its caller was not: the cluster moved the
+ * entity's shard mid-call (a runner joined, left or lost its shard locks) and stopped the
+ * call. It is sent again (to the shard's new owner) every 250 ms for up to ~5 s, the time a
+ * shard takes to be reassigned; then a 503. `call` gets the attempt number (0 first).
+ */
+const SHARD_MOVE_RETRIES = 20
+class ShardMoved {
+  readonly _tag = "ShardMoved"
+}
+const retryShardMoves = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError, R> => {
+  let attempt = 0
+  return Effect.suspend(() => call(attempt++)).pipe(
+    Effect.catchAllCause((cause): Effect.Effect<never, E | ShardMoved> =>
+      Cause.isInterruptedOnly(cause) ? Effect.fail(new ShardMoved()) : Effect.failCause(cause)
+    ),
+    Effect.retry({ while: (e) => e instanceof ShardMoved, schedule: Schedule.spaced(Duration.millis(250)), times: SHARD_MOVE_RETRIES }),
+    Effect.catchIf(
+      (e): e is ShardMoved => e instanceof ShardMoved,
+      () => Effect.fail(new EngineError({ code: "unavailable", message: "the conversation is moving between runners; try again" }))
+    )
+  )
+}
 
 /** If the HTTP layer never takes the turn's stream, the generation is stopped after this. */
 const UNCONSUMED_STREAM_TIMEOUT_MS = 15_000
@@ -61,8 +85,8 @@ export const layer = Layer.effect(
           const pool = poolFor(topology, input.model)
           if (pool === undefined) return yield* new ModelNotFound({ model: input.model ?? "" })
           const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
-          yield* client(id).Create({ pool: pool.name, system_prompt: input.system_prompt ?? null }).pipe(
-            detached,
+          // Create is idempotent (the id is ours): a call stopped by a shard move is sent again.
+          yield* retryShardMoves(() => client(id).Create({ pool: pool.name, system_prompt: input.system_prompt ?? null }).pipe(detached)).pipe(
             dieOnDeliveryFailure
           )
           return id
@@ -72,14 +96,24 @@ export const layer = Layer.effect(
         Effect.gen(function*() {
           if (draining) return yield* new ShuttingDown()
           const stream = streams.make(topology.generation.client_buffer_tokens)
-          const accepted = yield* client(id).SendTurn({
-            content: input.content,
-            ...(input.max_tokens === undefined ? {} : { max_tokens: input.max_tokens }),
-            ...(input.temperature === undefined ? {} : { temperature: input.temperature }),
-            stream_id: stream.id,
-            ...(options?.idempotencyKey === undefined ? {} : { idempotency_key: options.idempotencyKey })
-          }).pipe(
-            detached,
+          // A SendTurn stopped by a shard move is sent again with the same stream and key: if
+          // the first attempt had got the turn going (its generation writes into this stream),
+          // the retry finds it by the key (DuplicateTurn) and this request streams it. Without
+          // a client key the request gets one of its own for that.
+          const key = options?.idempotencyKey ?? `auto:${randomUUID()}`
+          const accepted = yield* retryShardMoves((attempt) =>
+            client(id).SendTurn({
+              content: input.content,
+              ...(input.max_tokens === undefined ? {} : { max_tokens: input.max_tokens }),
+              ...(input.temperature === undefined ? {} : { temperature: input.temperature }),
+              stream_id: stream.id,
+              idempotency_key: key
+            }).pipe(
+              detached,
+              Effect.catchTag("DuplicateTurn", (e) =>
+                attempt > 0 ? Effect.succeed({ turn_id: TurnId.make(e.turn_id) }) : Effect.fail(e))
+            )
+          ).pipe(
             Effect.catchTags(clusterErrors),
             // Not accepted: nothing will write to the stream.
             Effect.onExit((exit) => Effect.sync(() => exit._tag === "Failure" && stream.cancel()))
@@ -90,8 +124,7 @@ export const layer = Layer.effect(
         }),
 
       cancel: (id) =>
-        client(id).Cancel().pipe(
-          detached,
+        retryShardMoves(() => client(id).Cancel().pipe(detached)).pipe(
           Effect.asVoid,
           dieOnDeliveryFailure
         ),
@@ -110,8 +143,7 @@ export const layer = Layer.effect(
 
       resume: (id, after) =>
         Effect.gen(function*() {
-          const turnId = after?.turnId ?? (yield* client(id).InFlight().pipe(
-            detached,
+          const turnId = after?.turnId ?? (yield* retryShardMoves(() => client(id).InFlight().pipe(detached)).pipe(
             dieOnDeliveryFailure
           ))
           if (turnId === null) return Option.none()

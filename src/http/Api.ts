@@ -82,6 +82,7 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
       .setPayload(CreateConversationPayload)
       .addSuccess(ConversationCreated, { status: 201 })
       .addError(ApiError.ModelNotFoundJson)
+      .addError(ApiError.EngineUnavailableJson)
   )
   .add(
     HttpApiEndpoint.post("sendTurn")`/v1/conversations/${id}/turns`
@@ -99,6 +100,7 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
   .add(
     HttpApiEndpoint.post("cancel")`/v1/conversations/${id}/cancel`
       .addError(ApiError.ConversationNotFoundJson)
+      .addError(ApiError.EngineUnavailableJson)
   )
   .add(
     HttpApiEndpoint.get("resume")`/v1/conversations/${id}/stream`
@@ -109,6 +111,7 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
       .addError(ApiError.ConversationNotFoundJson)
       .addError(ApiError.StreamNotFoundJson)
       .addError(ApiError.StreamUnavailableJson)
+      .addError(ApiError.EngineUnavailableJson)
   )
   .add(
     HttpApiEndpoint.get("history")`/v1/conversations/${id}`

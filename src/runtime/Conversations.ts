@@ -31,8 +31,12 @@ export type SendTurnError =
   | ShuttingDown
 
 export interface ConversationsService {
-  /** Creates a conversation (durably) and returns its id. */
-  readonly create: (input: CreateConversation) => Effect.Effect<ConversationId, ModelNotFound | StorageError>
+  /**
+   * Creates a conversation (durably) and returns its id. EngineError `unavailable`: the cluster
+   * could not reach the conversation's entity (its shard moving for longer than ~5 s); so for
+   * `cancel` and `resume`.
+   */
+  readonly create: (input: CreateConversation) => Effect.Effect<ConversationId, ModelNotFound | StorageError | EngineError>
   /**
    * Appends the user turn durably, then starts generation. The effect succeeds only once the
    * user turn is stored (the acknowledgement point); its failures map to 404/409/400/503.
@@ -52,7 +56,7 @@ export interface ConversationsService {
     }
   ) => Effect.Effect<TurnStream, SendTurnError>
   /** Stops the running generation, if any; its KV blocks are freed within one scheduler step. */
-  readonly cancel: (id: ConversationId) => Effect.Effect<void, ConversationNotFound | StorageError>
+  readonly cancel: (id: ConversationId) => Effect.Effect<void, ConversationNotFound | StorageError | EngineError>
   /**
    * History page: the `limit` most recent turns with seq < `before` (all when absent), in
    * chronological order; `next_cursor` is the seq to pass as `before` for the older page.
@@ -79,7 +83,7 @@ export interface ConversationsService {
     after: { readonly turnId: TurnId; readonly index: number } | undefined
   ) => Effect.Effect<
     Option.Option<{ readonly turnId: TurnId; readonly events: Stream.Stream<LoggedEvent, TurnEventsUnavailable> }>,
-    ConversationNotFound | StorageError | StreamNotFound | TurnEventsUnavailable
+    ConversationNotFound | StorageError | StreamNotFound | TurnEventsUnavailable | EngineError
   >
   /** Readiness: `undefined` when turns can be served, else what is not ready. */
   readonly notReady: Effect.Effect<string | undefined>

@@ -29,7 +29,7 @@ export interface NewTurn {
 export interface ConversationStoreService {
   /** Whether the database answers (readiness). */
   readonly ping: Effect.Effect<void, StorageError>
-  /** Stores a new conversation; fails if the id exists. */
+  /** Stores a new conversation; one whose id exists is left as it is (ids are the server's: a retry). */
   readonly createConversation: (row: Omit<ConversationRow, "created_at_ms">) => Effect.Effect<ConversationRow, StorageError>
   readonly getConversation: (id: ConversationId) => Effect.Effect<Option.Option<ConversationRow>, StorageError>
   /**
@@ -130,7 +130,9 @@ const make = Effect.gen(function*() {
     ping: sql`SELECT 1`.pipe(Effect.asVoid, Effect.mapError(storageError("ping"))),
     createConversation: (row) => {
       const full = { ...row, created_at_ms: Date.now() }
-      return sql`INSERT INTO chat_conversations ${sql.insert(full)}`.pipe(
+      // Ids are random and made by the server: a row with this id is this call's own, written
+      // by an attempt whose answer was lost (a retried statement, or a retried entity call).
+      return sql`INSERT INTO chat_conversations ${sql.insert(full)} ON CONFLICT (id) DO NOTHING`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.as(new ConversationRow(full, noValidation)),
         Effect.mapError(storageError("create conversation"))
@@ -147,19 +149,22 @@ const make = Effect.gen(function*() {
       const inserted = options?.idempotencyKey === undefined ? row : { ...row, idempotency_key: options.idempotencyKey }
       let attempts = 0
       // A retried INSERT may meet its own earlier attempt (committed, but the reply was lost):
-      // the same row already there is success; any other row at that seq is a conflict.
+      // the same row already there is success; any other row at that seq is a conflict. So
+      // may a reply delivered twice (a FinishTurn resent after a shard move).
       const insert = Effect.suspend(() => {
         attempts++
         return sql`INSERT INTO chat_turns ${sql.insert(inserted)}`
       }).pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.catchIf(
-          (e) => attempts > 1 && sqlState(e) === "23505",
+          (e) => (attempts > 1 || turn.role === "assistant") && sqlState(e) === "23505",
           (e) =>
-            sql<{ role: string; content: string }>`SELECT role, content FROM chat_turns
+            sql<{ role: string; content: string; status: string }>`SELECT role, content, status FROM chat_turns
               WHERE conversation_id = ${turn.conversation_id} AND seq = ${turn.seq}`.pipe(
               Effect.flatMap((rows) =>
-                rows[0]?.role === turn.role && rows[0]?.content === turn.content ? Effect.void : Effect.fail(e)
+                rows[0]?.role === turn.role && rows[0]?.content === turn.content && rows[0]?.status === turn.status
+                  ? Effect.void
+                  : Effect.fail(e)
               )
             )
         )
@@ -223,7 +228,8 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
     ping: Effect.void,
     createConversation: (row) =>
       Effect.suspend(() => {
-        if (conversations.has(row.id)) return Effect.fail(new StorageError({ message: `conversation ${row.id} exists` }))
+        const existing = conversations.get(row.id)
+        if (existing !== undefined) return Effect.succeed(existing) // as ON CONFLICT DO NOTHING
         const full = new ConversationRow({ ...row, created_at_ms: Date.now() })
         conversations.set(row.id, full)
         turns.set(row.id, [])
@@ -234,7 +240,12 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
       Effect.suspend(() => {
         const list = turns.get(turn.conversation_id)
         if (list === undefined) return Effect.fail(new StorageError({ message: `no conversation ${turn.conversation_id}` }))
-        if (list.some((t) => t.seq === turn.seq)) return Effect.fail(new StorageError({ message: `turn ${turn.seq} exists` }))
+        const existing = list.find((t) => t.seq === turn.seq)
+        if (existing !== undefined) {
+          // As in PostgreSQL: a reply delivered twice is success, anything else a conflict.
+          const same = turn.role === "assistant" && existing.role === turn.role && existing.content === turn.content && existing.status === turn.status
+          return same ? Effect.succeed(existing) : Effect.fail(new StorageError({ message: `turn ${turn.seq} exists` }))
+        }
         const key = options?.idempotencyKey
         if (key !== undefined) {
           const byKey = `${turn.conversation_id}\u0000${key}`

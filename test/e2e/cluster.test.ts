@@ -78,6 +78,25 @@ describe("local cluster: two gateways, two GPU runners", () => {
     await redis?.kill()
   }, 60_000)
 
+  // First: the shards of a cluster that has just started are still settling between the
+  // gateways; calls to entities whose shard moves mid-call are sent again to the new owner.
+  it("right after start, a burst of 512 conversations over both gateways: every create and turn succeeds", async () => {
+    const failures: Array<string> = []
+    const results = await Promise.all(Array.from({ length: 512 }, async (_, i) => {
+      const res = await postJson(`${cluster.gateways[i % 2]}/v1/conversations`, {})
+      if (res.status !== 201) {
+        failures.push(`create ${res.status} ${await res.text()}`)
+        return undefined
+      }
+      const id = ((await res.json()) as any).conversation_id
+      const r = await turn(cluster.gateways[(i + 1) % 2]!, id, { content: "burst", max_tokens: 16 })
+      if (r.status !== 200 || r.terminal?.event !== "done") failures.push(`turn ${r.status} ${JSON.stringify(r.terminal?.data)}`)
+      return r
+    }))
+    expect(failures).toEqual([])
+    await audit(dbUrl, results.filter((r) => r !== undefined))
+  }, 120_000)
+
   it("conversations take turns through either gateway; every client's text is the stored reply", async () => {
     const [gw1, gw2] = cluster.gateways
     const ids = await Promise.all(Array.from({ length: 8 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
@@ -130,6 +149,49 @@ describe("local cluster: two gateways, two GPU runners", () => {
     expect(next.terminal?.event).toBe("done")
     await audit(dbUrl, [next])
   }, 60_000)
+
+  it("a gateway that joins during traffic takes its share of shards, and no request fails while they move", async () => {
+    const [gw1, gw2Url] = cluster.gateways
+    const gw2 = cluster.runners.get("gw-2")!
+    gw2.process.kill("SIGTERM")
+    await gw2.exited
+    const gateways = [gw1]
+    // Clients keep creating conversations and taking turns on gw-1 while gw-2 comes back:
+    // requests in flight on the shards that move to it are sent again to their new owner.
+    const results: Array<TurnResult> = []
+    const failures: Array<string> = []
+    let stop = false
+    const client = async () => {
+      for (let i = 0; !stop; i++) {
+        const gw = gateways[i % gateways.length]!
+        const res = await postJson(`${gw}/v1/conversations`, {})
+        if (res.status !== 201) {
+          failures.push(`create ${res.status} ${await res.text()}`)
+          continue
+        }
+        const id = ((await res.json()) as any).conversation_id
+        const r = await turn(gateways[(i + 1) % gateways.length]!, id, { content: "joining", max_tokens: 16 })
+        if (r.status !== 200 || r.terminal?.event !== "done") failures.push(`turn ${r.status} ${JSON.stringify(r.terminal?.data)}`)
+        results.push(r)
+      }
+    }
+    const clients = Array.from({ length: 32 }, client)
+    await new Promise((r) => setTimeout(r, 1000))
+    await cluster.restart("gw-2")
+    gateways.push(gw2Url) // ready: it serves requests while its shards come to it
+    await new Promise((r) => setTimeout(r, 6000)) // the shard moves settle meanwhile
+    stop = true
+    await Promise.all(clients)
+    expect(failures).toEqual([])
+    expect(results.length).toBeGreaterThan(32)
+    await audit(dbUrl, results)
+    const status = execFileSync(process.execPath, ["--import", "tsx", "scripts/cluster.ts", "status"], { env: { ...process.env, DATABASE_URL: dbUrl } }).toString()
+    // Both gateways hold Conversation shards (16 in the "default" group, split between them).
+    const shards = (name: string) => Number(new RegExp(`^${name} +up +\\S+ +\\S+ +(\\d+)`, "m").exec(status)?.[1])
+    expect(shards("gw-1")).toBeGreaterThan(0)
+    expect(shards("gw-2")).toBeGreaterThan(0)
+    expect(shards("gw-1") + shards("gw-2")).toBe(16)
+  }, 120_000)
 
   it("drill (a): SIGKILL the gateway that holds streaming clients; they resume on the other one, every token once; turns whose Conversation moved are taken over (409 to a second turn)", async () => {
     const [gw1, gw2] = cluster.gateways

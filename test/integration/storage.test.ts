@@ -37,6 +37,11 @@ for (const [name, layer] of suites) {
             store.appendTurn({ conversation_id: id, seq: 2, role: "user", content: "x", status: "completed", num_prompt_tokens: null, num_completion_tokens: null })
           )
           expect(dup._tag).toBe("StorageError")
+          // A reply delivered twice (the same assistant row) is stored once; a different one is refused.
+          const reply = { conversation_id: id, seq: 3, role: "assistant" as const, content: "turn 3", status: "completed" as const, num_prompt_tokens: 13, num_completion_tokens: 3 }
+          yield* store.appendTurn(reply)
+          expect((yield* Effect.flip(store.appendTurn({ ...reply, content: "other" })))._tag).toBe("StorageError")
+          expect((yield* Effect.flip(store.appendTurn({ ...reply, status: "failed" })))._tag).toBe("StorageError")
           const latest = yield* store.listTurns(id, { limit: 2 })
           expect(latest.map((t) => t.seq)).toEqual([3, 4])
           expect(latest[0]!.turn_id).toBe(`${id}:3`)
@@ -45,8 +50,11 @@ for (const [name, layer] of suites) {
           expect(older.map((t) => t.content)).toEqual(["turn 1", "turn 2"])
           const oldest = yield* store.listTurns(id, { before: 1, limit: 50 })
           expect(oldest.map((t) => t.seq)).toEqual([0])
-          // A duplicate conversation id is refused too.
-          expect((yield* Effect.flip(store.createConversation({ id, model: "mini", system_prompt: null })))._tag).toBe("StorageError")
+          // Creating an existing id (the server's own retry) leaves the conversation as it was.
+          yield* store.createConversation({ id, model: "other", system_prompt: "changed" })
+          const again = yield* store.getConversation(id)
+          expect(Option.getOrThrow(again).model).toBe("mini")
+          expect((yield* store.listTurns(id, { limit: 50 })).length).toBe(5)
         }))
     })
   })
