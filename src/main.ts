@@ -24,6 +24,7 @@ import * as ConversationEntity from "./actors/Conversation.js"
 import * as ConversationsLive from "./actors/ConversationsLive.js"
 import * as DecodeSlot from "./actors/DecodeSlot.js"
 import * as GpuScheduler from "./actors/GpuScheduler.js"
+import { RunningSlots } from "./actors/internal/runningSlots.js"
 import * as HttpServer from "./http/Server.js"
 import * as Cluster from "./runtime/Cluster.js"
 import * as DataPlane from "./runtime/DataPlane.js"
@@ -160,7 +161,7 @@ const MainLive = Layer.unwrapEffect(
     )
     const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
     const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive).pipe(
-      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive))
+      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer))
     )
     const ClusterLive = EntitiesLive.pipe(
       Layer.provideMerge(

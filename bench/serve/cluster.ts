@@ -98,6 +98,10 @@ const main = async () => {
   } finally {
     await cluster.stop()
     await db2.drop()
+    // The runners' warnings and errors, for looking into a run's errors (not committed).
+    const lines = [...cluster.runners].flatMap(([name, r]) =>
+      r.output().split("\n").filter((l) => / (WARN|ERROR) /.test(l)).map((l) => `${name} ${l}`))
+    writeFileSync(path.join(REPO_ROOT, "bench/results/scratch-cluster-runners.log"), lines.join("\n") + "\n")
   }
 
   const result = {

@@ -25,7 +25,7 @@ import { ClusterSchema, Entity, type Sharding } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
 import { DataPlane } from "../runtime/DataPlane.js"
-import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
+import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { type ConversationId, TurnId } from "../runtime/Domain.js"
 import {
   ConversationNotFound,
@@ -92,7 +92,12 @@ export const Conversation = Entity.make("Conversation", [
    * The turn whose reply may still be generating: the running one, else (after a shard move
    * or a restart) the reply reserved after a last user turn. Null when neither.
    */
-  Rpc.make("InFlight", { success: Schema.NullOr(TurnId), error: Schema.Union(ConversationNotFound, StorageError) })
+  Rpc.make("InFlight", { success: Schema.NullOr(TurnId), error: Schema.Union(ConversationNotFound, StorageError) }),
+  /**
+   * A reader resumes the running turn `turn_id` from its DecodeSlot's own buffer (the turn
+   * log is unavailable): see DecodeSlot's Attach. @returns whether the slot took the reader.
+   */
+  Rpc.make("Attach", { payload: { turn_id: TurnId, stream_id: TurnStreamId, after_index: Schema.Int }, success: Schema.Boolean })
 ]).annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
 
 /** A turn between SendTurn and FinishTurn. */
@@ -119,6 +124,8 @@ const ACQUIRE_TIMEOUT = Duration.seconds(10)
  * admitting and starting it (up to the admission timeout).
  */
 const TAKEOVER_WAIT_MS = 15_000
+/** ...and at most this long while it cannot tell (turn log unreadable, a GPU not answering). */
+const TAKEOVER_MAX_WAIT_MS = 300_000
 
 /** How long Cancel waits for the cancelled turn to be stored before it answers. */
 const CANCEL_SETTLE_TIMEOUT = Duration.seconds(10)
@@ -264,7 +271,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
        * Runs once per instance, before any message is handled.
        */
       const recover = Effect.gen(function*() {
-        yield* load
+        const conv = yield* load
         if (active !== undefined || lastStoredTurn?.role !== "user") return
         const turn: ActiveTurn = {
           turnId: TurnId.make(`${id}:${lastStoredTurn.seq + 1}`),
@@ -278,7 +285,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         Deferred.unsafeDone(turn.userTurnStored, Exit.succeed(true))
         active = turn
         hold()
-        runFork(takeOver(turn))
+        runFork(takeOver(turn, conv.pool))
       }).pipe(
         Effect.catchAll((e) =>
           e._tag === "ConversationNotFound" ? Effect.void : Effect.logWarning(`conversation ${id}: its running turn could not be recovered`, e)
@@ -288,23 +295,32 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       )
 
       /**
-       * Reads the taken-over turn's log until it says where the turn runs (its last `start`
-       * event: slot and request), then watches it as its own (a lost GPU runner still moves
-       * it). The previous owner may still be starting it (its last steps run to the end), so a
-       * log without a start is read again each second for TAKEOVER_WAIT_MS. A turn that ended
-       * (`done`: its reply is stored) is released; one that never started, or ended without
-       * its reply stored, gets a `failed` reply, so the conversation is never stuck.
+       * Finds where a taken-over turn runs, then watches it as its own (a lost GPU runner still
+       * moves it). The pool's GPUs are asked (FindTurn: slot and request) and the turn's log is
+       * read (its last `start` event says the same, and is all there is when that GPU's runner
+       * is gone). The previous owner may still be starting the turn (its last steps run to the
+       * end), so each second for TAKEOVER_WAIT_MS it is looked for again. A turn that ended
+       * (`done`: its reply is stored) is released; one that never started, or ended without its
+       * reply stored, gets a `failed` reply, so the conversation is never stuck. While the log is
+       * unreadable and a GPU does not answer, it waits (up to TAKEOVER_MAX_WAIT_MS).
        */
-      const takeOver = (turn: ActiveTurn) =>
+      const takeOver = (turn: ActiveTurn, pool: string) =>
         Effect.gen(function*() {
-          const deadline = Date.now() + TAKEOVER_WAIT_MS
+          const gpuIds = (lookup(topology.pools, pool)?.gpus ?? []).map((g) => g.id)
+          const startedAt = Date.now()
           for (;;) {
-            const events = yield* eventLog.read(turn.turnId).pipe(Effect.orElseSucceed(() => []))
+            const [found, logged] = yield* Effect.all([
+              Effect.forEach(gpuIds, (gpuId) =>
+                gpus(gpuId).FindTurn({ turn_id: turn.turnId }).pipe(Effect.timeout(Duration.seconds(1)), Effect.option), { concurrency: "unbounded" }),
+              eventLog.read(turn.turnId).pipe(Effect.option)
+            ], { concurrency: 2 })
             if (active !== turn) return // its FinishTurn came meanwhile
-            let started: Extract<LoggedEvent, { kind: "start" }> | undefined
-            for (const e of events) if (e.kind === "start") started = e
-            const request = started === undefined ? Option.none() : decodeStartPayload(started.request)
+            const events = Option.getOrElse(logged, () => [])
+            let started: { readonly slot_id: string; readonly request: unknown } | null = null
+            for (const f of found) if (Option.isSome(f) && f.value !== null) started = f.value
             const ended = events.find((e) => e.kind === "done" || e.kind === "error")
+            if (started === null && ended === undefined) for (const e of events) if (e.kind === "start") started = e
+            const request = started === null ? Option.none() : decodeStartPayload(started.request)
             if (ended === undefined && Option.isSome(request)) {
               turn.slotId = started!.slot_id
               turn.start = request.value
@@ -312,7 +328,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               if (turn.cancelRequested) yield* slots(turn.slotId).Cancel().pipe(Effect.ignore)
               return yield* watchTurn(turn)
             }
-            if (ended !== undefined || Date.now() > deadline) {
+            const waitedMs = Date.now() - startedAt
+            const known = Option.isSome(logged) || found.every(Option.isSome)
+            if (ended !== undefined || (waitedMs > TAKEOVER_WAIT_MS && known) || waitedMs > TAKEOVER_MAX_WAIT_MS) {
               // `done` comes only once the reply is stored; otherwise it is stored as failed.
               if (ended?.kind !== "done") {
                 yield* Effect.logWarning(`turn ${turn.turnId} has no running generation: its reply is stored as failed`)
@@ -583,6 +601,17 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             return last?.role === "user" ? TurnId.make(`${id}:${conv.nextSeq - 1}`) : null
           }),
         FinishTurn: ({ payload }) => finishTurn(payload),
+        Attach: ({ payload }) =>
+          Effect.gen(function*() {
+            yield* recovered
+            const turn = active
+            // A turn being taken over (a shard move) is found within a few seconds.
+            for (let i = 0; i < 50 && turn !== undefined && turn.slotId === undefined && active === turn; i++) {
+              yield* Effect.sleep(Duration.millis(100))
+            }
+            if (turn?.turnId !== payload.turn_id || turn.slotId === undefined) return false
+            return yield* slots(turn.slotId).Attach(payload).pipe(Effect.timeout(Duration.seconds(2)), Effect.orElseSucceed(() => false))
+          }),
         Cancel: () =>
           Effect.gen(function*() {
             yield* load

@@ -4,11 +4,11 @@
  * gets a TurnStream in this runner's registry first; the entity's DecodeSlot writes into it.
  */
 import { randomUUID } from "node:crypto"
-import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule } from "effect"
+import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
 import { ConversationId, HistoryPage, TurnId } from "../runtime/Domain.js"
-import { ConversationNotFound, EngineError, ModelNotFound, ShuttingDown, StreamNotFound } from "../runtime/Errors.js"
-import { TurnEventLog } from "../runtime/TurnEventLog.js"
+import { ConversationNotFound, EngineError, ModelNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable } from "../runtime/Errors.js"
+import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { poolFor, TopologyService } from "../runtime/Topology.js"
@@ -79,6 +79,43 @@ export const layer = Layer.effect(
     const detached = <A, E, R>(effect: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
       Effect.locally(effect, FiberRef.currentContext, layerContext)
 
+    /**
+     * A running turn's events after `afterIndex`, from its DecodeSlot instead of the turn log:
+     * the slot moves its output to a stream of this runner, first the events it wrote after
+     * that index. Fails with `unavailable` when the slot cannot (the turn is not running, or
+     * its reader wants events from before a failover).
+     */
+    const fromSlot = (id: ConversationId, turnId: TurnId, afterIndex: number, unavailable: TurnEventsUnavailable) =>
+      Effect.gen(function*() {
+        const stream = streams.make(topology.generation.client_buffer_tokens, afterIndex + 1)
+        stream.setTurnId(turnId)
+        const attached = yield* retryShardMoves(() =>
+          client(id).Attach({ turn_id: turnId, stream_id: stream.id, after_index: afterIndex }).pipe(detached)
+        ).pipe(Effect.orElseSucceed(() => false))
+        if (!attached) {
+          stream.cancel()
+          return yield* unavailable
+        }
+        /** The next token event's index (the terminal event's is the number of token events). */
+        let next = afterIndex + 1
+        const events: Stream.Stream<LoggedEvent, TurnEventsUnavailable> = stream.toStream().pipe(
+          Stream.map((e): LoggedEvent => {
+            if (e._tag === "Token") return { index: (next = e.index + 1) - 1, kind: "token", text: e.text, ids: [] }
+            const { usage } = e
+            return {
+              index: next,
+              kind: "done",
+              done: { turn_id: e.turn_id, finish_reason: e.finish_reason, usage: { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens } }
+            }
+          }),
+          Stream.catchAll((e) => {
+            const failed: LoggedEvent = { index: next, kind: "error", code: e._tag === "GenerationFailed" ? "generation_failed" : e.code, message: e.message }
+            return Stream.succeed(failed)
+          })
+        )
+        return { _tag: "Events", events } as const
+      })
+
     return Conversations.of({
       create: (input) =>
         Effect.gen(function*() {
@@ -147,7 +184,11 @@ export const layer = Layer.effect(
             dieOnDeliveryFailure
           ))
           if (turnId === null) return Option.none()
-          const followed = yield* eventLog.follow(turnId, after?.index ?? -1)
+          const afterIndex = after?.index ?? -1
+          const followed = yield* eventLog.follow(turnId, afterIndex).pipe(
+            // No log (Redis down): the turn's DecodeSlot replays its own buffer into a stream here.
+            Effect.catchTag("TurnEventsUnavailable", (e) => fromSlot(id, turnId, afterIndex, e))
+          )
           switch (followed._tag) {
             case "Missing":
               // Without a Last-Event-ID there is just nothing in flight to follow.

@@ -12,8 +12,10 @@
  * `Cancel` (POST cancel) and a reader that goes away (disconnect) stop the sequence: its KV
  * blocks are free before the next scheduler step, and the turn ends as `cancelled`.
  *
- * Slot state lives in the runner (not in the entity instance), so an entity that is idle
- * between messages may be reaped while its sequence runs.
+ * Slot state lives in the runner's RunningSlots (with the engine that holds the sequence, not
+ * in the entity instance), so an entity that is idle between messages may be reaped while its
+ * sequence runs. `Attach` moves the output to a reader that resumes from the slot's own buffer
+ * when the turn log (Redis) is unavailable.
  */
 import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
@@ -27,6 +29,7 @@ import { DataPlane } from "../runtime/DataPlane.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { shardGroupOf, UnknownGpu } from "./GpuScheduler.js"
+import { RunningSlots } from "./internal/runningSlots.js"
 
 export const Sampling = Schema.Struct({
   temperature: Schema.Number,
@@ -59,6 +62,9 @@ export const StartPayload = Schema.Struct({
 })
 export type StartPayload = typeof StartPayload.Type
 
+/** What a slot's sequence was started with, without a failover's `resume`. */
+export type StartRequest = Omit<StartPayload, "resume">
+
 export const DecodeSlot = Entity.make("DecodeSlot", [
   Rpc.make("Start", {
     payload: StartPayload,
@@ -67,7 +73,12 @@ export const DecodeSlot = Entity.make("DecodeSlot", [
   /** Stops the slot's sequence, if any. @returns whether one was running. */
   Rpc.make("Cancel", { success: Schema.Boolean }),
   /** Whether the slot runs `turn_id` (its owner's liveness probe: no answer means the runner is gone). */
-  Rpc.make("Alive", { payload: { turn_id: TurnId }, success: Schema.Boolean })
+  Rpc.make("Alive", { payload: { turn_id: TurnId }, success: Schema.Boolean }),
+  /**
+   * A reader resumes `turn_id` from this slot's own buffer (the turn log is unavailable): its
+   * text goes to `stream_id` from token event `after_index + 1` on. @returns whether it could.
+   */
+  Rpc.make("Attach", { payload: { turn_id: TurnId, stream_id: TurnStreamId, after_index: Schema.Int }, success: Schema.Boolean })
 ]).annotate(ClusterSchema.ShardGroup, shardGroupOf)
   .annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
 
@@ -116,8 +127,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const eventLog = yield* TurnEventLog
   const finisher = yield* TurnFinisher
   const runFork = Runtime.runFork(yield* Effect.runtime<never>())
-  /** Live sequences of this runner's slots, by slot entity id: their turn and how to cancel each. */
-  const running = new Map<string, { readonly turnId: string; readonly cancel: () => boolean }>()
+  const running = yield* RunningSlots
 
   return DecodeSlot.toLayer(
     Effect.gen(function*() {
@@ -135,14 +145,20 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           const fail = <E>(error: E) => Effect.zipRight(worker.releaseSlot(slot), Effect.fail(error))
           const model = models.get(payload.pool)
           if (model === undefined) return yield* fail(new EngineError({ code: "unknown_pool", message: payload.pool }))
-          const stream = dataPlane.sink(payload.stream_id, payload.resume?.num_events ?? 0)
-          if (stream === undefined) {
+          const first = dataPlane.sink(payload.stream_id, payload.resume?.num_events ?? 0)
+          if (first === undefined) {
             return yield* fail(
               new EngineError({ code: "stream_not_found", message: `no open token stream ${payload.stream_id}` })
             )
           }
 
+          /** Where the text goes: the turn's reader, or one that resumed it from this slot (Attach). */
+          let stream = first
           const resume = payload.resume
+          /** Token event index of `deltas[0]`: 0, or where this slot took the turn over. */
+          const firstIndex = resume?.num_events ?? 0
+          /** The text of every token event this slot wrote (a resuming reader's replay). */
+          const deltas: Array<string> = []
           const detokenizer = model.tokenizer.newDetokenizer()
           // A failover continues the detokenizer's state where the lost slot's text ended.
           if (resume !== undefined) for (const id of resume.token_ids) detokenizer.push(id)
@@ -223,6 +239,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 }
                 text += delta
                 if (delta.length > 0) {
+                  deltas.push(delta)
                   eventLog.append(payload.turn_id, { index: numEvents++, kind: "token", text: delta, ids: unloggedIds })
                   unloggedIds = []
                   if (!stream.token(delta)) handle?.pause()
@@ -244,7 +261,20 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             end("cancelled", "cancelled")
             return true
           }
-          running.set(slotId, { turnId: payload.turn_id, cancel })
+          const attach = (streamId: TurnStreamId, afterIndex: number): boolean => {
+            if (ended || afterIndex + 1 < firstIndex || afterIndex + 1 > numEvents) return false
+            const sink = dataPlane.sink(streamId, afterIndex + 1)
+            if (sink === undefined) return false
+            // One reader per turn: the earlier one is told, and its departure no longer cancels.
+            const earlier = stream
+            stream = sink
+            earlier.fail("stream_resumed", "this turn's stream was resumed by another connection")
+            for (let i = afterIndex + 1; i < numEvents; i++) sink.token(deltas[i - firstIndex]!)
+            sink.setProducer({ onDrain: () => h.resume(), onCancel: cancel })
+            h.resume() // the earlier reader may have paused it
+            return true
+          }
+          running.set(slotId, { turnId: payload.turn_id, request, cancel, attach })
           stream.setProducer({ onDrain: () => h.resume(), onCancel: cancel })
         })
 
@@ -252,7 +282,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         Start: ({ payload }) => start(payload),
         Cancel: () =>
           Effect.sync(() => running.get(slotId)?.cancel() ?? false),
-        Alive: ({ payload }) => Effect.sync(() => running.get(slotId)?.turnId === payload.turn_id)
+        Alive: ({ payload }) => Effect.sync(() => running.get(slotId)?.turnId === payload.turn_id),
+        Attach: ({ payload }) =>
+          Effect.sync(() => {
+            const live = running.get(slotId)
+            return live?.turnId === payload.turn_id && live.attach(payload.stream_id, payload.after_index)
+          })
       })
     }),
     // Stateless between messages (the sequence lives in the runner), so an idle slot entity

@@ -9,6 +9,7 @@ import { Rpc } from "@effect/rpc"
 import { Effect, Either, Schema } from "effect"
 import { EngineError } from "../runtime/Errors.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
+import { RunningSlots } from "./internal/runningSlots.js"
 
 /** Every GPU-pinned entity id starts with its GPU id: "gpu-0", "gpu-0/17". */
 export const shardGroupOf = (entityId: string): string => entityId.split("/")[0]!
@@ -50,7 +51,16 @@ export const GpuScheduler = Entity.make("GpuScheduler", [
   Rpc.make("ReleaseSlot", { payload: { slot_id: Schema.String }, error: UnknownGpu }),
   Rpc.make("Stats", { success: GpuStats, error: Schema.Union(UnknownGpu, EngineError) }),
   /** Answers while the GPU's runner is up (failover's liveness probe, one per GPU, not per turn). */
-  Rpc.make("Ping", {})
+  Rpc.make("Ping", {}),
+  /**
+   * The slot of this GPU that runs `turn_id`, and what started it; null when none does. A
+   * Conversation that took a turn over after a shard move asks its pool's GPUs this (the turn
+   * log, which says it too, may be unavailable).
+   */
+  Rpc.make("FindTurn", {
+    payload: { turn_id: Schema.String },
+    success: Schema.NullOr(Schema.Struct({ slot_id: Schema.String, request: Schema.Unknown }))
+  })
 ]).annotate(ClusterSchema.ShardGroup, shardGroupOf)
   .annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
 
@@ -59,6 +69,7 @@ export const layer = GpuScheduler.toLayer(
     const address = yield* Entity.CurrentAddress
     const gpuId = address.entityId
     const workers = yield* GpuWorkers
+    const running = yield* RunningSlots
     const worker = Effect.suspend(() => {
       const w = workers.get(gpuId)
       return w === undefined ? Effect.fail(new UnknownGpu({ gpu_id: gpuId })) : Effect.succeed(w)
@@ -78,6 +89,13 @@ export const layer = GpuScheduler.toLayer(
           return `${gpuId}/${admitted.right}`
         }),
       Ping: () => Effect.void,
+      FindTurn: ({ payload }) =>
+        Effect.sync(() => {
+          for (const [slotId, live] of running) {
+            if (live.turnId === payload.turn_id && shardGroupOf(slotId) === gpuId) return { slot_id: slotId, request: live.request }
+          }
+          return null
+        }),
       ReleaseSlot: ({ payload }) =>
         Effect.flatMap(worker, (w) => w.releaseSlot(Number(payload.slot_id.split("/")[1]))),
       Stats: () =>

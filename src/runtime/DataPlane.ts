@@ -191,7 +191,7 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
         if (feeder === undefined || feeder.from !== from) {
           const retired = feeder?.retired ?? new Set<string>()
           if (feeder !== undefined) retired.add(feeder.from)
-          const f: Feeder = { from, paused: false, nextIndex: feeder?.nextIndex ?? 0, retired, waiting: undefined }
+          const f: Feeder = { from, paused: false, nextIndex: feeder?.nextIndex ?? stream.firstIndex, retired, waiting: undefined }
           feeders.set(id, feeder = f)
           stream.setProducer({
             onDrain: () => {

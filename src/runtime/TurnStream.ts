@@ -90,10 +90,13 @@ export class TurnStream {
   constructor(
     id: TurnStreamId,
     onClose: (stream: TurnStream) => void = () => {},
-    private readonly bufferEvents: number = 64
+    private readonly bufferEvents: number = 64,
+    /** Index of its first token event: 0, or where a resumed reader goes on. */
+    readonly firstIndex: number = 0
   ) {
     this.id = id
     this.onClose = onClose
+    this.nextIndex = firstIndex
   }
 
   /** Whether `done` or `fail` was called, or the reader went away. */
@@ -346,8 +349,10 @@ export class TurnStreams extends Context.Tag("chat/TurnStreams")<TurnStreams, {
   /**
    * A new registered stream; it leaves the registry when it ends or its reader goes.
    * @param bufferEvents unread events before backpressure (`client_buffer_tokens`).
+   * @param firstIndex index of the first token event it will carry (a resume's: after the
+   *   client's Last-Event-ID); 0 for a new turn.
    */
-  readonly make: (bufferEvents: number) => TurnStream
+  readonly make: (bufferEvents: number, firstIndex?: number) => TurnStream
   readonly get: (id: TurnStreamId) => TurnStream | undefined
   readonly size: () => number
   /** Every open stream, for a graceful stop. */
@@ -359,8 +364,8 @@ export class TurnStreams extends Context.Tag("chat/TurnStreams")<TurnStreams, {
       const streams = new Map<TurnStreamId, TurnStream>()
       const remove = (stream: TurnStream) => void streams.delete(stream.id)
       return {
-        make: (bufferEvents) => {
-          const stream = new TurnStream(TurnStreamId.make(`${runnerName}.${randomUUID()}`), remove, bufferEvents)
+        make: (bufferEvents, firstIndex = 0) => {
+          const stream = new TurnStream(TurnStreamId.make(`${runnerName}.${randomUUID()}`), remove, bufferEvents, firstIndex)
           streams.set(stream.id, stream)
           return stream
         },

@@ -6,7 +6,7 @@
  * every acknowledged user turn has its reply row, and every client's text equals it.
  */
 import { execFileSync } from "node:child_process"
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import { type LocalCluster, privateRedis, type RedisProcess, startCluster } from "../support/cluster.js"
 import { freshDatabase, sqlAt } from "../support/database.js"
 import { assertEngineBuilt } from "../support/engineProcess.js"
@@ -21,7 +21,9 @@ interface TurnResult {
 }
 
 const create = async (url: string): Promise<string> => {
-  const res = await postJson(`${url}/v1/conversations`, {})
+  // A pooled keep-alive socket to a gateway that a drill restarted can be found closed on
+  // first use ("other side closed"): a create is safe to send again.
+  const res = await postJson(`${url}/v1/conversations`, {}).catch(() => postJson(`${url}/v1/conversations`, {}))
   expect(res.status).toBe(201)
   return ((await res.json()) as any).conversation_id
 }
@@ -65,6 +67,7 @@ describe("local cluster: two gateways, two GPU runners", () => {
   let dbUrl: string
   // A Redis of this suite's own, so that drill (e) can stop it.
   let redis: RedisProcess
+  const stopped = new WeakSet<object>()
 
   beforeAll(async () => {
     assertEngineBuilt()
@@ -72,6 +75,16 @@ describe("local cluster: two gateways, two GPU runners", () => {
     redis = await privateRedis()
     cluster = await startCluster({ databaseUrl: dbUrl, redisUrl: redis.url })
   }, 180_000)
+
+  afterEach(() => {
+    // A runner that ended by itself (not killed by a drill) crashed: its last output says why.
+    for (const r of cluster?.runners.values() ?? []) {
+      if (r.process.exitCode !== null && r.process.signalCode === null && !stopped.has(r.process)) {
+        stopped.add(r.process)
+        console.log(`${r.name} exited with ${r.process.exitCode}:\n${r.output().slice(-4000)}`)
+      }
+    }
+  })
 
   afterAll(async () => {
     await cluster?.stop()
@@ -330,6 +343,45 @@ describe("local cluster: two gateways, two GPU runners", () => {
       }
       expect(Date.now()).toBeLessThan(recovered)
       await new Promise((r) => setTimeout(r, 500))
+    }
+  }, 120_000)
+
+  it("drill (e, resume): with Redis down, clients of a killed gateway resume on the other one from the GPU runners' own buffers, every token once", async () => {
+    const [gw1, gw2] = cluster.gateways
+    await redis.kill()
+    try {
+      const ids = await Promise.all(Array.from({ length: 6 }, () => create(gw2)))
+      const seen = ids.map(() => [] as Array<SseEvent>)
+      const first = ids.map((id, i) =>
+        postJson(`${gw1}/v1/conversations/${id}/turns`, { role: "user", content: "No log", max_tokens: 1200 }).then((res) => {
+          expect(res.status).toBe(200)
+          return readSse(res, (e) => void seen[i]!.push(e)).catch(() => [])
+        })
+      )
+      const deadline = Date.now() + 20_000
+      while (seen.some((s) => s.filter((e) => e.event === "token").length < 10) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
+      const gw1Process = cluster.runners.get("gw-1")!
+      gw1Process.process.kill("SIGKILL")
+      await gw1Process.exited
+      await Promise.all(first)
+      const resumed = await Promise.all(ids.map(async (id, i) => {
+        const tokens = seen[i]!.filter((e) => e.event === "token")
+        const res = await fetch(`${gw2}/v1/conversations/${id}/stream`, { headers: { "last-event-id": tokens.at(-1)!.id! } })
+        expect(res.status).toBe(200)
+        return { id, before: tokens, rest: await readSse(res, () => undefined) }
+      }))
+      for (const r of resumed) {
+        const restTokens = r.rest.filter((e) => e.event === "token")
+        const indices = [...r.before, ...restTokens].map((e) => Number(e.id!.split(":").at(-1)))
+        expect(indices).toEqual(indices.map((_, i) => i))
+        expect(r.rest.at(-1)?.event).toBe("done")
+        const stored = await waitForRows(dbUrl, r.id, 2)
+        expect(stored[1]).toMatchObject({ role: "assistant", status: "completed", content: [...r.before, ...restTokens].map((e) => e.data.text).join("") })
+      }
+    } finally {
+      await redis.start()
+      const gw1 = cluster.runners.get("gw-1")!.process
+      if (gw1.exitCode !== null || gw1.signalCode !== null) await cluster.restart("gw-1")
     }
   }, 120_000)
 
