@@ -22,6 +22,8 @@
  *   --no-overhead          skip bench/scheduler/overhead.ts
  *   --cluster              the local cluster against the one-process server at 512 streams
  *                          (bench/serve/cluster.ts; its own options: --streams, --warmup, --duration)
+ *   --event-loop           the one-process server's own event-loop delay at 2,048 streams
+ *                          (bench/serve/event-loop.ts; the same options)
  *   --profile DIR          the service runs with `node --cpu-prof --cpu-prof-dir DIR` (a .cpuprofile
  *                          per service start, written when it stops)
  */
@@ -555,8 +557,10 @@ const main = async () => {
   process.stdout.write(out.join("\n") + "\n")
 }
 
-// `--cluster`: the local cluster against the one-process server instead (bench/serve/cluster.ts).
+// `--cluster`: the local cluster against the one-process server instead (bench/serve/cluster.ts);
+// `--event-loop`: the one-process server's event-loop delay at 2,048 streams (bench/serve/event-loop.ts).
 if (flag("cluster")) void import("./cluster.js")
+else if (flag("event-loop")) void import("./event-loop.js")
 else main().then(
   () => process.exit(0),
   (e) => {

@@ -141,7 +141,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           if (running.has(slotId)) return yield* new EngineError({ code: "slot_busy", message: `slot ${slotId} is running` })
           const worker = workers.get(gpuId)
           if (worker === undefined) return yield* new UnknownGpu({ gpu_id: gpuId })
-          // From here on a failed Start gives the slot back (it was taken by AcquireSlot).
+          if (!worker.claimSlot(slot)) {
+            return yield* new EngineError({ code: "slot_expired", message: `slot ${slotId} was not reserved (its reservation expired)` })
+          }
+          // From here on a failed Start gives the slot back (claimed from AcquireSlot's reservation).
           const fail = <E>(error: E) => Effect.zipRight(worker.releaseSlot(slot), Effect.fail(error))
           const model = models.get(payload.pool)
           if (model === undefined) return yield* fail(new EngineError({ code: "unknown_pool", message: payload.pool }))

@@ -116,6 +116,13 @@ export interface GpuWorker {
    * time). An idle GPU admits any prompt: its own prefill time is no reason to refuse it.
    */
   readonly admit: (request: AdmitRequest) => Either.Either<number, AdmitRefusal>
+  /**
+   * Marks a reserved slot as started. @returns false when its reservation had expired: a
+   * reservation not started within `reservationTimeoutMs` (its admitter never heard the
+   * answer, or went away) is freed by the next admission.
+   */
+  readonly claimSlot: (slot: number) => boolean
+  /** Frees a reserved or started slot (a free one is left as it is). */
   readonly releaseSlot: (slot: number) => Effect.Effect<void>
   /** Admits nothing from now on (a drain): running and waiting sequences go on. */
   readonly stopAdmitting: () => void
@@ -154,8 +161,14 @@ export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
   readonly stepDeadlineMinMs?: number
   /** Sequences wait this long for a restarting engine before they fail (default 30 s). */
   readonly engineDownMaxMs?: number
+  /** A slot reserved by `admit` and not claimed within this is freed (default 60 s). */
+  readonly reservationTimeoutMs?: number
 }
 
+
+const SLOT_FREE = 0
+const SLOT_RESERVED = 1
+const SLOT_STARTED = 2
 
 export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, EngineError, Scope.Scope> =>
   Effect.gen(function*() {
@@ -186,6 +199,21 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     const sinks = new Map<number, SeqSink>()
     let draining = false
     const freeSlots = Array.from({ length: options.numSlots }, (_, i) => options.numSlots - 1 - i)
+    /** Each slot's state: free, reserved by `admit` (with its time in `reservedAtMs`), or started. */
+    const slotState = new Uint8Array(options.numSlots) // SLOT_FREE
+    const reservedAtMs = new Map<number, number>()
+    const reservationTimeoutMs = options.reservationTimeoutMs ?? 60_000
+    const freeSlot = (slot: number) => {
+      if (slotState[slot] === SLOT_FREE) return
+      slotState[slot] = SLOT_FREE
+      reservedAtMs.delete(slot)
+      freeSlots.push(slot)
+    }
+    /** Frees the reservations nobody started (a lost admission answer would leak its slot). */
+    const expireReservations = () => {
+      const now = Date.now()
+      for (const [slot, at] of reservedAtMs) if (now - at > reservationTimeoutMs) freeSlot(slot)
+    }
     let nextSeqId = 1
     let numSteps = 0
     const stepHistory = options.stepHistory ?? 1024
@@ -458,6 +486,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         if (draining) {
           return Either.left({ reason: "draining", message: `${options.gpuId} is draining (its runner is stopping)`, retryAfterS: 1 })
         }
+        if (reservedAtMs.size > 0) expireReservations()
         if (freeSlots.length === 0) {
           return Either.left({ reason: "no_free_slot", message: `all ${options.numSlots} decode slots of ${options.gpuId} are taken`, retryAfterS: 1 })
         }
@@ -469,9 +498,18 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
             retryAfterS: Math.min(60, Math.max(1, Math.ceil(waitMs / 1000)))
           })
         }
-        return Either.right(freeSlots.pop()!)
+        const slot = freeSlots.pop()!
+        slotState[slot] = SLOT_RESERVED
+        reservedAtMs.set(slot, Date.now())
+        return Either.right(slot)
       },
-      releaseSlot: (slot) => Effect.sync(() => void freeSlots.push(slot)),
+      claimSlot: (slot) => {
+        if (slotState[slot] !== SLOT_RESERVED) return false
+        slotState[slot] = SLOT_STARTED
+        reservedAtMs.delete(slot)
+        return true
+      },
+      releaseSlot: (slot) => Effect.sync(() => freeSlot(slot)),
       stopAdmitting: () => void (draining = true),
       isEngineUp: () => engineUp,
       recentSteps: () => steps.slice()

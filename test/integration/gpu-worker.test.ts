@@ -142,4 +142,26 @@ describe("GpuWorker with the real engine", () => {
       const full = admit(3_600_000)
       expect(Either.isLeft(full) && full.left.reason).toBe("no_free_slot")
     }), 30_000)
+
+  it.scopedLive("a reserved slot nobody starts is freed after the reservation timeout; a started one is not", () =>
+    Effect.gen(function*() {
+      const worker = yield* makeWorker(64, { numSlots: 2, reservationTimeoutMs: 300 })
+      const admit = () => worker.admit({ priority: 0, numPromptTokens: 8, ttftTargetMs: 3_600_000 })
+      const started = Either.getOrThrow(admit())
+      expect(worker.claimSlot(started)).toBe(true)
+      const lost = Either.getOrThrow(admit()) // its admitter never heard the answer
+      expect(Either.isLeft(admit())).toBe(true)
+      yield* Effect.sleep(Duration.millis(400))
+      // The lost reservation is free again; the started slot stays taken.
+      expect(Either.getOrThrow(admit())).toBe(lost)
+      expect(Either.isLeft(admit())).toBe(true)
+      // A Start that comes after its reservation expired and was given to another finds it taken.
+      expect(worker.claimSlot(lost)).toBe(true)
+      expect(worker.claimSlot(lost)).toBe(false)
+      // Released twice (an ended sequence and a late ReleaseSlot): freed once.
+      yield* worker.releaseSlot(started)
+      yield* worker.releaseSlot(started)
+      expect(Either.isRight(admit())).toBe(true)
+      expect(Either.isLeft(admit())).toBe(true)
+    }), 30_000)
 })
