@@ -11,6 +11,7 @@
  * - BENCH_MAX_NUM_BATCHED_TOKENS (default 8192): token budget per step (chunked prefill)
  * - BENCH_KV_CACHE_BYTES (default 8 GiB): the KV budget the engine is given (`--kv-cache-bytes`)
  * - BENCH_CLIENT_BUFFER_TOKENS (default 64): tokens a client may lag before backpressure
+ * - BENCH_TTFT_P99_MS (default 800): the tier's TTFT target, past which admission refuses
  */
 import type { TopologyInput } from "../../src/runtime/Topology.js"
 
@@ -38,7 +39,7 @@ const config: TopologyInput = {
   },
   // Generous limits: the benchmark measures serving, not rate limiting.
   tiers: {
-    bench: { pool: "default", priority: 0, rpm: 100_000_000, tpm: 2_000_000_000, ttft_p99_ms: 800 }
+    bench: { pool: "default", priority: 0, rpm: 100_000_000, tpm: 2_000_000_000, ttft_p99_ms: int("BENCH_TTFT_P99_MS", 800) }
   },
   default_tier: "bench",
   generation: {

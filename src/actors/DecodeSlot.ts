@@ -293,9 +293,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           })
       })
     }),
-    // Stateless between messages (the sequence lives in the runner), so an idle slot entity
-    // is dropped soon: a waiting turn then holds no entity instance on the GPU side.
-    { concurrency: "unbounded", maxIdleTime: Duration.seconds(1) }
+    // Stateless between messages (the sequence lives in RunningSlots), but kept for a minute:
+    // slots are reused last-freed-first, so a busy GPU's slot instances live on instead of
+    // being made and reaped per turn. Reaped after 1 s, the idle reaper closed hundreds at once
+    // every 5 s at 2,048 streams: 50-160 ms event-loop stalls (bench/results/event-loop.json).
+    // The cost: ~20 KB per slot used in the last minute.
+    { concurrency: "unbounded", maxIdleTime: Duration.minutes(1) }
   )
 }))
 

@@ -87,26 +87,78 @@ const inOrder = (afterIndex: number, emit: { single: (e: LoggedEvent) => unknown
   }
 }
 
+/**
+ * An ended turn's token events, packed: one string and the end offset and index of each
+ * event (a turn's events are kept for ENDED_TTL_S after it ends, ~2 objects per token
+ * otherwise; at 2,048 streams that was hundreds of MB and long major GCs). Ids are dropped:
+ * only a failover reads them, and it reads running turns.
+ */
+interface PackedTurn {
+  readonly text: string
+  readonly ends: Uint32Array
+  readonly indices: Int32Array
+  readonly terminal: LoggedEvent
+}
+
+const pack = (events: ReadonlyArray<LoggedEvent>, terminal: LoggedEvent): PackedTurn => {
+  const tokens = events.filter((e): e is Extract<LoggedEvent, { kind: "token" }> => e.kind === "token")
+  const ends = new Uint32Array(tokens.length)
+  const indices = new Int32Array(tokens.length)
+  let end = 0
+  tokens.forEach((e, i) => {
+    end += e.text.length
+    ends[i] = end
+    indices[i] = e.index
+  })
+  return { text: tokens.map((e) => e.text).join(""), ends, indices, terminal }
+}
+
+const unpack = (packed: PackedTurn): Array<LoggedEvent> => {
+  const events: Array<LoggedEvent> = []
+  let start = 0
+  for (let i = 0; i < packed.ends.length; i++) {
+    events.push({ index: packed.indices[i]!, kind: "token", text: packed.text.slice(start, packed.ends[i]), ids: [] })
+    start = packed.ends[i]!
+  }
+  events.push(packed.terminal)
+  return events
+}
+
 export const layerMemory = Layer.sync(TurnEventLog, () => {
-  const turns = new Map<string, { events: Array<LoggedEvent>; listeners: Set<(e: LoggedEvent) => void>; timer?: ReturnType<typeof setTimeout> }>()
+  interface MemoryTurn {
+    /** The events of a running turn; undefined once it ended and was packed. */
+    events: Array<LoggedEvent> | undefined
+    packed: PackedTurn | undefined
+    readonly listeners: Set<(e: LoggedEvent) => void>
+    timer?: ReturnType<typeof setTimeout>
+  }
+  const turns = new Map<string, MemoryTurn>()
+  const eventsOf = (turn: MemoryTurn): ReadonlyArray<LoggedEvent> => turn.events ?? (turn.packed === undefined ? [] : unpack(turn.packed))
   return TurnEventLog.of({
     append: (turnId, event) => {
       let turn = turns.get(turnId)
-      if (turn === undefined) turns.set(turnId, turn = { events: [], listeners: new Set() })
+      if (turn === undefined) turns.set(turnId, turn = { events: [], packed: undefined, listeners: new Set() })
+      if (turn.events === undefined) return // ended already
       turn.events.push(event)
       for (const listener of turn.listeners) listener(event)
       if (isTerminal(event)) {
         const t = turn
+        t.packed = pack(t.events!, event)
+        t.events = undefined
         t.timer = setTimeout(() => turns.get(turnId) === t && turns.delete(turnId), ENDED_TTL_S * 1000)
         t.timer.unref()
       }
     },
-    read: (turnId) => Effect.sync(() => [...(turns.get(turnId)?.events ?? [])]),
+    read: (turnId) => Effect.sync(() => {
+      const turn = turns.get(turnId)
+      return turn === undefined ? [] : [...eventsOf(turn)]
+    }),
     follow: (turnId, afterIndex) =>
       Effect.sync((): Followed => {
         const turn = turns.get(turnId)
         if (turn === undefined) return { _tag: "Missing" }
-        const last = turn.events.at(-1)
+        const logged = eventsOf(turn)
+        const last = logged.at(-1)
         if (last !== undefined && isTerminal(last) && last.index <= afterIndex) return { _tag: "Ended" }
         const events = Stream.asyncPush<LoggedEvent, TurnEventsUnavailable>((emit) =>
           Effect.acquireRelease(
@@ -116,7 +168,7 @@ export const layerMemory = Layer.sync(TurnEventLog, () => {
               const push = (e: LoggedEvent) => {
                 if (open && e.kind !== "start") open = next(e)
               }
-              for (const e of turn.events) push(e)
+              for (const e of logged) push(e)
               if (!open || (last !== undefined && isTerminal(last))) return undefined
               turn.listeners.add(push)
               return push
