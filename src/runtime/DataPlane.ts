@@ -138,9 +138,10 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
         }
         return p
       }
+      let closed = false
       const flush = (p: NonNullable<ReturnType<typeof peers.get>>) => {
         p.flushScheduled = false
-        if (p.sending || p.outbox.length === 0) return
+        if (closed || p.sending || p.outbox.length === 0) return
         const batch = p.outbox
         p.outbox = []
         p.sending = true
@@ -158,6 +159,7 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
         )
       }
       const send = (to: string, message: Message) => {
+        if (closed) return
         const p = peer(to)
         p.outbox.push(message)
         if (!p.flushScheduled) {
@@ -294,6 +296,7 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
       })()
       yield* Effect.addFinalizer(() =>
         Effect.sync(() => {
+          closed = true
           pull.close()
           for (const p of peers.values()) p.socket.close()
         })
