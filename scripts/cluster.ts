@@ -36,7 +36,8 @@ const status = Effect.gen(function*() {
     )
     for (const g of s.gpus) {
       console.log(
-        `  ${g.gpu_id}: engine ${g.engine_up ? "up" : "DOWN"}, KV ${g.num_used_blocks}/${g.num_blocks} blocks, ${g.num_running} running, ${g.num_waiting} waiting`
+        `  ${g.gpu_id}: engine ${g.engine_up ? "up" : "DOWN"}, KV ${g.num_used_blocks}/${g.num_blocks} blocks, ${g.num_running} running, ${g.num_waiting} waiting` +
+          (g.prefix_cache_queried_tokens === undefined ? "" : `, prefix cache ${g.prefix_cache_hit_tokens}/${g.prefix_cache_queried_tokens} prompt tokens hit, ${g.num_cached_free_blocks} cached free blocks`)
       )
     }
   }

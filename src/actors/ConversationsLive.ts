@@ -6,7 +6,7 @@
 import { randomUUID } from "node:crypto"
 import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
-import { ConversationId, HistoryPage, TurnId } from "../runtime/Domain.js"
+import { ConversationId, HistoryPage, TurnId, usageJson } from "../runtime/Domain.js"
 import { ConversationNotFound, EngineError, ModelNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable } from "../runtime/Errors.js"
 import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
@@ -105,7 +105,7 @@ export const layer = Layer.effect(
             return {
               index: next,
               kind: "done",
-              done: { turn_id: e.turn_id, finish_reason: e.finish_reason, usage: { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens } }
+              done: { turn_id: e.turn_id, finish_reason: e.finish_reason, usage: usageJson(usage) }
             }
           }),
           Stream.catchAll((e) => {

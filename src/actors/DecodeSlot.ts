@@ -169,6 +169,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           /** The generated ids while `text` is exactly their decoding (see FinishedTurn). */
           let tokenIds: Array<number> | undefined = resume === undefined ? [] : undefined
           let numTokens = resume?.token_ids.length ?? 0
+          /** Prompt tokens the GPU's prefix cache served (OpenAI's `cached_tokens`). */
+          let numCachedTokens = 0
           let handle: SeqHandle | undefined
           let ended = false
           /** Token events written so far: the next one's index (as the stream numbers them). */
@@ -201,7 +203,11 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   onFailure: (e) => failStream("storage_error", `the turn could not be stored: ${e.message}`),
                   onSuccess: () => {
                     if (error !== undefined) return failStream("generation_failed", `EngineError: ${error.message}`)
-                    const usage = { prompt_tokens: payload.prompt_token_ids.length, completion_tokens: numTokens }
+                    const usage = {
+                      prompt_tokens: payload.prompt_token_ids.length,
+                      completion_tokens: numTokens,
+                      prompt_tokens_details: { cached_tokens: numCachedTokens }
+                    }
                     eventLog.append(payload.turn_id, { index: numEvents, kind: "done", done: { turn_id: payload.turn_id, finish_reason: finishReason, usage } })
                     stream.done(new DoneEvent({ turn_id: payload.turn_id, finish_reason: finishReason, usage: new Usage(usage, noValidation) }, noValidation))
                   }
@@ -217,8 +223,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               priority: payload.priority
             },
             {
-              onToken: (tokenId, finishReason) => {
+              onToken: (tokenId, finishReason, cached) => {
                 if (ended) return
+                numCachedTokens = cached
                 numTokens++
                 unloggedIds.push(tokenId)
                 // The end-of-sequence token is not part of the text.

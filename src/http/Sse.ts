@@ -8,7 +8,7 @@
  *
  * event: done
  * id: conv_…:1:3
- * data: {"turn_id":"c:1","finish_reason":"stop","usage":{"prompt_tokens":12,"completion_tokens":3}}
+ * data: {"turn_id":"c:1","finish_reason":"stop","usage":{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":0}}}
  *
  * event: error
  * data: {"error":{"code":"engine_error","message":"…"}}

@@ -18,7 +18,7 @@
 import { Context, Effect, Layer } from "effect"
 import { Packr } from "msgpackr"
 import * as Zmq from "zeromq"
-import { DoneEvent, FinishReason, noValidation, TurnId, Usage } from "./Domain.js"
+import { DoneEvent, FinishReason, noValidation, TurnId, Usage, type UsageJson, usageJson } from "./Domain.js"
 import { runnerNamed, type Topology } from "./Topology.js"
 import { TurnEventLog } from "./TurnEventLog.js"
 import { type TurnStreamId, type TurnStreamProducer, TurnStreams } from "./TurnStream.js"
@@ -52,7 +52,7 @@ export const layerLocal = Layer.effect(
 
 type Message =
   | readonly ["t", string, string, number]
-  | readonly ["d", string, { turn_id: string; finish_reason: string; usage: { prompt_tokens: number; completion_tokens: number } }]
+  | readonly ["d", string, { turn_id: string; finish_reason: string; usage: UsageJson }]
   | readonly ["f", string, string, string]
   | readonly ["p" | "r" | "c", string]
 
@@ -93,7 +93,7 @@ class RemoteSink implements TokenSink {
   }
   done(event: DoneEvent): void {
     if (this.end()) {
-      this.send(["d", this.id, { turn_id: event.turn_id, finish_reason: event.finish_reason, usage: { prompt_tokens: event.usage.prompt_tokens, completion_tokens: event.usage.completion_tokens } }])
+      this.send(["d", this.id, { turn_id: event.turn_id, finish_reason: event.finish_reason, usage: usageJson(event.usage) }])
     }
   }
   fail(code: string, message: string): void {

@@ -44,10 +44,25 @@ export class Turn extends Schema.Class<Turn>("Turn")({
   created_at_ms: Schema.Number
 }) {}
 
+/** Token counts of a turn, in OpenAI's shape (`prompt_tokens_details.cached_tokens`: prompt tokens whose KV came from the prefix cache). */
 export class Usage extends Schema.Class<Usage>("Usage")({
   prompt_tokens: Schema.Int,
-  completion_tokens: Schema.Int
+  completion_tokens: Schema.Int,
+  prompt_tokens_details: Schema.Struct({ cached_tokens: Schema.Int })
 }) {}
+
+/** Usage as plain JSON, as every wire form (SSE, data plane, turn log) carries it. */
+export interface UsageJson {
+  readonly prompt_tokens: number
+  readonly completion_tokens: number
+  readonly prompt_tokens_details: { readonly cached_tokens: number }
+}
+
+export const usageJson = (u: UsageJson): UsageJson => ({
+  prompt_tokens: u.prompt_tokens,
+  completion_tokens: u.completion_tokens,
+  prompt_tokens_details: { cached_tokens: u.prompt_tokens_details.cached_tokens }
+})
 
 /** A decoded piece of text; `index` counts token events of this generation from 0. */
 export class TokenEvent extends Schema.TaggedClass<TokenEvent>()("Token", {

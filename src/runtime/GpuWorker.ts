@@ -21,7 +21,7 @@ import { type FinishReason, type SamplingParams, SchedulerCore, type StepPlan, t
 
 /** What a sequence's reader receives (the Queue-based `generate`). */
 export type SeqEvent =
-  | { readonly _tag: "Token"; readonly tokenId: number; readonly finishReason: FinishReason | undefined }
+  | { readonly _tag: "Token"; readonly tokenId: number; readonly finishReason: FinishReason | undefined; readonly numCachedTokens: number }
   | { readonly _tag: "Failed"; readonly error: EngineError }
 
 export interface GenerateRequest {
@@ -36,7 +36,8 @@ export interface GenerateRequest {
  * `finishReason`, or `onFailed`, nothing more comes. Sinks must not throw.
  */
 export interface SeqSink {
-  readonly onToken: (tokenId: number, finishReason: FinishReason | undefined) => void
+  /** `numCachedTokens`: prompt tokens whose KV came from the prefix cache (the same on every token). */
+  readonly onToken: (tokenId: number, finishReason: FinishReason | undefined, numCachedTokens: number) => void
   readonly onFailed: (error: EngineError) => void
 }
 
@@ -68,6 +69,11 @@ export interface StepStats {
   readonly numWaiting: number
   readonly numFreeBlocks: number
   readonly numBlocks: number
+  /** Free blocks that still hold cached KV (counted in numFreeBlocks too). */
+  readonly numCachedFreeBlocks: number
+  /** Prefix-cache lookups and hits since start, in prompt tokens. */
+  readonly numPrefixQueriedTokens: number
+  readonly numPrefixHitTokens: number
 }
 
 /**
@@ -163,6 +169,8 @@ export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
   readonly engineDownMaxMs?: number
   /** A slot reserved by `admit` and not claimed within this is freed (default 60 s). */
   readonly reservationTimeoutMs?: number
+  /** Reuse the KV of full blocks across sequences (KvBlockManager; default true). */
+  readonly enablePrefixCaching?: boolean
 }
 
 
@@ -189,7 +197,11 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     let numEngineRestarts = 0
     const engineInfo = yield* current.client.info
     const maxModelLen = engineInfo.model.max_position_embeddings
-    const kv = new KvBlockManager(engineInfo.num_blocks, engineInfo.block_size)
+    // The hash chains start from the model: another checkpoint's KV for the same ids differs.
+    const kv = new KvBlockManager(engineInfo.num_blocks, engineInfo.block_size, {
+      enableCaching: options.enablePrefixCaching !== false,
+      salt: `${engineInfo.model.architecture}:${options.modelDir}`
+    })
     const core = new SchedulerCore(kv, {
       maxNumBatchedTokens: options.maxNumBatchedTokens,
       maxNumSeqs: options.maxNumSeqs,
@@ -242,7 +254,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         const sink = sinks.get(out.seqId)
         if (sink === undefined) continue
         if (out.finishReason !== undefined) sinks.delete(out.seqId)
-        sink.onToken(out.tokenId, out.finishReason)
+        sink.onToken(out.tokenId, out.finishReason, out.numCachedTokens)
       }
       lastDispatchMs = performance.now() - t0
     }
@@ -438,8 +450,8 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         let paused = false
         let handle: SeqHandle | undefined
         const sink: SeqSink = {
-          onToken: (tokenId, finishReason) => {
-            Queue.unsafeOffer(queue, { _tag: "Token", tokenId, finishReason })
+          onToken: (tokenId, finishReason, numCachedTokens) => {
+            Queue.unsafeOffer(queue, { _tag: "Token", tokenId, finishReason, numCachedTokens })
             if (!paused && finishReason === undefined && size() >= options.bufferTokens) {
               paused = true
               handle?.pause()
@@ -480,7 +492,10 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         numRunning: core.numRunning,
         numWaiting: core.numWaiting,
         numFreeBlocks: kv.numFreeBlocks,
-        numBlocks: kv.numBlocks
+        numBlocks: kv.numBlocks,
+        numCachedFreeBlocks: kv.numCachedFreeBlocks,
+        numPrefixQueriedTokens: kv.numQueriedTokens,
+        numPrefixHitTokens: kv.numHitTokens
       })),
       admit: ({ numPromptTokens, priority, ttftTargetMs }) => {
         if (draining) {

@@ -63,6 +63,7 @@ export const layer = (options: GpuWorkersOptions): Layer.Layer<GpuWorkers, Engin
             maxNumBatchedTokens: pool.engine.max_num_batched_tokens,
             maxNumSeqs: pool.engine.max_num_seqs,
             numSlots: pool.engine.num_slots,
+            enablePrefixCaching: pool.engine.enable_prefix_caching,
             bufferTokens: topology.generation.client_buffer_tokens,
             threads: options.threads,
             logPrefix: options.logEngine ? `[engine ${gpu.id}]` : undefined

@@ -102,7 +102,7 @@ export class KvBlockManager {
 
   /**
    * The longest run of cached blocks that starts `chain` (vLLM's `get_computed_blocks`), at
-   * most enough for `numPromptTokens - 1` tokens. Counts the lookup in the hit statistics.
+   * most enough for `numPromptTokens - 1` tokens.
    * @returns the block ids (not yet held: pass them to `allocate`).
    */
   findCachedPrefix(chain: ReadonlyArray<string>, numPromptTokens: number): ReadonlyArray<number> {
@@ -114,9 +114,25 @@ export class KvBlockManager {
       if (b === undefined) break
       blocks.push(b)
     }
-    this.numQueriedTokens += numPromptTokens
-    this.numHitTokens += blocks.length * this.blockSize
     return blocks
+  }
+
+  /** Counts a sequence's lookup in the hit statistics (once it was admitted with its hit). */
+  recordLookup(numQueriedTokens: number, numHitTokens: number): void {
+    this.numQueriedTokens += numQueriedTokens
+    this.numHitTokens += numHitTokens
+  }
+
+  /**
+   * Forgets every cached block (the engine lost its KV memory: it was restarted). Held blocks
+   * stay held; only their names go.
+   */
+  dropCache(): void {
+    for (const b of this.cachedFree.keys()) this.uncachedFree.push(b)
+    this.cachedFree.clear()
+    this.byHash.clear()
+    this.hashes.fill(undefined)
+    this.chains.clear()
   }
 
   /** Extra blocks `seqId` needs so its table covers `numTokens` tokens (0 if it already does). */
@@ -168,7 +184,7 @@ export class KvBlockManager {
    * `tokenIds`), so that later sequences can share them. A block whose chain another block
    * already names stays unnamed (the first one keeps serving hits).
    */
-  cacheComputedBlocks(seqId: number, tokenIds: ReadonlyArray<number>, numComputedTokens: number): void {
+  cacheComputedBlocks(seqId: number, tokenIds: ReadonlyArray<number>, numComputedTokens: number, knownHashes?: ReadonlyArray<string>): void {
     if (!this.cachingEnabled) return
     const table = this.tables.get(seqId)
     if (table === undefined) return
@@ -176,7 +192,8 @@ export class KvBlockManager {
     if (chain === undefined) this.chains.set(seqId, chain = { numHashed: 0, last: this.options.salt ?? "" })
     const numFull = Math.min(table.length, Math.floor(numComputedTokens / this.blockSize))
     for (let i = chain.numHashed; i < numFull; i++) {
-      chain.last = blockHash(chain.last, tokenIds.slice(i * this.blockSize, (i + 1) * this.blockSize))
+      // The prompt's chain was computed for the lookup already: `knownHashes` (same salt and tokens).
+      chain.last = knownHashes?.[i] ?? blockHash(chain.last, tokenIds.slice(i * this.blockSize, (i + 1) * this.blockSize))
       const b = table[i]!
       if (this.hashes[b] === undefined && !this.byHash.has(chain.last)) {
         this.hashes[b] = chain.last

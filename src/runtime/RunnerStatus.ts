@@ -35,6 +35,11 @@ export interface RunnerStatusRow {
     readonly num_waiting: number
     readonly num_used_blocks: number
     readonly num_blocks: number
+    /** Free blocks that still hold cached KV (prefix cache). */
+    readonly num_cached_free_blocks?: number
+    /** Prefix-cache lookups and hits since the engine started, in prompt tokens. */
+    readonly prefix_cache_queried_tokens?: number
+    readonly prefix_cache_hit_tokens?: number
   }>
 }
 
@@ -75,7 +80,10 @@ export const layer = (options: {
           num_running: s.numRunning,
           num_waiting: s.numWaiting,
           num_used_blocks: s.numBlocks - s.numFreeBlocks,
-          num_blocks: s.numBlocks
+          num_blocks: s.numBlocks,
+          num_cached_free_blocks: s.numCachedFreeBlocks,
+          prefix_cache_queried_tokens: s.numPrefixQueriedTokens,
+          prefix_cache_hit_tokens: s.numPrefixHitTokens
         })))
       const row: RunnerStatusRow = {
         runner: options.runner.name,

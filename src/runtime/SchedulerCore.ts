@@ -46,6 +46,10 @@ interface Sequence {
   engineKnows: boolean
   /** How many entries of the block table the engine has been sent. */
   numBlocksSent: number
+  /** The hash chain of its prompt's full blocks (prefix-cache lookup), made at first admission. */
+  promptHashes: Array<string> | undefined
+  /** Prompt tokens whose KV came from the prefix cache at its first admission. */
+  numCachedTokens: number
 }
 
 /** One sequence's share of a step, in engine `step` terms (PROTOCOL.md). */
@@ -72,6 +76,8 @@ export interface TokenOutput {
   readonly seqId: number
   readonly tokenId: number
   readonly finishReason: FinishReason | undefined
+  /** Prompt tokens served from the prefix cache (OpenAI's `cached_tokens`). */
+  readonly numCachedTokens: number
 }
 
 export interface SchedulerLimits {
@@ -152,7 +158,9 @@ export class SchedulerCore {
       numOutputTokens: 0,
       paused: false,
       engineKnows: false,
-      numBlocksSent: 0
+      numBlocksSent: 0,
+      promptHashes: undefined,
+      numCachedTokens: 0
     }
     this.bySeqId.set(request.seqId, seq)
     insertByPriority(this.waiting, seq)
@@ -189,6 +197,8 @@ export class SchedulerCore {
       seq.numBlocksSent = 0
     }
     this.pendingRelease.clear()
+    // The new engine's KV memory holds nothing: no cached block is valid.
+    this.kv.dropCache()
   }
 
   /** Ids of every live sequence (running and waiting). */
@@ -238,9 +248,22 @@ export class SchedulerCore {
           w++
           continue
         }
-        const n = Math.min(seq.tokenIds.length - seq.numComputedTokens, budget)
+        // Prefix caching: the KV of the longest cached chain of its full blocks is shared, and
+        // its computation starts after it (a preempted sequence gets back what is still cached).
+        let prefix: ReadonlyArray<number> = []
+        if (seq.numComputedTokens === 0 && this.kv.cachingEnabled) {
+          seq.promptHashes ??= this.kv.hashChain(seq.tokenIds, Math.floor((seq.tokenIds.length - 1) / this.kv.blockSize))
+          prefix = this.kv.findCachedPrefix(seq.promptHashes, seq.tokenIds.length)
+        }
+        const start = seq.numComputedTokens + prefix.length * this.kv.blockSize
+        const n = Math.min(seq.tokenIds.length - start, budget)
         // Head-of-line: keep priority order rather than let a small late request jump ahead.
-        if (this.kv.allocate(seq.request.seqId, seq.numComputedTokens + n) === undefined) break
+        if (this.kv.allocate(seq.request.seqId, start + n, prefix) === undefined) break
+        if (seq.numComputedTokens === 0 && this.kv.cachingEnabled) {
+          this.kv.recordLookup(seq.tokenIds.length, start)
+          if (seq.numOutputTokens === 0) seq.numCachedTokens = start
+        }
+        seq.numComputedTokens = start
         this.waiting.splice(w, 1)
         insertByPriority(this.running, seq)
         items.push(this.item(seq, n))
@@ -273,6 +296,7 @@ export class SchedulerCore {
       // Cancelled while the step was in flight: its result is void.
       if (seq === undefined || seq.numComputedTokens !== item.start_pos) continue
       seq.numComputedTokens += item.tokens.length
+      this.kv.cacheComputedBlocks(seq.request.seqId, seq.tokenIds, seq.numComputedTokens, seq.promptHashes)
       if (!item.sample) continue
       const tokenId = sampled.get(item.seq_id)
       if (tokenId === undefined) continue
@@ -283,7 +307,7 @@ export class SchedulerCore {
         : seq.numOutputTokens >= seq.request.maxTokens || seq.tokenIds.length >= this.limits.maxModelLen
         ? "length"
         : undefined
-      ;(seq.numOutputTokens === 1 ? firsts : outputs).push({ seqId: seq.request.seqId, tokenId, finishReason })
+      ;(seq.numOutputTokens === 1 ? firsts : outputs).push({ seqId: seq.request.seqId, tokenId, finishReason, numCachedTokens: seq.numCachedTokens })
       if (finishReason !== undefined) this.finish(seq)
     }
     return firsts.length === 0 ? outputs : firsts.concat(outputs)
@@ -317,6 +341,8 @@ export class SchedulerCore {
     seq.engineKnows = false
     seq.numBlocksSent = 0
     seq.numComputedTokens = 0
+    // Its tokens grew: the lookup at its readmission hashes prompt + output so far.
+    seq.promptHashes = undefined
     insertByPriority(this.waiting, seq)
   }
 

@@ -32,7 +32,9 @@ export const EngineSettings = Schema.Struct({
   max_num_batched_tokens: PositiveInt,
   max_num_seqs: PositiveInt,
   /** DecodeSlot entities per GPU: the most concurrent streams it accepts. */
-  num_slots: PositiveInt
+  num_slots: PositiveInt,
+  /** Reuse the KV of full blocks across sequences and turns (default true; false for comparison). */
+  enable_prefix_caching: Schema.optionalWith(Schema.Boolean, { default: () => true })
 })
 export type EngineSettings = typeof EngineSettings.Type
 

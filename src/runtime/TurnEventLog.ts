@@ -15,7 +15,7 @@
  */
 import { Context, Effect, Layer, Stream } from "effect"
 import { Redis } from "ioredis"
-import type { TurnId } from "./Domain.js"
+import type { TurnId, UsageJson } from "./Domain.js"
 import { TurnEventsUnavailable } from "./Errors.js"
 
 export type LoggedEvent =
@@ -31,7 +31,7 @@ export type LoggedEvent =
   | {
     readonly index: number
     readonly kind: "done"
-    readonly done: { readonly turn_id: string; readonly finish_reason: string; readonly usage: { readonly prompt_tokens: number; readonly completion_tokens: number } }
+    readonly done: { readonly turn_id: string; readonly finish_reason: string; readonly usage: UsageJson }
   }
   | { readonly index: number; readonly kind: "error"; readonly code: string; readonly message: string }
 

@@ -21,7 +21,7 @@
 import { randomUUID } from "node:crypto"
 import { Readable } from "node:stream"
 import { Cause, Context, Effect, Fiber, Layer, Option, Runtime, Schema, Stream } from "effect"
-import { DoneEvent, TokenEvent, type TurnEvent } from "./Domain.js"
+import { DoneEvent, TokenEvent, type TurnEvent, type UsageJson, usageJson } from "./Domain.js"
 import { EngineError, GenerationFailed } from "./Errors.js"
 
 export const TurnStreamId = Schema.String.pipe(Schema.brand("TurnStreamId"))
@@ -49,7 +49,7 @@ export const Sse = {
     `event: token\nid: ${idPrefix}${index}\ndata: {"text":${JSON.stringify(text)}}\n\n`,
   /** `id` ends with the index after the last token event. */
   done: (
-    event: { readonly turn_id: string; readonly finish_reason: string; readonly usage: { readonly prompt_tokens: number; readonly completion_tokens: number } },
+    event: { readonly turn_id: string; readonly finish_reason: string; readonly usage: UsageJson },
     idPrefix: string,
     index: number
   ): string =>
@@ -57,7 +57,7 @@ export const Sse = {
       JSON.stringify({
         turn_id: event.turn_id,
         finish_reason: event.finish_reason,
-        usage: { prompt_tokens: event.usage.prompt_tokens, completion_tokens: event.usage.completion_tokens }
+        usage: usageJson(event.usage)
       })
     }\n\n`,
   error: (code: string, message: string): string => `event: error\ndata: ${JSON.stringify({ error: { code, message } })}\n\n`

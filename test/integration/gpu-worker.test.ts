@@ -143,6 +143,30 @@ describe("GpuWorker with the real engine", () => {
       expect(Either.isLeft(full) && full.left.reason).toBe("no_free_slot")
     }), 30_000)
 
+  it.scopedLive("prefix caching: the next turn (prompt + reply + new text) reuses the first turn's KV, and greedy output equals an uncached run token for token", () =>
+    Effect.gen(function*() {
+      const first = prompt(70, 3)
+      const turn = (worker: GpuWorker.GpuWorker, ids: ReadonlyArray<number>) =>
+        Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: ids, maxTokens: 24, sampling: greedy, priority: 0 }), (seq) =>
+          Effect.gen(function*() {
+            const firstEvent = yield* seq.take
+            const rest = yield* drain(seq)
+            return { cached: firstEvent._tag === "Token" ? firstEvent.numCachedTokens : -1, tokens: [...(firstEvent._tag === "Token" ? [firstEvent.tokenId] : []), ...rest.tokens] }
+          })))
+      const cachedWorker = yield* makeWorker(64)
+      const one = yield* turn(cachedWorker, first)
+      expect(one.cached).toBe(0)
+      const next = [...first, ...one.tokens, ...prompt(15, 9)]
+      const two = yield* turn(cachedWorker, next)
+      // 70 + 23 computed tokens of the first turn: 5 full blocks of 16 are cached.
+      expect(two.cached).toBe(80)
+      expect((yield* cachedWorker.stats).numPrefixHitTokens).toBe(80)
+      const uncachedWorker = yield* makeWorker(64, { enablePrefixCaching: false })
+      const reference = yield* turn(uncachedWorker, next)
+      expect(reference.cached).toBe(0)
+      expect(two.tokens).toEqual(reference.tokens)
+    }), 60_000)
+
   it.scopedLive("a reserved slot nobody starts is freed after the reservation timeout; a started one is not", () =>
     Effect.gen(function*() {
       const worker = yield* makeWorker(64, { numSlots: 2, reservationTimeoutMs: 300 })

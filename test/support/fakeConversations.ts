@@ -172,7 +172,7 @@ export const make = (options: FakeOptions = {}) =>
             return new DoneEvent({
               turn_id: TurnId.make(`${id}:${assistantSeq}`),
               finish_reason: wasCancelled ? "cancelled" : limit < numTokens ? "length" : "stop",
-              usage: new Usage({ prompt_tokens: promptTokens, completion_tokens: emitted })
+              usage: new Usage({ prompt_tokens: promptTokens, completion_tokens: emitted, prompt_tokens_details: { cached_tokens: 0 } })
             })
           })
           const events = mode === "!no_done" ? tokens : Stream.concat(tokens, Stream.fromEffect(done))

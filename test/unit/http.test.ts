@@ -160,7 +160,7 @@ describe("HTTP API", () => {
       expect(events[5]!.data).toEqual({
         turn_id: `${id}:1`,
         finish_reason: "stop",
-        usage: { prompt_tokens: content.length, completion_tokens: 5 }
+        usage: { prompt_tokens: content.length, completion_tokens: 5, prompt_tokens_details: { cached_tokens: 0 } }
       })
       expect(text.endsWith("\n\n")).toBe(true)
 
@@ -173,7 +173,7 @@ describe("HTTP API", () => {
       expect(limitedEvents[2]).toEqual({
         event: "done",
         id: "2",
-        data: { turn_id: `${id}:3`, finish_reason: "length", usage: { prompt_tokens: 5, completion_tokens: 2 } }
+        data: { turn_id: `${id}:3`, finish_reason: "length", usage: { prompt_tokens: 5, completion_tokens: 2, prompt_tokens_details: { cached_tokens: 0 } } }
       })
     }))
 

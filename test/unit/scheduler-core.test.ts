@@ -116,8 +116,8 @@ describe("SchedulerCore", () => {
     plan = core.schedule()!
     out = core.applyStepResult(plan, new Map([[1, EOS], [2, 4]]))
     expect(out).toEqual([
-      { seqId: 1, tokenId: EOS, finishReason: "stop" },
-      { seqId: 2, tokenId: 4, finishReason: "length" }
+      { seqId: 1, tokenId: EOS, finishReason: "stop", numCachedTokens: 0 },
+      { seqId: 2, tokenId: 4, finishReason: "length", numCachedTokens: 0 }
     ])
     expect(kv.numFreeBlocks).toBe(16)
     expect(core.takePendingRelease()).toEqual([1, 2])
@@ -140,11 +140,40 @@ describe("SchedulerCore", () => {
     core.applyStepResult(plan, new Map([[1, 8]]))
     core.cancel(1)
     plan = core.schedule()!
-    // seq 2 comes back with its prompt + the token it had produced, as a fresh sequence.
+    // seq 2 comes back with its prompt + the token it had produced, as a fresh sequence; its
+    // first full block was still cached, so it computes from position 16.
     expect(plan.release).toEqual([1])
     expect(plan.items[0]!.seq_id).toBe(2)
-    expect(plan.items[0]!.tokens.length).toBe(33)
+    expect(plan.items[0]!.start_pos).toBe(16)
+    expect(plan.items[0]!.tokens.length).toBe(17)
     expect(plan.items[0]!.block_table).toBeDefined()
+  })
+
+  it("prefix caching: a prompt that extends a finished turn's prompt and output prefills only the rest; off, all of it", () => {
+    for (const enableCaching of [true, false]) {
+      const kv = new KvBlockManager(16, 16, { enableCaching })
+      const core = new SchedulerCore(kv, { maxNumBatchedTokens: 256, maxNumSeqs: 8, maxModelLen: 1024 })
+      const first = request(1, 40, 3)
+      core.add(first)
+      const output: Array<number> = []
+      for (const t of [11, 12, 13]) {
+        const out = core.applyStepResult(core.schedule()!, new Map([[1, t]]))
+        output.push(...out.map((o) => o.tokenId))
+      }
+      expect(output).toEqual([11, 12, 13])
+      expect(kv.numFreeBlocks).toBe(16)
+      // The next turn: the previous prompt, its reply, then new text.
+      const next = { ...request(2, 0, 5), promptTokenIds: [...first.promptTokenIds, ...output, ...Array.from({ length: 10 }, (_, i) => 30 + i)] }
+      core.add(next)
+      const plan = core.schedule()!
+      // 42 tokens had their KV computed (the last sampled one had not): 2 full blocks are cached.
+      expect(plan.items[0]!.start_pos).toBe(enableCaching ? 32 : 0)
+      expect(plan.items[0]!.tokens.length).toBe(enableCaching ? 21 : 53)
+      expect(plan.items[0]!.block_table!.length).toBe(4)
+      const out = core.applyStepResult(plan, new Map([[2, 7]]))
+      expect(out[0]!.numCachedTokens).toBe(enableCaching ? 32 : 0)
+      expect(kv.numHitTokens).toBe(enableCaching ? 32 : 0)
+    }
   })
 
   it("leaves paused sequences out of steps until resumed", () => {

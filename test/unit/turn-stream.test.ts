@@ -12,7 +12,7 @@ const done = (n: number) =>
   new DoneEvent({
     turn_id: TurnId.make("c:1"),
     finish_reason: "stop",
-    usage: new Usage({ prompt_tokens: 3, completion_tokens: n })
+    usage: new Usage({ prompt_tokens: 3, completion_tokens: n, prompt_tokens_details: { cached_tokens: 0 } })
   })
 
 const readAll = (readable: NodeJS.ReadableStream) =>
@@ -42,7 +42,7 @@ describe("TurnStream", () => {
         "event: token\nid: 0\ndata: {\"text\":\"Hel\"}\n\n" +
         "event: token\nid: 1\ndata: {\"text\":\"lo\\n\\\"x\\\"\"}\n\n" +
         "event: token\nid: 2\ndata: {\"text\":\"!\"}\n\n" +
-        "event: done\nid: 3\ndata: {\"turn_id\":\"c:1\",\"finish_reason\":\"stop\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":3}}\n\n"
+        "event: done\nid: 3\ndata: {\"turn_id\":\"c:1\",\"finish_reason\":\"stop\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":3,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n"
     )
     expect(stream.isClosed).toBe(true)
     expect(stream.token("late")).toBe(true) // ignored after the end
