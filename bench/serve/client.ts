@@ -20,6 +20,8 @@ export interface TurnResult {
   error?: { kind: ErrorKind; message: string }
   promptTokens?: number
   completionTokens?: number
+  /** usage.prompt_tokens_details.cached_tokens: prompt tokens served from the prefix cache. */
+  cachedTokens?: number
   /** Aborted by the load generator itself (end of a measurement window): not an error. */
   aborted: boolean
 }
@@ -162,9 +164,12 @@ export const streamTurn = (
         } else if (block.startsWith("event: done")) {
           const data = block.slice(block.indexOf("data: ") + 6)
           try {
-            const usage = (JSON.parse(data) as { usage?: { prompt_tokens?: number; completion_tokens?: number } }).usage
+            const usage = (JSON.parse(data) as {
+              usage?: { prompt_tokens?: number; completion_tokens?: number; prompt_tokens_details?: { cached_tokens?: number } }
+            }).usage
             if (usage?.prompt_tokens !== undefined) result.promptTokens = usage.prompt_tokens
             if (usage?.completion_tokens !== undefined) result.completionTokens = usage.completion_tokens
+            if (usage?.prompt_tokens_details?.cached_tokens !== undefined) result.cachedTokens = usage.prompt_tokens_details.cached_tokens
           } catch {
             // usage is informative only
           }

@@ -81,6 +81,12 @@ export interface PointResult {
     readonly tokensPerEvent: number
   }
   readonly conversations: { readonly created: number; readonly meanTurnsCompleted: number }
+  /**
+   * Turns after a conversation's first (started in the window): mean new prompt tokens (what
+   * the previous turn's prompt + reply did not hold) and mean computed prompt tokens
+   * (prompt − cached_tokens).
+   */
+  readonly laterTurns: { readonly count: number; readonly meanNewTokens: number; readonly meanComputedTokens: number }
   /** Cores used by each process during the window. */
   readonly cpuCores: Record<string, number>
   /** Peak VmRSS of the serving process during the window (bytes), sampled every ~0.5 s. */
@@ -94,6 +100,8 @@ interface Conversation {
   turnsLeft: number
   context: number
   turnsDone: number
+  /** Words that open its first message (Workload.distinctConversations). */
+  readonly opening: string
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms))
@@ -121,6 +129,7 @@ export const runPoint = async (target: Target, point: LoadPoint, options: PointO
   let dropped = 0
   let created = 0
   const turnsPerConversation: Array<number> = []
+  const laterTurns: Array<{ readonly newTokens: number; readonly computedTokens: number }> = []
   const errorKinds: Record<string, number> = {}
   const errorSamples: Array<string> = []
   const noteError = (kind: ErrorKind | "create", message: string) => {
@@ -141,7 +150,13 @@ export const runPoint = async (target: Target, point: LoadPoint, options: PointO
     try {
       const id = await createConversation(target, creations.signal)
       created++
-      return { id, turnsLeft: sampleTurns(u, w.turnsMean, w.turnsCap), context: 0, turnsDone: 0 }
+      return {
+        id,
+        turnsLeft: w.turnsMean === w.turnsCap ? w.turnsCap : sampleTurns(u, w.turnsMean, w.turnsCap),
+        context: 0,
+        turnsDone: 0,
+        opening: w.distinctConversations === true ? ` conversation ${created} ${Math.floor(u() * 1e9)}:` : ""
+      }
     } catch (e) {
       if (!creations.signal.aborted) noteError("create", String(e))
       return undefined
@@ -150,7 +165,7 @@ export const runPoint = async (target: Target, point: LoadPoint, options: PointO
 
   /** Runs one turn of `conv`; false if the conversation cannot go on. */
   const runTurn = async (conv: Conversation, input: number, output: number): Promise<boolean> => {
-    const turn = streamTurn(target, conv.id, contentOf(input), output, onToken)
+    const turn = streamTurn(target, conv.id, (conv.turnsDone === 0 ? conv.opening : "") + contentOf(input), output, onToken)
     sent++
     if (turn.result.start >= windowStart) newInput.push(input)
     inFlight.add(turn)
@@ -160,6 +175,11 @@ export const runPoint = async (target: Target, point: LoadPoint, options: PointO
     conv.turnsLeft--
     if (r.ok) {
       completed++
+      // A later turn's prompt is the previous prompt + reply + this turn's new tokens: with the
+      // prefix cache it computes only about those.
+      if (conv.turnsDone > 0 && r.start >= windowStart && r.promptTokens !== undefined && r.cachedTokens !== undefined) {
+        laterTurns.push({ newTokens: r.promptTokens - conv.context, computedTokens: r.promptTokens - r.cachedTokens })
+      }
       conv.turnsDone++
       if (r.end >= windowStart && r.end < windowEnd) completedInWindow++
       conv.context = (r.promptTokens ?? conv.context + input) + (r.completionTokens ?? output)
@@ -368,6 +388,11 @@ export const runPoint = async (target: Target, point: LoadPoint, options: PointO
       tokensPerEvent: round(tokensPerEvent, 3)
     },
     conversations: { created, meanTurnsCompleted: round(mean(turnsPerConversation), 2) },
+    laterTurns: {
+      count: laterTurns.length,
+      meanNewTokens: round(mean(laterTurns.map((t) => t.newTokens)), 1),
+      meanComputedTokens: round(mean(laterTurns.map((t) => t.computedTokens)), 1)
+    },
     peakRssBytes: peakRss,
     cpuCores: Object.fromEntries(Object.entries(cpuCores).map(([k, v]) => [k, round(v, 2)])),
     clientLoopDelayMs: { p50: ms(loopDelay.percentile(50)), p99: ms(loopDelay.percentile(99)), max: ms(loopDelay.max) }

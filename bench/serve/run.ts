@@ -24,6 +24,8 @@
  *                          (bench/serve/cluster.ts; its own options: --streams, --warmup, --duration)
  *   --event-loop           the one-process server's own event-loop delay at 2,048 streams
  *                          (bench/serve/event-loop.ts; the same options)
+ *   --prefix-routing       prefix caching and conversation-affine routing on 4 simulated GPUs,
+ *                          multi-turn load (bench/serve/prefix-routing.ts; the same options)
  *   --profile DIR          the service runs with `node --cpu-prof --cpu-prof-dir DIR` (a .cpuprofile
  *                          per service start, written when it stops)
  */
@@ -561,6 +563,7 @@ const main = async () => {
 // `--event-loop`: the one-process server's event-loop delay at 2,048 streams (bench/serve/event-loop.ts).
 if (flag("cluster")) void import("./cluster.js")
 else if (flag("event-loop")) void import("./event-loop.js")
+else if (flag("prefix-routing")) void import("./prefix-routing.js")
 else main().then(
   () => process.exit(0),
   (e) => {

@@ -66,6 +66,12 @@ export interface Workload {
   /** A conversation ends early rather than let history + next turn pass this many tokens. */
   readonly maxContextTokens: number
   readonly seed: number
+  /**
+   * Each conversation's first message starts with words of its own, so that conversations
+   * share no prompt prefix (the repeated " hello" content otherwise makes every first turn
+   * a prefix-cache hit of every other).
+   */
+  readonly distinctConversations?: boolean
 }
 
 export const SHAREGPT_LIKE: Workload = {
@@ -82,3 +88,16 @@ export const SHAREGPT_LIKE: Workload = {
  * token; the achieved prompt length is checked against `usage.prompt_tokens`).
  */
 export const contentOf = (n: number): string => " hello".repeat(n)
+
+/**
+ * Multi-turn (issue 11's prefix-cache workload): ShareGPT-like lengths, 10 turns per
+ * conversation (a conversation also ends before its context would pass maxContextTokens),
+ * conversations distinct from their first token.
+ */
+export const MULTI_TURN: Workload = {
+  ...SHAREGPT_LIKE,
+  turnsMean: 10,
+  turnsCap: 10,
+  maxContextTokens: 8192,
+  distinctConversations: true
+}

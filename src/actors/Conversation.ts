@@ -127,6 +127,22 @@ const TAKEOVER_WAIT_MS = 15_000
 /** ...and at most this long while it cannot tell (turn log unreadable, a GPU not answering). */
 const TAKEOVER_MAX_WAIT_MS = 300_000
 
+/**
+ * The GPU that served a conversation's last turn takes its next one while its predicted
+ * queueing delay is within this fraction of the tier's TTFT target (else the pool's others).
+ */
+const AFFINITY_LOAD_FRACTION = 0.5
+
+/** The pool's GPUs in the order admission asks them: `preferred` first, the rest shuffled. */
+const gpuOrder = (gpuIds: ReadonlyArray<string>, preferred: string | undefined): Array<string> => {
+  const rest = gpuIds.filter((g) => g !== preferred)
+  for (let i = rest.length - 1; i > 0; i--) {
+    const j = randomInt(i + 1)
+    ;[rest[i], rest[j]] = [rest[j]!, rest[i]!]
+  }
+  return preferred !== undefined && gpuIds.includes(preferred) ? [preferred, ...rest] : rest
+}
+
 /** How long Cancel waits for the cancelled turn to be stored before it answers. */
 const CANCEL_SETTLE_TIMEOUT = Duration.seconds(10)
 
@@ -405,24 +421,28 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             // Checked before anything is stored: a rejected turn changes nothing.
             const promptIds = yield* buildPrompt(model, conv, input.content, Math.min(maxTokens, 16))
             // Admission before anything is stored too: a refused turn leaves no row.
-            // A GPU picked at random; one that is draining, or whose runner is gone (no answer
-            // within ACQUIRE_TIMEOUT), hands over to the next.
-            const first = pool.gpus.length === 1 ? 0 : randomInt(pool.gpus.length)
+            // Conversation-affine routing: the GPU that served the last turn holds its KV (the
+            // prefix cache), so it is asked first, and takes the turn unless its predicted
+            // queueing delay is past AFFINITY_LOAD_FRACTION of the TTFT target; then the pool's
+            // other GPUs in random order. A GPU that refuses, is draining, or whose runner is
+            // gone (no answer within ACQUIRE_TIMEOUT) hands over to the next.
+            const order = gpuOrder(pool.gpus.map((g) => g.id), pool.routing === "affinity" ? conv.lastGpuId : undefined)
+            const affine = order[0] === conv.lastGpuId && pool.routing === "affinity"
             type AcquireError = Effect.Effect.Error<ReturnType<ReturnType<typeof gpus>["AcquireSlot"]>> | EngineError
             const acquire = (k: number): Effect.Effect<string, AcquireError> => {
-              const gpuId = pool.gpus[(first + k) % pool.gpus.length]!.id
-              const next = k + 1 < pool.gpus.length
+              const gpuId = order[k]!
+              const next = k + 1 < order.length
               return gpus(gpuId).AcquireSlot({
                 priority: tier.priority,
                 num_prompt_tokens: promptIds.length,
-                ttft_target_ms: tier.ttft_p99_ms
+                ttft_target_ms: k === 0 && affine && next ? Math.round(tier.ttft_p99_ms * AFFINITY_LOAD_FRACTION) : tier.ttft_p99_ms
               }).pipe(
                 Effect.timeoutFail({
                   duration: ACQUIRE_TIMEOUT,
                   onTimeout: () => new EngineError({ code: "unavailable", message: `${gpuId} did not answer` })
                 }),
                 Effect.catchIf(
-                  (e) => next && ((e._tag === "AdmissionRefused" && e.reason === "draining") || (e._tag === "EngineError" && e.code === "unavailable")),
+                  (e) => next && (e._tag === "AdmissionRefused" || (e._tag === "EngineError" && e.code === "unavailable")),
                   () => acquire(k + 1)
                 )
               )
@@ -496,6 +516,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             )
             reservedSlot = undefined
             turn.slotId = slotId
+            conv.lastGpuId = shardGroupOf(slotId)
             turn.start = startPayload
             yield* Fiber.join(append).pipe(
               // Not durable: the generation stops, and its FinishTurn stores nothing.

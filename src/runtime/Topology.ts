@@ -42,7 +42,12 @@ export const Pool = Schema.Struct({
   /** "default" (the generated tiny model) or a Hugging Face checkpoint directory. */
   model: Schema.String,
   gpus: Schema.NonEmptyArray(Schema.Struct({ id: GpuId, device: Schema.String.pipe(Schema.pattern(/^(cpu|sim|cuda:\d+)$/)) })),
-  engine: EngineSettings
+  engine: EngineSettings,
+  /**
+   * How a conversation's turns pick a GPU: "affinity" (default) asks the GPU of its last turn
+   * first (its KV is cached there), "random" any (the comparison baseline).
+   */
+  routing: Schema.optionalWith(Schema.Literal("affinity", "random"), { default: () => "affinity" as const })
 })
 export type Pool = typeof Pool.Type
 

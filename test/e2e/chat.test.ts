@@ -114,6 +114,9 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
       secondPromptTokens(tokenizer, "You are terse.", "Hello, who are you?", turn1, "Say more.")
     )
     expect(done2.data.usage.prompt_tokens).toBeGreaterThan(done1.data.usage.prompt_tokens + 5)
+    // Turn 2 builds on turn 1's KV: the full blocks of turn 1's prompt came from the prefix cache.
+    expect(done1.data.usage.prompt_tokens_details.cached_tokens).toBe(0)
+    expect(done2.data.usage.prompt_tokens_details.cached_tokens).toBe(Math.floor(done1.data.usage.prompt_tokens / 16) * 16)
 
     // Turn 3: cancelled mid-stream with POST cancel; a concurrent turn meanwhile gets 409.
     const res3 = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Write a long story.", max_tokens: 3000 })

@@ -24,6 +24,8 @@ export interface ConversationState {
   /** What prompt assembly keeps between turns (history messages' token ids). */
   readonly cache: PromptCache
   nextSeq: number
+  /** The GPU that ran its last turn (its KV is cached there): conversation-affine routing. */
+  lastGpuId?: string | undefined
 }
 
 /** Per-entry overhead counted against the budget, in chars (~bytes of a small object). */

@@ -1,0 +1,101 @@
+/**
+ * `npm run bench -- --prefix-routing` (or `node --import tsx bench/serve/prefix-routing.ts
+ * [--streams 128] [--warmup 15] [--duration 30]`): prefix caching and conversation-affine
+ * routing on four simulated GPUs in one process (bench/serve/multi-gpu.config.ts), under the
+ * closed-loop multi-turn workload (workload.ts MULTI_TURN: 10 turns per conversation,
+ * ShareGPT-like lengths, conversations distinct from their first token). Three runs at the same
+ * load: affinity routing with prefix caching, random routing with prefix caching, and prefix
+ * caching off. Reports output tok/s, TTFT p50/p99, and for turns after a conversation's first
+ * the mean new and computed prompt tokens (computed = prompt − cached_tokens). Writes
+ * bench/results/prefix-routing.json with machine, date, commit and command.
+ */
+import { execFileSync } from "node:child_process"
+import { mkdtempSync, writeFileSync } from "node:fs"
+import os from "node:os"
+import path from "node:path"
+import { makeAgent } from "./client.js"
+import { createPrivateDatabase } from "./database.js"
+import { runPoint } from "./loadgen.js"
+import { REPO_ROOT, startService } from "./processes.js"
+import { Progress } from "./progress.js"
+import { round } from "./stats.js"
+import { MULTI_TURN } from "./workload.js"
+
+const argv = process.argv.slice(2)
+const num = (name: string, fallback: number) => {
+  const i = argv.indexOf(`--${name}`)
+  return i < 0 ? fallback : Number(argv[i + 1])
+}
+const numStreams = num("streams", 128)
+const warmupMs = num("warmup", 15) * 1000
+const durationMs = num("duration", 30) * 1000
+const progress = new Progress()
+
+const MODES = [
+  { name: "affinity, prefix caching", env: { BENCH_ROUTING: "affinity", BENCH_PREFIX_CACHING: "1" } },
+  { name: "random, prefix caching", env: { BENCH_ROUTING: "random", BENCH_PREFIX_CACHING: "1" } },
+  { name: "prefix caching off", env: { BENCH_ROUTING: "random", BENCH_PREFIX_CACHING: "0" } }
+] as const
+
+const runMode = async (mode: (typeof MODES)[number]) => {
+  const db = await createPrivateDatabase(process.env["DATABASE_URL"] ?? "postgres://postgres@127.0.0.1:5432/test")
+  const service = await startService({
+    env: { DATABASE_URL: db.url, SHUTDOWN_GRACE_MS: "2000", CLUSTER_CONFIG: "bench/serve/multi-gpu.config.ts", ...mode.env },
+    dataDir: mkdtempSync(path.join(os.tmpdir(), "bench-prefix-"))
+  })
+  try {
+    const p = await runPoint({ host: service.host, port: service.port, agent: makeAgent() }, { kind: "closed", concurrency: numStreams }, {
+      label: mode.name,
+      warmupMs,
+      durationMs,
+      workload: MULTI_TURN,
+      maxInFlight: numStreams,
+      progress,
+      cpuPids: () => service.pids()
+    })
+    return {
+      mode: mode.name,
+      output_tok_per_s: round(p.outputTokPerS, 1),
+      ttft_ms: { p50: round(p.ttftMs.p50, 1), p99: round(p.ttftMs.p99, 1) },
+      completed_turns: p.requests.completedInWindow,
+      mean_turns_per_conversation: p.conversations.meanTurnsCompleted,
+      later_turns: p.laterTurns,
+      computed_over_new: round(p.laterTurns.meanComputedTokens / Math.max(1, p.laterTurns.meanNewTokens), 2),
+      mean_prompt_tokens: p.tokens.meanPrompt,
+      errors: p.errors.total,
+      cpu_cores: p.cpuCores
+    }
+  } finally {
+    await service.stop()
+    await db.drop()
+  }
+}
+
+const main = async () => {
+  execFileSync("npm", ["run", "build", "--silent"], { cwd: REPO_ROOT, stdio: "inherit" })
+  const runs = []
+  for (const mode of MODES) runs.push(await runMode(mode))
+  const [affinity, random, off] = runs
+  const result = {
+    benchmark: "prefix-routing",
+    command: `node --import tsx bench/serve/prefix-routing.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}`,
+    date: new Date().toISOString(),
+    commit: execFileSync("git", ["rev-parse", "--short", "HEAD"]).toString().trim(),
+    machine: { cpuModel: os.cpus()[0]?.model, cpuCount: os.cpus().length, node: process.version, os: `${os.type()} ${os.release()}` },
+    num_streams: numStreams,
+    runs,
+    affinity_vs_random: {
+      output_tok_per_s_ratio: round(affinity!.output_tok_per_s / random!.output_tok_per_s, 3),
+      ttft_p99_ratio: round(affinity!.ttft_ms.p99 / random!.ttft_ms.p99, 3)
+    },
+    affinity_vs_caching_off: {
+      output_tok_per_s_ratio: round(affinity!.output_tok_per_s / off!.output_tok_per_s, 3),
+      ttft_p99_ratio: round(affinity!.ttft_ms.p99 / off!.ttft_ms.p99, 3)
+    }
+  }
+  console.log(JSON.stringify(result, null, 2))
+  writeFileSync(path.join(REPO_ROOT, "bench/results/prefix-routing.json"), JSON.stringify(result, null, 2) + "\n")
+  process.exit(0)
+}
+
+void main()
