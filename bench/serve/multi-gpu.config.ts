@@ -5,7 +5,7 @@
  *
  * - BENCH_ROUTING: "affinity" (default) or "random" (the pool's `routing`)
  * - BENCH_PREFIX_CACHING: "1" (default) or "0" (the pool's `enable_prefix_caching`)
- * - BENCH_KV_CACHE_BYTES (default 8 GiB per GPU), BENCH_MAX_NUM_SEQS (256), BENCH_NUM_SLOTS (1024)
+ * - BENCH_KV_CACHE_BYTES (default 32 GiB per GPU: an H100 with an 8B model), BENCH_MAX_NUM_SEQS (256), BENCH_NUM_SLOTS (1024)
  */
 import type { TopologyInput } from "../../src/runtime/Topology.js"
 
@@ -19,7 +19,7 @@ const config: TopologyInput = {
       model: "default",
       gpus: [{ id: gpus[0], device: "sim" }, ...gpus.slice(1).map((id) => ({ id, device: "sim" }))],
       engine: {
-        kv_cache_bytes: int("BENCH_KV_CACHE_BYTES", 8 * 1024 * 1024 * 1024),
+        kv_cache_bytes: int("BENCH_KV_CACHE_BYTES", 32 * 1024 * 1024 * 1024),
         max_num_batched_tokens: 8192,
         max_num_seqs: int("BENCH_MAX_NUM_SEQS", 256),
         num_slots: int("BENCH_NUM_SLOTS", 1024),
