@@ -26,6 +26,8 @@
  *                          (bench/serve/event-loop.ts; the same options)
  *   --prefix-routing       prefix caching and conversation-affine routing on 4 simulated GPUs,
  *                          multi-turn load (bench/serve/prefix-routing.ts; the same options)
+ *   --turn-ttft            TTFT per turn of one conversation on the CPU engine, prefix caching
+ *                          on and off (bench/serve/turn-ttft.ts)
  *   --profile DIR          the service runs with `node --cpu-prof --cpu-prof-dir DIR` (a .cpuprofile
  *                          per service start, written when it stops)
  */
@@ -564,6 +566,7 @@ const main = async () => {
 if (flag("cluster")) void import("./cluster.js")
 else if (flag("event-loop")) void import("./event-loop.js")
 else if (flag("prefix-routing")) void import("./prefix-routing.js")
+else if (flag("turn-ttft")) void import("./turn-ttft.js")
 else main().then(
   () => process.exit(0),
   (e) => {
