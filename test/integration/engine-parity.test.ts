@@ -625,4 +625,39 @@ describe("engine parity (Llama, llama3 rope scaling, untied lm_head, BF16)", () 
     )
     await client.ok({ type: "release", seq_ids: [1] })
   })
+
+  it("prefix caching: a new sequence that shares a released one's full blocks (start_pos past them) gives the same logits and greedy tokens as computing them", async () => {
+    const info = await client.ok({ type: "info" })
+    const bs = info["block_size"] as number
+    const first = promptTokens(5 * bs + 7, 500, 1000, 11)
+    // Sequence 10 computes its prompt into blocks 0..5, then is released: its blocks' KV stays.
+    await client.request({ type: "step", seqs: [{ seq_id: 10, tokens: first, start_pos: 0, block_table: [0, 1, 2, 3, 4, 5], sampling: GREEDY }] })
+    await client.ok({ type: "release", seq_ids: [10] })
+    // The next prompt starts with its first 5 full blocks, then goes another way.
+    const next = [...first.slice(0, 5 * bs), ...promptTokens(40, 700, 1000, 12)]
+    const cached = 5 * bs
+    const greedy = async (seqId: number, table: Array<number>, startPos: number) => {
+      let out = outputsOf(await client.request({
+        type: "step",
+        seqs: [{ seq_id: seqId, tokens: next.slice(startPos), start_pos: startPos, block_table: table, sampling: GREEDY, return_logits: true }]
+      }))[0]!
+      const logits = [decodeLogits(out["logits"] as Uint8Array)]
+      const tokens = [out["token"] as number]
+      for (let pos = next.length; tokens.length < 8; pos++) {
+        out = outputsOf(await client.request({ type: "step", seqs: [{ seq_id: seqId, tokens: [tokens.at(-1)!], start_pos: pos, return_logits: true }] }))[0]!
+        logits.push(decodeLogits(out["logits"] as Uint8Array))
+        tokens.push(out["token"] as number)
+      }
+      await client.ok({ type: "release", seq_ids: [seqId] })
+      return { logits, tokens }
+    }
+    // Shared blocks 0..4 (read, never written) plus new blocks, against fresh blocks throughout.
+    const hit = await greedy(11, [0, 1, 2, 3, 4, 20, 21, 22], cached)
+    const fresh = await greedy(12, [30, 31, 32, 33, 34, 35, 36, 37], 0)
+    expect(hit.tokens).toEqual(fresh.tokens)
+    hit.logits.forEach((l, i) => expect(maxRelativeError(l, fresh.logits[i]!), `step ${i}`).toBeLessThanOrEqual(1e-4))
+    // Reading block 4 as if it held other tokens' KV changes the output: the test can tell.
+    const wrong = await greedy(13, [0, 1, 2, 3, 5, 20, 21, 22], cached)
+    expect(wrong.logits.some((l, i) => maxRelativeError(l, fresh.logits[i]!) > 1e-3)).toBe(true)
+  })
 })
