@@ -21,15 +21,11 @@ import { REPO_ROOT, startService } from "./processes.js"
 import { Progress } from "./progress.js"
 import { round } from "./stats.js"
 import { SHAREGPT_LIKE } from "./workload.js"
+import { numberArg, provenance } from "./provenance.js"
 
-const argv = process.argv.slice(2)
-const num = (name: string, fallback: number) => {
-  const i = argv.indexOf(`--${name}`)
-  return i < 0 ? fallback : Number(argv[i + 1])
-}
-const numStreams = num("streams", 512)
-const warmupMs = num("warmup", 10) * 1000
-const durationMs = num("duration", 20) * 1000
+const numStreams = numberArg("streams", 512)
+const warmupMs = numberArg("warmup", 10) * 1000
+const durationMs = numberArg("duration", 20) * 1000
 const serverUrl = process.env["DATABASE_URL"] ?? "postgres://postgres@127.0.0.1:5432/test"
 const progress = new Progress()
 
@@ -106,10 +102,7 @@ const main = async () => {
 
   const result = {
     benchmark: "cluster",
-    command: `node --import tsx bench/serve/cluster.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}`,
-    date: new Date().toISOString(),
-    commit: execFileSync("git", ["rev-parse", "--short", "HEAD"]).toString().trim(),
-    machine: { cpuModel: os.cpus()[0]?.model, cpuCount: os.cpus().length, node: process.version, os: `${os.type()} ${os.release()}` },
+    ...provenance(`node --import tsx bench/serve/cluster.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}`),
     num_streams: numStreams,
     one_process: oneProcess,
     cluster: clustered,

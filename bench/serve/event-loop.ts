@@ -20,15 +20,11 @@ import { REPO_ROOT, startService } from "./processes.js"
 import { Progress } from "./progress.js"
 import { round } from "./stats.js"
 import { SHAREGPT_LIKE } from "./workload.js"
+import { numberArg, provenance } from "./provenance.js"
 
-const argv = process.argv.slice(2)
-const num = (name: string, fallback: number) => {
-  const i = argv.indexOf(`--${name}`)
-  return i < 0 ? fallback : Number(argv[i + 1])
-}
-const numStreams = num("streams", 2048)
-const warmupMs = num("warmup", 10) * 1000
-const durationMs = num("duration", 30) * 1000
+const numStreams = numberArg("streams", 2048)
+const warmupMs = numberArg("warmup", 10) * 1000
+const durationMs = numberArg("duration", 30) * 1000
 const STALL_MS = 50
 
 const main = async () => {
@@ -81,10 +77,7 @@ const main = async () => {
     inspector.close()
     const result = {
       benchmark: "event-loop",
-      command: `node --experimental-websocket --import tsx bench/serve/event-loop.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}`,
-      date: new Date().toISOString(),
-      commit: execFileSync("git", ["rev-parse", "--short", "HEAD"]).toString().trim(),
-      machine: { cpuModel: os.cpus()[0]?.model, cpuCount: os.cpus().length, node: process.version, os: `${os.type()} ${os.release()}` },
+      ...provenance(`node --experimental-websocket --import tsx bench/serve/event-loop.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}`),
       num_streams: numStreams,
       event_loop_delay_ms: { p50: round(window.p50, 1), p99: round(window.p99, 1), max: round(window.max, 1) },
       seconds_with_stall_over_50_ms: perSecondMaxMs.filter((m) => m > STALL_MS).length,

@@ -9,9 +9,9 @@
  */
 import { execFileSync } from "node:child_process"
 import { writeFileSync } from "node:fs"
-import os from "node:os"
 import { freshDatabase, sqlPool } from "../../test/support/database.js"
 import { postJson, readSse, startService } from "../../test/support/service.js"
+import { provenance } from "./provenance.js"
 
 const args = process.argv.slice(2)
 const flag = (name: string, fallback: number) => {
@@ -107,10 +107,7 @@ const main = async () => {
   for (const n of exchangeCounts) runs.push(await measure(n))
   const result = {
     benchmark: "long-conversation",
-    command: `node --import tsx bench/serve/long-conversation.ts --exchanges ${exchangeCounts.join(",")} --turns ${numTurns} --engine-threads ${engineThreads} --engine-nice ${nice}`,
-    date: new Date().toISOString(),
-    commit: execFileSync("git", ["rev-parse", "--short", "HEAD"]).toString().trim(),
-    machine: { cpuModel: os.cpus()[0]?.model, cpuCount: os.cpus().length, node: process.version, os: `${os.type()} ${os.release()}` },
+    ...provenance(`node --import tsx bench/serve/long-conversation.ts --exchanges ${exchangeCounts.join(",")} --turns ${numTurns} --engine-threads ${engineThreads} --engine-nice ${nice}`),
     engine_threads: engineThreads,
     engine_nice: nice,
     runs

@@ -20,15 +20,11 @@ import { REPO_ROOT, startService } from "./processes.js"
 import { Progress } from "./progress.js"
 import { round } from "./stats.js"
 import { MULTI_TURN } from "./workload.js"
+import { numberArg, provenance } from "./provenance.js"
 
-const argv = process.argv.slice(2)
-const num = (name: string, fallback: number) => {
-  const i = argv.indexOf(`--${name}`)
-  return i < 0 ? fallback : Number(argv[i + 1])
-}
-const numStreams = num("streams", 128)
-const warmupMs = num("warmup", 15) * 1000
-const durationMs = num("duration", 30) * 1000
+const numStreams = numberArg("streams", 128)
+const warmupMs = numberArg("warmup", 15) * 1000
+const durationMs = numberArg("duration", 30) * 1000
 const progress = new Progress()
 
 const MODES = [
@@ -78,10 +74,7 @@ const main = async () => {
   const [affinity, random, off] = runs
   const result = {
     benchmark: "prefix-routing",
-    command: `node --import tsx bench/serve/prefix-routing.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}`,
-    date: new Date().toISOString(),
-    commit: execFileSync("git", ["rev-parse", "--short", "HEAD"]).toString().trim(),
-    machine: { cpuModel: os.cpus()[0]?.model, cpuCount: os.cpus().length, node: process.version, os: `${os.type()} ${os.release()}` },
+    ...provenance(`node --import tsx bench/serve/prefix-routing.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}`),
     num_streams: numStreams,
     runs,
     affinity_vs_random: {

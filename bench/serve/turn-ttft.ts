@@ -16,14 +16,10 @@ import { createPrivateDatabase } from "./database.js"
 import { REPO_ROOT, startService } from "./processes.js"
 import { round } from "./stats.js"
 import { contentOf } from "./workload.js"
+import { numberArg, provenance } from "./provenance.js"
 
-const argv = process.argv.slice(2)
-const num = (name: string, fallback: number) => {
-  const i = argv.indexOf(`--${name}`)
-  return i < 0 ? fallback : Number(argv[i + 1])
-}
-const numTurns = num("turns", 10)
-const numConversations = num("conversations", 3)
+const numTurns = numberArg("turns", 10)
+const numConversations = numberArg("conversations", 3)
 
 const post = (port: number, pathname: string, body: unknown, onFirstToken?: () => void) =>
   new Promise<string>((resolve, reject) => {
@@ -86,10 +82,7 @@ const main = async () => {
   const off = await runMode(false)
   const result = {
     benchmark: "turn-ttft",
-    command: `node --import tsx bench/serve/turn-ttft.ts --turns ${numTurns} --conversations ${numConversations}`,
-    date: new Date().toISOString(),
-    commit: execFileSync("git", ["rev-parse", "--short", "HEAD"]).toString().trim(),
-    machine: { cpuModel: os.cpus()[0]?.model, cpuCount: os.cpus().length, node: process.version, os: `${os.type()} ${os.release()}` },
+    ...provenance(`node --import tsx bench/serve/turn-ttft.ts --turns ${numTurns} --conversations ${numConversations}`),
     caching_on: on,
     caching_off: off
   }

@@ -220,14 +220,15 @@ describe("local cluster: two gateways, two GPU runners", () => {
     expect(shards("gw-1") + shards("gw-2")).toBe(16)
   }, 120_000)
 
-  it("drill (a): SIGKILL the gateway that holds streaming clients; they resume on the other one, every token once; turns whose Conversation moved are taken over (409 to a second turn)", async () => {
-    const [gw1, gw2] = cluster.gateways
-    // Eight conversations: their entities are spread over gw-1 and gw-2 by shard, so some move.
-    const ids = await Promise.all(Array.from({ length: 8 }, () => create(gw2)))
-    const controllers = ids.map(() => new AbortController())
+  /**
+   * Streams a long turn of each conversation through gw-1, SIGKILLs gw-1 once every client
+   * has 10 tokens, and waits for the cut streams. @returns each client's token events.
+   */
+  const streamThenKillGw1 = async (ids: ReadonlyArray<string>, content: string, maxTokens: number) => {
+    const [gw1] = cluster.gateways
     const seen = ids.map(() => [] as Array<SseEvent>)
     const first = ids.map((id, i) =>
-      postJson(`${gw1}/v1/conversations/${id}/turns`, { role: "user", content: "A long story", max_tokens: 1500 }, controllers[i]!.signal).then((res) => {
+      postJson(`${gw1}/v1/conversations/${id}/turns`, { role: "user", content, max_tokens: maxTokens }).then((res) => {
         expect(res.status).toBe(200)
         return readSse(res, (e) => void seen[i]!.push(e)).catch(() => [])
       })
@@ -238,6 +239,40 @@ describe("local cluster: two gateways, two GPU runners", () => {
     gw1Process.process.kill("SIGKILL")
     await gw1Process.exited
     await Promise.all(first)
+    return seen.map((events) => events.filter((e) => e.event === "token"))
+  }
+
+  /**
+   * Each client resumes on gw-2 with its last event id; every token comes exactly once, the
+   * stream ends with done, and the stored reply is the client's whole text.
+   * @returns how long after `since` the slowest resume was answered (ms).
+   */
+  const resumeOnGw2 = async (ids: ReadonlyArray<string>, before: ReadonlyArray<ReadonlyArray<SseEvent>>, since: number) => {
+    const [, gw2] = cluster.gateways
+    const resumed = await Promise.all(ids.map(async (id, i) => {
+      const res = await fetch(`${gw2}/v1/conversations/${id}/stream`, { headers: { "last-event-id": before[i]!.at(-1)!.id! } })
+      expect(res.status).toBe(200)
+      const answeredAfterMs = Date.now() - since
+      return { id, before: before[i]!, rest: await readSse(res, () => undefined), answeredAfterMs }
+    }))
+    for (const r of resumed) {
+      const restTokens = r.rest.filter((e) => e.event === "token")
+      // Every token exactly once: positions continue where the client was cut off.
+      const indices = [...r.before, ...restTokens].map((e) => Number(e.id!.split(":").at(-1)))
+      expect(indices).toEqual(indices.map((_, i) => i))
+      expect(r.rest.at(-1)?.event).toBe("done")
+      // The turn completes and is stored (its Conversation may have lived on gw-1: the shard moves).
+      const stored = await waitForRows(dbUrl, r.id, 2)
+      expect(stored[1]).toMatchObject({ role: "assistant", status: "completed", content: [...r.before, ...restTokens].map((e) => e.data.text).join("") })
+    }
+    return Math.max(...resumed.map((r) => r.answeredAfterMs))
+  }
+
+  it("drill (a): SIGKILL the gateway that holds streaming clients; they resume on the other one, every token once; turns whose Conversation moved are taken over (409 to a second turn)", async () => {
+    const [, gw2] = cluster.gateways
+    // Eight conversations: their entities are spread over gw-1 and gw-2 by shard, so some move.
+    const ids = await Promise.all(Array.from({ length: 8 }, () => create(gw2)))
+    const before = await streamThenKillGw1(ids, "A long story", 1500)
     const killedAt = Date.now()
     // A second turn while the first streams is turn_in_progress, also where the Conversation
     // lived on gw-1: its new owner took the running turn over from the store and the log.
@@ -246,33 +281,14 @@ describe("local cluster: two gateways, two GPU runners", () => {
       if (res.status === 200) await res.body?.cancel() // a second turn was accepted: the failure below says so
       return { status: res.status, body: res.status === 200 ? undefined : (await res.json()) as any }
     }))
-    const resumed = await Promise.all(ids.map(async (id, i) => {
-      const tokens = seen[i]!.filter((e) => e.event === "token")
-      const lastId = tokens.at(-1)!.id!
-      const res = await fetch(`${gw2}/v1/conversations/${id}/stream`, { headers: { "last-event-id": lastId } })
-      expect(res.status).toBe(200)
-      const resumedAfterMs = Date.now() - killedAt
-      const rest = await readSse(res, () => undefined)
-      return { id, before: tokens, rest, resumedAfterMs }
-    }))
-    for (const r of resumed) {
-      const restTokens = r.rest.filter((e) => e.event === "token")
-      // Every token exactly once: positions continue where the client was cut off.
-      const indices = [...r.before, ...restTokens].map((e) => Number(e.id!.split(":").at(-1)))
-      expect(indices).toEqual(indices.map((_, i) => i))
-      expect(r.rest.at(-1)?.event).toBe("done")
-      const text = [...r.before, ...restTokens].map((e) => e.data.text).join("")
-      // The turn completes and is stored (its Conversation may have lived on gw-1: the shard moves).
-      const stored = await waitForRows(dbUrl, r.id, 2)
-      expect(stored[1]).toMatchObject({ role: "assistant", status: "completed", content: text })
-    }
+    const resumedAfterMs = await resumeOnGw2(ids, before, killedAt)
     for (const r of await second) expect(r).toMatchObject({ status: 409, body: { error: { code: "turn_in_progress" } } })
     // The conversations take their next turn once the first has ended.
     const next = await Promise.all(ids.map((id) => turn(gw2, id, { content: "next", max_tokens: 4 })))
     for (const r of next) expect(r.terminal?.event).toBe("done")
     await audit(dbUrl, next)
     for (const id of ids) expect((await rowsOf(dbUrl, id)).map((r) => r.seq)).toEqual([0, 1, 2, 3])
-    console.log(`drill (a): resume answered ${Math.max(...resumed.map((r) => r.resumedAfterMs))} ms after the kill (max of ${resumed.length})`)
+    console.log(`drill (a): resume answered ${resumedAfterMs} ms after the kill (max of ${ids.length})`)
     await cluster.restart("gw-1")
   }, 120_000)
 
@@ -358,41 +374,15 @@ describe("local cluster: two gateways, two GPU runners", () => {
   }, 120_000)
 
   it("drill (e, resume): with Redis down, clients of a killed gateway resume on the other one from the GPU runners' own buffers, every token once", async () => {
-    const [gw1, gw2] = cluster.gateways
+    const [, gw2] = cluster.gateways
     await redis.kill()
     try {
       const ids = await Promise.all(Array.from({ length: 6 }, () => create(gw2)))
-      const seen = ids.map(() => [] as Array<SseEvent>)
-      const first = ids.map((id, i) =>
-        postJson(`${gw1}/v1/conversations/${id}/turns`, { role: "user", content: "No log", max_tokens: 1200 }).then((res) => {
-          expect(res.status).toBe(200)
-          return readSse(res, (e) => void seen[i]!.push(e)).catch(() => [])
-        })
-      )
-      const deadline = Date.now() + 20_000
-      while (seen.some((s) => s.filter((e) => e.event === "token").length < 10) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
-      const gw1Process = cluster.runners.get("gw-1")!
-      gw1Process.process.kill("SIGKILL")
-      await gw1Process.exited
-      await Promise.all(first)
-      const resumed = await Promise.all(ids.map(async (id, i) => {
-        const tokens = seen[i]!.filter((e) => e.event === "token")
-        const res = await fetch(`${gw2}/v1/conversations/${id}/stream`, { headers: { "last-event-id": tokens.at(-1)!.id! } })
-        expect(res.status).toBe(200)
-        return { id, before: tokens, rest: await readSse(res, () => undefined) }
-      }))
-      for (const r of resumed) {
-        const restTokens = r.rest.filter((e) => e.event === "token")
-        const indices = [...r.before, ...restTokens].map((e) => Number(e.id!.split(":").at(-1)))
-        expect(indices).toEqual(indices.map((_, i) => i))
-        expect(r.rest.at(-1)?.event).toBe("done")
-        const stored = await waitForRows(dbUrl, r.id, 2)
-        expect(stored[1]).toMatchObject({ role: "assistant", status: "completed", content: [...r.before, ...restTokens].map((e) => e.data.text).join("") })
-      }
+      const before = await streamThenKillGw1(ids, "No log", 1200)
+      await resumeOnGw2(ids, before, Date.now())
+      await cluster.restart("gw-1")
     } finally {
-      await redis.start()
-      const gw1 = cluster.runners.get("gw-1")!.process
-      if (gw1.exitCode !== null || gw1.signalCode !== null) await cluster.restart("gw-1")
+      await redis.start() // a failed drill's gw-1 is started again by afterEach
     }
   }, 120_000)
 

@@ -1,0 +1,22 @@
+/**
+ * What the single-purpose benchmarks (cluster, event-loop, prefix-routing, turn-ttft,
+ * long-conversation) share: their numeric `--name N` options, and the command, date, commit
+ * and machine that every bench/results file records.
+ */
+import { execFileSync } from "node:child_process"
+import os from "node:os"
+
+/** `--name N` from this process's arguments, else `fallback`. */
+export const numberArg = (name: string, fallback: number): number => {
+  const argv = process.argv.slice(2)
+  const i = argv.indexOf(`--${name}`)
+  return i < 0 ? fallback : Number(argv[i + 1])
+}
+
+/** The record of a run: `command` as given, now, the short commit, and the machine. */
+export const provenance = (command: string) => ({
+  command,
+  date: new Date().toISOString(),
+  commit: execFileSync("git", ["rev-parse", "--short", "HEAD"]).toString().trim(),
+  machine: { cpuModel: os.cpus()[0]?.model, cpuCount: os.cpus().length, node: process.version, os: `${os.type()} ${os.release()}` }
+})
