@@ -1,17 +1,17 @@
 /**
  * The zero-setup PostgreSQL of `npm start`: PGlite (PostgreSQL compiled to WASM) persisted in
- * a data directory, served over the PostgreSQL wire protocol by pglite-socket on a free
- * loopback port, so the cluster's SQL storages and ours use an ordinary PgClient.
+ * a data directory, served over the PostgreSQL wire protocol on a free loopback port
+ * (internal/pgliteSessions: one connection holds the session per protocol cycle), so the
+ * cluster's SQL storages and ours use an ordinary PgClient.
  *
  * One process only: PGlite shares one backend between connections (advisory locks are not
  * exclusive), so several runners must use a real PostgreSQL.
  */
 import { mkdirSync } from "node:fs"
 import { PGlite } from "@electric-sql/pglite"
-import { PGLiteSocketServer } from "@electric-sql/pglite-socket"
 import { Effect, type Scope } from "effect"
 import { StorageError } from "./Errors.js"
-import { freePort } from "./internal/freePort.js"
+import * as pgliteSessions from "./internal/pgliteSessions.js"
 
 /**
  * Starts PGlite on `dataDir` behind a socket server; returns its connection URL. Both stop
@@ -27,18 +27,14 @@ export const start = (dataDir: string): Effect.Effect<{ readonly url: string }, 
       }),
       (db) => Effect.promise(() => db.close()).pipe(Effect.ignore)
     )
-    const port = yield* Effect.tryPromise({
-      try: freePort,
-      catch: (e) => new StorageError({ message: `no free port: ${String(e)}` })
-    })
     // The cluster's storages hold several connections at once (sharding, message storage).
-    const server = new PGLiteSocketServer({ db, port, host: "127.0.0.1", maxConnections: 16 })
-    yield* Effect.acquireRelease(
+    const server = yield* Effect.acquireRelease(
       Effect.tryPromise({
-        try: () => server.start(),
-        catch: (e) => new StorageError({ message: `pglite-socket failed to listen: ${String(e)}` })
+        try: () => pgliteSessions.serve(db, { host: "127.0.0.1", port: 0, maxConnections: 16 }),
+        catch: (e) => new StorageError({ message: `the PGlite wire server failed to listen: ${String(e)}` })
       }),
-      () => Effect.promise(() => server.stop()).pipe(Effect.ignore)
+      (server) => Effect.promise(() => server.stop()).pipe(Effect.ignore)
     )
+    const port = server.port
     return { url: `postgres://postgres@127.0.0.1:${port}/postgres` }
   })

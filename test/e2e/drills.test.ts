@@ -37,6 +37,17 @@ const turn = async (
   return { conversationId, status: res.status, events, text, terminal }
 }
 
+/**
+ * Starts a turn on each conversation. `streaming(n)`: every turn has streamed a token (each
+ * was acknowledged) and `n` tokens arrived in all; a drill strikes only after that.
+ */
+const startTurns = (url: string, ids: ReadonlyArray<string>, body: Record<string, unknown>) => {
+  const counts = ids.map(() => 0)
+  const running = ids.map((id, i) => turn(url, id, body, () => void counts[i]!++))
+  const streaming = (numTokens: number) => counts.every((c) => c > 0) && counts.reduce((a, b) => a + b, 0) >= numTokens
+  return { running, streaming }
+}
+
 const rowsOf = (dbUrl: string, conversationId: string) =>
   sqlAt("SELECT seq, role, status, content FROM chat_turns WHERE conversation_id = $1 ORDER BY seq", [conversationId], dbUrl)
 
@@ -136,9 +147,8 @@ describe("drills on a running service (own database)", () => {
 
   it("an engine killed mid-stream is restarted; its streams pause, then finish, and turns sent meanwhile are served", async () => {
     const ids = await Promise.all(Array.from({ length: 4 }, () => create(service.url)))
-    let seen = 0
-    const running = ids.map((id) => turn(service.url, id, { content: "Tell me a story", max_tokens: 120, temperature: 0 }, () => void seen++))
-    await waitFor(() => seen >= 8, 10_000)
+    const { running, streaming } = startTurns(service.url, ids, { content: "Tell me a story", max_tokens: 120, temperature: 0 })
+    await waitFor(() => streaming(8), 10_000)
     process.kill(enginePid(service), "SIGKILL")
     const during = turn(service.url, await create(service.url), { content: "Meanwhile", max_tokens: 8 })
     const results = [...(await Promise.all(running)), await during]
@@ -151,9 +161,8 @@ describe("drills on a running service (own database)", () => {
 
   it("a hung engine (SIGSTOP) is killed after its step deadline and its streams finish", async () => {
     const ids = await Promise.all(Array.from({ length: 3 }, () => create(service.url)))
-    let seen = 0
-    const running = ids.map((id) => turn(service.url, id, { content: "Another story", max_tokens: 80 }, () => void seen++))
-    await waitFor(() => seen >= 6, 10_000)
+    const { running, streaming } = startTurns(service.url, ids, { content: "Another story", max_tokens: 80 })
+    await waitFor(() => streaming(6), 10_000)
     const pid = enginePid(service)
     process.kill(pid, "SIGSTOP")
     const t0 = Date.now()
@@ -193,9 +202,8 @@ describe("stop and crash drills (own database)", () => {
     const service = await startService({ env: { DATABASE_URL: dbUrl, SHUTDOWN_GRACE_MS: "300" } })
     try {
       const ids = await Promise.all(Array.from({ length: 20 }, () => create(service.url)))
-      let seen = 0
-      const running = ids.map((id) => turn(service.url, id, { content: "A very long answer", max_tokens: 3000 }, () => void seen++))
-      await waitFor(() => seen >= 40, 20_000)
+      const { running, streaming } = startTurns(service.url, ids, { content: "A very long answer", max_tokens: 3000 })
+      await waitFor(() => streaming(40), 20_000)
       const exit = exited(service)
       service.process.kill("SIGTERM")
       const results = await Promise.all(running)
@@ -216,9 +224,8 @@ describe("stop and crash drills (own database)", () => {
     const dbUrl = (await freshDatabase()).url
     const first = await startService({ env: { DATABASE_URL: dbUrl } })
     const ids = await Promise.all(Array.from({ length: 20 }, () => create(first.url)))
-    let seen = 0
-    const running = ids.map((id) => turn(first.url, id, { content: "Crash me", max_tokens: 3000 }, () => void seen++))
-    await waitFor(() => seen >= 40, 20_000)
+    const { running, streaming } = startTurns(first.url, ids, { content: "Crash me", max_tokens: 3000 })
+    await waitFor(() => streaming(40), 20_000)
     const exit = exited(first)
     first.process.kill("SIGKILL")
     await exit
@@ -245,9 +252,8 @@ describe("stop and crash drills (own database)", () => {
     const env = { DATABASE_URL: undefined }
     const first = await startService({ env })
     const ids = await Promise.all(Array.from({ length: 5 }, () => create(first.url)))
-    let seen = 0
-    const running = ids.map((id) => turn(first.url, id, { content: "Crash me", max_tokens: 3000 }, () => void seen++))
-    await waitFor(() => seen >= 10, 20_000)
+    const { running, streaming } = startTurns(first.url, ids, { content: "Crash me", max_tokens: 3000 })
+    await waitFor(() => streaming(10), 20_000)
     const exit = exited(first)
     first.process.kill("SIGKILL")
     await exit
@@ -257,7 +263,10 @@ describe("stop and crash drills (own database)", () => {
     try {
       // The audit through HTTP: the store is inside the service.
       for (const id of ids) {
-        const history = (await (await fetch(`${second.url}/v1/conversations/${id}`)).json()) as any
+        const response = await fetch(`${second.url}/v1/conversations/${id}`)
+        const history = (await response.json()) as any
+        if (response.status !== 200) console.log(second.output().slice(-6000))
+        expect({ status: response.status, body: response.status === 200 ? "" : history }).toEqual({ status: 200, body: "" })
         expect(history.turns.map((t: any) => [t.seq, t.role, t.status])).toEqual([[0, "user", "completed"], [1, "assistant", "failed"]])
       }
       const next = await turn(second.url, ids[0]!, { content: "Again", max_tokens: 3 })
