@@ -2,9 +2,11 @@
  * Event-loop cost of long conversations: `node --import tsx bench/serve/long-conversation.ts
  * [--exchanges 70,500] [--turns 20] [--engine-threads 1] [--engine-nice 10]`. For each N:
  * starts the service (CPU engine, a fresh database of the PostgreSQL at DATABASE_URL), gives
- * one conversation N earlier exchanges (written to the database), restarts the service, then sends 1-token turns to it one after another while a prober asks /healthz
- * every 5 ms. Reports /healthz latency (p50, p99, max) during the first (cold: the history is
- * loaded and encoded) and the later turns, and each turn's wall time. Results go to
+ * one conversation N earlier exchanges (written to the database), restarts the service, then
+ * sends 1-token turns to it one after another while a prober asks /healthz
+ * every 5 ms. Reports /healthz latency (p50, p99, max) with no turn running (3 s: the floor
+ * this machine's scheduling gives), during the first (cold: the history is loaded and
+ * encoded) and the later turns, and each turn's wall time. Results go to
  * bench/results/long-conversation.json with machine, date, commit and command.
  */
 import { execFileSync } from "node:child_process"
@@ -77,6 +79,9 @@ const measure = async (numExchanges: number) => {
         await new Promise((r) => setTimeout(r, 5))
       }
     })()
+    // The floor: the same prober against the idle service (this machine's scheduling noise).
+    const idle = current
+    await new Promise((r) => setTimeout(r, 3000))
     for (let i = 0; i < numTurns; i++) {
       current = []
       const t0 = performance.now()
@@ -92,6 +97,7 @@ const measure = async (numExchanges: number) => {
     await warm.stop()
     return {
       num_earlier_exchanges: numExchanges,
+      healthz_idle: summary(idle),
       healthz_first_turn: summary(probes[0]!),
       healthz_later_turns: summary(probes.slice(1).flat()),
       turn_ms_first: +turnMs[0]!.toFixed(1),

@@ -26,7 +26,7 @@ import { Rpc } from "@effect/rpc"
 import { Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
 import { DataPlane } from "../runtime/DataPlane.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
-import { type ConversationId, TurnId } from "../runtime/Domain.js"
+import { type ConversationId, type Turn, TurnId } from "../runtime/Domain.js"
 import {
   ConversationNotFound,
   DuplicateTurn,
@@ -147,6 +147,27 @@ const gpuOrder = (gpuIds: ReadonlyArray<string>, preferred: string | undefined):
 const CANCEL_SETTLE_TIMEOUT = Duration.seconds(10)
 
 /** Entity-client failures that mean "the cluster could not deliver": surfaced as a 503. */
+/**
+ * Rows per history page when a conversation is loaded: decoding a page is a few ms of the
+ * event loop, and the loop is free between pages (a 1,000-row history decoded at once held it
+ * ~100 ms, which every other client's request waited out).
+ */
+const HISTORY_PAGE_SIZE = 100
+
+/** A conversation's whole history, oldest first, read newest page first. */
+const listAllTurns = (store: ConversationStore["Type"], id: ConversationId) =>
+  Effect.gen(function*() {
+    const pages: Array<ReadonlyArray<Turn>> = []
+    let before: number | undefined
+    for (;;) {
+      const page = yield* store.listTurns(id, { before, limit: HISTORY_PAGE_SIZE })
+      pages.push(page)
+      if (page.length < HISTORY_PAGE_SIZE) break
+      before = page[0]!.seq
+    }
+    return pages.reverse().flat()
+  })
+
 const clusterUnavailable = (e: { readonly _tag: string }) =>
   new EngineError({ code: "unavailable", message: `cluster could not deliver the message (${e._tag})` })
 
@@ -257,7 +278,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         }
         const row = yield* store.getConversation(id)
         if (Option.isNone(row)) return yield* new ConversationNotFound({ conversation_id: id })
-        const turns = yield* store.listTurns(id, { limit: 100_000 })
+        const turns = yield* listAllTurns(store, id)
         // A concurrent message's load may have finished first: keep the one state in use.
         if (loaded !== undefined) return loaded
         const last = turns.at(-1)

@@ -29,20 +29,20 @@ describe("prompt assembly by template segments", () => {
       const tokenizer = yield* Tokenizer.load(modelsDir)
       expect(tokenizer.promptSegments).toBeDefined()
       const byRender: LoadedModel = { pool: "p", modelDir: modelsDir, tokenizer: { ...tokenizer, promptSegments: undefined }, maxModelLen: 0 }
-      fc.assert(
-        fc.property(
+      yield* Effect.promise(() => fc.assert(
+        fc.asyncProperty(
           fc.option(text, { nil: null }),
           fc.array(fc.tuple(text, text), { maxLength: 12 }),
           text,
           fc.integer({ min: 20, max: 400 }),
-          (systemPrompt, exchanges, content, maxModelLen) => {
+          async (systemPrompt, exchanges, content, maxModelLen) => {
             const history = exchanges.flatMap(([u, a]) => [
               { role: "user" as const, content: u },
               { role: "assistant" as const, content: a }
             ])
             const model = { pool: "p", modelDir: modelsDir, tokenizer, maxModelLen }
-            const viaSegments = Effect.runSync(Effect.either(buildPrompt(model, { systemPrompt, history, cache: emptyPromptCache() }, content, 4)))
-            const viaRender = Effect.runSync(
+            const viaSegments = await Effect.runPromise(Effect.either(buildPrompt(model, { systemPrompt, history, cache: emptyPromptCache() }, content, 4)))
+            const viaRender = await Effect.runPromise(
               Effect.either(buildPrompt({ ...byRender, maxModelLen }, { systemPrompt, history, cache: emptyPromptCache() }, content, 4))
             )
             expect(Either.isRight(viaSegments)).toBe(Either.isRight(viaRender))
@@ -50,7 +50,7 @@ describe("prompt assembly by template segments", () => {
           }
         ),
         { numRuns: 1000 }
-      )
+      ))
     }), 60_000)
 
   it.effect("a conversation's later turns reuse its earlier messages' ids", () =>

@@ -55,16 +55,54 @@ export const buildPrompt = (
     if (history[cache.numScanned]!.content.includes(THINK)) cache.hasThink = true
   }
   if (segments === undefined) return buildByRender(model, state, content, limit, history.length)
-  const bySegments = buildBySegments(segments, state, content, limit)
+  return Effect.zipRight(
+    encodeWindow(segments, state, limit),
+    Effect.suspend(() => {
+      const bySegments = buildBySegments(segments, state, content, limit)
   // A <think> block may change how the template renders other messages (Qwen3 places
   // reasoning by the last query): render then, starting the search where the segments ended.
-  if (cache.hasThink || content.includes(THINK)) {
-    return buildByRender(model, state, content, limit, "start" in bySegments ? bySegments.start : history.length)
-  }
-  return "start" in bySegments
-    ? Effect.succeed(bySegments.ids)
-    : Effect.fail(new PromptTooLong({ num_prompt_tokens: bySegments.numPromptTokens, max_model_len: model.maxModelLen }))
+      if (cache.hasThink || content.includes(THINK)) {
+        return buildByRender(model, state, content, limit, "start" in bySegments ? bySegments.start : history.length)
+      }
+      return "start" in bySegments
+        ? Effect.succeed(bySegments.ids)
+        : Effect.fail(new PromptTooLong({ num_prompt_tokens: bySegments.numPromptTokens, max_model_len: model.maxModelLen }))
+    })
+  )
 }
+
+/**
+ * Lets the event loop run its I/O before going on (Effect.yieldNow stays on the microtask
+ * queue, where sockets and timers do not get a turn).
+ */
+const yieldToEventLoop: Effect.Effect<void> = Effect.async<void>((resume) => {
+  const handle = setImmediate(() => resume(Effect.void))
+  return Effect.sync(() => clearImmediate(handle))
+})
+
+/** Messages encoded between yields to the event loop (each is a template render and an encode, ~1 ms). */
+const ENCODE_BATCH = 8
+
+/**
+ * Encodes the history messages the window can reach that are not encoded yet (a cold load's
+ * last window: ~140 messages, ~120 ms), yielding the event loop every ENCODE_BATCH messages
+ * so that other requests are not held up behind it.
+ */
+const encodeWindow = (segments: Segments, state: PromptState, limit: number): Effect.Effect<void> =>
+  Effect.gen(function*() {
+    const { history } = state
+    const { historyIds } = state.cache
+    let total = 0
+    let numEncoded = 0
+    for (let i = history.length - 1; i >= 0 && total <= limit; i--) {
+      let ids = historyIds[i]
+      if (ids === undefined) {
+        ids = historyIds[i] = Uint32Array.from(segments.middle(history[i]!))
+        if (++numEncoded % ENCODE_BATCH === 0) yield* yieldToEventLoop
+      }
+      total += ids.length
+    }
+  })
 
 type Segments = NonNullable<LoadedModel["tokenizer"]["promptSegments"]>
 
