@@ -206,6 +206,7 @@ const MainLive = Layer.unwrapEffect(
     const port = process.env["PORT"] ?? (runner.http_port === undefined ? undefined : String(runner.http_port))
     return HttpServer.layer.pipe(
       Layer.provide(ConversationsLayer),
+      Layer.provide(TopologyLive),
       Layer.provide(SqlLive),
       Layer.provide(Layer.setConfigProvider(ConfigProvider.orElse(ConfigProvider.fromJson(port === undefined ? {} : { PORT: port }), () => ConfigProvider.fromEnv())))
     )

@@ -26,7 +26,7 @@ import { Rpc } from "@effect/rpc"
 import { Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
 import { DataPlane } from "../runtime/DataPlane.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
-import { type ConversationId, type Turn, TurnId } from "../runtime/Domain.js"
+import { type ConversationId, type Turn, TurnId, UserId } from "../runtime/Domain.js"
 import {
   ConversationNotFound,
   DuplicateTurn,
@@ -69,7 +69,7 @@ export const SendTurnError = Schema.Union(
 
 export const Conversation = Entity.make("Conversation", [
   Rpc.make("Create", {
-    payload: { pool: Schema.String, system_prompt: Schema.NullOr(Schema.String) },
+    payload: { pool: Schema.String, system_prompt: Schema.NullOr(Schema.String), user_id: UserId, org_id: Schema.NullOr(Schema.String) },
     error: StorageError
   }),
   Rpc.make("SendTurn", {
@@ -623,7 +623,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
 
       return Conversation.of({
         Create: ({ payload }) =>
-          store.createConversation({ id, model: payload.pool, system_prompt: payload.system_prompt }).pipe(
+          store.createConversation({ id, model: payload.pool, system_prompt: payload.system_prompt, user_id: payload.user_id, org_id: payload.org_id }).pipe(
             Effect.tap(() =>
               Effect.sync(() => {
                 loaded = { pool: payload.pool, systemPrompt: payload.system_prompt, history: [], cache: emptyPromptCache(), nextSeq: 0 }

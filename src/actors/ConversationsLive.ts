@@ -6,7 +6,7 @@
 import { randomUUID } from "node:crypto"
 import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
-import { ConversationId, HistoryPage, TurnId, usageJson } from "../runtime/Domain.js"
+import { ConversationId, HistoryPage, type Identity, TurnId, type UserId, usageJson } from "../runtime/Domain.js"
 import { ConversationNotFound, EngineError, ModelNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable } from "../runtime/Errors.js"
 import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
@@ -52,6 +52,27 @@ const retryShardMoves = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E,
   )
 }
 
+/** Conversation owners a gateway keeps (an owner never changes: this is a cache of the store). */
+const OWNER_CACHE_MAX = 100_000
+
+/** Least recently used first out, past `max` entries. */
+class OwnerCache {
+  private readonly owners = new Map<ConversationId, UserId>()
+  constructor(private readonly max: number) {}
+  get(id: ConversationId): UserId | undefined {
+    const owner = this.owners.get(id)
+    if (owner !== undefined) {
+      this.owners.delete(id)
+      this.owners.set(id, owner)
+    }
+    return owner
+  }
+  set(id: ConversationId, owner: UserId): void {
+    this.owners.set(id, owner)
+    if (this.owners.size > this.max) this.owners.delete(this.owners.keys().next().value!)
+  }
+}
+
 /** If the HTTP layer never takes the turn's stream, the generation is stopped after this. */
 const UNCONSUMED_STREAM_TIMEOUT_MS = 15_000
 
@@ -65,6 +86,19 @@ export const layer = Layer.effect(
     const workers = yield* GpuWorkers
     const eventLog = yield* TurnEventLog
     let draining = false
+    const owners = new OwnerCache(OWNER_CACHE_MAX)
+    /** Succeeds when `owner` owns conversation `id`; another user's conversation is not found, as a missing one. */
+    const authorize = (owner: Identity, id: ConversationId) =>
+      Effect.gen(function*() {
+        let userId = owners.get(id)
+        if (userId === undefined) {
+          const row = yield* store.getConversation(id)
+          if (Option.isNone(row)) return yield* new ConversationNotFound({ conversation_id: id })
+          userId = row.value.user_id
+          owners.set(id, userId)
+        }
+        if (userId !== owner.user_id) return yield* new ConversationNotFound({ conversation_id: id })
+      })
     /** Polls until no turn stream is open, or `ms` have passed. */
     const awaitNoStreams = (ms: number) =>
       Effect.gen(function*() {
@@ -117,21 +151,23 @@ export const layer = Layer.effect(
       })
 
     return Conversations.of({
-      create: (input) =>
+      create: (owner, input) =>
         Effect.gen(function*() {
           const pool = poolFor(topology, input.model)
           if (pool === undefined) return yield* new ModelNotFound({ model: input.model ?? "" })
           const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
           // Create is idempotent (the id is ours): a call stopped by a shard move is sent again.
-          yield* retryShardMoves(() => client(id).Create({ pool: pool.name, system_prompt: input.system_prompt ?? null }).pipe(detached)).pipe(
-            dieOnDeliveryFailure
-          )
+          yield* retryShardMoves(() =>
+            client(id).Create({ pool: pool.name, system_prompt: input.system_prompt ?? null, user_id: owner.user_id, org_id: owner.org_id }).pipe(detached)
+          ).pipe(dieOnDeliveryFailure)
+          owners.set(id, owner.user_id)
           return id
         }),
 
-      sendTurn: (id, input, options) =>
+      sendTurn: (owner, id, input, options) =>
         Effect.gen(function*() {
           if (draining) return yield* new ShuttingDown()
+          yield* authorize(owner, id)
           const stream = streams.make(topology.generation.client_buffer_tokens)
           // A SendTurn stopped by a shard move is sent again with the same stream and key: if
           // the first attempt had got the turn going (its generation writes into this stream),
@@ -160,8 +196,9 @@ export const layer = Layer.effect(
           return stream
         }),
 
-      cancel: (id) =>
-        retryShardMoves(() => client(id).Cancel().pipe(detached)).pipe(
+      cancel: (owner, id) =>
+        authorize(owner, id).pipe(
+          Effect.zipRight(retryShardMoves(() => client(id).Cancel().pipe(detached))),
           Effect.asVoid,
           dieOnDeliveryFailure
         ),
@@ -178,8 +215,9 @@ export const layer = Layer.effect(
           yield* Effect.logInfo(`shut down: ${left.length} turns were stopped, ${streams.size()} still open`)
         }),
 
-      resume: (id, after) =>
+      resume: (owner, id, after) =>
         Effect.gen(function*() {
+          yield* authorize(owner, id)
           const turnId = after?.turnId ?? (yield* retryShardMoves(() => client(id).InFlight().pipe(detached)).pipe(
             dieOnDeliveryFailure
           ))
@@ -207,10 +245,10 @@ export const layer = Layer.effect(
         return yield* store.ping.pipe(Effect.as(undefined), Effect.catchAll(() => Effect.succeed("database unreachable")))
       }),
 
-      history: (id, { before, limit }) =>
+      history: (owner, id, { before, limit }) =>
         Effect.gen(function*() {
           const row = yield* store.getConversation(id)
-          if (Option.isNone(row)) return yield* new ConversationNotFound({ conversation_id: id })
+          if (Option.isNone(row) || row.value.user_id !== owner.user_id) return yield* new ConversationNotFound({ conversation_id: id })
           const turns = yield* store.listTurns(id, { before, limit: limit + 1 })
           const more = turns.length > limit
           const page = more ? turns.slice(1) : turns

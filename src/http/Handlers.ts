@@ -7,6 +7,7 @@ import { CreateConversation, TurnId } from "../runtime/Domain.js"
 import { Conversations } from "../runtime/Conversations.js"
 import { Api, ConversationCreated, Health, Ready } from "./Api.js"
 import * as ApiError from "./ApiError.js"
+import { CurrentIdentity } from "./Auth.js"
 import * as Sse from "./Sse.js"
 
 const logServerFailure = <E extends { readonly _tag: string }>(error: E) =>
@@ -49,7 +50,7 @@ export const ConversationsLive = HttpApiBuilder.group(
       const conversations = yield* Conversations
       return handlers
         .handle("create", ({ payload }) =>
-          conversations.create(payload ?? new CreateConversation({})).pipe(
+          Effect.flatMap(CurrentIdentity, (owner) => conversations.create(owner, payload ?? new CreateConversation({}))).pipe(
             Effect.tapError(logServerFailure),
             Effect.mapError(ApiError.fromRuntime),
             Effect.map((conversation_id) => new ConversationCreated({ conversation_id }))
@@ -57,15 +58,16 @@ export const ConversationsLive = HttpApiBuilder.group(
         .handle("sendTurn", ({ headers, path, payload }) =>
           Effect.gen(function*() {
             const settings = yield* Sse.SseSettings
+            const owner = yield* CurrentIdentity
             // The outer effect fails (404/409/400/503) before any byte of the SSE response.
-            const sent = yield* conversations.sendTurn(path.id, payload, { idempotencyKey: headers["idempotency-key"] }).pipe(
+            const sent = yield* conversations.sendTurn(owner, path.id, payload, { idempotencyKey: headers["idempotency-key"] }).pipe(
               Effect.map((stream) => Sse.turnResponse(stream, settings)),
               // A re-sent turn (same Idempotency-Key): that turn's stream, from Last-Event-ID.
               Effect.catchTag("DuplicateTurn", (e) =>
                 Effect.gen(function*() {
                   const after = parseLastEventId(headers["last-event-id"], path.id)
                   const turnId = TurnId.make(e.turn_id)
-                  const resumed = yield* conversations.resume(path.id, {
+                  const resumed = yield* conversations.resume(owner, path.id, {
                     turnId,
                     index: after?.turnId === turnId ? after.index : -1
                   }).pipe(Effect.catchTag("StreamNotFound", () => Effect.fail(e)))
@@ -79,7 +81,7 @@ export const ConversationsLive = HttpApiBuilder.group(
             return sent
           }))
         .handle("cancel", ({ path }) =>
-          conversations.cancel(path.id).pipe(
+          Effect.flatMap(CurrentIdentity, (owner) => conversations.cancel(owner, path.id)).pipe(
             Effect.tapError(logServerFailure),
             Effect.mapError(ApiError.fromRuntime)
           ))
@@ -90,7 +92,7 @@ export const ConversationsLive = HttpApiBuilder.group(
             if (after === null) {
               return yield* new ApiError.InvalidRequest({ message: "Last-Event-ID is not an event id of this conversation" })
             }
-            const resumed = yield* conversations.resume(path.id, after).pipe(
+            const resumed = yield* conversations.resume(yield* CurrentIdentity, path.id, after).pipe(
               Effect.tapError(logServerFailure),
               Effect.mapError(ApiError.fromRuntime)
             )
@@ -99,12 +101,12 @@ export const ConversationsLive = HttpApiBuilder.group(
             return Sse.resumeResponse(resumed.value.turnId, resumed.value.events, settings)
           }))
         .handle("history", ({ path, urlParams }) =>
-          conversations.history(path.id, { before: urlParams.before, limit: urlParams.limit }).pipe(
+          Effect.flatMap(CurrentIdentity, (owner) => conversations.history(owner, path.id, { before: urlParams.before, limit: urlParams.limit })).pipe(
             Effect.tapError(logServerFailure),
             Effect.mapError(ApiError.fromRuntime)
           ))
     })
 )
 
-/** Both groups; needs `Conversations` (and `ApiKeys` via the Authorization middleware layer). */
+/** Both groups; needs `Conversations` (and `Authenticator` via the Authorization middleware layer). */
 export const layer = Layer.mergeAll(HealthLive, ConversationsLive)

@@ -25,10 +25,11 @@ import { Cause, Config, type ConfigError, Context, Effect, Layer, Option } from 
 import { createServer } from "node:http"
 import type { ListenOptions, Socket } from "node:net"
 import { Conversations as ConversationsTag } from "../runtime/Conversations.js"
+import type { TopologyService } from "../runtime/Topology.js"
 import type { Conversations } from "../runtime/Conversations.js"
 import { Api } from "./Api.js"
 import * as ApiError from "./ApiError.js"
-import { ApiKeys, AuthorizationLive } from "./Auth.js"
+import * as Auth from "./Auth.js"
 import * as Handlers from "./Handlers.js"
 import { SseSettings } from "./Sse.js"
 
@@ -203,17 +204,17 @@ export const layerNormalizeErrors: Layer.Layer<never> = HttpApiBuilder.middlewar
 export const layerApi: Layer.Layer<
   HttpApi.Api,
   never,
-  Conversations | ApiKeys
+  Conversations | Auth.Authenticator
 > = HttpApiBuilder.api(Api).pipe(
   Layer.provide(Handlers.layer),
-  Layer.provide(AuthorizationLive)
+  Layer.provide(Auth.AuthorizationLive)
 )
 
 /** Serves the API on the provided `HttpServer`; logs `Listening on http://…` once started. */
 export const layerServe: Layer.Layer<
   never,
   never,
-  HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Conversations | ApiKeys
+  HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Conversations | Auth.Authenticator
 > = HttpApiBuilder.serve().pipe(
   Layer.provide(layerNormalizeErrors),
   Layer.provide(HttpApiBuilder.middlewareOpenApi({ path: "/openapi.json" })),
@@ -324,26 +325,26 @@ export const layerDrainOnStop: Layer.Layer<never, ConfigError.ConfigError, Conve
   })
 )
 
-/** The HTTP server from config: needs only `Conversations`. */
-export const layer: Layer.Layer<never, HttpServerError.ServeError | ConfigError.ConfigError, Conversations> = Layer
+/** The HTTP server from config: needs `Conversations` and the topology (tiers of the identities). */
+export const layer: Layer.Layer<never, HttpServerError.ServeError | ConfigError.ConfigError, Conversations | TopologyService> = Layer
   .unwrapEffect(Effect.map(Config.all([listenConfig, connectionLimitsConfig]), ([listen, limits]) => layerNodeServer(listen, limits)))
   .pipe(
     // Built after the server and the API, so its finalizer runs before theirs.
     (server) => layerDrainOnStop.pipe(Layer.provideMerge(layerServe), Layer.provide(server)),
-    Layer.provide(ApiKeys.layerConfig),
+    Layer.provide(Auth.layerConfig),
     Layer.provide(SseSettings.layerConfig),
     Layer.provide(RequestLimits.layerConfig)
   )
 
 /**
  * For tests: the API on a random port of 127.0.0.1; exposes the `HttpServer` (its address)
- * and an `HttpClient` with the server's URL prepended. Provide `Conversations` and `ApiKeys`
+ * and an `HttpClient` with the server's URL prepended. Provide `Conversations` and `Auth.Authenticator`
  * (and `SseSettings` to change the keep-alive interval, `RequestLimits` the body limits).
  */
 export const layerTestWith = (limits: ConnectionLimits = defaultConnectionLimits): Layer.Layer<
   HttpServer.HttpServer | HttpClient.HttpClient,
   HttpServerError.ServeError,
-  Conversations | ApiKeys
+  Conversations | Auth.Authenticator
 > =>
   layerServe.pipe(
     Layer.provideMerge(HttpServer.layerTestClient.pipe(

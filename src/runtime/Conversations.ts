@@ -3,7 +3,7 @@
  * each call to the Conversation entity of the cluster; tests may provide an in-memory layer.
  */
 import { Context, type Effect } from "effect"
-import type { ConversationId, CreateConversation, HistoryPage, TurnId, UserTurnInput } from "./Domain.js"
+import type { ConversationId, CreateConversation, HistoryPage, Identity, TurnId, UserTurnInput } from "./Domain.js"
 import type {
   ConversationNotFound,
   DuplicateTurn,
@@ -30,13 +30,17 @@ export type SendTurnError =
   | Overloaded
   | ShuttingDown
 
+/**
+ * Every call but `drain` and `notReady` acts for `owner` (the request's identity): a
+ * conversation of another user is ConversationNotFound, exactly as one that does not exist.
+ */
 export interface ConversationsService {
   /**
    * Creates a conversation (durably) and returns its id. EngineError `unavailable`: the cluster
    * could not reach the conversation's entity (its shard moving for longer than ~5 s); so for
    * `cancel` and `resume`.
    */
-  readonly create: (input: CreateConversation) => Effect.Effect<ConversationId, ModelNotFound | StorageError | EngineError>
+  readonly create: (owner: Identity, input: CreateConversation) => Effect.Effect<ConversationId, ModelNotFound | StorageError | EngineError>
   /**
    * Appends the user turn durably, then starts generation. The effect succeeds only once the
    * user turn is stored (the acknowledgement point); its failures map to 404/409/400/503.
@@ -45,6 +49,7 @@ export interface ConversationsService {
    * `cancel`; one that never attaches does so after 15 s.
    */
   readonly sendTurn: (
+    owner: Identity,
     id: ConversationId,
     input: UserTurnInput,
     options?: {
@@ -56,12 +61,13 @@ export interface ConversationsService {
     }
   ) => Effect.Effect<TurnStream, SendTurnError>
   /** Stops the running generation, if any; its KV blocks are freed within one scheduler step. */
-  readonly cancel: (id: ConversationId) => Effect.Effect<void, ConversationNotFound | StorageError | EngineError>
+  readonly cancel: (owner: Identity, id: ConversationId) => Effect.Effect<void, ConversationNotFound | StorageError | EngineError>
   /**
    * History page: the `limit` most recent turns with seq < `before` (all when absent), in
    * chronological order; `next_cursor` is the seq to pass as `before` for the older page.
    */
   readonly history: (
+    owner: Identity,
     id: ConversationId,
     options: { readonly before?: number | undefined; readonly limit: number }
   ) => Effect.Effect<HistoryPage, ConversationNotFound | StorageError>
@@ -79,6 +85,7 @@ export interface ConversationsService {
    * Fails with StreamNotFound when `after` names a turn whose log is unknown or expired.
    */
   readonly resume: (
+    owner: Identity,
     id: ConversationId,
     after: { readonly turnId: TurnId; readonly index: number } | undefined
   ) => Effect.Effect<

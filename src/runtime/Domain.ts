@@ -21,6 +21,20 @@ export type ConversationId = typeof ConversationId.Type
 export const TurnId = Schema.String.pipe(Schema.brand("TurnId"))
 export type TurnId = typeof TurnId.Type
 
+/** A user id: a JWT's `sub`, an API key's configured user, or `local` (no authentication). */
+export const UserId = Schema.String.pipe(Schema.minLength(1), Schema.maxLength(256), Schema.brand("UserId"))
+export type UserId = typeof UserId.Type
+
+/**
+ * Who sends a request: the user (owner of the conversations they create), their tier (rate
+ * limits, priority, model pool) and optional organisation.
+ */
+export class Identity extends Schema.Class<Identity>("Identity")({
+  user_id: UserId,
+  tier: Schema.String,
+  org_id: Schema.NullOr(Schema.String)
+}) {}
+
 export const Role = Schema.Literal("system", "user", "assistant")
 export type Role = typeof Role.Type
 

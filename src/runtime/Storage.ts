@@ -6,13 +6,16 @@ import { Migrator, SqlClient } from "@effect/sql"
 import * as RunnerStatus from "./RunnerStatus.js"
 import type { SqlError } from "@effect/sql/SqlError"
 import { Context, Duration, Effect, Layer, Option, Schedule, Schema, Struct } from "effect"
-import { ConversationId, noValidation, type Role, Turn, TurnId, type TurnStatus } from "./Domain.js"
+import { ConversationId, noValidation, type Role, Turn, TurnId, type TurnStatus, UserId } from "./Domain.js"
 import { StorageError } from "./Errors.js"
 
 export class ConversationRow extends Schema.Class<ConversationRow>("ConversationRow")({
   id: ConversationId,
   model: Schema.String,
   system_prompt: Schema.NullOr(Schema.String),
+  /** The owner: only this user's requests see the conversation. */
+  user_id: UserId,
+  org_id: Schema.NullOr(Schema.String),
   created_at_ms: Schema.Number
 }) {}
 
@@ -115,6 +118,13 @@ const migrations = Migrator.fromRecord({
     yield* sql`ALTER TABLE chat_turns ADD COLUMN IF NOT EXISTS idempotency_key text`
     yield* sql`CREATE UNIQUE INDEX IF NOT EXISTS chat_turns_idempotency_key
       ON chat_turns (conversation_id, idempotency_key) WHERE idempotency_key IS NOT NULL`
+  }),
+  // Conversations made before identities belong to the local user (authentication off).
+  "4_owners": Effect.gen(function*() {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`ALTER TABLE chat_conversations ADD COLUMN IF NOT EXISTS user_id text NOT NULL DEFAULT 'local'`
+    yield* sql`ALTER TABLE chat_conversations ADD COLUMN IF NOT EXISTS org_id text`
+    yield* sql`CREATE INDEX IF NOT EXISTS chat_conversations_user ON chat_conversations (user_id, created_at_ms)`
   })
 })
 
@@ -139,7 +149,7 @@ const make = Effect.gen(function*() {
       )
     },
     getConversation: (id) =>
-      sql`SELECT id, model, system_prompt, created_at_ms FROM chat_conversations WHERE id = ${id}`.pipe(
+      sql`SELECT id, model, system_prompt, user_id, org_id, created_at_ms FROM chat_conversations WHERE id = ${id}`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.flatMap((rows) => rows.length === 0 ? Effect.succeedNone : Effect.asSome(decodeConversation(rows[0]))),
         Effect.mapError(storageError("get conversation"))

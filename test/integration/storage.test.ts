@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto"
 import { describe, expect, it } from "@effect/vitest"
 import { Effect, Layer, Option } from "effect"
-import { ConversationId } from "../../src/runtime/Domain.js"
+import { ConversationId, UserId } from "../../src/runtime/Domain.js"
 import * as Storage from "../../src/runtime/Storage.js"
 import { PgLive } from "../support/database.js"
 
@@ -17,9 +17,10 @@ for (const [name, layer] of suites) {
         Effect.gen(function*() {
           const store = yield* Storage.ConversationStore
           const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
-          yield* store.createConversation({ id, model: "mini", system_prompt: "Be brief." })
+          yield* store.createConversation({ id, model: "mini", system_prompt: "Be brief.", user_id: UserId.make("alice"), org_id: "acme" })
           const row = yield* store.getConversation(id)
           expect(Option.getOrThrow(row).system_prompt).toBe("Be brief.")
+          expect([Option.getOrThrow(row).user_id, Option.getOrThrow(row).org_id]).toEqual(["alice", "acme"])
           expect(yield* store.getConversation(ConversationId.make("conv_missing"))).toEqual(Option.none())
           for (let seq = 0; seq < 5; seq++) {
             yield* store.appendTurn({
@@ -51,9 +52,10 @@ for (const [name, layer] of suites) {
           const oldest = yield* store.listTurns(id, { before: 1, limit: 50 })
           expect(oldest.map((t) => t.seq)).toEqual([0])
           // Creating an existing id (the server's own retry) leaves the conversation as it was.
-          yield* store.createConversation({ id, model: "other", system_prompt: "changed" })
+          yield* store.createConversation({ id, model: "other", system_prompt: "changed", user_id: UserId.make("mallory"), org_id: null })
           const again = yield* store.getConversation(id)
           expect(Option.getOrThrow(again).model).toBe("mini")
+          expect(Option.getOrThrow(again).user_id).toBe("alice")
           expect((yield* store.listTurns(id, { limit: 50 })).length).toBe(5)
         }))
     })

@@ -19,6 +19,7 @@ import {
   ConversationId,
   DoneEvent,
   HistoryPage,
+  type Identity,
   TokenEvent,
   Turn,
   TurnId,
@@ -72,6 +73,7 @@ export const tokenText = (i: number): string => i === 1 ? "multi\nline \"quoted\
 
 interface ConversationState {
   readonly id: ConversationId
+  readonly owner: string
   readonly turns: Array<Turn>
   active: Deferred.Deferred<void> | undefined
 }
@@ -85,10 +87,13 @@ export const make = (options: FakeOptions = {}) =>
     const cancelCalls: Array<string> = []
     let counter = 0
 
-    const lookup = (id: string) =>
+    // As the real service: another user's conversation is not found.
+    const lookup = (owner: Identity, id: string) =>
       Effect.suspend(() => {
         const state = conversations.get(id)
-        return state === undefined ? Effect.fail(new ConversationNotFound({ conversation_id: id })) : Effect.succeed(state)
+        return state === undefined || state.owner !== owner.user_id
+          ? Effect.fail(new ConversationNotFound({ conversation_id: id }))
+          : Effect.succeed(state)
       })
 
     const appendTurn = (state: ConversationState, role: "user" | "assistant", content: string, status: TurnStatus, tokens: { prompt: number | null; completion: number | null }) => {
@@ -112,21 +117,21 @@ export const make = (options: FakeOptions = {}) =>
       drain: () => Effect.void,
       notReady: Effect.succeed(undefined),
       // The HTTP unit tests drive resuming through the real service (test/e2e): nothing to resume here.
-      resume: (id) => conversations.has(id) ? Effect.succeed(Option.none()) : Effect.fail(new ConversationNotFound({ conversation_id: id })),
-      create: (input) =>
+      resume: (owner, id) => Effect.as(lookup(owner, id), Option.none()),
+      create: (owner, input) =>
         Effect.suspend(() => {
           if (input.model === "missing") {
             return Effect.fail(new ModelNotFound({ model: input.model }))
           }
           counter++
           const id = ConversationId.make(`conv_${counter.toString(16).padStart(32, "0")}`)
-          conversations.set(id, { id, turns: [], active: undefined })
+          conversations.set(id, { id, owner: owner.user_id, turns: [], active: undefined })
           return Effect.succeed(id)
         }),
 
-      sendTurn: (id, input) =>
+      sendTurn: (owner, id, input) =>
         Effect.gen(function*() {
-          const state = yield* lookup(id)
+          const state = yield* lookup(owner, id)
           if (state.active !== undefined) {
             return yield* new TurnInProgress({ conversation_id: id })
           }
@@ -205,18 +210,18 @@ export const make = (options: FakeOptions = {}) =>
           ))
         }),
 
-      cancel: (id) =>
+      cancel: (owner, id) =>
         Effect.gen(function*() {
-          const state = yield* lookup(id)
+          const state = yield* lookup(owner, id)
           cancelCalls.push(id)
           if (state.active !== undefined) {
             yield* Deferred.succeed(state.active, undefined)
           }
         }),
 
-      history: (id, { before, limit }) =>
+      history: (owner, id, { before, limit }) =>
         Effect.gen(function*() {
-          const state = yield* lookup(id)
+          const state = yield* lookup(owner, id)
           const older = before === undefined ? state.turns : state.turns.filter((turn) => turn.seq < before)
           const page = older.slice(Math.max(0, older.length - limit))
           const first = page[0]

@@ -111,10 +111,13 @@ export const readSse = async (
   }
 }
 
-export const postJson = (url: string, body: unknown, signal?: AbortSignal) =>
-  fetch(url, {
+export const postJson = (url: string, body: unknown, headersOrSignal?: Record<string, string> | AbortSignal) => {
+  const signal = headersOrSignal instanceof AbortSignal ? headersOrSignal : undefined
+  const headers = headersOrSignal instanceof AbortSignal ? {} : headersOrSignal ?? {}
+  return fetch(url, {
     method: "POST",
-    headers: { "content-type": "application/json" },
+    headers: { "content-type": "application/json", ...headers },
     body: JSON.stringify(body),
     ...(signal === undefined ? {} : { signal })
   })
+}

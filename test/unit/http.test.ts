@@ -1,9 +1,12 @@
 import { HttpServer } from "@effect/platform"
 import { describe, expect, it } from "@effect/vitest"
-import { Duration, Effect, Exit, Layer, Scope } from "effect"
+import { ConfigProvider, Duration, Effect, Exit, Layer, Scope } from "effect"
 import * as Http from "node:http"
 import * as Net from "node:net"
-import { ApiKeys } from "../../src/http/Auth.js"
+import { SignJWT } from "jose"
+import * as Auth from "../../src/http/Auth.js"
+import * as Topology from "../../src/runtime/Topology.js"
+import clusterConfig from "../../cluster.config.js"
 import * as Server from "../../src/http/Server.js"
 import { SseSettings } from "../../src/http/Sse.js"
 import * as Fake from "../support/fakeConversations.js"
@@ -16,9 +19,18 @@ interface Ctx {
 interface Options {
   readonly limits?: Server.ConnectionLimits
   readonly keys?: ReadonlyArray<string>
+  /** Auth configuration as environment variables (instead of `keys`). */
+  readonly env?: Record<string, string>
   readonly keepAlive?: Duration.DurationInput
   readonly fake?: Fake.FakeOptions
 }
+
+/** Authentication from `env` (API_KEYS, JWT_SECRET, …) with the default topology's tiers. */
+const authLayer = (env: Record<string, string>) =>
+  Auth.layerConfig.pipe(
+    Layer.provide(Topology.layer(clusterConfig)),
+    Layer.provide(Layer.setConfigProvider(ConfigProvider.fromMap(new Map(Object.entries(env)))))
+  )
 
 /** Runs `body` against a real Node HTTP server on a random port, backed by the fake. */
 const withServer = (options: Options, body: (ctx: Ctx) => Promise<void>) =>
@@ -33,7 +45,7 @@ const withServer = (options: Options, body: (ctx: Ctx) => Promise<void>) =>
     Effect.provide(
       Server.layerTestWith(options.limits).pipe(
         Layer.provideMerge(Fake.layer(options.fake ?? {})),
-        Layer.provide(ApiKeys.layer(options.keys ?? [])),
+        Layer.provide(authLayer(options.env ?? (options.keys === undefined ? {} : { API_KEYS: options.keys.join(",") }))),
         Layer.provide(SseSettings.layer({ keepAliveInterval: options.keepAlive ?? Duration.seconds(15) }))
       )
     )
@@ -344,7 +356,7 @@ describe("HTTP API", () => {
       const context = yield* Layer.buildWithScope(
         Server.layerTest.pipe(
           Layer.provideMerge(Fake.layer({ tokens: 1000, tokenDelay: 10 })),
-          Layer.provide(ApiKeys.layerNone)
+          Layer.provide(authLayer({}))
         ),
         scope
       )
@@ -454,12 +466,45 @@ describe("HTTP API", () => {
       // authentication comes before body validation
       await expectError(await json(`${url}/v1/conversations`, { body: "{bad" }), 401, "unauthorized")
       const id = await create(url, { authorization: "Bearer key-two" })
-      const history = await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: "Bearer key-one" } })
+      const history = await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: "Bearer key-two" } })
       expect(history.status).toBe(200)
       await expectError(await fetch(`${url}/v1/conversations/${id}`), 401, "unauthorized")
+      // Each key is its own user: another key's conversation does not exist for it, on every route.
+      const other = { authorization: "Bearer key-one" }
+      await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: other }), 404, "conversation_not_found")
+      await expectError(await json(`${url}/v1/conversations/${id}/turns`, { body: { role: "user", content: "hi" }, headers: other }), 404, "conversation_not_found")
+      await expectError(await json(`${url}/v1/conversations/${id}/cancel`, { body: {}, headers: other }), 404, "conversation_not_found")
+      await expectError(await fetch(`${url}/v1/conversations/${id}/stream`, { headers: other }), 404, "conversation_not_found")
       // health checks stay open
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
     }))
+
+  it.live("auth: JWTs (HS256) give user, tier and org; expired, forged, subjectless or unknown-tier tokens → 401", () => {
+    const secret = "a-test-secret-of-at-least-32-bytes!!"
+    const sign = (claims: Record<string, unknown>, options: { key?: string; exp?: number } = {}) =>
+      new SignJWT(claims).setProtectedHeader({ alg: "HS256" }).setIssuedAt().setExpirationTime(options.exp ?? "5m")
+        .sign(new TextEncoder().encode(options.key ?? secret))
+    return withServer({ env: { JWT_SECRET: secret, API_KEYS: "dev-key=alice:paid" } }, async ({ url }) => {
+      const alice = { authorization: `Bearer ${await sign({ sub: "alice", tier: "paid", org: "acme" })}` }
+      const id = await create(url, alice)
+      expect((await fetch(`${url}/v1/conversations/${id}`, { headers: alice })).status).toBe(200)
+      // The API key mapped to alice is the same user.
+      expect((await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: "Bearer dev-key" } })).status).toBe(200)
+      const bob = { authorization: `Bearer ${await sign({ sub: "bob" })}` }
+      await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: bob }), 404, "conversation_not_found")
+      const expired = await sign({ sub: "alice" }, { exp: Math.floor(Date.now() / 1000) - 60 })
+      const e = await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${expired}` } }), 401, "unauthorized")
+      expect(e.message).toMatch(/expired/)
+      const forged = await sign({ sub: "alice" }, { key: "another-secret-that-is-32-bytes-long!!" })
+      await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${forged}` } }), 401, "unauthorized")
+      const noSub = await sign({ tier: "paid" })
+      await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${noSub}` } }), 401, "unauthorized")
+      const badTier = await sign({ sub: "alice", tier: "platinum" })
+      await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${badTier}` } }), 401, "unauthorized")
+      const unsigned = `${Buffer.from('{"alg":"none"}').toString("base64url")}.${Buffer.from('{"sub":"alice"}').toString("base64url")}.`
+      await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${unsigned}` } }), 401, "unauthorized")
+    })
+  })
 
   it.live("auth: without API keys everything is allowed", () =>
     withServer({}, async ({ url }) => {

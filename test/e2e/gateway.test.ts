@@ -1,0 +1,85 @@
+/**
+ * The gateway as real users meet it: the service process with authentication on (API keys
+ * and HS256 JWTs), its own PostgreSQL database and Redis, driven over HTTP.
+ */
+import { SignJWT } from "jose"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { freshDatabase, sqlAt } from "../support/database.js"
+import { assertEngineBuilt } from "../support/engineProcess.js"
+import { postJson, readSse, type Service, startService } from "../support/service.js"
+
+const JWT_SECRET = "gateway-test-secret-of-32-bytes-or-more"
+
+const signJwt = (claims: Record<string, unknown>) =>
+  new SignJWT(claims).setProtectedHeader({ alg: "HS256" }).setIssuedAt().setExpirationTime("10m")
+    .sign(new TextEncoder().encode(JWT_SECRET))
+
+const bearer = (token: string) => ({ authorization: `Bearer ${token}` })
+
+describe("gateway: identity and ownership", () => {
+  let service: Service
+  let dbUrl: string
+
+  beforeAll(async () => {
+    assertEngineBuilt()
+    dbUrl = (await freshDatabase()).url
+    service = await startService({
+      env: { DATABASE_URL: dbUrl, API_KEYS: "key-alice=alice:paid:acme,key-bob=bob", JWT_SECRET }
+    })
+  }, 120_000)
+
+  afterAll(async () => {
+    await service?.stop()
+  })
+
+  const create = async (headers: Record<string, string>) => {
+    const res = await postJson(`${service.url}/v1/conversations`, {}, headers)
+    expect(res.status).toBe(201)
+    return ((await res.json()) as { conversation_id: string }).conversation_id
+  }
+
+  it("a conversation belongs to its creator: another user gets 404 on every route and changes nothing", async () => {
+    const alice = bearer("key-alice")
+    const id = await create(alice)
+    const turn = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Hello", max_tokens: 4 }, alice)
+    expect(turn.status).toBe(200)
+    expect((await readSse(turn, () => undefined)).at(-1)?.event).toBe("done")
+    const rows = await sqlAt("SELECT user_id, org_id FROM chat_conversations WHERE id = $1", [id], dbUrl)
+    expect(rows).toEqual([{ user_id: "alice", org_id: "acme" }])
+
+    for (const other of [bearer("key-bob"), bearer(await signJwt({ sub: "mallory" }))]) {
+      const routes = [
+        () => fetch(`${service.url}/v1/conversations/${id}`, { headers: other }),
+        () => postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Mine now" }, other),
+        () => postJson(`${service.url}/v1/conversations/${id}/cancel`, {}, other),
+        () => fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: other })
+      ]
+      for (const route of routes) {
+        const res = await route()
+        expect(res.status).toBe(404)
+        expect(((await res.json()) as any).error.code).toBe("conversation_not_found")
+      }
+    }
+    // The same user by JWT reads it.
+    const asAlice = bearer(await signJwt({ sub: "alice", tier: "paid" }))
+    const history = await fetch(`${service.url}/v1/conversations/${id}`, { headers: asAlice })
+    expect(history.status).toBe(200)
+    expect(((await history.json()) as any).turns.length).toBe(2)
+    expect(await sqlAt("SELECT count(*)::int AS n FROM chat_turns WHERE conversation_id = $1", [id], dbUrl)).toEqual([{ n: 2 }])
+  }, 60_000)
+
+  it("missing, unknown, expired and forged credentials are 401 with WWW-Authenticate, and store nothing", async () => {
+    const expired = await new SignJWT({ sub: "alice" }).setProtectedHeader({ alg: "HS256" })
+      .setExpirationTime(Math.floor(Date.now() / 1000) - 10).sign(new TextEncoder().encode(JWT_SECRET))
+    const forged = await new SignJWT({ sub: "alice" }).setProtectedHeader({ alg: "HS256" }).setExpirationTime("5m")
+      .sign(new TextEncoder().encode("not-the-secret-but-32-bytes-long-too"))
+    const before = await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)
+    for (const headers of [{}, bearer("key-nobody"), bearer(expired), bearer(forged), { authorization: "Basic a2V5LWFsaWNl" }]) {
+      const res = await postJson(`${service.url}/v1/conversations`, {}, headers)
+      expect(res.status).toBe(401)
+      expect(res.headers.get("www-authenticate")).toMatch(/^Bearer/)
+      expect(((await res.json()) as any).error.code).toBe("unauthorized")
+    }
+    expect(await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)).toEqual(before)
+  }, 30_000)
+})
