@@ -69,7 +69,14 @@ export const SendTurnError = Schema.Union(
 
 export const Conversation = Entity.make("Conversation", [
   Rpc.make("Create", {
-    payload: { pool: Schema.String, system_prompt: Schema.NullOr(Schema.String), user_id: UserId, org_id: Schema.NullOr(Schema.String) },
+    payload: {
+      pool: Schema.String,
+      system_prompt: Schema.NullOr(Schema.String),
+      user_id: UserId,
+      org_id: Schema.NullOr(Schema.String),
+      /** Earlier messages the conversation starts with (an OpenAI request's), stored as completed turns. */
+      history: Schema.optional(Schema.Array(Schema.Struct({ role: Schema.Literal("user", "assistant"), content: Schema.String })))
+    },
     error: StorageError
   }),
   Rpc.make("SendTurn", {
@@ -77,6 +84,11 @@ export const Conversation = Entity.make("Conversation", [
       content: Schema.String,
       max_tokens: Schema.optional(Schema.Int),
       temperature: Schema.optional(Schema.Number),
+      top_p: Schema.optional(Schema.Number),
+      stop: Schema.optional(Schema.Array(Schema.String)),
+      seed: Schema.optional(Schema.Int),
+      /** The sender's tier: its priority and TTFT target at admission (default: the topology's default tier). */
+      tier: Schema.optional(Schema.String),
       /** The caller's TurnStream (on the gateway that holds the client) that receives the generated text. */
       stream_id: TurnStreamId,
       /** The client's Idempotency-Key: a turn re-sent with it fails with DuplicateTurn (that turn). */
@@ -437,7 +449,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             if (model === undefined || pool === undefined) {
               return yield* new EngineError({ code: "unknown_pool", message: `pool ${conv.pool} is not configured` })
             }
-            const tier = lookup(topology.tiers, topology.default_tier)!
+            const tier = lookup(topology.tiers, input.tier ?? topology.default_tier) ?? lookup(topology.tiers, topology.default_tier)!
             const maxTokens = input.max_tokens ?? topology.generation.max_tokens
             // Checked before anything is stored: a rejected turn changes nothing.
             const promptIds = yield* buildPrompt(model, conv, input.content, Math.min(maxTokens, 16))
@@ -518,12 +530,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               max_tokens: Math.min(maxTokens, model.maxModelLen - promptIds.length),
               sampling: {
                 temperature: input.temperature ?? topology.generation.temperature,
-                top_p: topology.generation.top_p,
+                top_p: input.top_p ?? topology.generation.top_p,
                 top_k: topology.generation.top_k,
-                seed: randomInt(0, 2 ** 31)
+                seed: input.seed ?? randomInt(0, 2 ** 31)
               },
               priority: tier.priority,
-              stop: []
+              stop: input.stop ?? []
             }
             yield* slots(slotId).Start(startPayload).pipe(
               Effect.catchTags({
@@ -623,10 +635,16 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
 
       return Conversation.of({
         Create: ({ payload }) =>
-          store.createConversation({ id, model: payload.pool, system_prompt: payload.system_prompt, user_id: payload.user_id, org_id: payload.org_id }).pipe(
+          store.createConversation({ id, model: payload.pool, system_prompt: payload.system_prompt, user_id: payload.user_id, org_id: payload.org_id }, payload.history ?? []).pipe(
             Effect.tap(() =>
               Effect.sync(() => {
-                loaded = { pool: payload.pool, systemPrompt: payload.system_prompt, history: [], cache: emptyPromptCache(), nextSeq: 0 }
+                loaded = {
+                  pool: payload.pool,
+                  systemPrompt: payload.system_prompt,
+                  history: (payload.history ?? []).map((m) => ({ role: m.role, content: m.content })),
+                  cache: emptyPromptCache(),
+                  nextSeq: payload.history?.length ?? 0
+                }
                 hot.set(id, loaded)
               })
             ),
@@ -681,6 +699,10 @@ interface SendTurnInput {
   readonly content: string
   readonly max_tokens?: number | undefined
   readonly temperature?: number | undefined
+  readonly top_p?: number | undefined
+  readonly stop?: ReadonlyArray<string> | undefined
+  readonly seed?: number | undefined
+  readonly tier?: string | undefined
   readonly stream_id: TurnStreamId
   readonly idempotency_key?: string | undefined
 }

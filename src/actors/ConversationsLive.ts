@@ -150,18 +150,44 @@ export const layer = Layer.effect(
         return { _tag: "Events", events } as const
       })
 
-    return Conversations.of({
-      create: (owner, input) =>
+    const create = (
+      owner: Identity,
+      input: {
+        readonly model?: string | undefined
+        readonly system_prompt?: string | null | undefined
+        readonly history?: ReadonlyArray<{ readonly role: "user" | "assistant"; readonly content: string }>
+      }
+    ) =>
+      Effect.gen(function*() {
+        const pool = poolFor(topology, input.model)
+        if (pool === undefined) return yield* new ModelNotFound({ model: input.model ?? "" })
+        const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
+        // Create is idempotent (the id is ours): a call stopped by a shard move is sent again.
+        yield* retryShardMoves(() =>
+          client(id).Create({
+            pool: pool.name,
+            system_prompt: input.system_prompt ?? null,
+            user_id: owner.user_id,
+            org_id: owner.org_id,
+            ...(input.history === undefined || input.history.length === 0 ? {} : { history: input.history })
+          }).pipe(detached)
+        ).pipe(dieOnDeliveryFailure)
+        owners.set(id, owner.user_id)
+        return id
+      })
+
+    const modelNames = Object.keys(topology.pools)
+    const service: Conversations["Type"] = {
+      create,
+      models: () => modelNames,
+
+      complete: (owner, request) =>
         Effect.gen(function*() {
-          const pool = poolFor(topology, input.model)
-          if (pool === undefined) return yield* new ModelNotFound({ model: input.model ?? "" })
-          const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
-          // Create is idempotent (the id is ours): a call stopped by a shard move is sent again.
-          yield* retryShardMoves(() =>
-            client(id).Create({ pool: pool.name, system_prompt: input.system_prompt ?? null, user_id: owner.user_id, org_id: owner.org_id }).pipe(detached)
-          ).pipe(dieOnDeliveryFailure)
-          owners.set(id, owner.user_id)
-          return id
+          const conversationId = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history }).pipe(
+            Effect.catchTag("EngineError", (e) => Effect.fail(e))
+          )
+          const stream = yield* service.sendTurn(owner, conversationId, request.turn)
+          return { conversationId, stream }
         }),
 
       sendTurn: (owner, id, input, options) =>
@@ -179,6 +205,10 @@ export const layer = Layer.effect(
               content: input.content,
               ...(input.max_tokens === undefined ? {} : { max_tokens: input.max_tokens }),
               ...(input.temperature === undefined ? {} : { temperature: input.temperature }),
+              ...(input.top_p === undefined ? {} : { top_p: input.top_p }),
+              ...(input.stop === undefined ? {} : { stop: input.stop }),
+              ...(input.seed === undefined ? {} : { seed: input.seed }),
+              tier: owner.tier,
               stream_id: stream.id,
               idempotency_key: key
             }).pipe(
@@ -254,6 +284,7 @@ export const layer = Layer.effect(
           const page = more ? turns.slice(1) : turns
           return new HistoryPage({ turns: page, next_cursor: more ? String(page[0]!.seq) : null })
         })
-    })
+    }
+    return Conversations.of(service)
   })
 )

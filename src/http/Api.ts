@@ -12,6 +12,7 @@
  * - `GET  /v1/conversations/:id?before=<cursor>&limit=<1..200, default 50>` → HistoryPage
  * - `GET  /healthz` → `{status:"ok"}` (liveness)
  * - `GET  /readyz` → `{status:"ready"}`, or 503 `not_ready` (engine down, database unreachable, stopping)
+ * - `POST /v1/chat/completions`, `GET /v1/models`: the OpenAI-compatible API (OpenAi.ts)
  *
  * Every error is `{"error":{"code","message"}}` (ApiError.ts); decode failures of bodies,
  * paths and query strings become `invalid_request` (the global middleware in Server.ts
@@ -22,6 +23,7 @@ import { Schema } from "effect"
 import { ConversationId, CreateConversation, HistoryPage, UserTurnInput } from "../runtime/Domain.js"
 import * as ApiError from "./ApiError.js"
 import { Authorization } from "./Auth.js"
+import { ChatCompletionRequest, ModelList } from "./OpenAi.js"
 
 export class ConversationCreated extends Schema.Class<ConversationCreated>("ConversationCreated")({
   conversation_id: ConversationId
@@ -122,9 +124,29 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
   .middleware(Authorization)
 {}
 
+/** The OpenAI-compatible routes (OpenAi.ts), behind the same authentication. */
+export class OpenAiGroup extends HttpApiGroup.make("openai")
+  .add(
+    HttpApiEndpoint.post("chatCompletions", "/v1/chat/completions")
+      .setPayload(ChatCompletionRequest)
+      .addSuccess(EventStream)
+      .addError(ApiError.ModelNotFoundJson)
+      // A new conversation is never missing nor busy: these are declared for the shared mapping.
+      .addError(ApiError.ConversationNotFoundJson)
+      .addError(ApiError.TurnInProgressJson)
+      .addError(ApiError.DuplicateTurnJson)
+      .addError(ApiError.PromptTooLongJson)
+      .addError(ApiError.EngineUnavailableJson)
+      .addError(ApiError.OverloadedJson)
+  )
+  .add(HttpApiEndpoint.get("models", "/v1/models").addSuccess(ModelList))
+  .middleware(Authorization)
+{}
+
 export class Api extends HttpApi.make("chat")
   .add(HealthGroup)
   .add(ConversationsGroup)
+  .add(OpenAiGroup)
   .addError(ApiError.InvalidRequestJson)
   .addError(ApiError.NotFoundJson)
   .addError(ApiError.PayloadTooLargeJson)

@@ -1,6 +1,6 @@
 /**
  * The errors of the HTTP API. Each is a `Schema.TaggedError` (what handlers fail with) plus a
- * wire schema (`…Json`) that encodes it as `{"error":{"code":"…","message":"…"}}` with its
+ * wire schema (`…Json`) that encodes it as `{"error":{"code","message","type","param"}}` with its
  * HTTP status annotated (HttpApiSchema), which is what the endpoints declare.
  *
  * | class               | status | code                     |
@@ -38,14 +38,32 @@ export const MAX_MESSAGE_CHARS = 512
 export const truncateMessage = (message: string): string =>
   message.length <= MAX_MESSAGE_CHARS ? message : `${message.slice(0, MAX_MESSAGE_CHARS - 1)}…`
 
-/** The JSON body of every error response. */
+/**
+ * OpenAI's error `type` for an HTTP status (its clients read `code`, `type`, `message`,
+ * `param`): https://platform.openai.com/docs/guides/error-codes
+ */
+export const errorType = (status: number): string =>
+  status === 401 ? "authentication_error"
+  : status === 403 ? "permission_error"
+  : status === 429 ? "rate_limit_exceeded"
+  : status >= 500 ? "server_error"
+  : "invalid_request_error"
+
+/** The JSON body of every error response (OpenAI's shape: `param` is always null here). */
 export const ErrorBody = <const Code extends string>(code: Code) =>
   Schema.Struct({
     error: Schema.Struct({
       code: Schema.Literal(code),
-      message: Schema.String
+      message: Schema.String,
+      type: Schema.String,
+      param: Schema.Null
     })
   })
+
+/** An error body as plain JSON (for responses written outside the API's schemas). */
+export const errorJson = (status: number, code: string, message: string) => ({
+  error: { code, message: truncateMessage(message), type: errorType(status), param: null }
+})
 
 /** The shape shared by all error classes of this module. */
 export interface ApiErrorClass<A extends { readonly message: string }> extends Schema.Schema<A, any> {
@@ -63,7 +81,7 @@ export const toJson = <A extends { readonly message: string }, const Code extend
   Schema.transform(ErrorBody(code), Schema.typeSchema(self as Schema.Schema<A, any>), {
     strict: true,
     decode: ({ error }) => new self({ message: error.message }),
-    encode: (e) => ({ error: { code, message: truncateMessage(e.message) } })
+    encode: (e) => errorJson(status, code, e.message) as { readonly error: { readonly code: Code; readonly message: string; readonly type: string; readonly param: null } }
   }).annotations(HttpApiSchema.annotations({ status }))
 
 /** Bad JSON body, schema failure, bad path or query parameters. */

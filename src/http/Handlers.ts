@@ -8,6 +8,7 @@ import { Conversations } from "../runtime/Conversations.js"
 import { Api, ConversationCreated, Health, Ready } from "./Api.js"
 import * as ApiError from "./ApiError.js"
 import { CurrentIdentity } from "./Auth.js"
+import * as OpenAi from "./OpenAi.js"
 import * as Sse from "./Sse.js"
 
 const logServerFailure = <E extends { readonly _tag: string }>(error: E) =>
@@ -108,5 +109,36 @@ export const ConversationsLive = HttpApiBuilder.group(
     })
 )
 
-/** Both groups; needs `Conversations` (and `Authenticator` via the Authorization middleware layer). */
-export const layer = Layer.mergeAll(HealthLive, ConversationsLive)
+export const OpenAiLive = HttpApiBuilder.group(
+  Api,
+  "openai",
+  (handlers) =>
+    Effect.gen(function*() {
+      const conversations = yield* Conversations
+      return handlers
+        .handle("chatCompletions", ({ payload }) =>
+          Effect.gen(function*() {
+            const request = yield* OpenAi.toConversation(payload)
+            const owner = yield* CurrentIdentity
+            const { conversationId, stream } = yield* conversations.complete(owner, request).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime)
+            )
+            const completion = { conversationId, model: payload.model, stream }
+            if (payload.stream !== true) return yield* OpenAi.jsonResponse(completion)
+            const settings = yield* Sse.SseSettings
+            return OpenAi.streamResponse(completion, {
+              includeUsage: payload.stream_options?.include_usage === true,
+              keepAliveInterval: settings.keepAliveInterval
+            })
+          }))
+        .handle("models", () =>
+          Effect.succeed(new OpenAi.ModelList({
+            object: "list",
+            data: conversations.models().map((id) => ({ id, object: "model" as const, created: 0, owned_by: "chat-serve" }))
+          })))
+    })
+)
+
+/** Every group; needs `Conversations` (and `Authenticator` via the Authorization middleware layer). */
+export const layer = Layer.mergeAll(HealthLive, ConversationsLive, OpenAiLive)

@@ -141,7 +141,7 @@ export const errorResponse = (e: ApiError.ApiError): HttpServerResponse.HttpServ
   }
   // The rest of an over-long body is not read: the connection cannot be reused.
   if (e._tag === "PayloadTooLarge") headers["connection"] = "close"
-  return HttpServerResponse.unsafeJson({ error: { code, message: ApiError.truncateMessage(e.message) } }, {
+  return HttpServerResponse.unsafeJson(ApiError.errorJson(status, code, e.message), {
     status,
     headers
   })
@@ -239,7 +239,7 @@ export const defaultConnectionLimits: ConnectionLimits = {
 }
 
 const rawResponse = (status: string, code: string, message: string): string => {
-  const body = JSON.stringify({ error: { code, message } })
+  const body = JSON.stringify(ApiError.errorJson(Number(status.slice(0, 3)), code, message))
   return `HTTP/1.1 ${status}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`
 }
 

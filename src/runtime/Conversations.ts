@@ -60,6 +60,20 @@ export interface ConversationsService {
       readonly idempotencyKey?: string | undefined
     }
   ) => Effect.Effect<TurnStream, SendTurnError>
+  /**
+   * A chat completion (the OpenAI API's): a new conversation of `owner` on pool `model`,
+   * holding `system_prompt` and `history`, takes `turn` as its next user turn. The exchange is
+   * stored like any conversation's (its id is returned: the client may go on natively).
+   */
+  readonly complete: (
+    owner: Identity,
+    request: {
+      readonly model: string
+      readonly system_prompt: string | null
+      readonly history: ReadonlyArray<{ readonly role: "user" | "assistant"; readonly content: string }>
+      readonly turn: UserTurnInput
+    }
+  ) => Effect.Effect<{ readonly conversationId: ConversationId; readonly stream: TurnStream }, SendTurnError | ModelNotFound>
   /** Stops the running generation, if any; its KV blocks are freed within one scheduler step. */
   readonly cancel: (owner: Identity, id: ConversationId) => Effect.Effect<void, ConversationNotFound | StorageError | EngineError>
   /**
@@ -92,6 +106,8 @@ export interface ConversationsService {
     Option.Option<{ readonly turnId: TurnId; readonly events: Stream.Stream<LoggedEvent, TurnEventsUnavailable> }>,
     ConversationNotFound | StorageError | StreamNotFound | TurnEventsUnavailable | EngineError
   >
+  /** The model (pool) names a conversation or completion may name. */
+  readonly models: () => ReadonlyArray<string>
   /** Readiness: `undefined` when turns can be served, else what is not ready. */
   readonly notReady: Effect.Effect<string | undefined>
 }

@@ -95,7 +95,7 @@ export const TurnEvent = Schema.Union(TokenEvent, DoneEvent)
 export type TurnEvent = typeof TurnEvent.Type
 
 /** Text that PostgreSQL can store: no U+0000. */
-const StorableText = Schema.String.pipe(
+export const StorableText = Schema.String.pipe(
   Schema.filter((s) => !s.includes("\u0000") || "must not contain U+0000 (NUL)")
 )
 
@@ -110,7 +110,13 @@ export class UserTurnInput extends Schema.Class<UserTurnInput>("UserTurnInput")(
   role: Schema.Literal("user"),
   content: StorableText.pipe(Schema.minLength(1), Schema.maxLength(65_536)),
   max_tokens: Schema.optional(Schema.Int.pipe(Schema.between(1, 4096))),
-  temperature: Schema.optional(Schema.Number.pipe(Schema.between(0, 2)))
+  temperature: Schema.optional(Schema.Number.pipe(Schema.between(0, 2))),
+  /** Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (Holtzman et al., 2019). */
+  top_p: Schema.optional(Schema.Number.pipe(Schema.greaterThan(0), Schema.lessThanOrEqualTo(1))),
+  /** Up to 4 strings; generation stops before the first one and it is not returned (OpenAI's `stop`). */
+  stop: Schema.optional(Schema.Array(Schema.String.pipe(Schema.minLength(1), Schema.maxLength(64))).pipe(Schema.maxItems(4))),
+  /** Sampling seed: the same seed, prompt and parameters give the same text. */
+  seed: Schema.optional(Schema.Int.pipe(Schema.between(0, 2 ** 31 - 1)))
 }) {}
 
 export class HistoryPage extends Schema.Class<HistoryPage>("HistoryPage")({

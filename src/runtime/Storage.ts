@@ -32,8 +32,15 @@ export interface NewTurn {
 export interface ConversationStoreService {
   /** Whether the database answers (readiness). */
   readonly ping: Effect.Effect<void, StorageError>
-  /** Stores a new conversation; one whose id exists is left as it is (ids are the server's: a retry). */
-  readonly createConversation: (row: Omit<ConversationRow, "created_at_ms">) => Effect.Effect<ConversationRow, StorageError>
+  /**
+   * Stores a new conversation with its first turns (`history`, stored `completed` from seq 0:
+   * an OpenAI request's earlier messages), all or nothing; one whose id exists is left as it
+   * is (ids are the server's: a retry).
+   */
+  readonly createConversation: (
+    row: Omit<ConversationRow, "created_at_ms">,
+    history?: ReadonlyArray<{ readonly role: "user" | "assistant"; readonly content: string }>
+  ) => Effect.Effect<ConversationRow, StorageError>
   readonly getConversation: (id: ConversationId) => Effect.Effect<Option.Option<ConversationRow>, StorageError>
   /**
    * Appends one turn; `seq` must be the next index (the primary key rejects duplicates). A user
@@ -138,11 +145,26 @@ const make = Effect.gen(function*() {
 
   return ConversationStore.of({
     ping: sql`SELECT 1`.pipe(Effect.asVoid, Effect.mapError(storageError("ping"))),
-    createConversation: (row) => {
+    createConversation: (row, history = []) => {
       const full = { ...row, created_at_ms: Date.now() }
+      const turns = history.map((m, seq) => ({
+        conversation_id: row.id,
+        seq,
+        role: m.role,
+        content: m.content,
+        status: "completed",
+        num_prompt_tokens: null,
+        num_completion_tokens: null,
+        created_at_ms: full.created_at_ms
+      }))
       // Ids are random and made by the server: a row with this id is this call's own, written
       // by an attempt whose answer was lost (a retried statement, or a retried entity call).
-      return sql`INSERT INTO chat_conversations ${sql.insert(full)} ON CONFLICT (id) DO NOTHING`.pipe(
+      const insert = sql<{ id: string }>`INSERT INTO chat_conversations ${sql.insert(full)} ON CONFLICT (id) DO NOTHING RETURNING id`.pipe(
+        Effect.flatMap((inserted) =>
+          inserted.length === 0 || turns.length === 0 ? Effect.void : Effect.asVoid(sql`INSERT INTO chat_turns ${sql.insert(turns)}`)
+        )
+      )
+      return (turns.length === 0 ? insert : sql.withTransaction(insert)).pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.as(new ConversationRow(full, noValidation)),
         Effect.mapError(storageError("create conversation"))
@@ -236,13 +258,22 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
   const keys = new Map<string, number>()
   return ConversationStore.of({
     ping: Effect.void,
-    createConversation: (row) =>
+    createConversation: (row, history = []) =>
       Effect.suspend(() => {
         const existing = conversations.get(row.id)
         if (existing !== undefined) return Effect.succeed(existing) // as ON CONFLICT DO NOTHING
         const full = new ConversationRow({ ...row, created_at_ms: Date.now() })
         conversations.set(row.id, full)
-        turns.set(row.id, [])
+        turns.set(row.id, history.map((m, seq) => toTurn({
+          conversation_id: row.id,
+          seq,
+          role: m.role,
+          content: m.content,
+          status: "completed",
+          num_prompt_tokens: null,
+          num_completion_tokens: null,
+          created_at_ms: full.created_at_ms
+        })))
         return Effect.succeed(full)
       }),
     getConversation: (id) => Effect.sync(() => Option.fromNullable(conversations.get(id))),

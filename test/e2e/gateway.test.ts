@@ -3,6 +3,7 @@
  * and HS256 JWTs), its own PostgreSQL database and Redis, driven over HTTP.
  */
 import { SignJWT } from "jose"
+import OpenAI from "openai"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { freshDatabase, sqlAt } from "../support/database.js"
 import { assertEngineBuilt } from "../support/engineProcess.js"
@@ -82,4 +83,86 @@ describe("gateway: identity and ownership", () => {
     }
     expect(await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)).toEqual(before)
   }, 30_000)
+})
+
+describe("gateway: the OpenAI-compatible API, with the official openai client", () => {
+  let service: Service
+  let dbUrl: string
+
+  beforeAll(async () => {
+    assertEngineBuilt()
+    dbUrl = (await freshDatabase()).url
+    service = await startService({ env: { DATABASE_URL: dbUrl, API_KEYS: "key-carol=carol:paid" } })
+  }, 120_000)
+
+  afterAll(async () => {
+    await service?.stop()
+  })
+
+  const client = (apiKey = "key-carol") => new OpenAI({ apiKey, baseURL: `${service.url}/v1`, maxRetries: 0 })
+
+  it("lists the models, and completes a chat without and with streaming (same seed, same text)", async () => {
+    const models = await client().models.list()
+    expect(models.data.map((m) => m.id)).toContain("mini")
+    const messages = [
+      { role: "system" as const, content: "You are terse." },
+      { role: "user" as const, content: "Hi" },
+      { role: "assistant" as const, content: "Hello." },
+      { role: "user" as const, content: "Tell me a story" }
+    ]
+    const completion = await client().chat.completions.create({ model: "mini", messages, max_tokens: 12, temperature: 0.8, seed: 7 })
+    expect(completion.object).toBe("chat.completion")
+    expect(completion.choices.length).toBe(1)
+    expect(completion.choices[0]!.message.role).toBe("assistant")
+    expect(["stop", "length"]).toContain(completion.choices[0]!.finish_reason)
+    expect(completion.usage!.completion_tokens).toBeGreaterThan(0)
+    expect(completion.usage!.total_tokens).toBe(completion.usage!.prompt_tokens + completion.usage!.completion_tokens)
+
+    const stream = await client().chat.completions.create({
+      model: "mini", messages, max_completion_tokens: 12, temperature: 0.8, seed: 7, stream: true, stream_options: { include_usage: true }
+    })
+    let text = ""
+    let finish: string | null = null
+    let usage: OpenAI.CompletionUsage | undefined
+    for await (const chunk of stream) {
+      expect(chunk.object).toBe("chat.completion.chunk")
+      const choice = chunk.choices[0]
+      if (choice !== undefined) {
+        text += choice.delta.content ?? ""
+        finish = choice.finish_reason ?? finish
+      }
+      if (chunk.usage) usage = chunk.usage
+    }
+    expect(text).toBe(completion.choices[0]!.message.content)
+    expect(finish).toBe(completion.choices[0]!.finish_reason)
+    expect(usage?.completion_tokens).toBe(completion.usage!.completion_tokens)
+    // Each completion is stored as a conversation of its caller: history, then the exchange.
+    const rows = await sqlAt(
+      "SELECT c.user_id, t.seq, t.role, t.status FROM chat_conversations c JOIN chat_turns t ON t.conversation_id = c.id WHERE c.id = $1 ORDER BY t.seq",
+      [completion.id.replace(/^chatcmpl-/, "")],
+      dbUrl
+    )
+    expect(rows.map((r) => [r.user_id, r.seq, r.role, r.status])).toEqual([
+      ["carol", 0, "user", "completed"],
+      ["carol", 1, "assistant", "completed"],
+      ["carol", 2, "user", "completed"],
+      ["carol", 3, "assistant", "completed"]
+    ])
+  }, 60_000)
+
+  it("errors come as the client's error classes: 401, 404 (unknown model), 400 (n > 1, last message not the user's)", async () => {
+    await expect(client("wrong-key").models.list()).rejects.toBeInstanceOf(OpenAI.AuthenticationError)
+    const missing = await client().chat.completions.create({ model: "no-such-model", messages: [{ role: "user", content: "Hi" }] })
+      .then(() => undefined, (e: unknown) => e)
+    expect(missing).toBeInstanceOf(OpenAI.NotFoundError)
+    expect((missing as InstanceType<typeof OpenAI.NotFoundError>).code).toBe("model_not_found")
+    await expect(client().chat.completions.create({ model: "mini", n: 2, messages: [{ role: "user", content: "Hi" }] }))
+      .rejects.toBeInstanceOf(OpenAI.BadRequestError)
+    await expect(client().chat.completions.create({ model: "mini", messages: [{ role: "user", content: "Hi" }, { role: "assistant", content: "Yo" }] }))
+      .rejects.toBeInstanceOf(OpenAI.BadRequestError)
+    const before = await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)
+    await expect(client().chat.completions.create({ model: "mini", messages: [{ role: "user", content: "Hi" }], max_tokens: 0 }))
+      .rejects.toBeInstanceOf(OpenAI.BadRequestError)
+    expect(await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)).toEqual(before)
+  }, 60_000)
 })

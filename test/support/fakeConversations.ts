@@ -17,6 +17,7 @@ import type { ConversationsService } from "../../src/runtime/Conversations.js"
 import { Conversations } from "../../src/runtime/Conversations.js"
 import {
   ConversationId,
+  CreateConversation,
   DoneEvent,
   HistoryPage,
   type Identity,
@@ -115,6 +116,7 @@ export const make = (options: FakeOptions = {}) =>
 
     const service: ConversationsService = {
       drain: () => Effect.void,
+      models: () => ["mini"],
       notReady: Effect.succeed(undefined),
       // The HTTP unit tests drive resuming through the real service (test/e2e): nothing to resume here.
       resume: (owner, id) => Effect.as(lookup(owner, id), Option.none()),
@@ -127,6 +129,16 @@ export const make = (options: FakeOptions = {}) =>
           const id = ConversationId.make(`conv_${counter.toString(16).padStart(32, "0")}`)
           conversations.set(id, { id, owner: owner.user_id, turns: [], active: undefined })
           return Effect.succeed(id)
+        }),
+
+      // As the real service: a conversation holding the earlier messages, then the turn.
+      complete: (owner, request) =>
+        Effect.gen(function*() {
+          const conversationId = yield* service.create(owner, new CreateConversation({ model: request.model }))
+          const state = conversations.get(conversationId)!
+          for (const m of request.history) appendTurn(state, m.role, m.content, "completed", { prompt: null, completion: null })
+          const stream = yield* service.sendTurn(owner, conversationId, request.turn)
+          return { conversationId, stream }
         }),
 
       sendTurn: (owner, id, input) =>

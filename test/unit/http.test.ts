@@ -101,8 +101,11 @@ const expectError = async (response: Response, status: number, code: string) => 
   expect(response.headers.get("content-type")).toMatch(/^application\/json/)
   const body = await response.json() as { error: { code: string; message: string } }
   expect(Object.keys(body)).toEqual(["error"])
-  expect(Object.keys(body.error).sort()).toEqual(["code", "message"])
+  expect(Object.keys(body.error).sort()).toEqual(["code", "message", "param", "type"])
   expect(body.error.code).toBe(code)
+  // OpenAI's shape: its clients read `type` and `param` too.
+  expect((body.error as any).type).toBe(status === 401 ? "authentication_error" : status >= 500 ? "server_error" : status === 429 ? "rate_limit_exceeded" : "invalid_request_error")
+  expect((body.error as any).param).toBeNull()
   expect(typeof body.error.message).toBe("string")
   expect(body.error.message.length).toBeGreaterThan(0)
   return body.error
