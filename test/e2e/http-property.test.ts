@@ -24,6 +24,27 @@ const body = fc.oneof(
   fc.string({ maxLength: 200 }),
   fc.constantFrom("", "{", "[]", "null", "{\"__proto__\":{\"x\":1}}", "\u0000", "[".repeat(100) + "]".repeat(100))
 )
+/** OpenAI chat requests, mostly malformed; the valid ones are short (max_tokens ≤ 4). */
+const chatBody = fc.oneof(
+  body,
+  fc.record({
+    model: fc.oneof(fc.constantFrom("mini", "constructor", "__proto__", ""), fc.string({ maxLength: 16 })),
+    messages: fc.oneof(
+      fc.array(fc.record({
+        role: fc.oneof(fc.constantFrom("system", "developer", "user", "assistant", "tool"), fc.string({ maxLength: 6 })),
+        content: fc.oneof(fc.string({ maxLength: 40 }), fc.constant(null), fc.array(fc.record({ type: fc.constantFrom("text", "image_url"), text: fc.string({ maxLength: 10 }) }), { maxLength: 2 }))
+      }, { requiredKeys: [] }), { maxLength: 4 }),
+      fc.string({ maxLength: 10 })
+    ),
+    max_tokens: fc.oneof(fc.integer({ min: -2, max: 4 }), fc.constant(5000), fc.string({ maxLength: 3 })),
+    n: fc.oneof(fc.integer({ min: -1, max: 3 }), fc.constant(null)),
+    stream: fc.oneof(fc.boolean(), fc.string({ maxLength: 3 })),
+    temperature: fc.oneof(fc.double({ min: -1, max: 3 }), fc.constant(null)),
+    top_p: fc.oneof(fc.double({ min: -1, max: 2 }), fc.constant(0)),
+    stop: fc.oneof(fc.string({ maxLength: 4 }), fc.array(fc.string({ maxLength: 4 }), { maxLength: 6 }), fc.integer()),
+    seed: fc.oneof(fc.integer(), fc.double(), fc.string({ maxLength: 3 }))
+  }, { requiredKeys: ["max_tokens"] }).map((v) => JSON.stringify(v))
+)
 const pathId = fc.oneof(fc.string({ minLength: 1, maxLength: 80 }), fc.constantFrom("constructor", "__proto__", "..", "%00", "a".repeat(65)))
   .map((s) => encodeURIComponent(s))
 const query = fc.record({
@@ -56,8 +77,8 @@ describe("every route, random input (1,000 runs each)", () => {
     expect(res.status, `${method} ${path} ${init.body?.slice(0, 100)}`).toBeLessThan(500)
     if (res.headers.get("content-type")?.startsWith("text/event-stream")) {
       await res.body?.cancel()
-      // A started turn is stopped and settles before the next baseline.
-      await fetch(`${service.url}/v1/conversations/${path.split("/")[3]}/cancel`, { method: "POST" })
+      // A started turn is stopped and settles before the next baseline (a completion's ends with its connection).
+      if (path.startsWith("/v1/conversations/")) await fetch(`${service.url}/v1/conversations/${path.split("/")[3]}/cancel`, { method: "POST" })
       return
     }
     await res.arrayBuffer()
@@ -105,6 +126,12 @@ describe("every route, random input (1,000 runs each)", () => {
         probe("GET", `/v1/conversations/${id}?${q}`, { headers: h })),
       { numRuns: NUM_RUNS }
     )
+  }, 300_000)
+
+  it("POST /v1/chat/completions", async () => {
+    await fc.assert(fc.asyncProperty(chatBody, headers, (b, h) => probe("POST", "/v1/chat/completions", { body: b, headers: h })), {
+      numRuns: NUM_RUNS
+    })
   }, 300_000)
 
   it("GET /healthz, /readyz and unknown routes", async () => {
