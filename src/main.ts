@@ -9,10 +9,13 @@
  * RUNNER_NAME (default: the first runner of cluster.config.ts), API_KEYS, LOG_ENGINE=1,
  * RUN_DIR (directory of the engines' ipc sockets `engine-<gpu>.sock`), CLUSTER_CONFIG (a
  * module whose default export replaces cluster.config.ts), REDIS_URL and REDIS_KEY_PREFIX (the
- * turn stream logs of a multi-runner topology; default redis://127.0.0.1:6379, `chat:`).
+ * turn stream logs and rate limits of a multi-runner topology; default redis://127.0.0.1:6379,
+ * `chat:`), RATE_LIMIT_STORE (`redis` to share limits through Redis in one process too).
  * `--name NAME` (or RUNNER_NAME) picks the runner of the topology this process is.
  */
 import { resolve } from "node:path"
+import { RateLimiter } from "@effect/experimental"
+import * as RateLimiterRedis from "@effect/experimental/RateLimiter/Redis"
 import { HttpMiddleware } from "@effect/platform"
 import { Sharding } from "@effect/cluster"
 import { NodeRuntime } from "@effect/platform-node"
@@ -53,8 +56,21 @@ const settings = Config.all({
   runDir: Config.option(Config.string("RUN_DIR")),
   clusterConfig: Config.option(Config.string("CLUSTER_CONFIG")),
   redisUrl: Config.string("REDIS_URL").pipe(Config.withDefault("redis://127.0.0.1:6379")),
-  redisKeyPrefix: Config.string("REDIS_KEY_PREFIX").pipe(Config.withDefault("chat:"))
+  redisKeyPrefix: Config.string("REDIS_KEY_PREFIX").pipe(Config.withDefault("chat:")),
+  rateLimitStore: Config.literal("redis", "memory")("RATE_LIMIT_STORE").pipe(Config.withDefault("memory" as const))
 })
+
+/** ioredis options of a `redis://[user:password@]host[:port][/db]` URL. */
+const redisOptions = (url: string) => {
+  const u = new URL(url)
+  return {
+    host: u.hostname,
+    port: u.port === "" ? 6379 : Number(u.port),
+    db: u.pathname.length > 1 ? Number(u.pathname.slice(1)) : 0,
+    ...(u.username === "" ? {} : { username: decodeURIComponent(u.username) }),
+    ...(u.password === "" ? {} : { password: decodeURIComponent(u.password) })
+  }
+}
 
 /**
  * A topology module. A `.ts` one is loaded through tsx, so that a compiled server
@@ -204,9 +220,14 @@ const MainLive = Layer.unwrapEffect(
     )
     // PORT overrides the runner's http_port.
     const port = process.env["PORT"] ?? (runner.http_port === undefined ? undefined : String(runner.http_port))
+    // Rate limits: one limit across gateways (Redis) with several runners, memory in one process.
+    const RateLimitStoreLive = multiRunner || s.rateLimitStore === "redis"
+      ? RateLimiterRedis.layerStore({ ...redisOptions(s.redisUrl), prefix: `${s.redisKeyPrefix}ratelimit:` })
+      : RateLimiter.layerStoreMemory
     return HttpServer.layer.pipe(
       Layer.provide(ConversationsLayer),
       Layer.provide(TopologyLive),
+      Layer.provide(RateLimitStoreLive),
       Layer.provide(SqlLive),
       Layer.provide(Layer.setConfigProvider(ConfigProvider.orElse(ConfigProvider.fromJson(port === undefined ? {} : { PORT: port }), () => ConfigProvider.fromEnv())))
     )

@@ -14,6 +14,7 @@
  * | StreamNotFound      | 404    | `stream_not_found`       |
  * | TurnInProgress      | 409    | `turn_in_progress`       |
  * | DuplicateTurn       | 409    | `duplicate_turn`         |
+ * | RateLimited         | 429    | `rate_limit_exceeded`    |
  * | PayloadTooLarge     | 413    | `payload_too_large`      |
  * | InternalError       | 500    | `internal`               |
  * | EngineUnavailable   | 503    | `engine_error`           |
@@ -217,7 +218,27 @@ export class NotReady extends Schema.TaggedError<NotReady>()(
 ) {}
 export const NotReadyJson = toJson(NotReady, "not_ready", 503)
 
+/**
+ * A tier's RPM or TPM limit is reached (OpenAI's 429): `headers` are the `x-ratelimit-*`
+ * values of the limit that refused, sent with `retry-after`.
+ */
+export class RateLimited extends Schema.TaggedError<RateLimited>()(
+  "RateLimited",
+  { message: Schema.String, retry_after_s: Schema.Int, headers: Schema.Record({ key: Schema.String, value: Schema.String }) },
+  HttpApiSchema.annotations({ status: 429 })
+) {}
+export const RateLimitedJson = Schema.transform(
+  ErrorBody("rate_limit_exceeded"),
+  Schema.typeSchema(RateLimited),
+  {
+    strict: true,
+    decode: ({ error }) => new RateLimited({ message: error.message, retry_after_s: 1, headers: {} }),
+    encode: (e) => errorJson(429, "rate_limit_exceeded", e.message) as { readonly error: { readonly code: "rate_limit_exceeded"; readonly message: string; readonly type: string; readonly param: null } }
+  }
+).annotations(HttpApiSchema.annotations({ status: 429 }))
+
 export type ApiError =
+  | RateLimited
   | InvalidRequest
   | PromptTooLong
   | Unauthorized
@@ -237,6 +258,7 @@ export type ApiError =
   | DuplicateTurn
 
 const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
+  RateLimited,
   InvalidRequest,
   PromptTooLong,
   Unauthorized,
@@ -259,6 +281,8 @@ const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
 /** The HTTP status and body code of an API error. */
 export const statusAndCode = (e: ApiError): { readonly status: number; readonly code: string } => {
   switch (e._tag) {
+    case "RateLimited":
+      return { status: 429, code: "rate_limit_exceeded" }
     case "InvalidRequest":
       return { status: 400, code: "invalid_request" }
     case "PromptTooLong":

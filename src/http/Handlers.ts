@@ -1,14 +1,15 @@
 /**
  * Handlers of the API groups; they only translate between HTTP and the `Conversations` service.
  */
-import { HttpApiBuilder, HttpServerResponse } from "@effect/platform"
-import { Effect, Layer, Option } from "effect"
+import { HttpApiBuilder, HttpApp, HttpServerResponse } from "@effect/platform"
+import { Effect, Layer, Option, Runtime } from "effect"
 import { CreateConversation, TurnId } from "../runtime/Domain.js"
 import { Conversations } from "../runtime/Conversations.js"
 import { Api, ConversationCreated, Health, Ready } from "./Api.js"
 import * as ApiError from "./ApiError.js"
 import { CurrentIdentity } from "./Auth.js"
 import * as OpenAi from "./OpenAi.js"
+import { type GenerationCost, RateLimits } from "./RateLimits.js"
 import * as Sse from "./Sse.js"
 
 const logServerFailure = <E extends { readonly _tag: string }>(error: E) =>
@@ -26,6 +27,25 @@ const parseLastEventId = (raw: string | undefined, id: string): { readonly turnI
   if (m === null || m[1] !== id) return null
   return { turnId: TurnId.make(`${m[1]}:${m[2]}`), index: Number(m[3]) }
 }
+
+/**
+ * Charges the request (and a generation's estimated tokens) to the caller's rate limits; the
+ * `x-ratelimit-*` headers go on whatever response the request gets. @returns the caller and
+ * `settleOn`, which corrects a generation's charge when its stream ends with `done`.
+ */
+const rateLimited = (generation?: GenerationCost) =>
+  Effect.gen(function*() {
+    const limits = yield* RateLimits
+    const identity = yield* CurrentIdentity
+    const charged = yield* limits.charge(identity, generation)
+    if (Object.keys(charged.headers).length > 0) {
+      yield* HttpApp.appendPreResponseHandler((_request, response) => Effect.succeed(HttpServerResponse.setHeaders(response, charged.headers)))
+    }
+    const runFork = Runtime.runFork(yield* Effect.runtime<never>())
+    const settleOn = (stream: { readonly onDone: (listener: (e: { readonly usage: { readonly prompt_tokens: number; readonly completion_tokens: number } }) => void) => void }) =>
+      stream.onDone((e) => void runFork(limits.settle(identity, charged.numTokens, e.usage.prompt_tokens + e.usage.completion_tokens)))
+    return { identity, settleOn }
+  })
 
 export const HealthLive = HttpApiBuilder.group(
   Api,
@@ -51,18 +71,22 @@ export const ConversationsLive = HttpApiBuilder.group(
       const conversations = yield* Conversations
       return handlers
         .handle("create", ({ payload }) =>
-          Effect.flatMap(CurrentIdentity, (owner) => conversations.create(owner, payload ?? new CreateConversation({}))).pipe(
-            Effect.tapError(logServerFailure),
-            Effect.mapError(ApiError.fromRuntime),
-            Effect.map((conversation_id) => new ConversationCreated({ conversation_id }))
-          ))
+          Effect.flatMap(rateLimited(), ({ identity }) =>
+            conversations.create(identity, payload ?? new CreateConversation({})).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime),
+              Effect.map((conversation_id) => new ConversationCreated({ conversation_id }))
+            )))
         .handle("sendTurn", ({ headers, path, payload }) =>
           Effect.gen(function*() {
             const settings = yield* Sse.SseSettings
-            const owner = yield* CurrentIdentity
+            const { identity: owner, settleOn } = yield* rateLimited({ numPromptChars: payload.content.length, maxTokens: payload.max_tokens })
             // The outer effect fails (404/409/400/503) before any byte of the SSE response.
             const sent = yield* conversations.sendTurn(owner, path.id, payload, { idempotencyKey: headers["idempotency-key"] }).pipe(
-              Effect.map((stream) => Sse.turnResponse(stream, settings)),
+              Effect.map((stream) => {
+                settleOn(stream)
+                return Sse.turnResponse(stream, settings)
+              }),
               // A re-sent turn (same Idempotency-Key): that turn's stream, from Last-Event-ID.
               Effect.catchTag("DuplicateTurn", (e) =>
                 Effect.gen(function*() {
@@ -82,10 +106,11 @@ export const ConversationsLive = HttpApiBuilder.group(
             return sent
           }))
         .handle("cancel", ({ path }) =>
-          Effect.flatMap(CurrentIdentity, (owner) => conversations.cancel(owner, path.id)).pipe(
-            Effect.tapError(logServerFailure),
-            Effect.mapError(ApiError.fromRuntime)
-          ))
+          Effect.flatMap(rateLimited(), ({ identity }) =>
+            conversations.cancel(identity, path.id).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime)
+            )))
         .handle("resume", ({ headers, path, urlParams }) =>
           Effect.gen(function*() {
             const raw = headers["last-event-id"] ?? urlParams.last_event_id
@@ -93,7 +118,7 @@ export const ConversationsLive = HttpApiBuilder.group(
             if (after === null) {
               return yield* new ApiError.InvalidRequest({ message: "Last-Event-ID is not an event id of this conversation" })
             }
-            const resumed = yield* conversations.resume(yield* CurrentIdentity, path.id, after).pipe(
+            const resumed = yield* conversations.resume((yield* rateLimited()).identity, path.id, after).pipe(
               Effect.tapError(logServerFailure),
               Effect.mapError(ApiError.fromRuntime)
             )
@@ -102,10 +127,11 @@ export const ConversationsLive = HttpApiBuilder.group(
             return Sse.resumeResponse(resumed.value.turnId, resumed.value.events, settings)
           }))
         .handle("history", ({ path, urlParams }) =>
-          Effect.flatMap(CurrentIdentity, (owner) => conversations.history(owner, path.id, { before: urlParams.before, limit: urlParams.limit })).pipe(
-            Effect.tapError(logServerFailure),
-            Effect.mapError(ApiError.fromRuntime)
-          ))
+          Effect.flatMap(rateLimited(), ({ identity }) =>
+            conversations.history(identity, path.id, { before: urlParams.before, limit: urlParams.limit }).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime)
+            )))
     })
 )
 
@@ -119,11 +145,13 @@ export const OpenAiLive = HttpApiBuilder.group(
         .handle("chatCompletions", ({ payload }) =>
           Effect.gen(function*() {
             const request = yield* OpenAi.toConversation(payload)
-            const owner = yield* CurrentIdentity
+            const numPromptChars = request.history.reduce((n, m) => n + m.content.length, request.turn.content.length + (request.system_prompt?.length ?? 0))
+            const { identity: owner, settleOn } = yield* rateLimited({ numPromptChars, maxTokens: request.turn.max_tokens })
             const { conversationId, stream } = yield* conversations.complete(owner, request).pipe(
               Effect.tapError(logServerFailure),
               Effect.mapError(ApiError.fromRuntime)
             )
+            settleOn(stream)
             const completion = { conversationId, model: payload.model, stream }
             if (payload.stream !== true) return yield* OpenAi.jsonResponse(completion)
             const settings = yield* Sse.SseSettings
@@ -133,12 +161,12 @@ export const OpenAiLive = HttpApiBuilder.group(
             })
           }))
         .handle("models", () =>
-          Effect.succeed(new OpenAi.ModelList({
+          Effect.as(rateLimited(), new OpenAi.ModelList({
             object: "list",
             data: conversations.models().map((id) => ({ id, object: "model" as const, created: 0, owned_by: "chat-serve" }))
           })))
     })
 )
 
-/** Every group; needs `Conversations` (and `Authenticator` via the Authorization middleware layer). */
+/** Every group; needs `Conversations`, `RateLimits` (and `Authenticator` via the Authorization middleware layer). */
 export const layer = Layer.mergeAll(HealthLive, ConversationsLive, OpenAiLive)

@@ -30,6 +30,8 @@ import type { Conversations } from "../runtime/Conversations.js"
 import { Api } from "./Api.js"
 import * as ApiError from "./ApiError.js"
 import * as Auth from "./Auth.js"
+import * as RateLimits from "./RateLimits.js"
+import type { RateLimiterStore } from "@effect/experimental/RateLimiter"
 import * as Handlers from "./Handlers.js"
 import { SseSettings } from "./Sse.js"
 
@@ -136,6 +138,10 @@ export const errorResponse = (e: ApiError.ApiError): HttpServerResponse.HttpServ
   const { code, status } = ApiError.statusAndCode(e)
   const headers: Record<string, string> = {}
   if (e._tag === "Unauthorized") headers["www-authenticate"] = "Bearer"
+  if (e._tag === "RateLimited") {
+    Object.assign(headers, e.headers)
+    headers["retry-after"] = String(e.retry_after_s)
+  }
   if (e._tag === "Overloaded" || e._tag === "StorageUnavailable" || e._tag === "ShuttingDown" || e._tag === "NotReady") {
     headers["retry-after"] = String(e.retry_after_s)
   }
@@ -204,7 +210,7 @@ export const layerNormalizeErrors: Layer.Layer<never> = HttpApiBuilder.middlewar
 export const layerApi: Layer.Layer<
   HttpApi.Api,
   never,
-  Conversations | Auth.Authenticator
+  Conversations | Auth.Authenticator | RateLimits.RateLimits
 > = HttpApiBuilder.api(Api).pipe(
   Layer.provide(Handlers.layer),
   Layer.provide(Auth.AuthorizationLive)
@@ -214,7 +220,7 @@ export const layerApi: Layer.Layer<
 export const layerServe: Layer.Layer<
   never,
   never,
-  HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Conversations | Auth.Authenticator
+  HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Conversations | Auth.Authenticator | RateLimits.RateLimits
 > = HttpApiBuilder.serve().pipe(
   Layer.provide(layerNormalizeErrors),
   Layer.provide(HttpApiBuilder.middlewareOpenApi({ path: "/openapi.json" })),
@@ -325,13 +331,21 @@ export const layerDrainOnStop: Layer.Layer<never, ConfigError.ConfigError, Conve
   })
 )
 
-/** The HTTP server from config: needs `Conversations` and the topology (tiers of the identities). */
-export const layer: Layer.Layer<never, HttpServerError.ServeError | ConfigError.ConfigError, Conversations | TopologyService> = Layer
+/**
+ * The HTTP server from config: needs `Conversations`, the topology (the tiers of identities
+ * and their limits) and the rate limiter's store (memory, or Redis shared by gateways).
+ */
+export const layer: Layer.Layer<
+  never,
+  HttpServerError.ServeError | ConfigError.ConfigError,
+  Conversations | TopologyService | RateLimiterStore
+> = Layer
   .unwrapEffect(Effect.map(Config.all([listenConfig, connectionLimitsConfig]), ([listen, limits]) => layerNodeServer(listen, limits)))
   .pipe(
     // Built after the server and the API, so its finalizer runs before theirs.
     (server) => layerDrainOnStop.pipe(Layer.provideMerge(layerServe), Layer.provide(server)),
-    Layer.provide(Auth.layerConfig),
+    Layer.provide(RateLimits.layer),
+    Layer.provideMerge(Auth.layerConfig),
     Layer.provide(SseSettings.layerConfig),
     Layer.provide(RequestLimits.layerConfig)
   )
@@ -344,7 +358,7 @@ export const layer: Layer.Layer<never, HttpServerError.ServeError | ConfigError.
 export const layerTestWith = (limits: ConnectionLimits = defaultConnectionLimits): Layer.Layer<
   HttpServer.HttpServer | HttpClient.HttpClient,
   HttpServerError.ServeError,
-  Conversations | Auth.Authenticator
+  Conversations | Auth.Authenticator | RateLimits.RateLimits
 > =>
   layerServe.pipe(
     Layer.provideMerge(HttpServer.layerTestClient.pipe(

@@ -82,6 +82,7 @@ export class TurnStream {
   private wantDrain = false
   private attachTimer: ReturnType<typeof setTimeout> | undefined
   private readonly onClose: (stream: TurnStream) => void
+  private doneListener: ((event: DoneEvent) => void) | undefined
 
   /**
    * @param bufferEvents events the reader may hold unread before `token` reports it full
@@ -129,9 +130,15 @@ export class TurnStream {
     return ok
   }
 
+  /** Calls `listener` with the `done` event when the turn ends with one (usage accounting). */
+  onDone(listener: (event: DoneEvent) => void): void {
+    this.doneListener = listener
+  }
+
   done(event: DoneEvent): void {
     if (this.isClosed) return
     if (this.stopping) return this.fail("shutting_down", "The server is shutting down; the turn was stored as cancelled")
+    this.doneListener?.(event)
     this.ended = true
     this.push({ _tag: "Done", event })
     this.finish()

@@ -2,6 +2,7 @@
  * The gateway as real users meet it: the service process with authentication on (API keys
  * and HS256 JWTs), its own PostgreSQL database and Redis, driven over HTTP.
  */
+import { randomUUID } from "node:crypto"
 import { SignJWT } from "jose"
 import OpenAI from "openai"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
@@ -164,5 +165,77 @@ describe("gateway: the OpenAI-compatible API, with the official openai client", 
     await expect(client().chat.completions.create({ model: "mini", messages: [{ role: "user", content: "Hi" }], max_tokens: 0 }))
       .rejects.toBeInstanceOf(OpenAI.BadRequestError)
     expect(await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)).toEqual(before)
+  }, 60_000)
+})
+
+describe("gateway: RPM and TPM limits in Redis, one limit across two gateway processes", () => {
+  let gateways: Array<Service> = []
+  let dbUrls: Array<string> = []
+
+  beforeAll(async () => {
+    assertEngineBuilt()
+    // Two single-process services stand in for two gateways: their own databases, one Redis prefix.
+    const prefix = `test-${randomUUID()}:`
+    dbUrls = [(await freshDatabase()).url, (await freshDatabase()).url]
+    gateways = await Promise.all(dbUrls.map((dbUrl) =>
+      startService({
+        env: {
+          DATABASE_URL: dbUrl,
+          API_KEYS: "key-dave=dave:free,key-erin=erin:free",
+          CLUSTER_CONFIG: "test/e2e/gateway.config.ts",
+          RATE_LIMIT_STORE: "redis",
+          REDIS_KEY_PREFIX: prefix
+        }
+      })
+    ))
+  }, 180_000)
+
+  afterAll(async () => {
+    await Promise.all(gateways.map((g) => g.stop()))
+  })
+
+  it("the 6th request in a minute is 429 with OpenAI's headers, counted across both gateways; other users are not affected", async () => {
+    const dave = bearer("key-dave")
+    const statuses: Array<number> = []
+    let last: Response | undefined
+    for (let i = 0; i < 6; i++) {
+      last = await postJson(`${gateways[i % 2]!.url}/v1/conversations`, {}, dave)
+      statuses.push(last.status)
+      if (i === 0) {
+        expect(last.headers.get("x-ratelimit-limit-requests")).toBe("5")
+        expect(last.headers.get("x-ratelimit-remaining-requests")).toBe("4")
+        expect(last.headers.get("x-ratelimit-reset-requests")).toMatch(/^\d+(m\d+)?s$/)
+      }
+      if (last.status !== 429) await last.arrayBuffer()
+    }
+    expect(statuses).toEqual([201, 201, 201, 201, 201, 429])
+    expect(Number(last!.headers.get("retry-after"))).toBeGreaterThan(0)
+    expect(last!.headers.get("x-ratelimit-remaining-requests")).toBe("0")
+    expect(await last!.json()).toEqual({
+      error: { message: expect.stringMatching(/5 requests per minute/), type: "rate_limit_exceeded", param: null, code: "rate_limit_exceeded" }
+    })
+    // The refused request stored nothing: five conversations in all.
+    const counts = await Promise.all(dbUrls.map((u) => sqlAt("SELECT count(*)::int AS n FROM chat_conversations WHERE user_id = 'dave'", [], u)))
+    expect(counts[0]![0].n + counts[1]![0].n).toBe(5)
+    // Another user has a limit of their own; the openai client gets its RateLimitError class.
+    expect((await postJson(`${gateways[0]!.url}/v1/conversations`, {}, bearer("key-erin"))).status).toBe(201)
+    const openai = new OpenAI({ apiKey: "key-dave", baseURL: `${gateways[1]!.url}/v1`, maxRetries: 0 })
+    await expect(openai.models.list()).rejects.toBeInstanceOf(OpenAI.RateLimitError)
+  }, 60_000)
+
+  it("a turn is charged prompt + max_tokens up front (TPM), and refused when that would pass the limit", async () => {
+    const erin = bearer("key-erin")
+    const id = ((await (await postJson(`${gateways[0]!.url}/v1/conversations`, {}, erin)).json()) as any).conversation_id
+    // 600 tokens a minute: a turn asking for 500 more than is left is refused before anything is stored.
+    const first = await postJson(`${gateways[0]!.url}/v1/conversations/${id}/turns`, { role: "user", content: "Hi", max_tokens: 300 }, erin)
+    expect(first.status).toBe(200)
+    expect(Number(first.headers.get("x-ratelimit-remaining-tokens"))).toBeLessThanOrEqual(300)
+    await readSse(first, () => undefined)
+    const second = await postJson(`${gateways[1]!.url}/v1/conversations/${id}/turns`, { role: "user", content: "More", max_tokens: 500 }, erin)
+    expect(second.status).toBe(429)
+    expect(((await second.json()) as any).error.message).toMatch(/tokens per minute/)
+    expect(second.headers.get("x-ratelimit-limit-tokens")).toBe("600")
+    const rows = await sqlAt("SELECT count(*)::int AS n FROM chat_turns WHERE conversation_id = $1", [id], dbUrls[0]!)
+    expect(rows[0].n).toBe(2)
   }, 60_000)
 })

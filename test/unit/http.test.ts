@@ -5,6 +5,8 @@ import * as Http from "node:http"
 import * as Net from "node:net"
 import { SignJWT } from "jose"
 import * as Auth from "../../src/http/Auth.js"
+import * as RateLimits from "../../src/http/RateLimits.js"
+import { RateLimiter } from "@effect/experimental"
 import * as Topology from "../../src/runtime/Topology.js"
 import clusterConfig from "../../cluster.config.js"
 import * as Server from "../../src/http/Server.js"
@@ -25,9 +27,11 @@ interface Options {
   readonly fake?: Fake.FakeOptions
 }
 
-/** Authentication from `env` (API_KEYS, JWT_SECRET, …) with the default topology's tiers. */
+/** Authentication from `env` (API_KEYS, JWT_SECRET, …) and rate limits in memory, with the default topology's tiers. */
 const authLayer = (env: Record<string, string>) =>
-  Auth.layerConfig.pipe(
+  RateLimits.layer.pipe(
+    Layer.provideMerge(Auth.layerConfig),
+    Layer.provide(RateLimiter.layerStoreMemory),
     Layer.provide(Topology.layer(clusterConfig)),
     Layer.provide(Layer.setConfigProvider(ConfigProvider.fromMap(new Map(Object.entries(env)))))
   )

@@ -1,0 +1,136 @@
+/**
+ * Per-user RPM and TPM limits of the user's tier (`cluster.config.ts` `tiers.*.rpm/tpm`), with
+ * `@effect/experimental`'s RateLimiter: its Redis store when several runners share the limits
+ * (one limit across gateways), its memory store in one process. A turn is charged up front
+ * for its estimated prompt plus `max_tokens`, and corrected to the actual count when it ends.
+ *
+ * Responses carry OpenAI's headers (`x-ratelimit-limit-requests`, `…-remaining-requests`,
+ * `…-reset-requests`, and the same for tokens); a refused request is 429
+ * `rate_limit_exceeded` with them and `retry-after`. Limits apply to authenticated users: with
+ * authentication off (the embedded default's one local user) there are none. A store that
+ * cannot be reached lets requests through (logged): limits protect the service, they must not
+ * take it down.
+ */
+import { RateLimiter } from "@effect/experimental"
+import { Context, Duration, Effect, Layer } from "effect"
+import type { Identity } from "../runtime/Domain.js"
+import { lookup, TopologyService } from "../runtime/Topology.js"
+import * as ApiError from "./ApiError.js"
+import { Authenticator } from "./Auth.js"
+
+const WINDOW = Duration.minutes(1)
+
+/** The `x-ratelimit-*` values after a charge. */
+export type RateLimitHeaders = Readonly<Record<string, string>>
+
+/** What a request may generate: its new text (characters) and `max_tokens` (default: the topology's). */
+export interface GenerationCost {
+  readonly numPromptChars: number
+  readonly maxTokens: number | undefined
+}
+
+export class RateLimits extends Context.Tag("chat/http/RateLimits")<RateLimits, {
+  /**
+   * Charges one request, and for a generation its estimated tokens (`numPromptChars / 4` +
+   * `maxTokens`), to the user's tier limits; fails with RateLimited when either is used up.
+   * @returns the response headers and the tokens charged (for `settle`).
+   */
+  readonly charge: (
+    identity: Identity,
+    generation?: GenerationCost
+  ) => Effect.Effect<{ readonly headers: RateLimitHeaders; readonly numTokens: number }, ApiError.RateLimited>
+  /** Corrects a generation's charge to its actual token count (prompt + completion). */
+  readonly settle: (identity: Identity, numCharged: number, numActual: number) => Effect.Effect<void>
+}>() {}
+
+/** OpenAI's reset format: `1s`, `6m0s`. */
+const resetText = (d: Duration.Duration): string => {
+  const s = Math.ceil(Duration.toMillis(d) / 1000)
+  return s < 60 ? `${s}s` : `${Math.floor(s / 60)}m${s % 60}s`
+}
+
+const make = Effect.gen(function*() {
+  const limiter = yield* RateLimiter.RateLimiter
+  const topology = yield* TopologyService
+  const { enabled } = yield* Authenticator
+  const storeFailed = (e: RateLimiter.RateLimitStoreError) =>
+    Effect.logWarning("rate limit store unavailable; letting the request through", e.message)
+  const tierOf = (identity: Identity) => lookup(topology.tiers, identity.tier) ?? lookup(topology.tiers, topology.default_tier)!
+
+  const consume = (key: string, limit: number, tokens: number) =>
+    limiter.consume({ algorithm: "fixed-window", onExceeded: "fail", window: WINDOW, limit, key, tokens }).pipe(
+      Effect.map((r) => ({ limit: r.limit, remaining: r.remaining, reset: r.resetAfter })),
+      Effect.catchIf(
+        (e): e is RateLimiter.RateLimitStoreError => e.reason === "StoreError",
+        (e) => Effect.as(storeFailed(e), { limit, remaining: limit, reset: Duration.zero })
+      )
+    )
+
+  const refused = (
+    what: "requests" | "tokens",
+    e: RateLimiter.RateLimitExceeded,
+    headers: Record<string, string>
+  ): ApiError.RateLimited => {
+    const retryAfterS = Math.max(1, Math.ceil(Duration.toMillis(e.retryAfter) / 1000))
+    return new ApiError.RateLimited({
+      message: `Rate limit reached: ${e.limit} ${what} per minute for your tier; try again in ${retryAfterS} s`,
+      retry_after_s: retryAfterS,
+      headers: {
+        ...headers,
+        [`x-ratelimit-limit-${what}`]: String(e.limit),
+        [`x-ratelimit-remaining-${what}`]: "0",
+        [`x-ratelimit-reset-${what}`]: resetText(e.retryAfter)
+      }
+    })
+  }
+
+  return RateLimits.of({
+    charge: (identity, generation) =>
+      Effect.gen(function*() {
+        const numTokens = generation === undefined
+          ? 0
+          : Math.ceil(generation.numPromptChars / 4) + (generation.maxTokens ?? topology.generation.max_tokens)
+        if (!enabled) return { headers: {}, numTokens }
+        const tier = tierOf(identity)
+        const requests = yield* consume(`rpm:${identity.user_id}`, tier.rpm, 1).pipe(
+          Effect.catchTag("RateLimiterError", (e) => Effect.fail(refused("requests", e, {})))
+        )
+        const headers: Record<string, string> = {
+          "x-ratelimit-limit-requests": String(requests.limit),
+          "x-ratelimit-remaining-requests": String(requests.remaining),
+          "x-ratelimit-reset-requests": resetText(requests.reset)
+        }
+        if (numTokens === 0) return { headers, numTokens }
+        const tokens = yield* consume(`tpm:${identity.user_id}`, tier.tpm, numTokens).pipe(
+          Effect.catchTag("RateLimiterError", (e) => Effect.fail(refused("tokens", e, headers)))
+        )
+        return {
+          headers: {
+            ...headers,
+            "x-ratelimit-limit-tokens": String(tokens.limit),
+            "x-ratelimit-remaining-tokens": String(tokens.remaining),
+            "x-ratelimit-reset-tokens": resetText(tokens.reset)
+          },
+          numTokens
+        }
+      }),
+    settle: (identity, numCharged, numActual) =>
+      !enabled || numActual === numCharged
+        ? Effect.void
+        : limiter.consume({
+          algorithm: "fixed-window",
+          // Never refused: the tokens were spent already.
+          onExceeded: "delay",
+          window: WINDOW,
+          limit: tierOf(identity).tpm,
+          key: `tpm:${identity.user_id}`,
+          tokens: Math.trunc(numActual - numCharged)
+        }).pipe(Effect.asVoid, Effect.catchAll(() => Effect.void))
+  })
+})
+
+/** Needs a `RateLimiter.RateLimiterStore` (memory, or `RateLimiter/Redis`'s). */
+export const layer: Layer.Layer<RateLimits, never, RateLimiter.RateLimiterStore | TopologyService | Authenticator> = Layer.effect(
+  RateLimits,
+  make
+).pipe(Layer.provide(RateLimiter.layer))
