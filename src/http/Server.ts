@@ -1,7 +1,7 @@
 /**
  * The HTTP server: the API with its handlers, served by NodeHttpServer.
  *
- * - `layer`: everything from config (`PORT` default 8080, `HOST` optional, `API_KEYS`,
+ * - `layer`: everything from config (`PORT` default 8080, `HOST` optional, `CORS_ORIGINS`, `API_KEYS`,
  *   `SSE_KEEPALIVE_INTERVAL`, `MAX_BODY_BYTES`, `HTTP_HEADERS_TIMEOUT_MS`,
  *   `HTTP_REQUEST_TIMEOUT_MS`, `MAX_CONNECTIONS_PER_CLIENT`); needs only `Conversations`.
  * - `layerServe`: the API on whatever `HttpServer` is provided (compose your own server).
@@ -30,6 +30,7 @@ import type { Conversations } from "../runtime/Conversations.js"
 import { Api } from "./Api.js"
 import * as ApiError from "./ApiError.js"
 import * as Auth from "./Auth.js"
+import * as Edge from "./Edge.js"
 import * as RateLimits from "./RateLimits.js"
 import type { RateLimiterStore } from "@effect/experimental/RateLimiter"
 import * as Handlers from "./Handlers.js"
@@ -221,7 +222,7 @@ export const layerServe: Layer.Layer<
   never,
   never,
   HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Conversations | Auth.Authenticator | RateLimits.RateLimits
-> = HttpApiBuilder.serve().pipe(
+> = HttpApiBuilder.serve(Edge.middleware).pipe(
   Layer.provide(layerNormalizeErrors),
   Layer.provide(HttpApiBuilder.middlewareOpenApi({ path: "/openapi.json" })),
   Layer.provide(layerApi),
@@ -347,7 +348,8 @@ export const layer: Layer.Layer<
     Layer.provide(RateLimits.layer),
     Layer.provideMerge(Auth.layerConfig),
     Layer.provide(SseSettings.layerConfig),
-    Layer.provide(RequestLimits.layerConfig)
+    Layer.provide(RequestLimits.layerConfig),
+    Layer.provide(Edge.CorsSettings.layerConfig)
   )
 
 /**

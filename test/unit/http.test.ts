@@ -5,6 +5,7 @@ import * as Http from "node:http"
 import * as Net from "node:net"
 import { SignJWT } from "jose"
 import * as Auth from "../../src/http/Auth.js"
+import * as Edge from "../../src/http/Edge.js"
 import * as RateLimits from "../../src/http/RateLimits.js"
 import { RateLimiter } from "@effect/experimental"
 import * as Topology from "../../src/runtime/Topology.js"
@@ -23,6 +24,7 @@ interface Options {
   readonly keys?: ReadonlyArray<string>
   /** Auth configuration as environment variables (instead of `keys`). */
   readonly env?: Record<string, string>
+  readonly corsOrigins?: ReadonlyArray<string>
   readonly keepAlive?: Duration.DurationInput
   readonly fake?: Fake.FakeOptions
 }
@@ -50,7 +52,8 @@ const withServer = (options: Options, body: (ctx: Ctx) => Promise<void>) =>
       Server.layerTestWith(options.limits).pipe(
         Layer.provideMerge(Fake.layer(options.fake ?? {})),
         Layer.provide(authLayer(options.env ?? (options.keys === undefined ? {} : { API_KEYS: options.keys.join(",") }))),
-        Layer.provide(SseSettings.layer({ keepAliveInterval: options.keepAlive ?? Duration.seconds(15) }))
+        Layer.provide(SseSettings.layer({ keepAliveInterval: options.keepAlive ?? Duration.seconds(15) })),
+        Layer.provide(Edge.CorsSettings.layer(options.corsOrigins ?? []))
       )
     )
   )
@@ -512,6 +515,36 @@ describe("HTTP API", () => {
       await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${unsigned}` } }), 401, "unauthorized")
     })
   })
+
+  it.live("every response has an x-request-id (the client's own when sane); CORS preflight and headers for configured origins only", () =>
+    withServer({ corsOrigins: ["https://app.example"] }, async ({ url }) => {
+      const plain = await fetch(`${url}/healthz`)
+      expect(plain.headers.get("x-request-id")).toMatch(/^[0-9a-f-]{36}$/)
+      expect((await fetch(`${url}/healthz`, { headers: { "x-request-id": "trace-42" } })).headers.get("x-request-id")).toBe("trace-42")
+      expect((await fetch(`${url}/healthz`, { headers: { "x-request-id": "bad id\u00e9".repeat(10) } })).headers.get("x-request-id")).not.toMatch(/bad/)
+      const notFound = await fetch(`${url}/nope`)
+      expect(notFound.headers.get("x-request-id")).toBeTruthy()
+      const preflight = await fetch(`${url}/v1/conversations`, {
+        method: "OPTIONS",
+        headers: { origin: "https://app.example", "access-control-request-method": "POST", "access-control-request-headers": "authorization, content-type" }
+      })
+      expect(preflight.status).toBe(204)
+      expect(preflight.headers.get("access-control-allow-origin")).toBe("https://app.example")
+      expect(preflight.headers.get("access-control-allow-headers")).toMatch(/authorization/)
+      const created = await fetch(`${url}/v1/conversations`, { method: "POST", headers: { origin: "https://app.example", "content-type": "application/json" }, body: "{}" })
+      expect(created.status).toBe(201)
+      expect(created.headers.get("access-control-allow-origin")).toBe("https://app.example")
+      expect(created.headers.get("access-control-expose-headers")).toMatch(/x-ratelimit-remaining-requests/)
+      const otherOrigin = await fetch(`${url}/v1/conversations`, { method: "POST", headers: { origin: "https://evil.example", "content-type": "application/json" }, body: "{}" })
+      // A browser on another origin is not allowed: the header never names it.
+      expect(otherOrigin.headers.get("access-control-allow-origin")).not.toBe("https://evil.example")
+    }))
+
+  it.live("without CORS_ORIGINS no response carries Access-Control headers", () =>
+    withServer({}, async ({ url }) => {
+      const res = await fetch(`${url}/healthz`, { headers: { origin: "https://app.example" } })
+      expect(res.headers.get("access-control-allow-origin")).toBeNull()
+    }))
 
   it.live("auth: without API keys everything is allowed", () =>
     withServer({}, async ({ url }) => {
