@@ -29,6 +29,7 @@ import * as DecodeSlot from "./actors/DecodeSlot.js"
 import * as GpuScheduler from "./actors/GpuScheduler.js"
 import { RunningSlots } from "./actors/internal/runningSlots.js"
 import * as HttpServer from "./http/Server.js"
+import * as Metrics from "./runtime/Metrics.js"
 import * as Cluster from "./runtime/Cluster.js"
 import * as DataPlane from "./runtime/DataPlane.js"
 import { ensureDefaultModel } from "./runtime/DefaultModel.js"
@@ -215,8 +216,10 @@ const MainLive = Layer.unwrapEffect(
       ? Layer.mergeAll(GpuDrainLive, RunnerStatusLive).pipe(Layer.provideMerge(ClusterLive), Layer.provide(Layer.mergeAll(WorkersLive, StreamsLive)))
       : GpuDrainLive.pipe(Layer.provideMerge(ClusterLive), Layer.provide(WorkersLive))
     if (!runner.roles.includes("gateway")) return Layer.discard(RunnerLive)
+    // One registry for the whole process: the facade times turns, the edge counts refusals.
+    const MetricsLive = Metrics.layer.pipe(Layer.provide(Layer.mergeAll(WorkersLive, TopologyLive)))
     const ConversationsLayer = ConversationsLive.layer.pipe(
-      Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive))
+      Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive, MetricsLive))
     )
     // PORT overrides the runner's http_port.
     const port = process.env["PORT"] ?? (runner.http_port === undefined ? undefined : String(runner.http_port))
@@ -228,6 +231,7 @@ const MainLive = Layer.unwrapEffect(
       Layer.provide(ConversationsLayer),
       Layer.provide(TopologyLive),
       Layer.provide(RateLimitStoreLive),
+      Layer.provide(MetricsLive),
       Layer.provide(SqlLive),
       Layer.provide(Layer.setConfigProvider(ConfigProvider.orElse(ConfigProvider.fromJson(port === undefined ? {} : { PORT: port }), () => ConfigProvider.fromEnv())))
     )

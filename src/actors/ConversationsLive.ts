@@ -10,6 +10,7 @@ import { ConversationId, HistoryPage, type Identity, TurnId, type UserId, usageJ
 import { ConversationNotFound, EngineError, ModelNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable } from "../runtime/Errors.js"
 import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
+import { Metrics } from "../runtime/Metrics.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { poolFor, TopologyService } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
@@ -55,11 +56,17 @@ const retryShardMoves = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E,
 /** Conversation owners a gateway keeps (an owner never changes: this is a cache of the store). */
 const OWNER_CACHE_MAX = 100_000
 
+/** A conversation's owner and model pool (neither ever changes). */
+interface OwnerEntry {
+  readonly userId: UserId
+  readonly pool: string
+}
+
 /** Least recently used first out, past `max` entries. */
 class OwnerCache {
-  private readonly owners = new Map<ConversationId, UserId>()
+  private readonly owners = new Map<ConversationId, OwnerEntry>()
   constructor(private readonly max: number) {}
-  get(id: ConversationId): UserId | undefined {
+  get(id: ConversationId): OwnerEntry | undefined {
     const owner = this.owners.get(id)
     if (owner !== undefined) {
       this.owners.delete(id)
@@ -67,7 +74,7 @@ class OwnerCache {
     }
     return owner
   }
-  set(id: ConversationId, owner: UserId): void {
+  set(id: ConversationId, owner: OwnerEntry): void {
     this.owners.set(id, owner)
     if (this.owners.size > this.max) this.owners.delete(this.owners.keys().next().value!)
   }
@@ -85,19 +92,21 @@ export const layer = Layer.effect(
     const streams = yield* TurnStreams
     const workers = yield* GpuWorkers
     const eventLog = yield* TurnEventLog
+    const metrics = yield* Metrics
     let draining = false
     const owners = new OwnerCache(OWNER_CACHE_MAX)
     /** Succeeds when `owner` owns conversation `id`; another user's conversation is not found, as a missing one. */
     const authorize = (owner: Identity, id: ConversationId) =>
       Effect.gen(function*() {
-        let userId = owners.get(id)
-        if (userId === undefined) {
+        let entry = owners.get(id)
+        if (entry === undefined) {
           const row = yield* store.getConversation(id)
           if (Option.isNone(row)) return yield* new ConversationNotFound({ conversation_id: id })
-          userId = row.value.user_id
-          owners.set(id, userId)
+          entry = { userId: row.value.user_id, pool: row.value.model }
+          owners.set(id, entry)
         }
-        if (userId !== owner.user_id) return yield* new ConversationNotFound({ conversation_id: id })
+        if (entry.userId !== owner.user_id) return yield* new ConversationNotFound({ conversation_id: id })
+        return entry
       })
     /** Polls until no turn stream is open, or `ms` have passed. */
     const awaitNoStreams = (ms: number) =>
@@ -159,7 +168,7 @@ export const layer = Layer.effect(
       }
     ) =>
       Effect.gen(function*() {
-        const pool = poolFor(topology, input.model)
+        const pool = poolFor(topology, input.model, owner.tier)
         if (pool === undefined) return yield* new ModelNotFound({ model: input.model ?? "" })
         const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
         // Create is idempotent (the id is ours): a call stopped by a shard move is sent again.
@@ -172,28 +181,30 @@ export const layer = Layer.effect(
             ...(input.history === undefined || input.history.length === 0 ? {} : { history: input.history })
           }).pipe(detached)
         ).pipe(dieOnDeliveryFailure)
-        owners.set(id, owner.user_id)
-        return id
+        owners.set(id, { userId: owner.user_id, pool: pool.name })
+        return { id, model: pool.name, region: regionOf(pool.pool) }
       })
 
     const modelNames = Object.keys(topology.pools)
+    /** Where a pool serves: the region of the runner of its first GPU. */
+    const regionOf = (pool: { readonly gpus: ReadonlyArray<{ readonly id: string }> }) =>
+      topology.runners.find((r) => r.gpus?.some((g) => g === pool.gpus[0]?.id))?.region ?? topology.runners[0]!.region
     const service: Conversations["Type"] = {
       create,
       models: () => modelNames,
 
       complete: (owner, request) =>
         Effect.gen(function*() {
-          const conversationId = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history }).pipe(
-            Effect.catchTag("EngineError", (e) => Effect.fail(e))
-          )
+          const { id: conversationId } = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history })
           const stream = yield* service.sendTurn(owner, conversationId, request.turn)
           return { conversationId, stream }
         }),
 
       sendTurn: (owner, id, input, options) =>
         Effect.gen(function*() {
+          const startMs = performance.now()
           if (draining) return yield* new ShuttingDown()
-          yield* authorize(owner, id)
+          const { pool } = yield* authorize(owner, id)
           const stream = streams.make(topology.generation.client_buffer_tokens)
           // A SendTurn stopped by a shard move is sent again with the same stream and key: if
           // the first attempt had got the turn going (its generation writes into this stream),
@@ -222,6 +233,7 @@ export const layer = Layer.effect(
             Effect.onExit((exit) => Effect.sync(() => exit._tag === "Failure" && stream.cancel()))
           )
           stream.setTurnId(accepted.turn_id)
+          metrics.observeTurn({ model: pool, tier: owner.tier }, stream, startMs)
           stream.cancelIfNotAttachedWithin(UNCONSUMED_STREAM_TIMEOUT_MS)
           return stream
         }),

@@ -1,7 +1,7 @@
 /**
  * The HTTP API: groups `health` and `conversations` (the latter behind `Authorization`).
  *
- * - `POST /v1/conversations` CreateConversation → 201 `{conversation_id}`
+ * - `POST /v1/conversations` CreateConversation → 201 `{conversation_id, model, region}`
  * - `POST /v1/conversations/:id/turns` UserTurnInput → 200 `text/event-stream` (see Sse.ts);
  *   with an `Idempotency-Key` this conversation already took, the stream of that turn (after
  *   `Last-Event-ID`, if given) instead of a new turn
@@ -12,6 +12,7 @@
  * - `GET  /v1/conversations/:id?before=<cursor>&limit=<1..200, default 50>` → HistoryPage
  * - `GET  /healthz` → `{status:"ok"}` (liveness)
  * - `GET  /readyz` → `{status:"ready"}`, or 503 `not_ready` (engine down, database unreachable, stopping)
+ * - `GET  /metrics` → Prometheus text (runtime/Metrics.ts)
  * - `POST /v1/chat/completions`, `GET /v1/models`: the OpenAI-compatible API (OpenAi.ts)
  *
  * Every error is `{"error":{"code","message"}}` (ApiError.ts); decode failures of bodies,
@@ -26,7 +27,11 @@ import { Authorization } from "./Auth.js"
 import { ChatCompletionRequest, ModelList } from "./OpenAi.js"
 
 export class ConversationCreated extends Schema.Class<ConversationCreated>("ConversationCreated")({
-  conversation_id: ConversationId
+  conversation_id: ConversationId,
+  /** The model pool that serves it (the request's, or the caller's tier's). */
+  model: Schema.String,
+  /** Where that pool runs (the topology's runner region). */
+  region: Schema.String
 }) {}
 
 /** `POST /v1/conversations` accepts an empty body as `{}` (every field is optional). */
@@ -76,6 +81,7 @@ export class Ready extends Schema.Class<Ready>("Ready")({
 export class HealthGroup extends HttpApiGroup.make("health")
   .add(HttpApiEndpoint.get("healthz", "/healthz").addSuccess(Health))
   .add(HttpApiEndpoint.get("readyz", "/readyz").addSuccess(Ready).addError(ApiError.NotReadyJson))
+  .add(HttpApiEndpoint.get("metrics", "/metrics").addSuccess(HttpApiSchema.Text({ contentType: "text/plain; version=0.0.4" })))
 {}
 
 export class ConversationsGroup extends HttpApiGroup.make("conversations")

@@ -5,6 +5,8 @@ import { HttpApiBuilder, HttpApp, HttpServerResponse } from "@effect/platform"
 import { Effect, Layer, Option, Runtime } from "effect"
 import { CreateConversation, TurnId } from "../runtime/Domain.js"
 import { Conversations } from "../runtime/Conversations.js"
+import { Metrics } from "../runtime/Metrics.js"
+import type { TurnStream } from "../runtime/TurnStream.js"
 import { Api, ConversationCreated, Health, Ready } from "./Api.js"
 import * as ApiError from "./ApiError.js"
 import { CurrentIdentity } from "./Auth.js"
@@ -42,8 +44,8 @@ const rateLimited = (generation?: GenerationCost) =>
       yield* HttpApp.appendPreResponseHandler((_request, response) => Effect.succeed(HttpServerResponse.setHeaders(response, charged.headers)))
     }
     const runFork = Runtime.runFork(yield* Effect.runtime<never>())
-    const settleOn = (stream: { readonly onDone: (listener: (e: { readonly usage: { readonly prompt_tokens: number; readonly completion_tokens: number } }) => void) => void }) =>
-      stream.onDone((e) => void runFork(limits.settle(identity, charged.numTokens, e.usage.prompt_tokens + e.usage.completion_tokens)))
+    const settleOn = (stream: TurnStream) =>
+      stream.observe({ onDone: (e) => void runFork(limits.settle(identity, charged.numTokens, e.usage.prompt_tokens + e.usage.completion_tokens)) })
     return { identity, settleOn }
   })
 
@@ -53,8 +55,11 @@ export const HealthLive = HttpApiBuilder.group(
   (handlers) =>
     Effect.gen(function*() {
       const conversations = yield* Conversations
+      const metrics = yield* Metrics
       return handlers
         .handle("healthz", () => Effect.succeed(new Health({ status: "ok" })))
+        .handle("metrics", () =>
+          Effect.map(metrics.scrape, ({ contentType, text }) => HttpServerResponse.text(text, { contentType })))
         .handle("readyz", () =>
           Effect.flatMap(conversations.notReady, (reason) =>
             reason === undefined
@@ -75,7 +80,7 @@ export const ConversationsLive = HttpApiBuilder.group(
             conversations.create(identity, payload ?? new CreateConversation({})).pipe(
               Effect.tapError(logServerFailure),
               Effect.mapError(ApiError.fromRuntime),
-              Effect.map((conversation_id) => new ConversationCreated({ conversation_id }))
+              Effect.map((created) => new ConversationCreated({ conversation_id: created.id, model: created.model, region: created.region }))
             )))
         .handle("sendTurn", ({ headers, path, payload }) =>
           Effect.gen(function*() {

@@ -14,6 +14,7 @@
 import { RateLimiter } from "@effect/experimental"
 import { Context, Duration, Effect, Layer } from "effect"
 import type { Identity } from "../runtime/Domain.js"
+import { Metrics } from "../runtime/Metrics.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
 import * as ApiError from "./ApiError.js"
 import { Authenticator } from "./Auth.js"
@@ -53,6 +54,7 @@ const make = Effect.gen(function*() {
   const limiter = yield* RateLimiter.RateLimiter
   const topology = yield* TopologyService
   const { enabled } = yield* Authenticator
+  const metrics = yield* Metrics
   const storeFailed = (e: RateLimiter.RateLimitStoreError) =>
     Effect.logWarning("rate limit store unavailable; letting the request through", e.message)
   const tierOf = (identity: Identity) => lookup(topology.tiers, identity.tier) ?? lookup(topology.tiers, topology.default_tier)!
@@ -67,11 +69,13 @@ const make = Effect.gen(function*() {
     )
 
   const refused = (
+    tier: string,
     what: "requests" | "tokens",
     e: RateLimiter.RateLimitExceeded,
     headers: Record<string, string>
   ): ApiError.RateLimited => {
     const retryAfterS = Math.max(1, Math.ceil(Duration.toMillis(e.retryAfter) / 1000))
+    metrics.rateLimitRejected(tier, what)
     return new ApiError.RateLimited({
       message: `Rate limit reached: ${e.limit} ${what} per minute for your tier; try again in ${retryAfterS} s`,
       retry_after_s: retryAfterS,
@@ -93,7 +97,7 @@ const make = Effect.gen(function*() {
         if (!enabled) return { headers: {}, numTokens }
         const tier = tierOf(identity)
         const requests = yield* consume(`rpm:${identity.user_id}`, tier.rpm, 1).pipe(
-          Effect.catchTag("RateLimiterError", (e) => Effect.fail(refused("requests", e, {})))
+          Effect.catchTag("RateLimiterError", (e) => Effect.fail(refused(identity.tier, "requests", e, {})))
         )
         const headers: Record<string, string> = {
           "x-ratelimit-limit-requests": String(requests.limit),
@@ -102,7 +106,7 @@ const make = Effect.gen(function*() {
         }
         if (numTokens === 0) return { headers, numTokens }
         const tokens = yield* consume(`tpm:${identity.user_id}`, tier.tpm, numTokens).pipe(
-          Effect.catchTag("RateLimiterError", (e) => Effect.fail(refused("tokens", e, headers)))
+          Effect.catchTag("RateLimiterError", (e) => Effect.fail(refused(identity.tier, "tokens", e, headers)))
         )
         return {
           headers: {
@@ -130,7 +134,7 @@ const make = Effect.gen(function*() {
 })
 
 /** Needs a `RateLimiter.RateLimiterStore` (memory, or `RateLimiter/Redis`'s). */
-export const layer: Layer.Layer<RateLimits, never, RateLimiter.RateLimiterStore | TopologyService | Authenticator> = Layer.effect(
+export const layer: Layer.Layer<RateLimits, never, RateLimiter.RateLimiterStore | TopologyService | Authenticator | Metrics> = Layer.effect(
   RateLimits,
   make
 ).pipe(Layer.provide(RateLimiter.layer))

@@ -26,6 +26,7 @@ import { createServer } from "node:http"
 import type { ListenOptions, Socket } from "node:net"
 import { Conversations as ConversationsTag } from "../runtime/Conversations.js"
 import type { TopologyService } from "../runtime/Topology.js"
+import type { Metrics } from "../runtime/Metrics.js"
 import type { Conversations } from "../runtime/Conversations.js"
 import { Api } from "./Api.js"
 import * as ApiError from "./ApiError.js"
@@ -211,7 +212,7 @@ export const layerNormalizeErrors: Layer.Layer<never> = HttpApiBuilder.middlewar
 export const layerApi: Layer.Layer<
   HttpApi.Api,
   never,
-  Conversations | Auth.Authenticator | RateLimits.RateLimits
+  Conversations | Auth.Authenticator | RateLimits.RateLimits | Metrics
 > = HttpApiBuilder.api(Api).pipe(
   Layer.provide(Handlers.layer),
   Layer.provide(Auth.AuthorizationLive)
@@ -221,7 +222,7 @@ export const layerApi: Layer.Layer<
 export const layerServe: Layer.Layer<
   never,
   never,
-  HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Conversations | Auth.Authenticator | RateLimits.RateLimits
+  HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Conversations | Auth.Authenticator | RateLimits.RateLimits | Metrics
 > = HttpApiBuilder.serve(Edge.middleware).pipe(
   Layer.provide(layerNormalizeErrors),
   Layer.provide(HttpApiBuilder.middlewareOpenApi({ path: "/openapi.json" })),
@@ -339,7 +340,7 @@ export const layerDrainOnStop: Layer.Layer<never, ConfigError.ConfigError, Conve
 export const layer: Layer.Layer<
   never,
   HttpServerError.ServeError | ConfigError.ConfigError,
-  Conversations | TopologyService | RateLimiterStore
+  Conversations | TopologyService | RateLimiterStore | Metrics
 > = Layer
   .unwrapEffect(Effect.map(Config.all([listenConfig, connectionLimitsConfig]), ([listen, limits]) => layerNodeServer(listen, limits)))
   .pipe(
@@ -360,7 +361,7 @@ export const layer: Layer.Layer<
 export const layerTestWith = (limits: ConnectionLimits = defaultConnectionLimits): Layer.Layer<
   HttpServer.HttpServer | HttpClient.HttpClient,
   HttpServerError.ServeError,
-  Conversations | Auth.Authenticator | RateLimits.RateLimits
+  Conversations | Auth.Authenticator | RateLimits.RateLimits | Metrics
 > =>
   layerServe.pipe(
     Layer.provideMerge(HttpServer.layerTestClient.pipe(

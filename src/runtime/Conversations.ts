@@ -40,7 +40,10 @@ export interface ConversationsService {
    * could not reach the conversation's entity (its shard moving for longer than ~5 s); so for
    * `cancel` and `resume`.
    */
-  readonly create: (owner: Identity, input: CreateConversation) => Effect.Effect<ConversationId, ModelNotFound | StorageError | EngineError>
+  readonly create: (
+    owner: Identity,
+    input: CreateConversation
+  ) => Effect.Effect<{ readonly id: ConversationId; readonly model: string; readonly region: string }, ModelNotFound | StorageError | EngineError>
   /**
    * Appends the user turn durably, then starts generation. The effect succeeds only once the
    * user turn is stored (the acknowledgement point); its failures map to 404/409/400/503.

@@ -117,9 +117,9 @@ export const layer = (input: unknown) =>
 export const lookup = <A>(record: Readonly<Record<string, A>>, key: string): A | undefined =>
   Object.hasOwn(record, key) ? record[key] : undefined
 
-/** The pool a model name or tier resolves to. */
-export const poolFor = (topology: Topology, model: string | undefined): { name: string; pool: Pool } | undefined => {
-  const name = model ?? lookup(topology.tiers, topology.default_tier)!.pool
+/** The pool a model name resolves to, or without one the tier's (default: the default tier's). */
+export const poolFor = (topology: Topology, model: string | undefined, tier?: string): { name: string; pool: Pool } | undefined => {
+  const name = model ?? (lookup(topology.tiers, tier ?? topology.default_tier) ?? lookup(topology.tiers, topology.default_tier)!).pool
   const pool = lookup(topology.pools, name)
   return pool === undefined ? undefined : { name, pool }
 }

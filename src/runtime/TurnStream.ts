@@ -68,6 +68,14 @@ export interface SseOptions {
   readonly keepAliveMs: number
 }
 
+/** Sees a turn's events as they are written (synchronously: keep it cheap). */
+export interface TurnObserver {
+  /** A token event (one step's text). */
+  readonly onToken?: () => void
+  readonly onDone?: (event: DoneEvent) => void
+  readonly onFail?: (code: string) => void
+}
+
 export class TurnStream {
   readonly id: TurnStreamId
   private nextIndex = 0
@@ -82,7 +90,7 @@ export class TurnStream {
   private wantDrain = false
   private attachTimer: ReturnType<typeof setTimeout> | undefined
   private readonly onClose: (stream: TurnStream) => void
-  private doneListener: ((event: DoneEvent) => void) | undefined
+  private observers: Array<TurnObserver> = []
 
   /**
    * @param bufferEvents events the reader may hold unread before `token` reports it full
@@ -125,20 +133,21 @@ export class TurnStream {
   /** Appends a text delta. @returns false when the reader is full: pause until `onDrain`. */
   token(text: string): boolean {
     if (this.isClosed) return true
+    for (const o of this.observers) o.onToken?.()
     const ok = this.push({ _tag: "Token", text })
     if (!ok) this.wantDrain = true
     return ok
   }
 
-  /** Calls `listener` with the `done` event when the turn ends with one (usage accounting). */
-  onDone(listener: (event: DoneEvent) => void): void {
-    this.doneListener = listener
+  /** Adds an observer of this turn's tokens and end (metrics, usage accounting). */
+  observe(observer: TurnObserver): void {
+    this.observers.push(observer)
   }
 
   done(event: DoneEvent): void {
     if (this.isClosed) return
     if (this.stopping) return this.fail("shutting_down", "The server is shutting down; the turn was stored as cancelled")
-    this.doneListener?.(event)
+    for (const o of this.observers) o.onDone?.(event)
     this.ended = true
     this.push({ _tag: "Done", event })
     this.finish()
@@ -146,6 +155,7 @@ export class TurnStream {
 
   fail(code: string, message: string): void {
     if (this.isClosed) return
+    for (const o of this.observers) o.onFail?.(code)
     this.ended = true
     this.push({ _tag: "Error", code, message })
     this.finish()

@@ -47,6 +47,9 @@ describe("gateway: identity and ownership", () => {
     expect(turn.status).toBe(200)
     expect((await readSse(turn, () => undefined)).at(-1)?.event).toBe("done")
     const rows = await sqlAt("SELECT user_id, org_id FROM chat_conversations WHERE id = $1", [id], dbUrl)
+    // Without a model the conversation gets the caller's tier's pool, and says where it runs.
+    const created = await (await postJson(`${service.url}/v1/conversations`, {}, alice)).json()
+    expect(created).toMatchObject({ model: "mini", region: "local" })
     expect(rows).toEqual([{ user_id: "alice", org_id: "acme" }])
 
     for (const other of [bearer("key-bob"), bearer(await signJwt({ sub: "mallory" }))]) {
@@ -68,6 +71,18 @@ describe("gateway: identity and ownership", () => {
     expect(history.status).toBe(200)
     expect(((await history.json()) as any).turns.length).toBe(2)
     expect(await sqlAt("SELECT count(*)::int AS n FROM chat_turns WHERE conversation_id = $1", [id], dbUrl)).toEqual([{ n: 2 }])
+
+    // The turn shows in the Prometheus metrics, labelled by model pool and tier.
+    const metrics = await (await fetch(`${service.url}/metrics`)).text()
+    const value = (line: string) => Number(metrics.split("\n").find((l) => l.startsWith(line))?.slice(line.length).trim())
+    expect(value('time_to_first_token_seconds_count{model="mini",tier="paid"}')).toBeGreaterThanOrEqual(1)
+    expect(value('e2e_request_latency_seconds_count{model="mini",tier="paid"}')).toBeGreaterThanOrEqual(1)
+    expect(value('generation_tokens_total{model="mini",tier="paid"}')).toBeGreaterThanOrEqual(1)
+    expect(value('prompt_tokens_total{model="mini",tier="paid"}')).toBeGreaterThan(1)
+    expect(metrics).toMatch(/request_success_total\{model="mini",tier="paid",finished_reason="(stop|length)"\} [1-9]/)
+    expect(value('num_requests_running{model="mini",gpu="gpu-0"}')).toBe(0)
+    expect(value('kv_cache_usage_perc{model="mini",gpu="gpu-0"}')).toBeGreaterThanOrEqual(0)
+    expect(metrics).toMatch(/inter_token_latency_seconds_bucket/)
   }, 60_000)
 
   it("missing, unknown, expired and forged credentials are 401 with WWW-Authenticate, and store nothing", async () => {
@@ -221,6 +236,8 @@ describe("gateway: RPM and TPM limits in Redis, one limit across two gateway pro
     expect((await postJson(`${gateways[0]!.url}/v1/conversations`, {}, bearer("key-erin"))).status).toBe(201)
     const openai = new OpenAI({ apiKey: "key-dave", baseURL: `${gateways[1]!.url}/v1`, maxRetries: 0 })
     await expect(openai.models.list()).rejects.toBeInstanceOf(OpenAI.RateLimitError)
+    const metrics = await (await fetch(`${gateways[1]!.url}/metrics`)).text()
+    expect(metrics).toMatch(/rate_limit_rejections_total\{tier="free",limit="requests"\} [1-9]/)
   }, 60_000)
 
   it("a turn is charged prompt + max_tokens up front (TPM), and refused when that would pass the limit", async () => {

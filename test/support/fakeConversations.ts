@@ -128,13 +128,13 @@ export const make = (options: FakeOptions = {}) =>
           counter++
           const id = ConversationId.make(`conv_${counter.toString(16).padStart(32, "0")}`)
           conversations.set(id, { id, owner: owner.user_id, turns: [], active: undefined })
-          return Effect.succeed(id)
+          return Effect.succeed({ id, model: input.model ?? "mini", region: "local" })
         }),
 
       // As the real service: a conversation holding the earlier messages, then the turn.
       complete: (owner, request) =>
         Effect.gen(function*() {
-          const conversationId = yield* service.create(owner, new CreateConversation({ model: request.model }))
+          const { id: conversationId } = yield* service.create(owner, new CreateConversation({ model: request.model }))
           const state = conversations.get(conversationId)!
           for (const m of request.history) appendTurn(state, m.role, m.content, "completed", { prompt: null, completion: null })
           const stream = yield* service.sendTurn(owner, conversationId, request.turn)

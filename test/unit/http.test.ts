@@ -5,6 +5,8 @@ import * as Http from "node:http"
 import * as Net from "node:net"
 import { SignJWT } from "jose"
 import * as Auth from "../../src/http/Auth.js"
+import * as Metrics from "../../src/runtime/Metrics.js"
+import { GpuWorkers } from "../../src/runtime/GpuWorkers.js"
 import * as Edge from "../../src/http/Edge.js"
 import * as RateLimits from "../../src/http/RateLimits.js"
 import { RateLimiter } from "@effect/experimental"
@@ -33,6 +35,9 @@ interface Options {
 const authLayer = (env: Record<string, string>) =>
   RateLimits.layer.pipe(
     Layer.provideMerge(Auth.layerConfig),
+    Layer.provideMerge(Metrics.layer),
+    // The fake conversations run no GPU: the metrics have no GPU gauges to read.
+    Layer.provide(Layer.succeed(GpuWorkers, { get: () => undefined, all: [], drain: () => Effect.succeed(0) })),
     Layer.provide(RateLimiter.layerStoreMemory),
     Layer.provide(Topology.layer(clusterConfig)),
     Layer.provide(Layer.setConfigProvider(ConfigProvider.fromMap(new Map(Object.entries(env)))))
@@ -145,13 +150,14 @@ describe("HTTP API", () => {
       expect(Object.keys(doc.paths)).toContain("/v1/conversations/{id}/turns")
     }))
 
-  it.live("create → 201 {conversation_id}; empty body allowed; unknown model → 404", () =>
+  it.live("create → 201 {conversation_id, model, region}; empty body allowed; unknown model → 404", () =>
     withServer({}, async ({ url }) => {
       const response = await json(`${url}/v1/conversations`, { body: { model: "tiny", system_prompt: "be brief" } })
       expect(response.status).toBe(201)
       const body = await response.json() as Record<string, unknown>
-      expect(Object.keys(body)).toEqual(["conversation_id"])
+      expect(Object.keys(body)).toEqual(["conversation_id", "model", "region"])
       expect(body.conversation_id).toMatch(/^conv_[0-9a-f]{32}$/)
+      expect(body.model).toBe("tiny")
 
       const empty = await fetch(`${url}/v1/conversations`, { method: "POST" })
       expect(empty.status).toBe(201)

@@ -1,0 +1,124 @@
+/**
+ * Prometheus metrics (`GET /metrics`, prom-client's text format) with vLLM's names
+ * (vllm/v1/metrics/loggers.py), labelled by model pool and tier:
+ *
+ * - per turn, seen at the gateway from its stream: `time_to_first_token_seconds`,
+ *   `inter_token_latency_seconds` (between token events), `e2e_request_latency_seconds`,
+ *   `prompt_tokens_total`, `generation_tokens_total`, `request_success_total` by
+ *   `finished_reason` (`stop`, `length`, `cancelled`, `error`);
+ * - per GPU of this process, read at scrape time: `num_requests_running`,
+ *   `num_requests_waiting`, `kv_cache_usage_perc` (0–1, blocks in use), and prefix-cache
+ *   `prefix_cache_queries_total` / `prefix_cache_hits_total` (tokens);
+ * - at the edge: `rate_limit_rejections_total` by tier and limit (`requests`, `tokens`).
+ */
+import { Context, Effect, Layer } from "effect"
+import * as Prometheus from "prom-client"
+import { GpuWorkers } from "./GpuWorkers.js"
+import { TopologyService } from "./Topology.js"
+import type { TurnStream } from "./TurnStream.js"
+
+export interface TurnLabels {
+  readonly model: string
+  readonly tier: string
+}
+
+export class Metrics extends Context.Tag("chat/Metrics")<Metrics, {
+  /** Times a turn from `startMs` (`performance.now()` when its request came) through its stream's events. */
+  readonly observeTurn: (labels: TurnLabels, stream: TurnStream, startMs: number) => void
+  readonly rateLimitRejected: (tier: string, limit: "requests" | "tokens") => void
+  /** The exposition text and its content type. */
+  readonly scrape: Effect.Effect<{ readonly text: string; readonly contentType: string }>
+}>() {}
+
+const make = Effect.gen(function*() {
+  const workers = yield* GpuWorkers
+  const topology = yield* TopologyService
+  const poolOfGpu = new Map<string, string>()
+  for (const [name, pool] of Object.entries(topology.pools)) for (const gpu of pool.gpus) poolOfGpu.set(gpu.id, name)
+
+  const registry = new Prometheus.Registry()
+  const turnLabels = ["model", "tier"] as const
+  const ttft = new Prometheus.Histogram({
+    name: "time_to_first_token_seconds",
+    help: "Time from a turn's acceptance to its first token event.",
+    labelNames: turnLabels,
+    buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40],
+    registers: [registry]
+  })
+  const itl = new Prometheus.Histogram({
+    name: "inter_token_latency_seconds",
+    help: "Time between consecutive token events of a turn.",
+    labelNames: turnLabels,
+    buckets: [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5],
+    registers: [registry]
+  })
+  const e2e = new Prometheus.Histogram({
+    name: "e2e_request_latency_seconds",
+    help: "Time from a turn's acceptance to its end.",
+    labelNames: turnLabels,
+    buckets: [0.1, 0.3, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120],
+    registers: [registry]
+  })
+  const promptTokens = new Prometheus.Counter({ name: "prompt_tokens_total", help: "Prompt tokens of finished turns.", labelNames: turnLabels, registers: [registry] })
+  const generationTokens = new Prometheus.Counter({ name: "generation_tokens_total", help: "Generated tokens of finished turns.", labelNames: turnLabels, registers: [registry] })
+  const success = new Prometheus.Counter({
+    name: "request_success_total",
+    help: "Turns ended, by finish reason.",
+    labelNames: [...turnLabels, "finished_reason"],
+    registers: [registry]
+  })
+  const rejections = new Prometheus.Counter({
+    name: "rate_limit_rejections_total",
+    help: "Requests refused with 429 by a tier's limit.",
+    labelNames: ["tier", "limit"],
+    registers: [registry]
+  })
+
+  // GPU gauges are read when scraped: each GPU worker of this process reports its scheduler.
+  const gpuLabels = ["model", "gpu"] as const
+  const running = new Prometheus.Gauge({ name: "num_requests_running", help: "Sequences in the running batch.", labelNames: gpuLabels, registers: [registry] })
+  const waiting = new Prometheus.Gauge({ name: "num_requests_waiting", help: "Sequences waiting for admission to the batch.", labelNames: gpuLabels, registers: [registry] })
+  const kvUsage = new Prometheus.Gauge({ name: "kv_cache_usage_perc", help: "Fraction of KV cache blocks in use (0-1).", labelNames: gpuLabels, registers: [registry] })
+  const prefixQueries = new Prometheus.Gauge({ name: "prefix_cache_queries_total", help: "Prompt tokens looked up in the prefix cache.", labelNames: gpuLabels, registers: [registry] })
+  const prefixHits = new Prometheus.Gauge({ name: "prefix_cache_hits_total", help: "Prompt tokens found in the prefix cache.", labelNames: gpuLabels, registers: [registry] })
+  const readGpus = Effect.forEach(workers.all, (worker) =>
+    Effect.map(worker.stats, (stats) => {
+      const labels = { model: poolOfGpu.get(worker.gpuId) ?? "", gpu: worker.gpuId }
+      running.set(labels, stats.numRunning)
+      waiting.set(labels, stats.numWaiting)
+      kvUsage.set(labels, stats.numBlocks === 0 ? 0 : (stats.numBlocks - stats.numFreeBlocks) / stats.numBlocks)
+      prefixQueries.set(labels, stats.numPrefixQueriedTokens)
+      prefixHits.set(labels, stats.numPrefixHitTokens)
+    }), { discard: true })
+
+  return Metrics.of({
+    observeTurn: (labels, stream, startMs) => {
+      let lastMs: number | undefined
+      const end = (reason: string) => {
+        e2e.observe(labels, (performance.now() - startMs) / 1000)
+        success.inc({ ...labels, finished_reason: reason })
+      }
+      stream.observe({
+        onToken: () => {
+          const now = performance.now()
+          if (lastMs === undefined) ttft.observe(labels, (now - startMs) / 1000)
+          else itl.observe(labels, (now - lastMs) / 1000)
+          lastMs = now
+        },
+        onDone: (e) => {
+          promptTokens.inc(labels, e.usage.prompt_tokens)
+          generationTokens.inc(labels, e.usage.completion_tokens)
+          end(e.finish_reason)
+        },
+        onFail: () => end("error")
+      })
+    },
+    rateLimitRejected: (tier, limit) => rejections.inc({ tier, limit }),
+    scrape: Effect.zipRight(
+      readGpus,
+      Effect.promise(() => registry.metrics()).pipe(Effect.map((text) => ({ text, contentType: registry.contentType })))
+    )
+  })
+})
+
+export const layer: Layer.Layer<Metrics, never, GpuWorkers | TopologyService> = Layer.effect(Metrics, make)
