@@ -10,7 +10,8 @@
  * RUN_DIR (directory of the engines' ipc sockets `engine-<gpu>.sock`), CLUSTER_CONFIG (a
  * module whose default export replaces cluster.config.ts), REDIS_URL and REDIS_KEY_PREFIX (the
  * turn stream logs and rate limits of a multi-runner topology; default redis://127.0.0.1:6379,
- * `chat:`), RATE_LIMIT_STORE (`redis` to share limits through Redis in one process too).
+ * `chat:`), RATE_LIMIT_STORE (`redis` to share limits through Redis in one process too),
+ * MODERATION_BLOCKLIST (comma-separated words or phrases that moderation refuses).
  * `--name NAME` (or RUNNER_NAME) picks the runner of the topology this process is.
  */
 import { resolve } from "node:path"
@@ -30,6 +31,7 @@ import * as GpuScheduler from "./actors/GpuScheduler.js"
 import { RunningSlots } from "./actors/internal/runningSlots.js"
 import * as HttpServer from "./http/Server.js"
 import * as Metrics from "./runtime/Metrics.js"
+import * as Moderation from "./runtime/Moderation.js"
 import * as Cluster from "./runtime/Cluster.js"
 import * as DataPlane from "./runtime/DataPlane.js"
 import { ensureDefaultModel } from "./runtime/DefaultModel.js"
@@ -176,7 +178,7 @@ const MainLive = Layer.unwrapEffect(
       Layer.provide(StreamsLive),
       Layer.provide(EventLogLive)
     )
-    const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
+    const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher), Layer.provide(Moderation.layerConfig))
     const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive).pipe(
       Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer))
     )
@@ -219,7 +221,7 @@ const MainLive = Layer.unwrapEffect(
     // One registry for the whole process: the facade times turns, the edge counts refusals.
     const MetricsLive = Metrics.layer.pipe(Layer.provide(Layer.mergeAll(WorkersLive, TopologyLive)))
     const ConversationsLayer = ConversationsLive.layer.pipe(
-      Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive, MetricsLive))
+      Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive, MetricsLive, Moderation.layerConfig))
     )
     // PORT overrides the runner's http_port.
     const port = process.env["PORT"] ?? (runner.http_port === undefined ? undefined : String(runner.http_port))

@@ -298,7 +298,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         loaded = {
           pool: row.value.model,
           systemPrompt: row.value.system_prompt,
-          history: turns.filter((t) => t.role !== "system" && t.status !== "failed").map((t) => ({ role: t.role, content: t.content })),
+          history: turns.filter((t) => t.role !== "system" && t.status !== "failed" && t.status !== "filtered").map((t) => ({ role: t.role, content: t.content })),
           cache: emptyPromptCache(),
           // A user turn's reply keeps its seq (user seq + 1) even while its row is missing
           // (still streaming, or lost in a crash until start-up reconciliation fills it in);
@@ -610,14 +610,16 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             content: turn.text,
             status: turn.status,
             num_prompt_tokens: turn.num_prompt_tokens,
-            num_completion_tokens: turn.num_completion_tokens
+            num_completion_tokens: turn.num_completion_tokens,
+            moderation_verdict: turn.moderation_verdict ?? null
           })
           // A report of a turn this instance did not start (one that ended as the shard moved)
           // updates the runner's cached state, if any (or only the store, which has it now).
           const state = loaded ?? hot.get(id)
           if (state !== undefined) {
             loaded = state
-            const reply: ChatMessage | undefined = turn.status === "failed" ? undefined : { role: "assistant", content: turn.text }
+            // A failed or filtered reply never goes into later prompts.
+            const reply: ChatMessage | undefined = turn.status === "failed" || turn.status === "filtered" ? undefined : { role: "assistant", content: turn.text }
             if (reply !== undefined) loaded.history.push(reply)
             loaded.nextSeq = Math.max(loaded.nextSeq, seq + 1)
             hot.grew(id, loaded, reply)

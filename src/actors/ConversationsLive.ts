@@ -7,10 +7,11 @@ import { randomUUID } from "node:crypto"
 import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
 import { ConversationId, HistoryPage, type Identity, TurnId, type UserId, usageJson } from "../runtime/Domain.js"
-import { ConversationNotFound, EngineError, ModelNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable } from "../runtime/Errors.js"
+import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable } from "../runtime/Errors.js"
 import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Metrics } from "../runtime/Metrics.js"
+import { Moderation } from "../runtime/Moderation.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { poolFor, TopologyService } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
@@ -93,6 +94,14 @@ export const layer = Layer.effect(
     const workers = yield* GpuWorkers
     const eventLog = yield* TurnEventLog
     const metrics = yield* Metrics
+    const moderation = yield* Moderation
+    /** Input moderation: fails with ContentFiltered, before anything is stored. */
+    const moderate = (text: string) =>
+      Effect.suspend(() => {
+        const verdict = moderation.checkInput(text)
+        metrics.moderationVerdict("input", verdict.flagged ? verdict.category ?? "flagged" : "pass")
+        return verdict.flagged ? Effect.fail(new ContentFiltered({ category: verdict.category ?? "flagged" })) : Effect.void
+      })
     let draining = false
     const owners = new OwnerCache(OWNER_CACHE_MAX)
     /** Succeeds when `owner` owns conversation `id`; another user's conversation is not found, as a missing one. */
@@ -195,6 +204,10 @@ export const layer = Layer.effect(
 
       complete: (owner, request) =>
         Effect.gen(function*() {
+          // The whole request is the client's: every message is checked, before anything is stored.
+          if (request.system_prompt !== null) yield* moderate(request.system_prompt)
+          for (const m of request.history) if (m.role === "user") yield* moderate(m.content)
+          yield* moderate(request.turn.content)
           const { id: conversationId } = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history })
           const stream = yield* service.sendTurn(owner, conversationId, request.turn)
           return { conversationId, stream }
@@ -205,6 +218,7 @@ export const layer = Layer.effect(
           const startMs = performance.now()
           if (draining) return yield* new ShuttingDown()
           const { pool } = yield* authorize(owner, id)
+          yield* moderate(input.content)
           const stream = streams.make(topology.generation.client_buffer_tokens)
           // A SendTurn stopped by a shard move is sent again with the same stream and key: if
           // the first attempt had got the turn going (its generation writes into this stream),

@@ -26,6 +26,7 @@ import type { SeqHandle } from "../runtime/GpuWorker.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Models } from "../runtime/Models.js"
 import { DataPlane } from "../runtime/DataPlane.js"
+import { Moderation, repetitionGuard, type Verdict } from "../runtime/Moderation.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { shardGroupOf, UnknownGpu } from "./GpuScheduler.js"
@@ -97,7 +98,9 @@ export const FinishedTurn = Schema.Struct({
    * The generated token ids, when `text` is exactly their decoding (completed, no stop string
    * cut, no character replaced): the Conversation reuses them in later prompts.
    */
-  completion_token_ids: Schema.optional(Schema.Array(Schema.Int))
+  completion_token_ids: Schema.optional(Schema.Array(Schema.Int)),
+  /** The verdict that stopped a `filtered` turn (JSON). */
+  moderation_verdict: Schema.optional(Schema.String)
 })
 export type FinishedTurn = typeof FinishedTurn.Type
 
@@ -126,6 +129,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const dataPlane = yield* DataPlane
   const eventLog = yield* TurnEventLog
   const finisher = yield* TurnFinisher
+  const moderation = yield* Moderation
   const runFork = Runtime.runFork(yield* Effect.runtime<never>())
   const running = yield* RunningSlots
 
@@ -181,6 +185,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             eventLog.append(payload.turn_id, { index: numEvents, kind: "error", code, message })
             stream.fail(code, message)
           }
+          const outputCheck = moderation.outputCheck()
+          const loops = repetitionGuard()
+          /** The verdict that stopped the turn (output moderation), if one did. */
+          let verdict: Verdict | undefined
           const end = (status: TurnStatus, finishReason: FinishReason, error?: EngineError) => {
             if (ended) return
             ended = true
@@ -196,13 +204,15 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   finish_reason: finishReason,
                   num_prompt_tokens: payload.prompt_token_ids.length,
                   num_completion_tokens: numTokens,
-                  ...(status === "completed" && tokenIds !== undefined ? { completion_token_ids: tokenIds } : {})
+                  ...(status === "completed" && tokenIds !== undefined ? { completion_token_ids: tokenIds } : {}),
+                  ...(verdict === undefined ? {} : { moderation_verdict: JSON.stringify({ category: verdict.category }) })
                 })),
                 Effect.tapError((e) => Effect.logError(`turn ${payload.turn_id} could not be stored`, e)),
                 Effect.match({
                   onFailure: (e) => failStream("storage_error", `the turn could not be stored: ${e.message}`),
                   onSuccess: () => {
                     if (error !== undefined) return failStream("generation_failed", `EngineError: ${error.message}`)
+                    if (status === "filtered") return failStream("content_filter", "The reply was stopped by content moderation")
                     const usage = {
                       prompt_tokens: payload.prompt_token_ids.length,
                       completion_tokens: numTokens,
@@ -246,6 +256,17 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                     tokenIds = undefined
                     if (finishReason === undefined) handle?.cancel()
                   }
+                }
+                // Output moderation before the text goes out: a flagged delta is never sent.
+                const flagged = outputCheck.push(delta)
+                if (flagged !== undefined) {
+                  verdict = flagged
+                  if (finishReason === undefined) handle?.cancel()
+                  return end("filtered", "content_filter")
+                }
+                if (finish === undefined && loops.push(tokenId)) {
+                  finish = "repetition"
+                  handle?.cancel()
                 }
                 text += delta
                 if (delta.length > 0) {

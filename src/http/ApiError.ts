@@ -7,6 +7,7 @@
  * |---------------------|--------|--------------------------|
  * | InvalidRequest      | 400    | `invalid_request`        |
  * | PromptTooLong       | 400    | `prompt_too_long`        |
+ * | ContentFilter       | 400    | `content_filter`         |
  * | Unauthorized        | 401    | `unauthorized`           |
  * | NotFound            | 404    | `not_found` (no route)   |
  * | ConversationNotFound| 404    | `conversation_not_found` |
@@ -92,6 +93,14 @@ export class InvalidRequest extends Schema.TaggedError<InvalidRequest>()(
   HttpApiSchema.annotations({ status: 400 })
 ) {}
 export const InvalidRequestJson = toJson(InvalidRequest, "invalid_request", 400)
+
+/** Input moderation refused the message; nothing was stored. */
+export class ContentFilter extends Schema.TaggedError<ContentFilter>()(
+  "ContentFilter",
+  { message: Schema.String },
+  HttpApiSchema.annotations({ status: 400 })
+) {}
+export const ContentFilterJson = toJson(ContentFilter, "content_filter", 400)
 
 export class PromptTooLong extends Schema.TaggedError<PromptTooLong>()(
   "PromptTooLong",
@@ -238,6 +247,7 @@ export const RateLimitedJson = Schema.transform(
 ).annotations(HttpApiSchema.annotations({ status: 429 }))
 
 export type ApiError =
+  | ContentFilter
   | RateLimited
   | InvalidRequest
   | PromptTooLong
@@ -258,6 +268,7 @@ export type ApiError =
   | DuplicateTurn
 
 const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
+  ContentFilter,
   RateLimited,
   InvalidRequest,
   PromptTooLong,
@@ -283,6 +294,8 @@ export const statusAndCode = (e: ApiError): { readonly status: number; readonly 
   switch (e._tag) {
     case "RateLimited":
       return { status: 429, code: "rate_limit_exceeded" }
+    case "ContentFilter":
+      return { status: 400, code: "content_filter" }
     case "InvalidRequest":
       return { status: 400, code: "invalid_request" }
     case "PromptTooLong":
@@ -327,6 +340,7 @@ export const isApiError = (u: unknown): u is ApiError => classes.some((cls) => u
 // ----------------------------------------------------------------------------
 
 export type RuntimeError =
+  | Errors.ContentFiltered
   | Errors.ConversationNotFound
   | Errors.TurnInProgress
   | Errors.ModelNotFound
@@ -341,7 +355,8 @@ export type RuntimeError =
   | Errors.DuplicateTurn
 
 /** The API error a runtime error maps to (distributes over unions). */
-export type FromRuntime<E> = E extends Errors.ConversationNotFound ? ConversationNotFound
+export type FromRuntime<E> = E extends Errors.ContentFiltered ? ContentFilter
+  : E extends Errors.ConversationNotFound ? ConversationNotFound
   : E extends Errors.TurnInProgress ? TurnInProgress
   : E extends Errors.ModelNotFound ? ModelNotFound
   : E extends Errors.PromptTooLong ? PromptTooLong
@@ -359,6 +374,8 @@ export type FromRuntime<E> = E extends Errors.ConversationNotFound ? Conversatio
 export const fromRuntime = <E extends RuntimeError>(error: E): FromRuntime<E> => {
   const e = error as RuntimeError
   switch (e._tag) {
+    case "ContentFiltered":
+      return new ContentFilter({ message: `The message was refused by content moderation (${e.category})` }) as FromRuntime<E>
     case "ConversationNotFound":
       return new ConversationNotFound({ message: `Conversation ${e.conversation_id} not found` }) as FromRuntime<E>
     case "TurnInProgress":

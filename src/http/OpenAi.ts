@@ -85,8 +85,9 @@ export const toConversation = (request: ChatCompletionRequest) =>
     }
   })
 
-/** OpenAI's finish_reason: a cancelled or failed generation is reported where it happens, as `stop`. */
-const finishReason = (reason: FinishReason): "stop" | "length" => reason === "length" ? "length" : "stop"
+/** OpenAI's finish_reason (a loop stopped, a cancel or a failure reads `stop`; failures also come as errors). */
+const finishReason = (reason: FinishReason): "stop" | "length" | "content_filter" =>
+  reason === "length" ? "length" : reason === "content_filter" ? "content_filter" : "stop"
 
 const usageOf = (done: DoneEvent) => ({
   prompt_tokens: done.usage.prompt_tokens,
@@ -122,7 +123,12 @@ export const streamResponse = (
       out.push("data: [DONE]\n\n")
       return out
     }),
-    Stream.catchAll((e) => Stream.make(`data: ${JSON.stringify(failureJson(e))}\n\n`))
+    // Output moderation ends the stream as OpenAI does: finish_reason content_filter.
+    Stream.catchAll((e) =>
+      e._tag === "EngineError" && e.code === "content_filter"
+        ? Stream.make(chunk({}, "content_filter"), "data: [DONE]\n\n")
+        : Stream.make(`data: ${JSON.stringify(failureJson(e))}\n\n`)
+    )
   )
   const keepAlive = Stream.tick(options.keepAliveInterval).pipe(Stream.drop(1), Stream.as(": keep-alive\n\n"))
   const body = Stream.concat(Stream.make(chunk({ role: "assistant", content: "" }, null)), Stream.merge(events, keepAlive, { haltStrategy: "left" }))
@@ -138,17 +144,24 @@ export const jsonResponse = (completion: Completion) =>
   Effect.gen(function*() {
     let text = ""
     let done: DoneEvent | undefined
-    yield* completion.stream.toStream().pipe(
-      Stream.runForEach((e) => Effect.sync(() => e._tag === "Token" ? (text += e.text) : (done = e)))
+    const filtered = yield* completion.stream.toStream().pipe(
+      Stream.runForEach((e) => Effect.sync(() => e._tag === "Token" ? (text += e.text) : (done = e))),
+      Effect.as(false),
+      Effect.catchIf((e) => e._tag === "EngineError" && e.code === "content_filter", () => Effect.succeed(true))
     )
-    const end = done!
+    const end = done
     return HttpServerResponse.unsafeJson({
       id: completionId(completion.conversationId),
       object: "chat.completion",
       created: Math.floor(Date.now() / 1000),
       model: completion.model,
-      choices: [{ index: 0, message: { role: "assistant", content: text, refusal: null }, logprobs: null, finish_reason: finishReason(end.finish_reason) }],
-      usage: usageOf(end)
+      choices: [{
+        index: 0,
+        message: { role: "assistant", content: text, refusal: null },
+        logprobs: null,
+        finish_reason: filtered || end === undefined ? "content_filter" : finishReason(end.finish_reason)
+      }],
+      ...(end === undefined ? {} : { usage: usageOf(end) })
     }, { headers: { "x-conversation-id": completion.conversationId } })
   }).pipe(
     Effect.catchTags({

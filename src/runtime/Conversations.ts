@@ -5,6 +5,7 @@
 import { Context, type Effect } from "effect"
 import type { ConversationId, CreateConversation, HistoryPage, Identity, TurnId, UserTurnInput } from "./Domain.js"
 import type {
+  ContentFiltered,
   ConversationNotFound,
   DuplicateTurn,
   EngineError,
@@ -21,6 +22,7 @@ import type { Option, Stream } from "effect"
 import type { StreamNotFound, TurnEventsUnavailable } from "./Errors.js"
 
 export type SendTurnError =
+  | ContentFiltered
   | ConversationNotFound
   | DuplicateTurn
   | TurnInProgress

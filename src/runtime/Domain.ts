@@ -38,11 +38,18 @@ export class Identity extends Schema.Class<Identity>("Identity")({
 export const Role = Schema.Literal("system", "user", "assistant")
 export type Role = typeof Role.Type
 
-/** completed: generation ended normally; cancelled: client cancel or disconnect; failed: engine error. */
-export const TurnStatus = Schema.Literal("completed", "cancelled", "failed")
+/**
+ * completed: generation ended normally; cancelled: client cancel or disconnect; failed:
+ * engine error; filtered: output moderation stopped it (its verdict is stored with it).
+ */
+export const TurnStatus = Schema.Literal("completed", "cancelled", "failed", "filtered")
 export type TurnStatus = typeof TurnStatus.Type
 
-export const FinishReason = Schema.Literal("stop", "length", "cancelled", "error")
+/**
+ * stop: end-of-sequence or a stop string; length: max_tokens; cancelled; error;
+ * content_filter: output moderation; repetition: the generation looped (an n-gram repeated).
+ */
+export const FinishReason = Schema.Literal("stop", "length", "cancelled", "error", "content_filter", "repetition")
 export type FinishReason = typeof FinishReason.Type
 
 /** One row of a conversation's append-only history. */
@@ -55,6 +62,8 @@ export class Turn extends Schema.Class<Turn>("Turn")({
   status: TurnStatus,
   num_prompt_tokens: Schema.NullOr(Schema.Int),
   num_completion_tokens: Schema.NullOr(Schema.Int),
+  /** Why moderation stopped this reply (`{"category":…}` as JSON), null when it did not. */
+  moderation_verdict: Schema.NullOr(Schema.String),
   created_at_ms: Schema.Number
 }) {}
 

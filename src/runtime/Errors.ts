@@ -14,6 +14,11 @@ export class ModelNotFound extends Schema.TaggedError<ModelNotFound>()("ModelNot
   model: Schema.String
 }) {}
 
+/** Input moderation refused a message (`category`: what it found); nothing was stored. */
+export class ContentFiltered extends Schema.TaggedError<ContentFiltered>()("ContentFiltered", {
+  category: Schema.String
+}) {}
+
 /** The prompt (history + new turn) does not fit the model's context window. */
 export class PromptTooLong extends Schema.TaggedError<PromptTooLong>()("PromptTooLong", {
   num_prompt_tokens: Schema.Int,

@@ -9,7 +9,9 @@
  * - per GPU of this process, read at scrape time: `num_requests_running`,
  *   `num_requests_waiting`, `kv_cache_usage_perc` (0–1, blocks in use), and prefix-cache
  *   `prefix_cache_queries_total` / `prefix_cache_hits_total` (tokens);
- * - at the edge: `rate_limit_rejections_total` by tier and limit (`requests`, `tokens`).
+ * - at the edge: `rate_limit_rejections_total` by tier and limit (`requests`, `tokens`), and
+ *   `moderation_verdicts_total` by stage (`input`; output verdicts are counted as
+ *   `request_success_total{finished_reason="content_filter"}`) and verdict.
  */
 import { Context, Effect, Layer } from "effect"
 import * as Prometheus from "prom-client"
@@ -26,6 +28,8 @@ export class Metrics extends Context.Tag("chat/Metrics")<Metrics, {
   /** Times a turn from `startMs` (`performance.now()` when its request came) through its stream's events. */
   readonly observeTurn: (labels: TurnLabels, stream: TurnStream, startMs: number) => void
   readonly rateLimitRejected: (tier: string, limit: "requests" | "tokens") => void
+  /** A moderation verdict: `pass`, or the category that was flagged. */
+  readonly moderationVerdict: (stage: "input" | "output", verdict: string) => void
   /** The exposition text and its content type. */
   readonly scrape: Effect.Effect<{ readonly text: string; readonly contentType: string }>
 }>() {}
@@ -74,6 +78,13 @@ const make = Effect.gen(function*() {
     registers: [registry]
   })
 
+  const verdicts = new Prometheus.Counter({
+    name: "moderation_verdicts_total",
+    help: "Moderation verdicts: pass, or the category flagged.",
+    labelNames: ["stage", "verdict"],
+    registers: [registry]
+  })
+
   // GPU gauges are read when scraped: each GPU worker of this process reports its scheduler.
   const gpuLabels = ["model", "gpu"] as const
   const running = new Prometheus.Gauge({ name: "num_requests_running", help: "Sequences in the running batch.", labelNames: gpuLabels, registers: [registry] })
@@ -110,10 +121,11 @@ const make = Effect.gen(function*() {
           generationTokens.inc(labels, e.usage.completion_tokens)
           end(e.finish_reason)
         },
-        onFail: () => end("error")
+        onFail: (code) => end(code === "content_filter" ? "content_filter" : "error")
       })
     },
     rateLimitRejected: (tier, limit) => rejections.inc({ tier, limit }),
+    moderationVerdict: (stage, verdict) => verdicts.inc({ stage, verdict }),
     scrape: Effect.zipRight(
       readGpus,
       Effect.promise(() => registry.metrics()).pipe(Effect.map((text) => ({ text, contentType: registry.contentType })))

@@ -27,6 +27,7 @@ export interface NewTurn {
   readonly status: TurnStatus
   readonly num_prompt_tokens: number | null
   readonly num_completion_tokens: number | null
+  readonly moderation_verdict?: string | null | undefined
 }
 
 export interface ConversationStoreService {
@@ -132,6 +133,10 @@ const migrations = Migrator.fromRecord({
     yield* sql`ALTER TABLE chat_conversations ADD COLUMN IF NOT EXISTS user_id text NOT NULL DEFAULT 'local'`
     yield* sql`ALTER TABLE chat_conversations ADD COLUMN IF NOT EXISTS org_id text`
     yield* sql`CREATE INDEX IF NOT EXISTS chat_conversations_user ON chat_conversations (user_id, created_at_ms)`
+  }),
+  "5_moderation": Effect.gen(function*() {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`ALTER TABLE chat_turns ADD COLUMN IF NOT EXISTS moderation_verdict text`
   })
 })
 
@@ -155,6 +160,7 @@ const make = Effect.gen(function*() {
         status: "completed",
         num_prompt_tokens: null,
         num_completion_tokens: null,
+        moderation_verdict: null,
         created_at_ms: full.created_at_ms
       }))
       // Ids are random and made by the server: a row with this id is this call's own, written
@@ -177,7 +183,7 @@ const make = Effect.gen(function*() {
         Effect.mapError(storageError("get conversation"))
       ),
     appendTurn: (turn, options) => {
-      const row = { ...turn, created_at_ms: Date.now() }
+      const row = { ...turn, moderation_verdict: turn.moderation_verdict ?? null, created_at_ms: Date.now() }
       const inserted = options?.idempotencyKey === undefined ? row : { ...row, idempotency_key: options.idempotencyKey }
       let attempts = 0
       // A retried INSERT may meet its own earlier attempt (committed, but the reply was lost):
@@ -272,6 +278,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
           status: "completed",
           num_prompt_tokens: null,
           num_completion_tokens: null,
+          moderation_verdict: null,
           created_at_ms: full.created_at_ms
         })))
         return Effect.succeed(full)
@@ -293,7 +300,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
           if (keys.has(byKey)) return Effect.fail(new StorageError({ message: `idempotency key ${key} was used` }))
           keys.set(byKey, turn.seq)
         }
-        const stored = toTurn({ ...turn, created_at_ms: Date.now() })
+        const stored = toTurn({ ...turn, moderation_verdict: turn.moderation_verdict ?? null, created_at_ms: Date.now() })
         list.push(stored)
         return Effect.succeed(stored)
       }),

@@ -3,11 +3,13 @@
  * and HS256 JWTs), its own PostgreSQL database and Redis, driven over HTTP.
  */
 import { randomUUID } from "node:crypto"
+import path from "node:path"
 import { SignJWT } from "jose"
 import OpenAI from "openai"
+import { blocklistClassifier } from "../../src/runtime/Moderation.js"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { freshDatabase, sqlAt } from "../support/database.js"
-import { assertEngineBuilt } from "../support/engineProcess.js"
+import { assertEngineBuilt, rawRequest } from "../support/engineProcess.js"
 import { postJson, readSse, type Service, startService } from "../support/service.js"
 
 const JWT_SECRET = "gateway-test-secret-of-32-bytes-or-more"
@@ -254,5 +256,108 @@ describe("gateway: RPM and TPM limits in Redis, one limit across two gateway pro
     expect(second.headers.get("x-ratelimit-limit-tokens")).toBe("600")
     const rows = await sqlAt("SELECT count(*)::int AS n FROM chat_turns WHERE conversation_id = $1", [id], dbUrls[0]!)
     expect(rows[0].n).toBe(2)
+  }, 60_000)
+})
+
+const GREEDY_PROMPT = "Tell me a long story"
+
+describe("gateway: moderation", () => {
+  let service: Service
+  let dbUrl: string
+
+  /** A word of the model's greedy reply to GREEDY_PROMPT: blocklisted, output moderation fires mid-stream. */
+  let word: string
+
+  beforeAll(async () => {
+    assertEngineBuilt()
+    dbUrl = (await freshDatabase()).url
+    // The tiny model is generated per data directory: its greedy reply is learnt first, then
+    // the service restarts on the same model with a word of that reply blocklisted.
+    const probe = await startService({ env: { DATABASE_URL: dbUrl } })
+    const id = ((await (await postJson(`${probe.url}/v1/conversations`, {})).json()) as any).conversation_id
+    const reply = await postJson(`${probe.url}/v1/conversations/${id}/turns`, { role: "user", content: GREEDY_PROMPT, max_tokens: 40, temperature: 0 })
+    const tokens = (await readSse(reply, () => undefined)).filter((e) => e.event === "token").map((e) => e.data.text as string)
+    await probe.stop()
+    const text = tokens.join("")
+    word = tokens.slice(3).map((t) => t.trim()).find((t) => /^\p{L}{3,}$/u.test(t) && blocklistClassifier([t]).classify(text).flagged)!
+    expect(word).toBeDefined()
+    service = await startService({ env: { DATABASE_URL: dbUrl, MODERATION_BLOCKLIST: `forbidden topic,${word}` }, dataDir: probe.dataDir })
+  }, 180_000)
+
+  afterAll(async () => {
+    await service?.stop()
+  })
+
+  const create = async () => ((await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any).conversation_id as string
+
+  it("a flagged or repetitive user message is 400 content_filter and stores nothing (native and OpenAI routes)", async () => {
+    const id = await create()
+    for (const content of ["Tell me about the FORBIDDEN topic please", "poem ".repeat(100)]) {
+      const res = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content })
+      expect(res.status).toBe(400)
+      expect(((await res.json()) as any).error.code).toBe("content_filter")
+    }
+    expect(await sqlAt("SELECT count(*)::int AS n FROM chat_turns WHERE conversation_id = $1", [id], dbUrl)).toEqual([{ n: 0 }])
+    const openai = new OpenAI({ apiKey: "none", baseURL: `${service.url}/v1`, maxRetries: 0 })
+    const before = await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)
+    const refused = await openai.chat.completions.create({
+      model: "mini",
+      messages: [{ role: "user", content: "a forbidden topic" }, { role: "assistant", content: "no" }, { role: "user", content: "ok" }]
+    }).then(() => undefined, (e: unknown) => e)
+    expect(refused).toBeInstanceOf(OpenAI.BadRequestError)
+    expect((refused as InstanceType<typeof OpenAI.BadRequestError>).code).toBe("content_filter")
+    expect(await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)).toEqual(before)
+  }, 60_000)
+
+  it("flagged output ends the stream with content_filter, frees the sequence, and is stored filtered with its verdict", async () => {
+    const id = await create()
+    const res = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: GREEDY_PROMPT, max_tokens: 40, temperature: 0 })
+    expect(res.status).toBe(200)
+    const events = await readSse(res, () => undefined)
+    const last = events.at(-1)!
+    expect(last.event).toBe("error")
+    expect(last.data.error.code).toBe("content_filter")
+    const text = events.filter((e) => e.event === "token").map((e) => e.data.text).join("")
+    expect(blocklistClassifier([word]).classify(text).flagged).toBe(false)
+    const rows = await sqlAt("SELECT seq, role, status, content, moderation_verdict FROM chat_turns WHERE conversation_id = $1 ORDER BY seq", [id], dbUrl)
+    expect(rows.map((r) => [r.seq, r.role, r.status])).toEqual([[0, "user", "completed"], [1, "assistant", "filtered"]])
+    expect(rows[1].content).toBe(text)
+    expect(JSON.parse(rows[1].moderation_verdict)).toEqual({ category: "blocklist" })
+    // The sequence was stopped: the engine holds no sequence and no KV block.
+    const info = await rawRequest(`ipc://${path.join(service.runDir, "engine-gpu-0.sock")}`, { v: 1, type: "info", req_id: 1 })
+    expect({ seqs: info.num_active_seqs, blocks: info.num_used_blocks }).toEqual({ seqs: 0, blocks: 0 })
+    // The conversation goes on; the filtered reply is not in later prompts.
+    const next = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Hi", max_tokens: 2 })
+    expect((await readSse(next, () => undefined)).at(-1)?.event).toBe("done")
+    // The OpenAI route reports it as finish_reason content_filter.
+    const openai = new OpenAI({ apiKey: "none", baseURL: `${service.url}/v1`, maxRetries: 0 })
+    const completion = await openai.chat.completions.create({ model: "mini", messages: [{ role: "user", content: GREEDY_PROMPT }], max_tokens: 40, temperature: 0 })
+    expect(completion.choices[0]!.finish_reason).toBe("content_filter")
+    const metrics = await (await fetch(`${service.url}/metrics`)).text()
+    expect(metrics).toMatch(/request_success_total\{model="mini",tier="free",finished_reason="content_filter"\} [1-9]/)
+    expect(metrics).toMatch(/moderation_verdicts_total\{stage="input",verdict="blocklist"\} [1-9]/)
+  }, 60_000)
+})
+
+describe("gateway: a generation caught in a loop stops", () => {
+  let service: Service
+
+  beforeAll(async () => {
+    assertEngineBuilt()
+    service = await startService({ env: { DATABASE_URL: (await freshDatabase()).url } })
+  }, 120_000)
+
+  afterAll(async () => {
+    await service?.stop()
+  })
+
+  it("the tiny model's greedy loop ends with finish_reason repetition long before max_tokens", async () => {
+    const id = ((await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any).conversation_id
+    const res = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Tell me a long story", max_tokens: 2000, temperature: 0 })
+    const events = await readSse(res, () => undefined)
+    const done = events.at(-1)!
+    expect(done.event).toBe("done")
+    expect(done.data.finish_reason).toBe("repetition")
+    expect(done.data.usage.completion_tokens).toBeLessThan(2000)
   }, 60_000)
 })

@@ -108,6 +108,7 @@ export const make = (options: FakeOptions = {}) =>
         status,
         num_prompt_tokens: tokens.prompt,
         num_completion_tokens: tokens.completion,
+        moderation_verdict: null,
         created_at_ms: Date.now()
       })
       state.turns.push(turn)

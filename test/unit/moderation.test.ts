@@ -1,0 +1,59 @@
+import { describe, expect, it } from "vitest"
+import { blocklistClassifier, isRepetitive, repetitionGuard } from "../../src/runtime/Moderation.js"
+import * as Moderation from "../../src/runtime/Moderation.js"
+import { Effect } from "effect"
+
+describe("moderation", () => {
+  it("the blocklist matches whole words and phrases, case-insensitively, in any script", () => {
+    const c = blocklistClassifier(["badword", "two words", "Сейчас"])
+    expect(c.classify("a BadWord here").flagged).toBe(true)
+    expect(c.classify("badwords").flagged).toBe(false)
+    expect(c.classify("xbadword").flagged).toBe(false)
+    expect(c.classify("say two   words").flagged).toBe(false)
+    expect(c.classify("say two words.").flagged).toBe(true)
+    expect(c.classify("и сейчас").flagged).toBe(true)
+    expect(blocklistClassifier([]).classify("anything").flagged).toBe(false)
+    // Regex characters in a phrase are literal.
+    expect(blocklistClassifier(["a.b"]).classify("axb").flagged).toBe(false)
+  })
+
+  it("the divergence guard flags a prompt that is one short string repeated, not ordinary text", () => {
+    expect(isRepetitive("poem ".repeat(60))).toBe(true)
+    expect(isRepetitive("company company company ".repeat(12))).toBe(true)
+    expect(isRepetitive("a".repeat(500))).toBe(true)
+    expect(isRepetitive("poem ".repeat(20))).toBe(false) // too short to matter
+    const prose = "The paged KV cache stores keys and values in fixed-size blocks, so that sequences of any length share the memory without fragmentation; a block table maps each sequence's positions to its blocks."
+    expect(isRepetitive(prose.repeat(2))).toBe(false)
+    expect(isRepetitive("x".repeat(100) + prose)).toBe(false)
+  })
+
+  it("the repetition guard stops a loop of an n-gram (n ≤ 8) at 16 repeats and 32 tokens, never varied output", () => {
+    const firstStop = (ids: ReadonlyArray<number>) => {
+      const guard = repetitionGuard()
+      return ids.findIndex((id) => guard.push(id))
+    }
+    // One token: 32 in a row.
+    expect(firstStop([5, 6, ...Array(40).fill(7)])).toBe(2 + 31)
+    // A 3-gram: 16 repeats = 48 tokens.
+    const tri = Array.from({ length: 20 }, () => [1, 2, 3]).flat()
+    expect(firstStop([9, ...tri])).toBe(1 + 47)
+    // 15 repeats of a 4-gram then something else: no stop.
+    expect(firstStop([...Array.from({ length: 15 }, () => [1, 2, 3, 4]).flat(), 99, 98])).toBe(-1)
+    // A 9-gram loop is longer than the guard looks for.
+    expect(firstStop(Array.from({ length: 20 }, () => [1, 2, 3, 4, 5, 6, 7, 8, 9]).flat())).toBe(-1)
+    let x = 1
+    expect(firstStop(Array.from({ length: 5000 }, () => (x = (x * 48271) % 2147483647) % 1000))).toBe(-1)
+  })
+
+  it("the output check sees a phrase split across deltas, and the input check both classifier and guard", () =>
+    Effect.gen(function*() {
+      const moderation = yield* Moderation.Moderation
+      const check = moderation.outputCheck()
+      expect(check.push("this is two")).toBeUndefined()
+      expect(check.push(" wor")).toBeUndefined()
+      expect(check.push("ds!")).toEqual({ flagged: true, category: "blocklist" })
+      expect(moderation.checkInput("tell me two words").flagged).toBe(true)
+      expect(moderation.checkInput("poem ".repeat(100))).toEqual({ flagged: true, category: "repetitive_prompt" })
+      expect(moderation.checkInput("hello there").flagged).toBe(false)
+    }).pipe(Effect.provide(Moderation.layer(blocklistClassifier(["two words"]))), Effect.runPromise))
+})
