@@ -198,7 +198,7 @@ describe("gateway: RPM and TPM limits in Redis, one limit across two gateway pro
       startService({
         env: {
           DATABASE_URL: dbUrl,
-          API_KEYS: "key-dave=dave:free,key-erin=erin:free",
+          API_KEYS: "key-dave=dave:free,key-erin=erin:free,key-fay=fay:paid",
           CLUSTER_CONFIG: "test/e2e/gateway.config.ts",
           RATE_LIMIT_STORE: "redis",
           REDIS_KEY_PREFIX: prefix
@@ -240,6 +240,22 @@ describe("gateway: RPM and TPM limits in Redis, one limit across two gateway pro
     await expect(openai.models.list()).rejects.toBeInstanceOf(OpenAI.RateLimitError)
     const metrics = await (await fetch(`${gateways[1]!.url}/metrics`)).text()
     expect(metrics).toMatch(/rate_limit_rejections_total\{tier="free",limit="requests"\} [1-9]/)
+  }, 60_000)
+
+  it("tiers route to their pools, two engines side by side: free → mini (CPU), paid → frontier (simulated GPU)", async () => {
+    const fay = bearer("key-fay")
+    const models = await (await fetch(`${gateways[0]!.url}/v1/models`, { headers: fay })).json() as any
+    expect(models.data.map((m: any) => m.id).sort()).toEqual(["frontier", "mini"])
+    const created = await (await postJson(`${gateways[0]!.url}/v1/conversations`, {}, fay)).json() as any
+    expect(created).toMatchObject({ model: "frontier", region: "local" })
+    const turn = await postJson(`${gateways[0]!.url}/v1/conversations/${created.conversation_id}/turns`, { role: "user", content: "Hello", max_tokens: 8 }, fay)
+    expect((await readSse(turn, () => undefined)).at(-1)?.event).toBe("done")
+    const metrics = await (await fetch(`${gateways[0]!.url}/metrics`)).text()
+    expect(metrics).toMatch(/generation_tokens_total\{model="frontier",tier="paid"\} [1-9]/)
+    expect(metrics).toMatch(/num_requests_running\{model="frontier",gpu="gpu-1"\} 0/)
+    // A free user's conversation is on mini (their first create in this test file's budget of 5).
+    const free = await (await postJson(`${gateways[1]!.url}/v1/conversations`, { model: "mini" }, bearer("key-erin"))).json() as any
+    expect(free.model).toBe("mini")
   }, 60_000)
 
   it("a turn is charged prompt + max_tokens up front (TPM), and refused when that would pass the limit", async () => {
