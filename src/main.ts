@@ -178,9 +178,9 @@ const MainLive = Layer.unwrapEffect(
       Layer.provide(StreamsLive),
       Layer.provide(EventLogLive)
     )
-    const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher), Layer.provide(Moderation.layerConfig))
+    const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
     const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive).pipe(
-      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer))
+      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer, Moderation.layerConfig))
     )
     const ClusterLive = EntitiesLive.pipe(
       Layer.provideMerge(

@@ -135,7 +135,7 @@ const turn = async (req: http.IncomingMessage, res: http.ServerResponse, convers
   }
   if (conversation.busy) return apiError(res, 409, "turn_in_progress", "a turn is streaming")
   const maxTokens = typeof body.max_tokens === "number" ? body.max_tokens : 256
-  // Content tokens: the load generator sends " hello" × n, one token each.
+  // Content tokens: the load generator sends n one-token words, each with its leading space.
   const contentTokens = Math.max(1, body.content.split(" ").length - 1)
   const promptTokens = conversation.turns === 0
     ? contentTokens + options.firstTurnOverhead

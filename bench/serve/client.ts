@@ -30,6 +30,8 @@ export interface Target {
   readonly host: string
   readonly port: number
   readonly agent: http.Agent
+  /** Sent as `Authorization` on every request (a service with authentication on). */
+  readonly authorization?: string | undefined
 }
 
 interface Sent {
@@ -62,7 +64,12 @@ const request = (
       method: "POST",
       agent: target.agent,
       ...(signal === undefined ? {} : { signal }),
-      headers: { "content-type": "application/json", "content-length": Buffer.byteLength(payload), accept: "text/event-stream" }
+      headers: {
+        "content-type": "application/json",
+        "content-length": Buffer.byteLength(payload),
+        accept: "text/event-stream",
+        ...(target.authorization === undefined ? {} : { authorization: target.authorization })
+      }
     }, (res) => {
       responded = true
       onResponse(res)

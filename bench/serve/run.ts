@@ -28,6 +28,9 @@
  *                          multi-turn load (bench/serve/prefix-routing.ts; the same options)
  *   --turn-ttft            TTFT per turn of one conversation on the CPU engine, prefix caching
  *                          on and off (bench/serve/turn-ttft.ts)
+ *   --gateway              the service with its gateway features on: API-key authentication,
+ *                          rate limits in Redis (the sim tier's limits, set high) and moderation
+ *                          (a 50-word blocklist); the client sends the key
  *   --profile DIR          the service runs with `node --cpu-prof --cpu-prof-dir DIR` (a .cpuprofile
  *                          per service start, written when it stops)
  */
@@ -103,6 +106,16 @@ const memoryStreams = Number(value("memory-streams") ?? (full ? 1000 : 256))
 const engine = { maxNumSeqs: 2048, maxNumBatchedTokens: 8192, numSlots: 4096, clientBufferTokens: 64 }
 const maxInFlight = 2048
 const profileDir = value("profile")
+const gateway = flag("gateway")
+const GATEWAY_API_KEY = "bench-key"
+/** Moderation's cost is the blocklist scan of each output window: a list of realistic size. */
+const GATEWAY_BLOCKLIST = Array.from({ length: 50 }, (_, i) => `blockedterm${i}`).join(",")
+const gatewayEnv: Record<string, string> = {
+  API_KEYS: `${GATEWAY_API_KEY}=bench-user:bench`,
+  RATE_LIMIT_STORE: "redis",
+  REDIS_KEY_PREFIX: `bench-${process.pid}:`,
+  MODERATION_BLOCKLIST: GATEWAY_BLOCKLIST
+}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -132,7 +145,12 @@ const machine = () => {
   }
 }
 
-const targetOf = (r: Running): Target => ({ host: r.host, port: r.port, agent: makeAgent() })
+const targetOf = (r: Running): Target => ({
+  host: r.host,
+  port: r.port,
+  agent: makeAgent(),
+  ...(gateway && r.name === "service" ? { authorization: `Bearer ${GATEWAY_API_KEY}` } : {})
+})
 
 interface SystemRun {
   readonly points: Array<PointResult>
@@ -400,6 +418,7 @@ const main = async () => {
     // sim: 2^40 bytes = 524,288 blocks of 16 Llama-8B tokens (2 MiB each; none allocated):
     // enough for every stream, so KV capacity (preemption) is not what is measured. cpu: 1 GiB.
     BENCH_KV_CACHE_BYTES: String(device === "sim" ? 2 ** 40 : 2 ** 30),
+    ...(gateway ? gatewayEnv : {}),
     ...extra
   })
 

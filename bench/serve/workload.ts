@@ -68,8 +68,8 @@ export interface Workload {
   readonly seed: number
   /**
    * Each conversation's first message starts with words of its own, so that conversations
-   * share no prompt prefix (the repeated " hello" content otherwise makes every first turn
-   * a prefix-cache hit of every other).
+   * share no prompt prefix (the fixed word sequence of `contentOf` otherwise makes every first
+   * turn a prefix-cache hit of every other).
    */
   readonly distinctConversations?: boolean
 }
@@ -83,11 +83,29 @@ export const SHAREGPT_LIKE: Workload = {
   seed: 42
 }
 
+/** Words the Qwen3 tokenizer maps to one token each, with their leading space. */
+const ONE_TOKEN_WORDS = (
+  "hello world the and data model token cache block table prefix decode batch stream shard runner " +
+  "entity memory server client request reply story river mountain garden window paper music light " +
+  "water green blue red yellow house city people time year day night morning evening summer winter " +
+  "spring autumn friend family school market street forest ocean island bridge road train plane ship"
+).split(" ").map((w) => ` ${w}`)
+
 /**
- * The user message of `n` tokens: " hello" repeated (the Qwen3 tokenizer maps " hello" to one
- * token; the achieved prompt length is checked against `usage.prompt_tokens`).
+ * The user message of `n` tokens: the first `n` words of one fixed, non-repeating sequence of
+ * one-token words (the achieved prompt length is checked against `usage.prompt_tokens`). Not
+ * one word repeated: moderation refuses such a prompt as a divergence attack.
  */
-export const contentOf = (n: number): string => " hello".repeat(n)
+export const contentOf = (n: number): string => {
+  let text = ""
+  for (let i = 0; i < n; i++) {
+    // An integer hash of the position (splitmix-like): no short period.
+    let h = Math.imul(i + 1, 0x9e3779b1) >>> 0
+    h = Math.imul(h ^ (h >>> 15), 0x85ebca6b) >>> 0
+    text += ONE_TOKEN_WORDS[((h ^ (h >>> 13)) >>> 0) % ONE_TOKEN_WORDS.length]
+  }
+  return text
+}
 
 /**
  * Multi-turn (issue 11's prefix-cache workload): ShareGPT-like lengths, 10 turns per

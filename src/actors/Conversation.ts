@@ -28,6 +28,7 @@ import { DataPlane } from "../runtime/DataPlane.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { type ConversationId, type Turn, TurnId, UserId } from "../runtime/Domain.js"
 import {
+  ContentFiltered,
   ConversationNotFound,
   DuplicateTurn,
   EngineError,
@@ -37,6 +38,7 @@ import {
   TurnInProgress
 } from "../runtime/Errors.js"
 import { Models } from "../runtime/Models.js"
+import { Moderation } from "../runtime/Moderation.js"
 import type { ChatMessage } from "../runtime/Tokenizer.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
@@ -58,6 +60,7 @@ export class Accepted extends Schema.Class<Accepted>("Accepted")({
 }) {}
 
 export const SendTurnError = Schema.Union(
+  ContentFiltered,
   ConversationNotFound,
   DuplicateTurn,
   TurnInProgress,
@@ -232,6 +235,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       const id = address.entityId as string as ConversationId
       const store = yield* ConversationStore
       const models = yield* Models
+      const moderation = yield* Moderation
       const topology = yield* TopologyService
       const entityContext = yield* Effect.context<Sharding.Sharding | Entity.CurrentAddress>()
       let loaded: ConversationState | undefined
@@ -453,6 +457,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             const maxTokens = input.max_tokens ?? topology.generation.max_tokens
             // Checked before anything is stored: a rejected turn changes nothing.
             const promptIds = yield* buildPrompt(model, conv, input.content, Math.min(maxTokens, 16))
+            // Input moderation, once the prompt is known to fit (a prompt too long is told so first).
+            const verdict = moderation.checkInput(input.content)
+            if (verdict.flagged) return yield* new ContentFiltered({ category: verdict.category ?? "flagged" })
             // Admission before anything is stored too: a refused turn leaves no row.
             // Conversation-affine routing: the GPU that served the last turn holds its KV (the
             // prefix cache), so it is asked first, and takes the turn unless its predicted

@@ -95,12 +95,13 @@ export const layer = Layer.effect(
     const eventLog = yield* TurnEventLog
     const metrics = yield* Metrics
     const moderation = yield* Moderation
-    /** Input moderation: fails with ContentFiltered, before anything is stored. */
+    /** Input moderation of an OpenAI request's earlier messages: fails with ContentFiltered. */
     const moderate = (text: string) =>
       Effect.suspend(() => {
         const verdict = moderation.checkInput(text)
-        metrics.moderationVerdict("input", verdict.flagged ? verdict.category ?? "flagged" : "pass")
-        return verdict.flagged ? Effect.fail(new ContentFiltered({ category: verdict.category ?? "flagged" })) : Effect.void
+        if (!verdict.flagged) return Effect.void
+        metrics.moderationVerdict("input", verdict.category ?? "flagged")
+        return Effect.fail(new ContentFiltered({ category: verdict.category ?? "flagged" }))
       })
     let draining = false
     const owners = new OwnerCache(OWNER_CACHE_MAX)
@@ -204,10 +205,10 @@ export const layer = Layer.effect(
 
       complete: (owner, request) =>
         Effect.gen(function*() {
-          // The whole request is the client's: every message is checked, before anything is stored.
+          // The whole request is the client's: its earlier messages are checked before anything
+          // is stored (the last one is its turn's, checked as any turn is).
           if (request.system_prompt !== null) yield* moderate(request.system_prompt)
           for (const m of request.history) if (m.role === "user") yield* moderate(m.content)
-          yield* moderate(request.turn.content)
           const { id: conversationId } = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history })
           const stream = yield* service.sendTurn(owner, conversationId, request.turn)
           return { conversationId, stream }
@@ -218,7 +219,6 @@ export const layer = Layer.effect(
           const startMs = performance.now()
           if (draining) return yield* new ShuttingDown()
           const { pool } = yield* authorize(owner, id)
-          yield* moderate(input.content)
           const stream = streams.make(topology.generation.client_buffer_tokens)
           // A SendTurn stopped by a shard move is sent again with the same stream and key: if
           // the first attempt had got the turn going (its generation writes into this stream),
@@ -243,6 +243,11 @@ export const layer = Layer.effect(
             )
           ).pipe(
             Effect.catchTags(clusterErrors),
+            // The entity moderates the message once its prompt fits: its verdict is counted here.
+            Effect.tapBoth({
+              onFailure: (e) => Effect.sync(() => e._tag === "ContentFiltered" && metrics.moderationVerdict("input", e.category)),
+              onSuccess: () => Effect.sync(() => metrics.moderationVerdict("input", "pass"))
+            }),
             // Not accepted: nothing will write to the stream.
             Effect.onExit((exit) => Effect.sync(() => exit._tag === "Failure" && stream.cancel()))
           )

@@ -88,6 +88,19 @@ const make = Effect.gen(function*() {
     })
   }
 
+  const settle = (identity: Identity, numCharged: number, numActual: number): Effect.Effect<void> =>
+    !enabled || numActual === numCharged
+      ? Effect.void
+      : limiter.consume({
+        algorithm: "fixed-window",
+        // Never refused: the tokens were spent already.
+        onExceeded: "delay",
+        window: WINDOW,
+        limit: tierOf(identity).tpm,
+        key: `tpm:${identity.user_id}`,
+        tokens: Math.trunc(numActual - numCharged)
+      }).pipe(Effect.asVoid, Effect.catchAll(() => Effect.void))
+
   return RateLimits.of({
     charge: (identity, generation) =>
       Effect.gen(function*() {
@@ -96,18 +109,24 @@ const make = Effect.gen(function*() {
           : Math.ceil(generation.numPromptChars / 4) + (generation.maxTokens ?? topology.generation.max_tokens)
         if (!enabled) return { headers: {}, numTokens }
         const tier = tierOf(identity)
-        const requests = yield* consume(`rpm:${identity.user_id}`, tier.rpm, 1).pipe(
-          Effect.catchTag("RateLimiterError", (e) => Effect.fail(refused(identity.tier, "requests", e, {})))
-        )
+        // Both limits in one round trip's time: the token charge is given back if the request one refuses.
+        const [requestsResult, tokensResult] = yield* Effect.all([
+          Effect.either(consume(`rpm:${identity.user_id}`, tier.rpm, 1)),
+          numTokens === 0 ? Effect.succeed(undefined) : Effect.either(consume(`tpm:${identity.user_id}`, tier.tpm, numTokens))
+        ], { concurrency: 2 })
+        if (requestsResult._tag === "Left") {
+          if (tokensResult?._tag === "Right") yield* settle(identity, numTokens, 0)
+          return yield* Effect.fail(refused(identity.tier, "requests", requestsResult.left, {}))
+        }
+        const requests = requestsResult.right
         const headers: Record<string, string> = {
           "x-ratelimit-limit-requests": String(requests.limit),
           "x-ratelimit-remaining-requests": String(requests.remaining),
           "x-ratelimit-reset-requests": resetText(requests.reset)
         }
-        if (numTokens === 0) return { headers, numTokens }
-        const tokens = yield* consume(`tpm:${identity.user_id}`, tier.tpm, numTokens).pipe(
-          Effect.catchTag("RateLimiterError", (e) => Effect.fail(refused(identity.tier, "tokens", e, headers)))
-        )
+        if (tokensResult === undefined) return { headers, numTokens }
+        if (tokensResult._tag === "Left") return yield* Effect.fail(refused(identity.tier, "tokens", tokensResult.left, headers))
+        const tokens = tokensResult.right
         return {
           headers: {
             ...headers,
@@ -118,18 +137,7 @@ const make = Effect.gen(function*() {
           numTokens
         }
       }),
-    settle: (identity, numCharged, numActual) =>
-      !enabled || numActual === numCharged
-        ? Effect.void
-        : limiter.consume({
-          algorithm: "fixed-window",
-          // Never refused: the tokens were spent already.
-          onExceeded: "delay",
-          window: WINDOW,
-          limit: tierOf(identity).tpm,
-          key: `tpm:${identity.user_id}`,
-          tokens: Math.trunc(numActual - numCharged)
-        }).pipe(Effect.asVoid, Effect.catchAll(() => Effect.void))
+    settle
   })
 })
 

@@ -105,6 +105,8 @@ const make = Effect.gen(function*() {
   return Metrics.of({
     observeTurn: (labels, stream, startMs) => {
       let lastMs: number | undefined
+      // The labelled series once per turn: a token event then costs one observation.
+      const itlSeries = itl.labels(labels)
       const end = (reason: string) => {
         e2e.observe(labels, (performance.now() - startMs) / 1000)
         success.inc({ ...labels, finished_reason: reason })
@@ -113,7 +115,7 @@ const make = Effect.gen(function*() {
         onToken: () => {
           const now = performance.now()
           if (lastMs === undefined) ttft.observe(labels, (now - startMs) / 1000)
-          else itl.observe(labels, (now - lastMs) / 1000)
+          else itlSeries.observe((now - lastMs) / 1000)
           lastMs = now
         },
         onDone: (e) => {

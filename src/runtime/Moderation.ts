@@ -30,15 +30,25 @@ export const pass: Verdict = { flagged: false, category: null }
 /** Classifies text synchronously (it runs per token event in the sink: keep it cheap). */
 export interface Classifier {
   readonly classify: (text: string) => Verdict
+  /**
+   * The longest text one finding spans, when bounded (a blocklist's longest phrase plus its
+   * boundaries): output is then checked on the newest delta plus that much before it, not
+   * on the whole window.
+   */
+  readonly maxMatchChars?: number | undefined
 }
 
 /** Flags text holding any of `phrases` (case-insensitive, at word boundaries). */
 export const blocklistClassifier = (phrases: ReadonlyArray<string>): Classifier => {
   const words = phrases.map((p) => p.trim()).filter((p) => p.length > 0)
-  if (words.length === 0) return { classify: () => pass }
+  if (words.length === 0) return { classify: () => pass, maxMatchChars: 0 }
   const escaped = words.map((w) => w.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"))
   const pattern = new RegExp(`(?<![\\p{L}\\p{N}])(?:${escaped.join("|")})(?![\\p{L}\\p{N}])`, "iu")
-  return { classify: (text) => pattern.test(text) ? { flagged: true, category: "blocklist" } : pass }
+  return {
+    classify: (text) => pattern.test(text) ? { flagged: true, category: "blocklist" } : pass,
+    // A phrase and the character on each side that decides its word boundaries.
+    maxMatchChars: Math.max(...words.map((w) => w.length)) + 2
+  }
 }
 
 /** Shortest prompt the divergence guard looks at, in characters. */
@@ -118,11 +128,15 @@ const make = (classifier: Classifier): Context.Tag.Service<Moderation> => ({
     return isRepetitive(text) ? { flagged: true, category: "repetitive_prompt" } : pass
   },
   outputCheck: () => {
-    let window = ""
+    // What the classifier sees: the new delta and the text before it that a finding ending in
+    // the delta may span (bounded classifiers), else the newest OUTPUT_WINDOW_CHARS.
+    const keep = classifier.maxMatchChars ?? OUTPUT_WINDOW_CHARS
+    let tail = ""
     return {
       push: (delta) => {
         if (delta.length === 0) return undefined
-        window = (window + delta).slice(-OUTPUT_WINDOW_CHARS)
+        const window = tail + delta
+        tail = window.length > keep ? window.slice(-keep) : window
         const verdict = classifier.classify(window)
         return verdict.flagged ? verdict : undefined
       }

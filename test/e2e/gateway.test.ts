@@ -313,6 +313,12 @@ describe("gateway: moderation", () => {
       expect(res.status).toBe(400)
       expect(((await res.json()) as any).error.code).toBe("content_filter")
     }
+    // A prompt past the context is told so (with its token count) before moderation looks at it.
+    const long = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: " hello".repeat(10_000) })
+    expect(long.status).toBe(400)
+    const longError = ((await long.json()) as any).error
+    expect(longError.code).toBe("prompt_too_long")
+    expect(longError.message).toMatch(/10[0-9]{3} tokens/)
     expect(await sqlAt("SELECT count(*)::int AS n FROM chat_turns WHERE conversation_id = $1", [id], dbUrl)).toEqual([{ n: 0 }])
     const openai = new OpenAI({ apiKey: "none", baseURL: `${service.url}/v1`, maxRetries: 0 })
     const before = await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)
