@@ -3,7 +3,10 @@ import { describe, expect, it } from "@effect/vitest"
 import { ConfigProvider, Duration, Effect, Exit, Layer, Scope } from "effect"
 import * as Http from "node:http"
 import * as Net from "node:net"
-import { SignJWT } from "jose"
+import { exportJWK, generateKeyPair, SignJWT } from "jose"
+import { mkdtempSync, writeFileSync } from "node:fs"
+import { tmpdir } from "node:os"
+import path from "node:path"
 import * as Auth from "../../src/http/Auth.js"
 import * as Metrics from "../../src/runtime/Metrics.js"
 import { GpuWorkers } from "../../src/runtime/GpuWorkers.js"
@@ -550,6 +553,26 @@ describe("HTTP API", () => {
     withServer({}, async ({ url }) => {
       const res = await fetch(`${url}/healthz`, { headers: { origin: "https://app.example" } })
       expect(res.headers.get("access-control-allow-origin")).toBeNull()
+    }))
+
+  it.live("auth: RS256 and ES256 JWTs verified with the keys of a JWKS file; a token signed by another key → 401", () =>
+    Effect.gen(function*() {
+      const rsa = yield* Effect.promise(() => generateKeyPair("RS256"))
+      const ec = yield* Effect.promise(() => generateKeyPair("ES256"))
+      const stranger = yield* Effect.promise(() => generateKeyPair("RS256"))
+      const jwks = { keys: [{ ...(yield* Effect.promise(() => exportJWK(rsa.publicKey))), alg: "RS256", kid: "rsa" }, { ...(yield* Effect.promise(() => exportJWK(ec.publicKey))), alg: "ES256", kid: "ec" }] }
+      const file = path.join(mkdtempSync(path.join(tmpdir(), "jwks-")), "jwks.json")
+      writeFileSync(file, JSON.stringify(jwks))
+      const sign = (alg: string, kid: string, key: Parameters<SignJWT["sign"]>[0], sub: string) =>
+        new SignJWT({ tier: "paid" }).setProtectedHeader({ alg, kid }).setSubject(sub).setExpirationTime("5m").sign(key)
+      const byRsa = yield* Effect.promise(() => sign("RS256", "rsa", rsa.privateKey, "rita"))
+      const byEc = yield* Effect.promise(() => sign("ES256", "ec", ec.privateKey, "rita"))
+      const byStranger = yield* Effect.promise(() => sign("RS256", "rsa", stranger.privateKey, "rita"))
+      yield* withServer({ env: { JWT_JWKS_FILE: file } }, async ({ url }) => {
+        const id = await create(url, { authorization: `Bearer ${byRsa}` })
+        expect((await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${byEc}` } })).status).toBe(200)
+        await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${byStranger}` } }), 401, "unauthorized")
+      })
     }))
 
   it.live("auth: without API keys everything is allowed", () =>
