@@ -11,7 +11,8 @@
  * module whose default export replaces cluster.config.ts), REDIS_URL and REDIS_KEY_PREFIX (the
  * turn stream logs and rate limits of a multi-runner topology; default redis://127.0.0.1:6379,
  * `chat:`), RATE_LIMIT_STORE (`redis` to share limits through Redis in one process too),
- * MODERATION_BLOCKLIST (comma-separated words or phrases that moderation refuses).
+ * MODERATION_BLOCKLIST (comma-separated words or phrases that moderation refuses),
+ * OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_SERVICE_NAME (a trace span per turn over OTLP/HTTP).
  * `--name NAME` (or RUNNER_NAME) picks the runner of the topology this process is.
  */
 import { resolve } from "node:path"
@@ -32,6 +33,7 @@ import { RunningSlots } from "./actors/internal/runningSlots.js"
 import * as HttpServer from "./http/Server.js"
 import * as Metrics from "./runtime/Metrics.js"
 import * as Moderation from "./runtime/Moderation.js"
+import * as TurnTraces from "./runtime/TurnTraces.js"
 import * as Cluster from "./runtime/Cluster.js"
 import * as DataPlane from "./runtime/DataPlane.js"
 import { ensureDefaultModel } from "./runtime/DefaultModel.js"
@@ -221,7 +223,7 @@ const MainLive = Layer.unwrapEffect(
     // One registry for the whole process: the facade times turns, the edge counts refusals.
     const MetricsLive = Metrics.layer.pipe(Layer.provide(Layer.mergeAll(WorkersLive, TopologyLive)))
     const ConversationsLayer = ConversationsLive.layer.pipe(
-      Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive, MetricsLive, Moderation.layerConfig))
+      Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive, MetricsLive, Moderation.layerConfig, TurnTraces.layerConfig))
     )
     // PORT overrides the runner's http_port.
     const port = process.env["PORT"] ?? (runner.http_port === undefined ? undefined : String(runner.http_port))

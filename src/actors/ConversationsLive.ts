@@ -12,6 +12,7 @@ import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Metrics } from "../runtime/Metrics.js"
 import { Moderation } from "../runtime/Moderation.js"
+import { TurnTraces } from "../runtime/TurnTraces.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { poolFor, TopologyService } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
@@ -94,6 +95,7 @@ export const layer = Layer.effect(
     const workers = yield* GpuWorkers
     const eventLog = yield* TurnEventLog
     const metrics = yield* Metrics
+    const traces = yield* TurnTraces
     const moderation = yield* Moderation
     /** Input moderation of an OpenAI request's earlier messages: fails with ContentFiltered. */
     const moderate = (text: string) =>
@@ -253,6 +255,16 @@ export const layer = Layer.effect(
           )
           stream.setTurnId(accepted.turn_id)
           metrics.observeTurn({ model: pool, tier: owner.tier }, stream, startMs)
+          traces.observeTurn({
+            conversationId: id,
+            model: pool,
+            tier: owner.tier,
+            userId: owner.user_id,
+            maxTokens: input.max_tokens,
+            temperature: input.temperature,
+            topP: input.top_p,
+            seed: input.seed
+          }, stream, startMs)
           stream.cancelIfNotAttachedWithin(UNCONSUMED_STREAM_TIMEOUT_MS)
           return stream
         }),

@@ -46,7 +46,9 @@ const rateLimited = (generation?: GenerationCost) =>
     const runFork = Runtime.runFork(yield* Effect.runtime<never>())
     const settleOn = (stream: TurnStream) =>
       stream.observe({ onDone: (e) => void runFork(limits.settle(identity, charged.numTokens, e.usage.prompt_tokens + e.usage.completion_tokens)) })
-    return { identity, settleOn }
+    /** A generation refused after the charge (404, 409, 400, 503) used no tokens. */
+    const refund = limits.settle(identity, charged.numTokens, 0)
+    return { identity, settleOn, refund }
   })
 
 export const HealthLive = HttpApiBuilder.group(
@@ -85,9 +87,10 @@ export const ConversationsLive = HttpApiBuilder.group(
         .handle("sendTurn", ({ headers, path, payload }) =>
           Effect.gen(function*() {
             const settings = yield* Sse.SseSettings
-            const { identity: owner, settleOn } = yield* rateLimited({ numPromptChars: payload.content.length, maxTokens: payload.max_tokens })
+            const { identity: owner, refund, settleOn } = yield* rateLimited({ numPromptChars: payload.content.length, maxTokens: payload.max_tokens })
             // The outer effect fails (404/409/400/503) before any byte of the SSE response.
             const sent = yield* conversations.sendTurn(owner, path.id, payload, { idempotencyKey: headers["idempotency-key"] }).pipe(
+              Effect.tapError(() => refund),
               Effect.map((stream) => {
                 settleOn(stream)
                 return Sse.turnResponse(stream, settings)
@@ -151,8 +154,9 @@ export const OpenAiLive = HttpApiBuilder.group(
           Effect.gen(function*() {
             const request = yield* OpenAi.toConversation(payload)
             const numPromptChars = request.history.reduce((n, m) => n + m.content.length, request.turn.content.length + (request.system_prompt?.length ?? 0))
-            const { identity: owner, settleOn } = yield* rateLimited({ numPromptChars, maxTokens: request.turn.max_tokens })
+            const { identity: owner, refund, settleOn } = yield* rateLimited({ numPromptChars, maxTokens: request.turn.max_tokens })
             const { conversationId, stream } = yield* conversations.complete(owner, request).pipe(
+              Effect.tapError(() => refund),
               Effect.tapError(logServerFailure),
               Effect.mapError(ApiError.fromRuntime)
             )

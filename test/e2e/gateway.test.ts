@@ -3,6 +3,7 @@
  * and HS256 JWTs), its own PostgreSQL database and Redis, driven over HTTP.
  */
 import { randomUUID } from "node:crypto"
+import http from "node:http"
 import path from "node:path"
 import { SignJWT } from "jose"
 import OpenAI from "openai"
@@ -381,5 +382,73 @@ describe("gateway: a generation caught in a loop stops", () => {
     expect(done.event).toBe("done")
     expect(done.data.finish_reason).toBe("repetition")
     expect(done.data.usage.completion_tokens).toBeLessThan(2000)
+  }, 60_000)
+})
+
+describe("gateway: a trace span per turn, exported over OTLP", () => {
+  let service: Service
+  let collector: http.Server
+  const received: Array<any> = []
+
+  beforeAll(async () => {
+    assertEngineBuilt()
+    // A stand-in OTLP/HTTP collector: it keeps every JSON body posted to /v1/traces.
+    collector = http.createServer((req, res) => {
+      let body = ""
+      req.on("data", (d) => (body += d))
+      req.on("end", () => {
+        if (req.url === "/v1/traces") received.push(JSON.parse(body))
+        res.writeHead(200, { "content-type": "application/json" }).end("{}")
+      })
+    })
+    await new Promise<void>((resolve) => collector.listen(0, "127.0.0.1", resolve))
+    const port = (collector.address() as { port: number }).port
+    service = await startService({
+      env: {
+        DATABASE_URL: (await freshDatabase()).url,
+        OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${port}`,
+        OTEL_SERVICE_NAME: "chat-test",
+        OTEL_BSP_SCHEDULE_DELAY: "300"
+      }
+    })
+  }, 120_000)
+
+  afterAll(async () => {
+    await service?.stop()
+    collector?.close()
+  })
+
+  it("a turn's span carries the GenAI attributes: model, conversation, sampling, usage, finish reason", async () => {
+    const id = ((await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any).conversation_id
+    const res = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Hi", max_tokens: 5, temperature: 0.5, seed: 3 })
+    const done = (await readSse(res, () => undefined)).at(-1)!
+    expect(done.event).toBe("done")
+    const value = (v: any) => v.stringValue ?? (v.intValue === undefined ? undefined : Number(v.intValue)) ?? v.doubleValue ?? v.arrayValue?.values.map(value)
+    const deadline = Date.now() + 15_000
+    let span: any
+    while (span === undefined && Date.now() < deadline) {
+      span = received.flatMap((r) => r.resourceSpans.flatMap((rs: any) => rs.scopeSpans.flatMap((ss: any) => ss.spans)))
+        .find((s: any) => s.name === "chat mini")
+      if (span === undefined) await new Promise((r) => setTimeout(r, 200))
+    }
+    expect(span).toBeDefined()
+    const attributes = Object.fromEntries(span.attributes.map((a: any) => [a.key, value(a.value)]))
+    expect(attributes).toMatchObject({
+      "gen_ai.operation.name": "chat",
+      "gen_ai.request.model": "mini",
+      "gen_ai.conversation.id": id,
+      "gen_ai.request.max_tokens": 5,
+      "gen_ai.request.temperature": 0.5,
+      "gen_ai.request.seed": 3,
+      "gen_ai.response.id": done.data.turn_id,
+      "gen_ai.response.finish_reasons": [done.data.finish_reason],
+      "gen_ai.usage.input_tokens": done.data.usage.prompt_tokens,
+      "gen_ai.usage.output_tokens": done.data.usage.completion_tokens,
+      "enduser.id": "local",
+      "chat.tier": "free"
+    })
+    expect(Number(span.endTimeUnixNano) - Number(span.startTimeUnixNano)).toBeGreaterThan(0)
+    const resource = received[0].resourceSpans[0].resource.attributes
+    expect(resource.find((a: any) => a.key === "service.name")?.value.stringValue).toBe("chat-test")
   }, 60_000)
 })
