@@ -57,7 +57,12 @@ export const Tier = Schema.Struct({
   priority: Schema.Int.pipe(Schema.nonNegative()),
   rpm: PositiveInt,
   tpm: PositiveInt,
-  ttft_p99_ms: PositiveInt
+  ttft_p99_ms: PositiveInt,
+  /**
+   * The pools this tier's users may name (`model`); absent: every pool. `[pool]` pins the
+   * tier to its pool (an enterprise tier on its own model). A pool outside is 404 model_not_found.
+   */
+  models: Schema.optional(Schema.Array(Schema.String))
 })
 
 export const Generation = Schema.Struct({
@@ -81,6 +86,8 @@ export const TopologySchema = Schema.Struct({
     if (t.tiers[t.default_tier] === undefined) issues.push(`default_tier "${t.default_tier}" is not a tier`)
     for (const [name, tier] of Object.entries(t.tiers)) {
       if (t.pools[tier.pool] === undefined) issues.push(`tier "${name}" routes to unknown pool "${tier.pool}"`)
+      for (const m of tier.models ?? []) if (t.pools[m] === undefined) issues.push(`tier "${name}" allows unknown pool "${m}"`)
+      if (tier.models !== undefined && !tier.models.includes(tier.pool)) issues.push(`tier "${name}" does not allow its own pool "${tier.pool}"`)
     }
     const names = new Set<string>()
     for (const r of t.runners) {
@@ -117,9 +124,14 @@ export const layer = (input: unknown) =>
 export const lookup = <A>(record: Readonly<Record<string, A>>, key: string): A | undefined =>
   Object.hasOwn(record, key) ? record[key] : undefined
 
-/** The pool a model name resolves to, or without one the tier's (default: the default tier's). */
+/**
+ * The pool a model name resolves to, or without one the tier's (default: the default tier's);
+ * undefined when there is no such pool or the tier may not use it (`models`).
+ */
 export const poolFor = (topology: Topology, model: string | undefined, tier?: string): { name: string; pool: Pool } | undefined => {
-  const name = model ?? (lookup(topology.tiers, tier ?? topology.default_tier) ?? lookup(topology.tiers, topology.default_tier)!).pool
+  const tierValue = lookup(topology.tiers, tier ?? topology.default_tier) ?? lookup(topology.tiers, topology.default_tier)!
+  const name = model ?? tierValue.pool
+  if (tierValue.models !== undefined && !tierValue.models.includes(name)) return undefined
   const pool = lookup(topology.pools, name)
   return pool === undefined ? undefined : { name, pool }
 }

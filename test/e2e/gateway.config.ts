@@ -19,7 +19,8 @@ const config: TopologyInput = {
     }
   },
   tiers: {
-    free: { pool: "mini", priority: 1, rpm: 5, tpm: 600, ttft_p99_ms: 60_000 },
+    // Free users are pinned to mini: naming frontier is model_not_found.
+    free: { pool: "mini", priority: 1, rpm: 5, tpm: 600, ttft_p99_ms: 60_000, models: ["mini"] },
     paid: { pool: "frontier", priority: 0, rpm: 600, tpm: 1_000_000, ttft_p99_ms: 60_000 }
   },
   default_tier: "free"

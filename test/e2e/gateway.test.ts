@@ -199,7 +199,7 @@ describe("gateway: RPM and TPM limits in Redis, one limit across two gateway pro
       startService({
         env: {
           DATABASE_URL: dbUrl,
-          API_KEYS: "key-dave=dave:free,key-erin=erin:free,key-fay=fay:paid",
+          API_KEYS: "key-dave=dave:free,key-erin=erin:free,key-fay=fay:paid,key-gil=gil:free",
           CLUSTER_CONFIG: "test/e2e/gateway.config.ts",
           RATE_LIMIT_STORE: "redis",
           REDIS_KEY_PREFIX: prefix
@@ -254,9 +254,14 @@ describe("gateway: RPM and TPM limits in Redis, one limit across two gateway pro
     const metrics = await (await fetch(`${gateways[0]!.url}/metrics`)).text()
     expect(metrics).toMatch(/generation_tokens_total\{model="frontier",tier="paid"\} [1-9]/)
     expect(metrics).toMatch(/num_requests_running\{model="frontier",gpu="gpu-1"\} 0/)
-    // A free user's conversation is on mini (their first create in this test file's budget of 5).
+    // A free user's conversation is on mini; their tier is pinned there (frontier does not exist for them).
     const free = await (await postJson(`${gateways[1]!.url}/v1/conversations`, { model: "mini" }, bearer("key-erin"))).json() as any
     expect(free.model).toBe("mini")
+    const pinned = await postJson(`${gateways[1]!.url}/v1/conversations`, { model: "frontier" }, bearer("key-gil"))
+    expect(pinned.status).toBe(404)
+    expect(((await pinned.json()) as any).error.code).toBe("model_not_found")
+    // (fay, paid: any pool) may name mini too.
+    expect((await postJson(`${gateways[1]!.url}/v1/conversations`, { model: "mini" }, fay)).status).toBe(201)
   }, 60_000)
 
   it("a turn is charged prompt + max_tokens up front (TPM), and refused when that would pass the limit", async () => {
