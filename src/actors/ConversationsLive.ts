@@ -6,8 +6,8 @@
 import { randomUUID } from "node:crypto"
 import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
-import { ConversationId, HistoryPage, type Identity, TurnId, type UserId, usageJson } from "../runtime/Domain.js"
-import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable } from "../runtime/Errors.js"
+import { ConversationId, HistoryPage, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, usageJson } from "../runtime/Domain.js"
+import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable } from "../runtime/Errors.js"
 import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Metrics } from "../runtime/Metrics.js"
@@ -317,6 +317,39 @@ export const layer = Layer.effect(
         if (down.length > 0) return `engine down: ${down.join(", ")}`
         return yield* store.ping.pipe(Effect.as(undefined), Effect.catchAll(() => Effect.succeed("database unreachable")))
       }),
+
+      share: (owner, id) =>
+        Effect.gen(function*() {
+          yield* authorize(owner, id)
+          const last = (yield* store.listTurns(id, { limit: 1 })).at(-1)
+          const share = new Share({
+            share_id: ShareId.make(`share_${randomUUID().replaceAll("-", "")}`),
+            conversation_id: id,
+            num_turns: last === undefined ? 0 : last.seq + 1,
+            created_at_ms: Date.now()
+          })
+          yield* store.createShare(share)
+          return share
+        }),
+
+      shared: (shareId) =>
+        Effect.gen(function*() {
+          const found = yield* store.getShare(shareId)
+          if (Option.isNone(found)) return yield* new ShareNotFound({ share_id: shareId })
+          const { share } = found.value
+          const row = yield* store.getConversation(share.conversation_id)
+          if (Option.isNone(row)) return yield* new ShareNotFound({ share_id: shareId })
+          const turns = share.num_turns === 0 ? [] : yield* store.listTurns(share.conversation_id, { before: share.num_turns, limit: share.num_turns })
+          return new SharedConversation({ share_id: shareId, model: row.value.model, system_prompt: row.value.system_prompt, turns })
+        }),
+
+      revokeShare: (owner, shareId) =>
+        Effect.gen(function*() {
+          const found = yield* store.getShare(shareId)
+          // Another user's share is not found, as a missing one.
+          if (Option.isNone(found) || found.value.user_id !== owner.user_id) return yield* new ShareNotFound({ share_id: shareId })
+          yield* store.revokeShare(shareId)
+        }),
 
       history: (owner, id, { before, limit }) =>
         Effect.gen(function*() {

@@ -10,6 +10,8 @@
  *   200 `text/event-stream` resuming the turn after that event, or the in-flight turn from its
  *   start; 204 when there is nothing to send
  * - `GET  /v1/conversations/:id?before=<cursor>&limit=<1..200, default 50>` → HistoryPage
+ * - `POST /v1/conversations/:id/share` → 201 Share; `GET /v1/shared/:share_id` (no auth) →
+ *   SharedConversation; `DELETE /v1/shared/:share_id` (its owner) → 204
  * - `GET  /healthz` → `{status:"ok"}` (liveness)
  * - `GET  /readyz` → `{status:"ready"}`, or 503 `not_ready` (engine down, database unreachable, stopping)
  * - `GET  /metrics` → Prometheus text (runtime/Metrics.ts)
@@ -21,7 +23,7 @@
  */
 import { HttpApi, HttpApiEndpoint, HttpApiGroup, HttpApiSchema } from "@effect/platform"
 import { Schema } from "effect"
-import { ConversationId, CreateConversation, HistoryPage, UserTurnInput } from "../runtime/Domain.js"
+import { ConversationId, CreateConversation, HistoryPage, Share, SharedConversation, ShareId, UserTurnInput } from "../runtime/Domain.js"
 import * as ApiError from "./ApiError.js"
 import { Authorization } from "./Auth.js"
 import { ChatCompletionRequest, ModelList } from "./OpenAi.js"
@@ -62,6 +64,7 @@ export const EventStream = HttpApiSchema.Text({ contentType: "text/event-stream"
 })
 
 const id = HttpApiSchema.param("id", ConversationId)
+const shareId = HttpApiSchema.param("share_id", ShareId)
 
 /** A Last-Event-ID as sent back by a client: `<turn_id>:<index>` (ids are short; longer is invalid). */
 const LastEventId = Schema.String.pipe(Schema.maxLength(200))
@@ -123,12 +126,31 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
       .addError(ApiError.EngineUnavailableJson)
   )
   .add(
+    HttpApiEndpoint.post("share")`/v1/conversations/${id}/share`
+      .addSuccess(Share, { status: 201 })
+      .addError(ApiError.ConversationNotFoundJson)
+  )
+  .add(
+    HttpApiEndpoint.del("revokeShare")`/v1/shared/${shareId}`
+      .addSuccess(HttpApiSchema.NoContent)
+      .addError(ApiError.ShareNotFoundJson)
+  )
+  .add(
     HttpApiEndpoint.get("history")`/v1/conversations/${id}`
       .setUrlParams(HistoryParams)
       .addSuccess(HistoryPage)
       .addError(ApiError.ConversationNotFoundJson)
   )
   .middleware(Authorization)
+{}
+
+/** A shared conversation: public, read-only (the share id is the capability). */
+export class SharedGroup extends HttpApiGroup.make("shared")
+  .add(
+    HttpApiEndpoint.get("shared")`/v1/shared/${shareId}`
+      .addSuccess(SharedConversation)
+      .addError(ApiError.ShareNotFoundJson)
+  )
 {}
 
 /** The OpenAI-compatible routes (OpenAi.ts), behind the same authentication. */
@@ -154,6 +176,7 @@ export class OpenAiGroup extends HttpApiGroup.make("openai")
 export class Api extends HttpApi.make("chat")
   .add(HealthGroup)
   .add(ConversationsGroup)
+  .add(SharedGroup)
   .add(OpenAiGroup)
   .addError(ApiError.InvalidRequestJson)
   .addError(ApiError.RateLimitedJson)

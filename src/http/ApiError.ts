@@ -13,6 +13,7 @@
  * | ConversationNotFound| 404    | `conversation_not_found` |
  * | ModelNotFound       | 404    | `model_not_found`        |
  * | StreamNotFound      | 404    | `stream_not_found`       |
+ * | ShareNotFound       | 404    | `share_not_found`        |
  * | TurnInProgress      | 409    | `turn_in_progress`       |
  * | DuplicateTurn       | 409    | `duplicate_turn`         |
  * | RateLimited         | 429    | `rate_limit_exceeded`    |
@@ -93,6 +94,14 @@ export class InvalidRequest extends Schema.TaggedError<InvalidRequest>()(
   HttpApiSchema.annotations({ status: 400 })
 ) {}
 export const InvalidRequestJson = toJson(InvalidRequest, "invalid_request", 400)
+
+/** No live share with this id (revoked, never made, or another user's). */
+export class ShareNotFound extends Schema.TaggedError<ShareNotFound>()(
+  "ShareNotFound",
+  { message: Schema.String },
+  HttpApiSchema.annotations({ status: 404 })
+) {}
+export const ShareNotFoundJson = toJson(ShareNotFound, "share_not_found", 404)
 
 /** Input moderation refused the message; nothing was stored. */
 export class ContentFilter extends Schema.TaggedError<ContentFilter>()(
@@ -247,6 +256,7 @@ export const RateLimitedJson = Schema.transform(
 ).annotations(HttpApiSchema.annotations({ status: 429 }))
 
 export type ApiError =
+  | ShareNotFound
   | ContentFilter
   | RateLimited
   | InvalidRequest
@@ -268,6 +278,7 @@ export type ApiError =
   | DuplicateTurn
 
 const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
+  ShareNotFound,
   ContentFilter,
   RateLimited,
   InvalidRequest,
@@ -296,6 +307,8 @@ export const statusAndCode = (e: ApiError): { readonly status: number; readonly 
       return { status: 429, code: "rate_limit_exceeded" }
     case "ContentFilter":
       return { status: 400, code: "content_filter" }
+    case "ShareNotFound":
+      return { status: 404, code: "share_not_found" }
     case "InvalidRequest":
       return { status: 400, code: "invalid_request" }
     case "PromptTooLong":
@@ -340,6 +353,7 @@ export const isApiError = (u: unknown): u is ApiError => classes.some((cls) => u
 // ----------------------------------------------------------------------------
 
 export type RuntimeError =
+  | Errors.ShareNotFound
   | Errors.ContentFiltered
   | Errors.ConversationNotFound
   | Errors.TurnInProgress
@@ -355,7 +369,8 @@ export type RuntimeError =
   | Errors.DuplicateTurn
 
 /** The API error a runtime error maps to (distributes over unions). */
-export type FromRuntime<E> = E extends Errors.ContentFiltered ? ContentFilter
+export type FromRuntime<E> = E extends Errors.ShareNotFound ? ShareNotFound
+  : E extends Errors.ContentFiltered ? ContentFilter
   : E extends Errors.ConversationNotFound ? ConversationNotFound
   : E extends Errors.TurnInProgress ? TurnInProgress
   : E extends Errors.ModelNotFound ? ModelNotFound
@@ -374,6 +389,8 @@ export type FromRuntime<E> = E extends Errors.ContentFiltered ? ContentFilter
 export const fromRuntime = <E extends RuntimeError>(error: E): FromRuntime<E> => {
   const e = error as RuntimeError
   switch (e._tag) {
+    case "ShareNotFound":
+      return new ShareNotFound({ message: `Share ${e.share_id} not found` }) as FromRuntime<E>
     case "ContentFiltered":
       return new ContentFilter({ message: `The message was refused by content moderation (${e.category})` }) as FromRuntime<E>
     case "ConversationNotFound":

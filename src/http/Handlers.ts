@@ -134,6 +134,18 @@ export const ConversationsLive = HttpApiBuilder.group(
             const settings = yield* Sse.SseSettings
             return Sse.resumeResponse(resumed.value.turnId, resumed.value.events, settings)
           }))
+        .handle("share", ({ path }) =>
+          Effect.flatMap(rateLimited(), ({ identity }) =>
+            conversations.share(identity, path.id).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime)
+            )))
+        .handle("revokeShare", ({ path }) =>
+          Effect.flatMap(rateLimited(), ({ identity }) =>
+            conversations.revokeShare(identity, path.share_id).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime)
+            )))
         .handle("history", ({ path, urlParams }) =>
           Effect.flatMap(rateLimited(), ({ identity }) =>
             conversations.history(identity, path.id, { before: urlParams.before, limit: urlParams.limit }).pipe(
@@ -141,6 +153,18 @@ export const ConversationsLive = HttpApiBuilder.group(
               Effect.mapError(ApiError.fromRuntime)
             )))
     })
+)
+
+export const SharedLive = HttpApiBuilder.group(
+  Api,
+  "shared",
+  (handlers) =>
+    Effect.map(Conversations, (conversations) =>
+      handlers.handle("shared", ({ path }) =>
+        conversations.shared(path.share_id).pipe(
+          Effect.tapError(logServerFailure),
+          Effect.mapError(ApiError.fromRuntime)
+        )))
 )
 
 export const OpenAiLive = HttpApiBuilder.group(
@@ -178,4 +202,4 @@ export const OpenAiLive = HttpApiBuilder.group(
 )
 
 /** Every group; needs `Conversations`, `RateLimits` (and `Authenticator` via the Authorization middleware layer). */
-export const layer = Layer.mergeAll(HealthLive, ConversationsLive, OpenAiLive)
+export const layer = Layer.mergeAll(HealthLive, ConversationsLive, SharedLive, OpenAiLive)

@@ -3,7 +3,7 @@
  * each call to the Conversation entity of the cluster; tests may provide an in-memory layer.
  */
 import { Context, type Effect } from "effect"
-import type { ConversationId, CreateConversation, HistoryPage, Identity, TurnId, UserTurnInput } from "./Domain.js"
+import type { ConversationId, CreateConversation, HistoryPage, Identity, Share, SharedConversation, ShareId, TurnId, UserTurnInput } from "./Domain.js"
 import type {
   ContentFiltered,
   ConversationNotFound,
@@ -19,7 +19,7 @@ import type {
 import type { LoggedEvent } from "./TurnEventLog.js"
 import type { TurnStream } from "./TurnStream.js"
 import type { Option, Stream } from "effect"
-import type { StreamNotFound, TurnEventsUnavailable } from "./Errors.js"
+import type { ShareNotFound, StreamNotFound, TurnEventsUnavailable } from "./Errors.js"
 
 export type SendTurnError =
   | ContentFiltered
@@ -111,6 +111,12 @@ export interface ConversationsService {
     Option.Option<{ readonly turnId: TurnId; readonly events: Stream.Stream<LoggedEvent, TurnEventsUnavailable> }>,
     ConversationNotFound | StorageError | StreamNotFound | TurnEventsUnavailable | EngineError
   >
+  /** Shares conversation `id` as it is now (its stored turns): a read-only link's id. */
+  readonly share: (owner: Identity, id: ConversationId) => Effect.Effect<Share, ConversationNotFound | StorageError>
+  /** A shared conversation, for anyone with its id; ShareNotFound once revoked. */
+  readonly shared: (shareId: ShareId) => Effect.Effect<SharedConversation, ShareNotFound | StorageError>
+  /** Revokes the owner's share. */
+  readonly revokeShare: (owner: Identity, shareId: ShareId) => Effect.Effect<void, ShareNotFound | StorageError>
   /** The model (pool) names a conversation or completion may name. */
   readonly models: () => ReadonlyArray<string>
   /** Readiness: `undefined` when turns can be served, else what is not ready. */

@@ -128,6 +128,27 @@ export class UserTurnInput extends Schema.Class<UserTurnInput>("UserTurnInput")(
   seed: Schema.optional(Schema.Int.pipe(Schema.between(0, 2 ** 31 - 1)))
 }) {}
 
+/** A share id: `share_` + 32 hex chars (random: the id is the capability to read). */
+export const ShareId = Schema.String.pipe(Schema.pattern(/^share_[0-9a-f]{32}$/), Schema.brand("ShareId"))
+export type ShareId = typeof ShareId.Type
+
+/** A read-only link to a conversation as it was when shared. */
+export class Share extends Schema.Class<Share>("Share")({
+  share_id: ShareId,
+  conversation_id: ConversationId,
+  /** The turns with seq below this are shared. */
+  num_turns: Schema.Int,
+  created_at_ms: Schema.Number
+}) {}
+
+/** What `GET /v1/shared/{share_id}` shows: the conversation's turns up to the share. */
+export class SharedConversation extends Schema.Class<SharedConversation>("SharedConversation")({
+  share_id: ShareId,
+  model: Schema.String,
+  system_prompt: Schema.NullOr(Schema.String),
+  turns: Schema.Array(Turn)
+}) {}
+
 export class HistoryPage extends Schema.Class<HistoryPage>("HistoryPage")({
   turns: Schema.Array(Turn),
   next_cursor: Schema.NullOr(Schema.String)

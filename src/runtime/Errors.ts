@@ -14,6 +14,11 @@ export class ModelNotFound extends Schema.TaggedError<ModelNotFound>()("ModelNot
   model: Schema.String
 }) {}
 
+/** No live share with this id (never made, or revoked), or the caller does not own it. */
+export class ShareNotFound extends Schema.TaggedError<ShareNotFound>()("ShareNotFound", {
+  share_id: Schema.String
+}) {}
+
 /** Input moderation refused a message (`category`: what it found); nothing was stored. */
 export class ContentFiltered extends Schema.TaggedError<ContentFiltered>()("ContentFiltered", {
   category: Schema.String

@@ -6,7 +6,7 @@ import { Migrator, SqlClient } from "@effect/sql"
 import * as RunnerStatus from "./RunnerStatus.js"
 import type { SqlError } from "@effect/sql/SqlError"
 import { Context, Duration, Effect, Layer, Option, Schedule, Schema, Struct } from "effect"
-import { ConversationId, noValidation, type Role, Turn, TurnId, type TurnStatus, UserId } from "./Domain.js"
+import { ConversationId, noValidation, type Role, Share, type ShareId, Turn, TurnId, type TurnStatus, UserId } from "./Domain.js"
 import { StorageError } from "./Errors.js"
 
 export class ConversationRow extends Schema.Class<ConversationRow>("ConversationRow")({
@@ -48,6 +48,12 @@ export interface ConversationStoreService {
    * turn may carry the client's `Idempotency-Key` (unique per conversation).
    */
   readonly appendTurn: (turn: NewTurn, options?: { readonly idempotencyKey?: string | undefined }) => Effect.Effect<Turn, StorageError>
+  /** Stores a share of conversation `id`'s first `num_turns` turns. */
+  readonly createShare: (share: Share) => Effect.Effect<void, StorageError>
+  /** A share that was not revoked, with its conversation's owner. */
+  readonly getShare: (shareId: ShareId) => Effect.Effect<Option.Option<{ readonly share: Share; readonly user_id: UserId }>, StorageError>
+  /** Revokes a share. @returns whether one was live. */
+  readonly revokeShare: (shareId: ShareId) => Effect.Effect<boolean, StorageError>
   /** The seq of the user turn sent with `key` in conversation `id`, if any. */
   readonly findIdempotentTurn: (id: ConversationId, key: string) => Effect.Effect<Option.Option<number>, StorageError>
   /** Up to `limit` turns with seq < `before` (or the latest), oldest first. */
@@ -137,6 +143,16 @@ const migrations = Migrator.fromRecord({
   "5_moderation": Effect.gen(function*() {
     const sql = yield* SqlClient.SqlClient
     yield* sql`ALTER TABLE chat_turns ADD COLUMN IF NOT EXISTS moderation_verdict text`
+  }),
+  "6_shares": Effect.gen(function*() {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`CREATE TABLE IF NOT EXISTS chat_shares (
+      share_id text PRIMARY KEY,
+      conversation_id text NOT NULL REFERENCES chat_conversations (id),
+      num_turns integer NOT NULL,
+      created_at_ms double precision NOT NULL,
+      revoked_at_ms double precision
+    )`
   })
 })
 
@@ -147,6 +163,7 @@ const make = Effect.gen(function*() {
   const sql = yield* SqlClient.SqlClient
   const decodeConversation = Schema.decodeUnknown(ConversationRow)
   const decodeTurns = Schema.decodeUnknown(Schema.Array(TurnRow))
+  const decodeShare = Schema.decodeUnknown(Share)
 
   return ConversationStore.of({
     ping: sql`SELECT 1`.pipe(Effect.asVoid, Effect.mapError(storageError("ping"))),
@@ -212,6 +229,30 @@ const make = Effect.gen(function*() {
         Effect.mapError(storageError("append turn"))
       )
     },
+    createShare: (share) =>
+      sql`INSERT INTO chat_shares ${sql.insert({ ...share })}`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.asVoid,
+        Effect.mapError(storageError("create share"))
+      ),
+    getShare: (shareId) =>
+      sql<{ share_id: string; conversation_id: string; num_turns: number; created_at_ms: number; user_id: string }>`
+        SELECT s.share_id, s.conversation_id, s.num_turns, s.created_at_ms, c.user_id
+        FROM chat_shares s JOIN chat_conversations c ON c.id = s.conversation_id
+        WHERE s.share_id = ${shareId} AND s.revoked_at_ms IS NULL`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.flatMap((rows) =>
+          rows.length === 0 ? Effect.succeedNone : Effect.map(decodeShare(rows[0]), (share) => Option.some({ share, user_id: UserId.make(rows[0]!.user_id) }))
+        ),
+        Effect.mapError(storageError("get share"))
+      ),
+    revokeShare: (shareId) =>
+      sql<{ share_id: string }>`UPDATE chat_shares SET revoked_at_ms = ${Date.now()}
+        WHERE share_id = ${shareId} AND revoked_at_ms IS NULL RETURNING share_id`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.map((rows) => rows.length > 0),
+        Effect.mapError(storageError("revoke share"))
+      ),
     findIdempotentTurn: (id, key) =>
       sql<{ seq: number }>`SELECT seq FROM chat_turns WHERE conversation_id = ${id} AND idempotency_key = ${key}`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
@@ -262,6 +303,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
   const conversations = new Map<string, ConversationRow>()
   const turns = new Map<string, Array<Turn>>()
   const keys = new Map<string, number>()
+  const shares = new Map<string, Share>()
   return ConversationStore.of({
     ping: Effect.void,
     createConversation: (row, history = []) =>
@@ -304,6 +346,14 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         list.push(stored)
         return Effect.succeed(stored)
       }),
+    createShare: (share) => Effect.sync(() => void shares.set(share.share_id, share)),
+    getShare: (shareId) =>
+      Effect.sync(() => {
+        const share = shares.get(shareId)
+        const owner = share === undefined ? undefined : conversations.get(share.conversation_id)?.user_id
+        return share === undefined || owner === undefined ? Option.none() : Option.some({ share, user_id: owner })
+      }),
+    revokeShare: (shareId) => Effect.sync(() => shares.delete(shareId)),
     findIdempotentTurn: (id, key) => Effect.sync(() => Option.fromNullable(keys.get(`${id}\u0000${key}`))),
     listTurns: (id, { before, limit }) =>
       Effect.sync(() => {

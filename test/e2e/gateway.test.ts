@@ -88,6 +88,36 @@ describe("gateway: identity and ownership", () => {
     expect(metrics).toMatch(/inter_token_latency_seconds_bucket/)
   }, 60_000)
 
+  it("sharing: a read-only link shows the turns up to the share to anyone; only the owner shares or revokes it", async () => {
+    const alice = bearer("key-alice")
+    const bob = bearer("key-bob")
+    const id = await create(alice)
+    const first = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Shared part", max_tokens: 3 }, alice)
+    await readSse(first, () => undefined)
+    expect((await postJson(`${service.url}/v1/conversations/${id}/share`, {}, bob)).status).toBe(404)
+    const shared = await postJson(`${service.url}/v1/conversations/${id}/share`, {}, alice)
+    expect(shared.status).toBe(201)
+    const share = (await shared.json()) as any
+    expect(share).toMatchObject({ conversation_id: id, num_turns: 2 })
+    expect(share.share_id).toMatch(/^share_[0-9a-f]{32}$/)
+    // A later turn is not in the link.
+    await readSse(await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Private part", max_tokens: 3 }, alice), () => undefined)
+    const view = await fetch(`${service.url}/v1/shared/${share.share_id}`)
+    expect(view.status).toBe(200)
+    const body = (await view.json()) as any
+    expect(body.turns.map((t: any) => [t.seq, t.role])).toEqual([[0, "user"], [1, "assistant"]])
+    expect(body.turns[0].content).toBe("Shared part")
+    // Only its owner revokes it; then it is gone.
+    const notBobs = await fetch(`${service.url}/v1/shared/${share.share_id}`, { method: "DELETE", headers: bob })
+    expect(notBobs.status).toBe(404)
+    expect(((await notBobs.json()) as any).error.code).toBe("share_not_found")
+    expect((await fetch(`${service.url}/v1/shared/${share.share_id}`, { method: "DELETE", headers: alice })).status).toBe(204)
+    const gone = await fetch(`${service.url}/v1/shared/${share.share_id}`)
+    expect(gone.status).toBe(404)
+    expect(((await gone.json()) as any).error.code).toBe("share_not_found")
+    expect((await fetch(`${service.url}/v1/shared/share_nothex`)).status).toBe(400)
+  }, 60_000)
+
   it("missing, unknown, expired and forged credentials are 401 with WWW-Authenticate, and store nothing", async () => {
     const expired = await new SignJWT({ sub: "alice" }).setProtectedHeader({ alg: "HS256" })
       .setExpirationTime(Math.floor(Date.now() / 1000) - 10).sign(new TextEncoder().encode(JWT_SECRET))

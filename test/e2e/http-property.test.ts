@@ -134,6 +134,29 @@ describe("every route, random input (1,000 runs each)", () => {
     })
   }, 300_000)
 
+  it("sharing: POST /v1/conversations/{id}/share, GET and DELETE /v1/shared/{share_id}", async () => {
+    const shareId = fc.oneof(
+      fc.hexaString({ minLength: 32, maxLength: 32 }).map((h) => `share_${h}`),
+      fc.string({ minLength: 1, maxLength: 80 }).map((s) => encodeURIComponent(s)),
+      fc.constantFrom("share_", "constructor", "__proto__")
+    )
+    const request = fc.oneof(
+      fc.tuple(fc.constant("POST"), fc.oneof(fc.constant(conversationId), pathId).map((id) => `/v1/conversations/${id}/share`)),
+      fc.tuple(fc.constantFrom("GET", "DELETE"), shareId.map((id) => `/v1/shared/${id}`))
+    )
+    await fc.assert(
+      fc.asyncProperty(request, body, headers, async ([method, path], b, h) => {
+        // A share of the test conversation is a 201 that writes a share row, not a turn.
+        const before = await counts()
+        const res = await fetch(`${service.url}${path}`, { method, headers: h, ...(method === "GET" ? {} : { body: b }) })
+        expect(res.status, `${method} ${path}`).toBeLessThan(500)
+        await res.arrayBuffer()
+        if (res.status >= 400) expect(await counts()).toEqual(before)
+      }),
+      { numRuns: NUM_RUNS }
+    )
+  }, 300_000)
+
   it("GET /healthz, /readyz and unknown routes", async () => {
     await fc.assert(
       fc.asyncProperty(fc.constantFrom("/healthz", "/readyz", "/nope", "/v1", "/openapi.json"), query, headers, (p, q, h) =>

@@ -33,6 +33,8 @@ import {
   EngineError,
   ModelNotFound,
   PromptTooLong,
+  ShareNotFound,
+  StorageError,
   TurnInProgress
 } from "../../src/runtime/Errors.js"
 
@@ -118,6 +120,10 @@ export const make = (options: FakeOptions = {}) =>
     const service: ConversationsService = {
       drain: () => Effect.void,
       models: () => ["mini"],
+      // Sharing is driven through the real service (test/e2e/gateway.test.ts): none here.
+      share: (owner, id) => Effect.flatMap(lookup(owner, id), () => Effect.fail(new StorageError({ message: "no sharing in the fake" }))),
+      shared: (shareId) => Effect.fail(new ShareNotFound({ share_id: shareId })),
+      revokeShare: (_owner, shareId) => Effect.fail(new ShareNotFound({ share_id: shareId })),
       notReady: Effect.succeed(undefined),
       // The HTTP unit tests drive resuming through the real service (test/e2e): nothing to resume here.
       resume: (owner, id) => Effect.as(lookup(owner, id), Option.none()),
