@@ -103,6 +103,8 @@ export const Conversation = Entity.make("Conversation", [
   Rpc.make("FinishTurn", { payload: FinishedTurn, error: StorageError }),
   /** Stops the streaming turn, if any. @returns whether one was running. */
   Rpc.make("Cancel", { success: Schema.Boolean, error: Schema.Union(ConversationNotFound, StorageError) }),
+  /** Stops the running turn, if any, then deletes the conversation, its turns and shares. */
+  Rpc.make("Delete", { error: Schema.Union(ConversationNotFound, StorageError) }),
   /**
    * The turn whose reply may still be generating: the running one, else (after a shard move
    * or a restart) the reply reserved after a last user turn. Null when neither.
@@ -642,6 +644,21 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           }))
         )
 
+      /** Stops the running turn, if any; succeeds once it is stored. @returns whether one ran. */
+      const cancelRunning = Effect.gen(function*() {
+        yield* load
+        yield* recovered
+        const turn = active
+        if (turn === undefined) return false
+        let cancelled = true
+        if (turn.slotId === undefined) turn.cancelRequested = true
+        else cancelled = yield* slots(turn.slotId).Cancel().pipe(Effect.orElseSucceed(() => false))
+        // Answer once the turn is stored and the conversation takes a new one (a send
+        // right after the 204 must not meet turn_in_progress).
+        yield* Deferred.await(turn.ended).pipe(Effect.timeout(CANCEL_SETTLE_TIMEOUT), Effect.ignore)
+        return cancelled
+      })
+
       return Conversation.of({
         Create: ({ payload }) =>
           store.createConversation({ id, model: payload.pool, system_prompt: payload.system_prompt, user_id: payload.user_id, org_id: payload.org_id }, payload.history ?? []).pipe(
@@ -681,19 +698,15 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             if (turn?.turnId !== payload.turn_id || turn.slotId === undefined) return false
             return yield* slots(turn.slotId).Attach(payload).pipe(Effect.timeout(Duration.seconds(2)), Effect.orElseSucceed(() => false))
           }),
-        Cancel: () =>
+        Cancel: () => cancelRunning,
+        Delete: () =>
           Effect.gen(function*() {
-            yield* load
-            yield* recovered
-            const turn = active
-            if (turn === undefined) return false
-            let cancelled = true
-            if (turn.slotId === undefined) turn.cancelRequested = true
-            else cancelled = yield* slots(turn.slotId).Cancel().pipe(Effect.orElseSucceed(() => false))
-            // Answer once the turn is stored and the conversation takes a new one (a send
-            // right after the 204 must not meet turn_in_progress).
-            yield* Deferred.await(turn.ended).pipe(Effect.timeout(CANCEL_SETTLE_TIMEOUT), Effect.ignore)
-            return cancelled
+            // The running turn is stopped and stored first: nothing writes after the delete.
+            yield* cancelRunning
+            yield* store.deleteConversation(id)
+            loaded = undefined
+            lastStoredTurn = undefined
+            hot.delete(id)
           })
       })
     }),

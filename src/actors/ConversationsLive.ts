@@ -76,6 +76,9 @@ class OwnerCache {
     }
     return owner
   }
+  delete(id: ConversationId): void {
+    this.owners.delete(id)
+  }
   set(id: ConversationId, owner: OwnerEntry): void {
     this.owners.set(id, owner)
     if (this.owners.size > this.max) this.owners.delete(this.owners.keys().next().value!)
@@ -317,6 +320,13 @@ export const layer = Layer.effect(
         if (down.length > 0) return `engine down: ${down.join(", ")}`
         return yield* store.ping.pipe(Effect.as(undefined), Effect.catchAll(() => Effect.succeed("database unreachable")))
       }),
+
+      remove: (owner, id) =>
+        Effect.gen(function*() {
+          yield* authorize(owner, id)
+          yield* retryShardMoves(() => client(id).Delete().pipe(detached)).pipe(dieOnDeliveryFailure)
+          owners.delete(id)
+        }),
 
       share: (owner, id) =>
         Effect.gen(function*() {

@@ -10,6 +10,7 @@
  *   200 `text/event-stream` resuming the turn after that event, or the in-flight turn from its
  *   start; 204 when there is nothing to send
  * - `GET  /v1/conversations/:id?before=<cursor>&limit=<1..200, default 50>` → HistoryPage
+ * - `DELETE /v1/conversations/:id` → 204 (the conversation, its turns and shares are gone)
  * - `POST /v1/conversations/:id/share` → 201 Share; `GET /v1/shared/:share_id` (no auth) →
  *   SharedConversation; `DELETE /v1/shared/:share_id` (its owner) → 204
  * - `GET  /healthz` → `{status:"ok"}` (liveness)
@@ -123,6 +124,12 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
       .addError(ApiError.ConversationNotFoundJson)
       .addError(ApiError.StreamNotFoundJson)
       .addError(ApiError.StreamUnavailableJson)
+      .addError(ApiError.EngineUnavailableJson)
+  )
+  .add(
+    HttpApiEndpoint.del("remove")`/v1/conversations/${id}`
+      .addSuccess(HttpApiSchema.NoContent)
+      .addError(ApiError.ConversationNotFoundJson)
       .addError(ApiError.EngineUnavailableJson)
   )
   .add(

@@ -134,6 +134,12 @@ export const ConversationsLive = HttpApiBuilder.group(
             const settings = yield* Sse.SseSettings
             return Sse.resumeResponse(resumed.value.turnId, resumed.value.events, settings)
           }))
+        .handle("remove", ({ path }) =>
+          Effect.flatMap(rateLimited(), ({ identity }) =>
+            conversations.remove(identity, path.id).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime)
+            )))
         .handle("share", ({ path }) =>
           Effect.flatMap(rateLimited(), ({ identity }) =>
             conversations.share(identity, path.id).pipe(

@@ -111,6 +111,11 @@ export interface ConversationsService {
     Option.Option<{ readonly turnId: TurnId; readonly events: Stream.Stream<LoggedEvent, TurnEventsUnavailable> }>,
     ConversationNotFound | StorageError | StreamNotFound | TurnEventsUnavailable | EngineError
   >
+  /**
+   * Deletes conversation `id` with everything of it (turns, shares, cached state); a running
+   * turn is stopped first. Afterwards it does not exist (404) on every route.
+   */
+  readonly remove: (owner: Identity, id: ConversationId) => Effect.Effect<void, ConversationNotFound | StorageError | EngineError>
   /** Shares conversation `id` as it is now (its stored turns): a read-only link's id. */
   readonly share: (owner: Identity, id: ConversationId) => Effect.Effect<Share, ConversationNotFound | StorageError>
   /** A shared conversation, for anyone with its id; ShareNotFound once revoked. */

@@ -48,6 +48,8 @@ export interface ConversationStoreService {
    * turn may carry the client's `Idempotency-Key` (unique per conversation).
    */
   readonly appendTurn: (turn: NewTurn, options?: { readonly idempotencyKey?: string | undefined }) => Effect.Effect<Turn, StorageError>
+  /** Deletes a conversation with its turns and shares, all or nothing. */
+  readonly deleteConversation: (id: ConversationId) => Effect.Effect<void, StorageError>
   /** Stores a share of conversation `id`'s first `num_turns` turns. */
   readonly createShare: (share: Share) => Effect.Effect<void, StorageError>
   /** A share that was not revoked, with its conversation's owner. */
@@ -229,6 +231,15 @@ const make = Effect.gen(function*() {
         Effect.mapError(storageError("append turn"))
       )
     },
+    deleteConversation: (id) =>
+      sql.withTransaction(Effect.all([
+        sql`DELETE FROM chat_shares WHERE conversation_id = ${id}`,
+        sql`DELETE FROM chat_turns WHERE conversation_id = ${id}`,
+        sql`DELETE FROM chat_conversations WHERE id = ${id}`
+      ], { discard: true })).pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.mapError(storageError("delete conversation"))
+      ),
     createShare: (share) =>
       sql`INSERT INTO chat_shares ${sql.insert({ ...share })}`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
@@ -345,6 +356,12 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         const stored = toTurn({ ...turn, moderation_verdict: turn.moderation_verdict ?? null, created_at_ms: Date.now() })
         list.push(stored)
         return Effect.succeed(stored)
+      }),
+    deleteConversation: (id) =>
+      Effect.sync(() => {
+        conversations.delete(id)
+        turns.delete(id)
+        for (const [shareId, share] of shares) if (share.conversation_id === id) shares.delete(shareId)
       }),
     createShare: (share) => Effect.sync(() => void shares.set(share.share_id, share)),
     getShare: (shareId) =>

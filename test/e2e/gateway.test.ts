@@ -118,6 +118,31 @@ describe("gateway: identity and ownership", () => {
     expect((await fetch(`${service.url}/v1/shared/share_nothex`)).status).toBe(400)
   }, 60_000)
 
+  it("DELETE /v1/conversations/{id} stops a running turn and removes the conversation, its turns and shares; only its owner may", async () => {
+    const alice = bearer("key-alice")
+    const id = await create(alice)
+    await readSse(await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Hello", max_tokens: 3 }, alice), () => undefined)
+    const share = (await (await postJson(`${service.url}/v1/conversations/${id}/share`, {}, alice)).json()) as any
+    // A long turn is streaming when the delete comes.
+    const running = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Go on", max_tokens: 3000, temperature: 1 }, alice)
+    let seen = 0
+    const reading = readSse(running, () => void seen++)
+    while (seen < 5) await new Promise((r) => setTimeout(r, 10))
+    expect((await fetch(`${service.url}/v1/conversations/${id}`, { method: "DELETE", headers: bearer("key-bob") })).status).toBe(404)
+    expect((await fetch(`${service.url}/v1/conversations/${id}`, { method: "DELETE", headers: alice })).status).toBe(204)
+    const events = await reading
+    expect(events.at(-1)?.data.finish_reason ?? events.at(-1)?.event).toMatch(/cancelled|error/)
+    for (const table of ["chat_conversations WHERE id", "chat_turns WHERE conversation_id", "chat_shares WHERE conversation_id"]) {
+      expect(await sqlAt(`SELECT count(*)::int AS n FROM ${table} = $1`, [id], dbUrl)).toEqual([{ n: 0 }])
+    }
+    for (const res of [
+      await fetch(`${service.url}/v1/conversations/${id}`, { headers: alice }),
+      await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Again" }, alice),
+      await fetch(`${service.url}/v1/conversations/${id}`, { method: "DELETE", headers: alice })
+    ]) expect(res.status).toBe(404)
+    expect((await fetch(`${service.url}/v1/shared/${share.share_id}`)).status).toBe(404)
+  }, 60_000)
+
   it("missing, unknown, expired and forged credentials are 401 with WWW-Authenticate, and store nothing", async () => {
     const expired = await new SignJWT({ sub: "alice" }).setProtectedHeader({ alg: "HS256" })
       .setExpirationTime(Math.floor(Date.now() / 1000) - 10).sign(new TextEncoder().encode(JWT_SECRET))

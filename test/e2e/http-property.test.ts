@@ -134,7 +134,7 @@ describe("every route, random input (1,000 runs each)", () => {
     })
   }, 300_000)
 
-  it("sharing: POST /v1/conversations/{id}/share, GET and DELETE /v1/shared/{share_id}", async () => {
+  it("sharing and deleting: POST /v1/conversations/{id}/share, GET and DELETE /v1/shared/{share_id}, DELETE /v1/conversations/{id}", async () => {
     const shareId = fc.oneof(
       fc.hexaString({ minLength: 32, maxLength: 32 }).map((h) => `share_${h}`),
       fc.string({ minLength: 1, maxLength: 80 }).map((s) => encodeURIComponent(s)),
@@ -142,7 +142,9 @@ describe("every route, random input (1,000 runs each)", () => {
     )
     const request = fc.oneof(
       fc.tuple(fc.constant("POST"), fc.oneof(fc.constant(conversationId), pathId).map((id) => `/v1/conversations/${id}/share`)),
-      fc.tuple(fc.constantFrom("GET", "DELETE"), shareId.map((id) => `/v1/shared/${id}`))
+      fc.tuple(fc.constantFrom("GET", "DELETE"), shareId.map((id) => `/v1/shared/${id}`)),
+      // Random ids only: the test conversation itself is never deleted.
+      fc.tuple(fc.constant("DELETE"), pathId.map((id) => `/v1/conversations/${id}`))
     )
     await fc.assert(
       fc.asyncProperty(request, body, headers, async ([method, path], b, h) => {

@@ -120,6 +120,7 @@ export const make = (options: FakeOptions = {}) =>
     const service: ConversationsService = {
       drain: () => Effect.void,
       models: () => ["mini"],
+      remove: (owner, id) => Effect.map(lookup(owner, id), () => void conversations.delete(id)),
       // Sharing is driven through the real service (test/e2e/gateway.test.ts): none here.
       share: (owner, id) => Effect.flatMap(lookup(owner, id), () => Effect.fail(new StorageError({ message: "no sharing in the fake" }))),
       shared: (shareId) => Effect.fail(new ShareNotFound({ share_id: shareId })),
