@@ -160,6 +160,13 @@ const gpuOrder = (gpuIds: ReadonlyArray<string>, preferred: string | undefined):
   return preferred !== undefined && gpuIds.includes(preferred) ? [preferred, ...rest] : rest
 }
 
+/** Remembered facts of the user put in a prompt, at most. */
+const MEMORY_TOP_K = 5
+
+/** The system prompt with the user's facts appended (a system prompt of their own when there is none). */
+const withFacts = (systemPrompt: string | null, facts: ReadonlyArray<string>): string =>
+  `${systemPrompt === null ? "" : `${systemPrompt}\n\n`}What you know about the user:\n${facts.map((f) => `- ${f}`).join("\n")}`
+
 /** How long Cancel waits for the cancelled turn to be stored before it answers. */
 const CANCEL_SETTLE_TIMEOUT = Duration.seconds(10)
 
@@ -303,6 +310,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         lastStoredTurn = last
         loaded = {
           pool: row.value.model,
+          userId: row.value.user_id,
           systemPrompt: row.value.system_prompt,
           history: turns.filter((t) => t.role !== "system" && t.status !== "failed" && t.status !== "filtered").map((t) => ({ role: t.role, content: t.content })),
           cache: emptyPromptCache(),
@@ -458,7 +466,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             const tier = lookup(topology.tiers, input.tier ?? topology.default_tier) ?? lookup(topology.tiers, topology.default_tier)!
             const maxTokens = input.max_tokens ?? topology.generation.max_tokens
             // Checked before anything is stored: a rejected turn changes nothing.
-            const promptIds = yield* buildPrompt(model, conv, input.content, Math.min(maxTokens, 16))
+            // The owner's remembered facts that best match the message go after the system prompt.
+            const facts = yield* store.topFacts(conv.userId, input.content, MEMORY_TOP_K)
+            const promptState = facts.length === 0 ? conv : { ...conv, systemPrompt: withFacts(conv.systemPrompt, facts) }
+            const promptIds = yield* buildPrompt(model, promptState, input.content, Math.min(maxTokens, 16))
             // Input moderation, once the prompt is known to fit (a prompt too long is told so first).
             const verdict = moderation.checkInput(input.content)
             if (verdict.flagged) return yield* new ContentFiltered({ category: verdict.category ?? "flagged" })
@@ -666,6 +677,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               Effect.sync(() => {
                 loaded = {
                   pool: payload.pool,
+                  userId: payload.user_id,
                   systemPrompt: payload.system_prompt,
                   history: (payload.history ?? []).map((m) => ({ role: m.role, content: m.content })),
                   cache: emptyPromptCache(),

@@ -6,8 +6,8 @@
 import { randomUUID } from "node:crypto"
 import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
-import { ConversationId, HistoryPage, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, usageJson } from "../runtime/Domain.js"
-import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable } from "../runtime/Errors.js"
+import { ConversationId, HistoryPage, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, UserMemory, usageJson } from "../runtime/Domain.js"
+import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable, UserNotFound } from "../runtime/Errors.js"
 import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Metrics } from "../runtime/Metrics.js"
@@ -326,6 +326,19 @@ export const layer = Layer.effect(
           yield* authorize(owner, id)
           yield* retryShardMoves(() => client(id).Delete().pipe(detached)).pipe(dieOnDeliveryFailure)
           owners.delete(id)
+        }),
+
+      memory: (owner, user) =>
+        Effect.gen(function*() {
+          if (user !== "me" && user !== owner.user_id) return yield* new UserNotFound({ user_id: user })
+          return new UserMemory({ user_id: owner.user_id, facts: yield* store.listFacts(owner.user_id) })
+        }),
+
+      updateMemory: (owner, user, update) =>
+        Effect.gen(function*() {
+          if (user !== "me" && user !== owner.user_id) return yield* new UserNotFound({ user_id: user })
+          yield* store.updateFacts(owner.user_id, update)
+          return new UserMemory({ user_id: owner.user_id, facts: yield* store.listFacts(owner.user_id) })
         }),
 
       share: (owner, id) =>

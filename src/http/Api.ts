@@ -13,6 +13,7 @@
  * - `DELETE /v1/conversations/:id` → 204 (the conversation, its turns and shares are gone)
  * - `POST /v1/conversations/:id/share` → 201 Share; `GET /v1/shared/:share_id` (no auth) →
  *   SharedConversation; `DELETE /v1/shared/:share_id` (its owner) → 204
+ * - `GET|PATCH /v1/users/:user/memory` (`me`, or the caller's own id) → UserMemory
  * - `GET  /healthz` → `{status:"ok"}` (liveness)
  * - `GET  /readyz` → `{status:"ready"}`, or 503 `not_ready` (engine down, database unreachable, stopping)
  * - `GET  /metrics` → Prometheus text (runtime/Metrics.ts)
@@ -24,7 +25,7 @@
  */
 import { HttpApi, HttpApiEndpoint, HttpApiGroup, HttpApiSchema } from "@effect/platform"
 import { Schema } from "effect"
-import { ConversationId, CreateConversation, HistoryPage, Share, SharedConversation, ShareId, UserTurnInput } from "../runtime/Domain.js"
+import { ConversationId, CreateConversation, HistoryPage, MemoryUpdate, Share, SharedConversation, ShareId, UserMemory, UserTurnInput } from "../runtime/Domain.js"
 import * as ApiError from "./ApiError.js"
 import { Authorization } from "./Auth.js"
 import { ChatCompletionRequest, ModelList } from "./OpenAi.js"
@@ -151,6 +152,24 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
   .middleware(Authorization)
 {}
 
+/** A user's long-term memory: `me` (or the caller's own id) only. */
+const user = HttpApiSchema.param("user", Schema.String.pipe(Schema.minLength(1), Schema.maxLength(256)))
+
+export class MemoryGroup extends HttpApiGroup.make("memory")
+  .add(
+    HttpApiEndpoint.get("memory")`/v1/users/${user}/memory`
+      .addSuccess(UserMemory)
+      .addError(ApiError.UserNotFoundJson)
+  )
+  .add(
+    HttpApiEndpoint.patch("updateMemory")`/v1/users/${user}/memory`
+      .setPayload(MemoryUpdate)
+      .addSuccess(UserMemory)
+      .addError(ApiError.UserNotFoundJson)
+  )
+  .middleware(Authorization)
+{}
+
 /** A shared conversation: public, read-only (the share id is the capability). */
 export class SharedGroup extends HttpApiGroup.make("shared")
   .add(
@@ -184,6 +203,7 @@ export class Api extends HttpApi.make("chat")
   .add(HealthGroup)
   .add(ConversationsGroup)
   .add(SharedGroup)
+  .add(MemoryGroup)
   .add(OpenAiGroup)
   .addError(ApiError.InvalidRequestJson)
   .addError(ApiError.RateLimitedJson)

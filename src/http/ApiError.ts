@@ -14,6 +14,7 @@
  * | ModelNotFound       | 404    | `model_not_found`        |
  * | StreamNotFound      | 404    | `stream_not_found`       |
  * | ShareNotFound       | 404    | `share_not_found`        |
+ * | UserNotFound        | 404    | `user_not_found`         |
  * | TurnInProgress      | 409    | `turn_in_progress`       |
  * | DuplicateTurn       | 409    | `duplicate_turn`         |
  * | RateLimited         | 429    | `rate_limit_exceeded`    |
@@ -94,6 +95,14 @@ export class InvalidRequest extends Schema.TaggedError<InvalidRequest>()(
   HttpApiSchema.annotations({ status: 400 })
 ) {}
 export const InvalidRequestJson = toJson(InvalidRequest, "invalid_request", 400)
+
+/** Another user's memory (only the caller's own, `me`, is visible). */
+export class UserNotFound extends Schema.TaggedError<UserNotFound>()(
+  "UserNotFound",
+  { message: Schema.String },
+  HttpApiSchema.annotations({ status: 404 })
+) {}
+export const UserNotFoundJson = toJson(UserNotFound, "user_not_found", 404)
 
 /** No live share with this id (revoked, never made, or another user's). */
 export class ShareNotFound extends Schema.TaggedError<ShareNotFound>()(
@@ -256,6 +265,7 @@ export const RateLimitedJson = Schema.transform(
 ).annotations(HttpApiSchema.annotations({ status: 429 }))
 
 export type ApiError =
+  | UserNotFound
   | ShareNotFound
   | ContentFilter
   | RateLimited
@@ -278,6 +288,7 @@ export type ApiError =
   | DuplicateTurn
 
 const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
+  UserNotFound,
   ShareNotFound,
   ContentFilter,
   RateLimited,
@@ -309,6 +320,8 @@ export const statusAndCode = (e: ApiError): { readonly status: number; readonly 
       return { status: 400, code: "content_filter" }
     case "ShareNotFound":
       return { status: 404, code: "share_not_found" }
+    case "UserNotFound":
+      return { status: 404, code: "user_not_found" }
     case "InvalidRequest":
       return { status: 400, code: "invalid_request" }
     case "PromptTooLong":
@@ -353,6 +366,7 @@ export const isApiError = (u: unknown): u is ApiError => classes.some((cls) => u
 // ----------------------------------------------------------------------------
 
 export type RuntimeError =
+  | Errors.UserNotFound
   | Errors.ShareNotFound
   | Errors.ContentFiltered
   | Errors.ConversationNotFound
@@ -369,7 +383,8 @@ export type RuntimeError =
   | Errors.DuplicateTurn
 
 /** The API error a runtime error maps to (distributes over unions). */
-export type FromRuntime<E> = E extends Errors.ShareNotFound ? ShareNotFound
+export type FromRuntime<E> = E extends Errors.UserNotFound ? UserNotFound
+  : E extends Errors.ShareNotFound ? ShareNotFound
   : E extends Errors.ContentFiltered ? ContentFilter
   : E extends Errors.ConversationNotFound ? ConversationNotFound
   : E extends Errors.TurnInProgress ? TurnInProgress
@@ -389,6 +404,8 @@ export type FromRuntime<E> = E extends Errors.ShareNotFound ? ShareNotFound
 export const fromRuntime = <E extends RuntimeError>(error: E): FromRuntime<E> => {
   const e = error as RuntimeError
   switch (e._tag) {
+    case "UserNotFound":
+      return new UserNotFound({ message: `User ${e.user_id.slice(0, 64)} not found` }) as FromRuntime<E>
     case "ShareNotFound":
       return new ShareNotFound({ message: `Share ${e.share_id} not found` }) as FromRuntime<E>
     case "ContentFiltered":

@@ -52,7 +52,7 @@ export const middleware = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E,
     const { allowedOrigins } = yield* CorsSettings
     const withCors = allowedOrigins.length === 0 ? app : HttpMiddleware.cors({
       allowedOrigins,
-      allowedMethods: ["GET", "POST", "OPTIONS"],
+      allowedMethods: ["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
       allowedHeaders: ["authorization", "content-type", "idempotency-key", "last-event-id", "x-request-id"],
       exposedHeaders,
       maxAge: 600

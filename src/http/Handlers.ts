@@ -161,6 +161,26 @@ export const ConversationsLive = HttpApiBuilder.group(
     })
 )
 
+export const MemoryLive = HttpApiBuilder.group(
+  Api,
+  "memory",
+  (handlers) =>
+    Effect.map(Conversations, (conversations) =>
+      handlers
+        .handle("memory", ({ path }) =>
+          Effect.flatMap(rateLimited(), ({ identity }) =>
+            conversations.memory(identity, path.user).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime)
+            )))
+        .handle("updateMemory", ({ path, payload }) =>
+          Effect.flatMap(rateLimited(), ({ identity }) =>
+            conversations.updateMemory(identity, path.user, payload).pipe(
+              Effect.tapError(logServerFailure),
+              Effect.mapError(ApiError.fromRuntime)
+            ))))
+)
+
 export const SharedLive = HttpApiBuilder.group(
   Api,
   "shared",
@@ -208,4 +228,4 @@ export const OpenAiLive = HttpApiBuilder.group(
 )
 
 /** Every group; needs `Conversations`, `RateLimits` (and `Authenticator` via the Authorization middleware layer). */
-export const layer = Layer.mergeAll(HealthLive, ConversationsLive, SharedLive, OpenAiLive)
+export const layer = Layer.mergeAll(HealthLive, ConversationsLive, SharedLive, MemoryLive, OpenAiLive)

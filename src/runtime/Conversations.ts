@@ -3,7 +3,7 @@
  * each call to the Conversation entity of the cluster; tests may provide an in-memory layer.
  */
 import { Context, type Effect } from "effect"
-import type { ConversationId, CreateConversation, HistoryPage, Identity, Share, SharedConversation, ShareId, TurnId, UserTurnInput } from "./Domain.js"
+import type { ConversationId, CreateConversation, HistoryPage, Identity, MemoryUpdate, Share, SharedConversation, ShareId, TurnId, UserMemory, UserTurnInput } from "./Domain.js"
 import type {
   ContentFiltered,
   ConversationNotFound,
@@ -19,7 +19,7 @@ import type {
 import type { LoggedEvent } from "./TurnEventLog.js"
 import type { TurnStream } from "./TurnStream.js"
 import type { Option, Stream } from "effect"
-import type { ShareNotFound, StreamNotFound, TurnEventsUnavailable } from "./Errors.js"
+import type { ShareNotFound, StreamNotFound, TurnEventsUnavailable, UserNotFound } from "./Errors.js"
 
 export type SendTurnError =
   | ContentFiltered
@@ -122,6 +122,10 @@ export interface ConversationsService {
   readonly shared: (shareId: ShareId) => Effect.Effect<SharedConversation, ShareNotFound | StorageError>
   /** Revokes the owner's share. */
   readonly revokeShare: (owner: Identity, shareId: ShareId) => Effect.Effect<void, ShareNotFound | StorageError>
+  /** A user's remembered facts; `user` is `me` or the caller's own id (anyone else: UserNotFound). */
+  readonly memory: (owner: Identity, user: string) => Effect.Effect<UserMemory, UserNotFound | StorageError>
+  /** Adds and removes a user's facts; returns them all. Same rule as `memory`. */
+  readonly updateMemory: (owner: Identity, user: string, update: MemoryUpdate) => Effect.Effect<UserMemory, UserNotFound | StorageError>
   /** The model (pool) names a conversation or completion may name. */
   readonly models: () => ReadonlyArray<string>
   /** Readiness: `undefined` when turns can be served, else what is not ready. */

@@ -128,6 +128,25 @@ export class UserTurnInput extends Schema.Class<UserTurnInput>("UserTurnInput")(
   seed: Schema.optional(Schema.Int.pipe(Schema.between(0, 2 ** 31 - 1)))
 }) {}
 
+/** A remembered fact about a user (per-user long-term memory). */
+export class MemoryFact extends Schema.Class<MemoryFact>("MemoryFact")({
+  fact_id: Schema.String,
+  content: Schema.String,
+  created_at_ms: Schema.Number
+}) {}
+
+/** `GET`/`PATCH /v1/users/{id}/memory`. */
+export class UserMemory extends Schema.Class<UserMemory>("UserMemory")({
+  user_id: Schema.String,
+  facts: Schema.Array(MemoryFact)
+}) {}
+
+/** `PATCH /v1/users/{id}/memory`: facts to add (deduplicated, case-insensitively) and fact ids to remove. */
+export class MemoryUpdate extends Schema.Class<MemoryUpdate>("MemoryUpdate")({
+  add: Schema.optionalWith(Schema.Array(StorableText.pipe(Schema.minLength(1), Schema.maxLength(500))).pipe(Schema.maxItems(32)), { default: () => [] }),
+  remove: Schema.optionalWith(Schema.Array(Schema.String.pipe(Schema.pattern(/^fact_[0-9a-f]{32}$/))).pipe(Schema.maxItems(256)), { default: () => [] })
+}) {}
+
 /** A share id: `share_` + 32 hex chars (random: the id is the capability to read). */
 export const ShareId = Schema.String.pipe(Schema.pattern(/^share_[0-9a-f]{32}$/), Schema.brand("ShareId"))
 export type ShareId = typeof ShareId.Type

@@ -14,6 +14,11 @@ export class ModelNotFound extends Schema.TaggedError<ModelNotFound>()("ModelNot
   model: Schema.String
 }) {}
 
+/** A user id the caller may not see (only their own): as if it did not exist. */
+export class UserNotFound extends Schema.TaggedError<UserNotFound>()("UserNotFound", {
+  user_id: Schema.String
+}) {}
+
 /** No live share with this id (never made, or revoked), or the caller does not own it. */
 export class ShareNotFound extends Schema.TaggedError<ShareNotFound>()("ShareNotFound", {
   share_id: Schema.String

@@ -6,7 +6,8 @@ import { Migrator, SqlClient } from "@effect/sql"
 import * as RunnerStatus from "./RunnerStatus.js"
 import type { SqlError } from "@effect/sql/SqlError"
 import { Context, Duration, Effect, Layer, Option, Schedule, Schema, Struct } from "effect"
-import { ConversationId, noValidation, type Role, Share, type ShareId, Turn, TurnId, type TurnStatus, UserId } from "./Domain.js"
+import { ConversationId, MemoryFact, noValidation, type Role, Share, type ShareId, Turn, TurnId, type TurnStatus, UserId } from "./Domain.js"
+import { randomUUID } from "node:crypto"
 import { StorageError } from "./Errors.js"
 
 export class ConversationRow extends Schema.Class<ConversationRow>("ConversationRow")({
@@ -48,6 +49,15 @@ export interface ConversationStoreService {
    * turn may carry the client's `Idempotency-Key` (unique per conversation).
    */
   readonly appendTurn: (turn: NewTurn, options?: { readonly idempotencyKey?: string | undefined }) => Effect.Effect<Turn, StorageError>
+  /** A user's remembered facts, oldest first. */
+  readonly listFacts: (userId: UserId) => Effect.Effect<ReadonlyArray<MemoryFact>, StorageError>
+  /** Adds facts (one equal to a kept fact, ignoring case and spaces at the ends, is not added again) and removes fact ids, at once. */
+  readonly updateFacts: (userId: UserId, update: { readonly add: ReadonlyArray<string>; readonly remove: ReadonlyArray<string> }) => Effect.Effect<void, StorageError>
+  /**
+   * Up to `k` of a user's facts for `text`: ranked by PostgreSQL full-text match of the fact
+   * against the text (`ts_rank`), then newest first. Empty when the user has none.
+   */
+  readonly topFacts: (userId: UserId, text: string, k: number) => Effect.Effect<ReadonlyArray<string>, StorageError>
   /** Deletes a conversation with its turns and shares, all or nothing. */
   readonly deleteConversation: (id: ConversationId) => Effect.Effect<void, StorageError>
   /** Stores a share of conversation `id`'s first `num_turns` turns. */
@@ -155,6 +165,16 @@ const migrations = Migrator.fromRecord({
       created_at_ms double precision NOT NULL,
       revoked_at_ms double precision
     )`
+  }),
+  "7_user_memory": Effect.gen(function*() {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`CREATE TABLE IF NOT EXISTS chat_user_memory (
+      fact_id text PRIMARY KEY,
+      user_id text NOT NULL,
+      content text NOT NULL,
+      created_at_ms double precision NOT NULL
+    )`
+    yield* sql`CREATE UNIQUE INDEX IF NOT EXISTS chat_user_memory_dedup ON chat_user_memory (user_id, lower(btrim(content)))`
   })
 })
 
@@ -166,6 +186,7 @@ const make = Effect.gen(function*() {
   const decodeConversation = Schema.decodeUnknown(ConversationRow)
   const decodeTurns = Schema.decodeUnknown(Schema.Array(TurnRow))
   const decodeShare = Schema.decodeUnknown(Share)
+  const decodeFacts = Schema.decodeUnknown(Schema.Array(MemoryFact))
 
   return ConversationStore.of({
     ping: sql`SELECT 1`.pipe(Effect.asVoid, Effect.mapError(storageError("ping"))),
@@ -231,6 +252,32 @@ const make = Effect.gen(function*() {
         Effect.mapError(storageError("append turn"))
       )
     },
+    listFacts: (userId) =>
+      sql`SELECT fact_id, content, created_at_ms FROM chat_user_memory WHERE user_id = ${userId} ORDER BY created_at_ms, fact_id`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.flatMap(decodeFacts),
+        Effect.mapError(storageError("list facts"))
+      ),
+    updateFacts: (userId, { add, remove }) =>
+      sql.withTransaction(Effect.gen(function*() {
+        if (remove.length > 0) yield* sql`DELETE FROM chat_user_memory WHERE user_id = ${userId} AND fact_id IN ${sql.in(remove)}`
+        const now = Date.now()
+        for (const [i, content] of add.entries()) {
+          const fact = { fact_id: `fact_${randomUUID().replaceAll("-", "")}`, user_id: userId, content: content.trim(), created_at_ms: now + i / 1000 }
+          yield* sql`INSERT INTO chat_user_memory ${sql.insert(fact)} ON CONFLICT DO NOTHING`
+        }
+      })).pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.mapError(storageError("update facts"))
+      ),
+    topFacts: (userId, text, k) =>
+      sql<{ content: string }>`SELECT content FROM chat_user_memory WHERE user_id = ${userId}
+        ORDER BY ts_rank(to_tsvector('simple', content), plainto_tsquery('simple', ${text.slice(0, 2000)})) DESC, created_at_ms DESC
+        LIMIT ${k}`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.map((rows) => rows.map((r) => r.content)),
+        Effect.mapError(storageError("top facts"))
+      ),
     deleteConversation: (id) =>
       sql.withTransaction(Effect.all([
         sql`DELETE FROM chat_shares WHERE conversation_id = ${id}`,
@@ -315,6 +362,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
   const turns = new Map<string, Array<Turn>>()
   const keys = new Map<string, number>()
   const shares = new Map<string, Share>()
+  const facts = new Map<string, Array<MemoryFact>>()
   return ConversationStore.of({
     ping: Effect.void,
     createConversation: (row, history = []) =>
@@ -356,6 +404,23 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         const stored = toTurn({ ...turn, moderation_verdict: turn.moderation_verdict ?? null, created_at_ms: Date.now() })
         list.push(stored)
         return Effect.succeed(stored)
+      }),
+    listFacts: (userId) => Effect.sync(() => [...(facts.get(userId) ?? [])]),
+    updateFacts: (userId, { add, remove }) =>
+      Effect.sync(() => {
+        const list = (facts.get(userId) ?? []).filter((f) => !remove.includes(f.fact_id))
+        for (const content of add) {
+          if (list.some((f) => f.content.trim().toLowerCase() === content.trim().toLowerCase())) continue
+          list.push(new MemoryFact({ fact_id: `fact_${randomUUID().replaceAll("-", "")}`, content: content.trim(), created_at_ms: Date.now() }))
+        }
+        facts.set(userId, list)
+      }),
+    // Without PostgreSQL's text search: facts sharing more words with the text first.
+    topFacts: (userId, text, k) =>
+      Effect.sync(() => {
+        const words = new Set(text.toLowerCase().split(/\W+/).filter((w) => w.length > 0))
+        const score = (f: MemoryFact) => f.content.toLowerCase().split(/\W+/).filter((w) => words.has(w)).length
+        return [...(facts.get(userId) ?? [])].sort((a, b) => score(b) - score(a) || b.created_at_ms - a.created_at_ms).slice(0, k).map((f) => f.content)
       }),
     deleteConversation: (id) =>
       Effect.sync(() => {

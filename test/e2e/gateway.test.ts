@@ -143,6 +143,33 @@ describe("gateway: identity and ownership", () => {
     expect((await fetch(`${service.url}/v1/shared/${share.share_id}`)).status).toBe(404)
   }, 60_000)
 
+  it("user memory: PATCH and GET /v1/users/me/memory (deduplicated), only one's own; the best-matching facts go into the prompt", async () => {
+    const alice = bearer("key-alice")
+    const patch = (who: string, body: unknown, headers: Record<string, string>) =>
+      fetch(`${service.url}/v1/users/${who}/memory`, { method: "PATCH", headers: { "content-type": "application/json", ...headers }, body: JSON.stringify(body) })
+    const added = await patch("me", { add: ["Prefers metric units", "prefers metric units ", "Lives in Lisbon"] }, alice)
+    expect(added.status).toBe(200)
+    const memory = (await added.json()) as any
+    expect(memory.user_id).toBe("alice")
+    expect(memory.facts.map((f: any) => f.content)).toEqual(["Prefers metric units", "Lives in Lisbon"])
+    // Another user's memory does not exist for the caller; bad input changes nothing.
+    expect((await fetch(`${service.url}/v1/users/alice/memory`, { headers: bearer("key-bob") })).status).toBe(404)
+    expect((await patch("alice", { add: ["x"] }, bearer("key-bob"))).status).toBe(404)
+    expect((await patch("me", { add: [""] }, alice)).status).toBe(400)
+    expect((await patch("me", { remove: ["not-a-fact-id"] }, alice)).status).toBe(400)
+    // The facts are in the next prompt: its prompt_tokens count them.
+    const id = await create(alice)
+    const withFacts = (await readSse(await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "How far is Lisbon in kilometres?", max_tokens: 1 }, alice), () => undefined)).at(-1)!
+    const bobId = await create(bearer("key-bob"))
+    const withoutFacts = (await readSse(await postJson(`${service.url}/v1/conversations/${bobId}/turns`, { role: "user", content: "How far is Lisbon in kilometres?", max_tokens: 1 }, bearer("key-bob")), () => undefined)).at(-1)!
+    expect(withFacts.data.usage.prompt_tokens).toBeGreaterThan(withoutFacts.data.usage.prompt_tokens + 8)
+    // Removing a fact by id.
+    const lisbon = memory.facts.find((f: any) => f.content === "Lives in Lisbon").fact_id
+    const after = (await (await patch("me", { remove: [lisbon] }, alice)).json()) as any
+    expect(after.facts.map((f: any) => f.content)).toEqual(["Prefers metric units"])
+    expect(((await (await fetch(`${service.url}/v1/users/alice/memory`, { headers: alice })).json()) as any).facts.length).toBe(1)
+  }, 60_000)
+
   it("missing, unknown, expired and forged credentials are 401 with WWW-Authenticate, and store nothing", async () => {
     const expired = await new SignJWT({ sub: "alice" }).setProtectedHeader({ alg: "HS256" })
       .setExpirationTime(Math.floor(Date.now() / 1000) - 10).sign(new TextEncoder().encode(JWT_SECRET))

@@ -134,7 +134,7 @@ describe("every route, random input (1,000 runs each)", () => {
     })
   }, 300_000)
 
-  it("sharing and deleting: POST /v1/conversations/{id}/share, GET and DELETE /v1/shared/{share_id}, DELETE /v1/conversations/{id}", async () => {
+  it("sharing, deleting, memory: POST …/share, GET and DELETE /v1/shared/{share_id}, DELETE /v1/conversations/{id}, GET and PATCH /v1/users/{id}/memory", async () => {
     const shareId = fc.oneof(
       fc.hexaString({ minLength: 32, maxLength: 32 }).map((h) => `share_${h}`),
       fc.string({ minLength: 1, maxLength: 80 }).map((s) => encodeURIComponent(s)),
@@ -144,7 +144,9 @@ describe("every route, random input (1,000 runs each)", () => {
       fc.tuple(fc.constant("POST"), fc.oneof(fc.constant(conversationId), pathId).map((id) => `/v1/conversations/${id}/share`)),
       fc.tuple(fc.constantFrom("GET", "DELETE"), shareId.map((id) => `/v1/shared/${id}`)),
       // Random ids only: the test conversation itself is never deleted.
-      fc.tuple(fc.constant("DELETE"), pathId.map((id) => `/v1/conversations/${id}`))
+      fc.tuple(fc.constant("DELETE"), pathId.map((id) => `/v1/conversations/${id}`)),
+      // Memory of another user (404) or malformed updates of one's own (400); the valid ones write facts, not turns.
+      fc.tuple(fc.constantFrom("GET", "PATCH"), fc.oneof(fc.constant("me"), pathId).map((u) => `/v1/users/${u}/memory`))
     )
     await fc.assert(
       fc.asyncProperty(request, body, headers, async ([method, path], b, h) => {

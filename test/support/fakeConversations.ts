@@ -35,7 +35,8 @@ import {
   PromptTooLong,
   ShareNotFound,
   StorageError,
-  TurnInProgress
+  TurnInProgress,
+  UserNotFound
 } from "../../src/runtime/Errors.js"
 
 export interface FakeOptions {
@@ -120,6 +121,9 @@ export const make = (options: FakeOptions = {}) =>
     const service: ConversationsService = {
       drain: () => Effect.void,
       models: () => ["mini"],
+      // Memory is driven through the real service (test/e2e/gateway.test.ts).
+      memory: (_owner, user) => Effect.fail(new UserNotFound({ user_id: user })),
+      updateMemory: (_owner, user) => Effect.fail(new UserNotFound({ user_id: user })),
       remove: (owner, id) => Effect.map(lookup(owner, id), () => void conversations.delete(id)),
       // Sharing is driven through the real service (test/e2e/gateway.test.ts): none here.
       share: (owner, id) => Effect.flatMap(lookup(owner, id), () => Effect.fail(new StorageError({ message: "no sharing in the fake" }))),

@@ -6,9 +6,11 @@
 import { describe, expect, it } from "@effect/vitest"
 import { type ConversationState, HotConversations } from "../../src/actors/internal/hotConversations.js"
 import { emptyPromptCache } from "../../src/actors/internal/promptAssembly.js"
+import { UserId } from "../../src/runtime/Domain.js"
 
 const state = (chars: number): ConversationState => ({
   pool: "default",
+  userId: UserId.make("local"),
   systemPrompt: null,
   history: [{ role: "user", content: "x".repeat(chars) }],
   cache: emptyPromptCache(),

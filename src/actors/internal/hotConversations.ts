@@ -14,11 +14,14 @@
  * miss turns written meanwhile; its next append then reuses a seq that the store's primary key
  * rejects, and the entity drops the entry (`delete`) so that the next message reloads it.
  */
+import type { UserId } from "../../runtime/Domain.js"
 import type { ChatMessage } from "../../runtime/Tokenizer.js"
 import type { PromptCache } from "./promptAssembly.js"
 
 export interface ConversationState {
   readonly pool: string
+  /** The owner: their remembered facts go into the prompt. */
+  readonly userId: UserId
   readonly systemPrompt: string | null
   readonly history: Array<ChatMessage>
   /** What prompt assembly keeps between turns (history messages' token ids). */
