@@ -98,6 +98,7 @@ const isMaxBytesExceeded = (e: HttpServerError.RequestError): boolean =>
  * - at most `maxBodyBytes`: a `Content-Length` above it is a 413 before a byte is read, and a
  *   chunked body is read up to the limit only; the text read here is what the route decodes
  *   (the request caches it);
+ * - valid UTF-8 (when its length is declared);
  * - nesting at most `maxJsonDepth` deep, checked before anything parses it.
  */
 const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | ApiError.ApiError, R> =>
@@ -129,6 +130,10 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
           : new ApiError.InvalidRequest({ message: "The request body could not be read" })
       )
     )
+    // Node decodes invalid UTF-8 to U+FFFD, which re-encodes to other bytes than were sent.
+    if (text.includes("\uFFFD") && request.headers["content-length"] !== undefined && Buffer.byteLength(text, "utf8") !== declared) {
+      return yield* new ApiError.InvalidRequest({ message: "The request body is not valid UTF-8" })
+    }
     if (jsonDepth(text) > limits.maxJsonDepth) {
       return yield* new ApiError.InvalidRequest({ message: `The body nests deeper than ${limits.maxJsonDepth} levels` })
     }

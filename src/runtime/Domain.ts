@@ -103,9 +103,13 @@ export class DoneEvent extends Schema.TaggedClass<DoneEvent>()("Done", {
 export const TurnEvent = Schema.Union(TokenEvent, DoneEvent)
 export type TurnEvent = typeof TurnEvent.Type
 
-/** Text that PostgreSQL can store: no U+0000. */
+/** A UTF-16 surrogate without its pair (JSON's `"\ud800"`): not a character, not encodable as UTF-8. */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/
+
+/** Text that PostgreSQL can store: no U+0000, no lone surrogate. */
 export const StorableText = Schema.String.pipe(
-  Schema.filter((s) => !s.includes("\u0000") || "must not contain U+0000 (NUL)")
+  Schema.filter((s) => !s.includes("\u0000") || "must not contain U+0000 (NUL)"),
+  Schema.filter((s) => !LONE_SURROGATE.test(s) || "must not contain a lone UTF-16 surrogate")
 )
 
 /** Input of POST /v1/conversations. */

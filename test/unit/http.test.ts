@@ -608,6 +608,22 @@ const rawExchange = (url: string, request: string, timeoutMs = 10_000): Promise<
   })
 
 describe("HTTP API: hostile input (issue 9)", () => {
+  it.live("invalid UTF-8 bodies and lone surrogates are 400; a real U+FFFD is text like any other", () =>
+    withServer({}, async ({ url }) => {
+      const id = await create(url)
+      const send = (body: Uint8Array | string) =>
+        fetch(`${url}/v1/conversations/${id}/turns`, { method: "POST", headers: { "content-type": "application/json" }, body })
+      const invalid = Buffer.concat([Buffer.from('{"role":"user","content":"bad '), Buffer.from([0xff, 0xfe]), Buffer.from('"}')])
+      const e1 = await expectError(await send(invalid), 400, "invalid_request")
+      expect(e1.message).toMatch(/UTF-8/)
+      const e2 = await expectError(await send('{"role":"user","content":"half \\ud800 pair"}'), 400, "invalid_request")
+      expect(e2.message).toMatch(/surrogate/)
+      await expectError(await json(`${url}/v1/conversations`, { body: { system_prompt: "x\udc00" } }), 400, "invalid_request")
+      const ok = await send(JSON.stringify({ role: "user", content: "a real \uFFFD and a pair \ud83d\ude00" }))
+      expect(ok.status).toBe(200)
+      await ok.body?.cancel()
+    }))
+
   it.live("a history cursor past int32 is a 400, not a storage error", () =>
     withServer({}, async ({ url }) => {
       const id = await create(url)
