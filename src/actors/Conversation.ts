@@ -167,6 +167,9 @@ const MEMORY_TOP_K = 5
 const withFacts = (systemPrompt: string | null, facts: ReadonlyArray<string>): string =>
   `${systemPrompt === null ? "" : `${systemPrompt}\n\n`}What you know about the user:\n${facts.map((f) => `- ${f}`).join("\n")}`
 
+/** How long Delete waits, beyond Cancel's wait, for a stopped turn to be stored. */
+const DELETE_SETTLE_TIMEOUT = Duration.seconds(60)
+
 /** How long Cancel waits for the cancelled turn to be stored before it answers. */
 const CANCEL_SETTLE_TIMEOUT = Duration.seconds(10)
 
@@ -248,6 +251,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       const topology = yield* TopologyService
       const entityContext = yield* Effect.context<Sharding.Sharding | Entity.CurrentAddress>()
       let loaded: ConversationState | undefined
+      /** Delete has begun: the conversation takes no new turn. */
+      let deleted = false
       /** The conversation's turn between SendTurn and FinishTurn (at most one). */
       let active: ActiveTurn | undefined
       /** The last row of the history as `load` read it from the store (recovery reads it). */
@@ -416,6 +421,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         Effect.gen(function*() {
           const key = input.idempotency_key
           yield* recovered
+          if (deleted) return yield* new ConversationNotFound({ conversation_id: id })
           // Claim the conversation before the next yield: handlers run concurrently.
           const running = active
           if (running !== undefined) {
@@ -713,8 +719,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         Cancel: () => cancelRunning,
         Delete: () =>
           Effect.gen(function*() {
-            // The running turn is stopped and stored first: nothing writes after the delete.
+            // From now on no turn starts; the running one is stopped and stored first, so that
+            // nothing writes after the delete.
+            deleted = true
             yield* cancelRunning
+            const left = active
+            if (left !== undefined) yield* Deferred.await(left.ended).pipe(Effect.timeout(DELETE_SETTLE_TIMEOUT), Effect.ignore)
             yield* store.deleteConversation(id)
             loaded = undefined
             lastStoredTurn = undefined

@@ -214,6 +214,8 @@ export const layer = Layer.effect(
           // is stored (the last one is its turn's, checked as any turn is).
           if (request.system_prompt !== null) yield* moderate(request.system_prompt)
           for (const m of request.history) if (m.role === "user") yield* moderate(m.content)
+          // The last one too, before the conversation is stored (its turn checks it again).
+          yield* moderate(request.turn.content)
           const { id: conversationId } = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history })
           const stream = yield* service.sendTurn(owner, conversationId, request.turn)
           return { conversationId, stream }

@@ -104,11 +104,13 @@ const make = Effect.gen(function*() {
   return RateLimits.of({
     charge: (identity, generation) =>
       Effect.gen(function*() {
+        const tier = tierOf(identity)
+        // Capped at the limit: an estimate above it would be refused forever (the prompt's real
+        // size is checked later, and the charge corrected at the end).
         const numTokens = generation === undefined
           ? 0
-          : Math.ceil(generation.numPromptChars / 4) + (generation.maxTokens ?? topology.generation.max_tokens)
+          : Math.min(tier.tpm, Math.ceil(generation.numPromptChars / 4) + (generation.maxTokens ?? topology.generation.max_tokens))
         if (!enabled) return { headers: {}, numTokens }
-        const tier = tierOf(identity)
         // Both limits in one round trip's time: the token charge is given back if the request one refuses.
         const [requestsResult, tokensResult] = yield* Effect.all([
           Effect.either(consume(`rpm:${identity.user_id}`, tier.rpm, 1)),

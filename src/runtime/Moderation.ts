@@ -86,12 +86,12 @@ export interface OutputCheck {
 const MAX_NGRAM = 8
 /** Consecutive repeats of it that stop a generation... */
 const MIN_REPEATS = 16
-/** ...covering at least this many tokens. */
-const MIN_REPEATED_TOKENS = 32
+/** ...covering at least this many tokens (a list of 20 zeros or a table rule is not a loop). */
+const MIN_REPEATED_TOKENS = 64
 
 /**
  * Per-turn loop detector over generated token ids: `push` returns true once the newest
- * tokens are one n-gram (n ≤ 8) repeated ≥ 16 times, over ≥ 32 tokens. O(MAX_NGRAM) per
+ * tokens are one n-gram (n ≤ 8) repeated ≥ 16 times, over ≥ 64 tokens. O(MAX_NGRAM) per
  * token (a run length per n).
  */
 export const repetitionGuard = () => {

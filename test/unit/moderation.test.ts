@@ -27,16 +27,20 @@ describe("moderation", () => {
     expect(isRepetitive("x".repeat(100) + prose)).toBe(false)
   })
 
-  it("the repetition guard stops a loop of an n-gram (n ≤ 8) at 16 repeats and 32 tokens, never varied output", () => {
+  it("the repetition guard stops a loop of an n-gram (n ≤ 8) at 16 repeats and 64 tokens, never varied output", () => {
     const firstStop = (ids: ReadonlyArray<number>) => {
       const guard = repetitionGuard()
       return ids.findIndex((id) => guard.push(id))
     }
-    // One token: 32 in a row.
-    expect(firstStop([5, 6, ...Array(40).fill(7)])).toBe(2 + 31)
-    // A 3-gram: 16 repeats = 48 tokens.
-    const tri = Array.from({ length: 20 }, () => [1, 2, 3]).flat()
-    expect(firstStop([9, ...tri])).toBe(1 + 47)
+    // One token: 64 in a row (40 zeros in a list are not a loop).
+    expect(firstStop([5, 6, ...Array(40).fill(7)])).toBe(-1)
+    expect(firstStop([5, 6, ...Array(80).fill(7)])).toBe(2 + 63)
+    // A 3-gram: 64 tokens (more than 16 repeats).
+    const tri = Array.from({ length: 30 }, () => [1, 2, 3]).flat()
+    expect(firstStop([9, ...tri])).toBe(1 + 63)
+    // A 5-gram: 16 repeats = 80 tokens.
+    const five = Array.from({ length: 20 }, () => [1, 2, 3, 4, 5]).flat()
+    expect(firstStop(five)).toBe(79)
     // 15 repeats of a 4-gram then something else: no stop.
     expect(firstStop([...Array.from({ length: 15 }, () => [1, 2, 3, 4]).flat(), 99, 98])).toBe(-1)
     // A 9-gram loop is longer than the guard looks for.

@@ -31,7 +31,8 @@ interface Pending {
  */
 const endsCycle = (message: Uint8Array): boolean => {
   const type = message[0]
-  return type === 0 || type === 0x53 || type === 0x51 || type === 0x70
+  // Terminate ('X') ends the connection's use of the session too.
+  return type === 0 || type === 0x53 || type === 0x51 || type === 0x70 || type === 0x58
 }
 
 /** The scheduler of the one backend session: the `queryQueue` pglite-socket's handler calls. */
@@ -40,6 +41,8 @@ export class SessionQueue {
   private running = false
   /** The connection that holds the session (mid extended-query cycle or transaction). */
   private owner: number | undefined
+  /** Connections that closed: one whose message was running as it closed must not keep the session. */
+  private readonly closed = new Set<number>()
 
   constructor(private readonly db: PGlite) {}
 
@@ -56,6 +59,7 @@ export class SessionQueue {
 
   /** A connection closed: its queued messages are dropped. */
   clearQueueForHandler(handlerId: number): void {
+    this.closed.add(handlerId)
     for (let i = this.queue.length - 1; i >= 0; i--) {
       const item = this.queue[i]!
       if (item.handlerId !== handlerId) continue
@@ -101,7 +105,14 @@ export class SessionQueue {
         } catch (e) {
           item.reject(e)
         }
-        this.owner = endsCycle(item.message) && !this.db.isInTransaction() ? undefined : item.handlerId
+        if (this.closed.has(item.handlerId)) {
+          // It closed while this message ran: whatever it left open is rolled back, and the
+          // session is free (else every other connection would wait for it forever).
+          if (this.db.isInTransaction()) await this.db.runExclusive(() => this.db.exec("ROLLBACK")).catch(() => undefined)
+          this.owner = undefined
+        } else {
+          this.owner = endsCycle(item.message) && !this.db.isInTransaction() ? undefined : item.handlerId
+        }
       }
     } finally {
       this.running = false
