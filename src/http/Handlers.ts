@@ -3,7 +3,7 @@
  */
 import { HttpApiBuilder, HttpApp, HttpServerResponse } from "@effect/platform"
 import { Effect, Layer, Option, Runtime } from "effect"
-import { CreateConversation, TurnId } from "../runtime/Domain.js"
+import { CreateConversation, type Identity, TurnId } from "../runtime/Domain.js"
 import { Conversations } from "../runtime/Conversations.js"
 import { Metrics } from "../runtime/Metrics.js"
 import type { TurnStream } from "../runtime/TurnStream.js"
@@ -29,6 +29,17 @@ const parseLastEventId = (raw: string | undefined, id: string): { readonly turnI
   if (m === null || m[1] !== id) return null
   return { turnId: TurnId.make(`${m[1]}:${m[2]}`), index: Number(m[3]) }
 }
+
+/** A facade call as the API sees it: server failures logged, runtime errors mapped to API errors. */
+const toApi = <A, E extends ApiError.RuntimeError, R>(effect: Effect.Effect<A, E, R>) =>
+  effect.pipe(
+    Effect.tapError(logServerFailure),
+    Effect.mapError(ApiError.fromRuntime)
+  )
+
+/** A facade call for the caller, charged to their rate limits (see `rateLimited`). */
+const forCaller = <A, E extends ApiError.RuntimeError, R>(call: (identity: Identity) => Effect.Effect<A, E, R>) =>
+  Effect.flatMap(rateLimited(), ({ identity }) => toApi(call(identity)))
 
 /**
  * Charges the request (and a generation's estimated tokens) to the caller's rate limits; the
@@ -78,12 +89,9 @@ export const ConversationsLive = HttpApiBuilder.group(
       const conversations = yield* Conversations
       return handlers
         .handle("create", ({ payload }) =>
-          Effect.flatMap(rateLimited(), ({ identity }) =>
-            conversations.create(identity, payload ?? new CreateConversation({})).pipe(
-              Effect.tapError(logServerFailure),
-              Effect.mapError(ApiError.fromRuntime),
-              Effect.map((created) => new ConversationCreated({ conversation_id: created.id, model: created.model, region: created.region }))
-            )))
+          forCaller((identity) => conversations.create(identity, payload ?? new CreateConversation({}))).pipe(
+            Effect.map((created) => new ConversationCreated({ conversation_id: created.id, model: created.model, region: created.region }))
+          ))
         .handle("sendTurn", ({ headers, path, payload }) =>
           Effect.gen(function*() {
             const settings = yield* Sse.SseSettings
@@ -114,11 +122,7 @@ export const ConversationsLive = HttpApiBuilder.group(
             return sent
           }))
         .handle("cancel", ({ path }) =>
-          Effect.flatMap(rateLimited(), ({ identity }) =>
-            conversations.cancel(identity, path.id).pipe(
-              Effect.tapError(logServerFailure),
-              Effect.mapError(ApiError.fromRuntime)
-            )))
+          forCaller((identity) => conversations.cancel(identity, path.id)))
         .handle("resume", ({ headers, path, urlParams }) =>
           Effect.gen(function*() {
             const raw = headers["last-event-id"] ?? urlParams.last_event_id
@@ -135,29 +139,13 @@ export const ConversationsLive = HttpApiBuilder.group(
             return Sse.resumeResponse(resumed.value.turnId, resumed.value.events, settings)
           }))
         .handle("remove", ({ path }) =>
-          Effect.flatMap(rateLimited(), ({ identity }) =>
-            conversations.remove(identity, path.id).pipe(
-              Effect.tapError(logServerFailure),
-              Effect.mapError(ApiError.fromRuntime)
-            )))
+          forCaller((identity) => conversations.remove(identity, path.id)))
         .handle("share", ({ path }) =>
-          Effect.flatMap(rateLimited(), ({ identity }) =>
-            conversations.share(identity, path.id).pipe(
-              Effect.tapError(logServerFailure),
-              Effect.mapError(ApiError.fromRuntime)
-            )))
+          forCaller((identity) => conversations.share(identity, path.id)))
         .handle("revokeShare", ({ path }) =>
-          Effect.flatMap(rateLimited(), ({ identity }) =>
-            conversations.revokeShare(identity, path.share_id).pipe(
-              Effect.tapError(logServerFailure),
-              Effect.mapError(ApiError.fromRuntime)
-            )))
+          forCaller((identity) => conversations.revokeShare(identity, path.share_id)))
         .handle("history", ({ path, urlParams }) =>
-          Effect.flatMap(rateLimited(), ({ identity }) =>
-            conversations.history(identity, path.id, { before: urlParams.before, limit: urlParams.limit }).pipe(
-              Effect.tapError(logServerFailure),
-              Effect.mapError(ApiError.fromRuntime)
-            )))
+          forCaller((identity) => conversations.history(identity, path.id, { before: urlParams.before, limit: urlParams.limit })))
     })
 )
 
@@ -168,17 +156,9 @@ export const MemoryLive = HttpApiBuilder.group(
     Effect.map(Conversations, (conversations) =>
       handlers
         .handle("memory", ({ path }) =>
-          Effect.flatMap(rateLimited(), ({ identity }) =>
-            conversations.memory(identity, path.user).pipe(
-              Effect.tapError(logServerFailure),
-              Effect.mapError(ApiError.fromRuntime)
-            )))
+          forCaller((identity) => conversations.memory(identity, path.user)))
         .handle("updateMemory", ({ path, payload }) =>
-          Effect.flatMap(rateLimited(), ({ identity }) =>
-            conversations.updateMemory(identity, path.user, payload).pipe(
-              Effect.tapError(logServerFailure),
-              Effect.mapError(ApiError.fromRuntime)
-            ))))
+          forCaller((identity) => conversations.updateMemory(identity, path.user, payload))))
 )
 
 export const SharedLive = HttpApiBuilder.group(
@@ -187,10 +167,7 @@ export const SharedLive = HttpApiBuilder.group(
   (handlers) =>
     Effect.map(Conversations, (conversations) =>
       handlers.handle("shared", ({ path }) =>
-        conversations.shared(path.share_id).pipe(
-          Effect.tapError(logServerFailure),
-          Effect.mapError(ApiError.fromRuntime)
-        )))
+        toApi(conversations.shared(path.share_id))))
 )
 
 export const OpenAiLive = HttpApiBuilder.group(

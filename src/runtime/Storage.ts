@@ -86,6 +86,24 @@ const TurnRow = Schema.Struct(Struct.omit(Turn.fields, "turn_id"))
 const toTurn = (row: typeof TurnRow.Type) =>
   new Turn({ ...row, turn_id: turnId(row.conversation_id, row.seq) }, noValidation)
 
+/** A new conversation's first turns (its `history`) as rows, stored `completed` from seq 0. */
+const historyRows = (
+  id: ConversationId,
+  history: ReadonlyArray<{ readonly role: "user" | "assistant"; readonly content: string }>,
+  createdAtMs: number
+) =>
+  history.map((m, seq) => ({
+    conversation_id: id,
+    seq,
+    role: m.role,
+    content: m.content,
+    status: "completed" as const,
+    num_prompt_tokens: null,
+    num_completion_tokens: null,
+    moderation_verdict: null,
+    created_at_ms: createdAtMs
+  }))
+
 /** The SqlError's own message is generic ("Failed to execute statement"): keep its cause's. */
 const storageError = (what: string) => (e: SqlError | { readonly message: string; readonly cause?: unknown }) => {
   const cause = "cause" in e && e.cause instanceof Error ? `: ${e.cause.message}` : ""
@@ -192,17 +210,7 @@ const make = Effect.gen(function*() {
     ping: sql`SELECT 1`.pipe(Effect.asVoid, Effect.mapError(storageError("ping"))),
     createConversation: (row, history = []) => {
       const full = { ...row, created_at_ms: Date.now() }
-      const turns = history.map((m, seq) => ({
-        conversation_id: row.id,
-        seq,
-        role: m.role,
-        content: m.content,
-        status: "completed",
-        num_prompt_tokens: null,
-        num_completion_tokens: null,
-        moderation_verdict: null,
-        created_at_ms: full.created_at_ms
-      }))
+      const turns = historyRows(row.id, history, full.created_at_ms)
       // Ids are random and made by the server: a row with this id is this call's own, written
       // by an attempt whose answer was lost (a retried statement, or a retried entity call).
       const insert = sql<{ id: string }>`INSERT INTO chat_conversations ${sql.insert(full)} ON CONFLICT (id) DO NOTHING RETURNING id`.pipe(
@@ -371,17 +379,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         if (existing !== undefined) return Effect.succeed(existing) // as ON CONFLICT DO NOTHING
         const full = new ConversationRow({ ...row, created_at_ms: Date.now() })
         conversations.set(row.id, full)
-        turns.set(row.id, history.map((m, seq) => toTurn({
-          conversation_id: row.id,
-          seq,
-          role: m.role,
-          content: m.content,
-          status: "completed",
-          num_prompt_tokens: null,
-          num_completion_tokens: null,
-          moderation_verdict: null,
-          created_at_ms: full.created_at_ms
-        })))
+        turns.set(row.id, historyRows(row.id, history, full.created_at_ms).map(toTurn))
         return Effect.succeed(full)
       }),
     getConversation: (id) => Effect.sync(() => Option.fromNullable(conversations.get(id))),
