@@ -19,7 +19,7 @@ import { resolve } from "node:path"
 import { RateLimiter } from "@effect/experimental"
 import * as RateLimiterRedis from "@effect/experimental/RateLimiter/Redis"
 import { HttpMiddleware } from "@effect/platform"
-import { Sharding } from "@effect/cluster"
+import { ClusterWorkflowEngine, Sharding } from "@effect/cluster"
 import { NodeRuntime } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
 import { Config, ConfigProvider, Context, Duration, Effect, Layer, Option, Redacted, Schema } from "effect"
@@ -28,6 +28,7 @@ import defaultTopology from "../cluster.config.js"
 import * as ConversationEntity from "./actors/Conversation.js"
 import * as ConversationsLive from "./actors/ConversationsLive.js"
 import * as DecodeSlot from "./actors/DecodeSlot.js"
+import * as Summaries from "./actors/Summaries.js"
 import * as GpuScheduler from "./actors/GpuScheduler.js"
 import { RunningSlots } from "./actors/internal/runningSlots.js"
 import * as HttpServer from "./http/Server.js"
@@ -181,8 +182,11 @@ const MainLive = Layer.unwrapEffect(
       Layer.provide(EventLogLive)
     )
     const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
-    const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive).pipe(
-      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer, Moderation.layerConfig))
+    // Summaries are durable workflows on the cluster's message storage (they resume after a restart).
+    const SummariesLive = Summaries.layer.pipe(Layer.provide(Summaries.layerSummarizer))
+    const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive, SummariesLive).pipe(
+      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer, Moderation.layerConfig)),
+      Layer.provideMerge(ClusterWorkflowEngine.layer)
     )
     const ClusterLive = EntitiesLive.pipe(
       Layer.provideMerge(

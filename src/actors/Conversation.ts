@@ -23,10 +23,11 @@
 import { randomInt } from "node:crypto"
 import { ClusterSchema, Entity, type Sharding } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
+import { WorkflowEngine } from "@effect/workflow"
 import { Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
 import { DataPlane } from "../runtime/DataPlane.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
-import { type ConversationId, type Turn, TurnId, UserId } from "../runtime/Domain.js"
+import { type ConversationId, type Summary, type Turn, TurnId, UserId } from "../runtime/Domain.js"
 import {
   ContentFiltered,
   ConversationNotFound,
@@ -48,6 +49,7 @@ import * as failover from "./internal/failover.js"
 import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
 import { buildPrompt, emptyPromptCache } from "./internal/promptAssembly.js"
+import { planSummary, SummarizeConversation, windowStartOf } from "./Summaries.js"
 
 /** Budget of the runner's hot conversation state (chars of prompts and history, ~2 bytes each). */
 const HOT_CONVERSATIONS_MAX_CHARS = 32 * 1024 * 1024
@@ -163,9 +165,18 @@ const gpuOrder = (gpuIds: ReadonlyArray<string>, preferred: string | undefined):
 /** Remembered facts of the user put in a prompt, at most. */
 const MEMORY_TOP_K = 5
 
-/** The system prompt with the user's facts appended (a system prompt of their own when there is none). */
-const withFacts = (systemPrompt: string | null, facts: ReadonlyArray<string>): string =>
-  `${systemPrompt === null ? "" : `${systemPrompt}\n\n`}What you know about the user:\n${facts.map((f) => `- ${f}`).join("\n")}`
+/**
+ * The prompt's system message: the conversation's system prompt, then the running summary
+ * (which stands for the turns before the window), then the user's facts that match the new
+ * message; null when there is none of them.
+ */
+const contextPrompt = (systemPrompt: string | null, summary: Summary | undefined, facts: ReadonlyArray<string>): string | null => {
+  const parts: Array<string> = []
+  if (systemPrompt !== null) parts.push(systemPrompt)
+  if (summary !== undefined && summary.content.length > 0) parts.push(`Summary of the conversation so far:\n${summary.content}`)
+  if (facts.length > 0) parts.push(`What you know about the user:\n${facts.map((f) => `- ${f}`).join("\n")}`)
+  return parts.length === 0 ? null : parts.join("\n\n")
+}
 
 /** How long Delete waits, beyond Cancel's wait, for a stopped turn to be stored. */
 const DELETE_SETTLE_TIMEOUT = Duration.seconds(60)
@@ -220,6 +231,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const topologyValue = yield* TopologyService
   const multiRunner = topologyValue.runners.length > 1
   const runFork = Runtime.runFork(yield* Effect.runtime<ConversationStore>())
+  const workflows = yield* WorkflowEngine.WorkflowEngine
+  const contextSettings = topologyValue.context
   const eventLog = yield* TurnEventLog
   const failoverDeps: failover.FailoverDeps = {
     slots,
@@ -306,19 +319,22 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           }
           hot.delete(id)
         }
-        const row = yield* store.getConversation(id)
+        const [row, summary] = yield* Effect.all([store.getConversation(id), store.getSummary(id)], { concurrency: 2 })
         if (Option.isNone(row)) return yield* new ConversationNotFound({ conversation_id: id })
         const turns = yield* listAllTurns(store, id)
         // A concurrent message's load may have finished first: keep the one state in use.
         if (loaded !== undefined) return loaded
         const last = turns.at(-1)
         lastStoredTurn = last
+        const kept = turns.filter((t) => t.role !== "system" && t.status !== "failed" && t.status !== "filtered")
         loaded = {
           pool: row.value.model,
           userId: row.value.user_id,
           systemPrompt: row.value.system_prompt,
-          history: turns.filter((t) => t.role !== "system" && t.status !== "failed" && t.status !== "filtered").map((t) => ({ role: t.role, content: t.content })),
+          history: kept.map((t) => ({ role: t.role, content: t.content })),
+          seqs: kept.map((t) => t.seq),
           cache: emptyPromptCache(),
+          summary: Option.getOrUndefined(summary),
           // A user turn's reply keeps its seq (user seq + 1) even while its row is missing
           // (still streaming, or lost in a crash until start-up reconciliation fills it in);
           // a running turn's too (a turn still being accepted, as when SendTurn itself loads,
@@ -413,6 +429,33 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           }
         })
 
+      /**
+       * Starts the summary workflow when the turns after the summary outgrew the budget
+       * (Summaries.planSummary); once it stored the summary, later prompts hold it in place of
+       * the turns it covers. Off the TTFT path: the turn that made it due is over. A runner
+       * that restarts resumes the workflow; its state here is then read from the store.
+       */
+      const summarizeIfDue = (state: ConversationState) => {
+        if (contextSettings === undefined || state.summaryPending !== undefined) return
+        const throughSeq = planSummary(state, contextSettings.prompt_budget_tokens)
+        if (throughSeq === undefined) return
+        state.summaryPending = throughSeq
+        runFork(
+          SummarizeConversation.execute({ conversation_id: id, through_seq: throughSeq, pool: state.pool }).pipe(
+            Effect.provideService(WorkflowEngine.WorkflowEngine, workflows),
+            Effect.tap((summary) =>
+              Effect.sync(() => {
+                if (summary !== null && (state.summary?.through_seq ?? -1) < summary.through_seq) state.summary = summary
+              })
+            ),
+            Effect.catchAllCause((cause) => Effect.logWarning(`conversation ${id}: the summary through ${throughSeq} failed`, cause)),
+            Effect.ensuring(Effect.sync(() => {
+              state.summaryPending = undefined
+            }))
+          )
+        )
+      }
+
       const recovered = multiRunner ? yield* Effect.cached(recover) : Effect.void
       if (multiRunner) yield* Effect.forkScoped(recovered)
       else yield* Entity.keepAlive(false)
@@ -474,8 +517,13 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             // Checked before anything is stored: a rejected turn changes nothing.
             // The owner's remembered facts that best match the message go after the system prompt.
             const facts = yield* store.topFacts(conv.userId, input.content, MEMORY_TOP_K)
-            const promptState = facts.length === 0 ? conv : { ...conv, systemPrompt: withFacts(conv.systemPrompt, facts) }
-            const promptIds = yield* buildPrompt(model, promptState, input.content, Math.min(maxTokens, 16))
+            const promptState = {
+              systemPrompt: contextPrompt(conv.systemPrompt, conv.summary, facts),
+              history: conv.history,
+              cache: conv.cache,
+              windowStart: windowStartOf(conv)
+            }
+            const promptIds = yield* buildPrompt(model, promptState, input.content, Math.min(maxTokens, 16), contextSettings?.prompt_budget_tokens)
             // Input moderation, once the prompt is known to fit (a prompt too long is told so first).
             const verdict = moderation.checkInput(input.content)
             if (verdict.flagged) return yield* new ContentFiltered({ category: verdict.category ?? "flagged" })
@@ -542,6 +590,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             conv.nextSeq = userSeq + 2 // the assistant turn's seq is reserved now
             const userMessage: ChatMessage = { role: "user", content: input.content }
             conv.history.push(userMessage)
+            conv.seqs.push(userSeq)
             hot.grew(id, conv, userMessage)
             const turnId = TurnId.make(`${id}:${userSeq + 1}`)
             turn.turnId = turnId
@@ -646,9 +695,13 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             loaded = state
             // A failed or filtered reply never goes into later prompts.
             const reply: ChatMessage | undefined = turn.status === "failed" || turn.status === "filtered" ? undefined : { role: "assistant", content: turn.text }
-            if (reply !== undefined) loaded.history.push(reply)
+            if (reply !== undefined) {
+              loaded.history.push(reply)
+              loaded.seqs.push(seq)
+            }
             loaded.nextSeq = Math.max(loaded.nextSeq, seq + 1)
             hot.grew(id, loaded, reply)
+            summarizeIfDue(loaded)
             // The next prompts hold this message: use the ids the model produced for it
             // rather than encode its text again (the per-turn cost of a long reply).
             if (turn.completion_token_ids !== undefined) {
@@ -686,7 +739,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   userId: payload.user_id,
                   systemPrompt: payload.system_prompt,
                   history: (payload.history ?? []).map((m) => ({ role: m.role, content: m.content })),
+                  seqs: (payload.history ?? []).map((_, seq) => seq),
                   cache: emptyPromptCache(),
+                  summary: undefined,
                   nextSeq: payload.history?.length ?? 0
                 }
                 hot.set(id, loaded)
@@ -751,11 +806,14 @@ interface SendTurnInput {
   readonly idempotency_key?: string | undefined
 }
 
-/** The DecodeSlots' TurnFinisher: each finished turn goes to its Conversation entity. */
+/**
+ * The DecodeSlots' TurnFinisher: each finished turn goes to its Conversation entity; a
+ * summary's generation is not a turn (its workflow reads the text from its stream).
+ */
 export const layerTurnFinisher = Layer.effect(
   TurnFinisher,
   Effect.map(Conversation.client, (client) => ({
     finish: (turn: FinishedTurn) =>
-      client(turn.conversation_id).FinishTurn(turn).pipe(Effect.catchTags(clusterErrors))
+      turn.purpose === "summary" ? Effect.void : client(turn.conversation_id).FinishTurn(turn).pipe(Effect.catchTags(clusterErrors))
   }))
 )

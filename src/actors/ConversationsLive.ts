@@ -380,10 +380,14 @@ export const layer = Layer.effect(
         Effect.gen(function*() {
           const row = yield* store.getConversation(id)
           if (Option.isNone(row) || row.value.user_id !== owner.user_id) return yield* new ConversationNotFound({ conversation_id: id })
-          const turns = yield* store.listTurns(id, { before, limit: limit + 1 })
+          const [turns, summary] = yield* Effect.all([store.listTurns(id, { before, limit: limit + 1 }), store.getSummary(id)], { concurrency: 2 })
           const more = turns.length > limit
           const page = more ? turns.slice(1) : turns
-          return new HistoryPage({ turns: page, next_cursor: more ? String(page[0]!.seq) : null })
+          return new HistoryPage({
+            turns: page,
+            next_cursor: more ? String(page[0]!.seq) : null,
+            ...(Option.isSome(summary) ? { summary: summary.value } : {})
+          })
         })
     }
     return Conversations.of(service)

@@ -50,6 +50,8 @@ export const StartPayload = Schema.Struct({
   sampling: Sampling,
   priority: Schema.Int,
   stop: Schema.Array(Schema.String),
+  /** A conversation's own turn (absent), or a summary of it (src/actors/Summaries.ts): not stored as a turn. */
+  purpose: Schema.optional(Schema.Literal("summary")),
   /**
    * A failover: the turn continues here after its GPU runner was lost. `token_ids` (generated
    * there, as logged) are prefilled after the prompt; text and event indices go on from
@@ -100,7 +102,9 @@ export const FinishedTurn = Schema.Struct({
    */
   completion_token_ids: Schema.optional(Schema.Array(Schema.Int)),
   /** The verdict that stopped a `filtered` turn (JSON). */
-  moderation_verdict: Schema.optional(Schema.String)
+  moderation_verdict: Schema.optional(Schema.String),
+  /** As the turn was started with (a summary's is not the conversation's turn). */
+  purpose: Schema.optional(Schema.Literal("summary"))
 })
 export type FinishedTurn = typeof FinishedTurn.Type
 
@@ -205,7 +209,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   num_prompt_tokens: payload.prompt_token_ids.length,
                   num_completion_tokens: numTokens,
                   ...(status === "completed" && tokenIds !== undefined ? { completion_token_ids: tokenIds } : {}),
-                  ...(verdict === undefined ? {} : { moderation_verdict: JSON.stringify({ category: verdict.category }) })
+                  ...(verdict === undefined ? {} : { moderation_verdict: JSON.stringify({ category: verdict.category }) }),
+                  ...(payload.purpose === undefined ? {} : { purpose: payload.purpose })
                 })),
                 Effect.tapError((e) => Effect.logError(`turn ${payload.turn_id} could not be stored`, e)),
                 Effect.match({

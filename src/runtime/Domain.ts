@@ -172,7 +172,20 @@ export class SharedConversation extends Schema.Class<SharedConversation>("Shared
   turns: Schema.Array(Turn)
 }) {}
 
+/**
+ * A conversation's running summary: its turns with seq < `through_seq`, folded into `content`
+ * (each summary made from the previous one and the turns after it). Prompts hold it in place
+ * of those turns.
+ */
+export class Summary extends Schema.Class<Summary>("Summary")({
+  through_seq: Schema.Int,
+  content: Schema.String,
+  updated_at_ms: Schema.Number
+}) {}
+
 export class HistoryPage extends Schema.Class<HistoryPage>("HistoryPage")({
   turns: Schema.Array(Turn),
-  next_cursor: Schema.NullOr(Schema.String)
+  next_cursor: Schema.NullOr(Schema.String),
+  /** The running summary (absent until the conversation outgrew its prompt budget). */
+  summary: Schema.optional(Summary)
 }) {}

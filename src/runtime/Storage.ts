@@ -6,7 +6,7 @@ import { Migrator, SqlClient } from "@effect/sql"
 import * as RunnerStatus from "./RunnerStatus.js"
 import type { SqlError } from "@effect/sql/SqlError"
 import { Context, Duration, Effect, Layer, Option, Schedule, Schema, Struct } from "effect"
-import { ConversationId, MemoryFact, noValidation, type Role, Share, type ShareId, Turn, TurnId, type TurnStatus, UserId } from "./Domain.js"
+import { ConversationId, MemoryFact, noValidation, type Role, Share, type ShareId, Summary, Turn, TurnId, type TurnStatus, UserId } from "./Domain.js"
 import { randomUUID } from "node:crypto"
 import { StorageError } from "./Errors.js"
 
@@ -58,7 +58,16 @@ export interface ConversationStoreService {
    * against the text (`ts_rank`), then newest first. Empty when the user has none.
    */
   readonly topFacts: (userId: UserId, text: string, k: number) => Effect.Effect<ReadonlyArray<string>, StorageError>
-  /** Deletes a conversation with its turns and shares, all or nothing. */
+  /** A conversation's running summary, if one was written. */
+  readonly getSummary: (id: ConversationId) => Effect.Effect<Option.Option<Summary>, StorageError>
+  /**
+   * Stores `summary` in place of the one through `basedOn` (null: there was none), so that a
+   * summary only ever extends the one it was made from: a summary written again (a workflow
+   * step re-run after a crash) or made from an older one is not stored. A conversation that
+   * no longer exists gets none. @returns whether it was stored.
+   */
+  readonly putSummary: (id: ConversationId, summary: Summary, basedOn: number | null) => Effect.Effect<boolean, StorageError>
+  /** Deletes a conversation with its turns, shares and summary, all or nothing. */
   readonly deleteConversation: (id: ConversationId) => Effect.Effect<void, StorageError>
   /** Stores a share of conversation `id`'s first `num_turns` turns. */
   readonly createShare: (share: Share) => Effect.Effect<void, StorageError>
@@ -193,6 +202,15 @@ const migrations = Migrator.fromRecord({
       created_at_ms double precision NOT NULL
     )`
     yield* sql`CREATE UNIQUE INDEX IF NOT EXISTS chat_user_memory_dedup ON chat_user_memory (user_id, lower(btrim(content)))`
+  }),
+  "8_summaries": Effect.gen(function*() {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`CREATE TABLE IF NOT EXISTS chat_summaries (
+      conversation_id text PRIMARY KEY REFERENCES chat_conversations (id),
+      through_seq integer NOT NULL,
+      content text NOT NULL,
+      updated_at_ms double precision NOT NULL
+    )`
   })
 })
 
@@ -205,6 +223,7 @@ const make = Effect.gen(function*() {
   const decodeTurns = Schema.decodeUnknown(Schema.Array(TurnRow))
   const decodeShare = Schema.decodeUnknown(Share)
   const decodeFacts = Schema.decodeUnknown(Schema.Array(MemoryFact))
+  const decodeSummary = Schema.decodeUnknown(Summary)
 
   return ConversationStore.of({
     ping: sql`SELECT 1`.pipe(Effect.asVoid, Effect.mapError(storageError("ping"))),
@@ -286,8 +305,29 @@ const make = Effect.gen(function*() {
         Effect.map((rows) => rows.map((r) => r.content)),
         Effect.mapError(storageError("top facts"))
       ),
+    getSummary: (id) =>
+      sql`SELECT through_seq, content, updated_at_ms FROM chat_summaries WHERE conversation_id = ${id}`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.flatMap((rows) => rows.length === 0 ? Effect.succeedNone : Effect.asSome(decodeSummary(rows[0]))),
+        Effect.mapError(storageError("get summary"))
+      ),
+    putSummary: (id, summary, basedOn) => {
+      const row = { conversation_id: id, through_seq: summary.through_seq, content: summary.content, updated_at_ms: summary.updated_at_ms }
+      return (basedOn === null
+        ? sql`INSERT INTO chat_summaries ${sql.insert(row)} ON CONFLICT (conversation_id) DO NOTHING RETURNING through_seq`
+        : sql`UPDATE chat_summaries SET through_seq = ${row.through_seq}, content = ${row.content}, updated_at_ms = ${row.updated_at_ms}
+            WHERE conversation_id = ${id} AND through_seq = ${basedOn} RETURNING through_seq`
+      ).pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.map((rows) => rows.length > 0),
+        // The conversation was deleted meanwhile (foreign key): nothing to summarise.
+        Effect.catchIf((e) => sqlState(e) === "23503", () => Effect.succeed(false)),
+        Effect.mapError(storageError("put summary"))
+      )
+    },
     deleteConversation: (id) =>
       sql.withTransaction(Effect.all([
+        sql`DELETE FROM chat_summaries WHERE conversation_id = ${id}`,
         sql`DELETE FROM chat_shares WHERE conversation_id = ${id}`,
         sql`DELETE FROM chat_turns WHERE conversation_id = ${id}`,
         sql`DELETE FROM chat_conversations WHERE id = ${id}`
@@ -371,6 +411,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
   const keys = new Map<string, number>()
   const shares = new Map<string, Share>()
   const facts = new Map<string, Array<MemoryFact>>()
+  const summaries = new Map<string, Summary>()
   return ConversationStore.of({
     ping: Effect.void,
     createConversation: (row, history = []) =>
@@ -420,8 +461,16 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         const score = (f: MemoryFact) => f.content.toLowerCase().split(/\W+/).filter((w) => words.has(w)).length
         return [...(facts.get(userId) ?? [])].sort((a, b) => score(b) - score(a) || b.created_at_ms - a.created_at_ms).slice(0, k).map((f) => f.content)
       }),
+    getSummary: (id) => Effect.sync(() => Option.fromNullable(summaries.get(id))),
+    putSummary: (id, summary, basedOn) =>
+      Effect.sync(() => {
+        if (!conversations.has(id) || (summaries.get(id)?.through_seq ?? null) !== basedOn) return false
+        summaries.set(id, summary)
+        return true
+      }),
     deleteConversation: (id) =>
       Effect.sync(() => {
+        summaries.delete(id)
         conversations.delete(id)
         turns.delete(id)
         for (const [shareId, share] of shares) if (share.conversation_id === id) shares.delete(shareId)

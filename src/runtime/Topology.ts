@@ -74,12 +74,29 @@ export const Generation = Schema.Struct({
   client_buffer_tokens: PositiveInt
 })
 
+/**
+ * What a prompt holds of a long conversation: the system prompt, the user's remembered facts,
+ * the running summary, and the most recent turns that fit `prompt_budget_tokens`. Turns the
+ * window slides past are folded into the summary after the turn ends (src/actors/Summaries.ts).
+ */
+export const ContextSettings = Schema.Struct({
+  /** Tokens of a prompt with history (the system prompt and the new message alone may pass it, up to the model's context). */
+  prompt_budget_tokens: PositiveInt,
+  /** The pool whose model writes summaries (a small one); default: the conversation's own. */
+  summary_pool: Schema.optional(Schema.String),
+  /** Tokens a summary may take. */
+  summary_max_tokens: Schema.optionalWith(PositiveInt, { default: () => 256 })
+})
+export type ContextSettings = typeof ContextSettings.Type
+
 export const TopologySchema = Schema.Struct({
   runners: Schema.NonEmptyArray(Runner),
   pools: Schema.Record({ key: Schema.String, value: Pool }),
   tiers: Schema.Record({ key: Schema.String, value: Tier }),
   default_tier: Schema.String,
-  generation: Generation
+  generation: Generation,
+  /** Absent: no summaries; a prompt holds the most recent turns that fit the model's context. */
+  context: Schema.optional(ContextSettings)
 }).pipe(
   Schema.filter((t) => {
     const issues: Array<string> = []
@@ -98,6 +115,8 @@ export const TopologySchema = Schema.Struct({
       }
     }
     if (!t.runners.some((r) => r.roles.includes("gateway"))) issues.push("no runner has the gateway role")
+    const summaryPool = t.context?.summary_pool
+    if (summaryPool !== undefined && t.pools[summaryPool] === undefined) issues.push(`context.summary_pool "${summaryPool}" is not a pool`)
     const hosted = new Set(t.runners.flatMap((r) => r.gpus))
     for (const [name, pool] of Object.entries(t.pools)) {
       for (const gpu of pool.gpus) if (!hosted.has(gpu.id)) issues.push(`pool "${name}" GPU "${gpu.id}" is hosted by no runner`)

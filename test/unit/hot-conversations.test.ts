@@ -13,6 +13,8 @@ const state = (chars: number): ConversationState => ({
   userId: UserId.make("local"),
   systemPrompt: null,
   history: [{ role: "user", content: "x".repeat(chars) }],
+  seqs: [0],
+  summary: undefined,
   cache: emptyPromptCache(),
   nextSeq: 1
 })

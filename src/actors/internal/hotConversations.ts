@@ -14,7 +14,7 @@
  * miss turns written meanwhile; its next append then reuses a seq that the store's primary key
  * rejects, and the entity drops the entry (`delete`) so that the next message reloads it.
  */
-import type { UserId } from "../../runtime/Domain.js"
+import type { Summary, UserId } from "../../runtime/Domain.js"
 import type { ChatMessage } from "../../runtime/Tokenizer.js"
 import type { PromptCache } from "./promptAssembly.js"
 
@@ -24,8 +24,14 @@ export interface ConversationState {
   readonly userId: UserId
   readonly systemPrompt: string | null
   readonly history: Array<ChatMessage>
+  /** The stored seq of each `history` message (failed and filtered turns are not in it). */
+  readonly seqs: Array<number>
   /** What prompt assembly keeps between turns (history messages' token ids). */
   readonly cache: PromptCache
+  /** The running summary of the turns before the prompt's window (src/actors/Summaries.ts). */
+  summary: Summary | undefined
+  /** The `through_seq` of a summary workflow this runner started and awaits. */
+  summaryPending?: number | undefined
   nextSeq: number
   /** The GPU that ran its last turn (its KV is cached there): conversation-affine routing. */
   lastGpuId?: string | undefined
@@ -37,7 +43,7 @@ const ENTRY_COST_CHARS = 256
 const MESSAGE_COST_CHARS = 16
 
 const sizeOf = (state: ConversationState): number => {
-  let chars = ENTRY_COST_CHARS + (state.systemPrompt?.length ?? 0)
+  let chars = ENTRY_COST_CHARS + (state.systemPrompt?.length ?? 0) + (state.summary?.content.length ?? 0)
   for (const m of state.history) chars += m.content.length + MESSAGE_COST_CHARS
   // ~2 bytes per char: 4-byte ids count as 2 chars each.
   for (const ids of state.cache.historyIds) if (ids !== undefined) chars += 2 * ids.length
@@ -82,7 +88,7 @@ export class HotConversations {
     this.entries.delete(id)
     this.entries.set(id, entry)
     if (message === undefined) return
-    const chars = message.content.length + MESSAGE_COST_CHARS
+    const chars = message.content.length + MESSAGE_COST_CHARS + 4 // its seq
     entry.chars += chars
     this.totalChars += chars
     this.evictBut(id)

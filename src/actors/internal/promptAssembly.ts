@@ -20,6 +20,11 @@ export interface PromptState {
   readonly systemPrompt: string | null
   readonly history: ReadonlyArray<ChatMessage>
   readonly cache: PromptCache
+  /**
+   * Index of the oldest history message a prompt may hold (default 0): the ones before it are
+   * in the running summary (which the system prompt then carries). Opens an exchange.
+   */
+  readonly windowStart?: number
 }
 
 /** Per-conversation work kept between turns; `emptyPromptCache()` for a new or reloaded one. */
@@ -36,9 +41,11 @@ export const emptyPromptCache = (): PromptCache => ({ historyIds: [], numScanned
 const THINK = "think>"
 
 /**
- * Token ids of the prompt for `state` + `content`, keeping the most recent exchanges that
- * leave room for at least `minNewTokens` (history never starts mid-exchange). Fails with
- * PromptTooLong if even the system prompt and the new message alone do not fit.
+ * Token ids of the prompt for `state` + `content`, keeping the most recent exchanges (from
+ * `state.windowStart` on) that leave room for at least `minNewTokens` and keep the prompt
+ * within `budgetTokens` (history never starts mid-exchange; the system prompt and the new
+ * message alone may pass the budget, up to the model's context). Fails with PromptTooLong if
+ * even the system prompt and the new message alone do not fit the context.
  *
  * Cost: the messages that fit (and one more), never the whole history.
  */
@@ -46,10 +53,11 @@ export const buildPrompt = (
   model: LoadedModel,
   state: PromptState,
   content: string,
-  minNewTokens: number
+  minNewTokens: number,
+  budgetTokens: number = Infinity
 ): Effect.Effect<Array<number>, PromptTooLong> => {
   const segments = model.tokenizer.promptSegments
-  const limit = model.maxModelLen - minNewTokens
+  const limit: Limits = { prompt: model.maxModelLen - minNewTokens, history: Math.min(model.maxModelLen - minNewTokens, budgetTokens) }
   const { cache, history } = state
   for (; cache.numScanned < history.length; cache.numScanned++) {
     if (history[cache.numScanned]!.content.includes(THINK)) cache.hasThink = true
@@ -80,6 +88,15 @@ const yieldToEventLoop: Effect.Effect<void> = Effect.async<void>((resume) => {
   return Effect.sync(() => clearImmediate(handle))
 })
 
+/**
+ * Prompt sizes in tokens: `prompt` any prompt (the context less the room to generate),
+ * `history` one that holds history (also within the budget).
+ */
+interface Limits {
+  readonly prompt: number
+  readonly history: number
+}
+
 /** Messages encoded between yields to the event loop (each is a template render and an encode, ~1 ms). */
 const ENCODE_BATCH = 8
 
@@ -88,13 +105,14 @@ const ENCODE_BATCH = 8
  * last window: ~140 messages, ~120 ms), yielding the event loop every ENCODE_BATCH messages
  * so that other requests are not held up behind it.
  */
-const encodeWindow = (segments: Segments, state: PromptState, limit: number): Effect.Effect<void> =>
+const encodeWindow = (segments: Segments, state: PromptState, limit: Limits): Effect.Effect<void> =>
   Effect.gen(function*() {
     const { history } = state
     const { historyIds } = state.cache
+    const windowStart = state.windowStart ?? 0
     let total = 0
     let numEncoded = 0
-    for (let i = history.length - 1; i >= 0 && total <= limit; i--) {
+    for (let i = history.length - 1; i >= windowStart && total <= limit.history; i--) {
       let ids = historyIds[i]
       if (ids === undefined) {
         ids = historyIds[i] = Uint32Array.from(segments.middle(history[i]!))
@@ -111,10 +129,12 @@ const buildBySegments = (
   segments: Segments,
   state: PromptState,
   content: string,
-  limit: number
+  limits: Limits
 ): { readonly ids: Array<number>; readonly start: number } | { readonly numPromptTokens: number } => {
   const { history } = state
   const { historyIds } = state.cache
+  const windowStart = state.windowStart ?? 0
+  const limit = limits.history
   const idsOf = (i: number): Uint32Array => historyIds[i] ??= Uint32Array.from(segments.middle(history[i]!))
   const system = state.systemPrompt === null ? undefined : segments.first({ role: "system", content: state.systemPrompt })
   const user: ChatMessage = { role: "user", content }
@@ -123,14 +143,14 @@ const buildBySegments = (
   let userIds = segments.middle(user)
   // The smallest prompt: no history (the user message then opens it when there is no system prompt).
   const alone = system === undefined ? segments.first(user) : userIds
-  if (fixed + alone.length > limit) return { numPromptTokens: fixed + alone.length }
+  if (fixed + alone.length > limits.prompt) return { numPromptTokens: fixed + alone.length }
   // Walk back from the newest message while it fits.
   let total = fixed + userIds.length
   let start = history.length
-  while (start > 0 && total + idsOf(start - 1).length <= limit) total += idsOf(--start).length
+  while (start > windowStart && total + idsOf(start - 1).length <= limit) total += idsOf(--start).length
   // Without a system prompt the oldest message kept is encoded as the opener, which may be
   // shorter than its middle form: one more user message may fit that way.
-  if (system === undefined && start > 0 && history[start - 1]!.role === "user") {
+  if (system === undefined && start > windowStart && history[start - 1]!.role === "user") {
     const opener = segments.first(history[start - 1]!)
     if (total + opener.length <= limit) {
       start--
@@ -177,13 +197,14 @@ const buildByRender = (
   model: LoadedModel,
   state: PromptState,
   content: string,
-  limit: number,
+  limits: Limits,
   hint: number
 ): Effect.Effect<Array<number>, PromptTooLong> => {
   const system: Array<ChatMessage> = state.systemPrompt === null ? [] : [{ role: "system", content: state.systemPrompt }]
   const { history } = state
+  const windowStart = state.windowStart ?? 0
   const starts: Array<number> = []
-  for (let i = 0; i < history.length; i++) if (i === 0 || history[i]!.role === "user") starts.push(i)
+  for (let i = windowStart; i < history.length; i++) if (i === windowStart || history[i]!.role === "user") starts.push(i)
   starts.push(history.length) // no history
   const rendered = new Map<number, Array<number>>()
   const idsAt = (k: number): Array<number> => {
@@ -194,8 +215,10 @@ const buildByRender = (
     }
     return ids
   }
-  const fits = (k: number) => idsAt(k).length <= limit
   const last = starts.length - 1
+  // Without history only the context bounds the prompt (a later start is never longer, so
+  // `fits` stays monotone).
+  const fits = (k: number) => idsAt(k).length <= (k === last ? limits.prompt : limits.history)
   let k0 = starts.findIndex((i) => i >= hint)
   if (k0 < 0) k0 = last
   // Invariant once found: fits(hi), and lo < 0 or !fits(lo).

@@ -1,0 +1,221 @@
+/**
+ * Running summaries of long conversations: a prompt holds the system prompt, the user's facts,
+ * the summary and the most recent turns within the topology's `context.prompt_budget_tokens`.
+ *
+ * - `planSummary`: after a reply is stored, the Conversation entity checks whether the turns
+ *   since the summary outgrew SUMMARY_TRIGGER of the budget; if so it folds the oldest of them
+ *   into the summary, keeping about SUMMARY_KEEP of the budget as verbatim turns. Between two
+ *   summary updates the prompt's prefix (system prompt, summary, first kept turn) stays the
+ *   same, so the GPU's prefix cache serves it.
+ * - `SummarizeConversation`: a durable workflow (@effect/workflow on the cluster's message
+ *   storage), off the TTFT path. Its `Summarize` step reads the summary and the turns up to
+ *   `through_seq` from the store and has the summary pool's model write the new summary; its
+ *   `Store` step stores it only in place of the summary it was made from. A runner that dies
+ *   mid-way resumes the workflow on restart; a step run twice stores nothing twice.
+ * - `layerSummarizer`: the model call, as a background sequence (lowest priority) on a GPU of
+ *   the summary pool, its text read from a TurnStream of this runner.
+ */
+import { randomInt } from "node:crypto"
+import { Activity, Workflow } from "@effect/workflow"
+import { Duration, Effect, Layer, Option, Schedule, Schema, Stream } from "effect"
+import { ConversationId, Summary, TurnId } from "../runtime/Domain.js"
+import { EngineError, StorageError } from "../runtime/Errors.js"
+import { Models } from "../runtime/Models.js"
+import { ConversationStore } from "../runtime/Storage.js"
+import { Summarizer, summaryPrompt, summaryText } from "../runtime/Summarizer.js"
+import type { ChatMessage } from "../runtime/Tokenizer.js"
+import { lookup, TopologyService } from "../runtime/Topology.js"
+import { TurnStreams } from "../runtime/TurnStream.js"
+import { DecodeSlot } from "./DecodeSlot.js"
+import { GpuScheduler } from "./GpuScheduler.js"
+import type { PromptCache } from "./internal/promptAssembly.js"
+
+/** A summary is due once the turns after it take this fraction of the prompt budget. */
+export const SUMMARY_TRIGGER = 0.75
+/** ...and it leaves about this fraction of the budget as verbatim turns. */
+export const SUMMARY_KEEP = 0.4
+
+/** What the plan reads of a conversation's state. */
+export interface SummaryState {
+  readonly history: ReadonlyArray<ChatMessage>
+  /** The stored seq of each `history` message. */
+  readonly seqs: ReadonlyArray<number>
+  readonly cache: PromptCache
+  readonly summary: Summary | undefined
+}
+
+/** Index of the first history message after the summary (the prompt's window starts there). */
+export const windowStartOf = (state: Pick<SummaryState, "seqs" | "summary">): number => {
+  const through = state.summary?.through_seq
+  if (through === undefined) return 0
+  let lo = 0
+  let hi = state.seqs.length
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1
+    if (state.seqs[mid]! < through) lo = mid + 1
+    else hi = mid
+  }
+  return lo
+}
+
+/** A message's tokens: its encoding when prompt assembly made one, else ~3 characters a token. */
+const tokensOf = (state: SummaryState, i: number): number =>
+  state.cache.historyIds[i]?.length ?? Math.ceil(state.history[i]!.content.length / 3)
+
+/**
+ * The seq the next summary should run through, or undefined while the turns after the summary
+ * take less than SUMMARY_TRIGGER of `budgetTokens`. The oldest turns are folded until about
+ * SUMMARY_KEEP of the budget is left, at an exchange boundary (a user message starts the kept
+ * window).
+ */
+export const planSummary = (state: SummaryState, budgetTokens: number): number | undefined => {
+  const n = state.history.length
+  const start = windowStartOf(state)
+  let total = 0
+  for (let i = start; i < n; i++) total += tokensOf(state, i)
+  if (total <= budgetTokens * SUMMARY_TRIGGER) return undefined
+  let end = start
+  while (end < n && total > budgetTokens * SUMMARY_KEEP) total -= tokensOf(state, end++)
+  while (end < n && state.history[end]!.role !== "user") end++
+  if (end === start) return undefined
+  return end < n ? state.seqs[end]! : state.seqs[n - 1]! + 1
+}
+
+/** The text of a summary step: the new summary, and the one it was made from (null: none). */
+const Draft = Schema.Struct({ based_on: Schema.NullOr(Schema.Int), summary: Summary })
+
+export const SummarizeConversation = Workflow.make({
+  name: "SummarizeConversation",
+  payload: {
+    conversation_id: ConversationId,
+    /** The summary covers the turns with seq < through_seq. */
+    through_seq: Schema.Int,
+    /** The pool whose model writes it. */
+    pool: Schema.String
+  },
+  /** The summary stored; null when there was nothing to do (a newer one exists, the conversation is gone). */
+  success: Schema.NullOr(Summary),
+  error: Schema.Union(StorageError, EngineError),
+  idempotencyKey: (p) => `${p.conversation_id}:${p.through_seq}`
+})
+
+/** Retries of a summary step that failed (a busy GPU, a database blip): ~1 minute in all. */
+const STEP_RETRIES = 5
+
+/** The workflow's implementation (register it on every gateway runner). */
+export const layer = SummarizeConversation.toLayer(Effect.fn(function*(payload) {
+  const store = yield* ConversationStore
+  const summarizer = yield* Summarizer
+  const topology = yield* TopologyService
+  const maxTokens = topology.context?.summary_max_tokens ?? 256
+  const id = payload.conversation_id
+  const draft = yield* Activity.make({
+    name: "Summarize",
+    success: Schema.NullOr(Draft),
+    error: Schema.Union(StorageError, EngineError),
+    execute: Effect.gen(function*() {
+      const previous = Option.getOrUndefined(yield* store.getSummary(id))
+      const from = previous?.through_seq ?? 0
+      if (from >= payload.through_seq || Option.isNone(yield* store.getConversation(id))) return null
+      const turns = yield* store.listTurns(id, { before: payload.through_seq, limit: payload.through_seq - from })
+      const messages = turns
+        .filter((t) => t.seq >= from && t.role !== "system" && t.status !== "failed" && t.status !== "filtered")
+        .map((t): ChatMessage => ({ role: t.role, content: t.content }))
+      const content = yield* summarizer.summarize({ conversationId: id, pool: payload.pool, previous: previous?.content ?? null, messages, maxTokens })
+      return {
+        based_on: previous?.through_seq ?? null,
+        summary: new Summary({ through_seq: payload.through_seq, content, updated_at_ms: Date.now() })
+      }
+    })
+  }).pipe(Activity.retry({ times: STEP_RETRIES }))
+  if (draft === null) return null
+  const stored = yield* Activity.make({
+    name: "Store",
+    success: Schema.Boolean,
+    error: StorageError,
+    execute: store.putSummary(id, draft.summary, draft.based_on)
+  }).pipe(Activity.retry({ times: STEP_RETRIES }))
+  return stored ? draft.summary : null
+}))
+
+/** A summary's sequence is served after every tier's turns. */
+const SUMMARY_PRIORITY = 1_000
+/** How long a GPU may queue it before it starts (it is background work). */
+const SUMMARY_TTFT_TARGET_MS = 60_000
+/** The longest a summary's generation may take. */
+const SUMMARY_TIMEOUT = Duration.minutes(2)
+
+/**
+ * The Summarizer on the engine: the summary pool's model (the topology's `context.summary_pool`,
+ * else the conversation's pool), greedy, as a sequence of the lowest priority on one of its
+ * GPUs. A GPU that refuses hands over to the next; all refusing is EngineError `overloaded`.
+ */
+export const layerSummarizer = Layer.effect(
+  Summarizer,
+  Effect.gen(function*() {
+    const models = yield* Models
+    const topology = yield* TopologyService
+    const streams = yield* TurnStreams
+    const gpus = yield* GpuScheduler.client
+    const slots = yield* DecodeSlot.client
+    return Summarizer.of({
+      summarize: (input) =>
+        Effect.gen(function*() {
+          const poolName = topology.context?.summary_pool ?? input.pool
+          const model = models.get(poolName)
+          const pool = lookup(topology.pools, poolName)
+          if (model === undefined || pool === undefined) return yield* new EngineError({ code: "unknown_pool", message: poolName })
+          const promptIds = summaryPrompt(model.tokenizer, model.maxModelLen, input)
+          const order = pool.gpus.map((g) => g.id).sort(() => randomInt(3) - 1)
+          let slotId: string | undefined
+          for (const gpuId of order) {
+            const acquired = yield* gpus(gpuId).AcquireSlot({ priority: SUMMARY_PRIORITY, num_prompt_tokens: promptIds.length, ttft_target_ms: SUMMARY_TTFT_TARGET_MS }).pipe(
+              Effect.timeout(Duration.seconds(10)),
+              Effect.option
+            )
+            if (Option.isSome(acquired)) {
+              slotId = acquired.value
+              break
+            }
+          }
+          if (slotId === undefined) return yield* new EngineError({ code: "overloaded", message: `no GPU of pool ${poolName} took the summary` })
+          const stream = streams.make(topology.generation.client_buffer_tokens)
+          const started = yield* slots(slotId).Start({
+            pool: poolName,
+            conversation_id: input.conversationId,
+            turn_id: TurnId.make(`${input.conversationId}:summary`),
+            stream_id: stream.id,
+            prompt_token_ids: promptIds,
+            max_tokens: Math.min(input.maxTokens, model.maxModelLen - promptIds.length),
+            sampling: { temperature: 0, top_p: 1, top_k: 0, seed: 0 },
+            priority: SUMMARY_PRIORITY,
+            stop: [],
+            purpose: "summary"
+          }).pipe(
+            // PromptTooLong and UnknownGpu gave the slot back (or there is none); a message not delivered did not.
+            Effect.mapError((e) =>
+              e._tag === "EngineError" ? e : new EngineError({ code: e._tag === "PromptTooLong" || e._tag === "UnknownGpu" ? "start_failed" : "unavailable", message: `summary: ${e._tag}` })
+            ),
+            Effect.either
+          )
+          if (started._tag === "Left") {
+            stream.cancel()
+            // A Start that failed gave its slot back; one that never arrived did not.
+            if (started.left.code === "unavailable") yield* gpus(slotId.split("/")[0]!).ReleaseSlot({ slot_id: slotId }).pipe(Effect.ignore)
+            return yield* started.left
+          }
+          const text = yield* stream.toStream().pipe(
+            Stream.runFold("", (acc, event) => event._tag === "Token" ? acc + event.text : acc),
+            Effect.timeoutFail({ duration: SUMMARY_TIMEOUT, onTimeout: () => new EngineError({ code: "timeout", message: "summary generation timed out" }) }),
+            Effect.mapError((e) => e._tag === "EngineError" ? e : new EngineError({ code: "generation_failed", message: e.message })),
+            Effect.onInterrupt(() => Effect.sync(() => stream.cancel())),
+            Effect.tapError(() => Effect.sync(() => stream.cancel()))
+          )
+          return summaryText(text)
+        })
+    })
+  })
+)
+
+/** Retry schedule of the entity's start of a summary workflow (its message may not be delivered at once). */
+export const startRetry = Schedule.exponential(Duration.millis(200)).pipe(Schedule.upTo(Duration.seconds(5)))
