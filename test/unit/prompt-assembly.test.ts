@@ -35,18 +35,32 @@ describe("prompt assembly by template segments", () => {
           fc.array(fc.tuple(text, text), { maxLength: 12 }),
           text,
           fc.integer({ min: 20, max: 400 }),
-          async (systemPrompt, exchanges, content, maxModelLen) => {
+          fc.nat({ max: 12 }),
+          fc.option(fc.integer({ min: 10, max: 400 }), { nil: undefined }),
+          async (systemPrompt, exchanges, content, maxModelLen, summarized, budget) => {
             const history = exchanges.flatMap(([u, a]) => [
               { role: "user" as const, content: u },
               { role: "assistant" as const, content: a }
             ])
+            // The first `summarized` exchanges are in a summary: never in the prompt.
+            const windowStart = 2 * Math.min(summarized, exchanges.length)
             const model = { pool: "p", modelDir: modelsDir, tokenizer, maxModelLen }
-            const viaSegments = await Effect.runPromise(Effect.either(buildPrompt(model, { systemPrompt, history, cache: emptyPromptCache() }, content, 4)))
+            const viaSegments = await Effect.runPromise(Effect.either(buildPrompt(model, { systemPrompt, history, cache: emptyPromptCache(), windowStart }, content, 4, budget)))
             const viaRender = await Effect.runPromise(
-              Effect.either(buildPrompt({ ...byRender, maxModelLen }, { systemPrompt, history, cache: emptyPromptCache() }, content, 4))
+              Effect.either(buildPrompt({ ...byRender, maxModelLen }, { systemPrompt, history, cache: emptyPromptCache(), windowStart }, content, 4, budget))
             )
             expect(Either.isRight(viaSegments)).toBe(Either.isRight(viaRender))
             if (Either.isRight(viaSegments) && Either.isRight(viaRender)) expect(viaSegments.right).toEqual(viaRender.right)
+            if (Either.isRight(viaSegments) && budget !== undefined && viaSegments.right.length > budget) {
+              // Past the budget only without history.
+              const alone = await Effect.runPromise(buildPrompt(model, { systemPrompt, history: [], cache: emptyPromptCache() }, content, 4))
+              expect(viaSegments.right).toEqual(alone)
+            }
+            if (Either.isRight(viaSegments) && windowStart > 0) {
+              // What the window starts with is never a summarised message.
+              const fromWindow = await Effect.runPromise(buildPrompt(model, { systemPrompt, history: history.slice(windowStart), cache: emptyPromptCache() }, content, 4, budget))
+              expect(viaSegments.right).toEqual(fromWindow)
+            }
           }
         ),
         { numRuns: 1000 }
