@@ -31,9 +31,9 @@ import { GpuScheduler } from "./GpuScheduler.js"
 import type { PromptCache } from "./internal/promptAssembly.js"
 
 /** A summary is due once the turns after it take this fraction of the prompt budget. */
-export const SUMMARY_TRIGGER = 0.75
+export const SUMMARY_TRIGGER = 0.6
 /** ...and it leaves about this fraction of the budget as verbatim turns. */
-export const SUMMARY_KEEP = 0.4
+export const SUMMARY_KEEP = 0.3
 
 /** What the plan reads of a conversation's state. */
 export interface SummaryState {
