@@ -17,7 +17,8 @@ const config: TopologyInput = {
     }
   },
   tiers: {
-    free: { pool: "mini", priority: 1, rpm: 60, tpm: 100_000, ttft_p99_ms: 2000 },
+    // Free conversations are deleted 30 days after their last turn; paid ones are kept.
+    free: { pool: "mini", priority: 1, rpm: 60, tpm: 100_000, ttft_p99_ms: 2000, retention_days: 30 },
     paid: { pool: "mini", priority: 0, rpm: 600, tpm: 1_000_000, ttft_p99_ms: 800 }
   },
   default_tier: "free",

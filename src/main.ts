@@ -28,6 +28,7 @@ import defaultTopology from "../cluster.config.js"
 import * as ConversationEntity from "./actors/Conversation.js"
 import * as ConversationsLive from "./actors/ConversationsLive.js"
 import * as DecodeSlot from "./actors/DecodeSlot.js"
+import * as Retention from "./actors/Retention.js"
 import * as Summaries from "./actors/Summaries.js"
 import * as GpuScheduler from "./actors/GpuScheduler.js"
 import { RunningSlots } from "./actors/internal/runningSlots.js"
@@ -184,7 +185,7 @@ const MainLive = Layer.unwrapEffect(
     const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
     // Summaries are durable workflows on the cluster's message storage (they resume after a restart).
     const SummariesLive = Summaries.layer.pipe(Layer.provide(Summaries.layerSummarizer))
-    const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive, SummariesLive).pipe(
+    const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive, SummariesLive, Retention.layer).pipe(
       Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer, Moderation.layerConfig)),
       Layer.provideMerge(ClusterWorkflowEngine.layer)
     )

@@ -42,7 +42,7 @@ import { Models } from "../runtime/Models.js"
 import { Moderation } from "../runtime/Moderation.js"
 import type { ChatMessage } from "../runtime/Tokenizer.js"
 import { ConversationStore } from "../runtime/Storage.js"
-import { lookup, TopologyService } from "../runtime/Topology.js"
+import { lookup, TopologyService, trainingEligible } from "../runtime/Topology.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSlot.js"
 import * as failover from "./internal/failover.js"
@@ -79,6 +79,8 @@ export const Conversation = Entity.make("Conversation", [
       system_prompt: Schema.NullOr(Schema.String),
       user_id: UserId,
       org_id: Schema.NullOr(Schema.String),
+      /** Days it is kept after its last turn (its creator's tier or org); absent or null: indefinitely. */
+      retention_days: Schema.optional(Schema.NullOr(Schema.Int)),
       /** Earlier messages the conversation starts with (an OpenAI request's), stored as completed turns. */
       history: Schema.optional(Schema.Array(Schema.Struct({ role: Schema.Literal("user", "assistant"), content: Schema.String })))
     },
@@ -330,6 +332,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         loaded = {
           pool: row.value.model,
           userId: row.value.user_id,
+          orgId: row.value.org_id,
           systemPrompt: row.value.system_prompt,
           history: kept.map((t) => ({ role: t.role, content: t.content })),
           seqs: kept.map((t) => t.seq),
@@ -572,7 +575,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               content: input.content,
               status: "completed",
               num_prompt_tokens: null,
-              num_completion_tokens: null
+              num_completion_tokens: null,
+              training_eligible: trainingEligible(topology, conv.orgId)
             }, { idempotencyKey: key }).pipe(
               Effect.onExit((exit) =>
                 Effect.suspend(() => {
@@ -678,6 +682,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               return yield* new StorageError({ message: `the user turn of ${turn.turn_id} was not stored` })
             }
           }
+          // A report of a turn this instance did not start (one that ended as the shard moved)
+          // updates the runner's cached state, if any (or only the store, which has it now).
+          const state = loaded ?? hot.get(id)
+          const orgId = state !== undefined ? state.orgId : Option.getOrNull(Option.map(yield* store.getConversation(id), (row) => row.org_id))
           yield* store.appendTurn({
             conversation_id: id,
             seq,
@@ -686,11 +694,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             status: turn.status,
             num_prompt_tokens: turn.num_prompt_tokens,
             num_completion_tokens: turn.num_completion_tokens,
-            moderation_verdict: turn.moderation_verdict ?? null
+            moderation_verdict: turn.moderation_verdict ?? null,
+            training_eligible: trainingEligible(topology, orgId)
           })
-          // A report of a turn this instance did not start (one that ended as the shard moved)
-          // updates the runner's cached state, if any (or only the store, which has it now).
-          const state = loaded ?? hot.get(id)
           if (state !== undefined) {
             loaded = state
             // A failed or filtered reply never goes into later prompts.
@@ -731,12 +737,20 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
 
       return Conversation.of({
         Create: ({ payload }) =>
-          store.createConversation({ id, model: payload.pool, system_prompt: payload.system_prompt, user_id: payload.user_id, org_id: payload.org_id }, payload.history ?? []).pipe(
+          store.createConversation({
+            id,
+            model: payload.pool,
+            system_prompt: payload.system_prompt,
+            user_id: payload.user_id,
+            org_id: payload.org_id,
+            retention_days: payload.retention_days ?? null
+          }, payload.history ?? []).pipe(
             Effect.tap(() =>
               Effect.sync(() => {
                 loaded = {
                   pool: payload.pool,
                   userId: payload.user_id,
+                  orgId: payload.org_id,
                   systemPrompt: payload.system_prompt,
                   history: (payload.history ?? []).map((m) => ({ role: m.role, content: m.content })),
                   seqs: (payload.history ?? []).map((_, seq) => seq),

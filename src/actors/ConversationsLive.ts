@@ -14,7 +14,7 @@ import { Metrics } from "../runtime/Metrics.js"
 import { Moderation } from "../runtime/Moderation.js"
 import { TurnTraces } from "../runtime/TurnTraces.js"
 import { ConversationStore } from "../runtime/Storage.js"
-import { poolFor, TopologyService } from "../runtime/Topology.js"
+import { poolFor, retentionDaysFor, TopologyService } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
 import { clusterErrors, Conversation } from "./Conversation.js"
 
@@ -193,6 +193,7 @@ export const layer = Layer.effect(
             system_prompt: input.system_prompt ?? null,
             user_id: owner.user_id,
             org_id: owner.org_id,
+            retention_days: retentionDaysFor(topology, owner.tier, owner.org_id),
             ...(input.history === undefined || input.history.length === 0 ? {} : { history: input.history })
           }).pipe(detached)
         ).pipe(dieOnDeliveryFailure)

@@ -17,7 +17,9 @@ export class ConversationRow extends Schema.Class<ConversationRow>("Conversation
   /** The owner: only this user's requests see the conversation. */
   user_id: UserId,
   org_id: Schema.NullOr(Schema.String),
-  created_at_ms: Schema.Number
+  created_at_ms: Schema.Number,
+  /** Days it is kept after its last turn (its creator's tier or org); null: indefinitely. */
+  retention_days: Schema.NullOr(Schema.Int)
 }) {}
 
 export interface NewTurn {
@@ -29,6 +31,8 @@ export interface NewTurn {
   readonly num_prompt_tokens: number | null
   readonly num_completion_tokens: number | null
   readonly moderation_verdict?: string | null | undefined
+  /** The conversation's org allows training on it (OrgPolicy), stamped as it is stored. */
+  readonly training_eligible?: boolean | undefined
 }
 
 export interface ConversationStoreService {
@@ -40,7 +44,7 @@ export interface ConversationStoreService {
    * is (ids are the server's: a retry).
    */
   readonly createConversation: (
-    row: Omit<ConversationRow, "created_at_ms">,
+    row: Omit<ConversationRow, "created_at_ms" | "retention_days"> & { readonly retention_days?: number | null | undefined },
     history?: ReadonlyArray<{ readonly role: "user" | "assistant"; readonly content: string }>
   ) => Effect.Effect<ConversationRow, StorageError>
   readonly getConversation: (id: ConversationId) => Effect.Effect<Option.Option<ConversationRow>, StorageError>
@@ -58,6 +62,11 @@ export interface ConversationStoreService {
    * against the text (`ts_rank`), then newest first. Empty when the user has none.
    */
   readonly topFacts: (userId: UserId, text: string, k: number) => Effect.Effect<ReadonlyArray<string>, StorageError>
+  /**
+   * Up to `limit` conversations past their retention at `nowMs`: a `retention_days` and a last
+   * turn (or, without turns, a creation) more than that many days before.
+   */
+  readonly listExpired: (nowMs: number, limit: number) => Effect.Effect<ReadonlyArray<ConversationId>, StorageError>
   /** A conversation's running summary, if one was written. */
   readonly getSummary: (id: ConversationId) => Effect.Effect<Option.Option<Summary>, StorageError>
   /**
@@ -211,6 +220,12 @@ const migrations = Migrator.fromRecord({
       content text NOT NULL,
       updated_at_ms double precision NOT NULL
     )`
+  }),
+  "9_retention": Effect.gen(function*() {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`ALTER TABLE chat_conversations ADD COLUMN IF NOT EXISTS retention_days integer`
+    yield* sql`CREATE INDEX IF NOT EXISTS chat_conversations_retention ON chat_conversations (created_at_ms) WHERE retention_days IS NOT NULL`
+    yield* sql`ALTER TABLE chat_turns ADD COLUMN IF NOT EXISTS training_eligible boolean NOT NULL DEFAULT false`
   })
 })
 
@@ -228,7 +243,7 @@ const make = Effect.gen(function*() {
   return ConversationStore.of({
     ping: sql`SELECT 1`.pipe(Effect.asVoid, Effect.mapError(storageError("ping"))),
     createConversation: (row, history = []) => {
-      const full = { ...row, created_at_ms: Date.now() }
+      const full = { ...row, retention_days: row.retention_days ?? null, created_at_ms: Date.now() }
       const turns = historyRows(row.id, history, full.created_at_ms)
       // Ids are random and made by the server: a row with this id is this call's own, written
       // by an attempt whose answer was lost (a retried statement, or a retried entity call).
@@ -244,14 +259,16 @@ const make = Effect.gen(function*() {
       )
     },
     getConversation: (id) =>
-      sql`SELECT id, model, system_prompt, user_id, org_id, created_at_ms FROM chat_conversations WHERE id = ${id}`.pipe(
+      sql`SELECT id, model, system_prompt, user_id, org_id, created_at_ms, retention_days FROM chat_conversations WHERE id = ${id}`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.flatMap((rows) => rows.length === 0 ? Effect.succeedNone : Effect.asSome(decodeConversation(rows[0]))),
         Effect.mapError(storageError("get conversation"))
       ),
     appendTurn: (turn, options) => {
-      const row = { ...turn, moderation_verdict: turn.moderation_verdict ?? null, created_at_ms: Date.now() }
-      const inserted = options?.idempotencyKey === undefined ? row : { ...row, idempotency_key: options.idempotencyKey }
+      const { training_eligible, ...fields } = turn
+      const row = { ...fields, moderation_verdict: turn.moderation_verdict ?? null, created_at_ms: Date.now() }
+      const stamped = { ...row, training_eligible: training_eligible ?? false }
+      const inserted = options?.idempotencyKey === undefined ? stamped : { ...stamped, idempotency_key: options.idempotencyKey }
       let attempts = 0
       // A retried INSERT may meet its own earlier attempt (committed, but the reply was lost):
       // the same row already there is success; any other row at that seq is a conflict. So
@@ -304,6 +321,17 @@ const make = Effect.gen(function*() {
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.map((rows) => rows.map((r) => r.content)),
         Effect.mapError(storageError("top facts"))
+      ),
+    listExpired: (nowMs, limit) =>
+      sql<{ id: string }>`SELECT c.id FROM chat_conversations c
+        WHERE c.retention_days IS NOT NULL
+          AND c.created_at_ms < ${nowMs} - c.retention_days * 86400000.0
+          AND COALESCE((SELECT t.created_at_ms FROM chat_turns t WHERE t.conversation_id = c.id ORDER BY t.seq DESC LIMIT 1), c.created_at_ms)
+            < ${nowMs} - c.retention_days * 86400000.0
+        LIMIT ${limit}`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.map((rows) => rows.map((r) => ConversationId.make(r.id))),
+        Effect.mapError(storageError("list expired"))
       ),
     getSummary: (id) =>
       sql`SELECT through_seq, content, updated_at_ms FROM chat_summaries WHERE conversation_id = ${id}`.pipe(
@@ -418,7 +446,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
       Effect.suspend(() => {
         const existing = conversations.get(row.id)
         if (existing !== undefined) return Effect.succeed(existing) // as ON CONFLICT DO NOTHING
-        const full = new ConversationRow({ ...row, created_at_ms: Date.now() })
+        const full = new ConversationRow({ ...row, retention_days: row.retention_days ?? null, created_at_ms: Date.now() })
         conversations.set(row.id, full)
         turns.set(row.id, historyRows(row.id, history, full.created_at_ms).map(toTurn))
         return Effect.succeed(full)
@@ -440,7 +468,8 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
           if (keys.has(byKey)) return Effect.fail(new StorageError({ message: `idempotency key ${key} was used` }))
           keys.set(byKey, turn.seq)
         }
-        const stored = toTurn({ ...turn, moderation_verdict: turn.moderation_verdict ?? null, created_at_ms: Date.now() })
+        const { training_eligible: _, ...fields } = turn
+        const stored = toTurn({ ...fields, moderation_verdict: turn.moderation_verdict ?? null, created_at_ms: Date.now() })
         list.push(stored)
         return Effect.succeed(stored)
       }),
@@ -460,6 +489,16 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         const words = new Set(text.toLowerCase().split(/\W+/).filter((w) => w.length > 0))
         const score = (f: MemoryFact) => f.content.toLowerCase().split(/\W+/).filter((w) => words.has(w)).length
         return [...(facts.get(userId) ?? [])].sort((a, b) => score(b) - score(a) || b.created_at_ms - a.created_at_ms).slice(0, k).map((f) => f.content)
+      }),
+    listExpired: (nowMs, limit) =>
+      Effect.sync(() => {
+        const expired: Array<ConversationId> = []
+        for (const row of conversations.values()) {
+          if (row.retention_days === null || expired.length >= limit) continue
+          const lastMs = turns.get(row.id)?.at(-1)?.created_at_ms ?? row.created_at_ms
+          if (lastMs < nowMs - row.retention_days * 86_400_000) expired.push(row.id)
+        }
+        return expired
       }),
     getSummary: (id) => Effect.sync(() => Option.fromNullable(summaries.get(id))),
     putSummary: (id, summary, basedOn) =>

@@ -62,8 +62,19 @@ export const Tier = Schema.Struct({
    * The pools this tier's users may name (`model`); absent: every pool. `[pool]` pins the
    * tier to its pool (an enterprise tier on its own model). A pool outside is 404 model_not_found.
    */
-  models: Schema.optional(Schema.Array(Schema.String))
+  models: Schema.optional(Schema.Array(Schema.String)),
+  /** Days a conversation is kept after its last turn (then deleted with everything of it); absent: indefinitely. */
+  retention_days: Schema.optional(PositiveInt)
 })
+
+/** An organisation's data rules (its users' JWT `org` claim or API key's org). */
+export const OrgPolicy = Schema.Struct({
+  /** Its turns may be used for training: stamped on each turn as it is stored (default false). */
+  training_eligible: Schema.optionalWith(Schema.Boolean, { default: () => false }),
+  /** Overrides its users' tiers' retention (an enterprise contract's). */
+  retention_days: Schema.optional(PositiveInt)
+})
+export type OrgPolicy = typeof OrgPolicy.Type
 
 export const Generation = Schema.Struct({
   max_tokens: PositiveInt,
@@ -96,7 +107,9 @@ export const TopologySchema = Schema.Struct({
   default_tier: Schema.String,
   generation: Generation,
   /** Absent: no summaries; a prompt holds the most recent turns that fit the model's context. */
-  context: Schema.optional(ContextSettings)
+  context: Schema.optional(ContextSettings),
+  /** Per-organisation data rules; an org not listed has the defaults. */
+  orgs: Schema.optional(Schema.Record({ key: Schema.String, value: OrgPolicy }))
 }).pipe(
   Schema.filter((t) => {
     const issues: Array<string> = []
@@ -126,6 +139,16 @@ export const TopologySchema = Schema.Struct({
 )
 export type Topology = typeof TopologySchema.Type
 export type TopologyInput = typeof TopologySchema.Encoded
+
+/** Days a new conversation of a user of `tier` and `org` is kept after its last turn; null: indefinitely. */
+export const retentionDaysFor = (topology: Topology, tier: string, org: string | null): number | null => {
+  const policy = org === null ? undefined : lookup(topology.orgs ?? {}, org)
+  return policy?.retention_days ?? lookup(topology.tiers, tier)?.retention_days ?? null
+}
+
+/** Whether the turns of `org`'s users may be used for training. */
+export const trainingEligible = (topology: Topology, org: string | null): boolean =>
+  org !== null && (lookup(topology.orgs ?? {}, org)?.training_eligible ?? false)
 
 /** The runner named `name`, if the topology has it. */
 export const runnerNamed = (topology: Topology, name: string): Runner | undefined => topology.runners.find((r) => r.name === name)

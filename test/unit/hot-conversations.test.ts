@@ -14,6 +14,7 @@ const state = (chars: number): ConversationState => ({
   systemPrompt: null,
   history: [{ role: "user", content: "x".repeat(chars) }],
   seqs: [0],
+  orgId: null,
   summary: undefined,
   cache: emptyPromptCache(),
   nextSeq: 1

@@ -22,6 +22,8 @@ export interface ConversationState {
   readonly pool: string
   /** The owner: their remembered facts go into the prompt. */
   readonly userId: UserId
+  /** The owner's org (its data rules: training eligibility). */
+  readonly orgId: string | null
   readonly systemPrompt: string | null
   readonly history: Array<ChatMessage>
   /** The stored seq of each `history` message (failed and filtered turns are not in it). */

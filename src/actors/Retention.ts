@@ -1,0 +1,52 @@
+/**
+ * Retention: conversations are kept `retention_days` after their last turn (their creator's
+ * tier's, or org's, OrgPolicy; none: indefinitely), then deleted with everything of them.
+ *
+ * `sweep` finds the expired ones at the Clock's time (a test's TestClock) and deletes each
+ * through `remove`; `layer` runs it hourly as a ClusterCron job (one run per cluster, on a
+ * gateway runner), deleting through each conversation's entity (Conversation.Delete), which
+ * also drops its cached state and shares.
+ */
+import { ClusterCron } from "@effect/cluster"
+import { Clock, Cron, Effect } from "effect"
+import type { ConversationId } from "../runtime/Domain.js"
+import { ConversationStore } from "../runtime/Storage.js"
+import { Conversation } from "./Conversation.js"
+
+/** Conversations listed and deleted at a time. */
+const SWEEP_BATCH = 100
+
+/**
+ * Deletes every conversation past its retention at the Clock's now, through `remove`, a batch
+ * at a time. A conversation that cannot be deleted now is logged and left to the next sweep.
+ * @returns how many were deleted.
+ */
+export const sweep = <E, R>(remove: (id: ConversationId) => Effect.Effect<void, E, R>) =>
+  Effect.gen(function*() {
+    const store = yield* ConversationStore
+    const nowMs = yield* Clock.currentTimeMillis
+    let numDeleted = 0
+    for (;;) {
+      const expired = yield* store.listExpired(nowMs, SWEEP_BATCH)
+      const results = yield* Effect.forEach(expired, (id) =>
+        remove(id).pipe(
+          Effect.as(true),
+          Effect.catchAllCause((cause) => Effect.as(Effect.logWarning(`retention: conversation ${id} could not be deleted`, cause), false))
+        ), { concurrency: 8 })
+      const n = results.filter(Boolean).length
+      numDeleted += n
+      // A batch that deleted nothing would come back the same: the next sweep tries again.
+      if (expired.length < SWEEP_BATCH || n === 0) return numDeleted
+    }
+  })
+
+/** The hourly sweep of the cluster (at minute 17). */
+export const layer = ClusterCron.make({
+  name: "RetentionSweep",
+  cron: Cron.unsafeParse("17 * * * *"),
+  execute: Effect.gen(function*() {
+    const client = yield* Conversation.client
+    const n = yield* sweep((id) => client(id).Delete())
+    if (n > 0) yield* Effect.logInfo(`retention: ${n} expired conversations deleted`)
+  }).pipe(Effect.catchAllCause((cause) => Effect.logWarning("retention sweep failed", cause)))
+})
