@@ -37,6 +37,7 @@ import * as Metrics from "./runtime/Metrics.js"
 import * as Moderation from "./runtime/Moderation.js"
 import * as TurnTraces from "./runtime/TurnTraces.js"
 import * as Cluster from "./runtime/Cluster.js"
+import * as ConversationCache from "./runtime/ConversationCache.js"
 import * as DataPlane from "./runtime/DataPlane.js"
 import { ensureDefaultModel } from "./runtime/DefaultModel.js"
 import * as EmbeddedPostgres from "./runtime/EmbeddedPostgres.js"
@@ -182,11 +183,13 @@ const MainLive = Layer.unwrapEffect(
       Layer.provide(StreamsLive),
       Layer.provide(EventLogLive)
     )
+    // The shared hot-conversation cache: Redis across runners; one process needs none.
+    const ConversationCacheLive = multiRunner ? ConversationCache.layerRedis(s.redisUrl, s.redisKeyPrefix) : ConversationCache.layerNone
     const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
     // Summaries are durable workflows on the cluster's message storage (they resume after a restart).
     const SummariesLive = Summaries.layer.pipe(Layer.provide(Summaries.layerSummarizer))
     const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive, SummariesLive, Retention.layer).pipe(
-      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer, Moderation.layerConfig)),
+      Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer, Moderation.layerConfig, ConversationCacheLive)),
       Layer.provideMerge(ClusterWorkflowEngine.layer)
     )
     const ClusterLive = EntitiesLive.pipe(

@@ -41,6 +41,7 @@ import {
 import { Models } from "../runtime/Models.js"
 import { Moderation } from "../runtime/Moderation.js"
 import type { ChatMessage } from "../runtime/Tokenizer.js"
+import { type CachedConversation, ConversationCache } from "../runtime/ConversationCache.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { lookup, TopologyService, trainingEligible } from "../runtime/Topology.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
@@ -164,6 +165,9 @@ const gpuOrder = (gpuIds: ReadonlyArray<string>, preferred: string | undefined):
   return preferred !== undefined && gpuIds.includes(preferred) ? [preferred, ...rest] : rest
 }
 
+/** A conversation with more turns after its summary than this is not put in the shared cache (it loads from the store). */
+const MAX_SHARED_MESSAGES = 256
+
 /** Remembered facts of the user put in a prompt, at most. */
 const MEMORY_TOP_K = 5
 
@@ -234,6 +238,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const multiRunner = topologyValue.runners.length > 1
   const runFork = Runtime.runFork(yield* Effect.runtime<ConversationStore>())
   const workflows = yield* WorkflowEngine.WorkflowEngine
+  const shared = yield* ConversationCache
   const contextSettings = topologyValue.context
   const eventLog = yield* TurnEventLog
   const failoverDeps: failover.FailoverDeps = {
@@ -305,21 +310,68 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           )
         )
 
+      /**
+       * Writes the conversation's state to the shared cache (Redis), off the turn's path: the
+       * turns after the summary, checked by readers against the store's last turn.
+       */
+      const share = (state: ConversationState) => {
+        if (!shared.enabled || lastStoredTurn === undefined) return
+        const start = windowStartOf(state)
+        if (state.history.length - start > MAX_SHARED_MESSAGES) return void runFork(shared.delete(id))
+        const messages: Array<CachedConversation["messages"][number]> = []
+        for (let i = start; i < state.history.length; i++) {
+          const m = state.history[i]!
+          if (m.role !== "system") messages.push({ seq: state.seqs[i]!, role: m.role, content: m.content })
+        }
+        runFork(shared.put(id, {
+          pool: state.pool,
+          user_id: state.userId,
+          org_id: state.orgId,
+          system_prompt: state.systemPrompt,
+          ...(state.summary === undefined ? {} : { summary: state.summary }),
+          next_seq: state.nextSeq,
+          last: { seq: lastStoredTurn.seq, role: lastStoredTurn.role as "user" | "assistant" },
+          messages
+        }))
+      }
+
       const load = Effect.gen(function*() {
         if (loaded !== undefined) return loaded
         const cached = hot.get(id)
         if (cached !== undefined && !multiRunner) return (loaded = cached)
-        if (cached !== undefined) {
+        if (multiRunner) {
           // Another runner may have written turns since this one cached them (the shard
-          // moved away and back): the cache holds only while it ends where the store does.
+          // moved away and back), and the shared entry may lag behind the store: either
+          // holds only while it ends where the store does (its last turn, one indexed row).
           const tail = yield* store.listTurns(id, { limit: 1 })
           if (loaded !== undefined) return loaded
           const last = tail.at(-1)
-          if (last !== undefined && last.seq + (last.role === "user" ? 2 : 1) === cached.nextSeq) {
-            lastStoredTurn = last
-            return (loaded = cached)
+          if (cached !== undefined) {
+            if (last !== undefined && last.seq + (last.role === "user" ? 2 : 1) === cached.nextSeq) {
+              lastStoredTurn = last
+              return (loaded = cached)
+            }
+            hot.delete(id)
           }
-          hot.delete(id)
+          const entry = last === undefined ? Option.none() : yield* shared.get(id)
+          if (loaded !== undefined) return loaded
+          if (Option.isSome(entry) && entry.value.last?.seq === last?.seq && entry.value.last?.role === last?.role) {
+            const e = entry.value
+            lastStoredTurn = last
+            loaded = {
+              pool: e.pool,
+              userId: e.user_id,
+              orgId: e.org_id,
+              systemPrompt: e.system_prompt,
+              history: e.messages.map((m) => ({ role: m.role, content: m.content })),
+              seqs: e.messages.map((m) => m.seq),
+              cache: emptyPromptCache(),
+              summary: e.summary,
+              nextSeq: e.next_seq
+            }
+            hot.set(id, loaded)
+            return loaded
+          }
         }
         const [row, summary] = yield* Effect.all([store.getConversation(id), store.getSummary(id)], { concurrency: 2 })
         if (Option.isNone(row)) return yield* new ConversationNotFound({ conversation_id: id })
@@ -348,6 +400,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           )
         }
         hot.set(id, loaded)
+        share(loaded)
         return loaded
       })
 
@@ -448,7 +501,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             Effect.provideService(WorkflowEngine.WorkflowEngine, workflows),
             Effect.tap((summary) =>
               Effect.sync(() => {
-                if (summary !== null && (state.summary?.through_seq ?? -1) < summary.through_seq) state.summary = summary
+                if (summary !== null && (state.summary?.through_seq ?? -1) < summary.through_seq) {
+                  state.summary = summary
+                  if (loaded === state) share(state)
+                }
               })
             ),
             Effect.catchAllCause((cause) => Effect.logWarning(`conversation ${id}: the summary through ${throughSeq} failed`, cause)),
@@ -707,6 +763,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             }
             loaded.nextSeq = Math.max(loaded.nextSeq, seq + 1)
             hot.grew(id, loaded, reply)
+            if (lastStoredTurn === undefined || lastStoredTurn.seq < seq) lastStoredTurn = { seq, role: "assistant" }
+            share(loaded)
             summarizeIfDue(loaded)
             // The next prompts hold this message: use the ids the model produced for it
             // rather than encode its text again (the per-turn cost of a long reply).
@@ -798,6 +856,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             loaded = undefined
             lastStoredTurn = undefined
             hot.delete(id)
+            yield* shared.delete(id)
           })
       })
     }),

@@ -69,15 +69,18 @@ for (const [name, layer] of suites) {
           expect((yield* store.listTurns(forever, { limit: 10 })).length).toBe(2)
         }))
 
-      if (name === "PostgreSQL") {
-        it.effect("stamps training eligibility on each stored turn", () =>
-          Effect.gen(function*() {
-            const id = yield* conversation(null)
-            const sql = yield* SqlClient.SqlClient
-            const rows = yield* sql<{ seq: number; training_eligible: boolean }>`SELECT seq, training_eligible FROM chat_turns WHERE conversation_id = ${id} ORDER BY seq`
-            expect(rows.map((r) => [r.seq, r.training_eligible])).toEqual([[0, true], [1, false]])
-          }))
-      }
     })
   })
 }
+
+describe("training eligibility (PostgreSQL)", () => {
+  it.layer(Storage.layer.pipe(Layer.provideMerge(OwnPgLive)), { timeout: 60_000 })((it) => {
+    it.effect("is stamped on each stored turn", () =>
+      Effect.gen(function*() {
+        const id = yield* conversation(null)
+        const sql = yield* SqlClient.SqlClient
+        const rows = yield* sql<{ seq: number; training_eligible: boolean }>`SELECT seq, training_eligible FROM chat_turns WHERE conversation_id = ${id} ORDER BY seq`
+        expect(rows.map((r) => [r.seq, r.training_eligible])).toEqual([[0, true], [1, false]])
+      }))
+  })
+})
