@@ -49,6 +49,7 @@ import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSl
 import * as failover from "./internal/failover.js"
 import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
+import { explicitFact } from "./internal/memoryRequests.js"
 import { buildPrompt, emptyPromptCache } from "./internal/promptAssembly.js"
 import { planSummary, SummarizeConversation, windowStartOf } from "./Summaries.js"
 
@@ -641,6 +642,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   if (Exit.isFailure(exit)) {
                     hot.delete(id)
                     loaded = undefined
+                  } else {
+                    // "Remember that …": the fact joins the user's memory (deduplicated).
+                    const fact = explicitFact(input.content)
+                    if (fact !== undefined) runFork(store.updateFacts(conv.userId, { add: [fact], remove: [] }).pipe(Effect.ignoreLogged))
                   }
                   return Deferred.succeed(userTurnStored, Exit.isSuccess(exit))
                 })

@@ -6,7 +6,7 @@
 import { randomUUID } from "node:crypto"
 import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
-import { ConversationId, HistoryPage, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, UserMemory, usageJson } from "../runtime/Domain.js"
+import { ConversationId, HistoryPage, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, UserId as UserIdSchema, UserMemory, usageJson } from "../runtime/Domain.js"
 import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable, UserNotFound } from "../runtime/Errors.js"
 import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
@@ -201,6 +201,13 @@ export const layer = Layer.effect(
         return { id, model: pool.name, region: regionOf(pool.pool) }
       })
 
+    /** Whose memory `user` names for `owner`: their own (`me` or their id), anyone's for an admin key. */
+    const memoryOwner = (owner: Identity, user: string): Effect.Effect<UserId, UserNotFound> =>
+      user === "me" || user === owner.user_id
+        ? Effect.succeed(owner.user_id)
+        : owner.admin === true
+        ? Effect.succeed(UserIdSchema.make(user))
+        : Effect.fail(new UserNotFound({ user_id: user }))
     const modelNames = Object.keys(topology.pools)
     /** Where a pool serves: the region of the runner of its first GPU. */
     const regionOf = (pool: { readonly gpus: ReadonlyArray<{ readonly id: string }> }) =>
@@ -333,15 +340,15 @@ export const layer = Layer.effect(
 
       memory: (owner, user) =>
         Effect.gen(function*() {
-          if (user !== "me" && user !== owner.user_id) return yield* new UserNotFound({ user_id: user })
-          return new UserMemory({ user_id: owner.user_id, facts: yield* store.listFacts(owner.user_id) })
+          const target = yield* memoryOwner(owner, user)
+          return new UserMemory({ user_id: target, facts: yield* store.listFacts(target) })
         }),
 
       updateMemory: (owner, user, update) =>
         Effect.gen(function*() {
-          if (user !== "me" && user !== owner.user_id) return yield* new UserNotFound({ user_id: user })
-          yield* store.updateFacts(owner.user_id, update)
-          return new UserMemory({ user_id: owner.user_id, facts: yield* store.listFacts(owner.user_id) })
+          const target = yield* memoryOwner(owner, user)
+          yield* store.updateFacts(target, update)
+          return new UserMemory({ user_id: target, facts: yield* store.listFacts(target) })
         }),
 
       share: (owner, id) =>

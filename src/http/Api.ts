@@ -152,7 +152,7 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
   .middleware(Authorization)
 {}
 
-/** A user's long-term memory: `me` (or the caller's own id) only. */
+/** A user's long-term memory: `me` (or the caller's own id); any user's with an admin key (ADMIN_API_KEYS). */
 const user = HttpApiSchema.param("user", Schema.String.pipe(Schema.minLength(1), Schema.maxLength(256)))
 
 export class MemoryGroup extends HttpApiGroup.make("memory")

@@ -127,6 +127,14 @@ export const parseApiKeys = (
     }
   )
 
+/** Parses `ADMIN_API_KEYS` (comma-separated keys): each an operator identity of its own (`admin-<sha256 prefix>`). */
+export const parseAdminKeys = (raw: string, defaultTier: string): AuthSettings["apiKeys"] =>
+  raw.split(",").map((key) => key.trim()).filter((key) => key.length > 0).map((key) => {
+    const keyDigest = digest(key)
+    const userId = UserId.make(`admin-${keyDigest.toString("hex").slice(0, 16)}`)
+    return { digest: keyDigest, identity: new Identity({ user_id: userId, tier: defaultTier, org_id: null, admin: true }, noValidation) }
+  })
+
 /** A JWT verifier from `JWT_SECRET` (HS256) or `JWT_JWKS_FILE` (RS256/ES256). */
 const jwtVerifier = (options: {
   readonly secret: Option.Option<Redacted.Redacted<string>>
@@ -162,13 +170,17 @@ export const layer = (settings: AuthSettings): Layer.Layer<Authenticator> => Lay
 export const layerLocal = (defaultTier = "free"): Layer.Layer<Authenticator> =>
   layer({ apiKeys: [], verifyJwt: undefined, tiers: [defaultTier], defaultTier })
 
-/** From `API_KEYS`, `JWT_SECRET`, `JWT_JWKS_FILE`, `JWT_ISSUER`, `JWT_AUDIENCE` and the topology's tiers. */
+/** From `API_KEYS`, `ADMIN_API_KEYS`, `JWT_SECRET`, `JWT_JWKS_FILE`, `JWT_ISSUER`, `JWT_AUDIENCE` and the topology's tiers. */
 export const layerConfig: Layer.Layer<Authenticator, ConfigError.ConfigError, TopologyService> = Layer.effect(
   Authenticator,
   Effect.gen(function*() {
     const topology = yield* TopologyService
     const rawKeys = yield* Config.option(Config.redacted("API_KEYS"))
-    const apiKeys = Option.isSome(rawKeys) ? yield* parseApiKeys(Redacted.value(rawKeys.value), topology) : []
+    const rawAdminKeys = yield* Config.option(Config.redacted("ADMIN_API_KEYS"))
+    const apiKeys = [
+      ...(Option.isSome(rawKeys) ? yield* parseApiKeys(Redacted.value(rawKeys.value), topology) : []),
+      ...(Option.isSome(rawAdminKeys) ? parseAdminKeys(Redacted.value(rawAdminKeys.value), topology.default_tier) : [])
+    ]
     const verifyJwt = yield* jwtVerifier({
       secret: yield* Config.option(Config.redacted("JWT_SECRET")),
       jwksFile: yield* Config.option(Config.string("JWT_JWKS_FILE")),

@@ -32,7 +32,9 @@ export type UserId = typeof UserId.Type
 export class Identity extends Schema.Class<Identity>("Identity")({
   user_id: UserId,
   tier: Schema.String,
-  org_id: Schema.NullOr(Schema.String)
+  org_id: Schema.NullOr(Schema.String),
+  /** An operator's key (ADMIN_API_KEYS): may read and change any user's memory. */
+  admin: Schema.optional(Schema.Boolean)
 }) {}
 
 export const Role = Schema.Literal("system", "user", "assistant")

@@ -29,7 +29,7 @@ describe("gateway: identity and ownership", () => {
     assertEngineBuilt()
     dbUrl = (await freshDatabase()).url
     service = await startService({
-      env: { DATABASE_URL: dbUrl, API_KEYS: "key-alice=alice:paid:acme,key-bob=bob", JWT_SECRET }
+      env: { DATABASE_URL: dbUrl, API_KEYS: "key-alice=alice:paid:acme,key-bob=bob", ADMIN_API_KEYS: "key-operator", JWT_SECRET }
     })
   }, 120_000)
 
@@ -168,6 +168,21 @@ describe("gateway: identity and ownership", () => {
     const after = (await (await patch("me", { remove: [lisbon] }, alice)).json()) as any
     expect(after.facts.map((f: any) => f.content)).toEqual(["Prefers metric units"])
     expect(((await (await fetch(`${service.url}/v1/users/alice/memory`, { headers: alice })).json()) as any).facts.length).toBe(1)
+    // "Remember that …" in a turn adds the fact once the turn is stored.
+    const done = (await readSse(await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Remember that my cat is called Tom.", max_tokens: 1 }, alice), () => undefined)).at(-1)!
+    expect(done.event).toBe("done")
+    let facts: Array<string> = []
+    for (let i = 0; i < 50 && !facts.includes("my cat is called Tom"); i++) {
+      await new Promise((r) => setTimeout(r, 100))
+      facts = ((await (await fetch(`${service.url}/v1/users/me/memory`, { headers: alice })).json()) as any).facts.map((f: any) => f.content)
+    }
+    expect(facts).toEqual(["Prefers metric units", "my cat is called Tom"])
+    // An admin key reads and changes anyone's memory; a user's key only their own.
+    const operator = bearer("key-operator")
+    expect(((await (await fetch(`${service.url}/v1/users/alice/memory`, { headers: operator })).json()) as any).facts.length).toBe(2)
+    const cleared = (await (await patch("bob", { add: ["Set by an operator"] }, operator)).json()) as any
+    expect(cleared.user_id).toBe("bob")
+    expect(((await (await fetch(`${service.url}/v1/users/me/memory`, { headers: bearer("key-bob") })).json()) as any).facts.map((f: any) => f.content)).toEqual(["Set by an operator"])
   }, 60_000)
 
   it("missing, unknown, expired and forged credentials are 401 with WWW-Authenticate, and store nothing", async () => {

@@ -1,0 +1,19 @@
+import { describe, expect, it } from "vitest"
+import { explicitFact } from "../../src/actors/internal/memoryRequests.js"
+
+describe("explicitFact", () => {
+  it("takes the fact of a message that asks to remember it", () => {
+    expect(explicitFact("Remember that I prefer metric units.")).toBe("I prefer metric units")
+    expect(explicitFact("please remember: my name is Ada")).toBe("my name is Ada")
+    expect(explicitFact("  remember, I am vegetarian!")).toBe("I am vegetarian")
+    expect(explicitFact("Remember my cat is called Tom")).toBe("my cat is called Tom")
+  })
+
+  it("ignores questions, other messages and oversized requests", () => {
+    expect(explicitFact("Do you remember what I said?")).toBeUndefined()
+    expect(explicitFact("remember what I said?")).toBeUndefined()
+    expect(explicitFact("I remember that day")).toBeUndefined()
+    expect(explicitFact("remember")).toBeUndefined()
+    expect(explicitFact(`remember that ${"x".repeat(600)}`)).toBeUndefined()
+  })
+})
