@@ -229,7 +229,7 @@ const MainLive = Layer.unwrapEffect(
       : GpuDrainLive.pipe(Layer.provideMerge(ClusterLive), Layer.provide(WorkersLive))
     if (!runner.roles.includes("gateway")) return Layer.discard(RunnerLive)
     // One registry for the whole process: the facade times turns, the edge counts refusals.
-    const MetricsLive = Metrics.layer.pipe(Layer.provide(Layer.mergeAll(WorkersLive, TopologyLive)))
+    const MetricsLive = Metrics.layer.pipe(Layer.provide(Layer.mergeAll(WorkersLive, TopologyLive, ConversationCacheLive)))
     const ConversationsLayer = ConversationsLive.layer.pipe(
       Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive, MetricsLive, Moderation.layerConfig, TurnTraces.layerConfig))
     )

@@ -339,7 +339,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       const load = Effect.gen(function*() {
         if (loaded !== undefined) return loaded
         const cached = hot.get(id)
-        if (cached !== undefined && !multiRunner) return (loaded = cached)
+        if (cached !== undefined && !multiRunner) {
+          shared.recordLoad("process")
+          return (loaded = cached)
+        }
         if (multiRunner) {
           // Another runner may have written turns since this one cached them (the shard
           // moved away and back), and the shared entry may lag behind the store: either
@@ -350,6 +353,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           if (cached !== undefined) {
             if (last !== undefined && last.seq + (last.role === "user" ? 2 : 1) === cached.nextSeq) {
               lastStoredTurn = last
+              shared.recordLoad("process")
               return (loaded = cached)
             }
             hot.delete(id)
@@ -371,6 +375,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               nextSeq: e.next_seq
             }
             hot.set(id, loaded)
+            shared.recordLoad("shared")
             return loaded
           }
         }
@@ -401,6 +406,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           )
         }
         hot.set(id, loaded)
+        shared.recordLoad("store")
         share(loaded)
         return loaded
       })

@@ -33,17 +33,27 @@ export const CachedConversation = Schema.Struct({
 })
 export type CachedConversation = typeof CachedConversation.Type
 
-/** Hits and misses of `get` since start (a miss includes Redis unavailable). */
+/**
+ * Hits and misses of `get` since start (a miss includes Redis unavailable), and where the
+ * Conversation entities of this runner found a conversation's state when they started
+ * (`recordLoad`): the runner's own memory, the shared entry, or the store.
+ */
 export interface CacheStats {
   hits: number
   misses: number
+  loads: { process: number; shared: number; store: number }
 }
+
+/** Where a Conversation entity found its state when it started. */
+export type LoadSource = keyof CacheStats["loads"]
 
 export class ConversationCache extends Context.Tag("chat/ConversationCache")<ConversationCache, {
   readonly get: (id: ConversationId) => Effect.Effect<Option.Option<CachedConversation>>
   readonly put: (id: ConversationId, entry: CachedConversation) => Effect.Effect<void>
   readonly delete: (id: ConversationId) => Effect.Effect<void>
   readonly stats: CacheStats
+  /** Counts a Conversation entity's start by where its state came from. */
+  readonly recordLoad: (source: LoadSource) => void
   /** Whether there is a shared tier at all (false: `layerNone`). */
   readonly enabled: boolean
 }>() {}
@@ -70,12 +80,13 @@ export const layerRedis = (url: string, prefix: string) =>
       redis.on("ready", () => (down = false))
       yield* Effect.addFinalizer(() => Effect.promise(() => redis.quit().catch(() => undefined)))
       const key = (id: ConversationId) => `${prefix}conv:${id}`
-      const stats: CacheStats = { hits: 0, misses: 0 }
+      const stats: CacheStats = { hits: 0, misses: 0, loads: { process: 0, shared: 0, store: 0 } }
       const attempt = <A>(run: () => Promise<A>) =>
         Effect.tryPromise(run).pipe(Effect.timeout(Duration.millis(2 * COMMAND_TIMEOUT_MS)), Effect.option)
       return ConversationCache.of({
         enabled: true,
         stats,
+        recordLoad: (source) => void stats.loads[source]++,
         // GETEX: the read renews the entry's TTL (promoted on read).
         get: (id) =>
           Effect.map(
@@ -95,11 +106,14 @@ export const layerRedis = (url: string, prefix: string) =>
   )
 
 /** No shared tier: every `get` misses, nothing is written. */
-export const layerNone = Layer.sync(ConversationCache, () =>
-  ConversationCache.of({
+export const layerNone = Layer.sync(ConversationCache, () => {
+  const stats: CacheStats = { hits: 0, misses: 0, loads: { process: 0, shared: 0, store: 0 } }
+  return ConversationCache.of({
     enabled: false,
-    stats: { hits: 0, misses: 0 },
+    stats,
+    recordLoad: (source) => void stats.loads[source]++,
     get: () => Effect.succeedNone,
     put: () => Effect.void,
     delete: () => Effect.void
-  }))
+  })
+})

@@ -13,6 +13,7 @@
  *   `moderation_verdicts_total` by stage (`input`; output verdicts are counted as
  *   `request_success_total{finished_reason="content_filter"}`) and verdict.
  */
+import { ConversationCache } from "./ConversationCache.js"
 import { Context, Effect, Layer } from "effect"
 import * as Prometheus from "prom-client"
 import { GpuWorkers } from "./GpuWorkers.js"
@@ -41,6 +42,18 @@ const make = Effect.gen(function*() {
   for (const [name, pool] of Object.entries(topology.pools)) for (const gpu of pool.gpus) poolOfGpu.set(gpu.id, name)
 
   const registry = new Prometheus.Registry()
+  const cacheStats = (yield* ConversationCache).stats
+  // Read at scrape time from the cache's own counts (the entities count as they load).
+  new Prometheus.Counter({
+    name: "conversation_loads_total",
+    help: "Conversation entities started on this runner, by where their state came from: process (this runner's memory), shared (the Redis entry), store (PostgreSQL).",
+    labelNames: ["source"] as const,
+    registers: [registry],
+    collect() {
+      this.reset()
+      for (const [source, n] of Object.entries(cacheStats.loads)) this.inc({ source }, n)
+    }
+  })
   const turnLabels = ["model", "tier"] as const
   const ttft = new Prometheus.Histogram({
     name: "time_to_first_token_seconds",
@@ -135,4 +148,4 @@ const make = Effect.gen(function*() {
   })
 })
 
-export const layer: Layer.Layer<Metrics, never, GpuWorkers | TopologyService> = Layer.effect(Metrics, make)
+export const layer: Layer.Layer<Metrics, never, GpuWorkers | TopologyService | ConversationCache> = Layer.effect(Metrics, make)

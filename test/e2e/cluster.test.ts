@@ -220,6 +220,31 @@ describe("local cluster: two gateways, two GPU runners", () => {
     expect(shards("gw-1") + shards("gw-2")).toBe(16)
   }, 120_000)
 
+  it("conversations whose gateway stops load on the other one from the shared cache (Redis), with the same prompts", async () => {
+    const [gw1] = cluster.gateways
+    const ids: Array<string> = []
+    for (let i = 0; i < 32; i++) ids.push(((await (await postJson(`${gw1}/v1/conversations`, {})).json()) as any).conversation_id)
+    // The same turn with the same seed everywhere: every conversation holds the same history.
+    const first = await Promise.all(ids.map((id) => turn(gw1, id, { content: "Where is Lyon?", max_tokens: 12, seed: 7 })))
+    expect(first.map((r) => r.terminal?.event)).toEqual(ids.map(() => "done"))
+    expect(new Set(first.map((r) => r.text)).size).toBe(1)
+    const loads = async () => {
+      const text = await (await fetch(`${gw1}/metrics`)).text()
+      return Number(/conversation_loads_total\{source="shared"\} (\d+)/.exec(text)?.[1] ?? 0)
+    }
+    const before = await loads()
+    // gw-2 stops: its conversations' entities start on gw-1, which never held them.
+    const gw2 = cluster.runners.get("gw-2")!
+    gw2.process.kill("SIGTERM")
+    await gw2.exited
+    const second = await Promise.all(ids.map((id) => turn(gw1, id, { content: "And Lisbon?", max_tokens: 4, seed: 7 })))
+    expect(second.map((r) => r.status)).toEqual(ids.map(() => 200))
+    // Whether the state came from this runner's memory, the shared entry or the store, the prompt is the same.
+    expect(new Set(second.map((r) => r.terminal?.data.usage.prompt_tokens)).size).toBe(1)
+    expect(await loads()).toBeGreaterThan(before)
+    await cluster.restart("gw-2")
+  }, 120_000)
+
   /**
    * Streams a long turn of each conversation through gw-1, SIGKILLs gw-1 once every client
    * has 10 tokens, and waits for the cut streams. @returns each client's token events.

@@ -1,3 +1,4 @@
+import * as ConversationCache from "../../src/runtime/ConversationCache.js"
 import { HttpServer } from "@effect/platform"
 import { describe, expect, it } from "@effect/vitest"
 import { ConfigProvider, Duration, Effect, Exit, Layer, Scope } from "effect"
@@ -41,6 +42,7 @@ const authLayer = (env: Record<string, string>) =>
     Layer.provideMerge(Metrics.layer),
     // The fake conversations run no GPU: the metrics have no GPU gauges to read.
     Layer.provide(Layer.succeed(GpuWorkers, { get: () => undefined, all: [], drain: () => Effect.succeed(0) })),
+    Layer.provide(ConversationCache.layerNone),
     Layer.provide(RateLimiter.layerStoreMemory),
     Layer.provide(Topology.layer(clusterConfig)),
     Layer.provide(Layer.setConfigProvider(ConfigProvider.fromMap(new Map(Object.entries(env)))))
