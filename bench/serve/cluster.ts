@@ -44,6 +44,17 @@ const summarize = (r: ReadonlyArray<PointResult>) => ({
   error_samples: r.flatMap((p) => p.errors.samples).slice(0, 5)
 })
 
+/** Where the gateways' Conversation entities found their state (conversation_loads_total), summed. */
+const conversationLoads = async (urls: ReadonlyArray<string>) => {
+  const loads: Record<string, number> = { process: 0, shared: 0, store: 0 }
+  for (const url of urls) {
+    const text = await (await fetch(`${url}/metrics`)).text()
+    for (const m of text.matchAll(/^conversation_loads_total\{source="(\w+)"\} (\d+)/gm)) loads[m[1]!] = (loads[m[1]!] ?? 0) + Number(m[2])
+  }
+  const total = loads["process"]! + loads["shared"]! + loads["store"]!
+  return { ...loads, hot_cache_hit_rate: total === 0 ? null : round((loads["process"]! + loads["shared"]!) / total, 4) }
+}
+
 const load = (targets: ReadonlyArray<Target>, label: string, pids: () => Record<string, number>) =>
   Promise.all(targets.map((target, i) =>
     runPoint(target, { kind: "closed", concurrency: numStreams / targets.length }, {
@@ -63,9 +74,10 @@ const main = async () => {
 
   const db1 = await createPrivateDatabase(serverUrl)
   const single = await startService({ env: { DATABASE_URL: db1.url, ...env }, dataDir: mkdtempSync(path.join(os.tmpdir(), "bench-cluster-")) })
-  let oneProcess: ReturnType<typeof summarize>
+  let oneProcess: ReturnType<typeof summarize> & { conversation_loads?: Awaited<ReturnType<typeof conversationLoads>> }
   try {
     oneProcess = summarize(await load([{ host: single.host, port: single.port, agent: makeAgent() }], "one process", () => single.pids()))
+    oneProcess.conversation_loads = await conversationLoads([`http://${single.host}:${single.port}`])
   } finally {
     await single.stop()
     await db1.drop()
@@ -83,7 +95,7 @@ const main = async () => {
       CLUSTER_LOCAL_KV_CACHE_BYTES: String(8 * 1024 * 1024 * 1024)
     }
   })
-  let clustered: ReturnType<typeof summarize>
+  let clustered: ReturnType<typeof summarize> & { conversation_loads?: Awaited<ReturnType<typeof conversationLoads>> }
   try {
     const targets = cluster.gateways.map((url) => {
       const u = new URL(url)
@@ -91,6 +103,7 @@ const main = async () => {
     })
     const pids = () => Object.fromEntries([...cluster.runners].map(([name, r]) => [name, r.process.pid!]))
     clustered = summarize(await load(targets, "cluster", pids))
+    clustered.conversation_loads = await conversationLoads(cluster.gateways)
   } finally {
     await cluster.stop()
     await db2.drop()
