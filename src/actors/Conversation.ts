@@ -43,7 +43,7 @@ import { Moderation } from "../runtime/Moderation.js"
 import type { ChatMessage } from "../runtime/Tokenizer.js"
 import { type CachedConversation, ConversationCache } from "../runtime/ConversationCache.js"
 import { ConversationStore } from "../runtime/Storage.js"
-import { lookup, TopologyService, trainingEligible } from "../runtime/Topology.js"
+import { lookup, TopologyService, trainingEligible, zeroRetention } from "../runtime/Topology.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSlot.js"
 import * as failover from "./internal/failover.js"
@@ -316,7 +316,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
        * turns after the summary, checked by readers against the store's last turn.
        */
       const share = (state: ConversationState) => {
-        if (!shared.enabled || lastStoredTurn === undefined) return
+        if (!shared.enabled || lastStoredTurn === undefined || zeroRetention(topology, state.orgId)) return
         const start = windowStartOf(state)
         if (state.history.length - start > MAX_SHARED_MESSAGES) return void runFork(shared.delete(id))
         const messages: Array<CachedConversation["messages"][number]> = []
@@ -386,7 +386,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         if (loaded !== undefined) return loaded
         const last = turns.at(-1)
         lastStoredTurn = last
-        const kept = turns.filter((t) => t.role !== "system" && t.status !== "failed" && t.status !== "filtered")
+        // Zero retention: the stored turns have no text; the conversation goes on without them.
+        const zeroRetained = zeroRetention(topology, row.value.org_id)
+        const kept = turns.filter((t) => t.role !== "system" && t.status !== "failed" && t.status !== "filtered" && !(zeroRetained && t.content === ""))
         loaded = {
           pool: row.value.model,
           userId: row.value.user_id,
@@ -499,7 +501,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
        * that restarts resumes the workflow; its state here is then read from the store.
        */
       const summarizeIfDue = (state: ConversationState) => {
-        if (contextSettings === undefined || state.summaryPending !== undefined) return
+        if (contextSettings === undefined || state.summaryPending !== undefined || zeroRetention(topology, state.orgId)) return
         const throughSeq = planSummary(state, contextSettings.prompt_budget_tokens)
         if (throughSeq === undefined) return
         state.summaryPending = throughSeq
@@ -635,7 +637,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               conversation_id: id,
               seq: userSeq,
               role: "user",
-              content: input.content,
+              // Zero retention: the text stays in this runner's memory only.
+              content: zeroRetention(topology, conv.orgId) ? "" : input.content,
               status: "completed",
               num_prompt_tokens: null,
               num_completion_tokens: null,
@@ -650,7 +653,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                     loaded = undefined
                   } else {
                     // "Remember that …": the fact joins the user's memory (deduplicated).
-                    const fact = explicitFact(input.content)
+                    const fact = zeroRetention(topology, conv.orgId) ? undefined : explicitFact(input.content)
                     if (fact !== undefined) runFork(store.updateFacts(conv.userId, { add: [fact], remove: [] }).pipe(Effect.ignoreLogged))
                   }
                   return Deferred.succeed(userTurnStored, Exit.isSuccess(exit))
@@ -757,7 +760,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             conversation_id: id,
             seq,
             role: "assistant",
-            content: turn.text,
+            content: zeroRetention(topology, orgId) ? "" : turn.text,
             status: turn.status,
             num_prompt_tokens: turn.num_prompt_tokens,
             num_completion_tokens: turn.num_completion_tokens,
@@ -813,7 +816,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             user_id: payload.user_id,
             org_id: payload.org_id,
             retention_days: payload.retention_days ?? null
-          }, payload.history ?? []).pipe(
+          }, zeroRetention(topology, payload.org_id) ? (payload.history ?? []).map((m) => ({ role: m.role, content: "" })) : payload.history ?? []).pipe(
             Effect.tap(() =>
               Effect.sync(() => {
                 loaded = {

@@ -14,7 +14,7 @@ import { Metrics } from "../runtime/Metrics.js"
 import { Moderation } from "../runtime/Moderation.js"
 import { TurnTraces } from "../runtime/TurnTraces.js"
 import { ConversationStore } from "../runtime/Storage.js"
-import { poolFor, retentionDaysFor, TopologyService } from "../runtime/Topology.js"
+import { poolFor, retentionDaysFor, TopologyService, zeroRetention } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
 import { clusterErrors, Conversation } from "./Conversation.js"
 
@@ -394,7 +394,8 @@ export const layer = Layer.effect(
           return new HistoryPage({
             turns: page,
             next_cursor: more ? String(page[0]!.seq) : null,
-            ...(Option.isSome(summary) ? { summary: summary.value } : {})
+            ...(Option.isSome(summary) ? { summary: summary.value } : {}),
+            ...(zeroRetention(topology, row.value.org_id) ? { zero_retention: true } : {})
           })
         })
     }

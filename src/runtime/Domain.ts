@@ -189,5 +189,7 @@ export class HistoryPage extends Schema.Class<HistoryPage>("HistoryPage")({
   turns: Schema.Array(Turn),
   next_cursor: Schema.NullOr(Schema.String),
   /** The running summary (absent until the conversation outgrew its prompt budget). */
-  summary: Schema.optional(Summary)
+  summary: Schema.optional(Summary),
+  /** The owner's org has zero retention: the turns' text was never stored (their content is empty). */
+  zero_retention: Schema.optional(Schema.Boolean)
 }) {}

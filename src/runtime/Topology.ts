@@ -72,7 +72,14 @@ export const OrgPolicy = Schema.Struct({
   /** Its turns may be used for training: stamped on each turn as it is stored (default false). */
   training_eligible: Schema.optionalWith(Schema.Boolean, { default: () => false }),
   /** Overrides its users' tiers' retention (an enterprise contract's). */
-  retention_days: Schema.optional(PositiveInt)
+  retention_days: Schema.optional(PositiveInt),
+  /**
+   * Zero retention: its turns are served but their text is never stored at rest (the store
+   * keeps each turn's seq, role, status and token counts, with empty content); the text lives
+   * only in the serving runner's memory, so a conversation that runner forgets goes on
+   * without its earlier context. No summaries, no shared cache entry, no remembered facts.
+   */
+  zero_retention: Schema.optionalWith(Schema.Boolean, { default: () => false })
 })
 export type OrgPolicy = typeof OrgPolicy.Type
 
@@ -145,6 +152,10 @@ export const retentionDaysFor = (topology: Topology, tier: string, org: string |
   const policy = org === null ? undefined : lookup(topology.orgs ?? {}, org)
   return policy?.retention_days ?? lookup(topology.tiers, tier)?.retention_days ?? null
 }
+
+/** Whether `org` has zero retention (OrgPolicy). */
+export const zeroRetention = (topology: Topology, org: string | null): boolean =>
+  org !== null && (lookup(topology.orgs ?? {}, org)?.zero_retention ?? false)
 
 /** Whether the turns of `org`'s users may be used for training. */
 export const trainingEligible = (topology: Topology, org: string | null): boolean =>

@@ -29,7 +29,13 @@ describe("gateway: identity and ownership", () => {
     assertEngineBuilt()
     dbUrl = (await freshDatabase()).url
     service = await startService({
-      env: { DATABASE_URL: dbUrl, API_KEYS: "key-alice=alice:paid:acme,key-bob=bob", ADMIN_API_KEYS: "key-operator", JWT_SECRET }
+      env: {
+        DATABASE_URL: dbUrl,
+        CLUSTER_CONFIG: "test/e2e/identity.config.ts",
+        API_KEYS: "key-alice=alice:paid:acme,key-bob=bob,key-carol=carol:paid:vault",
+        ADMIN_API_KEYS: "key-operator",
+        JWT_SECRET
+      }
     })
   }, 120_000)
 
@@ -183,6 +189,35 @@ describe("gateway: identity and ownership", () => {
     const cleared = (await (await patch("bob", { add: ["Set by an operator"] }, operator)).json()) as any
     expect(cleared.user_id).toBe("bob")
     expect(((await (await fetch(`${service.url}/v1/users/me/memory`, { headers: bearer("key-bob") })).json()) as any).facts.map((f: any) => f.content)).toEqual(["Set by an operator"])
+  }, 60_000)
+
+  it("org data rules: a zero-retention org's turns are served with their context but their text is never stored; a training-eligible org's turns are stamped", async () => {
+    const carol = bearer("key-carol")
+    const id = await create(carol)
+    const send = async (content: string) =>
+      (await readSse(await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content, max_tokens: 4 }, carol), () => undefined)).at(-1)!
+    const first = await send("My secret code is 4417, keep it in mind for the next question.")
+    const second = await send("What is it?")
+    expect([first.event, second.event]).toEqual(["done", "done"])
+    // The second prompt holds the first exchange (from the runner's memory).
+    const alone = await send("x")
+    expect(second.data.usage.prompt_tokens).toBeGreaterThan(first.data.usage.prompt_tokens)
+    expect(alone.event).toBe("done")
+    const rows = await sqlAt("SELECT seq, role, content, status FROM chat_turns WHERE conversation_id = $1 ORDER BY seq", [id], dbUrl)
+    expect(rows.map((r: any) => [r.seq, r.role, r.content])).toEqual([0, 1, 2, 3, 4, 5].map((seq) => [seq, seq % 2 === 0 ? "user" : "assistant", ""]))
+    const history = (await (await fetch(`${service.url}/v1/conversations/${id}`, { headers: carol })).json()) as any
+    expect(history.zero_retention).toBe(true)
+    expect(history.turns.every((t: any) => t.content === "")).toBe(true)
+    // acme (alice's org) is training-eligible: its turns are stamped; bob's (no org) are not.
+    const aliceId = await create(bearer("key-alice"))
+    await readSse(await postJson(`${service.url}/v1/conversations/${aliceId}/turns`, { role: "user", content: "hi", max_tokens: 2 }, bearer("key-alice")), () => undefined)
+    const bobId = await create(bearer("key-bob"))
+    await readSse(await postJson(`${service.url}/v1/conversations/${bobId}/turns`, { role: "user", content: "hi", max_tokens: 2 }, bearer("key-bob")), () => undefined)
+    const stamped = await sqlAt("SELECT conversation_id, bool_and(training_eligible) AS t FROM chat_turns WHERE conversation_id IN ($1, $2) GROUP BY conversation_id", [aliceId, bobId], dbUrl)
+    expect(Object.fromEntries(stamped.map((r: any) => [r.conversation_id, r.t]))).toEqual({ [aliceId]: true, [bobId]: false })
+    // A free user's conversation is kept 30 days after its last turn (the tier's retention); a paid one's indefinitely.
+    const retention = await sqlAt("SELECT id, retention_days FROM chat_conversations WHERE id IN ($1, $2)", [aliceId, bobId], dbUrl)
+    expect(Object.fromEntries(retention.map((r: any) => [r.id, r.retention_days]))).toEqual({ [aliceId]: null, [bobId]: 30 })
   }, 60_000)
 
   it("missing, unknown, expired and forged credentials are 401 with WWW-Authenticate, and store nothing", async () => {
