@@ -27,7 +27,9 @@ import { pathToFileURL } from "node:url"
 import defaultTopology from "../cluster.config.js"
 import * as ConversationEntity from "./actors/Conversation.js"
 import * as ConversationsLive from "./actors/ConversationsLive.js"
+import * as BackgroundModel from "./actors/BackgroundModel.js"
 import * as DecodeSlot from "./actors/DecodeSlot.js"
+import * as FactExtraction from "./actors/FactExtraction.js"
 import * as Retention from "./actors/Retention.js"
 import * as Summaries from "./actors/Summaries.js"
 import * as GpuScheduler from "./actors/GpuScheduler.js"
@@ -187,7 +189,10 @@ const MainLive = Layer.unwrapEffect(
     const ConversationCacheLive = multiRunner ? ConversationCache.layerRedis(s.redisUrl, s.redisKeyPrefix) : ConversationCache.layerNone
     const SlotsLive = DecodeSlot.layer.pipe(Layer.provide(ConversationEntity.layerTurnFinisher))
     // Summaries are durable workflows on the cluster's message storage (they resume after a restart).
-    const SummariesLive = Summaries.layer.pipe(Layer.provide(Summaries.layerSummarizer))
+    const SummariesLive = Layer.mergeAll(
+      Summaries.layer.pipe(Layer.provide(Summaries.layerSummarizer)),
+      FactExtraction.layer.pipe(Layer.provide(FactExtraction.layerExtractor))
+    ).pipe(Layer.provide(BackgroundModel.layer))
     const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive, SummariesLive, Retention.layer).pipe(
       Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer, Moderation.layerConfig, ConversationCacheLive)),
       Layer.provideMerge(ClusterWorkflowEngine.layer)

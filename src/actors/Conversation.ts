@@ -51,6 +51,7 @@ import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
 import { explicitFact } from "./internal/memoryRequests.js"
 import { buildPrompt, emptyPromptCache } from "./internal/promptAssembly.js"
+import { ExtractFacts } from "./FactExtraction.js"
 import { planSummary, SummarizeConversation, windowStartOf } from "./Summaries.js"
 
 /** Budget of the runner's hot conversation state (chars of prompts and history, ~2 bytes each). */
@@ -524,6 +525,20 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         )
       }
 
+      /**
+       * Starts the fact-mining workflow for the conversation as it is now (FactExtraction.ts):
+       * it mines it once it has been idle for `memory.extract_after_idle_s`.
+       */
+      const mineWhenIdle = (state: ConversationState) => {
+        if (topology.memory === undefined || zeroRetention(topology, state.orgId)) return
+        runFork(
+          ExtractFacts.execute({ conversation_id: id, user_id: state.userId, through_seq: state.nextSeq, pool: state.pool }, { discard: true }).pipe(
+            Effect.provideService(WorkflowEngine.WorkflowEngine, workflows),
+            Effect.catchAllCause((cause) => Effect.logWarning(`conversation ${id}: fact mining could not be started`, cause))
+          )
+        )
+      }
+
       const recovered = multiRunner ? yield* Effect.cached(recover) : Effect.void
       if (multiRunner) yield* Effect.forkScoped(recovered)
       else yield* Entity.keepAlive(false)
@@ -780,6 +795,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             if (lastStoredTurn === undefined || lastStoredTurn.seq < seq) lastStoredTurn = { seq, role: "assistant" }
             share(loaded)
             summarizeIfDue(loaded)
+            if (turn.status === "completed") mineWhenIdle(loaded)
             // The next prompts hold this message: use the ids the model produced for it
             // rather than encode its text again (the per-turn cost of a long reply).
             if (turn.completion_token_ids !== undefined) {
@@ -901,6 +917,6 @@ export const layerTurnFinisher = Layer.effect(
   TurnFinisher,
   Effect.map(Conversation.client, (client) => ({
     finish: (turn: FinishedTurn) =>
-      turn.purpose === "summary" ? Effect.void : client(turn.conversation_id).FinishTurn(turn).pipe(Effect.catchTags(clusterErrors))
+      turn.purpose !== undefined ? Effect.void : client(turn.conversation_id).FinishTurn(turn).pipe(Effect.catchTags(clusterErrors))
   }))
 )

@@ -50,8 +50,8 @@ export const StartPayload = Schema.Struct({
   sampling: Sampling,
   priority: Schema.Int,
   stop: Schema.Array(Schema.String),
-  /** A conversation's own turn (absent), or a summary of it (src/actors/Summaries.ts): not stored as a turn. */
-  purpose: Schema.optional(Schema.Literal("summary")),
+  /** A conversation's own turn (absent), or background work on it (BackgroundModel): not stored as a turn. */
+  purpose: Schema.optional(Schema.Literal("summary", "facts")),
   /**
    * A failover: the turn continues here after its GPU runner was lost. `token_ids` (generated
    * there, as logged) are prefilled after the prompt; text and event indices go on from
@@ -104,7 +104,7 @@ export const FinishedTurn = Schema.Struct({
   /** The verdict that stopped a `filtered` turn (JSON). */
   moderation_verdict: Schema.optional(Schema.String),
   /** As the turn was started with (a summary's is not the conversation's turn). */
-  purpose: Schema.optional(Schema.Literal("summary"))
+  purpose: Schema.optional(Schema.Literal("summary", "facts"))
 })
 export type FinishedTurn = typeof FinishedTurn.Type
 

@@ -12,22 +12,18 @@
  *   `through_seq` from the store and has the summary pool's model write the new summary; its
  *   `Store` step stores it only in place of the summary it was made from. A runner that dies
  *   mid-way resumes the workflow on restart; a step run twice stores nothing twice.
- * - `layerSummarizer`: the model call, as a background sequence (lowest priority) on a GPU of
- *   the summary pool, its text read from a TurnStream of this runner.
+ * - `layerSummarizer`: the model call, as a background sequence (BackgroundModel) on a GPU of
+ *   the summary pool.
  */
-import { randomInt } from "node:crypto"
 import { Activity, Workflow } from "@effect/workflow"
-import { Duration, Effect, Layer, Option, Schedule, Schema, Stream } from "effect"
-import { ConversationId, Summary, TurnId } from "../runtime/Domain.js"
+import { Effect, Layer, Option, Schema } from "effect"
+import { ConversationId, Summary } from "../runtime/Domain.js"
 import { EngineError, StorageError } from "../runtime/Errors.js"
-import { Models } from "../runtime/Models.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { Summarizer, summaryPrompt, summaryText } from "../runtime/Summarizer.js"
 import type { ChatMessage } from "../runtime/Tokenizer.js"
-import { lookup, TopologyService } from "../runtime/Topology.js"
-import { TurnStreams } from "../runtime/TurnStream.js"
-import { DecodeSlot } from "./DecodeSlot.js"
-import { GpuScheduler } from "./GpuScheduler.js"
+import { TopologyService } from "../runtime/Topology.js"
+import { BackgroundModel } from "./BackgroundModel.js"
 import type { PromptCache } from "./internal/promptAssembly.js"
 
 /** A summary is due once the turns after it take this fraction of the prompt budget. */
@@ -138,84 +134,24 @@ export const layer = SummarizeConversation.toLayer(Effect.fn(function*(payload) 
   return stored ? draft.summary : null
 }))
 
-/** A summary's sequence is served after every tier's turns. */
-const SUMMARY_PRIORITY = 1_000
-/** How long a GPU may queue it before it starts (it is background work). */
-const SUMMARY_TTFT_TARGET_MS = 60_000
-/** The longest a summary's generation may take. */
-const SUMMARY_TIMEOUT = Duration.minutes(2)
-
 /**
- * The Summarizer on the engine: the summary pool's model (the topology's `context.summary_pool`,
- * else the conversation's pool), greedy, as a sequence of the lowest priority on one of its
- * GPUs. A GPU that refuses hands over to the next; all refusing is EngineError `overloaded`.
+ * The Summarizer on the engine: the model of the topology's `context.summary_pool` (else the
+ * conversation's pool), as a background sequence (BackgroundModel).
  */
 export const layerSummarizer = Layer.effect(
   Summarizer,
   Effect.gen(function*() {
-    const models = yield* Models
+    const background = yield* BackgroundModel
     const topology = yield* TopologyService
-    const streams = yield* TurnStreams
-    const gpus = yield* GpuScheduler.client
-    const slots = yield* DecodeSlot.client
     return Summarizer.of({
       summarize: (input) =>
-        Effect.gen(function*() {
-          const poolName = topology.context?.summary_pool ?? input.pool
-          const model = models.get(poolName)
-          const pool = lookup(topology.pools, poolName)
-          if (model === undefined || pool === undefined) return yield* new EngineError({ code: "unknown_pool", message: poolName })
-          const promptIds = summaryPrompt(model.tokenizer, model.maxModelLen, input)
-          const order = pool.gpus.map((g) => g.id).sort(() => randomInt(3) - 1)
-          let slotId: string | undefined
-          for (const gpuId of order) {
-            const acquired = yield* gpus(gpuId).AcquireSlot({ priority: SUMMARY_PRIORITY, num_prompt_tokens: promptIds.length, ttft_target_ms: SUMMARY_TTFT_TARGET_MS }).pipe(
-              Effect.timeout(Duration.seconds(10)),
-              Effect.option
-            )
-            if (Option.isSome(acquired)) {
-              slotId = acquired.value
-              break
-            }
-          }
-          if (slotId === undefined) return yield* new EngineError({ code: "overloaded", message: `no GPU of pool ${poolName} took the summary` })
-          const stream = streams.make(topology.generation.client_buffer_tokens)
-          const started = yield* slots(slotId).Start({
-            pool: poolName,
-            conversation_id: input.conversationId,
-            turn_id: TurnId.make(`${input.conversationId}:summary`),
-            stream_id: stream.id,
-            prompt_token_ids: promptIds,
-            max_tokens: Math.min(input.maxTokens, model.maxModelLen - promptIds.length),
-            sampling: { temperature: 0, top_p: 1, top_k: 0, seed: 0 },
-            priority: SUMMARY_PRIORITY,
-            stop: [],
-            purpose: "summary"
-          }).pipe(
-            // PromptTooLong and UnknownGpu gave the slot back (or there is none); a message not delivered did not.
-            Effect.mapError((e) =>
-              e._tag === "EngineError" ? e : new EngineError({ code: e._tag === "PromptTooLong" || e._tag === "UnknownGpu" ? "start_failed" : "unavailable", message: `summary: ${e._tag}` })
-            ),
-            Effect.either
-          )
-          if (started._tag === "Left") {
-            stream.cancel()
-            // A Start that failed gave its slot back; one that never arrived did not.
-            if (started.left.code === "unavailable") yield* gpus(slotId.split("/")[0]!).ReleaseSlot({ slot_id: slotId }).pipe(Effect.ignore)
-            return yield* started.left
-          }
-          const text = yield* stream.toStream().pipe(
-            Stream.runFold("", (acc, event) => event._tag === "Token" ? acc + event.text : acc),
-            Effect.timeoutFail({ duration: SUMMARY_TIMEOUT, onTimeout: () => new EngineError({ code: "timeout", message: "summary generation timed out" }) }),
-            Effect.mapError((e) => e._tag === "EngineError" ? e : new EngineError({ code: "generation_failed", message: e.message })),
-            Effect.onInterrupt(() => Effect.sync(() => stream.cancel())),
-            Effect.tapError(() => Effect.sync(() => stream.cancel()))
-          )
-          return summaryText(text)
-        })
+        background.generate({
+          pool: topology.context?.summary_pool ?? input.pool,
+          conversationId: input.conversationId,
+          prompt: (model) => summaryPrompt(model.tokenizer, model.maxModelLen, input),
+          maxTokens: input.maxTokens,
+          purpose: "summary"
+        }).pipe(Effect.map(summaryText))
     })
   })
 )
-
-/** Retry schedule of the entity's start of a summary workflow (its message may not be delivered at once). */
-export const startRetry = Schedule.exponential(Duration.millis(200)).pipe(Schedule.upTo(Duration.seconds(5)))

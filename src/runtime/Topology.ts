@@ -107,6 +107,14 @@ export const ContextSettings = Schema.Struct({
 })
 export type ContextSettings = typeof ContextSettings.Type
 
+/** Facts mined from conversations into their users' memory (src/actors/FactExtraction.ts). */
+export const MemorySettings = Schema.Struct({
+  /** A conversation is mined once it has had no turn for this long (seconds). */
+  extract_after_idle_s: PositiveInt,
+  /** The pool whose model mines it; default: the conversation's own. */
+  extraction_pool: Schema.optional(Schema.String)
+})
+
 export const TopologySchema = Schema.Struct({
   runners: Schema.NonEmptyArray(Runner),
   pools: Schema.Record({ key: Schema.String, value: Pool }),
@@ -115,6 +123,8 @@ export const TopologySchema = Schema.Struct({
   generation: Generation,
   /** Absent: no summaries; a prompt holds the most recent turns that fit the model's context. */
   context: Schema.optional(ContextSettings),
+  /** Absent: no facts are mined (explicit "remember that …" requests still are kept). */
+  memory: Schema.optional(MemorySettings),
   /** Per-organisation data rules; an org not listed has the defaults. */
   orgs: Schema.optional(Schema.Record({ key: Schema.String, value: OrgPolicy }))
 }).pipe(
@@ -137,6 +147,8 @@ export const TopologySchema = Schema.Struct({
     if (!t.runners.some((r) => r.roles.includes("gateway"))) issues.push("no runner has the gateway role")
     const summaryPool = t.context?.summary_pool
     if (summaryPool !== undefined && t.pools[summaryPool] === undefined) issues.push(`context.summary_pool "${summaryPool}" is not a pool`)
+    const extractionPool = t.memory?.extraction_pool
+    if (extractionPool !== undefined && t.pools[extractionPool] === undefined) issues.push(`memory.extraction_pool "${extractionPool}" is not a pool`)
     const hosted = new Set(t.runners.flatMap((r) => r.gpus))
     for (const [name, pool] of Object.entries(t.pools)) {
       for (const gpu of pool.gpus) if (!hosted.has(gpu.id)) issues.push(`pool "${name}" GPU "${gpu.id}" is hosted by no runner`)

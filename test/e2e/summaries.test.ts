@@ -63,6 +63,17 @@ describe("running summaries (real engine, PostgreSQL)", () => {
     expect(await turn(service, id, message(16))).toBeLessThanOrEqual(BUDGET_TOKENS)
   }, 180_000)
 
+  it("an idle conversation is mined for facts with the real engine: the user's memory stays well-formed", async () => {
+    const { conversation_id: id } = (await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any
+    await turn(service, id, "I live in Lisbon and I prefer trains to planes.")
+    // Mined 1 s after the turn, as a background sequence of the engine; whatever the tiny
+    // model writes, only well-formed facts are kept.
+    await new Promise((r) => setTimeout(r, 4000))
+    const memory = (await (await fetch(`${service.url}/v1/users/me/memory`)).json()) as any
+    for (const fact of memory.facts) expect(fact.content.length).toBeLessThanOrEqual(200)
+    expect(service.output()).not.toMatch(/fact mining could not be started|ExtractFacts.*(failed|defect)/)
+  }, 60_000)
+
   it("a runner killed as a summary fell due resumes it after a restart, and loses no turn", async () => {
     const { conversation_id: id } = (await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any
     for (let i = 0; i < 6; i++) await turn(service, id, message(i))

@@ -17,3 +17,13 @@ describe("explicitFact", () => {
     expect(explicitFact(`remember that ${"x".repeat(600)}`)).toBeUndefined()
   })
 })
+
+describe("parseFacts", () => {
+  it("takes a model's '- ' lines, new ones only, within bounds", async () => {
+    const { parseFacts } = await import("../../src/runtime/FactExtractor.js")
+    const reply = "<think>the user said things</think>\nHere are the facts:\n- Lives in Lisbon\n- prefers trains\n* Has a dog\n- NONE\n- ok\n- " + "x".repeat(300)
+    expect(parseFacts(reply, ["Prefers trains"])).toEqual(["Lives in Lisbon", "Has a dog"])
+    expect(parseFacts("NONE", [])).toEqual([])
+    expect(parseFacts(Array.from({ length: 9 }, (_, i) => `- fact number ${i}`).join("\n"), []).length).toBe(5)
+  })
+})
