@@ -73,6 +73,8 @@ export const layer = Layer.effect(
           }
           if (slotId === undefined) return yield* new EngineError({ code: "overloaded", message: `no GPU of pool ${request.pool} took the ${request.purpose}` })
           const stream = streams.make(topology.generation.client_buffer_tokens)
+          // Interrupted before it is read (a Start cut short): the slot's sequence stops then.
+          stream.cancelIfNotAttachedWithin(15_000)
           const started = yield* slots(slotId).Start({
             pool: request.pool,
             conversation_id: request.conversationId,

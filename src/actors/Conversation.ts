@@ -111,7 +111,18 @@ export const Conversation = Entity.make("Conversation", [
   /** Stops the streaming turn, if any. @returns whether one was running. */
   Rpc.make("Cancel", { success: Schema.Boolean, error: Schema.Union(ConversationNotFound, StorageError) }),
   /** Stops the running turn, if any, then deletes the conversation, its turns and shares. */
-  Rpc.make("Delete", { error: Schema.Union(ConversationNotFound, StorageError) }),
+  Rpc.make("Delete", {
+    payload: {
+      /**
+       * Retention: delete only if its last turn (or, without turns, its creation) is before this
+       * time (ms since epoch) and no turn runs; the user may have come back since it was listed.
+       */
+      if_idle_before_ms: Schema.optional(Schema.Number)
+    },
+    /** Whether it was deleted (false: it was not idle, with `if_idle_before_ms`). */
+    success: Schema.Boolean,
+    error: Schema.Union(ConversationNotFound, StorageError)
+  }),
   /**
    * The turn whose reply may still be generating: the running one, else (after a shard move
    * or a restart) the reply reserved after a last user turn. Null when neither.
@@ -169,6 +180,13 @@ const gpuOrder = (gpuIds: ReadonlyArray<string>, preferred: string | undefined):
 
 /** A conversation with more turns after its summary than this is not put in the shared cache (it loads from the store). */
 const MAX_SHARED_MESSAGES = 256
+/** ...or more characters (a SET per reply must stay small). */
+const MAX_SHARED_CHARS = 256 * 1024
+
+/** How long a Conversation awaits its summary workflow (it goes on in the cluster; the state then reads it from the store). */
+const SUMMARY_WAIT = Duration.minutes(10)
+/** After a failed summary, the next one waits this long. */
+const SUMMARY_RETRY_AFTER_MS = 60_000
 
 /** Remembered facts of the user put in a prompt, at most. */
 const MEMORY_TOP_K = 5
@@ -316,23 +334,30 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
        * Writes the conversation's state to the shared cache (Redis), off the turn's path: the
        * turns after the summary, checked by readers against the store's last turn.
        */
-      const share = (state: ConversationState) => {
-        if (!shared.enabled || lastStoredTurn === undefined || zeroRetention(topology, state.orgId)) return
+      const share = (state: ConversationState, finishing?: TurnId) => {
+        const last = lastStoredTurn
+        // While a turn runs (other than the one whose reply was just stored), the state holds
+        // a user turn that may not be stored yet.
+        const running = active !== undefined && active.turnId !== finishing
+        if (!shared.enabled || last === undefined || running || zeroRetention(topology, state.orgId)) return
         const start = windowStartOf(state)
         if (state.history.length - start > MAX_SHARED_MESSAGES) return void runFork(shared.delete(id))
         const messages: Array<CachedConversation["messages"][number]> = []
-        for (let i = start; i < state.history.length; i++) {
+        let chars = 0
+        for (let i = start; i < state.history.length && state.seqs[i]! <= last.seq; i++) {
           const m = state.history[i]!
+          chars += m.content.length
           if (m.role !== "system") messages.push({ seq: state.seqs[i]!, role: m.role, content: m.content })
         }
+        if (chars > MAX_SHARED_CHARS) return void runFork(shared.delete(id))
         runFork(shared.put(id, {
           pool: state.pool,
           user_id: state.userId,
           org_id: state.orgId,
           system_prompt: state.systemPrompt,
           ...(state.summary === undefined ? {} : { summary: state.summary }),
-          next_seq: state.nextSeq,
-          last: { seq: lastStoredTurn.seq, role: lastStoredTurn.role as "user" | "assistant" },
+          next_seq: last.seq + (last.role === "user" ? 2 : 1),
+          last: { seq: last.seq, role: last.role as "user" | "assistant" },
           messages
         }))
       }
@@ -373,7 +398,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               seqs: e.messages.map((m) => m.seq),
               cache: emptyPromptCache(),
               summary: e.summary,
-              nextSeq: e.next_seq
+              // As `load` computes it from the store's last turn (the entry's was made so too).
+              nextSeq: last!.seq + (last!.role === "user" ? 2 : 1)
             }
             hot.set(id, loaded)
             shared.recordLoad("shared")
@@ -503,12 +529,20 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
        */
       const summarizeIfDue = (state: ConversationState) => {
         if (contextSettings === undefined || state.summaryPending !== undefined || zeroRetention(topology, state.orgId)) return
-        const throughSeq = planSummary(state, contextSettings.prompt_budget_tokens)
+        if (state.summaryRetryAfterMs !== undefined && Date.now() < state.summaryRetryAfterMs) return
+        // The history's share of the budget: what the system prompt and summary leave (~3 chars a token).
+        const fixedTokens = Math.ceil(((state.systemPrompt?.length ?? 0) + (state.summary?.content.length ?? 0)) / 3)
+        const throughSeq = planSummary(state, Math.max(1, contextSettings.prompt_budget_tokens - fixedTokens))
         if (throughSeq === undefined) return
         state.summaryPending = throughSeq
         runFork(
           SummarizeConversation.execute({ conversation_id: id, through_seq: throughSeq, pool: state.pool }).pipe(
             Effect.provideService(WorkflowEngine.WorkflowEngine, workflows),
+            Effect.timeoutFail({ duration: SUMMARY_WAIT, onTimeout: () => new EngineError({ code: "timeout", message: "summary workflow" }) }),
+            // A failed summary is not tried again at once (a deterministic failure would repeat).
+            Effect.tapErrorCause(() => Effect.sync(() => {
+              state.summaryRetryAfterMs = Date.now() + SUMMARY_RETRY_AFTER_MS
+            })),
             Effect.tap((summary) =>
               Effect.sync(() => {
                 if (summary !== null && (state.summary?.through_seq ?? -1) < summary.through_seq) {
@@ -699,7 +733,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 seed: input.seed ?? randomInt(0, 2 ** 31)
               },
               priority: tier.priority,
-              stop: input.stop ?? []
+              stop: input.stop ?? [],
+              ...(multiRunner && zeroRetention(topology, conv.orgId) ? { ephemeral: true } : {})
             }
             yield* slots(slotId).Start(startPayload).pipe(
               Effect.catchTags({
@@ -769,7 +804,10 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           }
           // A report of a turn this instance did not start (one that ended as the shard moved)
           // updates the runner's cached state, if any (or only the store, which has it now).
-          const state = loaded ?? hot.get(id)
+          // With several runners only a state that `load` checked against the store is updated
+          // (a `hot` entry may miss turns another runner wrote): else the next load reads it.
+          const state = loaded ?? (multiRunner ? undefined : hot.get(id))
+          if (state === undefined) hot.delete(id)
           const orgId = state !== undefined ? state.orgId : Option.getOrNull(Option.map(yield* store.getConversation(id), (row) => row.org_id))
           yield* store.appendTurn({
             conversation_id: id,
@@ -782,7 +820,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             moderation_verdict: turn.moderation_verdict ?? null,
             training_eligible: trainingEligible(topology, orgId)
           })
-          if (state !== undefined) {
+          // A reply delivered twice (a FinishTurn resent after a shard move) is in the state already.
+          const known = state !== undefined && (state.seqs.at(-1) ?? -1) >= seq
+          if (state !== undefined && !known) {
             loaded = state
             // A failed or filtered reply never goes into later prompts.
             const reply: ChatMessage | undefined = turn.status === "failed" || turn.status === "filtered" ? undefined : { role: "assistant", content: turn.text }
@@ -793,7 +833,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             loaded.nextSeq = Math.max(loaded.nextSeq, seq + 1)
             hot.grew(id, loaded, reply)
             if (lastStoredTurn === undefined || lastStoredTurn.seq < seq) lastStoredTurn = { seq, role: "assistant" }
-            share(loaded)
+            share(loaded, turn.turn_id)
             summarizeIfDue(loaded)
             if (turn.status === "completed") mineWhenIdle(loaded)
             // The next prompts hold this message: use the ids the model produced for it
@@ -874,8 +914,22 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             return yield* slots(turn.slotId).Attach(payload).pipe(Effect.timeout(Duration.seconds(2)), Effect.orElseSucceed(() => false))
           }),
         Cancel: () => cancelRunning,
-        Delete: () =>
+        Delete: ({ payload }) =>
           Effect.gen(function*() {
+            const cutoffMs = payload.if_idle_before_ms
+            if (cutoffMs !== undefined) {
+              // Claimed before the check: a turn sent meanwhile meets a deleted conversation.
+              if (active !== undefined || deleted) return false
+              deleted = true
+              const [row, tail] = yield* Effect.all([store.getConversation(id), store.listTurns(id, { limit: 1 })], { concurrency: 2 }).pipe(
+                Effect.tapError(() => Effect.sync(() => (deleted = false)))
+              )
+              const lastMs = tail.at(-1)?.created_at_ms ?? Option.getOrUndefined(row)?.created_at_ms
+              if (Option.isNone(row) || lastMs === undefined || lastMs >= cutoffMs) {
+                deleted = false
+                return false
+              }
+            }
             // From now on no turn starts; the running one is stopped and stored first, so that
             // nothing writes after the delete.
             deleted = true
@@ -887,6 +941,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             lastStoredTurn = undefined
             hot.delete(id)
             yield* shared.delete(id)
+            return true
           })
       })
     }),

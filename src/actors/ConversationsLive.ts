@@ -334,7 +334,7 @@ export const layer = Layer.effect(
       remove: (owner, id) =>
         Effect.gen(function*() {
           yield* authorize(owner, id)
-          yield* retryShardMoves(() => client(id).Delete().pipe(detached)).pipe(dieOnDeliveryFailure)
+          yield* retryShardMoves(() => client(id).Delete({}).pipe(detached)).pipe(dieOnDeliveryFailure)
           owners.delete(id)
         }),
 

@@ -50,6 +50,11 @@ export const StartPayload = Schema.Struct({
   sampling: Sampling,
   priority: Schema.Int,
   stop: Schema.Array(Schema.String),
+  /**
+   * Its text must not be kept at rest (a zero-retention org's turn, with the turn log in
+   * Redis): nothing of it is logged, so resuming and failover rely on the slot itself.
+   */
+  ephemeral: Schema.optional(Schema.Boolean),
   /** A conversation's own turn (absent), or background work on it (BackgroundModel): not stored as a turn. */
   purpose: Schema.optional(Schema.Literal("summary", "facts")),
   /**
@@ -146,6 +151,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
 
       const start = (payload: StartPayload) =>
         Effect.gen(function*() {
+          const log: Pick<typeof eventLog, "append"> = payload.ephemeral === true ? { append: () => {} } : eventLog
           if (running.has(slotId)) return yield* new EngineError({ code: "slot_busy", message: `slot ${slotId} is running` })
           const worker = workers.get(gpuId)
           if (worker === undefined) return yield* new UnknownGpu({ gpu_id: gpuId })
@@ -186,7 +192,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           /** Tokens generated since the last token event: logged with the next one. */
           let unloggedIds: Array<number> = []
           const failStream = (code: string, message: string) => {
-            eventLog.append(payload.turn_id, { index: numEvents, kind: "error", code, message })
+            log.append(payload.turn_id, { index: numEvents, kind: "error", code, message })
             stream.fail(code, message)
           }
           const outputCheck = moderation.outputCheck()
@@ -223,7 +229,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                       completion_tokens: numTokens,
                       prompt_tokens_details: { cached_tokens: numCachedTokens }
                     }
-                    eventLog.append(payload.turn_id, { index: numEvents, kind: "done", done: { turn_id: payload.turn_id, finish_reason: finishReason, usage } })
+                    log.append(payload.turn_id, { index: numEvents, kind: "done", done: { turn_id: payload.turn_id, finish_reason: finishReason, usage } })
                     stream.done(new DoneEvent({ turn_id: payload.turn_id, finish_reason: finishReason, usage: new Usage(usage, noValidation) }, noValidation))
                   }
                 })
@@ -276,7 +282,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 text += delta
                 if (delta.length > 0) {
                   deltas.push(delta)
-                  eventLog.append(payload.turn_id, { index: numEvents++, kind: "token", text: delta, ids: unloggedIds })
+                  log.append(payload.turn_id, { index: numEvents++, kind: "token", text: delta, ids: unloggedIds })
                   unloggedIds = []
                   if (!stream.token(delta)) handle?.pause()
                 }
@@ -289,7 +295,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           // The turn is in the log before its first token: a follower that comes now finds it,
           // and so does its Conversation's next owner after a shard move (see Conversation.ts).
           const { resume: _, ...request } = payload
-          eventLog.append(payload.turn_id, { index: -1, kind: "start", slot_id: slotId, request })
+          log.append(payload.turn_id, { index: -1, kind: "start", slot_id: slotId, request })
           const h = started.right
           handle = h
           const cancel = () => {

@@ -8,20 +8,22 @@
  * also drops its cached state and shares.
  */
 import { ClusterCron } from "@effect/cluster"
-import { Clock, Cron, Effect } from "effect"
+import { Clock, Cron, Effect, Option } from "effect"
 import type { ConversationId } from "../runtime/Domain.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { Conversation } from "./Conversation.js"
+
+const DAY_MS = 86_400_000
 
 /** Conversations listed and deleted at a time. */
 const SWEEP_BATCH = 100
 
 /**
- * Deletes every conversation past its retention at the Clock's now, through `remove`, a batch
- * at a time. A conversation that cannot be deleted now is logged and left to the next sweep.
- * @returns how many were deleted.
+ * Deletes every conversation past its retention at the Clock's now, through `remove` (given
+ * the sweep's now; it may decline: false), a batch at a time. A conversation that cannot be
+ * deleted now is logged and left to the next sweep. @returns how many were deleted.
  */
-export const sweep = <E, R>(remove: (id: ConversationId) => Effect.Effect<void, E, R>) =>
+export const sweep = <E, R>(remove: (id: ConversationId, idleBeforeMs: number) => Effect.Effect<boolean, E, R>) =>
   Effect.gen(function*() {
     const store = yield* ConversationStore
     const nowMs = yield* Clock.currentTimeMillis
@@ -29,8 +31,7 @@ export const sweep = <E, R>(remove: (id: ConversationId) => Effect.Effect<void, 
     for (;;) {
       const expired = yield* store.listExpired(nowMs, SWEEP_BATCH)
       const results = yield* Effect.forEach(expired, (id) =>
-        remove(id).pipe(
-          Effect.as(true),
+        remove(id, nowMs).pipe(
           Effect.catchAllCause((cause) => Effect.as(Effect.logWarning(`retention: conversation ${id} could not be deleted`, cause), false))
         ), { concurrency: 8 })
       const n = results.filter(Boolean).length
@@ -46,7 +47,14 @@ export const layer = ClusterCron.make({
   cron: Cron.unsafeParse("17 * * * *"),
   execute: Effect.gen(function*() {
     const client = yield* Conversation.client
-    const n = yield* sweep((id) => client(id).Delete())
+    const store = yield* ConversationStore
+    // Each conversation decides again: its user may have come back since it was listed.
+    const n = yield* sweep((id, nowMs) =>
+      Effect.flatMap(store.getConversation(id), (row) =>
+        Option.match(row, {
+          onNone: () => Effect.succeed(false),
+          onSome: (c) => client(id).Delete({ if_idle_before_ms: nowMs - (c.retention_days ?? Infinity) * DAY_MS })
+        })))
     if (n > 0) yield* Effect.logInfo(`retention: ${n} expired conversations deleted`)
   }).pipe(Effect.catchAllCause((cause) => Effect.logWarning("retention sweep failed", cause)))
 })

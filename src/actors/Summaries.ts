@@ -118,6 +118,8 @@ export const layer = SummarizeConversation.toLayer(Effect.fn(function*(payload) 
         .filter((t) => t.seq >= from && t.role !== "system" && t.status !== "failed" && t.status !== "filtered")
         .map((t): ChatMessage => ({ role: t.role, content: t.content }))
       const content = yield* summarizer.summarize({ conversationId: id, pool: payload.pool, previous: previous?.content ?? null, messages, maxTokens })
+      // An empty summary would drop the turns it stands for from every prompt.
+      if (content.trim().length === 0) return yield* new EngineError({ code: "empty_summary", message: "the model wrote an empty summary" })
       return {
         based_on: previous?.through_seq ?? null,
         summary: new Summary({ through_seq: payload.through_seq, content, updated_at_ms: Date.now() })

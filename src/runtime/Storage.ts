@@ -347,7 +347,11 @@ const make = Effect.gen(function*() {
             WHERE conversation_id = ${id} AND through_seq = ${basedOn} RETURNING through_seq`
       ).pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
-        Effect.map((rows) => rows.length > 0),
+        // Not stored now: stored already by an earlier attempt (its answer lost) is success too.
+        Effect.flatMap((rows) =>
+          rows.length > 0 ? Effect.succeed(true) : sql<{ n: number }>`SELECT count(*)::int AS n FROM chat_summaries
+            WHERE conversation_id = ${id} AND through_seq = ${row.through_seq} AND content = ${row.content}`.pipe(Effect.map((r) => (r[0]?.n ?? 0) > 0))
+        ),
         // The conversation was deleted meanwhile (foreign key): nothing to summarise.
         Effect.catchIf((e) => sqlState(e) === "23503", () => Effect.succeed(false)),
         Effect.mapError(storageError("put summary"))
@@ -355,6 +359,9 @@ const make = Effect.gen(function*() {
     },
     deleteConversation: (id) =>
       sql.withTransaction(Effect.all([
+        // Locked first: a summary or turn inserted meanwhile (its foreign key check waits on
+        // this lock) then fails instead of making the last DELETE fail.
+        sql`SELECT 1 FROM chat_conversations WHERE id = ${id} FOR UPDATE`,
         sql`DELETE FROM chat_summaries WHERE conversation_id = ${id}`,
         sql`DELETE FROM chat_shares WHERE conversation_id = ${id}`,
         sql`DELETE FROM chat_turns WHERE conversation_id = ${id}`,
@@ -503,7 +510,9 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
     getSummary: (id) => Effect.sync(() => Option.fromNullable(summaries.get(id))),
     putSummary: (id, summary, basedOn) =>
       Effect.sync(() => {
-        if (!conversations.has(id) || (summaries.get(id)?.through_seq ?? null) !== basedOn) return false
+        const current = summaries.get(id)
+        if (current?.through_seq === summary.through_seq && current.content === summary.content) return true
+        if (!conversations.has(id) || (current?.through_seq ?? null) !== basedOn) return false
         summaries.set(id, summary)
         return true
       }),

@@ -34,6 +34,9 @@ const INSTRUCTIONS = "You keep the running summary of a conversation between a u
   "Rewrite the summary so far with the new turns folded in. Keep every fact, name, number, decision, " +
   "preference and open question a later reply may need; drop greetings and small talk. Plain text, no preamble."
 
+/** Turns one summary folds in, at most (the latest). */
+const MAX_FOLDED_MESSAGES = 200
+
 /** Characters kept of one message when the request would not fit the summarising model's context. */
 const MIN_CLIP_CHARS = 64
 
@@ -41,7 +44,7 @@ const MIN_CLIP_CHARS = 64
  * Token ids of the summarisation request for the model of `tokenizer`: instructions, the
  * previous summary and the new turns, within `maxModelLen - maxTokens`. Long messages are
  * clipped (from 4,000 characters, halving down to MIN_CLIP_CHARS) until it fits; past that the
- * oldest turns are left out.
+ * older half of the turns is left out, until it fits (at most MAX_FOLDED_MESSAGES go in).
  */
 export const summaryPrompt = (
   tokenizer: ModelTokenizer,
@@ -49,7 +52,9 @@ export const summaryPrompt = (
   input: Pick<SummarizeInput, "previous" | "messages" | "maxTokens">
 ): Array<number> => {
   const room = maxModelLen - input.maxTokens
-  let messages = input.messages
+  // A first summary of a long conversation: its latest turns only (the older ones are far
+  // past any prompt's window anyway).
+  let messages = input.messages.slice(-MAX_FOLDED_MESSAGES)
   for (let clip = 4000; ;) {
     const cut = (text: string) => text.length <= clip ? text : `${text.slice(0, clip)} …`
     const turns = messages.map((m) => `${m.role === "user" ? "User" : "Assistant"}: ${cut(m.content)}`).join("\n")
@@ -58,7 +63,7 @@ export const summaryPrompt = (
     const ids = tokenizer.encode(tokenizer.renderChat([{ role: "system", content: INSTRUCTIONS }, { role: "user", content: request }]))
     if (ids.length <= room || messages.length === 0) return ids
     if (clip > MIN_CLIP_CHARS) clip = Math.max(MIN_CLIP_CHARS, Math.floor(clip / 2))
-    else messages = messages.slice(1)
+    else messages = messages.slice(Math.ceil(messages.length / 2))
   }
 }
 

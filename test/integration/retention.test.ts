@@ -48,7 +48,7 @@ for (const [name, layer] of suites) {
           const forever = yield* conversation(null)
           yield* store.createShare(new Share({ share_id: ShareId.make(`share_${randomUUID().replaceAll("-", "")}`), conversation_id: month, num_turns: 2, created_at_ms: startMs }))
           yield* store.putSummary(month, new Summary({ through_seq: 2, content: "s", updated_at_ms: startMs }), null)
-          const remove = (id: ConversationId) => store.deleteConversation(id)
+          const remove = (id: ConversationId) => Effect.as(store.deleteConversation(id), true)
           const mine = new Set([month, twoMonths, forever])
           const exists = (id: ConversationId) => Effect.map(store.getConversation(id), Option.isSome)
 

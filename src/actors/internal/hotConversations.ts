@@ -34,6 +34,8 @@ export interface ConversationState {
   summary: Summary | undefined
   /** The `through_seq` of a summary workflow this runner started and awaits. */
   summaryPending?: number | undefined
+  /** After a summary workflow failed, none starts again before this time (ms since epoch). */
+  summaryRetryAfterMs?: number | undefined
   nextSeq: number
   /** The GPU that ran its last turn (its KV is cached there): conversation-affine routing. */
   lastGpuId?: string | undefined
