@@ -5,7 +5,8 @@
  * `sweep` finds the expired ones at the Clock's time (a test's TestClock) and deletes each
  * through `remove`; `layer` runs it hourly as a ClusterCron job (one run per cluster, on a
  * gateway runner), deleting through each conversation's entity (Conversation.Delete), which
- * also drops its cached state and shares.
+ * also drops its cached state and shares. The same job creates the coming months' turn
+ * partitions.
  */
 import { ClusterCron } from "@effect/cluster"
 import { Clock, Cron, Effect, Option } from "effect"
@@ -48,6 +49,8 @@ export const layer = ClusterCron.make({
   execute: Effect.gen(function*() {
     const client = yield* Conversation.client
     const store = yield* ConversationStore
+    // Next months' turn partitions exist before their first turn (else it goes to the default one).
+    yield* store.preparePartitions(yield* Clock.currentTimeMillis)
     // Each conversation decides again: its user may have come back since it was listed.
     const n = yield* sweep((id, nowMs) =>
       Effect.flatMap(store.getConversation(id), (row) =>

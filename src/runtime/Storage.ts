@@ -9,6 +9,7 @@ import { Context, Duration, Effect, Layer, Option, Schedule, Schema, Struct } fr
 import { ConversationId, MemoryFact, noValidation, type Role, Share, type ShareId, Summary, Turn, TurnId, type TurnStatus, UserId } from "./Domain.js"
 import { randomUUID } from "node:crypto"
 import { StorageError } from "./Errors.js"
+import { ensurePartitions, monthOf, partitionTurns, upcomingMonths } from "./internal/turnPartitions.js"
 
 export class ConversationRow extends Schema.Class<ConversationRow>("ConversationRow")({
   id: ConversationId,
@@ -76,6 +77,8 @@ export interface ConversationStoreService {
    * no longer exists gets none. @returns whether it was stored.
    */
   readonly putSummary: (id: ConversationId, summary: Summary, basedOn: number | null) => Effect.Effect<boolean, StorageError>
+  /** Creates the turn partitions of the month of `nowMs` and the next two (PostgreSQL; idempotent). */
+  readonly preparePartitions: (nowMs: number) => Effect.Effect<void>
   /** Deletes a conversation with its turns, shares and summary, all or nothing. */
   readonly deleteConversation: (id: ConversationId) => Effect.Effect<void, StorageError>
   /** Stores a share of conversation `id`'s first `num_turns` turns. */
@@ -226,7 +229,8 @@ const migrations = Migrator.fromRecord({
     yield* sql`ALTER TABLE chat_conversations ADD COLUMN IF NOT EXISTS retention_days integer`
     yield* sql`CREATE INDEX IF NOT EXISTS chat_conversations_retention ON chat_conversations (created_at_ms) WHERE retention_days IS NOT NULL`
     yield* sql`ALTER TABLE chat_turns ADD COLUMN IF NOT EXISTS training_eligible boolean NOT NULL DEFAULT false`
-  })
+  }),
+  "10_turn_partitions": partitionTurns
 })
 
 /** Creates or upgrades this module's tables (idempotent). */
@@ -239,15 +243,39 @@ const make = Effect.gen(function*() {
   const decodeShare = Schema.decodeUnknown(Share)
   const decodeFacts = Schema.decodeUnknown(Schema.Array(MemoryFact))
   const decodeSummary = Schema.decodeUnknown(Summary)
+  // A conversation's month never changes: known months need no query (bounded: cleared when full).
+  const months = new Map<string, number>()
+  const rememberMonth = (id: string, month: number) => {
+    if (months.size >= 100_000) months.clear()
+    months.set(id, month)
+  }
+  /** The partition month of conversation `id`'s turns; StorageError when it does not exist. */
+  const monthOfConversation = (id: ConversationId) => {
+    const known = months.get(id)
+    if (known !== undefined) return Effect.succeed(known)
+    return sql<{ created_month: number }>`SELECT created_month FROM chat_conversations WHERE id = ${id}`.pipe(
+      Effect.retry({ schedule: retryTransient, while: isTransient }),
+      Effect.mapError(storageError("append turn")),
+      Effect.flatMap((rows) => {
+        const month = rows[0]?.created_month
+        if (month === undefined) return Effect.fail(new StorageError({ message: `append turn: no conversation ${id}` }))
+        rememberMonth(id, month)
+        return Effect.succeed(month)
+      })
+    )
+  }
+  yield* ensurePartitions(upcomingMonths(Date.now()))
 
   return ConversationStore.of({
     ping: sql`SELECT 1`.pipe(Effect.asVoid, Effect.mapError(storageError("ping"))),
     createConversation: (row, history = []) => {
       const full = { ...row, retention_days: row.retention_days ?? null, created_at_ms: Date.now() }
-      const turns = historyRows(row.id, history, full.created_at_ms)
+      const month = monthOf(full.created_at_ms)
+      const turns = historyRows(row.id, history, full.created_at_ms).map((t) => ({ ...t, conversation_month: month }))
       // Ids are random and made by the server: a row with this id is this call's own, written
       // by an attempt whose answer was lost (a retried statement, or a retried entity call).
-      const insert = sql<{ id: string }>`INSERT INTO chat_conversations ${sql.insert(full)} ON CONFLICT (id) DO NOTHING RETURNING id`.pipe(
+      const insert = sql<{ id: string }>`INSERT INTO chat_conversations ${sql.insert({ ...full, created_month: month })} ON CONFLICT (id) DO NOTHING RETURNING id`.pipe(
+        Effect.tap((inserted) => Effect.sync(() => inserted.length > 0 && rememberMonth(row.id, month))),
         Effect.flatMap((inserted) =>
           inserted.length === 0 || turns.length === 0 ? Effect.void : Effect.asVoid(sql`INSERT INTO chat_turns ${sql.insert(turns)}`)
         )
@@ -259,8 +287,9 @@ const make = Effect.gen(function*() {
       )
     },
     getConversation: (id) =>
-      sql`SELECT id, model, system_prompt, user_id, org_id, created_at_ms, retention_days FROM chat_conversations WHERE id = ${id}`.pipe(
+      sql<{ created_month: number }>`SELECT id, model, system_prompt, user_id, org_id, created_at_ms, retention_days, created_month FROM chat_conversations WHERE id = ${id}`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.tap((rows) => Effect.sync(() => rows[0] !== undefined && rememberMonth(id, rows[0].created_month))),
         Effect.flatMap((rows) => rows.length === 0 ? Effect.succeedNone : Effect.asSome(decodeConversation(rows[0]))),
         Effect.mapError(storageError("get conversation"))
       ),
@@ -273,9 +302,9 @@ const make = Effect.gen(function*() {
       // A retried INSERT may meet its own earlier attempt (committed, but the reply was lost):
       // the same row already there is success; any other row at that seq is a conflict. So
       // may a reply delivered twice (a FinishTurn resent after a shard move).
-      const insert = Effect.suspend(() => {
+      const insert = (month: number) => Effect.suspend(() => {
         attempts++
-        return sql`INSERT INTO chat_turns ${sql.insert(inserted)}`
+        return sql`INSERT INTO chat_turns ${sql.insert({ ...inserted, conversation_month: month })}`
       }).pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.catchIf(
@@ -291,10 +320,11 @@ const make = Effect.gen(function*() {
             )
         )
       )
-      return insert.pipe(
-        Effect.as(toTurn(row)),
-        Effect.mapError(storageError("append turn"))
-      )
+      return Effect.flatMap(monthOfConversation(turn.conversation_id), (month) =>
+        insert(month).pipe(
+          Effect.as(toTurn(row)),
+          Effect.mapError(storageError("append turn"))
+        ))
     },
     listFacts: (userId) =>
       sql`SELECT fact_id, content, created_at_ms FROM chat_user_memory WHERE user_id = ${userId} ORDER BY created_at_ms, fact_id`.pipe(
@@ -333,6 +363,7 @@ const make = Effect.gen(function*() {
         Effect.map((rows) => rows.map((r) => ConversationId.make(r.id))),
         Effect.mapError(storageError("list expired"))
       ),
+    preparePartitions: (nowMs) => ensurePartitions(upcomingMonths(nowMs)).pipe(Effect.provideService(SqlClient.SqlClient, sql)),
     getSummary: (id) =>
       sql`SELECT through_seq, content, updated_at_ms FROM chat_summaries WHERE conversation_id = ${id}`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
@@ -423,8 +454,8 @@ const make = Effect.gen(function*() {
 export const reconcile: Effect.Effect<number, StorageError, SqlClient.SqlClient> = Effect.gen(function*() {
   const sql = yield* SqlClient.SqlClient
   const rows = yield* sql`INSERT INTO chat_turns
-      (conversation_id, seq, role, content, status, num_prompt_tokens, num_completion_tokens, created_at_ms)
-    SELECT u.conversation_id, u.seq + 1, 'assistant', '', 'failed', NULL, 0, ${Date.now()}
+      (conversation_id, seq, role, content, status, num_prompt_tokens, num_completion_tokens, created_at_ms, conversation_month)
+    SELECT u.conversation_id, u.seq + 1, 'assistant', '', 'failed', NULL, 0, ${Date.now()}, u.conversation_month
     FROM chat_turns u
     WHERE u.role = 'user' AND NOT EXISTS (
       SELECT 1 FROM chat_turns r WHERE r.conversation_id = u.conversation_id AND r.seq = u.seq + 1
@@ -507,6 +538,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         }
         return expired
       }),
+    preparePartitions: () => Effect.void,
     getSummary: (id) => Effect.sync(() => Option.fromNullable(summaries.get(id))),
     putSummary: (id, summary, basedOn) =>
       Effect.sync(() => {

@@ -73,7 +73,7 @@ for (const [name, layer] of suites) {
   })
 }
 
-describe("training eligibility (PostgreSQL)", () => {
+describe("turn rows (PostgreSQL)", () => {
   it.layer(Storage.layer.pipe(Layer.provideMerge(OwnPgLive)), { timeout: 60_000 })((it) => {
     it.effect("is stamped on each stored turn", () =>
       Effect.gen(function*() {
@@ -81,6 +81,23 @@ describe("training eligibility (PostgreSQL)", () => {
         const sql = yield* SqlClient.SqlClient
         const rows = yield* sql<{ seq: number; training_eligible: boolean }>`SELECT seq, training_eligible FROM chat_turns WHERE conversation_id = ${id} ORDER BY seq`
         expect(rows.map((r) => [r.seq, r.training_eligible])).toEqual([[0, true], [1, false]])
+      }))
+
+    it.effect("turns live in the partition of their conversation's month; a turn of no conversation is refused", () =>
+      Effect.gen(function*() {
+        const id = yield* conversation(null)
+        const sql = yield* SqlClient.SqlClient
+        const now = new Date()
+        const partition = `chat_turns_m${now.getUTCFullYear()}${String(now.getUTCMonth() + 1).padStart(2, "0")}`
+        const rows = yield* sql<{ p: string }>`SELECT tableoid::regclass::text AS p FROM chat_turns WHERE conversation_id = ${id}`
+        expect(rows.map((r) => r.p)).toEqual([partition, partition])
+        const kinds = yield* sql<{ relkind: string }>`SELECT relkind FROM pg_class WHERE relname = 'chat_turns'`
+        expect(kinds[0]?.relkind).toBe("p")
+        const store = yield* Storage.ConversationStore
+        const missing = yield* Effect.flip(store.appendTurn({
+          conversation_id: ConversationId.make("conv_missing_partition"), seq: 0, role: "user", content: "x", status: "completed", num_prompt_tokens: null, num_completion_tokens: null
+        }))
+        expect(missing._tag).toBe("StorageError")
       }))
   })
 })
