@@ -28,6 +28,7 @@ import defaultTopology from "../cluster.config.js"
 import * as ConversationEntity from "./actors/Conversation.js"
 import * as ConversationsLive from "./actors/ConversationsLive.js"
 import * as BackgroundModel from "./actors/BackgroundModel.js"
+import * as Embedder from "./actors/Embedder.js"
 import * as DecodeSlot from "./actors/DecodeSlot.js"
 import * as FactExtraction from "./actors/FactExtraction.js"
 import * as Retention from "./actors/Retention.js"
@@ -193,7 +194,10 @@ const MainLive = Layer.unwrapEffect(
       Summaries.layer.pipe(Layer.provide(Summaries.layerSummarizer)),
       FactExtraction.layer.pipe(Layer.provide(FactExtraction.layerExtractor))
     ).pipe(Layer.provide(BackgroundModel.layer))
+    // Memory retrieval's embeddings: the engine's embed on the default tier's pool.
+    const EmbedderLive = Embedder.layer
     const EntitiesLive = Layer.mergeAll(ConversationEntity.layer, GpuScheduler.layer, SlotsLive, SummariesLive, Retention.layer).pipe(
+      Layer.provide(EmbedderLive),
       Layer.provide(Layer.mergeAll(StoreLive, ModelsLive, WorkersLive, TopologyLive, StreamsLive, DataPlaneLive, EventLogLive, RunningSlots.layer, Moderation.layerConfig, ConversationCacheLive)),
       Layer.provideMerge(ClusterWorkflowEngine.layer)
     )
@@ -236,6 +240,7 @@ const MainLive = Layer.unwrapEffect(
     // One registry for the whole process: the facade times turns, the edge counts refusals.
     const MetricsLive = Metrics.layer.pipe(Layer.provide(Layer.mergeAll(WorkersLive, TopologyLive, ConversationCacheLive)))
     const ConversationsLayer = ConversationsLive.layer.pipe(
+      Layer.provide(EmbedderLive.pipe(Layer.provide(RunnerLive), Layer.provide(ModelsLive), Layer.provide(TopologyLive))),
       Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive, MetricsLive, Moderation.layerConfig, TurnTraces.layerConfig))
     )
     // PORT overrides the runner's http_port.

@@ -17,6 +17,8 @@ namespace {
 // LM-head rows computed per GEMM: bounds the logits scratch to kLogitRows * vocab floats
 // (~10 MB for a 152k vocabulary) whatever the number of sequences in a step.
 constexpr int64_t kLogitRows = 16;
+// KV blocks reserved for `embed` (512 positions), when the backend has 4x as many.
+constexpr int64_t kEmbedBlocks = 32;
 
 double ms_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
@@ -33,6 +35,49 @@ Engine::Engine(ModelConfig cfg, std::unique_ptr<Backend> backend, std::string dt
       start_(std::chrono::steady_clock::now()) {
   logits_.resize((size_t)(kLogitRows * cfg_.vocab_size));
   samplers_.resize((size_t)omp_get_max_threads());
+  num_embed_blocks_ = backend_->num_blocks() >= 4 * kEmbedBlocks ? kEmbedBlocks : 0;
+  num_usable_blocks_ = backend_->num_blocks() - num_embed_blocks_;
+}
+
+int64_t Engine::max_embed_tokens() const { return std::min(num_embed_blocks_ * kBlockSize, max_pos_); }
+
+EmbedReply Engine::embed(const std::vector<int64_t>& tokens) {
+  const int64_t n = (int64_t)tokens.size();
+  ENGINE_CHECK(n > 0, "token_out_of_range", "embed: tokens is empty");
+  ENGINE_CHECK(n <= max_embed_tokens(), "position_out_of_range",
+               "embed: " << n << " tokens exceed the " << max_embed_tokens() << " an embedding may have");
+  for (int64_t t : tokens)
+    ENGINE_CHECK(t >= 0 && t < cfg_.vocab_size, "token_out_of_range",
+                 "embed: token id " << t << " is not in [0, " << cfg_.vocab_size << ")");
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<int32_t> ids(tokens.begin(), tokens.end());
+  std::vector<int32_t> table((size_t)num_embed_blocks_);
+  for (int64_t i = 0; i < num_embed_blocks_; i++) table[(size_t)i] = (int32_t)(num_usable_blocks_ + i);
+  const int64_t hid = cfg_.hidden_size;
+  std::vector<float> hidden((size_t)hid, 0.f);
+  const int64_t cap = backend_->max_batch_tokens();
+  for (int64_t done = 0; done < n;) {
+    const int64_t take = std::min(cap, n - done);
+    BatchSeq b;
+    b.tokens = ids.data() + done;
+    b.num_tokens = take;
+    b.start_pos = done;
+    b.block_table = table.data();
+    b.block_table_len = (int64_t)table.size();
+    b.need_output = done + take == n;
+    backend_->forward({b}, hidden.data());
+    done += take;
+  }
+  double norm = 0;
+  for (float x : hidden) norm += (double)x * x;
+  EmbedReply r;
+  r.embedding.resize((size_t)hid, 0.f);
+  if (norm > 0) {
+    const double inv = 1.0 / std::sqrt(norm);
+    for (int64_t i = 0; i < hid; i++) r.embedding[(size_t)i] = (float)(hidden[(size_t)i] * inv);
+  }
+  r.forward_ms = ms_since(t0);
+  return r;
 }
 
 InfoReply Engine::info() const {
@@ -41,7 +86,7 @@ InfoReply Engine::info() const {
   r.dtype = dtype_;
   r.device = device_;
   r.max_position_embeddings = max_pos_;
-  r.num_blocks = (uint64_t)backend_->num_blocks();
+  r.num_blocks = (uint64_t)num_usable_blocks_;
   r.kv_cache_bytes = backend_->kv_cache_bytes();
   r.num_active_seqs = seqs_.size();
   std::vector<char> used((size_t)backend_->num_blocks(), 0);
@@ -69,7 +114,7 @@ std::vector<Engine::Planned> Engine::validate_step(const Request& req) const {
     ENGINE_CHECK(seen.insert(s.seq_id).second, "duplicate_sequence",
                  "seq_id " << s.seq_id << " appears twice in seqs");
 
-  const int64_t num_blocks = backend_->num_blocks();
+  const int64_t num_blocks = num_usable_blocks_;
   std::vector<Planned> plan;
   plan.reserve(req.seqs.size());
   for (const auto& s : req.seqs) {

@@ -29,6 +29,12 @@ class Engine {
   // several forward passes transparently.
   StepReply step(const Request& req);
   ReleaseReply release(const std::vector<uint64_t>& seq_ids);
+  // The embedding of `tokens` (PROTOCOL.md, embed): a forward pass over them in the KV blocks
+  // reserved for it (no sequence's), changing no sequence. Throws token_out_of_range (empty,
+  // or an id >= vocab_size) or position_out_of_range (longer than max_embed_tokens()).
+  EmbedReply embed(const std::vector<int64_t>& tokens);
+  // Longest sequence `embed` takes: the reserved blocks' positions, within max_pos.
+  int64_t max_embed_tokens() const;
 
   const ModelConfig& config() const { return cfg_; }
   int64_t max_pos() const { return max_pos_; }
@@ -48,6 +54,10 @@ class Engine {
   std::unique_ptr<Backend> backend_;
   std::string dtype_, device_;
   int64_t max_pos_;
+  // KV blocks the engine keeps for `embed` (the last ones of the backend's); the client's
+  // sequences use ids [0, num_usable_blocks_), as `info` reports.
+  int64_t num_embed_blocks_ = 0;
+  int64_t num_usable_blocks_ = 0;
   std::unordered_map<uint64_t, SequenceState> seqs_;
   std::vector<Sampler> samplers_;  // one per OpenMP thread (scratch buffers)
   uint64_t num_steps_ = 0;

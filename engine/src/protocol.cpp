@@ -195,6 +195,9 @@ Request decode_request(const char* data, size_t len, uint64_t* req_id) {
   } else if (r.type == "release") {
     if (!(f = field(m, "seq_ids"))) bad("seq_ids is required");
     r.seq_ids = uint_array(*f, "seq_ids");
+  } else if (r.type == "embed") {
+    if (!(f = field(m, "tokens"))) bad("tokens is required");
+    r.tokens = int_array(*f, "tokens");
   } else {
     throw EngineError("unknown_type", "unknown request type \"" + r.type + "\"");
   }
@@ -356,6 +359,17 @@ std::string encode_release(uint64_t req_id, const ReleaseReply& r) {
   key(p, "unknown");
   p.pack_array((uint32_t)r.unknown.size());
   for (uint64_t id : r.unknown) p.pack_uint64(id);
+  return to_string(b);
+}
+
+std::string encode_embed(uint64_t req_id, const EmbedReply& r) {
+  msgpack::sbuffer b;
+  Packer p(b);
+  ok_header(p, req_id, "embed", 2);
+  key(p, "embedding");
+  p.pack_array((uint32_t)r.embedding.size());
+  for (float x : r.embedding) p.pack_float(x);
+  key(p, "forward_ms"); p.pack_double(r.forward_ms);
   return to_string(b);
 }
 

@@ -43,11 +43,12 @@ struct StepSeqRequest {
 
 struct Request {
   uint64_t req_id = 0;
-  std::string type;                 // "info" | "health" | "step" | "release"
+  std::string type;                 // "info" | "health" | "step" | "release" | "embed"
   std::vector<uint64_t> release;    // step.release
   bool packed_outputs = false;      // step.packed_outputs: sampled tokens as two bins
   std::vector<StepSeqRequest> seqs;  // step.seqs
   std::vector<uint64_t> seq_ids;    // release.seq_ids
+  std::vector<int64_t> tokens;      // embed.tokens
 };
 
 // Decodes one frame. *req_id is set as soon as it is known (0 before), so the caller can
@@ -93,6 +94,15 @@ std::string encode_health(uint64_t req_id, const HealthReply& r);
 // `packed`: token-only outputs go to the `packed` bins (the request's packed_outputs).
 std::string encode_step(uint64_t req_id, const StepReply& r, bool packed = false);
 std::string encode_release(uint64_t req_id, const ReleaseReply& r);
+
+// The embedding of a token sequence: its last token's final (RMS-normed) hidden state,
+// L2-normalised (last-token pooling, as Qwen3-Embedding).
+struct EmbedReply {
+  std::vector<float> embedding;  // [hidden_size], unit norm (all zeros if the state is zero)
+  double forward_ms = 0;
+};
+
+std::string encode_embed(uint64_t req_id, const EmbedReply& r);
 std::string encode_error(uint64_t req_id, const std::string& code, const std::string& message);
 
 }  // namespace engine

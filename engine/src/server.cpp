@@ -21,6 +21,7 @@ std::string handle_frame(Engine& eng, const char* data, size_t len) {
     if (req.type == "health") return encode_health(req_id, eng.health());
     if (req.type == "step") return encode_step(req_id, eng.step(req), req.packed_outputs);
     if (req.type == "release") return encode_release(req_id, eng.release(req.seq_ids));
+    if (req.type == "embed") return encode_embed(req_id, eng.embed(req.tokens));
     return encode_error(req_id, "unknown_type", "unknown request type");  // decode rejects these
   } catch (const EngineError& e) {
     return encode_error(req_id, e.code(), e.what());

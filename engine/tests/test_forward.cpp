@@ -100,3 +100,46 @@ TEST(engine_splits_large_steps) {
     CHECK(a["outputs"][i]["token"] == b["outputs"][i]["token"]);
   }
 }
+
+// embed: the last token's final hidden state, L2-normalised, computed in the reserved KV
+// blocks (the last 32 of 128 here: `info` reports 96), chunked like any prefill, and
+// touching no sequence. Rejects empty, out-of-vocabulary and too long inputs.
+TEST(engine_embed_is_the_normalised_last_hidden_state) {
+  using nlohmann::json;
+  const auto c = test::tiny_config();
+  auto eng = test::tiny_engine(128, 5);  // chunks of 5 tokens: 20 tokens take 4 passes
+  auto ref = test::tiny_backend(c, 8, 64);
+  std::vector<float> h(16);
+  ref->forward({slice(kX, 0, 20, {0, 1})}, h.data());
+  double norm = 0;
+  for (float x : h) norm += (double)x * x;
+  norm = std::sqrt(norm);
+  const auto call = [&](const json& req) {
+    const auto bytes = json::to_msgpack(req);
+    const std::string frame(bytes.begin(), bytes.end());
+    return json::from_msgpack(engine::handle_frame(*eng, frame.data(), frame.size()));
+  };
+  json r = call({{"v", 1}, {"type", "embed"}, {"req_id", 7}, {"tokens", kX}});
+  CHECK(r["ok"] == true && r["type"] == "embed" && r["embedding"].size() == 16);
+  double got_norm = 0, diff = 0;
+  for (size_t i = 0; i < 16; i++) {
+    const double e = r["embedding"][i].get<double>();
+    got_norm += e * e;
+    diff = std::max(diff, std::fabs(e - h[i] / norm));
+  }
+  CHECK_NEAR(got_norm, 1.0, 1e-5);
+  CHECK(diff < 1e-5);
+  // The same again (the reserved blocks are reused), and no sequence was made.
+  json again = call({{"v", 1}, {"type", "embed"}, {"req_id", 8}, {"tokens", kX}});
+  CHECK(again["embedding"] == r["embedding"]);
+  json info = call({{"v", 1}, {"type", "info"}, {"req_id", 9}});
+  CHECK(info["num_blocks"] == 96 && info["num_active_seqs"] == 0);
+  // A step may not use the reserved blocks.
+  json step = call({{"v", 1}, {"type", "step"}, {"req_id", 10},
+                    {"seqs", {{{"seq_id", 1}, {"tokens", {1, 2}}, {"start_pos", 0}, {"block_table", {96}}, {"sampling", {{"temperature", 0}}}}}}});
+  CHECK(step["ok"] == false && step["error"]["code"] == "block_out_of_range");
+  CHECK(call({{"v", 1}, {"type", "embed"}, {"req_id", 11}, {"tokens", json::array()}})["error"]["code"] == "token_out_of_range");
+  CHECK(call({{"v", 1}, {"type", "embed"}, {"req_id", 12}, {"tokens", {1, 50}}})["error"]["code"] == "token_out_of_range");
+  CHECK(call({{"v", 1}, {"type", "embed"}, {"req_id", 13}, {"tokens", std::vector<int>(513, 1)}})["error"]["code"] == "position_out_of_range");
+  CHECK(call({{"v", 1}, {"type", "embed"}, {"req_id", 14}})["error"]["code"] == "bad_message");
+}

@@ -51,6 +51,7 @@ import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
 import { explicitFact } from "./internal/memoryRequests.js"
 import { buildPrompt, emptyPromptCache } from "./internal/promptAssembly.js"
+import { Embedder } from "./Embedder.js"
 import { ExtractFacts } from "./FactExtraction.js"
 import { planSummary, SummarizeConversation, windowStartOf } from "./Summaries.js"
 
@@ -259,6 +260,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const runFork = Runtime.runFork(yield* Effect.runtime<ConversationStore>())
   const workflows = yield* WorkflowEngine.WorkflowEngine
   const shared = yield* ConversationCache
+  const embedder = yield* Embedder
   const contextSettings = topologyValue.context
   const eventLog = yield* TurnEventLog
   const failoverDeps: failover.FailoverDeps = {
@@ -633,7 +635,13 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             const maxTokens = input.max_tokens ?? topology.generation.max_tokens
             // Checked before anything is stored: a rejected turn changes nothing.
             // The owner's remembered facts that best match the message go after the system prompt.
-            const facts = yield* store.topFacts(conv.userId, input.content, MEMORY_TOP_K)
+            // Ranked by words first; a user with facts has them ranked again with the message's
+            // embedding as well (an engine forward pass, only then).
+            let facts = yield* store.topFacts(conv.userId, input.content, MEMORY_TOP_K)
+            if (facts.length > 0) {
+              const [embedding] = yield* embedder.embed([input.content])
+              if (embedding !== undefined) facts = yield* store.topFacts(conv.userId, input.content, MEMORY_TOP_K, embedding)
+            }
             const promptState = {
               systemPrompt: contextPrompt(conv.systemPrompt, conv.summary, facts),
               history: conv.history,
@@ -703,7 +711,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   } else {
                     // "Remember that …": the fact joins the user's memory (deduplicated).
                     const fact = zeroRetention(topology, conv.orgId) ? undefined : explicitFact(input.content)
-                    if (fact !== undefined) runFork(store.updateFacts(conv.userId, { add: [fact], remove: [] }).pipe(Effect.ignoreLogged))
+                    if (fact !== undefined) {
+                      runFork(Effect.flatMap(embedder.embed([fact]), (e) => store.updateFacts(conv.userId, { add: [fact], remove: [] }, e)).pipe(Effect.ignoreLogged))
+                    }
                   }
                   return Deferred.succeed(userTurnStored, Exit.isSuccess(exit))
                 })

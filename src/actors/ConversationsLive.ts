@@ -16,6 +16,7 @@ import { TurnTraces } from "../runtime/TurnTraces.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { poolFor, retentionDaysFor, TopologyService, zeroRetention } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
+import { Embedder } from "./Embedder.js"
 import { clusterErrors, Conversation } from "./Conversation.js"
 
 
@@ -95,6 +96,7 @@ export const layer = Layer.effect(
     const store = yield* ConversationStore
     const topology = yield* TopologyService
     const streams = yield* TurnStreams
+    const embedder = yield* Embedder
     const workers = yield* GpuWorkers
     const eventLog = yield* TurnEventLog
     const metrics = yield* Metrics
@@ -347,7 +349,7 @@ export const layer = Layer.effect(
       updateMemory: (owner, user, update) =>
         Effect.gen(function*() {
           const target = yield* memoryOwner(owner, user)
-          yield* store.updateFacts(target, update)
+          yield* store.updateFacts(target, update, yield* embedder.embed(update.add))
           return new UserMemory({ user_id: target, facts: yield* store.listFacts(target) })
         }),
 

@@ -19,6 +19,7 @@ import { ConversationStore } from "../runtime/Storage.js"
 import type { ChatMessage } from "../runtime/Tokenizer.js"
 import { TopologyService } from "../runtime/Topology.js"
 import { BackgroundModel } from "./BackgroundModel.js"
+import { Embedder } from "./Embedder.js"
 
 /** Turns mined, at most: the latest ones. */
 const MINED_TURNS = 20
@@ -45,6 +46,7 @@ export const layer = ExtractFacts.toLayer(Effect.fn(function*(payload) {
   const store = yield* ConversationStore
   const extractor = yield* FactExtractor
   const topology = yield* TopologyService
+  const embedder = yield* Embedder
   yield* DurableClock.sleep({ name: "idle", duration: Duration.seconds(topology.memory?.extract_after_idle_s ?? 600) })
   const id = payload.conversation_id
   const facts = yield* Activity.make({
@@ -67,7 +69,7 @@ export const layer = ExtractFacts.toLayer(Effect.fn(function*(payload) {
   yield* Activity.make({
     name: "Store",
     error: StorageError,
-    execute: store.updateFacts(payload.user_id, { add: facts, remove: [] })
+    execute: Effect.flatMap(embedder.embed(facts), (embeddings) => store.updateFacts(payload.user_id, { add: facts, remove: [] }, embeddings))
   }).pipe(Activity.retry({ times: STEP_RETRIES }))
   return facts
 }))

@@ -60,6 +60,15 @@ export const GpuScheduler = Entity.make("GpuScheduler", [
   Rpc.make("FindTurn", {
     payload: { turn_id: Schema.String },
     success: Schema.NullOr(Schema.Struct({ slot_id: Schema.String, request: Schema.Unknown }))
+  }),
+  /**
+   * The embedding of `token_ids` by this GPU's model (the engine's `embed`: last-token
+   * pooling, unit norm; at most 512 tokens), between its steps.
+   */
+  Rpc.make("Embed", {
+    payload: { token_ids: Schema.Array(Schema.Int) },
+    success: Schema.Array(Schema.Number),
+    error: Schema.Union(UnknownGpu, EngineError)
   })
 ]).annotate(ClusterSchema.ShardGroup, shardGroupOf)
   .annotate(ClusterSchema.ClientTracingEnabled, false) // no trace exporter (main.ts): spans would only cost CPU
@@ -98,6 +107,7 @@ export const layer = GpuScheduler.toLayer(
         }),
       ReleaseSlot: ({ payload }) =>
         Effect.flatMap(worker, (w) => w.releaseSlot(Number(payload.slot_id.split("/")[1]))),
+      Embed: ({ payload }) => Effect.flatMap(worker, (w) => w.engine().embed(payload.token_ids)),
       Stats: () =>
         Effect.gen(function*() {
           const w = yield* worker

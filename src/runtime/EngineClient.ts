@@ -13,6 +13,7 @@ import {
   InfoReply,
   PROTOCOL_VERSION,
   ReleaseReply,
+  EmbedReply,
   StepReply,
   type StepRequest
 } from "./EngineProtocol.js"
@@ -35,6 +36,12 @@ export interface EngineClient {
     seqIds: ReadonlyArray<number>,
     callback: (result: Either.Either<ReleaseReply, EngineError>) => void
   ) => void
+  /**
+   * The embedding of `tokenIds` (PROTOCOL.md, embed): last-token pooling, unit norm. Runs in
+   * the engine's own reserved KV blocks, between steps. EngineError `position_out_of_range`
+   * past the engine's embedding length (512 tokens), `token_out_of_range` for an empty input.
+   */
+  readonly embed: (tokenIds: ReadonlyArray<number>) => Effect.Effect<ReadonlyArray<number>, EngineError>
 }
 
 export interface EngineProcessOptions {
@@ -185,12 +192,14 @@ export const connect = (
     const decodeHealth = Schema.decodeUnknownEither(HealthReply)
     const decodeStep = Schema.decodeUnknownEither(StepReply)
     const decodeRelease = Schema.decodeUnknownEither(ReleaseReply)
+    const decodeEmbed = Schema.decodeUnknownEither(EmbedReply)
     return {
       endpoint,
       info: request("info", {}, decodeInfo),
       health: request("health", {}, decodeHealth),
       sendStep: (body, callback) => void send("step", body as unknown as Record<string, unknown>, decodeStep, callback),
-      sendRelease: (seqIds, callback) => void send("release", { seq_ids: seqIds }, decodeRelease, callback)
+      sendRelease: (seqIds, callback) => void send("release", { seq_ids: seqIds }, decodeRelease, callback),
+      embed: (tokenIds) => Effect.map(request("embed", { tokens: tokenIds }, decodeEmbed), (r) => r.embedding)
     } satisfies EngineClient
   })
 

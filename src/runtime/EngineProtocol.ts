@@ -94,6 +94,15 @@ export const ReleaseReply = Schema.Struct({
 })
 export type ReleaseReply = typeof ReleaseReply.Type
 
+/** An `embed` reply: the last token's final hidden state, L2-normalised ([hidden_size]). */
+export const EmbedReply = Schema.Struct({
+  ok: Schema.Literal(true),
+  req_id: UInt,
+  embedding: Schema.Array(Schema.Number),
+  forward_ms: Schema.Number
+})
+export type EmbedReply = typeof EmbedReply.Type
+
 /** Body of a `step` request (PROTOCOL.md); built by the scheduler from its StepPlan. */
 export interface StepRequest {
   readonly release?: ReadonlyArray<number>

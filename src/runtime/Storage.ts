@@ -56,13 +56,22 @@ export interface ConversationStoreService {
   readonly appendTurn: (turn: NewTurn, options?: { readonly idempotencyKey?: string | undefined }) => Effect.Effect<Turn, StorageError>
   /** A user's remembered facts, oldest first. */
   readonly listFacts: (userId: UserId) => Effect.Effect<ReadonlyArray<MemoryFact>, StorageError>
-  /** Adds facts (one equal to a kept fact, ignoring case and spaces at the ends, is not added again) and removes fact ids, at once. */
-  readonly updateFacts: (userId: UserId, update: { readonly add: ReadonlyArray<string>; readonly remove: ReadonlyArray<string> }) => Effect.Effect<void, StorageError>
   /**
-   * Up to `k` of a user's facts for `text`: ranked by PostgreSQL full-text match of the fact
-   * against the text (`ts_rank`), then newest first. Empty when the user has none.
+   * Adds facts (one equal to a kept fact, ignoring case and spaces at the ends, is not added
+   * again) and removes fact ids, at once. `embeddings[i]`, if given, is `add[i]`'s unit vector.
    */
-  readonly topFacts: (userId: UserId, text: string, k: number) => Effect.Effect<ReadonlyArray<string>, StorageError>
+  readonly updateFacts: (
+    userId: UserId,
+    update: { readonly add: ReadonlyArray<string>; readonly remove: ReadonlyArray<string> },
+    embeddings?: ReadonlyArray<ReadonlyArray<number> | undefined>
+  ) => Effect.Effect<void, StorageError>
+  /**
+   * Up to `k` of a user's facts for `text`, exact top-k over all of them: ranked by the cosine
+   * similarity of their embedding with `embedding` (the text's, unit vectors; 0 without one)
+   * plus their PostgreSQL full-text match with the text (`ts_rank` normalised to [0, 1),
+   * rank / (rank + 1)), then newest first. Empty when the user has none.
+   */
+  readonly topFacts: (userId: UserId, text: string, k: number, embedding?: ReadonlyArray<number>) => Effect.Effect<ReadonlyArray<string>, StorageError>
   /**
    * Up to `limit` conversations past their retention at `nowMs`: a `retention_days` and a last
    * turn (or, without turns, a creation) more than that many days before.
@@ -230,8 +239,23 @@ const migrations = Migrator.fromRecord({
     yield* sql`CREATE INDEX IF NOT EXISTS chat_conversations_retention ON chat_conversations (created_at_ms) WHERE retention_days IS NOT NULL`
     yield* sql`ALTER TABLE chat_turns ADD COLUMN IF NOT EXISTS training_eligible boolean NOT NULL DEFAULT false`
   }),
-  "10_turn_partitions": partitionTurns
+  "10_turn_partitions": partitionTurns,
+  "11_fact_embeddings": Effect.gen(function*() {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`ALTER TABLE chat_user_memory ADD COLUMN IF NOT EXISTS embedding real[]`
+  })
 })
+
+/** A vector as a PostgreSQL array literal (finite numbers only). */
+const vectorLiteral = (v: ReadonlyArray<number>): string => `{${v.map((x) => (Number.isFinite(x) ? x : 0)).join(",")}}`
+
+/** The dot product of two vectors (the cosine of unit vectors); 0 when either is missing or they differ in length. */
+const dot = (a: ReadonlyArray<number> | undefined, b: ReadonlyArray<number> | undefined): number => {
+  if (a === undefined || b === undefined || a.length !== b.length) return 0
+  let s = 0
+  for (let i = 0; i < a.length; i++) s += a[i]! * b[i]!
+  return s
+}
 
 /** Creates or upgrades this module's tables (idempotent). */
 export const migrate = Migrator.make({})({ loader: migrations, table: "chat_migrations" })
@@ -332,21 +356,28 @@ const make = Effect.gen(function*() {
         Effect.flatMap(decodeFacts),
         Effect.mapError(storageError("list facts"))
       ),
-    updateFacts: (userId, { add, remove }) =>
+    updateFacts: (userId, { add, remove }, embeddings) =>
       sql.withTransaction(Effect.gen(function*() {
         if (remove.length > 0) yield* sql`DELETE FROM chat_user_memory WHERE user_id = ${userId} AND fact_id IN ${sql.in(remove)}`
         const now = Date.now()
         for (const [i, content] of add.entries()) {
           const fact = { fact_id: `fact_${randomUUID().replaceAll("-", "")}`, user_id: userId, content: content.trim(), created_at_ms: now + i / 1000 }
-          yield* sql`INSERT INTO chat_user_memory ${sql.insert(fact)} ON CONFLICT DO NOTHING`
+          const embedding = embeddings?.[i]
+          yield* embedding === undefined
+            ? sql`INSERT INTO chat_user_memory ${sql.insert(fact)} ON CONFLICT DO NOTHING`
+            : sql`INSERT INTO chat_user_memory (fact_id, user_id, content, created_at_ms, embedding)
+                VALUES (${fact.fact_id}, ${fact.user_id}, ${fact.content}, ${fact.created_at_ms}, ${vectorLiteral(embedding)}::real[])
+                ON CONFLICT DO NOTHING`
         }
       })).pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.mapError(storageError("update facts"))
       ),
-    topFacts: (userId, text, k) =>
+    topFacts: (userId, text, k, embedding) =>
       sql<{ content: string }>`SELECT content FROM chat_user_memory WHERE user_id = ${userId}
-        ORDER BY ts_rank(to_tsvector('simple', content), plainto_tsquery('simple', ${text.slice(0, 2000)})) DESC, created_at_ms DESC
+        ORDER BY ts_rank(to_tsvector('simple', content), plainto_tsquery('simple', ${text.slice(0, 2000)}), 32)
+          + COALESCE((SELECT sum(a * b) FROM unnest(embedding, ${embedding === undefined ? null : vectorLiteral(embedding)}::real[]) AS v(a, b)), 0) DESC,
+          created_at_ms DESC
         LIMIT ${k}`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.map((rows) => rows.map((r) => r.content)),
@@ -477,6 +508,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
   const keys = new Map<string, number>()
   const shares = new Map<string, Share>()
   const facts = new Map<string, Array<MemoryFact>>()
+  const factEmbeddings = new Map<string, ReadonlyArray<number>>()
   const summaries = new Map<string, Summary>()
   return ConversationStore.of({
     ping: Effect.void,
@@ -512,20 +544,27 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         return Effect.succeed(stored)
       }),
     listFacts: (userId) => Effect.sync(() => [...(facts.get(userId) ?? [])]),
-    updateFacts: (userId, { add, remove }) =>
+    updateFacts: (userId, { add, remove }, embeddings) =>
       Effect.sync(() => {
         const list = (facts.get(userId) ?? []).filter((f) => !remove.includes(f.fact_id))
-        for (const content of add) {
+        for (const [i, content] of add.entries()) {
           if (list.some((f) => f.content.trim().toLowerCase() === content.trim().toLowerCase())) continue
-          list.push(new MemoryFact({ fact_id: `fact_${randomUUID().replaceAll("-", "")}`, content: content.trim(), created_at_ms: Date.now() }))
+          const fact = new MemoryFact({ fact_id: `fact_${randomUUID().replaceAll("-", "")}`, content: content.trim(), created_at_ms: Date.now() })
+          list.push(fact)
+          const embedding = embeddings?.[i]
+          if (embedding !== undefined) factEmbeddings.set(fact.fact_id, embedding)
         }
         facts.set(userId, list)
       }),
-    // Without PostgreSQL's text search: facts sharing more words with the text first.
-    topFacts: (userId, text, k) =>
+    // Without PostgreSQL's text search: the share of the fact's words in the text, in [0, 1), plus the cosine.
+    topFacts: (userId, text, k, embedding) =>
       Effect.sync(() => {
         const words = new Set(text.toLowerCase().split(/\W+/).filter((w) => w.length > 0))
-        const score = (f: MemoryFact) => f.content.toLowerCase().split(/\W+/).filter((w) => words.has(w)).length
+        const score = (f: MemoryFact) => {
+          const own = f.content.toLowerCase().split(/\W+/).filter((w) => w.length > 0)
+          const shared = own.filter((w) => words.has(w)).length
+          return shared / (own.length + 1) + dot(factEmbeddings.get(f.fact_id), embedding)
+        }
         return [...(facts.get(userId) ?? [])].sort((a, b) => score(b) - score(a) || b.created_at_ms - a.created_at_ms).slice(0, k).map((f) => f.content)
       }),
     listExpired: (nowMs, limit) =>

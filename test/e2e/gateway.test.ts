@@ -158,6 +158,10 @@ describe("gateway: identity and ownership", () => {
     const memory = (await added.json()) as any
     expect(memory.user_id).toBe("alice")
     expect(memory.facts.map((f: any) => f.content)).toEqual(["Prefers metric units", "Lives in Lisbon"])
+    // Each fact is stored with its embedding: the engine's embed of it (the tiny model's 64 dimensions, unit norm).
+    const vectors = await sqlAt("SELECT content, embedding FROM chat_user_memory WHERE user_id = 'alice' ORDER BY created_at_ms", [], dbUrl)
+    expect(vectors.map((r: any) => r.embedding?.length)).toEqual([64, 64])
+    expect(Math.abs(vectors[0].embedding.reduce((n: number, x: number) => n + x * x, 0) - 1)).toBeLessThan(1e-4)
     // Another user's memory does not exist for the caller; bad input changes nothing.
     expect((await fetch(`${service.url}/v1/users/alice/memory`, { headers: bearer("key-bob") })).status).toBe(404)
     expect((await patch("alice", { add: ["x"] }, bearer("key-bob"))).status).toBe(404)

@@ -231,6 +231,26 @@ describe("engine parity (tiny Qwen3, CPU backend)", () => {
     expect(info["num_used_blocks"]).toBe(0)
   })
 
+  it("embed is the float64 reference's last-token final hidden state, unit norm; it touches no sequence", async () => {
+    const prompt = promptTokens(40, 3)
+    const reply = await client.ok({ type: "embed", tokens: prompt })
+    const got = reply["embedding"] as Array<number>
+    const want = ref.session().embed(prompt)
+    expect(got.length).toBe(64)
+    let norm = 0
+    for (let i = 0; i < got.length; i++) {
+      norm += got[i]! * got[i]!
+      expect(Math.abs(got[i]! - want[i]!), `dimension ${i}`).toBeLessThanOrEqual(1e-4)
+    }
+    expect(Math.abs(norm - 1)).toBeLessThanOrEqual(1e-5)
+    // Another text, another vector; the same text, the same vector.
+    const other = (await client.ok({ type: "embed", tokens: promptTokens(40, 4) }))["embedding"] as Array<number>
+    expect(other).not.toEqual(got)
+    expect((await client.ok({ type: "embed", tokens: prompt }))["embedding"]).toEqual(got)
+    expect((await client.ok({ type: "info" }))["num_active_seqs"]).toBe(0)
+    expect(((await client.request({ type: "embed", tokens: [] })) as any).error.code).toBe("token_out_of_range")
+  })
+
   it("a 48-token prefill and 16 greedy decode steps match the float64 reference", async () => {
     const prompt = promptTokens(48, 1)
     const t0 = performance.now()

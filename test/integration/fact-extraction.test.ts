@@ -8,6 +8,7 @@ import { randomUUID } from "node:crypto"
 import { WorkflowEngine } from "@effect/workflow"
 import { describe, expect, it } from "@effect/vitest"
 import { Context, Effect, Layer, TestServices } from "effect"
+import * as Embedder from "../../src/actors/Embedder.js"
 import * as FactExtraction from "../../src/actors/FactExtraction.js"
 import { ConversationId, UserId } from "../../src/runtime/Domain.js"
 import * as FactExtractor from "../../src/runtime/FactExtractor.js"
@@ -32,7 +33,7 @@ const run = (payload: typeof FactExtraction.ExtractFacts.payloadSchema.Type, cal
     })
     return yield* Effect.scoped(Effect.gen(function*() {
       const engine = yield* Layer.build(Layer.fresh(WorkflowEngine.layerMemory))
-      const deps = yield* Layer.build(Layer.mergeAll(crashing, FactExtractor.layerTest(calls), Layer.succeed(TopologyService, topology)))
+      const deps = yield* Layer.build(Layer.mergeAll(crashing, FactExtractor.layerTest(calls), Embedder.layerNone, Layer.succeed(TopologyService, topology)))
       yield* Layer.build(Layer.fresh(FactExtraction.layer).pipe(Layer.provide(Layer.succeedContext(Context.merge(engine, deps)))))
       // The idle sleep on the real clock (1 s).
       return yield* TestServices.provideLive(Effect.provide(FactExtraction.ExtractFacts.execute(payload), Context.merge(engine, deps)))

@@ -58,6 +58,21 @@ for (const [name, layer] of suites) {
           expect(Option.getOrThrow(again).user_id).toBe("alice")
           expect((yield* store.listTurns(id, { limit: 50 })).length).toBe(5)
         }))
+
+      it.effect("ranks a user's facts by embedding similarity plus text match, exact top-k", () =>
+        Effect.gen(function*() {
+          const store = yield* Storage.ConversationStore
+          const user = UserId.make(`user_${randomUUID()}`)
+          const unit = (i: number) => [0, 1, 2, 3].map((j) => (j === i ? 1 : 0))
+          yield* store.updateFacts(user, { add: ["Lives in Lisbon", "Has a cat named Tom", "Works nights", "No vector"], remove: [] }, [unit(0), unit(1), unit(2), undefined])
+          // Without a query vector, the text decides.
+          expect((yield* store.topFacts(user, "Where in Lisbon?", 1))).toEqual(["Lives in Lisbon"])
+          // A query vector close to the cat fact's brings it first, though no word matches.
+          expect((yield* store.topFacts(user, "pets at home", 2, [0.1, 0.99, 0, 0]))[0]).toBe("Has a cat named Tom")
+          // Both count: the text match adds to a weaker similarity.
+          expect((yield* store.topFacts(user, "night shifts: Works nights", 1, [0, 0.55, 0.5, 0]))).toEqual(["Works nights"])
+          expect((yield* store.topFacts(user, "anything", 10, unit(3))).length).toBe(4)
+        }))
     })
   })
 }

@@ -291,6 +291,11 @@ export class ReferenceModel {
     return x
   }
 
+  /** @internal The final hidden state RMSNorm(x) ⊙ w_final (what the LM head reads). */
+  finalHidden(x: Float64Array): Float64Array {
+    return rmsNorm(x, this.finalNorm, this.config.eps)
+  }
+
   /** @internal logits = W_lm · RMSNorm(x) ⊙ w_final. */
   head(x: Float64Array): Float64Array {
     const c = this.config
@@ -320,6 +325,16 @@ export class ReferenceSession {
     let x: Float64Array | undefined
     for (const t of tokens) x = this.model.forwardToken(t, this.pos++, this.kCache, this.vCache)
     return this.model.head(x!)
+  }
+
+  /** Appends `tokens` and returns the last one's final hidden state, L2-normalised (last-token pooling). */
+  embed(tokens: ReadonlyArray<number>): Float64Array {
+    let x: Float64Array | undefined
+    for (const t of tokens) x = this.model.forwardToken(t, this.pos++, this.kCache, this.vCache)
+    const h = this.model.finalHidden(x!)
+    let norm = 0
+    for (const v of h) norm += v * v
+    return h.map((v) => v / Math.sqrt(norm))
   }
 
   /** Appends `tokens` and returns the logits after every one of them. */
