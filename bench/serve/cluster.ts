@@ -46,13 +46,19 @@ const summarize = (r: ReadonlyArray<PointResult>) => ({
 
 /** Where the gateways' Conversation entities found their state (conversation_loads_total), summed. */
 const conversationLoads = async (urls: ReadonlyArray<string>) => {
-  const loads: Record<string, number> = { process: 0, shared: 0, store: 0 }
+  const loads: Record<string, number> = { process: 0, checked: 0, shared: 0, store: 0 }
   for (const url of urls) {
     const text = await (await fetch(`${url}/metrics`)).text()
     for (const m of text.matchAll(/^conversation_loads_total\{source="(\w+)"\} (\d+)/gm)) loads[m[1]!] = (loads[m[1]!] ?? 0) + Number(m[2])
   }
-  const total = loads["process"]! + loads["shared"]! + loads["store"]!
-  return { ...loads, hot_cache_hit_rate: total === 0 ? null : round((loads["process"]! + loads["shared"]!) / total, 4) }
+  const total = loads["process"]! + loads["checked"]! + loads["shared"]! + loads["store"]!
+  const hits = loads["process"]! + loads["checked"]! + loads["shared"]!
+  return {
+    ...loads,
+    hot_cache_hit_rate: total === 0 ? null : round(hits / total, 4),
+    // A hit's PostgreSQL reads: one row for a checked or shared one, none for a process one.
+    store_reads_per_hit: hits === 0 ? null : round((loads["checked"]! + loads["shared"]!) / hits, 4)
+  }
 }
 
 const load = (targets: ReadonlyArray<Target>, label: string, pids: () => Record<string, number>) =>

@@ -21,7 +21,7 @@
  * store's last seq before use when other runners may have written since.
  */
 import { randomInt } from "node:crypto"
-import { ClusterSchema, Entity, type Sharding } from "@effect/cluster"
+import { ClusterSchema, Entity, Sharding } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { WorkflowEngine } from "@effect/workflow"
 import { Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
@@ -48,6 +48,8 @@ import { TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSlot.js"
 import * as failover from "./internal/failover.js"
 import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
+import * as ShardTenure from "./internal/shardTenure.js"
+import { SHARDS_PER_GROUP } from "../runtime/Cluster.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
 import { explicitFact } from "./internal/memoryRequests.js"
 import { buildPrompt, emptyPromptCache } from "./internal/promptAssembly.js"
@@ -251,7 +253,7 @@ export const clusterErrors = {
 
 // The entity clients are made once for all Conversation entities: each one holds an RPC
 // client, and making them per entity cost ~hundreds of KB per live conversation.
-export const layer = Layer.unwrapEffect(Effect.gen(function*() {
+export const layer = Layer.unwrapScoped(Effect.gen(function*() {
   const gpus = yield* GpuScheduler.client
   const slots = yield* DecodeSlot.client
   const hot = new HotConversations(HOT_CONVERSATIONS_MAX_CHARS)
@@ -260,6 +262,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const runFork = Runtime.runFork(yield* Effect.runtime<ConversationStore>())
   const workflows = yield* WorkflowEngine.WorkflowEngine
   const shared = yield* ConversationCache
+  // With several runners: whether this runner held a conversation's shard since it cached it.
+  const tenure = multiRunner ? yield* ShardTenure.make(yield* Sharding.Sharding, "default", SHARDS_PER_GROUP) : undefined
   const embedder = yield* Embedder
   const contextSettings = topologyValue.context
   const eventLog = yield* TurnEventLog
@@ -372,6 +376,13 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           return (loaded = cached)
         }
         if (multiRunner) {
+          // Cached while this runner held the shard, which it has held since: its own writes.
+          const heldSince = tenure?.of(id)
+          if (cached !== undefined && heldSince !== undefined && cached.tenure === heldSince && cached.lastStored !== undefined) {
+            lastStoredTurn = cached.lastStored
+            shared.recordLoad("process")
+            return (loaded = cached)
+          }
           // Another runner may have written turns since this one cached them (the shard
           // moved away and back), and the shared entry may lag behind the store: either
           // holds only while it ends where the store does (its last turn, one indexed row).
@@ -381,7 +392,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           if (cached !== undefined) {
             if (last !== undefined && last.seq + (last.role === "user" ? 2 : 1) === cached.nextSeq) {
               lastStoredTurn = last
-              shared.recordLoad("process")
+              cached.tenure = heldSince
+              cached.lastStored = last
+              shared.recordLoad("checked")
               return (loaded = cached)
             }
             hot.delete(id)
@@ -401,13 +414,16 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
               cache: emptyPromptCache(),
               summary: e.summary,
               // As `load` computes it from the store's last turn (the entry's was made so too).
-              nextSeq: last!.seq + (last!.role === "user" ? 2 : 1)
+              nextSeq: last!.seq + (last!.role === "user" ? 2 : 1),
+              tenure: heldSince,
+              lastStored: last
             }
             hot.set(id, loaded)
             shared.recordLoad("shared")
             return loaded
           }
         }
+        const heldSinceLoad = tenure?.of(id)
         const [row, summary] = yield* Effect.all([store.getConversation(id), store.getSummary(id)], { concurrency: 2 })
         if (Option.isNone(row)) return yield* new ConversationNotFound({ conversation_id: id })
         const turns = yield* listAllTurns(store, id)
@@ -436,6 +452,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             active === undefined || active.turnId === "" ? 0 : seqOf(active.turnId) + 1
           )
         }
+        loaded.tenure = heldSinceLoad
+        loaded.lastStored = last
         hot.set(id, loaded)
         shared.recordLoad("store")
         share(loaded)
@@ -843,6 +861,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             loaded.nextSeq = Math.max(loaded.nextSeq, seq + 1)
             hot.grew(id, loaded, reply)
             if (lastStoredTurn === undefined || lastStoredTurn.seq < seq) lastStoredTurn = { seq, role: "assistant" }
+            loaded.lastStored = lastStoredTurn
             share(loaded, turn.turn_id)
             summarizeIfDue(loaded)
             if (turn.status === "completed") mineWhenIdle(loaded)

@@ -197,6 +197,13 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           }
           const outputCheck = moderation.outputCheck()
           const loops = repetitionGuard()
+          // A failover goes on where the lost slot was: both checks see what it generated (else
+          // a loop already under way would need 16 more repeats, and the text would differ
+          // from an undisturbed run's).
+          if (resume !== undefined) {
+            outputCheck.push(resume.text)
+            for (const id of resume.token_ids) loops.push(id)
+          }
           /** The verdict that stopped the turn (output moderation), if one did. */
           let verdict: Verdict | undefined
           const end = (status: TurnStatus, finishReason: FinishReason, error?: EngineError) => {

@@ -41,7 +41,12 @@ export type CachedConversation = typeof CachedConversation.Type
 export interface CacheStats {
   hits: number
   misses: number
-  loads: { process: number; shared: number; store: number }
+  /**
+   * process: the runner's memory, no store read (it held the shard since); checked: the
+   * runner's memory after one read of the store's last turn; shared: the Redis entry after
+   * that read; store: loaded from the store.
+   */
+  loads: { process: number; checked: number; shared: number; store: number }
 }
 
 /** Where a Conversation entity found its state when it started. */
@@ -80,7 +85,7 @@ export const layerRedis = (url: string, prefix: string) =>
       redis.on("ready", () => (down = false))
       yield* Effect.addFinalizer(() => Effect.promise(() => redis.quit().catch(() => undefined)))
       const key = (id: ConversationId) => `${prefix}conv:${id}`
-      const stats: CacheStats = { hits: 0, misses: 0, loads: { process: 0, shared: 0, store: 0 } }
+      const stats: CacheStats = { hits: 0, misses: 0, loads: { process: 0, checked: 0, shared: 0, store: 0 } }
       const attempt = <A>(run: () => Promise<A>) =>
         Effect.tryPromise(run).pipe(Effect.timeout(Duration.millis(2 * COMMAND_TIMEOUT_MS)), Effect.option)
       return ConversationCache.of({
@@ -107,7 +112,7 @@ export const layerRedis = (url: string, prefix: string) =>
 
 /** No shared tier: every `get` misses, nothing is written. */
 export const layerNone = Layer.sync(ConversationCache, () => {
-  const stats: CacheStats = { hits: 0, misses: 0, loads: { process: 0, shared: 0, store: 0 } }
+  const stats: CacheStats = { hits: 0, misses: 0, loads: { process: 0, checked: 0, shared: 0, store: 0 } }
   return ConversationCache.of({
     enabled: false,
     stats,

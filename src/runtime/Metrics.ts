@@ -46,7 +46,7 @@ const make = Effect.gen(function*() {
   // Read at scrape time from the cache's own counts (the entities count as they load).
   new Prometheus.Counter({
     name: "conversation_loads_total",
-    help: "Conversation entities started on this runner, by where their state came from: process (this runner's memory), shared (the Redis entry), store (PostgreSQL).",
+    help: "Conversation entities started on this runner, by where their state came from: process (this runner's memory), checked (the same after one read of the store's last turn), shared (the Redis entry), store (PostgreSQL).",
     labelNames: ["source"] as const,
     registers: [registry],
     collect() {

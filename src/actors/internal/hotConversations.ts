@@ -37,6 +37,13 @@ export interface ConversationState {
   /** After a summary workflow failed, none starts again before this time (ms since epoch). */
   summaryRetryAfterMs?: number | undefined
   nextSeq: number
+  /**
+   * With several runners: the runner's tenure of the conversation's shard when the state was
+   * checked against the store (shardTenure.ts), and the store's last turn then (or since, as
+   * written here). While the tenure holds, the state is the runner's own and needs no check.
+   */
+  tenure?: number | undefined
+  lastStored?: { readonly seq: number; readonly role: string } | undefined
   /** The GPU that ran its last turn (its KV is cached there): conversation-affine routing. */
   lastGpuId?: string | undefined
 }
