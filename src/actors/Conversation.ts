@@ -378,7 +378,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
         if (multiRunner) {
           // Cached while this runner held the shard, which it has held since: its own writes.
           const heldSince = tenure?.of(id)
-          if (cached !== undefined && heldSince !== undefined && cached.tenure === heldSince && cached.lastStored !== undefined) {
+          if (cached !== undefined && heldSince !== undefined && cached.tenure === heldSince) {
             lastStoredTurn = cached.lastStored
             shared.recordLoad("process")
             return (loaded = cached)
@@ -727,6 +727,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
                     hot.delete(id)
                     loaded = undefined
                   } else {
+                    conv.lastStored = { seq: userSeq, role: "user" }
                     // "Remember that …": the fact joins the user's memory (deduplicated).
                     const fact = zeroRetention(topology, conv.orgId) ? undefined : explicitFact(input.content)
                     if (fact !== undefined) {
@@ -913,7 +914,12 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
                   seqs: (payload.history ?? []).map((_, seq) => seq),
                   cache: emptyPromptCache(),
                   summary: undefined,
-                  nextSeq: payload.history?.length ?? 0
+                  nextSeq: payload.history?.length ?? 0,
+                  // Made here, on the shard's owner: its own state from the start.
+                  tenure: tenure?.of(id),
+                  lastStored: payload.history === undefined || payload.history.length === 0
+                    ? undefined
+                    : { seq: payload.history.length - 1, role: payload.history[payload.history.length - 1]!.role }
                 }
                 hot.set(id, loaded)
               })
