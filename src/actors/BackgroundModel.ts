@@ -4,7 +4,6 @@
  * of this runner. The DecodeSlot runs it like a turn, but its `purpose` keeps it out of the
  * conversation's history (Conversation.layerTurnFinisher).
  */
-import { randomInt } from "node:crypto"
 import { Context, Duration, Effect, Layer, Option, Stream } from "effect"
 import { type ConversationId, TurnId } from "../runtime/Domain.js"
 import { EngineError } from "../runtime/Errors.js"
@@ -13,6 +12,7 @@ import { lookup, TopologyService } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
 import { DecodeSlot } from "./DecodeSlot.js"
 import { GpuScheduler } from "./GpuScheduler.js"
+import { gpuOrder } from "./internal/gpuOrder.js"
 
 /** Background sequences are served after every tier's turns. */
 const BACKGROUND_PRIORITY = 1_000
@@ -54,11 +54,7 @@ export const layer = Layer.effect(
           const pool = lookup(topology.pools, request.pool)
           if (model === undefined || pool === undefined) return yield* new EngineError({ code: "unknown_pool", message: request.pool })
           const promptIds = [...request.prompt(model)]
-          const order = pool.gpus.map((g) => g.id)
-          for (let i = order.length - 1; i > 0; i--) {
-            const j = randomInt(i + 1)
-            ;[order[i], order[j]] = [order[j]!, order[i]!]
-          }
+          const order = gpuOrder(pool.gpus.map((g) => g.id))
           let slotId: string | undefined
           for (const gpuId of order) {
             const acquired = yield* gpus(gpuId).AcquireSlot({

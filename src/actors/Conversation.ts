@@ -51,6 +51,7 @@ import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import * as ShardTenure from "./internal/shardTenure.js"
 import { SHARDS_PER_GROUP } from "../runtime/Cluster.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
+import { gpuOrder } from "./internal/gpuOrder.js"
 import { explicitFact } from "./internal/memoryRequests.js"
 import { buildPrompt, emptyPromptCache } from "./internal/promptAssembly.js"
 import { Embedder } from "./Embedder.js"
@@ -170,16 +171,6 @@ const TAKEOVER_MAX_WAIT_MS = 300_000
  * queueing delay is within this fraction of the tier's TTFT target (else the pool's others).
  */
 const AFFINITY_LOAD_FRACTION = 0.5
-
-/** The pool's GPUs in the order admission asks them: `preferred` first, the rest shuffled. */
-const gpuOrder = (gpuIds: ReadonlyArray<string>, preferred: string | undefined): Array<string> => {
-  const rest = gpuIds.filter((g) => g !== preferred)
-  for (let i = rest.length - 1; i > 0; i--) {
-    const j = randomInt(i + 1)
-    ;[rest[i], rest[j]] = [rest[j]!, rest[i]!]
-  }
-  return preferred !== undefined && gpuIds.includes(preferred) ? [preferred, ...rest] : rest
-}
 
 /** A conversation with more turns after its summary than this is not put in the shared cache (it loads from the store). */
 const MAX_SHARED_MESSAGES = 256
