@@ -9,10 +9,9 @@
  *                                     sequences, lets turns in flight finish (SHUTDOWN_GRACE_MS),
  *                                     then hands its shards over and exits
  */
-import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
-import { Effect, Redacted } from "effect"
-import { type RunnerStatusRow, STALE_MS } from "../src/runtime/RunnerStatus.js"
+import { Effect, Layer, Redacted } from "effect"
+import { layerView, RunnerStatusView } from "../src/runtime/RunnerStatus.js"
 
 const [command, name] = process.argv.slice(2)
 const url = process.env["DATABASE_URL"]
@@ -22,17 +21,12 @@ if (url === undefined || (command !== "status" && command !== "drain") || (comma
 }
 
 const status = Effect.gen(function*() {
-  const sql = yield* SqlClient.SqlClient
-  const rows = yield* sql<{ runner: string; status: RunnerStatusRow; updated_at_ms: number; drain_requested_at_ms: number | null }>`
-    SELECT runner, status, updated_at_ms, drain_requested_at_ms FROM chat_runner_status ORDER BY runner`
-  if (rows.length === 0) return console.log("no runner has reported (is DATABASE_URL the cluster's database?)")
-  const now = Date.now()
+  const runners = yield* (yield* RunnerStatusView).list
+  if (runners.length === 0) return console.log("no runner has reported (is DATABASE_URL the cluster's database?)")
   console.log("runner     state     roles         region   shards  entities  streams")
-  for (const r of rows) {
-    const s = r.status
-    const state = now - r.updated_at_ms > STALE_MS ? "down" : s.draining || r.drain_requested_at_ms !== null ? "draining" : "up"
+  for (const { state, status: s } of runners) {
     console.log(
-      `${r.runner.padEnd(10)} ${state.padEnd(9)} ${s.roles.join(",").padEnd(13)} ${s.region.padEnd(8)} ${String(s.num_shards).padStart(6)}  ${String(s.num_entities).padStart(8)}  ${String(s.num_streams).padStart(7)}`
+      `${s.runner.padEnd(10)} ${state.padEnd(9)} ${s.roles.join(",").padEnd(13)} ${s.region.padEnd(8)} ${String(s.num_shards).padStart(6)}  ${String(s.num_entities).padStart(8)}  ${String(s.num_streams).padStart(7)}`
     )
     for (const g of s.gpus) {
       console.log(
@@ -44,9 +38,7 @@ const status = Effect.gen(function*() {
 })
 
 const drain = Effect.gen(function*() {
-  const sql = yield* SqlClient.SqlClient
-  const rows = yield* sql`UPDATE chat_runner_status SET drain_requested_at_ms = ${Date.now()} WHERE runner = ${name!} RETURNING runner`
-  if (rows.length === 0) {
+  if (!(yield* (yield* RunnerStatusView).requestDrain(name!))) {
     console.error(`no runner named ${name} has reported`)
     process.exitCode = 1
     return
@@ -55,7 +47,7 @@ const drain = Effect.gen(function*() {
 })
 
 Effect.runPromise((command === "status" ? status : drain).pipe(
-  Effect.provide(PgClient.layer({ url: Redacted.make(url), maxConnections: 1 }))
+  Effect.provide(layerView.pipe(Layer.provide(PgClient.layer({ url: Redacted.make(url), maxConnections: 1 }))))
 )).catch((e) => {
   console.error(String(e))
   process.exit(1)

@@ -226,16 +226,19 @@ const MainLive = Layer.unwrapEffect(
         })
       )
     }))
-    // Operators' view (npm run cluster -- status) and drain requests, with several runners.
+    // Operators' view (npm run cluster -- status, /ops) and drain requests.
     const RunnerStatusLive = RunnerStatus.layer({
       runner,
       shardGroups: [...(runner.roles.includes("gateway") ? ["default"] : []), ...runner.gpus],
       shardsPerGroup: Cluster.SHARDS_PER_GROUP,
       onDrain: Effect.sync(() => process.kill(process.pid, "SIGTERM"))
     }).pipe(Layer.provide(SqlLive))
-    const RunnerLive = multiRunner
-      ? Layer.mergeAll(GpuDrainLive, RunnerStatusLive).pipe(Layer.provideMerge(ClusterLive), Layer.provide(Layer.mergeAll(WorkersLive, StreamsLive)))
-      : GpuDrainLive.pipe(Layer.provideMerge(ClusterLive), Layer.provide(WorkersLive))
+    // One runner reports too: the /ops dashboard reads the same rows (and a drain of the only
+    // runner is its graceful stop).
+    const RunnerLive = Layer.mergeAll(GpuDrainLive, RunnerStatusLive).pipe(
+      Layer.provideMerge(ClusterLive),
+      Layer.provide(Layer.mergeAll(WorkersLive, StreamsLive))
+    )
     if (!runner.roles.includes("gateway")) return Layer.discard(RunnerLive)
     // One registry for the whole process: the facade times turns, the edge counts refusals.
     const MetricsLive = Metrics.layer.pipe(Layer.provide(Layer.mergeAll(WorkersLive, TopologyLive, ConversationCacheLive)))
@@ -254,6 +257,7 @@ const MainLive = Layer.unwrapEffect(
       Layer.provide(TopologyLive),
       Layer.provide(RateLimitStoreLive),
       Layer.provide(MetricsLive),
+      Layer.provide(RunnerStatus.layerView.pipe(Layer.provide(SqlLive))),
       Layer.provide(SqlLive),
       Layer.provide(Layer.setConfigProvider(ConfigProvider.orElse(ConfigProvider.fromJson(port === undefined ? {} : { PORT: port }), () => ConfigProvider.fromEnv())))
     )

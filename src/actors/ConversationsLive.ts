@@ -6,7 +6,7 @@
 import { randomUUID } from "node:crypto"
 import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
-import { ConversationId, HistoryPage, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, UserId as UserIdSchema, UserMemory, usageJson } from "../runtime/Domain.js"
+import { ConversationId, ConversationList, formatConversationCursor, HistoryPage, noValidation, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, UserId as UserIdSchema, UserMemory, usageJson } from "../runtime/Domain.js"
 import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable, UserNotFound } from "../runtime/Errors.js"
 import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
@@ -384,6 +384,16 @@ export const layer = Layer.effect(
           // Another user's share is not found, as a missing one.
           if (Option.isNone(found) || found.value.user_id !== owner.user_id) return yield* new ShareNotFound({ share_id: shareId })
           yield* store.revokeShare(shareId)
+        }),
+
+      list: (owner, { before, limit }) =>
+        Effect.map(store.listConversations(owner.user_id, { before, limit: limit + 1 }), (rows) => {
+          const page = rows.slice(0, limit)
+          const last = page.at(-1)
+          return new ConversationList({
+            data: page,
+            next_cursor: rows.length > limit && last !== undefined ? formatConversationCursor(last) : null
+          }, noValidation)
         }),
 
       history: (owner, id, { before, limit }) =>

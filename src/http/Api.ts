@@ -2,6 +2,8 @@
  * The HTTP API: groups `health` and `conversations` (the latter behind `Authorization`).
  *
  * - `POST /v1/conversations` CreateConversation → 201 `{conversation_id, model, region}`
+ * - `GET  /v1/conversations?before=<cursor>&limit=<1..100, default 20>` → ConversationList (the
+ *   caller's own, newest first)
  * - `POST /v1/conversations/:id/turns` UserTurnInput → 200 `text/event-stream` (see Sse.ts);
  *   with an `Idempotency-Key` this conversation already took, the stream of that turn (after
  *   `Last-Event-ID`, if given) instead of a new turn
@@ -14,6 +16,7 @@
  * - `POST /v1/conversations/:id/share` → 201 Share; `GET /v1/shared/:share_id` (no auth) →
  *   SharedConversation; `DELETE /v1/shared/:share_id` (its owner) → 204
  * - `GET|PATCH /v1/users/:user/memory` (`me`, or the caller's own id) → UserMemory
+ * - `GET  /v1/ops/status` (admin) → OpsStatus; `POST /v1/ops/runners/:runner/drain` (admin) → 202
  * - `GET  /healthz` → `{status:"ok"}` (liveness)
  * - `GET  /readyz` → `{status:"ready"}`, or 503 `not_ready` (engine down, database unreachable, stopping)
  * - `GET  /metrics` → Prometheus text (runtime/Metrics.ts)
@@ -25,7 +28,8 @@
  */
 import { HttpApi, HttpApiEndpoint, HttpApiGroup, HttpApiSchema } from "@effect/platform"
 import { Schema } from "effect"
-import { ConversationId, CreateConversation, HistoryPage, MemoryUpdate, Share, SharedConversation, ShareId, UserMemory, UserTurnInput } from "../runtime/Domain.js"
+import { RunnerState } from "../runtime/RunnerStatus.js"
+import { ConversationCursorFromString, ConversationId, ConversationList, CreateConversation, HistoryPage, MemoryUpdate, Share, SharedConversation, ShareId, UserMemory, UserTurnInput } from "../runtime/Domain.js"
 import * as ApiError from "./ApiError.js"
 import { Authorization } from "./Auth.js"
 import { ChatCompletionRequest, ModelList } from "./OpenAi.js"
@@ -51,6 +55,12 @@ const IntFromString = Schema.String.pipe(
   Schema.compose(Schema.NumberFromString),
   Schema.int()
 )
+
+export const ListParams = Schema.Struct({
+  /** Cursor from a previous page's `next_cursor`: only conversations older than it. */
+  before: Schema.optional(ConversationCursorFromString),
+  limit: Schema.optionalWith(IntFromString.pipe(Schema.between(1, 100)), { default: () => 20 })
+})
 
 export const HistoryParams = Schema.Struct({
   /** Cursor from a previous page's `next_cursor`: only turns with seq < before. */
@@ -96,6 +106,11 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
       .addSuccess(ConversationCreated, { status: 201 })
       .addError(ApiError.ModelNotFoundJson)
       .addError(ApiError.EngineUnavailableJson)
+  )
+  .add(
+    HttpApiEndpoint.get("list", "/v1/conversations")
+      .setUrlParams(ListParams)
+      .addSuccess(ConversationList)
   )
   .add(
     HttpApiEndpoint.post("sendTurn")`/v1/conversations/${id}/turns`
@@ -179,6 +194,55 @@ export class SharedGroup extends HttpApiGroup.make("shared")
   )
 {}
 
+/** A turn that ended in an error, as `/ops` lists it. */
+export const RecentError = Schema.Struct({
+  at_ms: Schema.Number,
+  model: Schema.String,
+  tier: Schema.String,
+  code: Schema.String,
+  message: Schema.String
+})
+
+/**
+ * What the operator dashboard polls: every runner's last report (as `npm run cluster -- status`
+ * shows them), each model pool's GPUs, this gateway's dashboard series (prom-client JSON of
+ * `time_to_first_token_seconds`, `generation_tokens_total`, `request_success_total` and the
+ * per-GPU gauges; rates and quantiles are the client's, from successive polls) and its recent
+ * turn errors, newest first.
+ */
+export class OpsStatus extends Schema.Class<OpsStatus>("OpsStatus")({
+  now_ms: Schema.Number,
+  runners: Schema.Array(RunnerState),
+  pools: Schema.Record({ key: Schema.String, value: Schema.Array(Schema.String) }),
+  metrics: Schema.Array(Schema.Unknown),
+  recent_errors: Schema.Array(RecentError)
+}) {}
+
+export class DrainRequested extends Schema.Class<DrainRequested>("DrainRequested")({
+  runner: Schema.String,
+  drain_requested: Schema.Literal(true)
+}) {}
+
+const runnerName = HttpApiSchema.param("runner", Schema.String.pipe(Schema.pattern(/^[A-Za-z0-9_.-]{1,64}$/)))
+
+/** Operators' routes (`/ops` dashboard): admin keys only (ADMIN_API_KEYS), others get 403. */
+export class OpsGroup extends HttpApiGroup.make("ops")
+  .add(
+    HttpApiEndpoint.get("status", "/v1/ops/status")
+      .addSuccess(OpsStatus)
+      .addError(ApiError.ForbiddenJson)
+      .addError(ApiError.StorageUnavailableJson)
+  )
+  .add(
+    HttpApiEndpoint.post("drain")`/v1/ops/runners/${runnerName}/drain`
+      .addSuccess(DrainRequested, { status: 202 })
+      .addError(ApiError.ForbiddenJson)
+      .addError(ApiError.RunnerNotFoundJson)
+      .addError(ApiError.StorageUnavailableJson)
+  )
+  .middleware(Authorization)
+{}
+
 /** The OpenAI-compatible routes (OpenAi.ts), behind the same authentication. */
 export class OpenAiGroup extends HttpApiGroup.make("openai")
   .add(
@@ -205,6 +269,7 @@ export class Api extends HttpApi.make("chat")
   .add(SharedGroup)
   .add(MemoryGroup)
   .add(OpenAiGroup)
+  .add(OpsGroup)
   .addError(ApiError.InvalidRequestJson)
   .addError(ApiError.RateLimitedJson)
   .addError(ApiError.NotFoundJson)

@@ -142,6 +142,22 @@ export class NotFound extends Schema.TaggedError<NotFound>()(
 ) {}
 export const NotFoundJson = toJson(NotFound, "not_found", 404)
 
+/** An operator route called without an admin key (ADMIN_API_KEYS). */
+export class Forbidden extends Schema.TaggedError<Forbidden>()(
+  "Forbidden",
+  { message: Schema.String },
+  HttpApiSchema.annotations({ status: 403 })
+) {}
+export const ForbiddenJson = toJson(Forbidden, "forbidden", 403)
+
+/** No runner of that name has reported its status. */
+export class RunnerNotFound extends Schema.TaggedError<RunnerNotFound>()(
+  "RunnerNotFound",
+  { message: Schema.String },
+  HttpApiSchema.annotations({ status: 404 })
+) {}
+export const RunnerNotFoundJson = toJson(RunnerNotFound, "runner_not_found", 404)
+
 export class ConversationNotFound extends Schema.TaggedError<ConversationNotFound>()(
   "ConversationNotFound",
   { message: Schema.String },
@@ -286,6 +302,8 @@ export type ApiError =
   | StreamNotFound
   | StreamUnavailable
   | DuplicateTurn
+  | Forbidden
+  | RunnerNotFound
 
 const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   UserNotFound,
@@ -308,7 +326,9 @@ const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   NotReady,
   StreamNotFound,
   StreamUnavailable,
-  DuplicateTurn
+  DuplicateTurn,
+  Forbidden,
+  RunnerNotFound
 ]
 
 /** The HTTP status and body code of an API error. */
@@ -356,6 +376,10 @@ export const statusAndCode = (e: ApiError): { readonly status: number; readonly 
       return { status: 503, code: "stream_unavailable" }
     case "DuplicateTurn":
       return { status: 409, code: "duplicate_turn" }
+    case "Forbidden":
+      return { status: 403, code: "forbidden" }
+    case "RunnerNotFound":
+      return { status: 404, code: "runner_not_found" }
   }
 }
 

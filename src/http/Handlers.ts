@@ -7,7 +7,9 @@ import { CreateConversation, type Identity, TurnId } from "../runtime/Domain.js"
 import { Conversations } from "../runtime/Conversations.js"
 import { Metrics } from "../runtime/Metrics.js"
 import type { TurnStream } from "../runtime/TurnStream.js"
-import { Api, ConversationCreated, Health, Ready } from "./Api.js"
+import { Api, ConversationCreated, DrainRequested, Health, OpsStatus, Ready } from "./Api.js"
+import { RunnerStatusView } from "../runtime/RunnerStatus.js"
+import { TopologyService } from "../runtime/Topology.js"
 import * as ApiError from "./ApiError.js"
 import { CurrentIdentity } from "./Auth.js"
 import * as OpenAi from "./OpenAi.js"
@@ -144,6 +146,8 @@ export const ConversationsLive = HttpApiBuilder.group(
           forCaller((identity) => conversations.share(identity, path.id)))
         .handle("revokeShare", ({ path }) =>
           forCaller((identity) => conversations.revokeShare(identity, path.share_id)))
+        .handle("list", ({ urlParams }) =>
+          forCaller((identity) => conversations.list(identity, { before: urlParams.before, limit: urlParams.limit })))
         .handle("history", ({ path, urlParams }) =>
           forCaller((identity) => conversations.history(identity, path.id, { before: urlParams.before, limit: urlParams.limit })))
     })
@@ -204,5 +208,36 @@ export const OpenAiLive = HttpApiBuilder.group(
     })
 )
 
+/** The operator routes: an admin identity (ADMIN_API_KEYS) or 403. */
+export const OpsLive = HttpApiBuilder.group(
+  Api,
+  "ops",
+  (handlers) =>
+    Effect.gen(function*() {
+      const view = yield* RunnerStatusView
+      const metrics = yield* Metrics
+      const topology = yield* TopologyService
+      const pools = Object.fromEntries(Object.entries(topology.pools).map(([name, pool]) => [name, pool.gpus.map((g) => g.id)]))
+      const asAdmin = Effect.flatMap(CurrentIdentity, (identity) =>
+        identity.admin === true ? Effect.void : Effect.fail(new ApiError.Forbidden({ message: "Operator routes need an admin key (ADMIN_API_KEYS)" })))
+      return handlers
+        .handle("status", () =>
+          Effect.gen(function*() {
+            yield* asAdmin
+            const [runners, snapshot] = yield* Effect.all([toApi(view.list), metrics.snapshot], { concurrency: 2 })
+            return new OpsStatus({ now_ms: Date.now(), runners, pools, metrics: snapshot.metrics, recent_errors: snapshot.recentErrors })
+          }))
+        .handle("drain", ({ path }) =>
+          Effect.gen(function*() {
+            yield* asAdmin
+            if (!(yield* toApi(view.requestDrain(path.runner)))) {
+              return yield* new ApiError.RunnerNotFound({ message: `No runner named ${path.runner} has reported` })
+            }
+            yield* Effect.logWarning(`drain of runner ${path.runner} requested from /ops`)
+            return new DrainRequested({ runner: path.runner, drain_requested: true })
+          }))
+    })
+)
+
 /** Every group; needs `Conversations`, `RateLimits` (and `Authenticator` via the Authorization middleware layer). */
-export const layer = Layer.mergeAll(HealthLive, ConversationsLive, SharedLive, MemoryLive, OpenAiLive)
+export const layer = Layer.mergeAll(HealthLive, ConversationsLive, SharedLive, MemoryLive, OpenAiLive, OpsLive)

@@ -27,6 +27,7 @@ import type { ListenOptions, Socket } from "node:net"
 import { Conversations as ConversationsTag } from "../runtime/Conversations.js"
 import type { TopologyService } from "../runtime/Topology.js"
 import type { Metrics } from "../runtime/Metrics.js"
+import type { RunnerStatusView } from "../runtime/RunnerStatus.js"
 import type { Conversations } from "../runtime/Conversations.js"
 import { Api } from "./Api.js"
 import * as ApiError from "./ApiError.js"
@@ -217,7 +218,7 @@ export const layerNormalizeErrors: Layer.Layer<never> = HttpApiBuilder.middlewar
 export const layerApi: Layer.Layer<
   HttpApi.Api,
   never,
-  Conversations | Auth.Authenticator | RateLimits.RateLimits | Metrics
+  Conversations | Auth.Authenticator | RateLimits.RateLimits | Metrics | RunnerStatusView | TopologyService
 > = HttpApiBuilder.api(Api).pipe(
   Layer.provide(Handlers.layer),
   Layer.provide(Auth.AuthorizationLive)
@@ -227,7 +228,7 @@ export const layerApi: Layer.Layer<
 export const layerServe: Layer.Layer<
   never,
   never,
-  HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Conversations | Auth.Authenticator | RateLimits.RateLimits | Metrics
+  HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Conversations | Auth.Authenticator | RateLimits.RateLimits | Metrics | RunnerStatusView | TopologyService
 > = HttpApiBuilder.serve(Edge.middleware).pipe(
   Layer.provide(layerNormalizeErrors),
   Layer.provide(HttpApiBuilder.middlewareOpenApi({ path: "/openapi.json" })),
@@ -345,7 +346,7 @@ export const layerDrainOnStop: Layer.Layer<never, ConfigError.ConfigError, Conve
 export const layer: Layer.Layer<
   never,
   HttpServerError.ServeError | ConfigError.ConfigError,
-  Conversations | TopologyService | RateLimiterStore | Metrics
+  Conversations | TopologyService | RateLimiterStore | Metrics | RunnerStatusView
 > = Layer
   .unwrapEffect(Effect.map(Config.all([listenConfig, connectionLimitsConfig]), ([listen, limits]) => layerNodeServer(listen, limits)))
   .pipe(
@@ -366,7 +367,7 @@ export const layer: Layer.Layer<
 export const layerTestWith = (limits: ConnectionLimits = defaultConnectionLimits): Layer.Layer<
   HttpServer.HttpServer | HttpClient.HttpClient,
   HttpServerError.ServeError,
-  Conversations | Auth.Authenticator | RateLimits.RateLimits | Metrics
+  Conversations | Auth.Authenticator | RateLimits.RateLimits | Metrics | RunnerStatusView | TopologyService
 > =>
   layerServe.pipe(
     Layer.provideMerge(HttpServer.layerTestClient.pipe(

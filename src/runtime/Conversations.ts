@@ -3,7 +3,7 @@
  * each call to the Conversation entity of the cluster; tests may provide an in-memory layer.
  */
 import { Context, type Effect } from "effect"
-import type { ConversationId, CreateConversation, HistoryPage, Identity, MemoryUpdate, Share, SharedConversation, ShareId, TurnId, UserMemory, UserTurnInput } from "./Domain.js"
+import type { ConversationCursor, ConversationId, ConversationList, CreateConversation, HistoryPage, Identity, MemoryUpdate, Share, SharedConversation, ShareId, TurnId, UserMemory, UserTurnInput } from "./Domain.js"
 import type {
   ContentFiltered,
   ConversationNotFound,
@@ -90,6 +90,11 @@ export interface ConversationsService {
     id: ConversationId,
     options: { readonly before?: number | undefined; readonly limit: number }
   ) => Effect.Effect<HistoryPage, ConversationNotFound | StorageError>
+  /** The caller's conversations, newest first, `limit` per page, older than the `before` cursor. */
+  readonly list: (
+    owner: Identity,
+    options: { readonly before?: ConversationCursor | undefined; readonly limit: number }
+  ) => Effect.Effect<ConversationList, StorageError>
   /**
    * Graceful stop: new turns fail with ShuttingDown from now on; turns in flight may finish
    * within `graceMs`; the rest are stopped (stored `cancelled` with their text so far, their

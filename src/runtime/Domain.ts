@@ -193,3 +193,42 @@ export class HistoryPage extends Schema.Class<HistoryPage>("HistoryPage")({
   /** The owner's org has zero retention: the turns' text was never stored (their content is empty). */
   zero_retention: Schema.optional(Schema.Boolean)
 }) {}
+
+/** One of a user's conversations in `GET /v1/conversations`. */
+export class ConversationListItem extends Schema.Class<ConversationListItem>("ConversationListItem")({
+  conversation_id: ConversationId,
+  model: Schema.String,
+  /** The first 100 characters of its first user message ("" before one, or with zero retention). */
+  title: Schema.String,
+  created_at_ms: Schema.Number
+}) {}
+
+/** A page of a user's conversations, newest first; `next_cursor` is the `before` of the older page. */
+export class ConversationList extends Schema.Class<ConversationList>("ConversationList")({
+  data: Schema.Array(ConversationListItem),
+  next_cursor: Schema.NullOr(Schema.String)
+}) {}
+
+/** Where a page of conversations starts: below this creation time, then below this id. */
+export interface ConversationCursor {
+  readonly created_at_ms: number
+  readonly id: ConversationId
+}
+
+/** A list cursor as a client sends it back: `<created_at_ms>:<conversation_id>`. */
+export const formatConversationCursor = (item: { readonly created_at_ms: number; readonly conversation_id: string }): string =>
+  `${Math.trunc(item.created_at_ms)}:${item.conversation_id}`
+
+/** The `before` query parameter of `GET /v1/conversations` (a previous page's `next_cursor`). */
+export const ConversationCursorFromString: Schema.Schema<ConversationCursor, string> = Schema.transform(
+  Schema.String.pipe(Schema.pattern(/^[0-9]{1,15}:[A-Za-z0-9_-]{1,64}$/, { message: () => "Expected a cursor from next_cursor" })),
+  Schema.Struct({ created_at_ms: Schema.Number, id: ConversationId }),
+  {
+    strict: true,
+    decode: (s) => {
+      const i = s.indexOf(":")
+      return { created_at_ms: Number(s.slice(0, i)), id: s.slice(i + 1) }
+    },
+    encode: (c) => `${c.created_at_ms}:${c.id}`
+  }
+)

@@ -33,7 +33,34 @@ export class Metrics extends Context.Tag("chat/Metrics")<Metrics, {
   readonly moderationVerdict: (stage: "input" | "output", verdict: string) => void
   /** The exposition text and its content type. */
   readonly scrape: Effect.Effect<{ readonly text: string; readonly contentType: string }>
+  /**
+   * The series the operator dashboard charts (TTFT histogram, generated tokens, turns by finish
+   * reason, per-GPU gauges), as prom-client's JSON, and the last {@link NUM_RECENT_ERRORS}
+   * turns that ended in an error, newest first.
+   */
+  readonly snapshot: Effect.Effect<{ readonly metrics: ReadonlyArray<unknown>; readonly recentErrors: ReadonlyArray<RecentError> }>
 }>() {}
+
+/** A turn that ended with an `error` event, as the dashboard lists it. */
+export interface RecentError {
+  readonly at_ms: number
+  readonly model: string
+  readonly tier: string
+  readonly code: string
+  readonly message: string
+}
+
+export const NUM_RECENT_ERRORS = 20
+
+/** The series in {@link Metrics} `snapshot`. */
+const DASHBOARD_SERIES = new Set([
+  "time_to_first_token_seconds",
+  "generation_tokens_total",
+  "request_success_total",
+  "num_requests_running",
+  "num_requests_waiting",
+  "kv_cache_usage_perc"
+])
 
 const make = Effect.gen(function*() {
   const workers = yield* GpuWorkers
@@ -115,6 +142,8 @@ const make = Effect.gen(function*() {
       prefixHits.set(labels, stats.numPrefixHitTokens)
     }), { discard: true })
 
+  const recentErrors: Array<RecentError> = []
+
   return Metrics.of({
     observeTurn: (labels, stream, startMs) => {
       let lastMs: number | undefined
@@ -136,7 +165,13 @@ const make = Effect.gen(function*() {
           generationTokens.inc(labels, e.usage.completion_tokens)
           end(e.finish_reason)
         },
-        onFail: (code) => end(code === "content_filter" ? "content_filter" : "error")
+        onFail: (code, message) => {
+          end(code === "content_filter" ? "content_filter" : "error")
+          // Cancellations and filtered replies are the client's or the policy's doing, not faults.
+          if (code === "content_filter" || code === "cancelled") return
+          recentErrors.unshift({ at_ms: Date.now(), model: labels.model, tier: labels.tier, code, message: message.slice(0, 200) })
+          if (recentErrors.length > NUM_RECENT_ERRORS) recentErrors.pop()
+        }
       })
     },
     rateLimitRejected: (tier, limit) => rejections.inc({ tier, limit }),
@@ -144,6 +179,13 @@ const make = Effect.gen(function*() {
     scrape: Effect.zipRight(
       readGpus,
       Effect.promise(() => registry.metrics()).pipe(Effect.map((text) => ({ text, contentType: registry.contentType })))
+    ),
+    snapshot: Effect.zipRight(
+      readGpus,
+      Effect.promise(() => registry.getMetricsAsJSON()).pipe(Effect.map((all) => ({
+        metrics: all.filter((m) => DASHBOARD_SERIES.has(m.name)),
+        recentErrors: [...recentErrors]
+      })))
     )
   })
 })

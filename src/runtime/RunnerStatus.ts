@@ -10,7 +10,8 @@
  */
 import { ShardId, Sharding } from "@effect/cluster"
 import { SqlClient } from "@effect/sql"
-import { Duration, Effect, Layer, Schedule } from "effect"
+import { Context, Duration, Effect, Layer, Schedule, Schema } from "effect"
+import { StorageError } from "./Errors.js"
 import { GpuWorkers } from "./GpuWorkers.js"
 import { type Runner } from "./Topology.js"
 import { TurnStreams } from "./TurnStream.js"
@@ -19,29 +20,94 @@ import { TurnStreams } from "./TurnStream.js"
 export const STALE_MS = 10_000
 const REPORT_INTERVAL = Duration.seconds(2)
 
-export interface RunnerStatusRow {
-  readonly runner: string
-  readonly roles: ReadonlyArray<string>
-  readonly region: string
-  readonly pid: number
-  readonly num_shards: number
-  readonly num_entities: number
-  readonly num_streams: number
-  readonly draining: boolean
-  readonly gpus: ReadonlyArray<{
-    readonly gpu_id: string
-    readonly engine_up: boolean
-    readonly num_running: number
-    readonly num_waiting: number
-    readonly num_used_blocks: number
-    readonly num_blocks: number
-    /** Free blocks that still hold cached KV (prefix cache). */
-    readonly num_cached_free_blocks?: number
-    /** Prefix-cache lookups and hits since the engine started, in prompt tokens. */
-    readonly prefix_cache_queried_tokens?: number
-    readonly prefix_cache_hit_tokens?: number
-  }>
-}
+const GpuStatus = Schema.Struct({
+  gpu_id: Schema.String,
+  engine_up: Schema.Boolean,
+  num_running: Schema.Number,
+  num_waiting: Schema.Number,
+  num_used_blocks: Schema.Number,
+  num_blocks: Schema.Number,
+  /** Free blocks that still hold cached KV (prefix cache). */
+  num_cached_free_blocks: Schema.optional(Schema.Number),
+  /** Prefix-cache lookups and hits since the engine started, in prompt tokens. */
+  prefix_cache_queried_tokens: Schema.optional(Schema.Number),
+  prefix_cache_hit_tokens: Schema.optional(Schema.Number)
+})
+
+/** What a runner reports of itself every 2 s. */
+export const RunnerStatusRow = Schema.Struct({
+  runner: Schema.String,
+  roles: Schema.Array(Schema.String),
+  region: Schema.String,
+  pid: Schema.Number,
+  num_shards: Schema.Number,
+  num_entities: Schema.Number,
+  num_streams: Schema.Number,
+  draining: Schema.Boolean,
+  gpus: Schema.Array(GpuStatus)
+})
+export type RunnerStatusRow = typeof RunnerStatusRow.Type
+
+/** A runner as operators see it: `down` when its last report is older than {@link STALE_MS}. */
+export const RunnerState = Schema.Struct({
+  state: Schema.Literal("up", "draining", "down"),
+  updated_at_ms: Schema.Number,
+  status: RunnerStatusRow
+})
+export type RunnerState = typeof RunnerState.Type
+
+/**
+ * Reads every runner's last report (`npm run cluster -- status`, the `/ops` dashboard) and
+ * asks one to drain (`npm run cluster -- drain NAME`, the dashboard's button).
+ */
+export class RunnerStatusView extends Context.Tag("chat/RunnerStatusView")<RunnerStatusView, {
+  /** Every runner that has reported, by name. */
+  readonly list: Effect.Effect<ReadonlyArray<RunnerState>, StorageError>
+  /** Asks `runner` to drain; it acts on it within ~2 s. @returns false when no such runner has reported. */
+  readonly requestDrain: (runner: string) => Effect.Effect<boolean, StorageError>
+}>() {}
+
+const decodeStatus = Schema.decodeUnknown(Schema.parseJson(RunnerStatusRow))
+
+/** The view over `chat_runner_status` in the cluster's PostgreSQL. */
+export const layerView: Layer.Layer<RunnerStatusView, never, SqlClient.SqlClient> = Layer.effect(
+  RunnerStatusView,
+  Effect.map(SqlClient.SqlClient, (sql) =>
+    RunnerStatusView.of({
+      list: Effect.gen(function*() {
+        const rows = yield* sql<{ runner: string; status: unknown; updated_at_ms: number; drain_requested_at_ms: number | null }>`
+          SELECT runner, status::text AS status, updated_at_ms, drain_requested_at_ms FROM chat_runner_status ORDER BY runner`
+        const now = Date.now()
+        return yield* Effect.forEach(rows, (r) =>
+          Effect.map(decodeStatus(r.status), (status): RunnerState => ({
+            state: now - Number(r.updated_at_ms) > STALE_MS
+              ? "down"
+              : status.draining || r.drain_requested_at_ms !== null
+              ? "draining"
+              : "up",
+            updated_at_ms: Number(r.updated_at_ms),
+            status
+          })))
+      }).pipe(Effect.mapError((e) => new StorageError({ message: `runner status: ${e.message}` }))),
+      requestDrain: (runner) =>
+        sql`UPDATE chat_runner_status SET drain_requested_at_ms = ${Date.now()} WHERE runner = ${runner} RETURNING runner`.pipe(
+          Effect.map((rows) => rows.length > 0),
+          Effect.mapError((e) => new StorageError({ message: `drain request: ${e.message}` }))
+        )
+    }))
+)
+
+/** A fixed view, for tests of the HTTP layer: `drained` records the drain requests. */
+export const layerViewMemory = (runners: ReadonlyArray<RunnerState>, drained: Array<string> = []) =>
+  Layer.succeed(RunnerStatusView, {
+    list: Effect.succeed(runners),
+    requestDrain: (runner) =>
+      Effect.sync(() => {
+        if (!runners.some((r) => r.status.runner === runner)) return false
+        drained.push(runner)
+        return true
+      })
+  })
 
 /** Creates the table (idempotent; run by Storage's migrations). */
 export const createTable = Effect.flatMap(SqlClient.SqlClient, (sql) =>

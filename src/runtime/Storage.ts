@@ -6,7 +6,7 @@ import { Migrator, SqlClient } from "@effect/sql"
 import * as RunnerStatus from "./RunnerStatus.js"
 import type { SqlError } from "@effect/sql/SqlError"
 import { Context, Duration, Effect, Layer, Option, Schedule, Schema, Struct } from "effect"
-import { ConversationId, MemoryFact, noValidation, type Role, Share, type ShareId, Summary, Turn, TurnId, type TurnStatus, UserId } from "./Domain.js"
+import { ConversationId, type ConversationCursor, ConversationListItem, MemoryFact, noValidation, type Role, Share, type ShareId, Summary, Turn, TurnId, type TurnStatus, UserId } from "./Domain.js"
 import { randomUUID } from "node:crypto"
 import { StorageError } from "./Errors.js"
 import { ensurePartitions, monthOf, partitionTurns, upcomingMonths } from "./internal/turnPartitions.js"
@@ -103,7 +103,15 @@ export interface ConversationStoreService {
     id: ConversationId,
     options: { readonly before?: number | undefined; readonly limit: number }
   ) => Effect.Effect<ReadonlyArray<Turn>, StorageError>
+  /** Up to `limit` of a user's conversations, newest first, each with its title; from after `before`. */
+  readonly listConversations: (
+    userId: UserId,
+    options: { readonly before?: ConversationCursor | undefined; readonly limit: number }
+  ) => Effect.Effect<ReadonlyArray<ConversationListItem>, StorageError>
 }
+
+/** Characters of a conversation's first user message kept as its title in a listing. */
+const TITLE_CHARS = 100
 
 export class ConversationStore extends Context.Tag("chat/ConversationStore")<ConversationStore, ConversationStoreService>() {}
 
@@ -471,6 +479,31 @@ const make = Effect.gen(function*() {
         Effect.flatMap(decodeTurns),
         Effect.map((rows) => rows.map(toTurn).reverse()),
         Effect.mapError(storageError("list turns"))
+      ),
+    // The title is the first user turn, looked up in the conversation's own turn partition.
+    listConversations: (userId, { before, limit }) =>
+      sql<{ conversation_id: string; model: string; created_at_ms: number; title: string | null }>`
+        SELECT c.id AS conversation_id, c.model, c.created_at_ms,
+          (SELECT left(t.content, ${TITLE_CHARS}) FROM chat_turns t
+            WHERE t.conversation_id = c.id AND t.conversation_month = c.created_month AND t.role = 'user'
+            ORDER BY t.seq LIMIT 1) AS title
+        FROM chat_conversations c
+        WHERE c.user_id = ${userId}
+          ${before === undefined ? sql`` : sql`AND (c.created_at_ms, c.id) < (${before.created_at_ms}, ${before.id})`}
+        ORDER BY c.created_at_ms DESC, c.id DESC
+        LIMIT ${limit}`.pipe(
+        Effect.retry({ schedule: retryTransient, while: isTransient }),
+        Effect.map((rows) =>
+          rows.map((r) =>
+            new ConversationListItem({
+              conversation_id: ConversationId.make(r.conversation_id),
+              model: r.model,
+              created_at_ms: Number(r.created_at_ms),
+              title: r.title ?? ""
+            }, noValidation)
+          )
+        ),
+        Effect.mapError(storageError("list conversations"))
       )
   })
 })
@@ -607,6 +640,24 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
       Effect.sync(() => {
         const list = (turns.get(id) ?? []).filter((t) => before === undefined || t.seq < before)
         return list.slice(Math.max(0, list.length - limit))
-      })
+      }),
+    listConversations: (userId, { before, limit }) =>
+      Effect.sync(() =>
+        [...conversations.values()]
+          .filter((c) =>
+            c.user_id === userId &&
+            (before === undefined || c.created_at_ms < before.created_at_ms || (c.created_at_ms === before.created_at_ms && c.id < before.id))
+          )
+          .sort((a, b) => b.created_at_ms - a.created_at_ms || (a.id < b.id ? 1 : a.id > b.id ? -1 : 0))
+          .slice(0, limit)
+          .map((c) =>
+            new ConversationListItem({
+              conversation_id: c.id,
+              model: c.model,
+              created_at_ms: c.created_at_ms,
+              title: (turns.get(c.id) ?? []).find((t) => t.role === "user")?.content.slice(0, TITLE_CHARS) ?? ""
+            }, noValidation)
+          )
+      )
   })
 })

@@ -73,7 +73,7 @@ export interface TurnObserver {
   /** A token event (one step's text). */
   readonly onToken?: () => void
   readonly onDone?: (event: DoneEvent) => void
-  readonly onFail?: (code: string) => void
+  readonly onFail?: (code: string, message: string) => void
 }
 
 export class TurnStream {
@@ -155,7 +155,7 @@ export class TurnStream {
 
   fail(code: string, message: string): void {
     if (this.isClosed) return
-    for (const o of this.observers) o.onFail?.(code)
+    for (const o of this.observers) o.onFail?.(code, message)
     this.ended = true
     this.push({ _tag: "Error", code, message })
     this.finish()

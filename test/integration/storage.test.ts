@@ -59,6 +59,41 @@ for (const [name, layer] of suites) {
           expect((yield* store.listTurns(id, { limit: 50 })).length).toBe(5)
         }))
 
+      it.effect("lists a user's conversations newest first, titled by their first user message, in pages by cursor", () =>
+        Effect.gen(function*() {
+          const store = yield* Storage.ConversationStore
+          const user = UserId.make(`lister_${randomUUID()}`)
+          const ids: Array<ConversationId> = []
+          for (let i = 0; i < 5; i++) {
+            const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
+            ids.push(id)
+            yield* store.createConversation({ id, model: "mini", system_prompt: null, user_id: user, org_id: null })
+            if (i > 0) {
+              yield* store.appendTurn({ conversation_id: id, seq: 0, role: "user", content: `question ${i} ${"x".repeat(200)}`, status: "completed", num_prompt_tokens: null, num_completion_tokens: null })
+            }
+            // Two conversations may share a creation millisecond: the id breaks the tie.
+            if (i % 2 === 1) yield* Effect.promise(() => new Promise((r) => setTimeout(r, 2)))
+          }
+          yield* store.createConversation({ id: ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`), model: "mini", system_prompt: null, user_id: UserId.make("someone-else"), org_id: null })
+          const seen: Array<string> = []
+          let before: { created_at_ms: number; id: ConversationId } | undefined
+          for (let page = 0; page < 4; page++) {
+            const rows = yield* store.listConversations(user, { before, limit: 2 })
+            if (rows.length === 0) break
+            for (const r of rows) seen.push(r.conversation_id)
+            const last = rows.at(-1)!
+            before = { created_at_ms: last.created_at_ms, id: last.conversation_id }
+          }
+          expect(new Set(seen).size).toBe(5)
+          expect([...seen].sort()).toEqual([...ids].sort())
+          const all = yield* store.listConversations(user, { limit: 10 })
+          expect(all.map((r) => r.conversation_id)).toEqual(seen)
+          for (let i = 1; i < all.length; i++) expect(all[i - 1]!.created_at_ms).toBeGreaterThanOrEqual(all[i]!.created_at_ms)
+          const byId = new Map(all.map((r) => [r.conversation_id as string, r]))
+          expect(byId.get(ids[0]!)!.title).toBe("")
+          expect(byId.get(ids[3]!)!.title).toBe(`question 3 ${"x".repeat(89)}`)
+        }))
+
       it.effect("ranks a user's facts by embedding similarity plus text match, exact top-k", () =>
         Effect.gen(function*() {
           const store = yield* Storage.ConversationStore

@@ -17,6 +17,7 @@ import type { ConversationsService } from "../../src/runtime/Conversations.js"
 import { Conversations } from "../../src/runtime/Conversations.js"
 import {
   ConversationId,
+  ConversationList,
   CreateConversation,
   DoneEvent,
   HistoryPage,
@@ -242,6 +243,8 @@ export const make = (options: FakeOptions = {}) =>
             yield* Deferred.succeed(state.active, undefined)
           }
         }),
+
+      list: () => Effect.succeed(new ConversationList({ data: [], next_cursor: null })),
 
       history: (owner, id, { before, limit }) =>
         Effect.gen(function*() {

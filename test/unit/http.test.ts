@@ -10,6 +10,7 @@ import { tmpdir } from "node:os"
 import path from "node:path"
 import * as Auth from "../../src/http/Auth.js"
 import * as Metrics from "../../src/runtime/Metrics.js"
+import * as RunnerStatus from "../../src/runtime/RunnerStatus.js"
 import { GpuWorkers } from "../../src/runtime/GpuWorkers.js"
 import * as Edge from "../../src/http/Edge.js"
 import * as RateLimits from "../../src/http/RateLimits.js"
@@ -35,6 +36,17 @@ interface Options {
   readonly fake?: Fake.FakeOptions
 }
 
+/** What the operator routes see: one runner with one GPU. */
+const opsRunners: ReadonlyArray<RunnerStatus.RunnerState> = [{
+  state: "up",
+  updated_at_ms: 0,
+  status: {
+    runner: "local", roles: ["gateway", "gpu"], region: "local", pid: 1, num_shards: 8, num_entities: 2, num_streams: 0, draining: false,
+    gpus: [{ gpu_id: "gpu0", engine_up: true, num_running: 1, num_waiting: 0, num_used_blocks: 3, num_blocks: 64 }]
+  }
+}]
+const drainRequests: Array<string> = []
+
 /** Authentication from `env` (API_KEYS, JWT_SECRET, …) and rate limits in memory, with the default topology's tiers. */
 const authLayer = (env: Record<string, string>) =>
   RateLimits.layer.pipe(
@@ -44,7 +56,8 @@ const authLayer = (env: Record<string, string>) =>
     Layer.provide(Layer.succeed(GpuWorkers, { get: () => undefined, all: [], drain: () => Effect.succeed(0) })),
     Layer.provide(ConversationCache.layerNone),
     Layer.provide(RateLimiter.layerStoreMemory),
-    Layer.provide(Topology.layer(clusterConfig)),
+    Layer.provideMerge(Topology.layer(clusterConfig)),
+    Layer.provideMerge(RunnerStatus.layerViewMemory(opsRunners, drainRequests)),
     Layer.provide(Layer.setConfigProvider(ConfigProvider.fromMap(new Map(Object.entries(env)))))
   )
 
@@ -121,7 +134,7 @@ const expectError = async (response: Response, status: number, code: string) => 
   expect(Object.keys(body.error).sort()).toEqual(["code", "message", "param", "type"])
   expect(body.error.code).toBe(code)
   // OpenAI's shape: its clients read `type` and `param` too.
-  expect((body.error as any).type).toBe(status === 401 ? "authentication_error" : status >= 500 ? "server_error" : status === 429 ? "rate_limit_exceeded" : "invalid_request_error")
+  expect((body.error as any).type).toBe(status === 401 ? "authentication_error" : status === 403 ? "permission_error" : status >= 500 ? "server_error" : status === 429 ? "rate_limit_exceeded" : "invalid_request_error")
   expect((body.error as any).param).toBeNull()
   expect(typeof body.error.message).toBe("string")
   expect(body.error.message.length).toBeGreaterThan(0)
@@ -498,6 +511,29 @@ describe("HTTP API", () => {
       await expectError(await fetch(`${url}/v1/conversations/${id}/stream`, { headers: other }), 404, "conversation_not_found")
       // health checks stay open
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
+    }))
+
+  it.live("operator routes: admin keys only (403 otherwise); status lists runners, pools and series; drain of a known runner → 202", () =>
+    withServer({ env: { API_KEYS: "user-key", ADMIN_API_KEYS: "admin-key" } }, async ({ url }) => {
+      const user = { authorization: "Bearer user-key" }
+      const admin = { authorization: "Bearer admin-key" }
+      await expectError(await fetch(`${url}/v1/ops/status`), 401, "unauthorized")
+      await expectError(await fetch(`${url}/v1/ops/status`, { headers: user }), 403, "forbidden")
+      await expectError(await json(`${url}/v1/ops/runners/local/drain`, { headers: user }), 403, "forbidden")
+      expect(drainRequests).toEqual([])
+      const response = await fetch(`${url}/v1/ops/status`, { headers: admin })
+      expect(response.status).toBe(200)
+      const status = await response.json() as { runners: Array<{ state: string; status: { runner: string } }>; pools: Record<string, Array<string>>; metrics: Array<{ name: string }>; recent_errors: Array<unknown> }
+      expect(status.runners.map((r) => [r.status.runner, r.state])).toEqual([["local", "up"]])
+      expect(Object.keys(status.pools).length).toBeGreaterThan(0)
+      expect(status.metrics.map((m) => m.name)).toContain("time_to_first_token_seconds")
+      expect(status.recent_errors).toEqual([])
+      await expectError(await json(`${url}/v1/ops/runners/nope/drain`, { headers: admin }), 404, "runner_not_found")
+      await expectError(await json(`${url}/v1/ops/runners/${"x".repeat(70)}/drain`, { headers: admin }), 400, "invalid_request")
+      const drained = await json(`${url}/v1/ops/runners/local/drain`, { headers: admin })
+      expect(drained.status).toBe(202)
+      expect(await drained.json()).toEqual({ runner: "local", drain_requested: true })
+      expect(drainRequests).toEqual(["local"])
     }))
 
   it.live("auth: JWTs (HS256) give user, tier and org; expired, forged, subjectless or unknown-tier tokens → 401", () => {
