@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Installs the system packages the native engine needs (Debian/Ubuntu). Idempotent: does
-# nothing when they are all present. Runs apt-get as root, or through sudo when available.
+# Installs the system packages the native engine needs (Debian/Ubuntu); with --browser also
+# Debian's Chromium and a font, for the web client's browser tests (playwright-core drives
+# /usr/bin/chromium; nothing is downloaded by playwright). Idempotent: does nothing when they
+# are all present. Runs apt-get as root, or through sudo when available.
 set -euo pipefail
 
 PACKAGES=(build-essential cmake pkg-config libzmq3-dev libmsgpack-cxx-dev nlohmann-json3-dev libopenblas-dev)
+for arg in "$@"; do
+  case "$arg" in
+    --browser) PACKAGES+=(chromium fonts-dejavu-core) ;;
+    *) echo "install-system-deps: unknown flag $arg" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -68,7 +68,9 @@ const settings = Config.all({
   clusterConfig: Config.option(Config.string("CLUSTER_CONFIG")),
   redisUrl: Config.string("REDIS_URL").pipe(Config.withDefault("redis://127.0.0.1:6379")),
   redisKeyPrefix: Config.string("REDIS_KEY_PREFIX").pipe(Config.withDefault("chat:")),
-  rateLimitStore: Config.literal("redis", "memory")("RATE_LIMIT_STORE").pipe(Config.withDefault("memory" as const))
+  rateLimitStore: Config.literal("redis", "memory")("RATE_LIMIT_STORE").pipe(Config.withDefault("memory" as const)),
+  // A reader that disconnects (a reload, a dropped connection) may resume its turn meanwhile.
+  streamDetachGraceMs: Config.integer("STREAM_DETACH_GRACE_MS").pipe(Config.withDefault(30_000))
 })
 
 /** ioredis options of a `redis://[user:password@]host[:port][/db]` URL. */
@@ -179,7 +181,7 @@ const MainLive = Layer.unwrapEffect(
       : ReconcileLive.pipe(Layer.provideMerge(Storage.layer), Layer.provide(SqlLive))
     // One registry of token streams per runner: the facade opens them, DecodeSlots write them
     // (through the data plane when the slot is on another runner).
-    const StreamsLive = TurnStreams.layerFor(runnerName)
+    const StreamsLive = TurnStreams.layerFor(runnerName, Math.max(0, s.streamDetachGraceMs))
     // Turn stream logs for resuming on any gateway: Redis across runners, memory in one process.
     const EventLogLive = multiRunner ? TurnEventLog.layerRedis(s.redisUrl, s.redisKeyPrefix) : TurnEventLog.layerMemory
     const DataPlaneLive = (multiRunner ? DataPlane.layerZmq(topologyValue, runnerName) : DataPlane.layerLocal).pipe(

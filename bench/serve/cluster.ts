@@ -76,7 +76,7 @@ const load = (targets: ReadonlyArray<Target>, label: string, pids: () => Record<
 
 const main = async () => {
   execFileSync("npm", ["run", "build", "--silent"], { cwd: REPO_ROOT, stdio: "inherit" })
-  const env = { MAX_CONNECTIONS_PER_CLIENT: "16384", SHUTDOWN_GRACE_MS: "2000" }
+  const env = { MAX_CONNECTIONS_PER_CLIENT: "16384", SHUTDOWN_GRACE_MS: "2000", STREAM_DETACH_GRACE_MS: "0" }
 
   const db1 = await createPrivateDatabase(serverUrl)
   const single = await startService({ env: { DATABASE_URL: db1.url, ...env }, dataDir: mkdtempSync(path.join(os.tmpdir(), "bench-cluster-")) })

@@ -83,6 +83,8 @@ export const startService = async (options: ServiceOptions): Promise<Running> =>
     CLUSTER_CONFIG: "bench/serve/sim.config.ts",
     // Every bench client connects from 127.0.0.1.
     MAX_CONNECTIONS_PER_CLIENT: "16384",
+    // A bench client that stops reading ends its turn at once, as before the detach grace.
+    STREAM_DETACH_GRACE_MS: "0",
     ...options.env
   })) {
     if (v !== undefined) env[k] = v

@@ -310,6 +310,8 @@ export const layer = Layer.effect(
             dieOnDeliveryFailure
           ))
           if (turnId === null) return Option.none()
+          // A client back after a drop or a reload: the turn it left goes on (when its stream was here).
+          streams.keepTurn(turnId)
           const afterIndex = after?.index ?? -1
           const followed = yield* eventLog.follow(turnId, afterIndex).pipe(
             // No log (Redis down): the turn's DecodeSlot replays its own buffer into a stream here.

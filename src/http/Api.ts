@@ -16,6 +16,7 @@
  * - `POST /v1/conversations/:id/share` → 201 Share; `GET /v1/shared/:share_id` (no auth) →
  *   SharedConversation; `DELETE /v1/shared/:share_id` (its owner) → 204
  * - `GET|PATCH /v1/users/:user/memory` (`me`, or the caller's own id) → UserMemory
+ * - `GET  /v1/me` → Me (the caller's user, tier, org and models)
  * - `GET  /v1/ops/status` (admin) → OpsStatus; `POST /v1/ops/runners/:runner/drain` (admin) → 202
  * - `GET  /healthz` → `{status:"ok"}` (liveness)
  * - `GET  /readyz` → `{status:"ready"}`, or 503 `not_ready` (engine down, database unreachable, stopping)
@@ -194,6 +195,22 @@ export class SharedGroup extends HttpApiGroup.make("shared")
   )
 {}
 
+/** `GET /v1/me`: who the caller is, and the models (pools) their tier may name. */
+export class Me extends Schema.Class<Me>("Me")({
+  user_id: Schema.String,
+  tier: Schema.String,
+  org_id: Schema.NullOr(Schema.String),
+  admin: Schema.Boolean,
+  /** The pool a conversation created without `model` gets. */
+  default_model: Schema.String,
+  models: Schema.Array(Schema.String)
+}) {}
+
+export class MeGroup extends HttpApiGroup.make("me")
+  .add(HttpApiEndpoint.get("me", "/v1/me").addSuccess(Me))
+  .middleware(Authorization)
+{}
+
 /** A turn that ended in an error, as `/ops` lists it. */
 export const RecentError = Schema.Struct({
   at_ms: Schema.Number,
@@ -270,6 +287,7 @@ export class Api extends HttpApi.make("chat")
   .add(MemoryGroup)
   .add(OpenAiGroup)
   .add(OpsGroup)
+  .add(MeGroup)
   .addError(ApiError.InvalidRequestJson)
   .addError(ApiError.RateLimitedJson)
   .addError(ApiError.NotFoundJson)

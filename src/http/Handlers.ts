@@ -7,7 +7,7 @@ import { CreateConversation, type Identity, TurnId } from "../runtime/Domain.js"
 import { Conversations } from "../runtime/Conversations.js"
 import { Metrics } from "../runtime/Metrics.js"
 import type { TurnStream } from "../runtime/TurnStream.js"
-import { Api, ConversationCreated, DrainRequested, Health, OpsStatus, Ready } from "./Api.js"
+import { Api, ConversationCreated, DrainRequested, Health, Me, OpsStatus, Ready } from "./Api.js"
 import { RunnerStatusView } from "../runtime/RunnerStatus.js"
 import { TopologyService } from "../runtime/Topology.js"
 import * as ApiError from "./ApiError.js"
@@ -239,5 +239,24 @@ export const OpsLive = HttpApiBuilder.group(
     })
 )
 
+export const MeLive = HttpApiBuilder.group(
+  Api,
+  "me",
+  (handlers) =>
+    Effect.map(TopologyService, (topology) =>
+      handlers.handle("me", () =>
+        Effect.map(rateLimited(), ({ identity }) => {
+          const tier = topology.tiers[identity.tier]
+          return new Me({
+            user_id: identity.user_id,
+            tier: identity.tier,
+            org_id: identity.org_id,
+            admin: identity.admin === true,
+            default_model: tier?.pool ?? "",
+            models: tier?.models ?? Object.keys(topology.pools)
+          })
+        })))
+)
+
 /** Every group; needs `Conversations`, `RateLimits` (and `Authenticator` via the Authorization middleware layer). */
-export const layer = Layer.mergeAll(HealthLive, ConversationsLive, SharedLive, MemoryLive, OpenAiLive, OpsLive)
+export const layer = Layer.mergeAll(HealthLive, ConversationsLive, SharedLive, MemoryLive, OpenAiLive, OpsLive, MeLive)

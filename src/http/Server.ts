@@ -36,6 +36,7 @@ import * as Edge from "./Edge.js"
 import * as RateLimits from "./RateLimits.js"
 import type { RateLimiterStore } from "@effect/experimental/RateLimiter"
 import * as Handlers from "./Handlers.js"
+import * as Web from "./Web.js"
 import { SseSettings } from "./Sse.js"
 
 /** `role: is missing; max_tokens: Expected …` from the issues of a decode error (each cut short). */
@@ -229,7 +230,7 @@ export const layerServe: Layer.Layer<
   never,
   never,
   HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Conversations | Auth.Authenticator | RateLimits.RateLimits | Metrics | RunnerStatusView | TopologyService
-> = HttpApiBuilder.serve(Edge.middleware).pipe(
+> = HttpApiBuilder.serve((app) => Edge.middleware(Web.middleware(app))).pipe(
   Layer.provide(layerNormalizeErrors),
   Layer.provide(HttpApiBuilder.middlewareOpenApi({ path: "/openapi.json" })),
   Layer.provide(layerApi),
@@ -356,7 +357,8 @@ export const layer: Layer.Layer<
     Layer.provideMerge(Auth.layerConfig),
     Layer.provide(SseSettings.layerConfig),
     Layer.provide(RequestLimits.layerConfig),
-    Layer.provide(Edge.CorsSettings.layerConfig)
+    Layer.provide(Edge.CorsSettings.layerConfig),
+    Layer.provide(Web.WebAssets.layerConfig)
   )
 
 /**

@@ -56,6 +56,8 @@ export interface EngineProcessOptions {
   readonly numBlocks?: number | undefined
   readonly threads?: number | undefined
   readonly maxNumBatchedTokens?: number | undefined
+  /** Device `sim` only: multiplies the modelled step time (`--sim-time-scale`; 1 = the modelled GPU). */
+  readonly simTimeScale?: number | undefined
   /** How long to wait for the engine's `READY` line. */
   readonly startTimeoutMs?: number | undefined
   /** Prefix for the engine's stderr lines in our log; `undefined` keeps them quiet. */
@@ -239,6 +241,7 @@ export const spawn = (options: EngineProcessOptions): Effect.Effect<EngineProces
     if (options.numBlocks !== undefined) args.push("--num-blocks", String(options.numBlocks))
     if (options.threads !== undefined) args.push("--threads", String(options.threads))
     if (options.maxNumBatchedTokens !== undefined) args.push("--max-num-batched-tokens", String(options.maxNumBatchedTokens))
+    if (options.simTimeScale !== undefined && options.device === "sim") args.push("--sim-time-scale", String(options.simTimeScale))
 
     const exited = yield* Deferred.make<number | null>()
     const child = yield* Effect.acquireRelease(

@@ -61,6 +61,7 @@ export const layer = (options: GpuWorkersOptions): Layer.Layer<GpuWorkers, Engin
               : `ipc://${join(options.socketDir, `engine-${gpu.id}.sock`)}`,
             kvCacheBytes: pool.engine.kv_cache_bytes,
             maxNumBatchedTokens: pool.engine.max_num_batched_tokens,
+            simTimeScale: pool.engine.sim_time_scale,
             maxNumSeqs: pool.engine.max_num_seqs,
             numSlots: pool.engine.num_slots,
             enablePrefixCaching: pool.engine.enable_prefix_caching,

@@ -34,7 +34,12 @@ export const EngineSettings = Schema.Struct({
   /** DecodeSlot entities per GPU: the most concurrent streams it accepts. */
   num_slots: PositiveInt,
   /** Reuse the KV of full blocks across sequences and turns (default true; false for comparison). */
-  enable_prefix_caching: Schema.optionalWith(Schema.Boolean, { default: () => true })
+  enable_prefix_caching: Schema.optionalWith(Schema.Boolean, { default: () => true }),
+  /**
+   * Device `sim` only: multiplies the modelled step time (2 = a GPU half as fast; the web
+   * client's browser tests slow their replies to a readable pace with it).
+   */
+  sim_time_scale: Schema.optional(Schema.Number.pipe(Schema.greaterThan(0), Schema.lessThanOrEqualTo(1000)))
 })
 export type EngineSettings = typeof EngineSettings.Type
 

@@ -89,6 +89,7 @@ export class TurnStream {
   private emit: ((item: Item) => boolean) | undefined
   private wantDrain = false
   private attachTimer: ReturnType<typeof setTimeout> | undefined
+  private detachTimer: ReturnType<typeof setTimeout> | undefined
   private readonly onClose: (stream: TurnStream) => void
   private observers: Array<TurnObserver> = []
 
@@ -101,7 +102,12 @@ export class TurnStream {
     onClose: (stream: TurnStream) => void = () => {},
     private readonly bufferEvents: number = 64,
     /** Index of its first token event: 0, or where a resumed reader goes on. */
-    readonly firstIndex: number = 0
+    readonly firstIndex: number = 0,
+    /**
+     * How long the turn goes on after its SSE reader disconnects, for the client to resume it
+     * from the turn's log (`GET …/stream`); 0: a disconnect cancels it at once.
+     */
+    private readonly detachGraceMs: number = 0
   ) {
     this.id = id
     this.onClose = onClose
@@ -182,6 +188,30 @@ export class TurnStream {
     this.onClose(this)
   }
 
+  /**
+   * The SSE reader disconnected. With a detach grace the generation goes on, its events kept
+   * only in the turn's log (which the DecodeSlot writes), until a resume `keep`s it or the
+   * grace ends (then it is cancelled as by `cancel`); without one it is cancelled now.
+   */
+  detach(): void {
+    if (this.isClosed || this.detachTimer !== undefined) return
+    if (this.detachGraceMs <= 0) return this.cancel()
+    this.emit = () => true
+    if (this.wantDrain) {
+      this.wantDrain = false
+      this.producer?.onDrain()
+    }
+    this.detachTimer = setTimeout(() => {
+      this.detachTimer = undefined
+      this.cancel()
+    }, this.detachGraceMs)
+  }
+
+  /** A reader resumed this detached turn from its log: it runs to its end. */
+  keep(): void {
+    if (this.detachTimer !== undefined) clearTimeout(this.detachTimer)
+  }
+
   /** Cancels the stream if no consumer has attached within `ms`. */
   cancelIfNotAttachedWithin(ms: number): void {
     if (this.pending === undefined || this.isClosed) return
@@ -204,7 +234,7 @@ export class TurnStream {
       },
       destroy: (error, callback) => {
         stop()
-        if (!this.ended) this.cancel()
+        if (!this.ended) this.detach()
         callback(error)
       }
     })
@@ -289,6 +319,7 @@ export class TurnStream {
 
   private finish(): void {
     this.clearAttachTimer()
+    if (this.detachTimer !== undefined) clearTimeout(this.detachTimer)
     this.onClose(this)
   }
 
@@ -374,21 +405,30 @@ export class TurnStreams extends Context.Tag("chat/TurnStreams")<TurnStreams, {
   readonly size: () => number
   /** Every open stream, for a graceful stop. */
   readonly all: () => ReadonlyArray<TurnStream>
+  /** A client resumed turn `turnId`: its stream here, if its reader had gone, runs to its end. */
+  readonly keepTurn: (turnId: string) => void
 }>() {
-  /** The registry of runner `runnerName`: stream ids are `<runner>.<uuid>` (the data plane routes by them). */
-  static readonly layerFor = (runnerName: string) =>
+  /**
+   * The registry of runner `runnerName`: stream ids are `<runner>.<uuid>` (the data plane
+   * routes by them). `detachGraceMs`: how long a turn outlives its reader's disconnect (see
+   * `TurnStream.detach`; 0: a disconnect cancels it).
+   */
+  static readonly layerFor = (runnerName: string, detachGraceMs = 0) =>
     Layer.sync(TurnStreams, () => {
       const streams = new Map<TurnStreamId, TurnStream>()
       const remove = (stream: TurnStream) => void streams.delete(stream.id)
       return {
         make: (bufferEvents, firstIndex = 0) => {
-          const stream = new TurnStream(TurnStreamId.make(`${runnerName}.${randomUUID()}`), remove, bufferEvents, firstIndex)
+          const stream = new TurnStream(TurnStreamId.make(`${runnerName}.${randomUUID()}`), remove, bufferEvents, firstIndex, detachGraceMs)
           streams.set(stream.id, stream)
           return stream
         },
         get: (id) => streams.get(id),
         size: () => streams.size,
-        all: () => [...streams.values()]
+        all: () => [...streams.values()],
+        keepTurn: (turnId) => {
+          for (const stream of streams.values()) if (stream.turnId === turnId) stream.keep()
+        }
       }
     })
   static readonly layer = TurnStreams.layerFor("local")

@@ -63,6 +63,9 @@ export const startCluster = async (options: {
       DATA_DIR: path.join(root, name),
       RUN_DIR: mkdtempSync(path.join(root, `run-${name}-`)),
       SHUTDOWN_GRACE_MS: "3000",
+      // A client that disconnects cancels its turn at once (the drills count on it); the web
+      // tests give their own grace.
+      STREAM_DETACH_GRACE_MS: "0",
       // Each test cluster keeps its stream logs under keys of its own in the shared Redis.
       REDIS_KEY_PREFIX: `chat-test-${base}:`,
       ...options.env

@@ -27,7 +27,8 @@ export const startService = async (options: {
   const dataDir = options.dataDir ?? mkdtempSync(path.join(tmpdir(), "chat-e2e-data-"))
   const runDir = mkdtempSync(path.join(tmpdir(), "chat-e2e-run-"))
   const env: Record<string, string> = {}
-  for (const [k, v] of Object.entries({ ...process.env, PORT: String(port), HOST: "127.0.0.1", DATA_DIR: dataDir, RUN_DIR: runDir, ...options.env })) {
+  // A client that disconnects cancels its turn at once, unless a test gives a grace.
+  for (const [k, v] of Object.entries({ ...process.env, PORT: String(port), HOST: "127.0.0.1", DATA_DIR: dataDir, RUN_DIR: runDir, STREAM_DETACH_GRACE_MS: "0", ...options.env })) {
     if (v !== undefined) env[k] = v
   }
   const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts"], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })

@@ -101,6 +101,35 @@ describe("TurnStream", () => {
     expect(registry.size()).toBe(0)
   })
 
+  it("with a detach grace, a reader that goes away leaves the turn running until the grace ends, or to its end once resumed", async () => {
+    const left = new TurnStream(TurnStreamId.make("g1"), () => {}, 2, 0, 80)
+    const a = producer()
+    left.setProducer(a.producer)
+    const readable = left.toSse({ keepAliveMs: 0 })
+    readable.resume()
+    left.token("a")
+    readable.destroy()
+    // Tokens go on (to the turn's log) without pausing for the reader that left.
+    for (let i = 0; i < 10; i++) expect(left.token("b")).toBe(true)
+    expect(a.calls.cancel).toBe(0)
+    await new Promise((r) => setTimeout(r, 150))
+    expect(a.calls.cancel).toBe(1)
+
+    const registry = Effect.runSync(Effect.provide(TurnStreams, TurnStreams.layerFor("local", 80)))
+    const kept = registry.make(2)
+    kept.setTurnId("c:7")
+    const b = producer()
+    kept.setProducer(b.producer)
+    const r2 = kept.toSse({ keepAliveMs: 0 })
+    r2.resume()
+    r2.destroy()
+    registry.keepTurn("c:7")
+    await new Promise((r) => setTimeout(r, 150))
+    expect(b.calls.cancel).toBe(0)
+    kept.done(done(1))
+    expect(registry.size()).toBe(0)
+  })
+
   it("a producer that arrives after the reader left is cancelled at once", () => {
     const stream = new TurnStream(TurnStreamId.make("s4"))
     stream.cancel()
