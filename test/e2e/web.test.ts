@@ -156,9 +156,11 @@ describe("web client and operator dashboard (Chromium)", () => {
     await expect.poll(async () => (await lastReply(page).innerText()).length, { timeout: 20_000 }).toBeGreaterThan(10)
     const partial = (await lastReply(page).innerText()).length
     await expect.poll(async () => (await lastReply(page).innerText()).length, { timeout: 20_000 }).toBeGreaterThan(partial)
-    await page.screenshot({ path: path.join(SCREENSHOTS, "chat.png") })
+    // The list shows the conversation by its first message at once.
+    expect(await page.locator(`.conversations li[data-conversation-id="${id}"]`).innerText()).toContain("Write a **story** please")
     const text = await replyEnded(page)
     await expect.poll(() => lastReply(page).locator(".stats").innerText()).toMatch(/TTFT \d+ ms · [\d.]+ tok\/s/)
+    await page.screenshot({ path: path.join(SCREENSHOTS, "chat.png") })
     const turns = await stored(id)
     expect(turns.map((t) => [t.role, t.status])).toEqual([["user", "completed"], ["assistant", "completed"]])
     expect(turns[1]!.content.length).toBeGreaterThan(0)

@@ -50,8 +50,8 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
   conversationId: string
   model: string | undefined
   onError: (e: unknown) => void
-  /** A turn was sent (the list shows its title). */
-  onActivity: () => void
+  /** A turn was sent (`content`; the list shows the first as the title), or its reply ended (no argument). */
+  onActivity: (content?: string) => void
 }) => {
   const [messages, setMessages] = useState<ReadonlyArray<Message>>([])
   const [cursor, setCursor] = useState<string | null>(null)
@@ -201,6 +201,7 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
       { key: `pending-${idempotencyKey}`, role: "assistant", content: "", streaming: true }
     ])
     const sentAt = performance.now()
+    onActivity(content)
     let failedBeforeStream = false
     await streamInto(async (lastEventId) => {
       try {

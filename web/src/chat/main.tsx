@@ -142,6 +142,9 @@ const App = () => {
       setMenuOpen(false)
       location.hash = `#/c/${c.conversation_id}`
     }).catch(onError)
+  /** A new conversation's first message is its title at once (the server's list agrees after the turn). */
+  const titleIfNew = (id: string, content: string) =>
+    setConversations((all) => all.map((c) => c.conversation_id === id && c.title === "" ? { ...c, title: content.slice(0, 100) } : c))
   const remove = (id: string) =>
     client.request("DELETE", `/v1/conversations/${id}`).then(() => {
       setConversations((all) => all.filter((c) => c.conversation_id !== id))
@@ -180,7 +183,7 @@ const App = () => {
         {hash === "#/memory"
           ? <MemoryPanel client={client} onError={onError} onClose={() => history.back()} />
           : current !== undefined
-          ? <ChatView key={current} client={client} conversationId={current} model={currentModel === undefined ? undefined : `${currentModel} · ${me.tier} tier`} onError={onError} onActivity={() => void refreshList()} />
+          ? <ChatView key={current} client={client} conversationId={current} model={currentModel === undefined ? undefined : `${currentModel} · ${me.tier} tier`} onError={onError} onActivity={(content) => content === undefined ? void refreshList() : titleIfNew(current, content)} />
           : (
             <section class="welcome">
               <h1>Chat</h1>

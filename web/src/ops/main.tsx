@@ -29,11 +29,11 @@ const Chart = ({ title, series, labels, unit, version }: {
     if (el.current === null) return
     const colors = ["#2f6feb", "#d4a72c", "#cf222e"]
     plot.current = new uPlot({
-      width: 320,
+      width: 300,
       height: 150,
       legend: { show: true },
       scales: { x: { time: true }, y: { range: (_u, min, max) => [Math.min(0, min ?? 0), Math.max(1, (max ?? 1) * 1.1)] } },
-      axes: [{}, { size: 50, values: (_u, ticks) => ticks.map((t) => `${+t.toFixed(1)}${unit}`) }],
+      axes: [{}, { size: 64, values: (_u, ticks) => ticks.map((t) => `${+t.toFixed(1)}${unit}`) }],
       series: [{}, ...labels.map((label, i) => ({ label, stroke: colors[i % colors.length]!, width: 1.5, spanGaps: true }))]
     }, series as uPlot.AlignedData, el.current)
     return () => plot.current?.destroy()
