@@ -90,6 +90,12 @@ export class TurnStream {
   private wantDrain = false
   private attachTimer: ReturnType<typeof setTimeout> | undefined
   private detachTimer: ReturnType<typeof setTimeout> | undefined
+  /** Detached from its SSE reader: events go only to the turn's log. */
+  private released = false
+  /** A resume claimed it: it runs to its end whatever its reader does. */
+  private kept = false
+  /** Ends the SSE reader (set by `toSse`). */
+  private handOver: (() => void) | undefined
   private readonly onClose: (stream: TurnStream) => void
   private observers: Array<TurnObserver> = []
 
@@ -190,26 +196,45 @@ export class TurnStream {
 
   /**
    * The SSE reader disconnected. With a detach grace the generation goes on, its events kept
-   * only in the turn's log (which the DecodeSlot writes), until a resume `keep`s it or the
-   * grace ends (then it is cancelled as by `cancel`); without one it is cancelled now.
+   * only in the turn's log (which the DecodeSlot writes), until the grace ends (then it is
+   * cancelled as by `cancel`) unless a resume `keep`s it; without a grace it is cancelled now.
    */
   detach(): void {
-    if (this.isClosed || this.detachTimer !== undefined) return
+    if (this.isClosed || this.released) return
     if (this.detachGraceMs <= 0) return this.cancel()
-    this.emit = () => true
-    if (this.wantDrain) {
-      this.wantDrain = false
-      this.producer?.onDrain()
-    }
+    this.release()
+    if (this.kept) return
     this.detachTimer = setTimeout(() => {
       this.detachTimer = undefined
       this.cancel()
     }, this.detachGraceMs)
   }
 
-  /** A reader resumed this detached turn from its log: it runs to its end. */
+  /**
+   * A client resumed this turn from its log (with a detach grace; a no-op without): it runs to
+   * its end, whenever its SSE reader goes. A resume can come before the old reader's socket is
+   * known to be dead; if that reader is holding the producer back, it is ended (its client,
+   * if still there, resumes too) so that the resumed reader is not stalled behind it.
+   */
   keep(): void {
+    if (this.detachGraceMs <= 0 || this.isClosed || this.kept) return
+    this.kept = true
     if (this.detachTimer !== undefined) clearTimeout(this.detachTimer)
+    this.detachTimer = undefined
+    if (!this.released && this.wantDrain) {
+      this.handOver?.()
+      this.release()
+    }
+  }
+
+  /** Stops writing to the SSE reader; the producer goes on, never paused by it again. */
+  private release(): void {
+    this.released = true
+    this.emit = () => true
+    if (this.wantDrain) {
+      this.wantDrain = false
+      this.producer?.onDrain()
+    }
   }
 
   /** Cancels the stream if no consumer has attached within `ms`. */
@@ -238,6 +263,10 @@ export class TurnStream {
         callback(error)
       }
     })
+    this.handOver = () => {
+      stop()
+      readable.push(null)
+    }
     // A first comment at once: the status line and headers go out with it, so a turn that
     // waits for the GPU does not look like a dead connection.
     readable.push(Sse.accepted)

@@ -247,7 +247,8 @@ describe("web client and operator dashboard (Chromium)", () => {
   }, 120_000)
 
   it("a reply with <script> or <img onerror> in it runs nothing; its Markdown renders", async () => {
-    const hostile = "Here: <script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\"> **bold** and `code`\n\n```js\nlet a = 1\n```\n[x](javascript:window.__xss=3)"
+    const hostile = "Here: <script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\"> **bold** and `code`\n\n```js\nlet a = 1\n```\n[x](javascript:window.__xss=3)\n\n" +
+      "<style>body { display: none }</style><div style=\"position: fixed; inset: 0\" class=\"banner\">Session expired</div><form><input name=pw><button>Sign in</button></form>"
     const res = await postJson(`${service.url}/v1/chat/completions`, {
       model: "frontier",
       messages: [{ role: "user", content: "hi" }, { role: "assistant", content: hostile }, { role: "user", content: "ok" }],
@@ -263,10 +264,45 @@ describe("web client and operator dashboard (Chromium)", () => {
     expect(await reply.locator("script").count()).toBe(0)
     expect(await reply.locator("[onerror]").count()).toBe(0)
     expect(await reply.locator("a[href^='javascript']").count()).toBe(0)
+    // Nor can it dress itself up as the page: no styles, classes, forms or buttons of its own.
+    expect(await reply.locator(".body").locator("style, [style], [class], form, input, button").count()).toBe(0)
+    expect(await page.locator("body").isVisible()).toBe(true)
     await page.waitForTimeout(300)
     expect(await page.evaluate(() => (globalThis as unknown as { __xss?: number }).__xss)).toBeUndefined()
     expect(errors).toEqual([])
     await context.close()
+  }, 60_000)
+
+  it("the API behind the list: GET /v1/conversations pages a user's own conversations by cursor; GET /v1/me", async () => {
+    const headers = { authorization: `Bearer ${PAID}` }
+    const me = await (await fetch(`${service.url}/v1/me`, { headers })).json()
+    expect(me).toEqual({ user_id: "webuser", tier: "paid", org_id: null, admin: false, default_model: "frontier", models: ["mini", "frontier"] })
+    const mine: Array<string> = []
+    for (let i = 0; i < 3; i++) {
+      mine.push(((await (await postJson(`${service.url}/v1/conversations`, {}, headers)).json()) as { conversation_id: string }).conversation_id)
+      await new Promise((r) => setTimeout(r, 5))
+    }
+    const theirs = ((await (await postJson(`${service.url}/v1/conversations`, {}, { authorization: `Bearer ${FREE}` })).json()) as { conversation_id: string }).conversation_id
+    const seen: Array<string> = []
+    let cursor: string | null = null
+    do {
+      const page = (await (await fetch(`${service.url}/v1/conversations?limit=2${cursor === null ? "" : `&before=${encodeURIComponent(cursor)}`}`, { headers })).json()) as {
+        data: Array<{ conversation_id: string }>
+        next_cursor: string | null
+      }
+      expect(page.data.length).toBeLessThanOrEqual(2)
+      seen.push(...page.data.map((c) => c.conversation_id))
+      cursor = page.next_cursor
+    } while (cursor !== null && seen.length < 200)
+    expect(new Set(seen).size).toBe(seen.length)
+    // Newest first: the three just made lead, and the other user's is not there.
+    expect(seen.slice(0, 3)).toEqual([...mine].reverse())
+    expect(seen).not.toContain(theirs)
+    for (const bad of ["before=12", "before=1:%2F..", "before=99999999999999999:conv_x", "limit=0", "limit=101", "limit=x"]) {
+      const res = await fetch(`${service.url}/v1/conversations?${bad}`, { headers })
+      expect(res.status).toBe(400)
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe("invalid_request")
+    }
   }, 60_000)
 
   it("the memory panel adds and removes facts", async () => {
@@ -290,7 +326,7 @@ describe("web client and operator dashboard (Chromium)", () => {
     let shown = ""
     for (let i = 0; i < 6 && shown === ""; i++) {
       await send(page, `hello ${i}`)
-      await replyEnded(page, 30_000)
+      await page.waitForSelector(".msg.assistant.streaming", { state: "detached", timeout: 30_000 })
       const notes = await page.locator(".msg.user .note").allInnerTexts()
       shown = notes.find((n) => n.includes("rate limit")) ?? ""
     }
@@ -334,6 +370,8 @@ describe("web client and operator dashboard (Chromium)", () => {
     await expect.poll(async () => Number(await chart.getAttribute("data-points")), { timeout: 15_000 }).toBeGreaterThanOrEqual(first + 2)
     await turn
     await expect.poll(async () => Number(await chart.getAttribute("data-points")), { timeout: 15_000 }).toBeGreaterThanOrEqual(first + 4)
+    // The finished turn's tokens show as a rate (over the last 10 s).
+    await expect.poll(async () => Number(await chart.getAttribute("data-last")), { timeout: 15_000 }).toBeGreaterThan(0)
     expect(await page.locator(".pool[data-pool='frontier'] canvas").count()).toBe(4)
     await page.screenshot({ path: path.join(SCREENSHOTS, "ops.png"), fullPage: true })
     await context.close()

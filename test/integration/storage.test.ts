@@ -92,6 +92,25 @@ for (const [name, layer] of suites) {
           const byId = new Map(all.map((r) => [r.conversation_id as string, r]))
           expect(byId.get(ids[0]!)!.title).toBe("")
           expect(byId.get(ids[3]!)!.title).toBe(`question 3 ${"x".repeat(89)}`)
+          // Conversations created in the same millisecond page by id, none twice or lost.
+          const tied = UserId.make(`tied_${randomUUID()}`)
+          const tiedIds = Array.from({ length: 5 }, (_, i) => ConversationId.make(`conv_tie${i}_${randomUUID().replaceAll("-", "")}`))
+          const realNow = Date.now
+          Date.now = () => 1_700_000_000_000
+          try {
+            for (const id of tiedIds) yield* store.createConversation({ id, model: "mini", system_prompt: null, user_id: tied, org_id: null })
+          } finally {
+            Date.now = realNow
+          }
+          const pages: Array<string> = []
+          let after: { created_at_ms: number; id: ConversationId } | undefined
+          for (let page = 0; page < 5; page++) {
+            const rows = yield* store.listConversations(tied, { before: after, limit: 2 })
+            if (rows.length === 0) break
+            pages.push(...rows.map((r) => r.conversation_id))
+            after = { created_at_ms: rows.at(-1)!.created_at_ms, id: rows.at(-1)!.conversation_id }
+          }
+          expect(pages).toEqual([...tiedIds].sort().reverse())
         }))
 
       it.effect("ranks a user's facts by embedding similarity plus text match, exact top-k", () =>

@@ -130,6 +130,41 @@ describe("TurnStream", () => {
     expect(registry.size()).toBe(0)
   })
 
+  it("a resume that comes before the old reader is known gone keeps the turn, and frees a producer that reader held back", async () => {
+    const registry = Effect.runSync(Effect.provide(TurnStreams, TurnStreams.layerFor("local", 80)))
+    const stream = registry.make(2)
+    stream.setTurnId("c:9")
+    const p = producer()
+    stream.setProducer(p.producer)
+    const readable = stream.toSse({ keepAliveMs: 0 })
+    // A dead socket nobody reads: the reader fills and the producer is paused.
+    stream.token("a")
+    stream.token("b")
+    expect(stream.token("c")).toBe(false)
+    registry.keepTurn("c:9")
+    expect(p.calls.drain).toBe(1)
+    expect(stream.token("d")).toBe(true)
+    // The old reader was ended (without a done); its socket then errors.
+    const text = await readAll(readable)
+    expect(text).not.toContain("event: done")
+    readable.destroy()
+    await new Promise((r) => setTimeout(r, 150))
+    expect(p.calls.cancel).toBe(0)
+    stream.done(done(4))
+    expect(registry.size()).toBe(0)
+
+    // Without a grace, keep does nothing: a disconnect still cancels at once.
+    const plain = Effect.runSync(Effect.provide(TurnStreams, TurnStreams.layerFor("local", 0))).make(2)
+    plain.setTurnId("c:10")
+    const q = producer()
+    plain.setProducer(q.producer)
+    plain.keep()
+    const r2 = plain.toSse({ keepAliveMs: 0 })
+    r2.resume()
+    r2.destroy()
+    expect(q.calls.cancel).toBe(1)
+  })
+
   it("a producer that arrives after the reader left is cancelled at once", () => {
     const stream = new TurnStream(TurnStreamId.make("s4"))
     stream.cancel()

@@ -3,7 +3,7 @@
  * streamed (resumed by itself after a drop or a reload), the composer, Stop, and Share.
  */
 import { useEffect, useLayoutEffect, useRef, useState } from "preact/hooks"
-import { type Client, followTurn, type HistoryPage, type Turn, type TurnEvent, unlessNoContent } from "../shared/api.js"
+import { ApiError, type Client, type FollowEnd, followTurn, type HistoryPage, type Turn, type TurnEvent, unlessNoContent } from "../shared/api.js"
 import { randomId } from "../shared/ids.js"
 import { renderMarkdown } from "../shared/markdown.js"
 import { describeError, describeStreamError } from "./errors.js"
@@ -64,6 +64,9 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
   const stickToBottom = useRef(true)
   const keepOffset = useRef<number | undefined>(undefined)
   const live = useRef(true)
+  /** Aborts this view's requests and streams when it goes (another conversation, sign-out). */
+  const aborter = useRef(new AbortController())
+  const base = `/v1/conversations/${encodeURIComponent(conversationId)}`
 
   const scrollToBottom = () => {
     const el = scroller.current
@@ -84,12 +87,13 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
     setMessages((all) => all.length === 0 ? all : [...all.slice(0, -1), f(all[all.length - 1]!)])
 
   /** Reads a turn's events into the last message, timing its first token and rate. */
-  const streamInto = async (open: (lastEventId: string | undefined, attempt: number) => Promise<Response | undefined>, sentAt: number | undefined) => {
+  const streamInto = async (open: (lastEventId: string | undefined, attempt: number) => Promise<Response | undefined>, sentAt: number | undefined): Promise<FollowEnd | "failed"> => {
     setStreaming(true)
     let firstAt: number | undefined
     let sawToken = false
+    let end: FollowEnd | "failed" = "failed"
     try {
-      await followTurn(open, {
+      end = await followTurn(open, {
         onReconnect: (n) => live.current && setNotice(`Connection lost; resuming the reply (attempt ${n})…`),
         onEvent: (e: TurnEvent) => {
           if (!live.current) return
@@ -117,7 +121,7 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
             patchLast((m) => ({ ...m, streaming: false, note: describeStreamError(e.code, e.message) }))
           }
         }
-      })
+      }, aborter.current.signal)
     } catch (e) {
       if (live.current) patchLast((m) => ({ ...m, streaming: false, note: describeError(e) }))
     } finally {
@@ -127,33 +131,39 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
         patchLast((m) => m.streaming === true ? { ...m, streaming: false } : m)
       }
     }
+    return end
   }
+
+  /** The newest page of the history in place of what is shown (the store has the last word). */
+  const reloadNewest = () =>
+    client.request<HistoryPage>("GET", `${base}?limit=${PAGE}`).then((page) => {
+      if (!live.current) return
+      setMessages(page.turns.filter((t) => t.role !== "system").map(fromTurn))
+      setCursor(page.next_cursor)
+    }).catch((e) => live.current && onError(e))
+
+  /** `GET …/stream`: the turn in flight from its start, or after `lastEventId`; undefined for a 204. */
+  const openStream = async (lastEventId: string | undefined) =>
+    unlessNoContent(await client.open("GET", `${base}/stream`, undefined, lastEventId === undefined ? {} : { "last-event-id": lastEventId }, aborter.current.signal))
 
   // Open: the newest page; a user turn without its reply means one is being written (maybe
   // by a stream this page lost in a reload): follow it from its start.
   useEffect(() => {
     live.current = true
+    aborter.current = new AbortController()
     stickToBottom.current = true
     setMessages([])
     setShareLink(undefined)
     setLoading(true)
-    client.request<HistoryPage>("GET", `/v1/conversations/${conversationId}?limit=${PAGE}`).then((page) => {
+    client.request<HistoryPage>("GET", `${base}?limit=${PAGE}`).then((page) => {
       if (!live.current) return
       setMessages(page.turns.filter((t) => t.role !== "system").map(fromTurn))
       setCursor(page.next_cursor)
       setLoading(false)
       if (page.turns.at(-1)?.role === "user") {
         setMessages((all) => [...all, { key: `pending-${randomId()}`, role: "assistant", content: "", streaming: true }])
-        void streamInto(async (lastEventId) =>
-          unlessNoContent(await client.open("GET", `/v1/conversations/${conversationId}/stream`, undefined, lastEventId === undefined ? {} : { "last-event-id": lastEventId })), undefined).then(() =>
-          // 204 (it ended meanwhile) leaves an empty reply: show the stored one.
-          setMessages((all) => {
-            if (all.at(-1)?.content !== "") return all
-            void client.request<HistoryPage>("GET", `/v1/conversations/${conversationId}?limit=${PAGE}`).then((p) =>
-              live.current && setMessages(p.turns.filter((t) => t.role !== "system").map(fromTurn)))
-            return all
-          })
-        )
+        // 204: it ended meanwhile: show the stored reply.
+        void streamInto(openStream, undefined).then((end) => end === "nothing" && reloadNewest())
       }
     }).catch((e) => {
       if (live.current) {
@@ -163,13 +173,14 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
     })
     return () => {
       live.current = false
+      aborter.current.abort()
     }
   }, [conversationId])
 
   const loadOlder = () => {
     if (cursor === null || loading) return
     setLoading(true)
-    client.request<HistoryPage>("GET", `/v1/conversations/${conversationId}?limit=${PAGE}&before=${encodeURIComponent(cursor)}`).then((page) => {
+    client.request<HistoryPage>("GET", `${base}?limit=${PAGE}&before=${encodeURIComponent(cursor)}`).then((page) => {
       if (!live.current) return
       const el = scroller.current
       if (el !== null) keepOffset.current = el.scrollHeight - el.scrollTop
@@ -177,6 +188,7 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
       setCursor(page.next_cursor)
       setLoading(false)
     }).catch((e) => {
+      if (!live.current) return
       setLoading(false)
       onError(e)
     })
@@ -202,38 +214,50 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
     ])
     const sentAt = performance.now()
     onActivity(content)
-    let failedBeforeStream = false
-    await streamInto(async (lastEventId) => {
-      try {
-        // Before any token, the same POST again: the server knows the key and answers with
-        // that turn's stream if the first one got through.
-        if (lastEventId === undefined) {
-          return unlessNoContent(await client.open("POST", `/v1/conversations/${conversationId}/turns`, { role: "user", content }, { "idempotency-key": idempotencyKey }))
+    const post = () =>
+      client.open("POST", `${base}/turns`, { role: "user", content }, { "idempotency-key": idempotencyKey }, aborter.current.signal).then(unlessNoContent)
+    let refused = false
+    const end = await streamInto(async (lastEventId, attempt) => {
+      if (lastEventId !== undefined) return openStream(lastEventId)
+      if (attempt === 0) {
+        try {
+          return await post()
+        } catch (e) {
+          // Refused (429, moderation, …): nothing was stored.
+          if (e instanceof ApiError) refused = true
+          throw e
         }
-        return unlessNoContent(await client.open("GET", `/v1/conversations/${conversationId}/stream`, undefined, { "last-event-id": lastEventId }))
+      }
+      // Dropped before any token: the same POST again takes the turn if the first never
+      // arrived, and answers with its stream if it did. Refused now (the turn is still being
+      // set up, its stream expired, a rate limit), the first one may have been taken: follow
+      // whatever turn is in flight, else show the history.
+      try {
+        return await post()
       } catch (e) {
-        if (lastEventId === undefined && !(e instanceof TypeError)) failedBeforeStream = true
+        if (e instanceof ApiError) return openStream(undefined)
         throw e
       }
     }, sentAt)
     onActivity()
-    if (failedBeforeStream && live.current) {
-      // Refused (429, moderation, …): nothing was stored; give the text back to edit.
+    if (!live.current) return
+    if (refused) {
+      // Give the text back to edit, with the reason under it.
       setMessages((all) => {
         const reply = all.at(-1)
         return [...all.slice(0, -2), { ...all.at(-2)!, note: reply?.note ?? "Not sent" }]
       })
       setDraft(content)
-    }
+    } else if (end === "nothing") void reloadNewest()
   }
 
   const stop = () => {
     if (!streaming) return
-    client.request("POST", `/v1/conversations/${conversationId}/cancel`, {}).catch(onError)
+    client.request("POST", `${base}/cancel`, {}).catch(onError)
   }
 
   const share = () => {
-    client.request<{ share_id: string }>("POST", `/v1/conversations/${conversationId}/share`, {}).then((s) => {
+    client.request<{ share_id: string }>("POST", `${base}/share`, {}).then((s) => {
       const link = `${location.origin}/#/shared/${s.share_id}`
       setShareLink(link)
       navigator.clipboard?.writeText(link).catch(() => {})

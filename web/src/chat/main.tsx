@@ -21,6 +21,19 @@ interface Me {
   readonly models: ReadonlyArray<string>
 }
 
+/** The id in `#/c/<id>` or `#/shared/<id>`, when it is one (ids go into API paths: nothing else may). */
+const idIn = (hash: string, prefix: string, pattern: RegExp): string | undefined => {
+  if (!hash.startsWith(prefix)) return undefined
+  try {
+    const id = decodeURIComponent(hash.slice(prefix.length))
+    return pattern.test(id) ? id : undefined
+  } catch {
+    return undefined
+  }
+}
+const CONVERSATION_ID = /^[A-Za-z0-9_-]{1,64}$/
+const SHARE_ID = /^share_[0-9a-f]{32}$/
+
 const useHash = (): string => {
   const [hash, setHash] = useState(location.hash)
   useEffect(() => {
@@ -130,11 +143,14 @@ const App = () => {
     })
   }, [key])
 
-  if (hash.startsWith("#/shared/")) return <SharedView shareId={decodeURIComponent(hash.slice("#/shared/".length))} />
+  if (hash.startsWith("#/shared/")) {
+    const shareId = idIn(hash, "#/shared/", SHARE_ID)
+    return shareId === undefined ? <main class="loading">This link is not valid.</main> : <SharedView shareId={shareId} />
+  }
   if (needsKey) return <SignIn error={signInError} onKey={(k) => { chatKey.set(k); setKey(k) }} />
   if (me === undefined) return <main class="loading">{banner ?? "Loading…"}</main>
 
-  const current = hash.startsWith("#/c/") ? decodeURIComponent(hash.slice(4)) : undefined
+  const current = idIn(hash, "#/c/", CONVERSATION_ID)
   const currentModel = conversations.find((c) => c.conversation_id === current)?.model
   const create = (model: string | undefined) =>
     client.request<{ conversation_id: string; model: string }>("POST", "/v1/conversations", model === undefined ? {} : { model }).then((c) => {
@@ -146,7 +162,7 @@ const App = () => {
   const titleIfNew = (id: string, content: string) =>
     setConversations((all) => all.map((c) => c.conversation_id === id && c.title === "" ? { ...c, title: content.slice(0, 100) } : c))
   const remove = (id: string) =>
-    client.request("DELETE", `/v1/conversations/${id}`).then(() => {
+    client.request("DELETE", `/v1/conversations/${encodeURIComponent(id)}`).then(() => {
       setConversations((all) => all.filter((c) => c.conversation_id !== id))
       if (id === current) location.hash = ""
     }).catch(onError)

@@ -42,7 +42,7 @@ const Chart = ({ title, series, labels, unit, version }: {
     plot.current?.setData(series as uPlot.AlignedData)
   }, [version])
   return (
-    <figure class="chart" data-points={series[0]?.length ?? 0} data-title={title}>
+    <figure class="chart" data-points={series[0]?.length ?? 0} data-last={String(series[1]?.at(-1) ?? "")} data-title={title}>
       <figcaption>{title}</figcaption>
       <div ref={el} />
     </figure>

@@ -79,7 +79,8 @@ export const histogramQuantile = (q: number, now: ReadonlyMap<number, number>, t
   const bounds = [...now.keys()].sort((a, b) => a - b)
   const counts = bounds.map((le) => (now.get(le) ?? 0) - (then?.get(le) ?? 0))
   const total = counts.at(-1) ?? 0
-  if (total <= 0) return undefined
+  // Counts that went back: the histogram was reset in between (no quantile from a mix).
+  if (total <= 0 || counts.some((c) => c < 0)) return undefined
   const rank = q * total
   for (let i = 0; i < bounds.length; i++) {
     if (counts[i]! >= rank) {
@@ -148,7 +149,8 @@ export class Series {
       s.running.push(running)
       s.waiting.push(waiting)
       s.kvPercent.push(blocks === 0 ? 0 : (100 * used) / blocks)
-      s.tokPerS.push(dt > 0 ? tokens / dt : null)
+      // A counter that went back (the gateway restarted, or another one answered) is no rate.
+      s.tokPerS.push(dt > 0 && tokens >= 0 ? tokens / dt : null)
       s.ttftP50Ms.push(p50 === undefined ? null : p50 * 1000)
       s.ttftP99Ms.push(p99 === undefined ? null : p99 * 1000)
       const cutoff = reading.atMs / 1000 - this.keepMs / 1000

@@ -143,6 +143,9 @@ export interface TurnCallbacks {
 
 const MAX_RESUMES = 12
 
+/** How following a turn ended: its final event came, there was nothing to follow (204), or the page stopped reading. */
+export type FollowEnd = "ended" | "nothing" | "aborted"
+
 /**
  * Follows a turn's stream to its end across connection drops. `open(lastEventId, attempt)`
  * opens attempt 0 (the turn's POST, or a resume after a page reload) and each later one, after
@@ -150,27 +153,33 @@ const MAX_RESUMES = 12
  * and `Last-Event-ID` (so no token is shown twice or lost) or, before any token, sends the
  * turn's POST again with the same `Idempotency-Key` (the server answers with that turn's
  * stream, never a second turn). `open` returns undefined for a 204 (nothing more to send: the
- * turn ended meanwhile). An `ApiError` ends the turn; a network error is retried like a drop.
+ * turn ended meanwhile). An `ApiError` ends the turn; a network error is retried like a drop;
+ * `signal` (the page leaving) stops it.
  */
 export const followTurn = async (
   open: (lastEventId: string | undefined, attempt: number) => Promise<Response | undefined>,
-  callbacks: TurnCallbacks
-): Promise<void> => {
+  callbacks: TurnCallbacks,
+  signal?: AbortSignal
+): Promise<FollowEnd> => {
   let lastEventId: string | undefined
   const onEvent = (e: TurnEvent) => {
     if (e.kind === "token") lastEventId = e.id
     callbacks.onEvent(e)
   }
+  const aborted = () => signal?.aborted === true
   for (let attempt = 0; ; attempt++) {
+    if (aborted()) return "aborted"
     let response: Response | undefined | null
     try {
       response = await open(lastEventId, attempt)
     } catch (e) {
+      if (aborted()) return "aborted"
       if (e instanceof ApiError) throw e
       response = null
     }
-    if (response === undefined) return
-    if (response !== null && await readTurnEvents(response, onEvent)) return
+    if (response === undefined) return "nothing"
+    if (response !== null && await readTurnEvents(response, onEvent)) return "ended"
+    if (aborted()) return "aborted"
     if (attempt >= MAX_RESUMES) {
       throw new ApiError(0, "network_error", "The connection keeps dropping; reload the page to see the reply", undefined)
     }

@@ -1,7 +1,10 @@
 /**
  * Model replies as Markdown (marked, GitHub-flavoured) made safe with DOMPurify: a reply is
- * untrusted text, so whatever HTML it contains (`<script>`, `<img onerror>`, `javascript:`
- * links) is stripped before it reaches the page. Links open in a new tab without an opener.
+ * untrusted text (and any user can store one through the OpenAI route, then share it), so
+ * whatever HTML it contains is stripped before it reaches the page: scripts and event
+ * handlers (`<script>`, `<img onerror>`, `javascript:` links), and also styles, forms and
+ * popovers, with which a reply could dress itself up as the page (a fake sign-in over it).
+ * Links open in a new tab without an opener.
  */
 import DOMPurify from "dompurify"
 import { marked } from "marked"
@@ -15,4 +18,8 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
 
 /** `text` as sanitised HTML. */
 export const renderMarkdown = (text: string): string =>
-  DOMPurify.sanitize(marked.parse(text, { async: false, gfm: true, breaks: true }), { USE_PROFILES: { html: true } })
+  DOMPurify.sanitize(marked.parse(text, { async: false, gfm: true, breaks: true }), {
+    USE_PROFILES: { html: true },
+    FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "option", "dialog", "iframe", "object", "embed"],
+    FORBID_ATTR: ["style", "class", "id", "popover", "popovertarget", "popovertargetaction"]
+  })
