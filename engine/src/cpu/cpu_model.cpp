@@ -7,6 +7,7 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -37,54 +38,112 @@ CpuModel::CpuModel(const ModelConfig& cfg, ModelWeights weights, int64_t num_blo
       (size_t)(T * 2 * I),             // gu: gate | up, then activations in place
       (size_t)(T * D / 2),             // cos
       (size_t)(T * D / 2),             // sin
-      (size_t)(num_threads_ * max_pos),  // per-thread attention scores
   };
   size_t total = 0;
   for (size_t s : sizes) total += s;
   arena_.assign(total, 0.0f);
   float* p = arena_.data();
-  float** slots[] = {&x_, &xn_, &qkv_, &attn_, &gu_, &cos_, &sin_, &scores_};
-  for (size_t i = 0; i < 8; i++) { *slots[i] = p; p += sizes[i]; }
+  float** slots[] = {&x_, &xn_, &qkv_, &attn_, &gu_, &cos_, &sin_};
+  for (size_t i = 0; i < 7; i++) { *slots[i] = p; p += sizes[i]; }
   tok_pos_.resize(T);
   tok_seq_.resize(T);
+  attn_scratch_.resize(num_threads_);
 }
 
+// Causal paged attention as GEMMs (FlashAttention's blocking without its online softmax:
+// the scores of a block of query rows fit in memory at these sizes). Per (sequence, KV head)
+// the K and V rows it attends are gathered from their blocks into contiguous [P, D] panels;
+// then per query head of the group and per block of up to kRowBlock query rows,
+// S = Q·K^T (cblas_sgemm), a causal softmax per row, and O = softmax(S)·V (cblas_sgemm).
+// OpenBLAS picks its AVX2/AVX-512 kernels at run time, which the engine's portable x86-64-v2
+// build cannot use in its own loops: a turn late in a long conversation (a few hundred new
+// tokens against thousands cached) spends its time here.
+namespace {
+constexpr int64_t kRowBlock = 64;
+
+// e^x for x <= 0 (softmax after subtracting the row max), vectorisable: x = n·ln2 + r with
+// |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7 on that range,
+// as Cephes' expf), times 2^n built in the exponent bits. Below -87 it is 0 (e^-87 ~ 1.6e-38,
+// the smallest normal float), where std::exp would return a denormal: no softmax weight that
+// small survives the sum anyway. A turn late in a long conversation takes millions of these
+// per step; std::exp is a scalar call each.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += (int32_t)n << 23;
+  std::memcpy(&p, &bits, sizeof bits);
+  return p;
+}
+}  // namespace
+
 void CpuModel::attention(int64_t T, const std::vector<BatchSeq>& seqs, int64_t layer) {
+  (void)T;
   const int64_t H = cfg_.num_heads, KV = cfg_.num_kv_heads, D = cfg_.head_dim;
   const int64_t group = H / KV, qkv_stride = (H + 2 * KV) * D;
   const float scale = 1.0f / std::sqrt((float)D);
-  // Fork only when the work (~ positions attended * heads * D multiply-adds) pays for it.
+  const int64_t num_seqs = (int64_t)seqs.size();
+  std::vector<int64_t> first_row(num_seqs);
   int64_t work = 0;
-  for (int64_t t = 0; t < T; t++) work += (tok_pos_[t] + 1) * H * D * 2;
-#pragma omp parallel for schedule(dynamic, 4) if (work > (1 << 16))
-  for (int64_t th = 0; th < T * H; th++) {
-    const int64_t t = th / H, h = th % H, kvh = h / group;
-    const BatchSeq& s = seqs[tok_seq_[t]];
-    const int64_t pos = tok_pos_[t];
-    const float* q = qkv_ + t * qkv_stride + h * D;
-    float* scores = scores_ + (int64_t)omp_get_thread_num() * max_pos_;
-    // Pass 1: scaled dot products over positions 0..pos (causal), tracking the max.
-    float mx = -INFINITY;
-    for (int64_t j = 0; j <= pos; j++) {
-      const float* k = kv_.k(layer, s.block_table[j / kBlockSize], j % kBlockSize) + kvh * D;
-      float dot = 0.0f;
-      for (int64_t d = 0; d < D; d++) dot += q[d] * k[d];
-      scores[j] = dot * scale;
-      mx = std::max(mx, scores[j]);
+  for (int64_t i = 0, row = 0; i < num_seqs; i++) {
+    first_row[i] = row;
+    row += seqs[i].num_tokens;
+    work += seqs[i].num_tokens * (seqs[i].start_pos + seqs[i].num_tokens) * H * D * 2;
+  }
+  // Fork only when the work (multiply-adds of Q·K^T and P·V) pays for it.
+#pragma omp parallel for schedule(dynamic, 1) if (work > (1 << 16))
+  for (int64_t item = 0; item < num_seqs * KV; item++) {
+    const BatchSeq& s = seqs[item / KV];
+    const int64_t kvh = item % KV;
+    const int64_t n = s.num_tokens, P = s.start_pos + n;
+    if (n == 0) continue;
+    std::vector<float>& scratch = attn_scratch_[omp_get_thread_num()];
+    const size_t need = (size_t)(2 * P * D + kRowBlock * P);
+    if (scratch.size() < need) scratch.resize(need);
+    float* k = scratch.data();
+    float* v = k + P * D;
+    float* scores = v + P * D;
+    for (int64_t j = 0; j < P; j++) {
+      const int64_t block = s.block_table[j / kBlockSize], slot = j % kBlockSize;
+      std::memcpy(k + j * D, kv_.k(layer, block, slot) + kvh * D, D * sizeof(float));
+      std::memcpy(v + j * D, kv_.v(layer, block, slot) + kvh * D, D * sizeof(float));
     }
-    // Pass 2: softmax weights (sum in f64) and the weighted sum of V.
-    double sum = 0.0;
-    for (int64_t j = 0; j <= pos; j++) {
-      scores[j] = std::exp(scores[j] - mx);
-      sum += scores[j];
-    }
-    float* out = attn_ + t * H * D + h * D;
-    std::memset(out, 0, D * sizeof(float));
-    const float inv = (float)(1.0 / sum);
-    for (int64_t j = 0; j <= pos; j++) {
-      const float* v = kv_.v(layer, s.block_table[j / kBlockSize], j % kBlockSize) + kvh * D;
-      const float pj = scores[j] * inv;
-      for (int64_t d = 0; d < D; d++) out[d] += pj * v[d];
+    for (int64_t g = 0; g < group; g++) {
+      const int64_t h = kvh * group + g;
+      for (int64_t r0 = 0; r0 < n; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, n - r0);
+        // Row r attends positions 0..start_pos + r0 + r: the block needs the first `cols`.
+        const int64_t cols = s.start_pos + r0 + rows;
+        const int64_t t0 = first_row[item / KV] + r0;
+        const float* q = qkv_ + t0 * qkv_stride + h * D;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)cols, (int)D, scale, q,
+                    (int)qkv_stride, k, (int)D, 0.0f, scores, (int)cols);
+        for (int64_t r = 0; r < rows; r++) {
+          float* row = scores + r * cols;
+          const int64_t len = s.start_pos + r0 + r + 1;  // causal: the rest of the row is masked
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < len; j++) mx = std::max(mx, row[j]);
+#pragma omp simd
+          for (int64_t j = 0; j < len; j++) row[j] = exp_nonpositive(row[j] - mx);
+          double sum = 0.0;
+          for (int64_t j = 0; j < len; j++) sum += row[j];
+          const float inv = (float)(1.0 / sum);
+          for (int64_t j = 0; j < len; j++) row[j] *= inv;
+          for (int64_t j = len; j < cols; j++) row[j] = 0.0f;
+        }
+        float* out = attn_ + t0 * H * D + h * D;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)D, (int)cols, 1.0f, scores,
+                    (int)cols, v, (int)D, 0.0f, out, (int)(H * D));
+      }
     }
   }
 }

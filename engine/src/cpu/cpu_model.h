@@ -1,5 +1,5 @@
 // cpu/cpu_model.h — the CPU backend: f32 weights, a paged f32 KV cache, cblas GEMMs over the
-// whole flat batch, and OpenMP loops for attention and the element-wise kernels.
+// whole flat batch and per (sequence, KV head) for attention, and OpenMP loops for the rest.
 #pragma once
 
 #include <vector>
@@ -11,8 +11,7 @@ namespace engine::cpu {
 
 class CpuModel : public Backend {
  public:
-  // max_tokens: scratch arena capacity (tokens per forward); max_pos: longest sequence
-  // (sizes the per-thread attention score buffers).
+  // max_tokens: scratch arena capacity (tokens per forward); max_pos: longest sequence.
   CpuModel(const ModelConfig& cfg, ModelWeights weights, int64_t num_blocks, int64_t max_tokens,
            int64_t max_pos);
 
@@ -33,9 +32,12 @@ class CpuModel : public Backend {
 
   // Scratch arena, sized once for max_tokens_ (no allocation in the hot path).
   std::vector<float> arena_;
-  float *x_, *xn_, *qkv_, *attn_, *gu_, *cos_, *sin_, *scores_;
+  float *x_, *xn_, *qkv_, *attn_, *gu_, *cos_, *sin_;
   std::vector<int64_t> tok_pos_;  // [max_tokens] absolute position of each flat token
   std::vector<int32_t> tok_seq_;  // [max_tokens] index into seqs of each flat token
+  // Per OpenMP thread: gathered K and V panels and a block of scores, grown to the longest
+  // sequence seen (never shrunk).
+  std::vector<std::vector<float>> attn_scratch_;
 };
 
 }  // namespace engine::cpu
