@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # THE one command on the GPU device machine (H100/H200, no network), from the repo root:
 #
-#   bash bench/engine/run-on-device.sh [all|check|bench|STEP...]      (carry: [".device-deps"])
+#   bash bench/engine/run-on-device.sh [check|bench|all|STEP...]      (carry: [".device-deps"])
+#
+# Two calls, `check` first (the default), then `bench`: together (`all`) they do not fit one
+# call's 570 s. Without .device-deps it stops in its first second and says how to fix it.
 #
 # Unpacks .device-deps/*.deb (made by fetch-device-deps.sh) under /tmp, builds the engine with
 # CUDA, then runs, each step logged and time-boxed, going on after a failure:
 #   gpu            nvidia-smi facts + measured copy bandwidth and bf16 matmul rate
 #   build          cmake -S engine -B /tmp/build-gpu (CUDA on), -j16
 #   cuda_tests     the CUDA kernel tests vs the CPU reference (and engine_tests)
+#   sanitize       cuda_tests under compute-sanitizer memcheck, ENGINE_CUDA_SYNC=1 (not in a phase)
 #   parity_engines CUDA engine vs CPU engine on small random Llama/Qwen3 checkpoints
 #   parity_hf      transformers vs the CUDA engine (logits, bf16 and f32)
 #   models_real    random bf16 checkpoints of the real Llama-3.1-8B and Qwen3-0.6B shapes
@@ -17,7 +21,7 @@
 #   summary        $OUT/summary.json (+ $OUT/logs.txt)
 # Phases: check = gpu build cuda_tests parity_engines parity_hf;
 #         bench = gpu build models_real decode_qwen3 decode_llama8b w2_engine w2_hf w3_engine;
-#         all (default) = both. The whole run stops starting steps at BENCH_BUDGET_S (570 s)
+#         all = both (too long for one call). The whole run stops starting steps at BENCH_BUDGET_S (570 s)
 #         after its start: a step that does not fit is recorded as skipped, a long one is cut
 #         (the throughput drivers then report a labelled partial result).
 # Results: $OUT/summary.json (all step results merged), $OUT/logs.txt, $OUT/build.log.
@@ -80,8 +84,16 @@ run_step() {
 setup_deps() {
   local debs=("$REPO"/.device-deps/*.deb)
   if [ ! -e "${debs[0]}" ]; then
-    log "deps: no .device-deps/*.deb (run fetch-device-deps.sh and carry .device-deps); using the system's"
-    return 0
+    if [ "${BENCH_SYSTEM_DEPS:-0}" = 1 ]; then
+      log "deps: no .device-deps/*.deb; BENCH_SYSTEM_DEPS=1: using the system's"
+      return 0
+    fi
+    # The device machine has no libzmq/OpenBLAS headers and no network: without the carried
+    # .debs the build fails minutes later. Say so now.
+    echo "run-on-device: .device-deps/*.deb is missing. Fix: run 'bash bench/engine/fetch-device-deps.sh'" \
+      "on the build machine, then call the device run with carry: [\".device-deps\"]" \
+      "(or set BENCH_SYSTEM_DEPS=1 where libzmq and OpenBLAS are installed)." >&2
+    exit 2
   fi
   rm -rf "$PREFIX"
   mkdir -p "$PREFIX/root" "$PREFIX/lib" "$PREFIX/pkgconfig" "$PREFIX/bin"
@@ -173,7 +185,16 @@ do_tests() {
   return $rc
 }
 
-export -f do_build find_cmake do_tests
+# The kernel tests under compute-sanitizer (memcheck), with every launch synchronised so a
+# fault names its kernel.
+do_sanitize() {
+  local cs
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -z "$cs" ]; then echo "no compute-sanitizer on this machine"; return 1; fi
+  ENGINE_CUDA_SYNC=1 "$cs" --tool memcheck --error-exitcode 3 "$BUILD/cuda_tests"
+}
+
+export -f do_build find_cmake do_tests do_sanitize
 export BUILD JOBS HERE BENCH_CUDA="${BENCH_CUDA:-ON}"
 
 peak_bw() { python3 -c "import json; print(json.load(open('$W/results/gpu.json')).get('peak_bw_bytes_per_s') or '')" 2>/dev/null; }
@@ -187,6 +208,7 @@ step() {
     gpu) run_step gpu 20 60 python3 $HERE/gpuinfo.py --measure --out "$W/results/gpu.json" ;;
     build) run_step build 60 360 do_build; cp "$W/logs/build.log" "$OUT/build.log" 2>/dev/null ;;
     cuda_tests) run_step cuda_tests 20 120 do_tests ;;
+    sanitize) run_step sanitize 30 300 do_sanitize ;;
     parity_engines) run_step parity_engines 30 120 python3 $HERE/parity.py engines --engine "$ENGINE" --device "$DEV" \
       --ref-device cpu --models "$MODELS" --gpu-util 0.3 --log "$W/logs/engine-parity.log" --out "$W/results/parity_engines.json" ;;
     parity_hf) run_step parity_hf 30 150 python3 $HERE/parity.py hf --engine "$ENGINE" --device "$DEV" \
@@ -222,7 +244,8 @@ CHECK=(gpu build cuda_tests parity_engines parity_hf)
 BENCH=(gpu build models_real decode_qwen3 decode_llama8b w2_engine w2_hf w3_engine)
 [ "${BENCH_HF_LLAMA:-0}" = 1 ] && BENCH+=(w3_hf)
 steps=()
-[ $# -eq 0 ] && set -- all
+# `all` does not fit one call's budget: the default is `check`; `bench` is a second call.
+[ $# -eq 0 ] && set -- check
 for a in "$@"; do
   case "$a" in
     all) steps+=("${CHECK[@]}" "${BENCH[@]}") ;;

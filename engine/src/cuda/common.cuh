@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 
 #include "common.h"
 
@@ -32,11 +33,34 @@
                                   << ": " #expr);                                           \
   } while (0)
 
-// Checks the launch that just happened (configuration errors surface here; faults surface
-// at the next synchronizing call).
-#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+// Checks the launch that just happened: configuration errors surface here; faults surface at
+// the next synchronizing call, which names no kernel. With ENGINE_CUDA_SYNC=1 every eager
+// launch is followed by a device synchronisation and a check, so a fault is reported at the
+// launch (file:line) of the kernel that caused it (slow: for debugging and the first device
+// run). Launches recorded into a CUDA graph are not synchronised (capture forbids it).
+#define CUDA_CHECK_LAUNCH()                                                                 \
+  do {                                                                                      \
+    CUDA_CHECK(cudaGetLastError());                                                         \
+    if (::engine::cuda::sync_after_launch() && !::engine::cuda::capturing_graph())          \
+      CUDA_CHECK(cudaDeviceSynchronize());                                                  \
+  } while (0)
 
 namespace engine::cuda {
+
+// ENGINE_CUDA_SYNC=1 (read once): synchronise and check after every eager kernel launch.
+inline bool sync_after_launch() {
+  static const bool on = [] {
+    const char* e = std::getenv("ENGINE_CUDA_SYNC");
+    return e != nullptr && e[0] == '1';
+  }();
+  return on;
+}
+
+// Whether this thread is recording launches into a CUDA graph (set around the capture).
+inline bool& capturing_graph() {
+  static thread_local bool capturing = false;
+  return capturing;
+}
 
 using bf16 = __nv_bfloat16;
 

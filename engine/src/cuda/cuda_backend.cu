@@ -19,6 +19,7 @@
 #include "cuda/common.cuh"
 #include "cuda/cublas_lib.h"
 #include "cuda/elementwise.cuh"
+#include "cuda/graph_buckets.h"
 #include "cuda/rope_kv.cuh"
 #include "cuda/sampling.cuh"
 #include "kv_cache.h"
@@ -28,7 +29,6 @@ namespace engine::cuda {
 namespace {
 
 constexpr int kLogitRows = 256;                 // LM head + sampling rows per group
-constexpr int kGraphBuckets[] = {1, 2, 4, 8, 16, 32, 64, 128, 256};
 constexpr size_t kCublasWorkspace = 32u << 20;
 
 uint16_t f32_to_bf16_bits(float f) {  // round to nearest even; NaN stays NaN
@@ -521,9 +521,7 @@ bool CudaBackend::forward_sample(const std::vector<BatchSeq>& seqs, const std::v
   int bucket = 0;
   bool decode = m.opt.cuda_graphs;
   for (const BatchSeq& s : seqs) decode = decode && s.num_tokens == 1 && s.need_output;
-  if (decode)
-    for (int b : kGraphBuckets)
-      if (b >= (int)seqs.size() && b <= m.opt.max_tokens) { bucket = b; break; }
+  if (decode) bucket = decode_graph_bucket((int)seqs.size(), m.opt.max_tokens);
   const Impl::Prepared P = m.prepare(seqs, &samples, bucket);
   const int n_real = (int)samples.size();
   CUDA_CHECK(cudaMemcpyAsync(m.d_in, m.h_in, P.bytes, cudaMemcpyHostToDevice, m.stream));
@@ -543,13 +541,16 @@ bool CudaBackend::forward_sample(const std::vector<BatchSeq>& seqs, const std::v
       // Capture once the bucket has run eagerly; the captured work is not executed now.
       cudaGraph_t graph = nullptr;
       CUDA_CHECK(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal));
+      capturing_graph() = true;
       try {
         enqueue_all();
       } catch (...) {
+        capturing_graph() = false;
         cudaStreamEndCapture(m.stream, &graph);
         if (graph) cudaGraphDestroy(graph);
         throw;
       }
+      capturing_graph() = false;
       CUDA_CHECK(cudaStreamEndCapture(m.stream, &graph));
       cudaGraphExec_t exec = nullptr;
       const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);

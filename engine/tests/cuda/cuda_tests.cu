@@ -240,7 +240,8 @@ void test_qkv_rope_kv(bool qk_norm, bool bias, int D) {
   std::vector<int32_t> pos(T), slot(T);
   for (int t = 0; t < T; t++) {
     pos[t] = 1000 + t * 37;
-    slot[t] = t == 5 ? -1 : ((t * 7) % nb) * 16 + (t % 16);  // unique slots; t == 5 is padding
+    // A permutation of the nb * 16 slots (97 is coprime to 256), scattered over the blocks; t == 5 is padding.
+    slot[t] = t == 5 ? -1 : (t * 97) % (nb * 16);
   }
   DBuf<float> dqkv(qkv.size()), db(b.size()), dqn(D), dkn(D), dinv(inv.size()), dcos((size_t)T * half),
       dsin((size_t)T * half);
