@@ -30,6 +30,10 @@ namespace {
 
 constexpr int kLogitRows = 256;                 // LM head + sampling rows per group
 constexpr size_t kCublasWorkspace = 32u << 20;
+// Device memory kept free when the KV cache is sized (see Impl's constructor).
+constexpr size_t kKvReserveBytes = 512u << 20;
+// The most KV blocks a cache gets (2^26 blocks of 16 tokens: over a billion tokens).
+constexpr int64_t kMaxKvBlocks = (int64_t)1 << 26;
 
 uint16_t f32_to_bf16_bits(float f) {  // round to nearest even; NaN stays NaN
   uint32_t u;
@@ -152,7 +156,17 @@ CudaBackend::Impl::Impl(const ModelConfig& c, ModelWeights& w, const CudaOptions
   alloc_workspaces();
   blas = std::make_unique<Cublas>(stream, d_cublas_ws, kCublasWorkspace);
 
-  // KV cache from what is left: utilization * total - what is in use now.
+  // Everything else the engine allocates up front comes before the KV cache is sized, so that
+  // the cache takes what is really left.
+  CUDA_CHECK(cudaHostAlloc((void**)&h_tok, (size_t)opt.max_tokens * sizeof(int32_t), cudaHostAllocDefault));
+  CUDA_CHECK(cudaHostAlloc((void**)&h_lp, (size_t)opt.max_tokens * sizeof(float), cudaHostAllocDefault));
+  const Layout lay = make_layout((int)opt.max_tokens, (int)opt.max_tokens, (int)opt.max_tokens, (int)opt.max_tokens);
+  ensure_input_capacity(lay.bt + (size_t)4 * (1 + opt.max_tokens * 64));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+
+  // KV cache: utilization * total - what is in use now - a reserve for what is allocated
+  // later (cuBLAS's own buffers on first use, the captured decode graphs, a growing input
+  // buffer): at a high --gpu-memory-utilization the first steps would otherwise run out.
   const size_t per_block = CudaBackend::bytes_per_block(c);
   size_t free_b = 0, total_b = 0;
   CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
@@ -160,23 +174,25 @@ CudaBackend::Impl::Impl(const ModelConfig& c, ModelWeights& w, const CudaOptions
     num_blocks = opt.num_blocks;
   } else {
     const double used = (double)(total_b - free_b);
-    const double budget = opt.gpu_memory_utilization * (double)total_b - used;
+    const double budget = opt.gpu_memory_utilization * (double)total_b - used - (double)kKvReserveBytes;
     num_blocks = budget > 0 ? (int64_t)(budget / (double)per_block) : 0;
   }
   ENGINE_CHECK(num_blocks > 0, "internal",
                "cuda: no memory left for the KV cache (free " << free_b << " of " << total_b
-                   << " bytes after weights and workspaces); raise --gpu-memory-utilization or pass --num-blocks");
-  ENGINE_CHECK(num_blocks < (1 << 26), "internal", "cuda: too many KV blocks");
+                   << " bytes after weights and workspaces, " << kKvReserveBytes
+                   << " kept in reserve); raise --gpu-memory-utilization or pass --num-blocks");
+  if (num_blocks > kMaxKvBlocks) {
+    // Block ids are int32 on the wire and offsets are computed in 64 bits, but a table this
+    // large is never useful: cap it rather than refuse to start.
+    std::fprintf(stderr, "llm-engine: cuda: %lld KV blocks fit; using %lld\n", (long long)num_blocks,
+                 (long long)kMaxKvBlocks);
+    num_blocks = kMaxKvBlocks;
+  }
   kv_bytes = per_block * (size_t)num_blocks;
   CUDA_CHECK(cudaMalloc(&d_kv, kv_bytes));
   // Unwritten slots are never read by a correct schedule; zero them anyway so that a stray
   // read sees finite values.
   CUDA_CHECK(cudaMemsetAsync(d_kv, 0, kv_bytes, stream));
-
-  CUDA_CHECK(cudaHostAlloc((void**)&h_tok, (size_t)opt.max_tokens * sizeof(int32_t), cudaHostAllocDefault));
-  CUDA_CHECK(cudaHostAlloc((void**)&h_lp, (size_t)opt.max_tokens * sizeof(float), cudaHostAllocDefault));
-  const Layout lay = make_layout((int)opt.max_tokens, (int)opt.max_tokens, (int)opt.max_tokens, (int)opt.max_tokens);
-  ensure_input_capacity(lay.bt + (size_t)4 * (1 + opt.max_tokens * 64));
   CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 

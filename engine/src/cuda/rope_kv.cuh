@@ -14,7 +14,9 @@ namespace engine::cuda {
 constexpr int kRopeWarps = 4;
 constexpr int kMaxHeadDim = 256;
 
-// One block per token, one warp per head (q heads, then k heads, then v heads).
+// Grid (token, group of kRopeWarps heads), one warp per head (q heads, then k heads, then v
+// heads): a decode step of one token spreads its H + 2·KV heads over that many / 4 blocks
+// instead of running the whole layer's RoPE on one SM.
 static __global__ void qkv_rope_kv_kernel(const float* __restrict__ qkv, const float* __restrict__ bias,
                                    const float* __restrict__ q_norm, const float* __restrict__ k_norm,
                                    const float* __restrict__ cos_t, const float* __restrict__ sin_t,
@@ -26,7 +28,7 @@ static __global__ void qkv_rope_kv_kernel(const float* __restrict__ qkv, const f
   const int half = D / 2, qkv_dim = (H + 2 * KV) * D;
   const int slot = slot_mapping[t];
   float* b = buf[warp];
-  for (int hh = warp; hh < H + 2 * KV; hh += kRopeWarps) {
+  for (int hh = blockIdx.y * kRopeWarps + warp; hh < H + 2 * KV; hh += gridDim.y * kRopeWarps) {
     const float* src = qkv + (size_t)t * qkv_dim + (size_t)hh * D;
     float ss = 0.f;
     for (int d = lane; d < D; d += kWarp) {
@@ -72,8 +74,9 @@ inline void qkv_rope_kv(const float* qkv, const float* bias, const float* q_norm
   ENGINE_CHECK(D % 2 == 0 && D <= kMaxHeadDim, "internal", "qkv_rope_kv: head_dim " << D << " unsupported");
   ENGINE_CHECK((q_norm == nullptr) == (k_norm == nullptr), "internal", "qkv_rope_kv: q_norm/k_norm mismatch");
   if (T <= 0) return;
-  qkv_rope_kv_kernel<<<T, kRopeWarps * kWarp, 0, st>>>(qkv, bias, q_norm, k_norm, cos_t, sin_t, slot_mapping, q_out,
-                                                       k_cache, v_cache, H, KV, D, eps);
+  const dim3 grid((unsigned)T, (unsigned)((H + 2 * KV + kRopeWarps - 1) / kRopeWarps));
+  qkv_rope_kv_kernel<<<grid, kRopeWarps * kWarp, 0, st>>>(qkv, bias, q_norm, k_norm, cos_t, sin_t, slot_mapping,
+                                                          q_out, k_cache, v_cache, H, KV, D, eps);
   CUDA_CHECK_LAUNCH();
 }
 
