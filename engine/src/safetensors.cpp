@@ -206,7 +206,9 @@ void TensorStore::load_f32(const std::string& name, const std::vector<int64_t>& 
     case DType::F32:
       std::memcpy(dst, t.data, (size_t)n * 4);  // memcpy: data may be unaligned
       break;
+    // Converted on every core: an 8B checkpoint is 16 GB of bf16 (~25 s on one thread).
     case DType::F16:
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
       for (int64_t i = 0; i < n; i++) {
         uint16_t h;
         std::memcpy(&h, t.data + 2 * i, 2);
@@ -214,6 +216,7 @@ void TensorStore::load_f32(const std::string& name, const std::vector<int64_t>& 
       }
       break;
     case DType::BF16:
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
       for (int64_t i = 0; i < n; i++) {
         uint16_t b;
         std::memcpy(&b, t.data + 2 * i, 2);
