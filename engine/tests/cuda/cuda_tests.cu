@@ -304,7 +304,7 @@ struct AttnCase {
   bool time_it;
 };
 
-void test_attention(const AttnCase& c) {
+void test_attention(const AttnCase& c, int version) {
   const int D = c.D, H = c.H, KV = c.KV, group = H / KV;
   int T = 0, max_ctx = 0;
   for (auto& s : c.seqs) { T += s.second; max_ctx = std::max(max_ctx, s.first + s.second); }
@@ -359,7 +359,7 @@ void test_attention(const AttnCase& c) {
   p.bt_offsets = dbo.p; p.block_tables = dbt.p; p.out = dout.p; p.part_acc = pacc.p; p.part_ml = pml.p;
   p.H = H; p.KV = KV; p.group = group; p.splits = splits;
   p.scale_log2 = (float)(1.4426950408889634 / std::sqrt((double)D));
-  paged_attention(p, (int)items.size(), T, D, part_rows, 0);
+  paged_attention(p, (int)items.size(), T, D, part_rows, 0, version);
   CUDA_CHECK(cudaDeviceSynchronize());
   const auto out = from_bf16(dout.get());
   std::vector<double> ref((size_t)T * H * D);
@@ -391,12 +391,12 @@ void test_attention(const AttnCase& c) {
   const double e = tol_ratio(out, ref, 2e-3, 1e-2);
   std::string extra = fmt("err/tol=%.3g splits=%d", e, splits);
   if (c.time_it) {
-    const double ms = time_ms([&] { paged_attention(p, (int)items.size(), T, D, part_rows, 0); });
+    const double ms = time_ms([&] { paged_attention(p, (int)items.size(), T, D, part_rows, 0, version); });
     double bytes = 0;  // K and V of every attended position, once per kv head
     for (auto& s : c.seqs) bytes += (double)(s.first + s.second) * KV * D * 2 * 2;
     extra += fmt("  %.3f ms  %.1f GB/s", ms, bytes / (ms * 1e6));
   }
-  report(c.name, e <= 1, extra);
+  report(std::string(c.name) + " v" + std::to_string(version), e <= 1, extra);
 }
 
 // Sampling: the GPU token must equal engine::Sampler's on the same logits.
@@ -643,7 +643,9 @@ int main() {
        std::vector<std::pair<int, int>>(64, {4095, 1}), 0, true},
       {"attention decode bench B=1 ctx=32768 D=128", 128, 32, 8, {{32767, 1}}, 0, true},
   };
-  for (const auto& c : cases) guard(c.name, [&] { test_attention(c); });
+  // Both kernel versions on every case (llm.c style: version 1 kept as the reference).
+  for (const auto& c : cases)
+    for (int version : {1, 2}) guard((std::string(c.name) + " v" + std::to_string(version)).c_str(), [&] { test_attention(c, version); });
   guard("sampling", test_sampling);
   guard("end-to-end", [] { test_end_to_end(true, false); });
   guard("end-to-end", [] { test_end_to_end(true, true); });
