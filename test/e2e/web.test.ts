@@ -10,7 +10,7 @@ import { mkdirSync } from "node:fs"
 import net from "node:net"
 import path from "node:path"
 import { type Browser, type BrowserContext, chromium, type Page } from "playwright-core"
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import { freshDatabase } from "../support/database.js"
 import { assertEngineBuilt, REPO_ROOT } from "../support/engineProcess.js"
 import { postJson, type Service, startService } from "../support/service.js"
@@ -65,10 +65,14 @@ const cuttingProxy = async (targetPort: number) => {
   }
 }
 
-describe("web client and operator dashboard (Chromium)", () => {
+// A failing page test runs once more (a fresh browser context and conversation): what it
+// saw the first time is printed (below) so an intermittent cause can be found.
+describe("web client and operator dashboard (Chromium)", { retry: 1 }, () => {
   let service: Service
   let browser: Browser
   let proxy: Awaited<ReturnType<typeof cuttingProxy>>
+  /** What the pages of the current test saw: API answers of 400 and up, page errors, the notes shown. */
+  let seen: Array<string> = []
 
   beforeAll(async () => {
     assertEngineBuilt()
@@ -91,6 +95,14 @@ describe("web client and operator dashboard (Chromium)", () => {
     })
   }, 180_000)
 
+  afterEach((context) => {
+    if (context.task.result?.state === "fail") {
+      console.log(`web test "${context.task.name}" failed; the pages saw:\n  ${seen.join("\n  ") || "(nothing)"}\n` +
+        `service log (tail):\n${service.output().split("\n").slice(-40).join("\n")}`)
+    }
+    seen = []
+  })
+
   afterAll(async () => {
     await browser?.close()
     await proxy?.close()
@@ -102,7 +114,17 @@ describe("web client and operator dashboard (Chromium)", () => {
     const context = await browser.newContext({ viewport: { width: options.width ?? 1200, height: 800 } })
     const page = await context.newPage()
     const errors: Array<string> = []
-    page.on("pageerror", (e) => errors.push(e.message))
+    page.on("pageerror", (e) => {
+      errors.push(e.message)
+      seen.push(`page error: ${e.message}`)
+    })
+    page.on("response", (r) => {
+      if (r.url().includes("/v1/") && r.status() >= 400) {
+        const line = `${r.status()} ${r.request().method()} ${r.url()}`
+        r.text().then((body) => seen.push(`${line} ${body.slice(0, 300)}`), () => seen.push(line))
+      }
+    })
+    page.on("requestfailed", (r) => seen.push(`request failed: ${r.method()} ${r.url()} ${r.failure()?.errorText ?? ""}`))
     await page.goto(`${options.base ?? service.url}/`)
     await page.getByLabel("API key or token").fill(key)
     await page.getByRole("button", { name: "Sign in" }).click()
