@@ -192,6 +192,24 @@ describe("web client and operator dashboard (Chromium)", { retry: 1 }, () => {
     await context.close()
   }, 120_000)
 
+  it("a message sent while the conversation's history is still loading is not lost", async () => {
+    const { context, page } = await signedIn(PAID)
+    // A slow answer to the history request (read before anything was sent): the page must not
+    // let that first page overwrite a message sent meanwhile.
+    await page.route(/\/v1\/conversations\/conv_[^/?]+\?limit=/, async (route) => {
+      const response = await route.fetch()
+      await new Promise((r) => setTimeout(r, 1500))
+      await route.fulfill({ response })
+    })
+    const id = await newChat(page)
+    await send(page, "Quick question")
+    await page.locator(".msg.assistant").waitFor({ timeout: 20_000 })
+    expect(await page.locator(".msg.user").innerText()).toBe("Quick question")
+    await replyEnded(page)
+    expect((await stored(id)).map((t) => [t.role, t.status])).toEqual([["user", "completed"], ["assistant", "completed"]])
+    await context.close()
+  }, 90_000)
+
   it("Stop (and Esc) ends the reply; it is stored cancelled with the text shown", async () => {
     const { context, page } = await signedIn(PAID)
     const id = await newChat(page)

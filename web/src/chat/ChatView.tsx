@@ -56,6 +56,8 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
   const [messages, setMessages] = useState<ReadonlyArray<Message>>([])
   const [cursor, setCursor] = useState<string | null>(null)
   const [loading, setLoading] = useState(true)
+  /** The first page of history is shown: before that a sent message would be overwritten by it. */
+  const [ready, setReady] = useState(false)
   const [streaming, setStreaming] = useState(false)
   const [draft, setDraft] = useState("")
   const [notice, setNotice] = useState<string | undefined>()
@@ -155,11 +157,13 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
     setMessages([])
     setShareLink(undefined)
     setLoading(true)
+    setReady(false)
     client.request<HistoryPage>("GET", `${base}?limit=${PAGE}`).then((page) => {
       if (!live.current) return
       setMessages(page.turns.filter((t) => t.role !== "system").map(fromTurn))
       setCursor(page.next_cursor)
       setLoading(false)
+      setReady(true)
       if (page.turns.at(-1)?.role === "user") {
         setMessages((all) => [...all, { key: `pending-${randomId()}`, role: "assistant", content: "", streaming: true }])
         // 204: it ended meanwhile: show the stored reply.
@@ -203,7 +207,7 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
 
   const send = async () => {
     const content = draft.trim()
-    if (content.length === 0 || streaming) return
+    if (content.length === 0 || streaming || !ready) return
     const idempotencyKey = randomId()
     setDraft("")
     stickToBottom.current = true
@@ -300,13 +304,14 @@ export const ChatView = ({ client, conversationId, model, onError, onActivity }:
           placeholder="Message (Enter to send, Shift+Enter for a new line, Esc to stop)"
           rows={2}
           maxLength={100_000}
+          disabled={!ready}
           onInput={(e) => setDraft((e.target as HTMLTextAreaElement).value)}
           onKeyDown={onKeyDown}
           aria-label="Message"
         />
         {streaming
           ? <button type="button" class="stop" onClick={stop}>Stop</button>
-          : <button type="submit" class="send" disabled={draft.trim().length === 0}>Send</button>}
+          : <button type="submit" class="send" disabled={!ready || draft.trim().length === 0}>Send</button>}
       </form>
     </section>
   )
