@@ -3,9 +3,9 @@
  * streamed (resumed by itself after a drop or a reload), the composer, Stop, and Share.
  */
 import { useEffect, useLayoutEffect, useRef, useState } from "preact/hooks"
-import { ApiError, type Client, type FollowEnd, followTurn, type HistoryPage, type Turn, type TurnEvent, unlessNoContent } from "../shared/api.js"
-import { randomId } from "../shared/ids.js"
-import { renderMarkdown } from "../shared/markdown.js"
+import { ApiError, type Client, type FollowEnd, followTurn, type HistoryPage, type Turn, type TurnEvent, unlessNoContent } from "../lib/api.js"
+import { randomId } from "../lib/ids.js"
+import { renderMarkdown } from "../lib/markdown.js"
 import { describeError, describeStreamError } from "./errors.js"
 
 interface Message {

@@ -1,6 +1,6 @@
 /** The user's long-term memory: the facts the assistant keeps about them; add and remove. */
 import { useEffect, useState } from "preact/hooks"
-import type { Client, MemoryFact } from "../shared/api.js"
+import type { Client, MemoryFact } from "../lib/api.js"
 
 export const MemoryPanel = ({ client, onError, onClose }: { client: Client; onError: (e: unknown) => void; onClose: () => void }) => {
   const [facts, setFacts] = useState<ReadonlyArray<MemoryFact> | undefined>()

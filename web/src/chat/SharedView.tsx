@@ -1,7 +1,7 @@
 /** A shared conversation (`#/shared/<share_id>`): read-only, no sign-in needed. */
 import { useEffect, useState } from "preact/hooks"
-import { makeClient, type Turn } from "../shared/api.js"
-import { renderMarkdown } from "../shared/markdown.js"
+import { makeClient, type Turn } from "../lib/api.js"
+import { renderMarkdown } from "../lib/markdown.js"
 import { describeError } from "./errors.js"
 
 export const SharedView = ({ shareId }: { shareId: string }) => {

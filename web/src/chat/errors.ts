@@ -1,4 +1,4 @@
-import { ApiError } from "../shared/api.js"
+import { ApiError } from "../lib/api.js"
 
 const clock = (s: number) => new Date(Date.now() + s * 1000).toLocaleTimeString()
 

@@ -5,8 +5,8 @@
  */
 import { render } from "preact"
 import { useEffect, useState } from "preact/hooks"
-import { ApiError, type Client, type ConversationListItem, makeClient } from "../shared/api.js"
-import { chatKey } from "../shared/storage.js"
+import { ApiError, type Client, type ConversationListItem, makeClient } from "../lib/api.js"
+import { chatKey } from "../lib/storage.js"
 import { ChatView } from "./ChatView.js"
 import { describeError } from "./errors.js"
 import { MemoryPanel } from "./MemoryPanel.js"
