@@ -56,6 +56,42 @@ struct AttnShape {
   static_assert(D % 8 == 0, "head_dim must be a multiple of 8");
 };
 
+// Keys [kbeg, kend) of split `split` of an item: ceil(ctx / splits) rounded up to the key
+// tile, ctx = the position of the item's last token + 1. Shared by both kernel versions.
+template <int KT>
+__device__ __forceinline__ void split_key_range(const AttnParams& p, const AttnItem& it, int split, int& kbeg,
+                                                int& kend) {
+  const int ctx = p.positions[it.t0 + it.nt - 1] + 1;
+  int part = (int)ceil_div_dev(ctx, p.splits);
+  part = (part + KT - 1) / KT * KT;
+  kbeg = split * part;
+  kend = min(ctx, kbeg + part);
+}
+
+// Loads keys [k0, k0 + KT) of kv head g into k_s / v_s in 16-byte pieces, zeros past kend.
+// Every thread of the block takes part. Shared by both kernel versions.
+template <int D, int KT, int KPAD>
+__device__ __forceinline__ void load_kv_tile(const AttnParams& p, const int32_t* bt, int g, int k0, int kend,
+                                             int tid, bf16 (*k_s)[KPAD], bf16 (*v_s)[D]) {
+  for (int e = tid; e < KT * (D / 8); e += kAttnThreads) {
+    const int kk = e / (D / 8), c = e % (D / 8);
+    const int pos = k0 + kk;
+    Bf16x8 kv{}, vv{};
+    if (pos < kend) {
+      const int blk = bt[pos >> 4];
+      const size_t off = (((size_t)blk * p.KV + g) * 16 + (pos & 15)) * D + c * 8;
+      kv = *reinterpret_cast<const Bf16x8*>(p.k_cache + off);
+      vv = *reinterpret_cast<const Bf16x8*>(p.v_cache + off);
+    } else {
+      const __nv_bfloat162 z = __floats2bfloat162_rn(0.f, 0.f);
+      kv.h[0] = kv.h[1] = kv.h[2] = kv.h[3] = z;
+      vv = kv;
+    }
+    *reinterpret_cast<Bf16x8*>(&k_s[kk][c * 8]) = kv;
+    *reinterpret_cast<Bf16x8*>(&v_s[kk][c * 8]) = vv;
+  }
+}
+
 template <int D>
 __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const AttnParams p) {
   using S = AttnShape<D>;
@@ -85,10 +121,8 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.f;
   }
-  const int ctx = p.positions[it.t0 + it.nt - 1] + 1;
-  int part = (int)ceil_div_dev(ctx, p.splits);
-  part = (part + KT - 1) / KT * KT;
-  const int kbeg = split * part, kend = min(ctx, kbeg + part);
+  int kbeg, kend;
+  split_key_range<KT>(p, it, split, kbeg, kend);
   const int32_t* bt = p.block_tables + p.bt_offsets[it.seq];
 
   float acc[S::ACC];
@@ -97,23 +131,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
 
   for (int k0 = kbeg; k0 < kend; k0 += KT) {
     __syncthreads();  // previous tile fully consumed (and q_s/pos_s/m_s ready on entry)
-    for (int e = tid; e < KT * (D / 8); e += kAttnThreads) {
-      const int kk = e / (D / 8), c = e % (D / 8);
-      const int pos = k0 + kk;
-      Bf16x8 kv{}, vv{};
-      if (pos < kend) {
-        const int blk = bt[pos >> 4];
-        const size_t off = (((size_t)blk * p.KV + g) * 16 + (pos & 15)) * D + c * 8;
-        kv = *reinterpret_cast<const Bf16x8*>(p.k_cache + off);
-        vv = *reinterpret_cast<const Bf16x8*>(p.v_cache + off);
-      } else {
-        const __nv_bfloat162 z = __floats2bfloat162_rn(0.f, 0.f);
-        kv.h[0] = kv.h[1] = kv.h[2] = kv.h[3] = z;
-        vv = kv;
-      }
-      *reinterpret_cast<Bf16x8*>(&k_s[kk][c * 8]) = kv;
-      *reinterpret_cast<Bf16x8*>(&v_s[kk][c * 8]) = vv;
-    }
+    load_kv_tile<D, KT, S::KPAD>(p, bt, g, k0, kend, tid, k_s, v_s);
     __syncthreads();
 
     // Scores: thread -> key (tid % KT), rows rg, rg + RSTEP, ...
@@ -250,10 +268,8 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_v2_kernel(const 
     l_s[tid] = 0.f;
     alpha_s[tid] = 1.f;
   }
-  const int ctx = p.positions[it.t0 + it.nt - 1] + 1;
-  int part = (int)ceil_div_dev(ctx, p.splits);
-  part = (part + KT - 1) / KT * KT;
-  const int kbeg = split * part, kend = min(ctx, kbeg + part);
+  int kbeg, kend;
+  split_key_range<KT>(p, it, split, kbeg, kend);
   const int32_t* bt = p.block_tables + p.bt_offsets[it.seq];
   const int d0 = tid % S::DW, r0 = tid / S::DW;
 
@@ -265,23 +281,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_v2_kernel(const 
 
   for (int k0 = kbeg; k0 < kend; k0 += KT) {
     __syncthreads();  // previous tile fully consumed (and q_s/pos_s/m_s ready on entry)
-    for (int e = tid; e < KT * (D / 8); e += kAttnThreads) {
-      const int kk = e / (D / 8), c = e % (D / 8);
-      const int pos = k0 + kk;
-      Bf16x8 kv{}, vv{};
-      if (pos < kend) {
-        const int blk = bt[pos >> 4];
-        const size_t off = (((size_t)blk * p.KV + g) * 16 + (pos & 15)) * D + c * 8;
-        kv = *reinterpret_cast<const Bf16x8*>(p.k_cache + off);
-        vv = *reinterpret_cast<const Bf16x8*>(p.v_cache + off);
-      } else {
-        const __nv_bfloat162 z = __floats2bfloat162_rn(0.f, 0.f);
-        kv.h[0] = kv.h[1] = kv.h[2] = kv.h[3] = z;
-        vv = kv;
-      }
-      *reinterpret_cast<Bf16x8*>(&k_s[kk][c * 8]) = kv;
-      *reinterpret_cast<Bf16x8*>(&v_s[kk][c * 8]) = vv;
-    }
+    load_kv_tile<D, KT, S::KPAD>(p, bt, g, k0, kend, tid, k_s, v_s);
     __syncthreads();
 
     // Scores of the real rows: thread -> key (tid % KT), rows rg, rg + RSTEP, ...
