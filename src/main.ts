@@ -12,7 +12,8 @@
  * turn stream logs and rate limits of a multi-runner topology; default redis://127.0.0.1:6379,
  * `chat:`), RATE_LIMIT_STORE (`redis` to share limits through Redis in one process too),
  * MODERATION_BLOCKLIST (comma-separated words or phrases that moderation refuses),
- * OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_SERVICE_NAME (a trace span per turn over OTLP/HTTP).
+ * OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_SERVICE_NAME (a trace span per turn over OTLP/HTTP),
+ * EVENT_LOOP_SLICE_MS (how long fiber work may hold the event loop before waiting I/O runs).
  * `--name NAME` (or RUNNER_NAME) picks the runner of the topology this process is.
  */
 import { resolve } from "node:path"
@@ -52,6 +53,7 @@ import * as Storage from "./runtime/Storage.js"
 import * as Topology from "./runtime/Topology.js"
 import * as TurnEventLog from "./runtime/TurnEventLog.js"
 import { TurnStreams } from "./runtime/TurnStream.js"
+import { DEFAULT_SLICE_MS, EventLoopScheduler } from "./runtime/EventLoopScheduler.js"
 
 /** The PostgreSQL every pool of this process connects to (DATABASE_URL, or the embedded one). */
 class DatabaseUrl extends Context.Tag("chat/DatabaseUrl")<DatabaseUrl, Redacted.Redacted>() {}
@@ -270,11 +272,22 @@ const MainLive = Layer.unwrapEffect(
 // would only cost CPU and memory on every turn. The HTTP server's tracer middleware builds its
 // span (URL, redacted headers, attributes) even so, and keeps its frames on the request fiber
 // for as long as an SSE response streams: it is switched off per request too.
+/** EVENT_LOOP_SLICE_MS (default 2): read before the runtime starts, since the scheduler runs it. */
+const eventLoopSliceMs = (() => {
+  const raw = process.env.EVENT_LOOP_SLICE_MS
+  const ms = raw === undefined ? DEFAULT_SLICE_MS : Number(raw)
+  if (Number.isFinite(ms) && ms > 0) return ms
+  console.error(`EVENT_LOOP_SLICE_MS must be a positive number of milliseconds, not ${JSON.stringify(String(raw).slice(0, 40))}`)
+  return process.exit(2)
+})()
+
+// Every fiber runs on EventLoopScheduler, so that a burst of fiber work yields the event loop
+// to waiting requests every EVENT_LOOP_SLICE_MS.
 NodeRuntime.runMain(
   Layer.launch(
     MainLive.pipe(
       HttpMiddleware.withTracerDisabledWhen(() => true),
       Layer.provide(Layer.setTracerEnabled(false))
     )
-  )
+  ).pipe(Effect.withScheduler(new EventLoopScheduler(eventLoopSliceMs)))
 )

@@ -1,16 +1,18 @@
 /**
  * Event-loop cost of long conversations: `node --import tsx bench/serve/long-conversation.ts
- * [--exchanges 70,500] [--turns 20] [--engine-threads 1] [--engine-nice 10]`. For each N:
+ * [--exchanges 70,500] [--turns 20] [--engine-threads 1] [--engine-nice 10] [--slice-ms MS]`. For each N:
  * starts the service (CPU engine, a fresh database of the PostgreSQL at DATABASE_URL), gives
  * one conversation N earlier exchanges (written to the database), restarts the service, then
  * sends 1-token turns to it one after another while a prober asks /healthz
  * every 5 ms. Reports /healthz latency (p50, p99, max) with no turn running (3 s: the floor
- * this machine's scheduling gives), during the first (cold: the history is loaded and
+ * this machine's scheduling gives; also a bare Node server's, the floor without the service), during the first (cold: the history is loaded and
  * encoded) and the later turns, and each turn's wall time. Results go to
  * bench/results/long-conversation.json with machine, date, commit and command.
  */
 import { execFileSync } from "node:child_process"
 import { writeFileSync } from "node:fs"
+import { createServer } from "node:http"
+import type { AddressInfo } from "node:net"
 import { freshDatabase, sqlPool } from "../../test/support/database.js"
 import { postJson, readSse, startService } from "../../test/support/service.js"
 import { provenance } from "./provenance.js"
@@ -32,6 +34,8 @@ const numTurns = flag("turns", 20)
 const engineThreads = flag("engine-threads", 1)
 // The engine's scheduling priority (nice), for the same reason.
 const nice = flag("engine-nice", 10)
+// The service's EVENT_LOOP_SLICE_MS (unset: its default).
+const sliceArg = args.indexOf("--slice-ms") < 0 ? undefined : String(flag("slice-ms", 0))
 
 const percentile = (xs: ReadonlyArray<number>, p: number) => {
   const sorted = [...xs].sort((a, b) => a - b)
@@ -52,6 +56,8 @@ const measure = async (numExchanges: number) => {
     const id = ((await (await postJson(`${service.url}/v1/conversations`, { system_prompt: "You are a helpful assistant." })).json()) as any)
       .conversation_id as string
     const now = Date.now()
+    // Turns live in the partition of the month their conversation was created in.
+    const [{ created_month }] = await pool.query(`SELECT created_month FROM chat_conversations WHERE id = $1`, [id])
     for (let start = 0; start < 2 * numExchanges; start += 500) {
       const values: Array<string> = []
       for (let seq = start; seq < Math.min(start + 500, 2 * numExchanges); seq++) {
@@ -59,14 +65,17 @@ const measure = async (numExchanges: number) => {
         const content = role === "user"
           ? `Question ${seq / 2}: how does a paged KV cache work with continuous batching on a GPU?`
           : `Answer ${(seq - 1) / 2}: blocks of 16 tokens are allocated on demand and freed when the sequence ends, so many sequences share the memory.`
-        values.push(`('${id}', ${seq}, '${role}', '${content}', 'completed', NULL, NULL, ${now})`)
+        values.push(`('${id}', ${seq}, '${role}', '${content}', 'completed', NULL, NULL, ${now}, ${created_month})`)
       }
-      await pool.query(`INSERT INTO chat_turns (conversation_id, seq, role, content, status, num_prompt_tokens, num_completion_tokens, created_at_ms) VALUES ${values.join(",")}`)
+      await pool.query(`INSERT INTO chat_turns (conversation_id, seq, role, content, status, num_prompt_tokens, num_completion_tokens, created_at_ms, conversation_month) VALUES ${values.join(",")}`)
     }
     // Restart so that nothing of the conversation is cached: the first turn loads it cold.
     await service.stop()
-    const warm = await startService({ env: { DATABASE_URL: db.url, ENGINE_THREADS: String(engineThreads) }, dataDir: service.dataDir })
+    const warm = await startService({ env: { DATABASE_URL: db.url, ENGINE_THREADS: String(engineThreads), EVENT_LOOP_SLICE_MS: sliceArg }, dataDir: service.dataDir })
     if (nice > 0) for (const pid of execFileSync("pgrep", ["-f", "llm-engine"]).toString().trim().split("\n")) execFileSync("renice", ["-n", String(nice), "-p", pid])
+    // Start-up goes on after /healthz answers (engine, shards, partitions): wait it out.
+    while ((await fetch(`${warm.url}/readyz`)).status !== 200) await new Promise((r) => setTimeout(r, 100))
+    await new Promise((r) => setTimeout(r, 2000))
     const probes: Array<Array<number>> = []
     const turnMs: Array<number> = []
     let current: Array<number> = []
@@ -108,14 +117,37 @@ const measure = async (numExchanges: number) => {
   }
 }
 
+/**
+ * The machine's floor: the same prober against a bare Node HTTP server in this process (no
+ * service, no engine, no database) for 3 s.
+ */
+const bareNodeFloor = () =>
+  new Promise<ReturnType<typeof summary>>((resolve) => {
+    const server = createServer((_req, res) => res.end(`{"status":"ok"}`)).listen(0, "127.0.0.1", async () => {
+      const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/healthz`
+      const xs: Array<number> = []
+      for (const end = performance.now() + 3000; performance.now() < end;) {
+        const t0 = performance.now()
+        await fetch(url).then((r) => r.arrayBuffer())
+        xs.push(performance.now() - t0)
+        await new Promise((r) => setTimeout(r, 5))
+      }
+      server.close()
+      resolve(summary(xs))
+    })
+  })
+
 const main = async () => {
+  const healthzBareNode = await bareNodeFloor()
   const runs = []
   for (const n of exchangeCounts) runs.push(await measure(n))
   const result = {
     benchmark: "long-conversation",
-    ...provenance(`node --import tsx bench/serve/long-conversation.ts --exchanges ${exchangeCounts.join(",")} --turns ${numTurns} --engine-threads ${engineThreads} --engine-nice ${nice}`),
+    ...provenance(`node --import tsx bench/serve/long-conversation.ts --exchanges ${exchangeCounts.join(",")} --turns ${numTurns} --engine-threads ${engineThreads} --engine-nice ${nice}${sliceArg === undefined ? "" : ` --slice-ms ${sliceArg}`}`),
     engine_threads: engineThreads,
     engine_nice: nice,
+    healthz_bare_node: healthzBareNode,
+    event_loop_slice_ms: sliceArg === undefined ? "default" : Number(sliceArg),
     runs
   }
   console.log(JSON.stringify(result, null, 2))

@@ -22,7 +22,7 @@ import {
 } from "@effect/platform"
 import { NodeHttpClient, NodeHttpServer, NodeHttpServerRequest } from "@effect/platform-node"
 import { Cause, Config, type ConfigError, Context, Effect, Layer, Option } from "effect"
-import { createServer } from "node:http"
+import { createServer, type ServerResponse } from "node:http"
 import type { ListenOptions, Socket } from "node:net"
 import { Conversations as ConversationsTag } from "../runtime/Conversations.js"
 import type { TopologyService } from "../runtime/Topology.js"
@@ -293,6 +293,14 @@ export const layerNodeServer = (
     })
     server.on("connect", (_request, socket: Socket) => {
       socket.end(rawResponse("405 Method Not Allowed", "method_not_allowed", "CONNECT is not supported"))
+    })
+    // The server listens before the API attaches its handler, and the handler goes before the
+    // server closes: a request that came in between would have no listener and never be
+    // answered. It gets a 503 now, and a client retrying after a second finds the API.
+    server.on("request", (_request, response: ServerResponse) => {
+      if (server.listenerCount("request") > 1) return
+      const body = JSON.stringify(ApiError.errorJson(503, "not_ready", "The server is starting or stopping; retry shortly"))
+      response.writeHead(503, { "Content-Type": "application/json", "Retry-After": "1", Connection: "close" }).end(body)
     })
     return Layer.scopedDiscard(
       Effect.addFinalizer(() =>

@@ -759,6 +759,19 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect(connect).toMatch(/^HTTP\/1\.1 405/)
     }))
 
+  it.live("a request between the port opening and the API serving gets 503 not_ready, not silence", () =>
+    Effect.gen(function*() {
+      // The listening server alone: the API has not attached its handler yet.
+      const server = yield* HttpServer.HttpServer
+      const address = server.address as HttpServer.TcpAddress
+      const answer = yield* Effect.promise(() =>
+        rawExchange(`http://127.0.0.1:${address.port}`, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 3000)
+      )
+      expect(answer).toMatch(/^HTTP\/1\.1 503/)
+      expect(answer.toLowerCase()).toContain("retry-after: 1")
+      expect(answer).toContain("not_ready")
+    }).pipe(Effect.provide(Server.layerNodeServer({ port: 0, host: "127.0.0.1" }))))
+
   it.live("a turn's status line and headers arrive at once, before its first token", () =>
     withServer({ fake: { tokens: 2, tokenDelay: Duration.seconds(3) } }, async ({ url }) => {
       const id = await create(url)
