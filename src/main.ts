@@ -154,6 +154,9 @@ const MainLive = Layer.unwrapEffect(
     // hundreds of turn appends missed its deadline under load, and the runner then gave up
     // every shard at once (interrupting its entities mid-message).
     const ClusterSqlLive = pgPool(4)
+    // And the shard locks have one of their own within that: the message storage's polls and
+    // writes queued a refresh past its deadline too (the same loss of every shard).
+    const ShardLockSqlLive = pgPool(2)
 
     const TopologyLive = Layer.succeed(Topology.TopologyService, topologyValue)
     const ModelsLive = Models.layer(resolveModelDir).pipe(Layer.provide(TopologyLive))
@@ -209,7 +212,7 @@ const MainLive = Layer.unwrapEffect(
       Layer.provideMerge(
         // orDie: one error channel for both; a runner that cannot start exits with the cause.
         multiRunner
-          ? retryStartup(Cluster.layerSocket(topologyValue, runnerName).pipe(Layer.provide(ClusterSqlLive))).pipe(Layer.orDie)
+          ? retryStartup(Cluster.layerSocket(topologyValue, runnerName, ShardLockSqlLive).pipe(Layer.provide(ClusterSqlLive))).pipe(Layer.orDie)
           : Cluster.layerSingle(topologyValue, runnerName).pipe(Layer.provide(ClusterSqlLive), Layer.orDie)
       )
     )

@@ -114,8 +114,11 @@ const main = async () => {
     await cluster.stop()
     await db2.drop()
     // The runners' warnings and errors, for looking into a run's errors (not committed).
-    const lines = [...cluster.runners].flatMap(([name, r]) =>
-      r.output().split("\n").filter((l) => / (WARN|ERROR) /.test(l)).map((l) => `${name} ${l}`))
+    // A logged cause follows its line, indented.
+    const lines = [...cluster.runners].flatMap(([name, r]) => {
+      let keep = false
+      return r.output().split("\n").filter((l) => (keep = / (WARN|ERROR) /.test(l) || (keep && /^\s/.test(l)))).map((l) => `${name} ${l}`)
+    })
     writeFileSync(path.join(REPO_ROOT, "bench/results/scratch-cluster-runners.log"), lines.join("\n") + "\n")
   }
 

@@ -17,6 +17,7 @@ import * as NodeSocket from "@effect/platform-node/NodeSocket"
 import * as NodeSocketServer from "@effect/platform-node/NodeSocketServer"
 import { RpcClient, RpcSerialization } from "@effect/rpc"
 import { Socket } from "@effect/platform"
+import type { SqlClient } from "@effect/sql"
 import { Duration, Effect, Layer, Option } from "effect"
 import { runnerNamed, type Topology } from "./Topology.js"
 
@@ -90,7 +91,16 @@ const layerClientProtocol = Layer.effect(
  * Runner `runnerName` of a multi-process topology. Requires a SqlClient (PostgreSQL): the
  * runners' registry and the message store are shared through it.
  */
-export const layerSocket = (topology: Topology, runnerName: string) => {
+export const layerSocket = <E, R>(
+  topology: Topology,
+  runnerName: string,
+  /**
+   * The runner storage's own SQL client (shard locks, the runner registry): a lock refresh
+   * must answer within its interval, so it must not queue behind the message storage's
+   * statements (a refresh that missed it under load made the runner give up every shard).
+   */
+  runnerSql: Layer.Layer<SqlClient.SqlClient, E, R>
+) => {
   const runner = runnerNamed(topology, runnerName)!
   const address = RunnerAddress.make(runner.host ?? "127.0.0.1", runner.cluster_port!)
   const config = ShardingConfig.layer({
@@ -104,7 +114,7 @@ export const layerSocket = (topology: Topology, runnerName: string) => {
   return SocketRunner.layer.pipe(
     Layer.provide([server, layerClientProtocol, health]),
     Layer.provideMerge(Layer.orDie(SqlMessageStorage.layer)),
-    Layer.provide(Layer.orDie(SqlRunnerStorage.layer)),
+    Layer.provide(Layer.orDie(SqlRunnerStorage.layer).pipe(Layer.provide(runnerSql))),
     Layer.provide(config),
     Layer.provide(RpcSerialization.layerMsgPack)
   )
