@@ -86,7 +86,13 @@ export interface PointResult {
    * the previous turn's prompt + reply did not hold) and mean computed prompt tokens
    * (prompt − cached_tokens).
    */
-  readonly laterTurns: { readonly count: number; readonly meanNewTokens: number; readonly meanComputedTokens: number }
+  readonly laterTurns: {
+    readonly count: number
+    readonly meanNewTokens: number
+    readonly meanComputedTokens: number
+    /** The same over the later turns that hit the prefix cache (cached_tokens > 0). */
+    readonly hits: { readonly count: number; readonly meanNewTokens: number; readonly meanComputedTokens: number }
+  }
   /** Cores used by each process during the window. */
   readonly cpuCores: Record<string, number>
   /** Peak VmRSS of the serving process during the window (bytes), sampled every ~0.5 s. */
@@ -129,7 +135,7 @@ export const runPoint = async (target: Target, point: LoadPoint, options: PointO
   let dropped = 0
   let created = 0
   const turnsPerConversation: Array<number> = []
-  const laterTurns: Array<{ readonly newTokens: number; readonly computedTokens: number }> = []
+  const laterTurns: Array<{ readonly newTokens: number; readonly computedTokens: number; readonly hit: boolean }> = []
   const errorKinds: Record<string, number> = {}
   const errorSamples: Array<string> = []
   const noteError = (kind: ErrorKind | "create", message: string) => {
@@ -178,7 +184,7 @@ export const runPoint = async (target: Target, point: LoadPoint, options: PointO
       // A later turn's prompt is the previous prompt + reply + this turn's new tokens: with the
       // prefix cache it computes only about those.
       if (conv.turnsDone > 0 && r.start >= windowStart && r.promptTokens !== undefined && r.cachedTokens !== undefined) {
-        laterTurns.push({ newTokens: r.promptTokens - conv.context, computedTokens: r.promptTokens - r.cachedTokens })
+        laterTurns.push({ newTokens: r.promptTokens - conv.context, computedTokens: r.promptTokens - r.cachedTokens, hit: r.cachedTokens > 0 })
       }
       conv.turnsDone++
       if (r.end >= windowStart && r.end < windowEnd) completedInWindow++
@@ -391,7 +397,15 @@ export const runPoint = async (target: Target, point: LoadPoint, options: PointO
     laterTurns: {
       count: laterTurns.length,
       meanNewTokens: round(mean(laterTurns.map((t) => t.newTokens)), 1),
-      meanComputedTokens: round(mean(laterTurns.map((t) => t.computedTokens)), 1)
+      meanComputedTokens: round(mean(laterTurns.map((t) => t.computedTokens)), 1),
+      hits: (() => {
+        const hits = laterTurns.filter((t) => t.hit)
+        return {
+          count: hits.length,
+          meanNewTokens: round(mean(hits.map((t) => t.newTokens)), 1),
+          meanComputedTokens: round(mean(hits.map((t) => t.computedTokens)), 1)
+        }
+      })()
     },
     peakRssBytes: peakRss,
     cpuCores: Object.fromEntries(Object.entries(cpuCores).map(([k, v]) => [k, round(v, 2)])),

@@ -57,6 +57,8 @@ const runMode = async (mode: (typeof MODES)[number]) => {
       mean_turns_per_conversation: p.conversations.meanTurnsCompleted,
       later_turns: p.laterTurns,
       computed_over_new: round(p.laterTurns.meanComputedTokens / Math.max(1, p.laterTurns.meanNewTokens), 2),
+      // Issue 11's measure: over the later turns that hit the cache.
+      computed_over_new_on_hits: round(p.laterTurns.hits.meanComputedTokens / Math.max(1, p.laterTurns.hits.meanNewTokens), 2),
       mean_prompt_tokens: p.tokens.meanPrompt,
       errors: p.errors.total,
       cpu_cores: p.cpuCores

@@ -116,6 +116,9 @@ export const MULTI_TURN: Workload = {
   ...SHAREGPT_LIKE,
   turnsMean: 10,
   turnsCap: 10,
-  maxContextTokens: 8192,
+  // The default model's context (max_model_len): past it the prompt's window slides (the
+  // oldest exchanges drop out), which changes the prompt from its start: a cache miss that is
+  // the window's doing, not the cache's.
+  maxContextTokens: 4096,
   distinctConversations: true
 }

@@ -106,6 +106,7 @@ std::unique_ptr<engine::Engine> make_sim_engine(const engine::Options& opt) {
   // detokenizes them as ordinary text.
   p.max_token_id = opt.sim.max_token_id > 0 ? opt.sim.max_token_id : sim::first_added_token_id(opt.model_dir);
   if (p.max_token_id < 0) p.max_token_id = 0;  // no tokenizer.json: the whole vocabulary
+  p.text_ids = sim::text_token_ids(opt.model_dir, p.max_token_id);
   const double per_block = (double)kBlockSize * p.shape.kv_bytes_per_token();
   // Block ids are int32 on the wire and in tables; a tiny `config` shape could exceed that.
   const int64_t num_blocks = std::min<int64_t>(

@@ -3,7 +3,10 @@
 // unchanged on top of the sim backend.
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <unistd.h>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -138,6 +141,39 @@ TEST(sim_tokens_deterministic) {
   json r = call(*g, step(1, {s}));
   CHECK(r["outputs"][0]["token"] == engine::sim::sim_token(0, 1, 50, 0.0, eos));
   CHECK(r["outputs"][0]["logprob"] == -1.0);
+}
+
+TEST(sim_text_token_ids) {
+  // A byte-level vocabulary: printable ASCII, with or without a leading space (Ġ), is text;
+  // a lone space, a newline (Ċ), a piece of a UTF-8 character (Ã) and ids past the limit are not.
+  char tmpl[] = "/tmp/engine_sim_XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  {
+    std::ofstream out(dir + "/tokenizer.json");
+    out << json{{"model", {{"vocab", {{"a", 0}, {"\xC4\xA0the", 1}, {"\xC4\xA0", 2}, {"\xC4\x8A", 3}, {"\xC3\x83", 4}, {"x!", 5}, {"zz", 9}}}}}}.dump();
+  }
+  const auto ids = engine::sim::text_token_ids(dir, 8);
+  CHECK((ids == std::vector<int32_t>{0, 1, 5}));
+  CHECK(engine::sim::text_token_ids("/nonexistent", 8).empty());
+  std::remove((dir + "/tokenizer.json").c_str());
+  rmdir(dir.c_str());
+
+  // Sampled ordinary ids are drawn from them; eos stays eos.
+  SimParams p = instant();
+  p.text_ids = {11, 13, 17};
+  p.eos_prob = 0.05;
+  engine::ModelConfig cfg;
+  cfg.vocab_size = 50;
+  cfg.hidden_size = 8;
+  cfg.eos_token_ids = {7};
+  engine::sim::SimBackend backend(cfg, p, 64, 256);
+  int num_eos = 0;
+  for (uint64_t pos = 0; pos < 500; pos++) {
+    const int32_t t = backend.token(3, pos);
+    num_eos += t == 7;
+    CHECK(t == 7 || t == 11 || t == 13 || t == 17);
+  }
+  CHECK(num_eos > 5 && num_eos < 60);
 }
 
 TEST(sim_host_path_agrees_for_greedy) {

@@ -56,6 +56,15 @@ export interface PromptSegments {
   readonly middle: (message: ChatMessage) => Array<number>
   /** Ids after the last message: the assistant's generation prompt. */
   readonly generationPrompt: ReadonlyArray<number>
+  /**
+   * Ids of an assistant message after the first as the model generated it: the generation
+   * prompt, then the reply and the end of message as `middle` writes them. The template may
+   * render an earlier reply otherwise (Qwen3 drops the empty `<think>` block its generation
+   * prompt holds); the next prompt then differs from the last one plus its reply right where
+   * the reply starts, and no block of the reply or after it is a prefix-cache hit. Equals
+   * `middle` where the template writes the two alike.
+   */
+  readonly reply: (message: ChatMessage) => Array<number>
 }
 
 const TokenizerConfig = Schema.Struct({
@@ -193,10 +202,22 @@ const derivePromptSegments = (
       const r = renderChat([{ role: "user", content: m1 }, m, { role: "user", content: m3 }])
       return r.slice(r.indexOf(m1) + m1.length + postUser!.length, r.lastIndexOf(m3) - preUser!.length)
     }
+    const middle = (m: ChatMessage) => encode(text(m, false))
+    const generationPrompt = encode(generation)
+    // What the template writes before a reply's text; the generation prompt starts with it
+    // and may add more (an empty <think> block).
+    const replyText = text({ role: "assistant", content: m2 }, false)
+    const replyHead = replyText.slice(0, replyText.indexOf(m2))
+    const replyHeadIds = generation.startsWith(replyHead) && generation.length > replyHead.length ? encode(replyHead) : undefined
     const segments: PromptSegments = {
       first: (m) => encode(text(m, true)),
-      middle: (m) => encode(text(m, false)),
-      generationPrompt: encode(generation)
+      middle,
+      generationPrompt,
+      reply: (m) => {
+        const ids = middle(m)
+        if (replyHeadIds === undefined || replyHeadIds.some((id, i) => ids[i] !== id)) return ids
+        return [...generationPrompt, ...ids.slice(replyHeadIds.length)]
+      }
     }
     // Checked on sample conversations, with and without a system prompt.
     const sample: Array<ChatMessage> = [

@@ -44,7 +44,10 @@ describe("prompt assembly by template segments", () => {
             ])
             // The first `summarized` exchanges are in a summary: never in the prompt.
             const windowStart = 2 * Math.min(summarized, exchanges.length)
-            const model = { pool: "p", modelDir: modelsDir, tokenizer, maxModelLen }
+            // Replies as the template writes them, to compare with the render (the next test
+            // covers replies written as generated).
+            const asTemplate = { ...tokenizer, promptSegments: { ...tokenizer.promptSegments!, reply: tokenizer.promptSegments!.middle } }
+            const model = { pool: "p", modelDir: modelsDir, tokenizer: asTemplate, maxModelLen }
             const viaSegments = await Effect.runPromise(Effect.either(buildPrompt(model, { systemPrompt, history, cache: emptyPromptCache(), windowStart }, content, 4, budget)))
             const viaRender = await Effect.runPromise(
               Effect.either(buildPrompt({ ...byRender, maxModelLen }, { systemPrompt, history, cache: emptyPromptCache(), windowStart }, content, 4, budget))
@@ -64,6 +67,30 @@ describe("prompt assembly by template segments", () => {
           }
         ),
         { numRuns: 1000 }
+      ))
+    }), 60_000)
+
+  it.effect("each prompt extends the previous prompt and the reply generated after it (their KV blocks are prefix-cache hits)", () =>
+    Effect.gen(function*() {
+      const tokenizer = yield* Tokenizer.load(modelsDir)
+      const plain = fc.string({ minLength: 1, maxLength: 40 }).filter((x) => !x.includes("think>"))
+      yield* Effect.promise(() => fc.assert(
+        fc.asyncProperty(fc.option(plain, { nil: null }), fc.array(fc.tuple(plain, plain), { minLength: 1, maxLength: 6 }), async (systemPrompt, exchanges) => {
+          const model = { pool: "p", modelDir: modelsDir, tokenizer, maxModelLen: 100_000 }
+          const state = { systemPrompt, history: [] as Array<Tokenizer.ChatMessage>, cache: emptyPromptCache() }
+          let previous: Array<number> | undefined
+          for (const [question, answer] of exchanges) {
+            const prompt = await Effect.runPromise(buildPrompt(model, state, question, 4))
+            if (previous !== undefined) expect(prompt.slice(0, previous.length)).toEqual(previous)
+            // The model's reply: its ids as generated, and their text.
+            const replyIds = tokenizer.encode(answer)
+            const reply = tokenizer.decode(replyIds)
+            tokenizer.rememberAssistant(reply, replyIds)
+            previous = [...prompt, ...replyIds]
+            state.history.push({ role: "user", content: question }, { role: "assistant", content: reply })
+          }
+        }),
+        { numRuns: 200 }
       ))
     }), 60_000)
 

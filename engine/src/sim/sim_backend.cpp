@@ -97,6 +97,29 @@ int64_t first_added_token_id(const std::string& dir) {
   return lo;
 }
 
+std::vector<int32_t> text_token_ids(const std::string& dir, int64_t limit) {
+  std::vector<int32_t> ids;
+  std::ifstream f(dir + "/tokenizer.json", std::ios::binary);
+  if (!f) return ids;
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const auto j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || !j.contains("model") || !j["model"].is_object() || !j["model"].contains("vocab") ||
+      !j["model"]["vocab"].is_object())
+    return ids;
+  for (const auto& [text, id] : j["model"]["vocab"].items()) {
+    if (!id.is_number_integer() || id.get<int64_t>() < 0 || (limit > 0 && id.get<int64_t>() >= limit)) continue;
+    // "Ġ" (U+0120, UTF-8 C4 A0) is the byte-level alphabet's space; other ASCII 0x21-0x7E stand for themselves.
+    size_t i = text.rfind("\xC4\xA0", 0) == 0 ? 2 : 0;
+    if (i == text.size()) continue;
+    bool printable = true;
+    for (; i < text.size() && printable; i++) printable = text[i] >= 0x21 && text[i] <= 0x7E;
+    if (printable) ids.push_back((int32_t)id.get<int64_t>());
+  }
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
 int32_t sim_token(uint64_t seed, uint64_t pos, int64_t limit, double eos_prob,
                   const std::vector<int64_t>& eos_ids) {
   const uint64_t h = splitmix64(seed ^ (0x9E3779B97F4A7C15ull * (pos + 1)));
@@ -137,6 +160,12 @@ SimBackend::SimBackend(const ModelConfig& cfg, SimParams params, int64_t num_blo
                  eos_ids_.end());
 }
 
+int32_t SimBackend::token(uint64_t seed, uint64_t pos) const {
+  const int32_t t = sim_token(seed, pos, limit_, p_.eos_prob, eos_ids_);
+  if (p_.text_ids.empty() || std::find(eos_ids_.begin(), eos_ids_.end(), t) != eos_ids_.end()) return t;
+  return p_.text_ids[(size_t)t % p_.text_ids.size()];
+}
+
 size_t SimBackend::kv_cache_bytes() const {
   return (size_t)num_blocks_ * (size_t)kBlockSize * (size_t)p_.shape.kv_bytes_per_token();
 }
@@ -152,7 +181,7 @@ bool SimBackend::forward_sample(const std::vector<BatchSeq>& seqs, const std::ve
   for (size_t r = 0; r < samples.size(); r++) {
     const DeviceSample& s = samples[r];
     const uint64_t seed = s.params.temperature == 0.0 ? 0 : s.params.seed;
-    tokens_out[r] = sim_token(seed, s.pos, limit_, p_.eos_prob, eos_ids_);
+    tokens_out[r] = token(seed, s.pos);
     logprobs_out[r] = -1.0f;
   }
   wait(start, seqs);
@@ -166,7 +195,7 @@ void SimBackend::forward(const std::vector<BatchSeq>& seqs, float* hidden_out) {
     if (!b.need_output) continue;
     float* h = hidden_out + row * hidden_;
     std::fill(h, h + hidden_, 0.0f);
-    h[0] = (float)sim_token(0, (uint64_t)(b.start_pos + b.num_tokens), limit_, p_.eos_prob, eos_ids_);
+    h[0] = (float)token(0, (uint64_t)(b.start_pos + b.num_tokens));
     row++;
   }
   wait(start, seqs);

@@ -81,6 +81,10 @@ struct SimParams {
   double time_scale = 1.0;        // multiplies the modelled time; 0 = never sleep
   double eos_prob = 0.0;          // per sampled token
   int64_t max_token_id = 0;       // sampled ids are < this (and < vocab); 0 = vocab
+  // When not empty, an ordinary sampled id is one of these (text_token_ids): its text is whole
+  // characters, so a reply decodes exactly and re-encodes to the same ids, as a real model's
+  // mostly does (random byte-level ids split UTF-8 characters, which a prompt cannot repeat).
+  std::vector<int32_t> text_ids;
 };
 
 struct StepCost {
@@ -100,6 +104,11 @@ int64_t default_num_blocks(const SimShape& shape, double memory_bytes, double ut
 // The lowest id among tokenizer.json's "added_tokens" in DIR (special / control tokens sit
 // there: 151643 for Qwen, 128000 for Llama 3), or -1 when the file or the list is absent.
 int64_t first_added_token_id(const std::string& dir);
+
+// Ids below `limit` of a byte-level BPE tokenizer.json (GPT-2's byte-to-unicode alphabet)
+// whose text is printable ASCII, optionally after one leading space (`Ġ`); sorted. Empty
+// when there is no such file or vocabulary.
+std::vector<int32_t> text_token_ids(const std::string& dir, int64_t limit);
 
 // The token for (seed, pos): see the header comment. `limit` = exclusive bound on ordinary ids.
 int32_t sim_token(uint64_t seed, uint64_t pos, int64_t limit, double eos_prob,
@@ -123,6 +132,8 @@ class SimBackend : public Backend {
 
   const SimParams& params() const { return p_; }
   int64_t token_limit() const { return limit_; }
+  // The token sampled at `pos` under `seed` (0: greedy): sim_token, mapped onto the text ids.
+  int32_t token(uint64_t seed, uint64_t pos) const;
 
  private:
   void wait(std::chrono::steady_clock::time_point start, const std::vector<BatchSeq>& seqs) const;

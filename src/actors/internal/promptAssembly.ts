@@ -1,6 +1,9 @@
 /**
  * Prompt assembly for a conversation's next turn: system prompt + the most recent history
- * that fits + the new user message, through the model's chat template.
+ * that fits + the new user message, through the model's chat template, except that an earlier
+ * reply is written as it was generated (`PromptSegments.reply`: Qwen3's template would drop
+ * the empty `<think>` block the model saw before it, and every block from there on would miss
+ * the prefix cache).
  *
  * With per-message template segments (Tokenizer.promptSegments) each message is encoded once,
  * when it first enters a prompt, and kept in the conversation's state (`historyIds`); a turn
@@ -115,7 +118,7 @@ const encodeWindow = (segments: Segments, state: PromptState, limit: Limits): Ef
     for (let i = history.length - 1; i >= windowStart && total <= limit.history; i--) {
       let ids = historyIds[i]
       if (ids === undefined) {
-        ids = historyIds[i] = Uint32Array.from(segments.middle(history[i]!))
+        ids = historyIds[i] = Uint32Array.from(historyPiece(segments, history[i]!))
         if (++numEncoded % ENCODE_BATCH === 0) yield* yieldToEventLoop
       }
       total += ids.length
@@ -123,6 +126,14 @@ const encodeWindow = (segments: Segments, state: PromptState, limit: Limits): Ef
   })
 
 type Segments = NonNullable<LoadedModel["tokenizer"]["promptSegments"]>
+
+/**
+ * A history message's ids after the prompt's first message. A reply is written as the model
+ * generated it (`reply`: after the generation prompt), so that the next prompt extends the
+ * last one plus its reply and their KV blocks are prefix-cache hits.
+ */
+const historyPiece = (segments: Segments, message: ChatMessage): Array<number> =>
+  message.role === "assistant" ? segments.reply(message) : segments.middle(message)
 
 /** The prompt by template segments: the ids and the first history message kept, or the size of the smallest prompt. */
 const buildBySegments = (
@@ -135,7 +146,7 @@ const buildBySegments = (
   const { historyIds } = state.cache
   const windowStart = state.windowStart ?? 0
   const limit = limits.history
-  const idsOf = (i: number): Uint32Array => historyIds[i] ??= Uint32Array.from(segments.middle(history[i]!))
+  const idsOf = (i: number): Uint32Array => historyIds[i] ??= Uint32Array.from(historyPiece(segments, history[i]!))
   const system = state.systemPrompt === null ? undefined : segments.first({ role: "system", content: state.systemPrompt })
   const user: ChatMessage = { role: "user", content }
   const generation = segments.generationPrompt
