@@ -29,7 +29,7 @@ const tokenText = (events: ReadonlyArray<SseEvent>) => events.filter((e) => e.ev
 
 /**
  * Prompt tokens of a second turn: system + turn 1 (user and the assistant's reply) + turn 2,
- * where the reply is the ids the model generated (its end-of-sequence token excluded), not a
+ * where the reply follows the generation prompt and is the ids the model generated (its end-of-sequence token excluded), not a
  * fresh encoding of its text (Tokenizer.rememberAssistant).
  */
 const secondPromptTokens = (
@@ -51,9 +51,12 @@ const secondPromptTokens = (
   // A reply holding an added token's text is encoded again instead (so is one with a
   // generated U+0000, replaced by U+FFFD: about one reply in 2,000 here, not told apart).
   const reusable = tokenizer.encode(reply1).every((t) => t < 151643)
-  return reusable
+  // The reply is written as generated: after the generation prompt's empty think block, which
+  // Qwen3's template drops from an earlier reply (PromptSegments.reply).
+  const thinkBlock = tokenizer.encode("<think>\n\n</think>\n\n").length
+  return thinkBlock + (reusable
     ? rendered2.length - tokenizer.encode(`assistant\n${reply1}`).length + tokenizer.encode("assistant\n").length + numGenerated1
-    : rendered2.length
+    : rendered2.length)
 }
 
 describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
@@ -114,9 +117,14 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
       secondPromptTokens(tokenizer, "You are terse.", "Hello, who are you?", turn1, "Say more.")
     )
     expect(done2.data.usage.prompt_tokens).toBeGreaterThan(done1.data.usage.prompt_tokens + 5)
-    // Turn 2 builds on turn 1's KV: the full blocks of turn 1's prompt came from the prefix cache.
+    // Turn 2 builds on turn 1's KV: the full blocks of turn 1's prompt and of its reply (every
+    // generated token but the last was fed back) came from the prefix cache.
     expect(done1.data.usage.prompt_tokens_details.cached_tokens).toBe(0)
-    expect(done2.data.usage.prompt_tokens_details.cached_tokens).toBe(Math.floor(done1.data.usage.prompt_tokens / 16) * 16)
+    const computed1 = done1.data.usage.prompt_tokens + done1.data.usage.completion_tokens - 1
+    const replyReusable = tokenizer.encode(tokenText(turn1)).every((t) => t < 151643)
+    expect(done2.data.usage.prompt_tokens_details.cached_tokens).toBe(
+      Math.floor((replyReusable ? computed1 : done1.data.usage.prompt_tokens) / 16) * 16
+    )
 
     // Turn 3: cancelled mid-stream with POST cancel; a concurrent turn meanwhile gets 409.
     const res3 = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Write a long story.", max_tokens: 3000 })
