@@ -48,6 +48,14 @@ const summary = (xs: ReadonlyArray<number>) => ({
   max_ms: +Math.max(...xs).toFixed(2)
 })
 
+/** One /healthz round trip to `url` (ms); probers wait PROBE_INTERVAL_MS between them. */
+const probeMs = async (url: string): Promise<number> => {
+  const t0 = performance.now()
+  await fetch(url).then((r) => r.arrayBuffer())
+  return performance.now() - t0
+}
+const PROBE_INTERVAL_MS = 5
+
 const measure = async (numExchanges: number) => {
   const db = await freshDatabase()
   const service = await startService({ env: { DATABASE_URL: db.url } })
@@ -82,10 +90,8 @@ const measure = async (numExchanges: number) => {
     let probing = true
     const prober = (async () => {
       while (probing) {
-        const t0 = performance.now()
-        await fetch(`${warm.url}/healthz`).then((r) => r.arrayBuffer())
-        current.push(performance.now() - t0)
-        await new Promise((r) => setTimeout(r, 5))
+        current.push(await probeMs(`${warm.url}/healthz`))
+        await new Promise((r) => setTimeout(r, PROBE_INTERVAL_MS))
       }
     })()
     // The floor: the same prober against the idle service (this machine's scheduling noise).
@@ -127,10 +133,8 @@ const bareNodeFloor = () =>
       const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/healthz`
       const xs: Array<number> = []
       for (const end = performance.now() + 3000; performance.now() < end;) {
-        const t0 = performance.now()
-        await fetch(url).then((r) => r.arrayBuffer())
-        xs.push(performance.now() - t0)
-        await new Promise((r) => setTimeout(r, 5))
+        xs.push(await probeMs(url))
+        await new Promise((r) => setTimeout(r, PROBE_INTERVAL_MS))
       }
       server.close()
       resolve(summary(xs))

@@ -81,12 +81,17 @@ int64_t default_num_blocks(const SimShape& shape, double memory_bytes, double ut
   return (int64_t)(free_bytes / ((double)kBlockSize * shape.kv_bytes_per_token()));
 }
 
-int64_t first_added_token_id(const std::string& dir) {
+// `dir`/tokenizer.json parsed, or a discarded value when it is missing or not JSON.
+static nlohmann::json read_tokenizer_json(const std::string& dir) {
   std::ifstream f(dir + "/tokenizer.json", std::ios::binary);
-  if (!f) return -1;
+  if (!f) return nlohmann::json(nlohmann::json::value_t::discarded);
   std::stringstream ss;
   ss << f.rdbuf();
-  const auto j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  return nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+}
+
+int64_t first_added_token_id(const std::string& dir) {
+  const auto j = read_tokenizer_json(dir);
   if (!j.is_object() || !j.contains("added_tokens") || !j["added_tokens"].is_array()) return -1;
   int64_t lo = -1;
   for (const auto& t : j["added_tokens"]) {
@@ -99,11 +104,7 @@ int64_t first_added_token_id(const std::string& dir) {
 
 std::vector<int32_t> text_token_ids(const std::string& dir, int64_t limit) {
   std::vector<int32_t> ids;
-  std::ifstream f(dir + "/tokenizer.json", std::ios::binary);
-  if (!f) return ids;
-  std::stringstream ss;
-  ss << f.rdbuf();
-  const auto j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  const auto j = read_tokenizer_json(dir);
   if (!j.is_object() || !j.contains("model") || !j["model"].is_object() || !j["model"].contains("vocab") ||
       !j["model"]["vocab"].is_object())
     return ids;
