@@ -88,8 +88,9 @@ const layerClientProtocol = Layer.effect(
 )
 
 /**
- * Runner `runnerName` of a multi-process topology. Requires a SqlClient (PostgreSQL): the
- * runners' registry and the message store are shared through it.
+ * Runner `runnerName` of a multi-process topology. Requires a SqlClient (PostgreSQL) for the
+ * message store, and takes `runnerSql` for the runners' registry and shard locks: both are
+ * shared between runners through PostgreSQL.
  */
 export const layerSocket = <E, R>(
   topology: Topology,
