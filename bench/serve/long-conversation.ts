@@ -3,16 +3,16 @@
  * [--exchanges 70,500] [--turns 20] [--engine-threads 1] [--engine-nice 10] [--slice-ms MS]`. For each N:
  * starts the service (CPU engine, a fresh database of the PostgreSQL at DATABASE_URL), gives
  * one conversation N earlier exchanges (written to the database), restarts the service, then
- * sends 1-token turns to it one after another while a prober asks /healthz
- * every 5 ms. Reports /healthz latency (p50, p99, max) with no turn running (3 s: the floor
- * this machine's scheduling gives; also a bare Node server's, the floor without the service), during the first (cold: the history is loaded and
- * encoded) and the later turns, and each turn's wall time. Results go to
+ * sends 1-token turns to it one after another while a prober asks /healthz every 5 ms (and
+ * another /readyz, which goes through the API and pings the database, every 50 ms). Reports
+ * /healthz latency (p50, p99, max) with no turn running (3 s: the floor
+ * this machine's scheduling gives; also a bare Node server's in another process, the floor
+ * without the service), during the first (cold: the history is loaded and encoded) and the
+ * later turns, /readyz latency idle and during the later turns, and each turn's wall time. Results go to
  * bench/results/long-conversation.json with machine, date, commit and command.
  */
-import { execFileSync } from "node:child_process"
+import { execFileSync, spawn } from "node:child_process"
 import { writeFileSync } from "node:fs"
-import { createServer } from "node:http"
-import type { AddressInfo } from "node:net"
 import { freshDatabase, sqlPool } from "../../test/support/database.js"
 import { postJson, readSse, startService } from "../../test/support/service.js"
 import { provenance } from "./provenance.js"
@@ -85,8 +85,10 @@ const measure = async (numExchanges: number) => {
     while ((await fetch(`${warm.url}/readyz`)).status !== 200) await new Promise((r) => setTimeout(r, 100))
     await new Promise((r) => setTimeout(r, 2000))
     const probes: Array<Array<number>> = []
+    const readyProbes: Array<Array<number>> = []
     const turnMs: Array<number> = []
     let current: Array<number> = []
+    let currentReady: Array<number> = []
     let probing = true
     const prober = (async () => {
       while (probing) {
@@ -94,11 +96,21 @@ const measure = async (numExchanges: number) => {
         await new Promise((r) => setTimeout(r, PROBE_INTERVAL_MS))
       }
     })()
+    // /healthz is answered ahead of the API; /readyz goes through it (routing, schemas, fibers)
+    // and pings the database: what an ordinary request sees, probed 10× less often.
+    const readyProber = (async () => {
+      while (probing) {
+        currentReady.push(await probeMs(`${warm.url}/readyz`))
+        await new Promise((r) => setTimeout(r, 10 * PROBE_INTERVAL_MS))
+      }
+    })()
     // The floor: the same prober against the idle service (this machine's scheduling noise).
     const idle = current
+    const idleReady = currentReady
     await new Promise((r) => setTimeout(r, 3000))
     for (let i = 0; i < numTurns; i++) {
       current = []
+      currentReady = []
       const t0 = performance.now()
       const res = await postJson(`${warm.url}/v1/conversations/${id}/turns`, { role: "user", content: `Turn ${i}: and then?`, max_tokens: 1 })
       if (res.status !== 200) throw new Error(`turn ${i}: ${res.status} ${await res.text()}`)
@@ -106,15 +118,18 @@ const measure = async (numExchanges: number) => {
       if (events.at(-1)?.event !== "done") throw new Error(`turn ${i} did not complete: ${JSON.stringify(events.at(-1))}`)
       turnMs.push(performance.now() - t0)
       probes.push(current)
+      readyProbes.push(currentReady)
     }
     probing = false
-    await prober
+    await Promise.all([prober, readyProber])
     await warm.stop()
     return {
       num_earlier_exchanges: numExchanges,
       healthz_idle: summary(idle),
       healthz_first_turn: summary(probes[0]!),
       healthz_later_turns: summary(probes.slice(1).flat()),
+      readyz_idle: summary(idleReady),
+      readyz_later_turns: summary(readyProbes.slice(1).flat()),
       turn_ms_first: +turnMs[0]!.toFixed(1),
       turn_ms_later: summary(turnMs.slice(1))
     }
@@ -124,22 +139,25 @@ const measure = async (numExchanges: number) => {
 }
 
 /**
- * The machine's floor: the same prober against a bare Node HTTP server in this process (no
- * service, no engine, no database) for 3 s.
+ * The machine's floor: the same prober against a bare Node HTTP server in a child process
+ * (no service, no engine, no database) for 3 s. A server in this process would share the
+ * prober's event loop and miss the cost of waking another process.
  */
-const bareNodeFloor = () =>
-  new Promise<ReturnType<typeof summary>>((resolve) => {
-    const server = createServer((_req, res) => res.end(`{"status":"ok"}`)).listen(0, "127.0.0.1", async () => {
-      const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/healthz`
-      const xs: Array<number> = []
-      for (const end = performance.now() + 3000; performance.now() < end;) {
-        xs.push(await probeMs(url))
-        await new Promise((r) => setTimeout(r, PROBE_INTERVAL_MS))
-      }
-      server.close()
-      resolve(summary(xs))
-    })
-  })
+const bareNodeFloor = async () => {
+  const child = spawn(process.execPath, ["-e", `require("node:http").createServer((q, s) => s.end('{"status":"ok"}')).listen(0, "127.0.0.1", function () { console.log(this.address().port) })`], { stdio: ["ignore", "pipe", "inherit"] })
+  try {
+    const port = await new Promise<string>((resolve) => child.stdout!.once("data", (d: Buffer) => resolve(d.toString().trim())))
+    const url = `http://127.0.0.1:${port}/healthz`
+    const xs: Array<number> = []
+    for (const end = performance.now() + 3000; performance.now() < end;) {
+      xs.push(await probeMs(url))
+      await new Promise((r) => setTimeout(r, PROBE_INTERVAL_MS))
+    }
+    return summary(xs)
+  } finally {
+    child.kill()
+  }
+}
 
 const main = async () => {
   const healthzBareNode = await bareNodeFloor()

@@ -20,7 +20,7 @@
 import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { Context, Duration, Effect, Either, Layer, Runtime, Schema } from "effect"
-import { ConversationId, DoneEvent, FinishReason, noValidation, TurnId, TurnStatus, Usage } from "../runtime/Domain.js"
+import { ConversationId, DoneEvent, FinishReason, noValidation, TokenIds, TurnId, TurnStatus, Usage } from "../runtime/Domain.js"
 import { EngineError, PromptTooLong, StorageError } from "../runtime/Errors.js"
 import type { SeqHandle } from "../runtime/GpuWorker.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
@@ -45,7 +45,7 @@ export const StartPayload = Schema.Struct({
   turn_id: TurnId,
   /** The gateway's TurnStream that receives the text. */
   stream_id: TurnStreamId,
-  prompt_token_ids: Schema.Array(Schema.Int),
+  prompt_token_ids: TokenIds,
   max_tokens: Schema.Int,
   sampling: Sampling,
   priority: Schema.Int,
@@ -65,7 +65,7 @@ export const StartPayload = Schema.Struct({
   resume: Schema.optional(Schema.Struct({
     num_events: Schema.Int,
     text: Schema.String,
-    token_ids: Schema.Array(Schema.Int)
+    token_ids: TokenIds
   }))
 })
 export type StartPayload = typeof StartPayload.Type
@@ -105,7 +105,7 @@ export const FinishedTurn = Schema.Struct({
    * The generated token ids, when `text` is exactly their decoding (completed, no stop string
    * cut, no character replaced): the Conversation reuses them in later prompts.
    */
-  completion_token_ids: Schema.optional(Schema.Array(Schema.Int)),
+  completion_token_ids: Schema.optional(TokenIds),
   /** The verdict that stopped a `filtered` turn (JSON). */
   moderation_verdict: Schema.optional(Schema.String),
   /** As the turn was started with (a summary's is not the conversation's turn). */

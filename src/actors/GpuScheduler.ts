@@ -8,6 +8,7 @@ import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { Effect, Either, Schema } from "effect"
 import { EngineError } from "../runtime/Errors.js"
+import { TokenIds } from "../runtime/Domain.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { RunningSlots } from "./internal/runningSlots.js"
 
@@ -66,7 +67,7 @@ export const GpuScheduler = Entity.make("GpuScheduler", [
    * pooling, unit norm; at most 512 tokens), between its steps.
    */
   Rpc.make("Embed", {
-    payload: { token_ids: Schema.Array(Schema.Int) },
+    payload: { token_ids: TokenIds },
     success: Schema.Array(Schema.Number),
     error: Schema.Union(UnknownGpu, EngineError)
   })

@@ -28,6 +28,10 @@ export class CorsSettings extends Context.Reference<CorsSettings>()("chat/http/C
 
 const SANE_REQUEST_ID = /^[A-Za-z0-9._:-]{1,64}$/
 
+/** The response's request id: the client's `x-request-id` when sane (1-64 of `[A-Za-z0-9._:-]`), else a new UUID. */
+export const requestIdFor = (given: string | undefined): string =>
+  given !== undefined && SANE_REQUEST_ID.test(given) ? given : randomUUID()
+
 const exposedHeaders = [
   "x-request-id",
   "x-conversation-id",
@@ -44,8 +48,7 @@ const exposedHeaders = [
 export const middleware = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E, R | HttpServerRequest.HttpServerRequest> =>
   Effect.gen(function*() {
     const request = yield* HttpServerRequest.HttpServerRequest
-    const given = request.headers["x-request-id"]
-    const requestId = given !== undefined && SANE_REQUEST_ID.test(given) ? given : randomUUID()
+    const requestId = requestIdFor(request.headers["x-request-id"])
     yield* HttpApp.appendPreResponseHandler((_request, response) =>
       Effect.succeed(HttpServerResponse.setHeader(response, "x-request-id", requestId))
     )

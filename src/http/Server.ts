@@ -22,7 +22,7 @@ import {
 } from "@effect/platform"
 import { NodeHttpClient, NodeHttpServer, NodeHttpServerRequest } from "@effect/platform-node"
 import { Cause, Config, type ConfigError, Context, Effect, Layer, Option } from "effect"
-import { createServer, type ServerResponse } from "node:http"
+import { createServer, type IncomingMessage, type ServerResponse } from "node:http"
 import type { ListenOptions, Socket } from "node:net"
 import { Conversations as ConversationsTag } from "../runtime/Conversations.js"
 import type { TopologyService } from "../runtime/Topology.js"
@@ -253,6 +253,8 @@ export const defaultConnectionLimits: ConnectionLimits = {
   maxConnectionsPerClient: 1024
 }
 
+const HEALTHZ_BODY = JSON.stringify({ status: "ok" })
+
 const rawResponse = (status: string, code: string, message: string): string => {
   const body = JSON.stringify(ApiError.errorJson(Number(status.slice(0, 3)), code, message))
   return `HTTP/1.1 ${status}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`
@@ -291,6 +293,23 @@ export const layerNodeServer = (
         socket.end(rawResponse("429 Too Many Requests", "too_many_connections", `At most ${limits.maxConnectionsPerClient} open connections per client`))
       }
     })
+    // Liveness (`GET /healthz`) is answered here, ahead of the API: through the API a request
+    // costs ~130 KB of fiber allocations, and an orchestrator probing every few ms would itself
+    // cause the collector pauses it sees. Only while the API serves (before and after, the
+    // fallback below answers 503 `not_ready`), and not for browsers (an `Origin` header),
+    // which need the API's CORS handling.
+    const emit = server.emit.bind(server) as (event: string | symbol, ...args: Array<any>) => boolean
+    server.emit = ((event: string | symbol, ...args: Array<any>): boolean => {
+      if (event === "request" && server.listenerCount("request") > 1) {
+        const [request, response] = args as [IncomingMessage, ServerResponse]
+        if (request.method === "GET" && request.url === "/healthz" && request.headers.origin === undefined) {
+          const requestId = Edge.requestIdFor(request.headers["x-request-id"] as string | undefined)
+          response.writeHead(200, { "content-type": "application/json", "x-request-id": requestId }).end(HEALTHZ_BODY)
+          return true
+        }
+      }
+      return emit(event, ...args)
+    }) as typeof server.emit
     server.on("connect", (_request, socket: Socket) => {
       socket.end(rawResponse("405 Method Not Allowed", "method_not_allowed", "CONNECT is not supported"))
     })

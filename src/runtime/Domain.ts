@@ -10,6 +10,21 @@ import { Schema } from "effect"
  */
 export const noValidation = { disableValidation: true } as const
 
+/**
+ * A sequence of token ids (integers), as actors send prompts and generated tokens to each
+ * other. One check over the whole array: `Schema.Array(Schema.Int)` validates element by
+ * element with a result object each, ~600 bytes of garbage per token, which for a 4,096-token
+ * prompt was the largest allocation of a turn. The encoded form is the array itself.
+ */
+export const TokenIds: Schema.Schema<ReadonlyArray<number>> = Schema.declare(
+  (u: unknown): u is ReadonlyArray<number> => {
+    if (!Array.isArray(u)) return false
+    for (let i = 0; i < u.length; i++) if (!Number.isSafeInteger(u[i])) return false
+    return true
+  },
+  { identifier: "TokenIds", description: "an array of token ids (integers)" }
+)
+
 /** Conversation id: `conv_` + 32 hex chars (random), or any 1–64 char [A-Za-z0-9_-] id. */
 export const ConversationId = Schema.String.pipe(
   Schema.pattern(/^[A-Za-z0-9_-]{1,64}$/),
