@@ -136,8 +136,7 @@ std::unique_ptr<engine::Engine> make_cuda_engine(const engine::Options& opt) {
   using namespace engine;
   ModelConfig cfg = load_config(opt.model_dir);
   TensorStore store = TensorStore::open_dir(opt.model_dir);
-  ModelWeights w = load_weights(cfg, store);
-  const std::string dtype = dtype_name(w.dtype);
+  const std::string dtype = dtype_name(store.get("model.embed_tokens.weight").dtype);
   const int64_t max_pos = context_length(opt, cfg);
   cuda::CudaOptions co;
   co.device = opt.cuda_device;
@@ -145,7 +144,7 @@ std::unique_ptr<engine::Engine> make_cuda_engine(const engine::Options& opt) {
   co.num_blocks = opt.num_blocks;
   co.max_tokens = opt.max_num_batched_tokens;
   co.max_pos = max_pos;
-  auto backend = std::make_unique<cuda::CudaBackend>(cfg, std::move(w), co);
+  auto backend = std::make_unique<cuda::CudaBackend>(cfg, store, co);
   std::fprintf(stderr,
                "llm-engine: %s (%s) vocab=%lld hidden=%lld layers=%lld heads=%lld kv_heads=%lld "
                "head_dim=%lld intermediate=%lld max_pos=%lld dtype=%s | device=%s %s "

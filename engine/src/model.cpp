@@ -7,21 +7,61 @@
 
 namespace engine {
 
-// Copies tensor `name` of shape [rows, cols] into dst at row offset `row0` of a matrix.
-static void load_rows(const TensorStore& st, const std::string& name, int64_t rows, int64_t cols,
-                      std::vector<float>& dst, int64_t row0) {
-  st.load_f32(name, {rows, cols}, dst.data() + row0 * cols);
+int64_t MatrixParts::numel() const {
+  int64_t rows = 0;
+  for (const TensorRows& p : parts) rows += p.rows;
+  return rows * cols;
 }
 
-ModelWeights load_weights(const ModelConfig& c, const TensorStore& st) {
-  ModelWeights w;
+ModelMatrixParts matrix_parts(const ModelConfig& c, const TensorStore& st) {
   const int64_t hid = c.hidden_size, H = c.num_heads, KV = c.num_kv_heads, D = c.head_dim;
   const int64_t I = c.intermediate_size;
-  w.dtype = st.get("model.embed_tokens.weight").dtype;
-  w.embed = st.load_f32("model.embed_tokens.weight", {c.vocab_size, hid});
+  auto matrix = [&](std::vector<TensorRows> parts, int64_t cols) {
+    for (const TensorRows& p : parts) {
+      const std::vector<int64_t>& shape = st.get(p.name).shape;
+      ENGINE_CHECK(shape == std::vector<int64_t>({p.rows, cols}), "internal",
+                   "tensor " << p.name << " has shape " << shape_str(shape) << ", expected "
+                             << shape_str({p.rows, cols}));
+    }
+    return MatrixParts{std::move(parts), cols};
+  };
+  ModelMatrixParts m;
+  m.embed = matrix({{"model.embed_tokens.weight", c.vocab_size}}, hid);
   // Tied checkpoints usually omit lm_head.weight; some untied-looking ones omit it too.
-  if (st.has("lm_head.weight") && !c.tie_word_embeddings)
-    w.lm_head = st.load_f32("lm_head.weight", {c.vocab_size, hid});
+  if (st.has("lm_head.weight") && !c.tie_word_embeddings) m.lm_head = matrix({{"lm_head.weight", c.vocab_size}}, hid);
+  m.layers.resize(c.num_layers);
+  for (int64_t l = 0; l < c.num_layers; l++) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    LayerMatrixParts& L = m.layers[l];
+    L.wqkv = matrix({{p + "self_attn.q_proj.weight", H * D}, {p + "self_attn.k_proj.weight", KV * D},
+                     {p + "self_attn.v_proj.weight", KV * D}}, hid);
+    L.wo = matrix({{p + "self_attn.o_proj.weight", hid}}, H * D);
+    L.w_gate_up = matrix({{p + "mlp.gate_proj.weight", I}, {p + "mlp.up_proj.weight", I}}, hid);
+    L.w_down = matrix({{p + "mlp.down_proj.weight", hid}}, I);
+  }
+  return m;
+}
+
+// The matrix as f32, its parts stacked.
+static std::vector<float> load_matrix(const TensorStore& st, const MatrixParts& m) {
+  std::vector<float> v((size_t)m.numel());
+  int64_t row0 = 0;
+  for (const TensorRows& p : m.parts) {
+    st.load_f32(p.name, {p.rows, m.cols}, v.data() + row0 * m.cols);
+    row0 += p.rows;
+  }
+  return v;
+}
+
+ModelWeights load_weights(const ModelConfig& c, const TensorStore& st, bool with_matrices) {
+  ModelWeights w;
+  const int64_t hid = c.hidden_size, H = c.num_heads, KV = c.num_kv_heads, D = c.head_dim;
+  const ModelMatrixParts m = matrix_parts(c, st);
+  w.dtype = st.get("model.embed_tokens.weight").dtype;
+  if (with_matrices) {
+    w.embed = load_matrix(st, m.embed);
+    w.lm_head = load_matrix(st, m.lm_head);
+  }
   w.final_norm = st.load_f32("model.norm.weight", {hid});
   w.layers.resize(c.num_layers);
   for (int64_t l = 0; l < c.num_layers; l++) {
@@ -29,10 +69,6 @@ ModelWeights load_weights(const ModelConfig& c, const TensorStore& st) {
     LayerWeights& L = w.layers[l];
     L.input_norm = st.load_f32(p + "input_layernorm.weight", {hid});
     L.post_norm = st.load_f32(p + "post_attention_layernorm.weight", {hid});
-    L.wqkv.resize((H + 2 * KV) * D * hid);
-    load_rows(st, p + "self_attn.q_proj.weight", H * D, hid, L.wqkv, 0);
-    load_rows(st, p + "self_attn.k_proj.weight", KV * D, hid, L.wqkv, H * D);
-    load_rows(st, p + "self_attn.v_proj.weight", KV * D, hid, L.wqkv, (H + KV) * D);
     if (c.attention_bias) {
       L.bqkv.resize((H + 2 * KV) * D);
       st.load_f32(p + "self_attn.q_proj.bias", {H * D}, L.bqkv.data());
@@ -43,11 +79,12 @@ ModelWeights load_weights(const ModelConfig& c, const TensorStore& st) {
       L.q_norm = st.load_f32(p + "self_attn.q_norm.weight", {D});
       L.k_norm = st.load_f32(p + "self_attn.k_norm.weight", {D});
     }
-    L.wo = st.load_f32(p + "self_attn.o_proj.weight", {hid, H * D});
-    L.w_gate_up.resize(2 * I * hid);
-    load_rows(st, p + "mlp.gate_proj.weight", I, hid, L.w_gate_up, 0);
-    load_rows(st, p + "mlp.up_proj.weight", I, hid, L.w_gate_up, I);
-    L.w_down = st.load_f32(p + "mlp.down_proj.weight", {hid, I});
+    if (with_matrices) {
+      L.wqkv = load_matrix(st, m.layers[l].wqkv);
+      L.wo = load_matrix(st, m.layers[l].wo);
+      L.w_gate_up = load_matrix(st, m.layers[l].w_gate_up);
+      L.w_down = load_matrix(st, m.layers[l].w_down);
+    }
   }
   return w;
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "config.h"
@@ -34,9 +35,34 @@ struct ModelWeights {
   const float* lm_head_data() const { return lm_head.empty() ? embed.data() : lm_head.data(); }
 };
 
-// Loads and shape-checks every tensor the config implies (HF names, model.layers.N.*).
+// Where a weight matrix of ModelWeights lives in a checkpoint: row blocks of named tensors,
+// stacked in order (q | k | v for wqkv, gate | up for w_gate_up), each [rows, cols].
+struct TensorRows {
+  std::string name;
+  int64_t rows = 0;
+};
+struct MatrixParts {
+  std::vector<TensorRows> parts;  // empty: absent (lm_head of a tied model)
+  int64_t cols = 0;
+  int64_t numel() const;
+};
+struct LayerMatrixParts {
+  MatrixParts wqkv, wo, w_gate_up, w_down;
+};
+struct ModelMatrixParts {
+  MatrixParts embed, lm_head;
+  std::vector<LayerMatrixParts> layers;
+};
+
+// The matrices the config implies (HF names, model.layers.N.*), each tensor shape-checked.
+// Throws as load_weights does.
+ModelMatrixParts matrix_parts(const ModelConfig& cfg, const TensorStore& store);
+
+// Loads and shape-checks every tensor the config implies (HF names, model.layers.N.*) as f32.
+// `with_matrices = false` leaves the matrices (those of matrix_parts) empty, for a backend that
+// converts them itself (the CUDA backend copies bf16 checkpoints straight to bf16).
 // Throws EngineError("internal", "missing tensor ..." / "tensor ... has shape ...").
-ModelWeights load_weights(const ModelConfig& cfg, const TensorStore& store);
+ModelWeights load_weights(const ModelConfig& cfg, const TensorStore& store, bool with_matrices = true);
 
 // A random model (uniform weights in [-scale, scale], norms = 1) for tests and smoke runs.
 ModelWeights random_weights(const ModelConfig& cfg, uint64_t seed, float scale);

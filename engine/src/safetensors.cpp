@@ -60,6 +60,14 @@ float bf16_to_f32(uint16_t b) {
   return f;
 }
 
+uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
 int64_t TensorInfo::numel() const {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
@@ -233,6 +241,35 @@ std::vector<float> TensorStore::load_f32(const std::string& name,
   std::vector<float> v((size_t)n);
   load_f32(name, shape, v.data());
   return v;
+}
+
+void TensorStore::load_bf16(const std::string& name, int64_t first, int64_t n, uint16_t* dst) const {
+  const TensorInfo& t = get(name);
+  ENGINE_CHECK(first >= 0 && n >= 0 && first + n <= t.numel(), "internal",
+               "tensor " << name << ": elements [" << first << ", " << first + n << ") outside its "
+                         << t.numel());
+  // Converted on every core, as in load_f32.
+  switch (t.dtype) {
+    case DType::BF16:
+      std::memcpy(dst, t.data + 2 * first, (size_t)n * 2);
+      break;
+    case DType::F32:
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
+      for (int64_t i = 0; i < n; i++) {
+        float f;
+        std::memcpy(&f, t.data + 4 * (first + i), 4);
+        dst[i] = f32_to_bf16(f);
+      }
+      break;
+    case DType::F16:
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
+      for (int64_t i = 0; i < n; i++) {
+        uint16_t h;
+        std::memcpy(&h, t.data + 2 * (first + i), 2);
+        dst[i] = f32_to_bf16(f16_to_f32(h));
+      }
+      break;
+  }
 }
 
 }  // namespace engine

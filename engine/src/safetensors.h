@@ -3,8 +3,8 @@
 // Format: 8-byte little-endian header length N, N bytes of JSON
 // {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw
 // tensor bytes; offsets are relative to the end of the header. Files are mmap'ed read-only
-// and tensors are converted to f32 on request (the CPU backend computes in f32), so the
-// checkpoint is never fully resident twice.
+// and tensors are converted on request, to f32 (the CPU backend computes in f32) or to bf16
+// (the CUDA backend's weights), so the checkpoint is never fully resident twice.
 #pragma once
 
 #include <cstddef>
@@ -25,6 +25,8 @@ size_t dtype_size(DType d);
 // IEEE half / bfloat16 bit patterns -> f32 (exact: every f16/bf16 value is an f32 value).
 float f16_to_f32(uint16_t h);
 float bf16_to_f32(uint16_t b);
+// f32 -> bfloat16 bits, rounded to nearest even; NaN stays NaN (quiet).
+uint16_t f32_to_bf16(float f);
 
 struct TensorInfo {
   std::string name;
@@ -70,6 +72,10 @@ class TensorStore {
   // (error message names the tensor, expected and actual shapes). dst holds numel floats.
   void load_f32(const std::string& name, const std::vector<int64_t>& shape, float* dst) const;
   std::vector<float> load_f32(const std::string& name, const std::vector<int64_t>& shape) const;
+  // Copies elements [first, first + n) of tensor `name` (row-major) into dst as bf16 bits: a
+  // bf16 tensor's bytes as they are (no f32 round trip), f32 and f16 rounded to nearest even.
+  // For a backend that keeps bf16 weights; throws if the range is outside the tensor.
+  void load_bf16(const std::string& name, int64_t first, int64_t n, uint16_t* dst) const;
 
   size_t num_tensors() const { return index_.size(); }
 

@@ -35,14 +35,6 @@ constexpr size_t kKvReserveBytes = 512u << 20;
 // The most KV blocks a cache gets (2^26 blocks of 16 tokens: over a billion tokens).
 constexpr int64_t kMaxKvBlocks = (int64_t)1 << 26;
 
-uint16_t f32_to_bf16_bits(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-
 size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 struct Layout {
@@ -118,9 +110,11 @@ struct CudaBackend::Impl {
     size_t bytes = 0;
   };
 
-  Impl(const ModelConfig& c, ModelWeights& w, const CudaOptions& o);
+  // `store` (may be null): the checkpoint, whose matrices are read from it straight to bf16
+  // (those of `w` are then empty).
+  Impl(const ModelConfig& c, ModelWeights& w, const TensorStore* store, const CudaOptions& o);
   ~Impl();
-  void upload_weights(ModelWeights& w);
+  void upload_weights(ModelWeights& w, const TensorStore* store);
   void alloc_workspaces();
   void ensure_input_capacity(size_t bytes);
   void destroy_graphs();
@@ -131,7 +125,8 @@ struct CudaBackend::Impl {
   template <typename T> T* in_ptr(size_t off) { return reinterpret_cast<T*>(d_in + off); }
 };
 
-CudaBackend::Impl::Impl(const ModelConfig& c, ModelWeights& w, const CudaOptions& o) : cfg(c), opt(o) {
+CudaBackend::Impl::Impl(const ModelConfig& c, ModelWeights& w, const TensorStore* store, const CudaOptions& o)
+    : cfg(c), opt(o) {
   hid = (int)c.hidden_size; H = (int)c.num_heads; KV = (int)c.num_kv_heads; D = (int)c.head_dim;
   I = (int)c.intermediate_size; V = (int)c.vocab_size; L = (int)c.num_layers; group = H / KV;
   qkv_dim = (H + 2 * KV) * D;
@@ -152,7 +147,7 @@ CudaBackend::Impl::Impl(const ModelConfig& c, ModelWeights& w, const CudaOptions
   sms = prop.multiProcessorCount;
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 
-  upload_weights(w);
+  upload_weights(w, store);
   alloc_workspaces();
   blas = std::make_unique<Cublas>(stream, d_cublas_ws, kCublasWorkspace);
 
@@ -211,37 +206,65 @@ CudaBackend::Impl::~Impl() {
   if (stream) cudaStreamDestroy(stream);
 }
 
-void CudaBackend::Impl::upload_weights(ModelWeights& w) {
-  // Plan one allocation: bf16 matrices, f32 vectors, each 256-byte aligned.
-  struct Item { std::vector<float>* src; bool bf; size_t off; };
+void CudaBackend::Impl::upload_weights(ModelWeights& w, const TensorStore* store) {
+  // Plan one allocation: bf16 matrices, f32 vectors, each 256-byte aligned. A matrix comes
+  // from `w` (f32, converted here) or, given the checkpoint, from its tensors: a bf16
+  // checkpoint's bytes go to the device as they are, with no f32 copy of the model on the host.
+  struct Item { std::vector<float>* src; const MatrixParts* parts; bool bf; size_t off; };
   std::vector<Item> items;
   size_t total = 0;
   auto plan = [&](std::vector<float>& v, bool bf) {
     if (v.empty()) return;
-    items.push_back({&v, bf, total});
+    items.push_back({&v, nullptr, bf, total});
     total = align_up(total + v.size() * (bf ? 2 : 4), 256);
   };
-  const bool tied = w.lm_head.empty();
-  plan(w.embed, true);
-  if (!tied) plan(w.lm_head, true);
+  // Stands for the matrix `v` (empty in `w`): its address is looked up by &v as for the others.
+  auto plan_parts = [&](std::vector<float>& v, const MatrixParts& m) {
+    if (m.parts.empty()) return;
+    items.push_back({&v, &m, true, total});
+    total = align_up(total + (size_t)m.numel() * 2, 256);
+  };
+  const ModelMatrixParts parts = store ? matrix_parts(cfg, *store) : ModelMatrixParts{};
+  auto plan_matrix = [&](std::vector<float>& v, const MatrixParts* m) {
+    if (store) plan_parts(v, *m); else plan(v, true);
+  };
+  const bool tied = store ? parts.lm_head.parts.empty() : w.lm_head.empty();
+  plan_matrix(w.embed, &parts.embed);
+  if (!tied) plan_matrix(w.lm_head, &parts.lm_head);
   plan(w.final_norm, false);
   std::vector<float> inv = rope_inv_freq(cfg);
   plan(inv, false);
-  for (LayerWeights& lw : w.layers) {
+  for (size_t l = 0; l < w.layers.size(); l++) {
+    LayerWeights& lw = w.layers[l];
+    const LayerMatrixParts* lp = store ? &parts.layers[l] : nullptr;
     plan(lw.input_norm, false); plan(lw.post_norm, false); plan(lw.bqkv, false);
     plan(lw.q_norm, false); plan(lw.k_norm, false);
-    plan(lw.wqkv, true); plan(lw.wo, true); plan(lw.w_gate_up, true); plan(lw.w_down, true);
+    plan_matrix(lw.wqkv, lp ? &lp->wqkv : nullptr); plan_matrix(lw.wo, lp ? &lp->wo : nullptr);
+    plan_matrix(lw.w_gate_up, lp ? &lp->w_gate_up : nullptr); plan_matrix(lw.w_down, lp ? &lp->w_down : nullptr);
   }
   CUDA_CHECK(cudaMalloc(&d_weights, total));
   char* base = (char*)d_weights;
   std::map<const std::vector<float>*, size_t> where;
   // Upload through a pinned staging buffer, converting on the host; free each host vector
-  // right after its copy so that peak host memory stays ~ one f32 model.
+  // right after its copy so that peak host memory stays ~ one f32 model (none from a store).
   const size_t stage_bytes = 64u << 20;
   void* stage = nullptr;
   CUDA_CHECK(cudaHostAlloc(&stage, stage_bytes, cudaHostAllocDefault));
   for (const Item& it : items) {
     where[it.src] = it.off;
+    if (it.parts) {
+      size_t at = it.off;
+      for (const TensorRows& p : it.parts->parts) {
+        const int64_t n_all = p.rows * it.parts->cols, per = (int64_t)(stage_bytes / 2);
+        for (int64_t i0 = 0; i0 < n_all; i0 += per) {
+          const int64_t n = std::min(per, n_all - i0);
+          store->load_bf16(p.name, i0, n, (uint16_t*)stage);
+          CUDA_CHECK(cudaMemcpy(base + at + (size_t)i0 * 2, stage, (size_t)n * 2, cudaMemcpyHostToDevice));
+        }
+        at += (size_t)n_all * 2;
+      }
+      continue;
+    }
     const std::vector<float>& v = *it.src;
     const size_t esz = it.bf ? 2 : 4, per = stage_bytes / esz;
     for (size_t i0 = 0; i0 < v.size(); i0 += per) {
@@ -251,7 +274,7 @@ void CudaBackend::Impl::upload_weights(ModelWeights& w) {
         const float* src = v.data() + i0;
         // Converted on every core (one thread took ~10 s for an 8B model).
 #pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < (int64_t)n; i++) s[i] = f32_to_bf16_bits(src[i]);
+        for (int64_t i = 0; i < (int64_t)n; i++) s[i] = engine::f32_to_bf16(src[i]);
       } else {
         std::memcpy(stage, v.data() + i0, n * 4);
       }
@@ -492,7 +515,12 @@ size_t CudaBackend::bytes_per_block(const ModelConfig& c) {
 }
 
 CudaBackend::CudaBackend(const ModelConfig& cfg, ModelWeights weights, const CudaOptions& opt)
-    : impl_(std::make_unique<Impl>(cfg, weights, opt)) {}
+    : impl_(std::make_unique<Impl>(cfg, weights, nullptr, opt)) {}
+
+CudaBackend::CudaBackend(const ModelConfig& cfg, const TensorStore& store, const CudaOptions& opt) {
+  ModelWeights vectors = load_weights(cfg, store, /*with_matrices=*/false);
+  impl_ = std::make_unique<Impl>(cfg, vectors, &store, opt);
+}
 
 CudaBackend::~CudaBackend() = default;
 

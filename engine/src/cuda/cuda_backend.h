@@ -26,6 +26,10 @@ class CudaBackend : public Backend {
   // Uploads `weights` as bf16 (norms, biases, RoPE table as f32) and frees the host copies;
   // sizes the KV cache from free memory. Throws EngineError("internal") on any failure.
   CudaBackend(const ModelConfig& cfg, ModelWeights weights, const CudaOptions& opt);
+  // The same from a checkpoint: norms and biases via load_weights, the matrices read from the
+  // store straight to bf16 (TensorStore::load_bf16: a bf16 checkpoint is copied as it is, in
+  // 64 MiB pinned chunks, never converted to f32 on the host).
+  CudaBackend(const ModelConfig& cfg, const TensorStore& store, const CudaOptions& opt);
   ~CudaBackend() override;
 
   int64_t max_batch_tokens() const override;
