@@ -5,6 +5,7 @@
  *
  * - BENCH_ROUTING: "affinity" (default) or "random" (the pool's `routing`)
  * - BENCH_PREFIX_CACHING: "1" (default) or "0" (the pool's `enable_prefix_caching`)
+ * - BENCH_SIM_TIME_SCALE (default 1): multiplies the sim's step times (`sim_time_scale`)
  * - BENCH_KV_CACHE_BYTES (default 32 GiB per GPU: an H100 with an 8B model), BENCH_MAX_NUM_SEQS (256), BENCH_NUM_SLOTS (1024)
  */
 import type { TopologyInput } from "../../src/runtime/Topology.js"
@@ -23,7 +24,8 @@ const config: TopologyInput = {
         max_num_batched_tokens: 8192,
         max_num_seqs: int("BENCH_MAX_NUM_SEQS", 256),
         num_slots: int("BENCH_NUM_SLOTS", 1024),
-        enable_prefix_caching: process.env["BENCH_PREFIX_CACHING"] !== "0"
+        enable_prefix_caching: process.env["BENCH_PREFIX_CACHING"] !== "0",
+        sim_time_scale: int("BENCH_SIM_TIME_SCALE", 1)
       },
       routing: process.env["BENCH_ROUTING"] === "random" ? "random" : "affinity"
     }
