@@ -72,7 +72,9 @@ export const startCluster = async (options: {
     })) {
       if (v !== undefined) env[k] = v
     }
-    const child = spawn(process.execPath, [...(options.entry ?? ["--import", "tsx", "src/main.ts"])], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+    // BENCH_SERVICE_NODE_ARGS (space-separated) adds Node flags to every runner, as for a service.
+    const nodeArgs = (process.env.BENCH_SERVICE_NODE_ARGS ?? "").split(" ").filter(Boolean)
+    const child = spawn(process.execPath, [...nodeArgs, ...(options.entry ?? ["--import", "tsx", "src/main.ts"])], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
     let output = ""
     // Kept bounded: a long benchmark would otherwise hold every log line.
     const keep = (d: Buffer) => {
