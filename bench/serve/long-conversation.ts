@@ -146,7 +146,10 @@ const measure = async (numExchanges: number) => {
 const bareNodeFloor = async () => {
   const child = spawn(process.execPath, ["-e", `require("node:http").createServer((q, s) => s.end('{"status":"ok"}')).listen(0, "127.0.0.1", function () { console.log(this.address().port) })`], { stdio: ["ignore", "pipe", "inherit"] })
   try {
-    const port = await new Promise<string>((resolve) => child.stdout!.once("data", (d: Buffer) => resolve(d.toString().trim())))
+    const port = await new Promise<string>((resolve, reject) => {
+      child.stdout!.once("data", (d: Buffer) => resolve(d.toString().trim()))
+      child.once("exit", (code) => reject(new Error(`the bare Node server exited (${code}) before listening`)))
+    })
     const url = `http://127.0.0.1:${port}/healthz`
     const xs: Array<number> = []
     for (const end = performance.now() + 3000; performance.now() < end;) {

@@ -7,7 +7,8 @@
  * load: affinity routing with prefix caching, random routing with prefix caching, and prefix
  * caching off. Reports output tok/s, TTFT p50/p99, and for turns after a conversation's first
  * the mean new and computed prompt tokens (computed = prompt − cached_tokens). Writes
- * bench/results/prefix-routing.json with machine, date, commit and command.
+ * bench/results/prefix-routing.json (prefix-routing-scaleS.json with `--sim-time-scale S`) with
+ * machine, date, commit and command. `--modes affinity,random,off` picks the runs.
  */
 import { execFileSync } from "node:child_process"
 import { mkdtempSync, writeFileSync } from "node:fs"
@@ -29,7 +30,13 @@ const numStreams = numberArg("streams", 128)
 const simTimeScale = numberArg("sim-time-scale", 1)
 const modeNames = (() => {
   const i = process.argv.indexOf("--modes")
-  return i < 0 ? ["affinity", "random", "off"] : process.argv[i + 1]!.split(",")
+  const names = i < 0 ? ["affinity", "random", "off"] : (process.argv[i + 1] ?? "").split(",")
+  const known = ["affinity", "random", "off"]
+  if (names.length === 0 || names.some((n) => !known.includes(n))) {
+    console.error(`--modes takes a comma-separated list of ${known.join(", ")}`)
+    process.exit(2)
+  }
+  return names
 })()
 const warmupMs = numberArg("warmup", 15) * 1000
 const durationMs = numberArg("duration", 30) * 1000
@@ -103,7 +110,9 @@ const main = async () => {
     affinity_vs_caching_off: ratio(affinity, off)
   }
   console.log(JSON.stringify(result, null, 2))
-  writeFileSync(path.join(REPO_ROOT, "bench/results/prefix-routing.json"), JSON.stringify(result, null, 2) + "\n")
+  // A scaled run is another experiment: it does not overwrite the default run's record.
+  const file = simTimeScale === 1 ? "prefix-routing.json" : `prefix-routing-scale${simTimeScale}.json`
+  writeFileSync(path.join(REPO_ROOT, "bench/results", file), JSON.stringify(result, null, 2) + "\n")
   process.exit(0)
 }
 

@@ -9,6 +9,7 @@ import path from "node:path"
 import { fileURLToPath } from "node:url"
 import { freePort } from "../../src/runtime/internal/freePort.js"
 import { childrenOf, commandOf } from "./proc.js"
+import { serviceNodeArgs } from "../../test/support/nodeArgs.js"
 
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..")
 
@@ -91,7 +92,7 @@ export const startService = async (options: ServiceOptions): Promise<Running> =>
   }
   // Diagnostics: BENCH_SERVICE_NODE_ARGS="--trace-gc …" adds node flags; BENCH_SERVICE_LOG=FILE
   // appends everything the service prints to FILE.
-  const extraArgs = (process.env["BENCH_SERVICE_NODE_ARGS"] ?? "").split(" ").filter((a) => a !== "")
+  const extraArgs = serviceNodeArgs()
   const logFile = process.env["BENCH_SERVICE_LOG"]
   const child = spawn(process.execPath, [...(options.nodeArgs ?? []), ...extraArgs, built("src/main.js")], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
   let output = ""

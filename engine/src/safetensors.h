@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -25,8 +26,15 @@ size_t dtype_size(DType d);
 // IEEE half / bfloat16 bit patterns -> f32 (exact: every f16/bf16 value is an f32 value).
 float f16_to_f32(uint16_t h);
 float bf16_to_f32(uint16_t b);
-// f32 -> bfloat16 bits, rounded to nearest even; NaN stays NaN (quiet).
-uint16_t f32_to_bf16(float f);
+// f32 -> bfloat16 bits, rounded to nearest even; NaN stays NaN (quiet). Inline: it runs per
+// element in the loaders' conversion loops.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
 
 struct TensorInfo {
   std::string name;

@@ -304,7 +304,8 @@ export const layerNodeServer = (
         const [request, response] = args as [IncomingMessage, ServerResponse]
         if (request.method === "GET" && request.url === "/healthz" && request.headers.origin === undefined) {
           const requestId = Edge.requestIdFor(request.headers["x-request-id"] as string | undefined)
-          response.writeHead(200, { "content-type": "application/json", "x-request-id": requestId }).end(HEALTHZ_BODY)
+          // Vary: the same URL with an Origin gets the API's CORS headers.
+          response.writeHead(200, { "content-type": "application/json", "x-request-id": requestId, vary: "Origin" }).end(HEALTHZ_BODY)
           return true
         }
       }

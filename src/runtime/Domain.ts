@@ -22,7 +22,17 @@ export const TokenIds: Schema.Schema<ReadonlyArray<number>> = Schema.declare(
     for (let i = 0; i < u.length; i++) if (!Number.isSafeInteger(u[i])) return false
     return true
   },
-  { identifier: "TokenIds", description: "an array of token ids (integers)" }
+  {
+    identifier: "TokenIds",
+    description: "an array of token ids (integers)",
+    // Names the first bad element instead of printing a whole prompt.
+    message: (issue) => {
+      const u = issue.actual
+      if (!Array.isArray(u)) return `Expected an array of token ids, got ${typeof u}`
+      const i = u.findIndex((x) => !Number.isSafeInteger(x))
+      return `Expected an array of token ids: element ${i} of ${u.length} is not an integer`
+    }
+  }
 )
 
 /** Conversation id: `conv_` + 32 hex chars (random), or any 1–64 char [A-Za-z0-9_-] id. */

@@ -163,8 +163,9 @@ describe("every route, random input (1,000 runs each)", () => {
 
   it("GET /healthz, /readyz and unknown routes", async () => {
     await fc.assert(
-      fc.asyncProperty(fc.constantFrom("/healthz", "/readyz", "/nope", "/v1", "/openapi.json"), query, headers, (p, q, h) =>
-        probe("GET", `${p}?${q}`, { headers: h })),
+      // Without a query too: `GET /healthz` alone is answered ahead of the API (Server.ts).
+      fc.asyncProperty(fc.constantFrom("/healthz", "/readyz", "/nope", "/v1", "/openapi.json"), fc.option(query), headers, (p, q, h) =>
+        probe("GET", q === null ? p : `${p}?${q}`, { headers: h })),
       { numRuns: NUM_RUNS }
     )
   }, 300_000)

@@ -8,6 +8,7 @@ import { mkdtempSync } from "node:fs"
 import { tmpdir } from "node:os"
 import path from "node:path"
 import { REPO_ROOT } from "./engineProcess.js"
+import { serviceNodeArgs } from "./nodeArgs.js"
 import { freeListenPort, LISTEN_PORT_MAX, LISTEN_PORT_MIN, portFree } from "./ports.js"
 
 export interface RunnerProcess {
@@ -72,9 +73,7 @@ export const startCluster = async (options: {
     })) {
       if (v !== undefined) env[k] = v
     }
-    // BENCH_SERVICE_NODE_ARGS (space-separated) adds Node flags to every runner, as for a service.
-    const nodeArgs = (process.env.BENCH_SERVICE_NODE_ARGS ?? "").split(" ").filter(Boolean)
-    const child = spawn(process.execPath, [...nodeArgs, ...(options.entry ?? ["--import", "tsx", "src/main.ts"])], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+    const child = spawn(process.execPath, [...serviceNodeArgs(), ...(options.entry ?? ["--import", "tsx", "src/main.ts"])], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
     let output = ""
     // Kept bounded: a long benchmark would otherwise hold every log line.
     const keep = (d: Buffer) => {

@@ -7,6 +7,7 @@ import { mkdtempSync } from "node:fs"
 import { tmpdir } from "node:os"
 import path from "node:path"
 import { REPO_ROOT } from "./engineProcess.js"
+import { serviceNodeArgs } from "./nodeArgs.js"
 import { freeListenPort } from "./ports.js"
 
 export interface Service {
@@ -19,9 +20,8 @@ export interface Service {
 }
 
 /**
- * Starts the service and waits until /healthz answers (timeout 90 s). `BENCH_SERVICE_NODE_ARGS`
- * (space-separated, as for bench/serve/processes.ts) adds Node flags to the service, e.g.
- * `--cpu-prof` to profile a bench.
+ * Starts the service and waits until /healthz answers (timeout 90 s), with the Node flags of
+ * `BENCH_SERVICE_NODE_ARGS` (nodeArgs.ts).
  */
 export const startService = async (options: {
   readonly env?: Record<string, string | undefined>
@@ -35,7 +35,7 @@ export const startService = async (options: {
   for (const [k, v] of Object.entries({ ...process.env, PORT: String(port), HOST: "127.0.0.1", DATA_DIR: dataDir, RUN_DIR: runDir, STREAM_DETACH_GRACE_MS: "0", ...options.env })) {
     if (v !== undefined) env[k] = v
   }
-  const child = spawn(process.execPath, [...(process.env.BENCH_SERVICE_NODE_ARGS?.split(" ").filter(Boolean) ?? []), "--import", "tsx", "src/main.ts"], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+  const child = spawn(process.execPath, [...serviceNodeArgs(), "--import", "tsx", "src/main.ts"], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
   let output = ""
   child.stdout!.on("data", (d: Buffer) => (output += d.toString()))
   child.stderr!.on("data", (d: Buffer) => (output += d.toString()))

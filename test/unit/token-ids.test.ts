@@ -19,6 +19,14 @@ describe("TokenIds", () => {
     }
   })
 
+  it("a rejection names the first bad element, not the whole array", () => {
+    const ids: Array<unknown> = Array.from({ length: 4096 }, (_, i) => i)
+    ids[1000] = 1.5
+    const error = Either.getLeft(decode(ids)).pipe((o) => (o._tag === "Some" ? o.value.message : ""))
+    expect(error).toContain("element 1000 of 4096")
+    expect(error.length).toBeLessThan(200)
+  })
+
   it("is what a DecodeSlot's Start validates its prompt with", () => {
     const start = {
       pool: "default", conversation_id: "c1", turn_id: "c1:1", stream_id: "s1", max_tokens: 4,
