@@ -90,20 +90,16 @@ const measure = async (numExchanges: number) => {
     let current: Array<number> = []
     let currentReady: Array<number> = []
     let probing = true
-    const prober = (async () => {
+    const probeEvery = async (url: string, intervalMs: number, record: (ms: number) => void) => {
       while (probing) {
-        current.push(await probeMs(`${warm.url}/healthz`))
-        await new Promise((r) => setTimeout(r, PROBE_INTERVAL_MS))
+        record(await probeMs(url))
+        await new Promise((r) => setTimeout(r, intervalMs))
       }
-    })()
+    }
+    const prober = probeEvery(`${warm.url}/healthz`, PROBE_INTERVAL_MS, (ms) => current.push(ms))
     // /healthz is answered ahead of the API; /readyz goes through it (routing, schemas, fibers)
     // and pings the database: what an ordinary request sees, probed 10× less often.
-    const readyProber = (async () => {
-      while (probing) {
-        currentReady.push(await probeMs(`${warm.url}/readyz`))
-        await new Promise((r) => setTimeout(r, 10 * PROBE_INTERVAL_MS))
-      }
-    })()
+    const readyProber = probeEvery(`${warm.url}/readyz`, 10 * PROBE_INTERVAL_MS, (ms) => currentReady.push(ms))
     // The floor: the same prober against the idle service (this machine's scheduling noise).
     const idle = current
     const idleReady = currentReady

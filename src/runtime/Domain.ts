@@ -10,6 +10,12 @@ import { Schema } from "effect"
  */
 export const noValidation = { disableValidation: true } as const
 
+/** The index of the first element that is not a safe integer (a hole counts), or -1. */
+const firstNonInteger = (u: ReadonlyArray<unknown>): number => {
+  for (let i = 0; i < u.length; i++) if (!Number.isSafeInteger(u[i])) return i
+  return -1
+}
+
 /**
  * A sequence of token ids (integers), as actors send prompts and generated tokens to each
  * other. One check over the whole array: `Schema.Array(Schema.Int)` validates element by
@@ -17,20 +23,16 @@ export const noValidation = { disableValidation: true } as const
  * prompt was the largest allocation of a turn. The encoded form is the array itself.
  */
 export const TokenIds: Schema.Schema<ReadonlyArray<number>> = Schema.declare(
-  (u: unknown): u is ReadonlyArray<number> => {
-    if (!Array.isArray(u)) return false
-    for (let i = 0; i < u.length; i++) if (!Number.isSafeInteger(u[i])) return false
-    return true
-  },
+  (u: unknown): u is ReadonlyArray<number> => Array.isArray(u) && firstNonInteger(u) < 0,
   {
     identifier: "TokenIds",
     description: "an array of token ids (integers)",
     // Names the first bad element instead of printing a whole prompt.
     message: (issue) => {
       const u = issue.actual
-      if (!Array.isArray(u)) return `Expected an array of token ids, got ${typeof u}`
-      const i = u.findIndex((x) => !Number.isSafeInteger(x))
-      return `Expected an array of token ids: element ${i} of ${u.length} is not an integer`
+      return Array.isArray(u)
+        ? `Expected an array of token ids: element ${firstNonInteger(u)} of ${u.length} is not an integer`
+        : `Expected an array of token ids, got ${typeof u}`
     }
   }
 )
