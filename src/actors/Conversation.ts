@@ -24,7 +24,7 @@ import { randomInt } from "node:crypto"
 import { ClusterSchema, Entity, Sharding } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { WorkflowEngine } from "@effect/workflow"
-import { Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
+import { Cause, Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
 import { DataPlane } from "../runtime/DataPlane.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { type ConversationId, type Summary, type Turn, TurnId, UserId } from "../runtime/Domain.js"
@@ -46,6 +46,7 @@ import { ConversationStore } from "../runtime/Storage.js"
 import { lookup, TopologyService, trainingEligible, zeroRetention } from "../runtime/Topology.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSlot.js"
+import { retryShardMoves, SHARD_MOVE_RETRIES } from "./internal/shardMoves.js"
 import * as failover from "./internal/failover.js"
 import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import * as ShardTenure from "./internal/shardTenure.js"
@@ -731,6 +732,10 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
               Effect.fork
             )
             conv.nextSeq = userSeq + 2 // the assistant turn's seq is reserved now
+            // The instance outlives this message while the turn runs (and moves with its shard):
+            // held from here, so that a shard move from now on brings the next owner, whose
+            // `recover` takes the turn over, even if this message never finishes.
+            if (active === turn) hold()
             const userMessage: ChatMessage = { role: "user", content: input.content }
             conv.history.push(userMessage)
             conv.seqs.push(userSeq)
@@ -756,7 +761,16 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
               stop: input.stop ?? [],
               ...(multiRunner && zeroRetention(topology, conv.orgId) ? { ephemeral: true } : {})
             }
+            // A Start cut off by a shard move (the slot's runner gave up its shard locks for a
+            // moment) may or may not have started the sequence; it is not sent again (the slot
+            // may have been reserved anew since). The turn is taken as started on that slot:
+            // its watch finds out (Alive), and moves it to a GPU if it is not running there.
             yield* slots(slotId).Start(startPayload).pipe(
+              Effect.catchAllCause((cause) =>
+                multiRunner && Cause.isInterruptedOnly(cause)
+                  ? Effect.logInfo(`turn ${turnId}: its Start on ${slotId} was cut off by a shard move; its watch checks it`)
+                  : Effect.failCause(cause)
+              ),
               Effect.catchTags({
                 UnknownGpu: (e) => Effect.fail(new EngineError({ code: "unknown_gpu", message: e.gpu_id })),
                 ...clusterErrors
@@ -776,8 +790,6 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             )
             if (turn.cancelRequested) yield* slots(slotId).Cancel().pipe(Effect.ignore)
             // Other runners may die: a turn whose GPU runner goes moves to another GPU.
-            // The instance outlives this message while the turn runs (and moves with its shard).
-            if (active === turn) hold()
             if (multiRunner) runFork(watchTurn(turn))
             return new Accepted({
               user_turn_id: TurnId.make(`${id}:${userSeq}`),
@@ -790,6 +802,15 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             // gets its assistant turn as `failed`, so the history never has a hole.
             Effect.onExit((exit) =>
               Exit.isSuccess(exit) ? Effect.void : Effect.gen(function*() {
+                // Interrupted once the turn was being acknowledged: the instance is stopping as
+                // its shard moves (lost shard locks, a drain). It may be interrupted after this
+                // region finished, or while Start was on its way; whether the generation runs is
+                // unknown here, so nothing is undone (the slot may be running it). The shard's
+                // next owner, brought by the keep-alive, takes the turn over (`recover`): it
+                // watches the generation, or stores the reply as failed if none started.
+                if (multiRunner && stored !== undefined && Cause.isInterruptedOnly(exit.cause)) {
+                  return yield* Effect.logInfo(`turn ${id}:${stored.seq} left to the shard's next owner (this instance stopped)`)
+                }
                 if (reservedSlot !== undefined) {
                   const slotId = reservedSlot
                   yield* gpus(shardGroupOf(slotId)).ReleaseSlot({ slot_id: slotId }).pipe(Effect.ignoreLogged)
@@ -990,14 +1011,23 @@ interface SendTurnInput {
   readonly idempotency_key?: string | undefined
 }
 
+/** How long a finished turn's report may wait for its Conversation's shard to be reassigned. */
+const FINISH_SHARD_MOVE_RETRIES = 3 * SHARD_MOVE_RETRIES
+
 /**
  * The DecodeSlots' TurnFinisher: each finished turn goes to its Conversation entity; a
- * summary's generation is not a turn (its workflow reads the text from its stream).
+ * summary's generation is not a turn (its workflow reads the text from its stream). A report
+ * cut by a shard move is sent again to the shard's next owner (FinishTurn takes a reply it
+ * already stored): the client's `done` waits for it.
  */
 export const layerTurnFinisher = Layer.effect(
   TurnFinisher,
   Effect.map(Conversation.client, (client) => ({
     finish: (turn: FinishedTurn) =>
-      turn.purpose !== undefined ? Effect.void : client(turn.conversation_id).FinishTurn(turn).pipe(Effect.catchTags(clusterErrors))
+      turn.purpose !== undefined ? Effect.void : retryShardMoves(
+        () => client(turn.conversation_id).FinishTurn(turn).pipe(Effect.catchTags(clusterErrors)),
+        () => new StorageError({ message: `the conversation of ${turn.turn_id} stayed between runners` }),
+        FINISH_SHARD_MOVE_RETRIES
+      )
   }))
 )

@@ -4,7 +4,7 @@
  * gets a TurnStream in this runner's registry first; the entity's DecodeSlot writes into it.
  */
 import { randomUUID } from "node:crypto"
-import { Cause, Duration, Effect, FiberRef, Layer, Option, Schedule, Stream } from "effect"
+import { Duration, Effect, FiberRef, Layer, Option, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
 import { ConversationId, ConversationList, formatConversationCursor, HistoryPage, noValidation, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, UserId as UserIdSchema, UserMemory, usageJson } from "../runtime/Domain.js"
 import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable, UserNotFound } from "../runtime/Errors.js"
@@ -18,6 +18,7 @@ import { poolFor, retentionDaysFor, TopologyService, zeroRetention } from "../ru
 import { TurnStreams } from "../runtime/TurnStream.js"
 import { Embedder } from "./Embedder.js"
 import { clusterErrors, Conversation } from "./Conversation.js"
+import { retryShardMoves as retryShardMovesOf } from "./internal/shardMoves.js"
 
 
 /** Create, Cancel and InFlight have no 503 of their own: a cluster that cannot deliver them is a defect. */
@@ -32,29 +33,9 @@ const dieOnDeliveryFailure = <A, E extends { readonly _tag: string }, R>(
     Effect.die
   )
 
-/**
- * An entity call that ends interrupted while its caller was not: the cluster moved the
- * entity's shard mid-call (a runner joined, left or lost its shard locks) and stopped the
- * call. It is sent again (to the shard's new owner) every 250 ms for up to ~5 s, the time a
- * shard takes to be reassigned; then a 503. `call` gets the attempt number (0 first).
- */
-const SHARD_MOVE_RETRIES = 20
-class ShardMoved {
-  readonly _tag = "ShardMoved"
-}
-const retryShardMoves = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError, R> => {
-  let attempt = 0
-  return Effect.suspend(() => call(attempt++)).pipe(
-    Effect.catchAllCause((cause): Effect.Effect<never, E | ShardMoved> =>
-      Cause.isInterruptedOnly(cause) ? Effect.fail(new ShardMoved()) : Effect.failCause(cause)
-    ),
-    Effect.retry({ while: (e) => e instanceof ShardMoved, schedule: Schedule.spaced(Duration.millis(250)), times: SHARD_MOVE_RETRIES }),
-    Effect.catchIf(
-      (e): e is ShardMoved => e instanceof ShardMoved,
-      () => Effect.fail(new EngineError({ code: "unavailable", message: "the conversation is moving between runners; try again" }))
-    )
-  )
-}
+/** Past the shard-move retries a call is a 503: the conversation is still between runners. */
+const retryShardMoves = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError, R> =>
+  retryShardMovesOf(call, () => new EngineError({ code: "unavailable", message: "the conversation is moving between runners; try again" }))
 
 /** Conversation owners a gateway keeps (an owner never changes: this is a cache of the store). */
 const OWNER_CACHE_MAX = 100_000

@@ -80,6 +80,12 @@ export const DecodeSlot = Entity.make("DecodeSlot", [
   }),
   /** Stops the slot's sequence, if any. @returns whether one was running. */
   Rpc.make("Cancel", { success: Schema.Boolean }),
+  /**
+   * Stops the slot's sequence of `turn_id`, if it runs it, without ending the turn: no
+   * FinishTurn, no terminal event. Failover sends it to a slot it gave up on (its runner did
+   * not answer for a while, and may only have been slow): the turn goes on elsewhere.
+   */
+  Rpc.make("Abandon", { payload: { turn_id: TurnId }, success: Schema.Boolean }),
   /** Whether the slot runs `turn_id` (its owner's liveness probe: no answer means the runner is gone). */
   Rpc.make("Alive", { payload: { turn_id: TurnId }, success: Schema.Boolean }),
   /**
@@ -310,6 +316,14 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             end("cancelled", "cancelled")
             return true
           }
+          const abandon = () => {
+            if (ended) return false
+            ended = true
+            running.delete(slotId)
+            h.cancel()
+            runFork(worker.releaseSlot(slot))
+            return true
+          }
           const attach = (streamId: TurnStreamId, afterIndex: number): boolean => {
             if (ended || afterIndex + 1 < firstIndex || afterIndex + 1 > numEvents) return false
             const sink = dataPlane.sink(streamId, afterIndex + 1)
@@ -323,7 +337,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             h.resume() // the earlier reader may have paused it
             return true
           }
-          running.set(slotId, { turnId: payload.turn_id, request, cancel, attach })
+          running.set(slotId, { turnId: payload.turn_id, request, cancel, abandon, attach })
           stream.setProducer({ onDrain: () => h.resume(), onCancel: cancel })
         })
 
@@ -331,6 +345,11 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         Start: ({ payload }) => start(payload),
         Cancel: () =>
           Effect.sync(() => running.get(slotId)?.cancel() ?? false),
+        Abandon: ({ payload }) =>
+          Effect.sync(() => {
+            const live = running.get(slotId)
+            return live?.turnId === payload.turn_id && live.abandon()
+          }),
         Alive: ({ payload }) => Effect.sync(() => running.get(slotId)?.turnId === payload.turn_id),
         Attach: ({ payload }) =>
           Effect.sync(() => {

@@ -6,6 +6,7 @@
  * every acknowledged user turn has its reply row, and every client's text equals it.
  */
 import { execFileSync } from "node:child_process"
+import { readdirSync, readFileSync, readlinkSync } from "node:fs"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import { type LocalCluster, privateRedis, type RedisProcess, startCluster } from "../support/cluster.js"
 import { freshDatabase, sqlAt } from "../support/database.js"
@@ -45,6 +46,28 @@ const turn = async (
     text: events.filter((e) => e.event === "token").map((e) => e.data.text).join(""),
     terminal: events.find((e) => e.event === "done" || e.event === "error")
   }
+}
+
+/** The local ports of process `pid`'s TCP connections to `port` (read from /proc). */
+const clientPortsOf = (pid: number, port: number): Set<number> => {
+  const inodes = new Set<string>()
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      const socket = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))?.[1]
+      if (socket !== undefined) inodes.add(socket)
+    } catch {
+      // closed meanwhile
+    }
+  }
+  const ports = new Set<number>()
+  for (const table of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+    for (const line of readFileSync(table, "utf8").split("\n").slice(1)) {
+      // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+      const f = line.trim().split(/\s+/)
+      if (f.length > 9 && parseInt(f[2]!.split(":")[1]!, 16) === port && inodes.has(f[9]!)) ports.add(parseInt(f[1]!.split(":")[1]!, 16))
+    }
+  }
+  return ports
 }
 
 const rowsOf = (dbUrl: string, conversationId: string) =>
@@ -362,6 +385,70 @@ describe("local cluster: two gateways, two GPU runners", () => {
       await audit(dbUrl, [after])
     }
   }, { timeout: 120_000, retry: 1 })
+
+  it("drill (locks): the shard-lock connections of gw-1, then gpu-1, stall past the refresh deadline during traffic; every acknowledged turn ends done and is stored as its client read it", async () => {
+    const [gw1, gw2] = cluster.gateways
+    const pgPort = Number(new URL(dbUrl).port || 5432)
+    // The runner's connections to PostgreSQL (client ports), then the one of them holding
+    // advisory locks: its shard locks' connection, whose refresh must answer within ~1.3 s.
+    // Right after a start the locks may still be being taken.
+    const lockBackendOf = async (runner: string): Promise<number> => {
+      for (let i = 0; ; i++) {
+        const ports = clientPortsOf(cluster.runners.get(runner)!.process.pid!, pgPort)
+        const holders = await sqlAt(
+          "SELECT DISTINCT a.pid, a.client_port FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid WHERE l.locktype = 'advisory' AND l.granted"
+        )
+        const pid = holders.find((h: any) => ports.has(h.client_port))?.pid
+        if (pid !== undefined) return pid
+        expect(i, `${runner} holds no shard lock`).toBeLessThan(40)
+        await new Promise((r) => setTimeout(r, 500))
+      }
+    }
+    const unhealthy = (runner: string) => cluster.runners.get(runner)!.output().split("Shard lock storage is unhealthy").length
+    const victims = ["gw-1", "gpu-1"] as const
+    const before = victims.map(unhealthy)
+    const ids = await Promise.all(Array.from({ length: 96 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
+    let stalled = false
+    const results: Array<TurnResult> = []
+    // Each conversation takes turns back to back (through either gateway) until after the stalls.
+    const loops = ids.map(async (id, i) => {
+      for (let k = 0; k < 60 && (k < 2 || !stalled); k++) {
+        // Bounded: a client left waiting on a turn that will never stream fails the drill.
+        const r = await turn((i + k) % 2 === 0 ? gw1 : gw2, id, { content: `Turn ${k}`, max_tokens: 6 }, AbortSignal.timeout(30_000))
+        results.push(r)
+        // Not taken (the conversation moving between runners): nothing was stored; next one.
+        if (r.status !== 200) await new Promise((res) => setTimeout(res, 200))
+      }
+    })
+    // Twice each: every time a runner gives up its shards, whatever its entities are handling
+    // then (SendTurn, FinishTurn on a gateway; Start, AcquireSlot, Ping on a GPU runner) is cut.
+    for (const victim of victims) {
+      const backend = String(await lockBackendOf(victim))
+      for (let i = 0; i < 2; i++) {
+        await new Promise((r) => setTimeout(r, 1500))
+        execFileSync("kill", ["-STOP", backend])
+        await new Promise((r) => setTimeout(r, 2500))
+        execFileSync("kill", ["-CONT", backend])
+      }
+    }
+    stalled = true
+    await Promise.all(loops)
+    // The stalls did what the drill is for: each victim gave up its shards mid-traffic.
+    expect(victims.map(unhealthy).map((n, i) => n > before[i]!)).toEqual([true, true])
+    for (const r of results) expect([200, 503]).toContain(r.status)
+    for (const r of results.filter((r) => r.status === 200)) expect(r.terminal?.event, r.conversationId).toBe("done")
+    // Each conversation's stored history alternates user / completed reply, and the clients'
+    // texts are its replies, in order.
+    for (const id of ids) {
+      const rows = await rowsOf(dbUrl, id)
+      const texts = results.filter((r) => r.conversationId === id && r.status === 200).map((r) => r.text)
+      expect(rows.map((r: any) => `${r.seq}:${r.role}:${r.status}`)).toEqual(
+        rows.map((_: any, seq: number) => `${seq}:${seq % 2 === 0 ? "user" : "assistant"}:completed`)
+      )
+      expect(rows.filter((r: any) => r.role === "assistant").map((r: any) => r.content)).toEqual(texts)
+    }
+    // Drill (c), later, needs the gateways' GPU probers alive after gpu-1's shard moves.
+  }, 150_000)
 
   it("drill (e): Redis stopped during traffic; streams go on, resuming is refused meanwhile (503), and works again when Redis is back", async () => {
     const [gw1, gw2] = cluster.gateways

@@ -9,7 +9,7 @@
  * When no GPU can take the turn, it fails: its stream ends with `generation_failed`.
  */
 import { randomInt } from "node:crypto"
-import { Duration, Effect, Option } from "effect"
+import { Cause, Duration, Effect, Exit, Option } from "effect"
 import type { DataPlane } from "../../runtime/DataPlane.js"
 import type { TurnId } from "../../runtime/Domain.js"
 import type { TurnEventLog } from "../../runtime/TurnEventLog.js"
@@ -33,6 +33,10 @@ const MAX_MISSED_PROBES = 3
  * FinishTurn arrives well within it).
  */
 const SLOT_CHECK_INTERVAL_MS = 5_000
+
+/** An answer, or none: a failure, a defect or an interruption (a shard move) alike. */
+const answered = <A, E>(effect: Effect.Effect<A, E>): Effect.Effect<Option.Option<A>> =>
+  Effect.map(Effect.exit(effect), (exit) => Exit.isSuccess(exit) ? Option.some(exit.value) : Option.none())
 
 /** What the watch needs of the turn (the Conversation's ActiveTurn). */
 export interface WatchedTurn {
@@ -65,8 +69,11 @@ export const gpuHealth = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) => 
     if (n !== undefined) return n
     missed.set(gpuId, 0)
     runFork(Effect.forever(Effect.gen(function*() {
-      const ok = yield* gpus(gpuId).Ping().pipe(Effect.timeout(PROBE_TIMEOUT), Effect.option)
-      missed.set(gpuId, Option.isSome(ok) ? 0 : (missed.get(gpuId) ?? 0) + 1)
+      const ping = yield* Effect.exit(gpus(gpuId).Ping().pipe(Effect.timeout(PROBE_TIMEOUT)))
+      // Interrupted: the GPU's runner was moving its shards (it gave up its shard locks for a
+      // moment) as it answered; that says nothing either way, and must not end the prober.
+      if (Exit.isSuccess(ping)) missed.set(gpuId, 0)
+      else if (!Cause.isInterruptedOnly(ping.cause)) missed.set(gpuId, (missed.get(gpuId) ?? 0) + 1)
       yield* Effect.sleep(PROBE_INTERVAL)
     })))
     return 0
@@ -88,8 +95,9 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
       let lost = deps.missedPings(shardGroupOf(turn.slotId)) >= MAX_MISSED_PROBES
       if (!lost && Date.now() - lastSlotCheckMs >= SLOT_CHECK_INTERVAL_MS) {
         lastSlotCheckMs = Date.now()
-        const alive = yield* deps.slots(turn.slotId).Alive({ turn_id: turn.turnId }).pipe(Effect.timeout(PROBE_TIMEOUT), Effect.option)
-        if (Option.isSome(alive) && !alive.value) {
+        // No answer (or one cut by a shard move) says nothing; only "not running" counts.
+        const alive = yield* Effect.exit(deps.slots(turn.slotId).Alive({ turn_id: turn.turnId }).pipe(Effect.timeout(PROBE_TIMEOUT)))
+        if (Exit.isSuccess(alive) && !alive.value) {
           notRunningSinceMs ??= Date.now()
           lost = Date.now() - notRunningSinceMs >= SLOT_CHECK_INTERVAL_MS && isActive()
         } else notRunningSinceMs = undefined
@@ -108,8 +116,10 @@ const move = (deps: FailoverDeps, turn: WatchedTurn) =>
     const start = turn.start!
     const lostSlot = turn.slotId!
     const lostGpu = shardGroupOf(lostSlot)
-    // Were the runner only slow to answer, its sequence must stop: the turn goes on elsewhere.
-    yield* Effect.forkDaemon(deps.slots(lostSlot).Cancel().pipe(Effect.timeout(Duration.seconds(30)), Effect.ignore))
+    // Were the runner only slow to answer (it gave up its shard locks for a few seconds), its
+    // sequence must stop without ending the turn (a Cancel would: `cancelled`), which goes on
+    // elsewhere.
+    yield* Effect.forkDaemon(deps.slots(lostSlot).Abandon({ turn_id: turn.turnId }).pipe(Effect.timeout(Duration.seconds(30)), Effect.ignore))
     const events = yield* deps.eventLog.read(turn.turnId).pipe(Effect.orElseSucceed(() => []))
     if (events.some((e) => e.kind === "done" || e.kind === "error")) return "ended" as const
     let text = ""
@@ -129,11 +139,11 @@ const move = (deps: FailoverDeps, turn: WatchedTurn) =>
         priority: start.priority,
         num_prompt_tokens: start.prompt_token_ids.length + tokenIds.length,
         ttft_target_ms: 3_600_000 // a moved turn is not refused for a TTFT target it already missed
-      }).pipe(Effect.timeout(PROBE_TIMEOUT), Effect.option)
+      }).pipe(Effect.timeout(PROBE_TIMEOUT), answered)
       if (Option.isNone(slotId)) continue
       const started = yield* deps.slots(slotId.value).Start({ ...start, resume: { num_events: numEvents, text, token_ids: tokenIds } }).pipe(
         Effect.timeout(Duration.seconds(5)),
-        Effect.option
+        answered
       )
       if (Option.isNone(started)) continue
       yield* Effect.logWarning(`turn ${turn.turnId} moved from ${lostGpu} to ${gpuId} after ${tokenIds.length} tokens`)

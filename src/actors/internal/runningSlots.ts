@@ -13,6 +13,11 @@ export interface RunningSlot {
   /** Stops it. @returns whether it was still running. */
   readonly cancel: () => boolean
   /**
+   * Stops it without ending its turn (no report, no terminal event): the turn moved to another
+   * slot (failover), which goes on with it. @returns whether it was still running.
+   */
+  readonly abandon: () => boolean
+  /**
    * Moves its output to stream `streamId` (a reader resuming after token event `afterIndex`):
    * the events it wrote after that index go there first. @returns false when it cannot (it
    * ended, or the reader wants events from before this slot took the turn over).
