@@ -92,7 +92,7 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
     while (isActive()) {
       yield* Effect.sleep(PROBE_INTERVAL)
       if (!isActive() || turn.slotId === undefined) return "watched" as const
-      let lost = deps.missedPings(shardGroupOf(turn.slotId)) >= MAX_MISSED_PROBES
+      let lost = deps.missedPings(shardGroupOf(turn.slotId)) >= MAX_MISSED_PROBES && anotherAnswers(deps, turn)
       if (!lost && Date.now() - lastSlotCheckMs >= SLOT_CHECK_INTERVAL_MS) {
         lastSlotCheckMs = Date.now()
         // No answer (or one cut by a shard move) says nothing; only "not running" counts.
@@ -109,6 +109,18 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
     }
     return "watched" as const
   }).pipe(Effect.catchAllCause((cause) => Effect.as(Effect.logError(`failover watch of ${turn.turnId} stopped`, cause), "watched" as const)))
+
+/**
+ * Whether another GPU of the turn's pool answers its pings (or the pool has no other). When
+ * none does, the likely cause is this runner (its event loop or its links stalled under
+ * load), not every GPU at once, and a move would have nowhere to go anyway: so a GPU of a
+ * pool of several is given up only while another answers. A one-GPU pool's turn fails as before.
+ */
+const anotherAnswers = (deps: FailoverDeps, turn: WatchedTurn): boolean => {
+  const lostGpu = shardGroupOf(turn.slotId!)
+  const others = (lookup(deps.topology.pools, turn.start?.pool ?? "")?.gpus ?? []).filter((g) => g.id !== lostGpu)
+  return others.length === 0 || others.some((g) => deps.missedPings(g.id) === 0)
+}
 
 /** Starts `turn` on another GPU: "moved", "ended" (it had ended after all), or "lost". */
 const move = (deps: FailoverDeps, turn: WatchedTurn) =>
