@@ -233,6 +233,10 @@ const clusterUnavailable = (e: { readonly _tag: string }) =>
 /** A start payload read back from a turn's log (another process wrote it). */
 const decodeStartPayload = Schema.decodeUnknownOption(StartPayload)
 
+/** Runs a best-effort entity call: its failure, and its being cut off by a shard move, are ignored. */
+const quietly = <A, E, R>(call: Effect.Effect<A, E, R>): Effect.Effect<void, never, R> =>
+  Effect.catchAllCause(Effect.asVoid(call), () => Effect.void)
+
 /** Sequence number of a turn id `<conversation_id>:<seq>`. */
 const seqOf = (turnId: TurnId): number => Number(turnId.slice(turnId.lastIndexOf(":") + 1))
 
@@ -300,6 +304,12 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
       // the idle reaper leaves it, and after a shard move the message makes the new owner
       // start the entity at once, which takes the turn over (`recover`).
       let keepAliveOn: Fiber.RuntimeFiber<void> | undefined
+      /**
+       * This instance has stopped (its shard moved, or the runner stops): what it forked on the
+       * runner's runtime (a turn's watch) must not act for it any more.
+       */
+      let closed = false
+      yield* Effect.addFinalizer(() => Effect.sync(() => void (closed = true)))
       const hold = () => {
         keepAliveOn = runFork(Effect.provide(Entity.keepAlive(true), entityContext))
       }
@@ -318,7 +328,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
       }
       /** Watches a started turn until it ends; one that could not be moved is stored as failed. */
       const watchTurn = (turn: ActiveTurn) =>
-        failover.watch(failoverDeps, turn, () => active === turn).pipe(
+        failover.watch(failoverDeps, turn, () => !closed && active === turn).pipe(
           Effect.flatMap((outcome) =>
             outcome === "watched" ? Effect.void : Effect.gen(function*() {
               yield* appendFailedReply(id, seqOf(turn.turnId), turn.start?.prompt_token_ids.length ?? null)
@@ -623,6 +633,8 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           }
           active = turn
           let stored: { readonly seq: number; readonly numPromptTokens: number } | undefined
+          /** Start was cut off by a shard move: whether the slot runs the turn is unknown. */
+          let startUncertain = false
           /** A slot admitted for this turn and not (yet) started: given back on failure. */
           let reservedSlot: string | undefined
           // Interruptible only until something is stored or started (load, prompt, admission):
@@ -768,7 +780,10 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             yield* slots(slotId).Start(startPayload).pipe(
               Effect.catchAllCause((cause) =>
                 multiRunner && Cause.isInterruptedOnly(cause)
-                  ? Effect.logInfo(`turn ${turnId}: its Start on ${slotId} was cut off by a shard move; its watch checks it`)
+                  ? Effect.zipRight(
+                    Effect.sync(() => void (startUncertain = true)),
+                    Effect.logInfo(`turn ${turnId}: its Start on ${slotId} was cut off by a shard move; its watch checks it`)
+                  )
                   : Effect.failCause(cause)
               ),
               Effect.catchTags({
@@ -785,10 +800,11 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             conv.lastGpuId = shardGroupOf(slotId)
             turn.start = startPayload
             yield* Fiber.join(append).pipe(
-              // Not durable: the generation stops, and its FinishTurn stores nothing.
-              Effect.tapError(() => slots(slotId).Cancel().pipe(Effect.ignore))
+              // Not durable: the generation stops, and its FinishTurn stores nothing (one whose
+              // Start was cut off may not run: it is abandoned, and the turn released below).
+              Effect.tapError(() => quietly(startUncertain ? slots(slotId).Abandon({ turn_id: turnId }) : slots(slotId).Cancel()))
             )
-            if (turn.cancelRequested) yield* slots(slotId).Cancel().pipe(Effect.ignore)
+            if (turn.cancelRequested) yield* quietly(slots(slotId).Cancel())
             // Other runners may die: a turn whose GPU runner goes moves to another GPU.
             if (multiRunner) runFork(watchTurn(turn))
             return new Accepted({
@@ -802,14 +818,15 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             // gets its assistant turn as `failed`, so the history never has a hole.
             Effect.onExit((exit) =>
               Exit.isSuccess(exit) ? Effect.void : Effect.gen(function*() {
-                // Interrupted once the turn was being acknowledged: the instance is stopping as
-                // its shard moves (lost shard locks, a drain). It may be interrupted after this
-                // region finished, or while Start was on its way; whether the generation runs is
-                // unknown here, so nothing is undone (the slot may be running it). The shard's
-                // next owner, brought by the keep-alive, takes the turn over (`recover`): it
-                // watches the generation, or stores the reply as failed if none started.
-                if (multiRunner && stored !== undefined && Cause.isInterruptedOnly(exit.cause)) {
-                  return yield* Effect.logInfo(`turn ${id}:${stored.seq} left to the shard's next owner (this instance stopped)`)
+                // Interrupted once the turn was being acknowledged: from there on the region is
+                // uninterruptible, so it ran to its end and the turn runs (an interrupt that
+                // came meanwhile, from a caller that went away or from this instance stopping as
+                // its shard moves, shows only now). Nothing is undone. A stopped instance's turn
+                // is taken over by the shard's next owner, brought by the keep-alive (`recover`):
+                // it watches the generation, or stores the reply as failed if none started.
+                if (stored !== undefined && turn.slotId !== undefined && Cause.isInterruptedOnly(exit.cause)) {
+                  if (closed) yield* Effect.logInfo(`turn ${id}:${stored.seq} left to the shard's next owner (this instance stopped)`)
+                  return
                 }
                 if (reservedSlot !== undefined) {
                   const slotId = reservedSlot
@@ -817,7 +834,8 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
                 }
                 const userTurnDurable = stored !== undefined && (yield* Deferred.await(userTurnStored))
                 if (!userTurnDurable) {
-                  if (turn.slotId === undefined) release(turn)
+                  // A started generation's FinishTurn releases the turn; an abandoned one never comes.
+                  if (turn.slotId === undefined || startUncertain) release(turn)
                   return
                 }
                 yield* Effect.logWarning(`turn ${id}:${stored!.seq} did not start: its reply is stored as failed`, exit.cause)

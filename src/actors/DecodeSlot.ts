@@ -321,6 +321,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             ended = true
             running.delete(slotId)
             h.cancel()
+            stream.drop?.()
             runFork(worker.releaseSlot(slot))
             return true
           }

@@ -30,6 +30,11 @@ export interface TokenSink {
   readonly done: (event: DoneEvent) => void
   readonly fail: (code: string, message: string) => void
   readonly setProducer: (producer: TurnStreamProducer) => void
+  /**
+   * The slot stops writing here without ending the stream (its turn went on in another slot):
+   * a remote sink is forgotten; a local TurnStream has nothing to let go of.
+   */
+  readonly drop?: () => void
 }
 
 export class DataPlane extends Context.Tag("chat/DataPlane")<DataPlane, {
@@ -101,6 +106,9 @@ class RemoteSink implements TokenSink {
   }
   setProducer(producer: TurnStreamProducer): void {
     this.producer = producer
+  }
+  drop(): void {
+    this.end()
   }
   private end(): boolean {
     if (this.ended) return false
@@ -308,7 +316,8 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
           if (local !== undefined) return local
           const gateway = runnerOfStream(id)
           if (gateway === runnerName || runnerNamed(topology, gateway) === undefined) return undefined
-          const sink: RemoteSink = new RemoteSink(id, (m) => send(gateway, m), () => sinks.delete(id), firstIndex)
+          // Forgotten only while it is the stream's sink here (a later slot's may replace it).
+          const sink: RemoteSink = new RemoteSink(id, (m) => send(gateway, m), () => sinks.get(id) === sink && sinks.delete(id), firstIndex)
           sinks.set(id, sink)
           return sink
         }

@@ -374,6 +374,7 @@ describe("local cluster: two gateways, two GPU runners", () => {
     const results = await Promise.all(running)
     // Acknowledged (200) turns finish and are stored; a turn that could not be made durable was refused (503).
     for (const r of results) expect([200, 503]).toContain(r.status)
+    for (const id of ids) expect(results.filter((r) => r.conversationId === id).at(-1)?.status, id).toBe(200)
     for (const r of results.filter((r) => r.status === 200)) expect(r.terminal?.event).toBe("done")
     await audit(dbUrl, results)
     // Recovered by itself: both gateways are ready and serve turns.
@@ -433,9 +434,19 @@ describe("local cluster: two gateways, two GPU runners", () => {
     }
     stalled = true
     await Promise.all(loops)
+    // No conversation is left stuck: each takes one more turn (a turn being taken over is 409
+    // turn_in_progress for a while, never for good).
+    await Promise.all(ids.map(async (id) => {
+      for (let attempt = 0; ; attempt++) {
+        const r = await turn(gw2, id, { content: "After the stalls", max_tokens: 6 }, AbortSignal.timeout(30_000))
+        if (r.status === 200 || attempt === 30) return void results.push(r)
+        await new Promise((res) => setTimeout(res, 1000))
+      }
+    }))
     // The stalls did what the drill is for: each victim gave up its shards mid-traffic.
     expect(victims.map(unhealthy).map((n, i) => n > before[i]!)).toEqual([true, true])
     for (const r of results) expect([200, 503]).toContain(r.status)
+    for (const id of ids) expect(results.filter((r) => r.conversationId === id).at(-1)?.status, id).toBe(200)
     for (const r of results.filter((r) => r.status === 200)) expect(r.terminal?.event, r.conversationId).toBe("done")
     // Each conversation's stored history alternates user / completed reply, and the clients'
     // texts are its replies, in order.

@@ -33,6 +33,11 @@ const MAX_MISSED_PROBES = 3
  * FinishTurn arrives well within it).
  */
 const SLOT_CHECK_INTERVAL_MS = 5_000
+/**
+ * When no GPU of the pool answers, this runner is likely the stalled one: a turn waits this
+ * long before it is given up anyway (then moved, or failed: it must not wait forever).
+ */
+const ALL_SILENT_GRACE_MS = 20_000
 
 /** An answer, or none: a failure, a defect or an interruption (a shard move) alike. */
 const answered = <A, E>(effect: Effect.Effect<A, E>): Effect.Effect<Option.Option<A>> =>
@@ -54,7 +59,7 @@ export interface FailoverDeps {
   readonly eventLog: TurnEventLog["Type"]
   readonly dataPlane: DataPlane["Type"]
   readonly topology: Topology
-  /** Consecutive unanswered pings of a GPU (see `gpuHealth`). */
+  /** Consecutive unanswered pings of a GPU (see `gpuHealth`); -1 before its first answer or miss. */
   readonly missedPings: (gpuId: string) => number
 }
 
@@ -67,16 +72,16 @@ export const gpuHealth = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) => 
   return (gpuId: string): number => {
     const n = missed.get(gpuId)
     if (n !== undefined) return n
-    missed.set(gpuId, 0)
+    missed.set(gpuId, -1)
     runFork(Effect.forever(Effect.gen(function*() {
       const ping = yield* Effect.exit(gpus(gpuId).Ping().pipe(Effect.timeout(PROBE_TIMEOUT)))
       // Interrupted: the GPU's runner was moving its shards (it gave up its shard locks for a
       // moment) as it answered; that says nothing either way, and must not end the prober.
       if (Exit.isSuccess(ping)) missed.set(gpuId, 0)
-      else if (!Cause.isInterruptedOnly(ping.cause)) missed.set(gpuId, (missed.get(gpuId) ?? 0) + 1)
+      else if (!Cause.isInterruptedOnly(ping.cause)) missed.set(gpuId, Math.max(0, missed.get(gpuId) ?? 0) + 1)
       yield* Effect.sleep(PROBE_INTERVAL)
     })))
-    return 0
+    return -1
   }
 }
 
@@ -89,10 +94,14 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
   Effect.gen(function*() {
     let lastSlotCheckMs = Date.now()
     let notRunningSinceMs: number | undefined
+    /** Since when its GPU has missed MAX_MISSED_PROBES pings in a row (while no other answered). */
+    let silentSinceMs: number | undefined
     while (isActive()) {
       yield* Effect.sleep(PROBE_INTERVAL)
       if (!isActive() || turn.slotId === undefined) return "watched" as const
-      let lost = deps.missedPings(shardGroupOf(turn.slotId)) >= MAX_MISSED_PROBES && anotherAnswers(deps, turn)
+      const silent = deps.missedPings(shardGroupOf(turn.slotId)) >= MAX_MISSED_PROBES
+      silentSinceMs = silent ? silentSinceMs ?? Date.now() : undefined
+      let lost = silent && (anotherAnswers(deps, turn) || Date.now() - silentSinceMs! >= ALL_SILENT_GRACE_MS)
       if (!lost && Date.now() - lastSlotCheckMs >= SLOT_CHECK_INTERVAL_MS) {
         lastSlotCheckMs = Date.now()
         // No answer (or one cut by a shard move) says nothing; only "not running" counts.
@@ -104,7 +113,8 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
       }
       if (!lost) continue
       notRunningSinceMs = undefined
-      const moved = yield* move(deps, turn)
+      silentSinceMs = undefined
+      const moved = yield* move(deps, turn, isActive)
       if (moved !== "moved") return moved === "ended" ? "watched" as const : "lost" as const
     }
     return "watched" as const
@@ -114,7 +124,8 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
  * Whether another GPU of the turn's pool answers its pings (or the pool has no other). When
  * none does, the likely cause is this runner (its event loop or its links stalled under
  * load), not every GPU at once, and a move would have nowhere to go anyway: so a GPU of a
- * pool of several is given up only while another answers. A one-GPU pool's turn fails as before.
+ * pool of several is given up at once only while another answers (else after
+ * ALL_SILENT_GRACE_MS). A GPU not yet probed counts as not answering.
  */
 const anotherAnswers = (deps: FailoverDeps, turn: WatchedTurn): boolean => {
   const lostGpu = shardGroupOf(turn.slotId!)
@@ -123,7 +134,7 @@ const anotherAnswers = (deps: FailoverDeps, turn: WatchedTurn): boolean => {
 }
 
 /** Starts `turn` on another GPU: "moved", "ended" (it had ended after all), or "lost". */
-const move = (deps: FailoverDeps, turn: WatchedTurn) =>
+const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
   Effect.gen(function*() {
     const start = turn.start!
     const lostSlot = turn.slotId!
@@ -157,7 +168,17 @@ const move = (deps: FailoverDeps, turn: WatchedTurn) =>
         Effect.timeout(Duration.seconds(5)),
         answered
       )
-      if (Option.isNone(started)) continue
+      // No answer: it may run all the same, and must not next to the one tried next. Ended
+      // meanwhile (the old slot's FinishTurn came): the new one is not wanted either.
+      const abandon = deps.slots(slotId.value).Abandon({ turn_id: turn.turnId }).pipe(Effect.timeout(Duration.seconds(30)), Effect.ignore)
+      if (Option.isNone(started)) {
+        yield* Effect.forkDaemon(abandon)
+        continue
+      }
+      if (!isActive()) {
+        yield* Effect.forkDaemon(abandon)
+        return "ended" as const
+      }
       yield* Effect.logWarning(`turn ${turn.turnId} moved from ${lostGpu} to ${gpuId} after ${tokenIds.length} tokens`)
       turn.slotId = slotId.value
       return "moved" as const
