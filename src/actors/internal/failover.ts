@@ -133,6 +133,10 @@ const anotherAnswers = (deps: FailoverDeps, turn: WatchedTurn): boolean => {
   return others.length === 0 || others.some((g) => deps.missedPings(g.id) === 0)
 }
 
+/** Tells `slotId` to stop its sequence of `turnId` without ending the turn, in the background. */
+const abandonSlot = (deps: FailoverDeps, slotId: string, turnId: TurnId) =>
+  Effect.forkDaemon(deps.slots(slotId).Abandon({ turn_id: turnId }).pipe(Effect.timeout(Duration.seconds(30)), Effect.ignore))
+
 /** Starts `turn` on another GPU: "moved", "ended" (it had ended after all), or "lost". */
 const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
   Effect.gen(function*() {
@@ -142,7 +146,7 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
     // Were the runner only slow to answer (it gave up its shard locks for a few seconds), its
     // sequence must stop without ending the turn (a Cancel would: `cancelled`), which goes on
     // elsewhere.
-    yield* Effect.forkDaemon(deps.slots(lostSlot).Abandon({ turn_id: turn.turnId }).pipe(Effect.timeout(Duration.seconds(30)), Effect.ignore))
+    yield* abandonSlot(deps, lostSlot, turn.turnId)
     const events = yield* deps.eventLog.read(turn.turnId).pipe(Effect.orElseSucceed(() => []))
     if (events.some((e) => e.kind === "done" || e.kind === "error")) return "ended" as const
     let text = ""
@@ -170,13 +174,12 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
       )
       // No answer: it may run all the same, and must not next to the one tried next. Ended
       // meanwhile (the old slot's FinishTurn came): the new one is not wanted either.
-      const abandon = deps.slots(slotId.value).Abandon({ turn_id: turn.turnId }).pipe(Effect.timeout(Duration.seconds(30)), Effect.ignore)
       if (Option.isNone(started)) {
-        yield* Effect.forkDaemon(abandon)
+        yield* abandonSlot(deps, slotId.value, turn.turnId)
         continue
       }
       if (!isActive()) {
-        yield* Effect.forkDaemon(abandon)
+        yield* abandonSlot(deps, slotId.value, turn.turnId)
         return "ended" as const
       }
       yield* Effect.logWarning(`turn ${turn.turnId} moved from ${lostGpu} to ${gpuId} after ${tokenIds.length} tokens`)
