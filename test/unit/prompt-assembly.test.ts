@@ -110,6 +110,35 @@ describe("prompt assembly by template segments", () => {
       expect(state.cache.historyIds[0]).toBe(firstIds)
     }))
 
+  it.effect("a turn encodes only its new messages: the system prompt once while it stays the same, the user message once", () =>
+    Effect.gen(function*() {
+      const tokenizer = yield* Tokenizer.load(modelsDir)
+      const segments = tokenizer.promptSegments!
+      const calls = { first: 0, middle: 0, reply: 0 }
+      const counting = {
+        ...tokenizer,
+        promptSegments: {
+          ...segments,
+          first: (m: Tokenizer.ChatMessage) => (calls.first++, segments.first(m)),
+          middle: (m: Tokenizer.ChatMessage) => (calls.middle++, segments.middle(m)),
+          reply: (m: Tokenizer.ChatMessage) => (calls.reply++, segments.reply(m))
+        }
+      }
+      const model = { pool: "p", modelDir: modelsDir, tokenizer: counting, maxModelLen: 100_000 }
+      const state = { systemPrompt: "Be brief.", history: [] as Array<Tokenizer.ChatMessage>, cache: emptyPromptCache() }
+      for (let i = 0; i < 6; i++) {
+        // A new summary or new facts change the system prompt at turn 3.
+        if (i === 3) state.systemPrompt = "Be brief. Earlier: they talked about caches."
+        Object.assign(calls, { first: 0, middle: 0, reply: 0 })
+        const ids = yield* buildPrompt(model, state, `question ${i}`, 4)
+        expect(calls).toEqual({ first: i === 0 || i === 3 ? 1 : 0, middle: 1, reply: i === 0 ? 0 : 1 })
+        // The same prompt as one assembled from nothing.
+        const fresh = yield* buildPrompt({ ...model, tokenizer }, { ...state, cache: emptyPromptCache() }, `question ${i}`, 4)
+        expect(ids).toEqual(fresh)
+        state.history.push({ role: "user", content: `question ${i}` }, { role: "assistant", content: `answer ${i}` })
+      }
+    }))
+
   const longHistory = (numExchanges: number) =>
     Array.from({ length: numExchanges }, (_, i) => [
       { role: "user" as const, content: `Question ${i}: how does a paged KV cache work?` },

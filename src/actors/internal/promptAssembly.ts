@@ -37,6 +37,16 @@ export interface PromptCache {
   /** How many history messages were checked for a `<think>` block, and whether one had one. */
   numScanned: number
   hasThink: boolean
+  /**
+   * The system prompt's `first` ids, for that text: it is the same from turn to turn until the
+   * summary or the remembered facts change, and may be long.
+   */
+  system?: { readonly content: string; readonly ids: Array<number> }
+  /**
+   * The last new user message's `middle` ids: it enters the history after its turn, and the
+   * next prompt takes these instead of encoding it again.
+   */
+  lastUser?: { readonly content: string; readonly ids: Array<number> }
 }
 
 export const emptyPromptCache = (): PromptCache => ({ historyIds: [], numScanned: 0, hasThink: false })
@@ -118,7 +128,7 @@ const encodeWindow = (segments: Segments, state: PromptState, limit: Limits): Ef
     for (let i = history.length - 1; i >= windowStart && total <= limit.history; i--) {
       let ids = historyIds[i]
       if (ids === undefined) {
-        ids = historyIds[i] = Uint32Array.from(historyPiece(segments, history[i]!))
+        ids = historyIds[i] = Uint32Array.from(historyPiece(segments, state.cache, history[i]!))
         if (++numEncoded % ENCODE_BATCH === 0) yield* yieldToEventLoop
       }
       total += ids.length
@@ -132,8 +142,12 @@ type Segments = NonNullable<LoadedModel["tokenizer"]["promptSegments"]>
  * generated it (`reply`: after the generation prompt), so that the next prompt extends the
  * last one plus its reply and their KV blocks are prefix-cache hits.
  */
-const historyPiece = (segments: Segments, message: ChatMessage): Array<number> =>
-  message.role === "assistant" ? segments.reply(message) : segments.middle(message)
+const historyPiece = (segments: Segments, cache: PromptCache, message: ChatMessage): Array<number> =>
+  message.role === "assistant"
+    ? segments.reply(message)
+    : message.role === "user" && cache.lastUser?.content === message.content
+    ? cache.lastUser.ids
+    : segments.middle(message)
 
 /** The prompt by template segments: the ids and the first history message kept, or the size of the smallest prompt. */
 const buildBySegments = (
@@ -143,15 +157,21 @@ const buildBySegments = (
   limits: Limits
 ): { readonly ids: Array<number>; readonly start: number } | { readonly numPromptTokens: number } => {
   const { history } = state
-  const { historyIds } = state.cache
+  const { cache } = state
+  const { historyIds } = cache
   const windowStart = state.windowStart ?? 0
   const limit = limits.history
-  const idsOf = (i: number): Uint32Array => historyIds[i] ??= Uint32Array.from(historyPiece(segments, history[i]!))
-  const system = state.systemPrompt === null ? undefined : segments.first({ role: "system", content: state.systemPrompt })
+  const idsOf = (i: number): Uint32Array => historyIds[i] ??= Uint32Array.from(historyPiece(segments, cache, history[i]!))
+  const systemPrompt = state.systemPrompt
+  if (systemPrompt !== null && cache.system?.content !== systemPrompt) {
+    cache.system = { content: systemPrompt, ids: segments.first({ role: "system", content: systemPrompt }) }
+  }
+  const system = systemPrompt === null ? undefined : cache.system!.ids
   const user: ChatMessage = { role: "user", content }
   const generation = segments.generationPrompt
   const fixed = (system?.length ?? 0) + generation.length
-  let userIds = segments.middle(user)
+  let userIds = cache.lastUser?.content === content ? cache.lastUser.ids : segments.middle(user)
+  cache.lastUser = { content, ids: userIds }
   // The smallest prompt: no history (the user message then opens it when there is no system prompt).
   const alone = system === undefined ? segments.first(user) : userIds
   if (fixed + alone.length > limits.prompt) return { numPromptTokens: fixed + alone.length }
