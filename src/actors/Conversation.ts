@@ -24,7 +24,7 @@ import { randomInt } from "node:crypto"
 import { ClusterSchema, Entity, Sharding } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { WorkflowEngine } from "@effect/workflow"
-import { Cause, Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schedule, Schema } from "effect"
+import { Cause, Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
 import { DataPlane } from "../runtime/DataPlane.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { type ConversationId, type Summary, type Turn, TurnId, UserId } from "../runtime/Domain.js"
@@ -157,9 +157,6 @@ interface ActiveTurn {
 
 /** A GPU whose scheduler does not answer admission within this is skipped (its runner is gone; a loaded one answers well within it). */
 const ACQUIRE_TIMEOUT = Duration.seconds(10)
-
-/** Retries of a keep-alive message that could not be stored: ~13 s in all. */
-const KEEP_ALIVE_RETRY = Schedule.intersect(Schedule.exponential(Duration.millis(100)), Schedule.recurs(7))
 
 /**
  * How long a Conversation that took a running turn over (a shard move) waits for the turn's
@@ -313,15 +310,8 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
        */
       let closed = false
       yield* Effect.addFinalizer(() => Effect.sync(() => void (closed = true)))
-      // Its message is written to the cluster's message storage, and a database fault fails
-      // it (a defect, in @effect/cluster): tried again, or the reaper would stop the instance
-      // mid-turn and nothing would bring a next owner after a shard move.
       const hold = () => {
-        keepAliveOn = runFork(Effect.provide(Entity.keepAlive(true), entityContext).pipe(
-          Effect.sandbox,
-          Effect.retry({ schedule: KEEP_ALIVE_RETRY, while: () => !closed }),
-          Effect.catchAll((cause) => Effect.logWarning(`conversation ${id}: its keep-alive could not be stored`, cause))
-        ))
+        keepAliveOn = runFork(Effect.provide(Entity.keepAlive(true), entityContext))
       }
       const unhold = () => {
         const on = keepAliveOn
@@ -913,9 +903,8 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             }
           }
         }).pipe(
-          // Not for the report of a slot the turn moved off: the turn runs on elsewhere.
           Effect.ensuring(Effect.sync(() => {
-            if (active?.turnId === turn.turn_id && (active.slotId === undefined || active.slotId === turn.slot_id)) release(active)
+            if (active?.turnId === turn.turn_id) release(active)
           }))
         )
 
