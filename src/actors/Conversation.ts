@@ -27,7 +27,7 @@ import { WorkflowEngine } from "@effect/workflow"
 import { Cause, Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
 import { DataPlane } from "../runtime/DataPlane.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
-import { type ConversationId, type Summary, type Turn, TurnId, UserId } from "../runtime/Domain.js"
+import { type ConversationId, DoneEvent, noValidation, type Summary, type Turn, TurnId, Usage, UserId } from "../runtime/Domain.js"
 import {
   ContentFiltered,
   ConversationNotFound,
@@ -146,7 +146,10 @@ interface ActiveTurn {
   /** The client's Idempotency-Key of this turn, if it sent one. */
   readonly idempotencyKey: string | undefined
   slotId: string | undefined
-  /** What started it (a failover starts it again elsewhere with this). */
+  /**
+   * What starts it, set as its Start is sent (a failover starts it again elsewhere with this;
+   * a FinishTurn that overtakes the Start's answer finds the client's stream in it).
+   */
   start: StartPayload | undefined
   cancelRequested: boolean
   /** Whether the user turn is durable, once its append ends; FinishTurn waits for it. */
@@ -234,8 +237,21 @@ const clusterUnavailable = (e: { readonly _tag: string }) =>
 const decodeStartPayload = Schema.decodeUnknownOption(StartPayload)
 
 /** Runs a best-effort entity call: its failure, and its being cut off by a shard move, are ignored. */
+/**
+ * A best-effort call to another entity: whatever happens to it is ignored, and it is given up
+ * after 10 s (a call to a GPU runner that died is held by the cluster until it is back).
+ */
 const quietly = <A, E, R>(call: Effect.Effect<A, E, R>): Effect.Effect<void, never, R> =>
-  Effect.catchAllCause(Effect.asVoid(call), () => Effect.void)
+  Effect.catchAllCause(Effect.asVoid(Effect.timeout(call, BEST_EFFORT_TIMEOUT)), () => Effect.void)
+const BEST_EFFORT_TIMEOUT = Duration.seconds(10)
+
+/**
+ * Whether a call to an entity on another runner ended with neither an answer nor a failure of
+ * its own: interrupted (the callee's runner gave up its shards as it answered), or dead (the
+ * socket to a runner that died failed under the write, which @effect/platform's socket
+ * reports as a defect in the caller's fiber). Either way the call may or may not have arrived.
+ */
+const unanswered = (cause: Cause.Cause<unknown>): boolean => Option.isNone(Cause.failureOption(cause))
 
 /** Sequence number of a turn id `<conversation_id>:<seq>`. */
 const seqOf = (turnId: TurnId): number => Number(turnId.slice(turnId.lastIndexOf(":") + 1))
@@ -270,6 +286,18 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
     dataPlane: yield* DataPlane,
     topology: topologyValue,
     missedPings: failover.gpuHealth(gpus, runFork)
+  }
+  const guardStreamEnd = failover.streamEndGuard(failoverDeps, runFork)
+  /** Ends turn `turn`'s client stream from its stored reply (its slot's GPU runner was lost). */
+  const endStreamFromReply = (start: StartPayload, turn: FinishedTurn) => {
+    const sink = failoverDeps.dataPlane.sink(start.stream_id)
+    if (sink === undefined) return
+    runFork(Effect.logInfo(`turn ${turn.turn_id}: ${shardGroupOf(turn.slot_id)} was lost once its reply was stored; its stream, if still open, is ended from the reply`))
+    // As the slot would have ended it (DecodeSlot's `end`).
+    if (turn.status === "filtered") return sink.fail("content_filter", "The reply was stopped by content moderation")
+    if (turn.status === "failed") return sink.fail("generation_failed", "The generation failed")
+    const usage = { prompt_tokens: turn.num_prompt_tokens, completion_tokens: turn.num_completion_tokens, prompt_tokens_details: { cached_tokens: 0 } }
+    sink.complete(turn.text, new DoneEvent({ turn_id: turn.turn_id, finish_reason: turn.finish_reason, usage: new Usage(usage, noValidation) }, noValidation))
   }
   /** Stores a user turn's reply as `failed` (never leaves a hole in the history); logs a failure. */
   const appendFailedReply = (id: ConversationId, seq: number, numPromptTokens: number | null) =>
@@ -509,7 +537,11 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           for (;;) {
             const [found, logged] = yield* Effect.all([
               Effect.forEach(gpuIds, (gpuId) =>
-                gpus(gpuId).FindTurn({ turn_id: turn.turnId }).pipe(Effect.timeout(Duration.seconds(1)), Effect.option), { concurrency: "unbounded" }),
+                gpus(gpuId).FindTurn({ turn_id: turn.turnId }).pipe(
+                  Effect.timeout(Duration.seconds(1)),
+                  Effect.map(Option.some),
+                  Effect.catchAllCause(() => Effect.succeed(Option.none()))
+                ), { concurrency: "unbounded" }),
               eventLog.read(turn.turnId).pipe(Effect.option)
             ], { concurrency: 2 })
             if (active !== turn) return // its FinishTurn came meanwhile
@@ -523,7 +555,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
               turn.slotId = started!.slot_id
               turn.start = request.value
               yield* Effect.logInfo(`turn ${turn.turnId} taken over on slot ${turn.slotId}`)
-              if (turn.cancelRequested) yield* slots(turn.slotId).Cancel().pipe(Effect.ignore)
+              if (turn.cancelRequested) yield* quietly(slots(turn.slotId).Cancel())
               return yield* watchTurn(turn)
             }
             const waitedMs = Date.now() - startedAt
@@ -691,6 +723,9 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
                 num_prompt_tokens: promptIds.length,
                 ttft_target_ms: k === 0 && affine && next ? Math.round(tier.ttft_p99_ms * AFFINITY_LOAD_FRACTION) : tier.ttft_p99_ms
               }).pipe(
+                // Its runner died under the call: as a GPU that does not answer (a defect
+                // left alone would restart this entity mid-turn).
+                Effect.catchAllDefect(() => Effect.fail(new EngineError({ code: "unavailable", message: `${gpuId} did not answer` }))),
                 Effect.timeoutFail({
                   duration: ACQUIRE_TIMEOUT,
                   onTimeout: () => new EngineError({ code: "unavailable", message: `${gpuId} did not answer` })
@@ -774,15 +809,35 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
               ...(multiRunner && zeroRetention(topology, conv.orgId) ? { ephemeral: true } : {})
             }
             // A Start cut off by a shard move (the slot's runner gave up its shard locks for a
-            // moment) may or may not have started the sequence; it is not sent again (the slot
-            // may have been reserved anew since). The turn is taken as started on that slot:
-            // its watch finds out (Alive), and moves it to a GPU if it is not running there.
-            yield* slots(slotId).Start(startPayload).pipe(
+            // moment) or by its runner's death may or may not have started the sequence; it is
+            // not sent again (the slot may have been reserved anew since). The turn is taken as
+            // started on that slot: its watch finds out (Alive, or the GPU's silence), and moves
+            // it to a GPU if it is not running there.
+            // A GPU runner that dies before it answers the Start would keep it waiting for
+            // ever (the cluster holds a message to a pinned shard until its runner is back):
+            // once the GPU is given up by the watch's rule, the Start is as one cut off. The
+            // Start runs in a fiber of its own, so that it goes out whatever becomes of this
+            // wait (an instance stopped by a shard move leaves the turn to the next owner,
+            // which finds it on its slot).
+            turn.start = startPayload
+            const startCall = slots(slotId).Start(startPayload)
+            const startOrLost = !multiRunner ? startCall : Effect.gen(function*() {
+              const start = yield* Effect.forkDaemon(startCall)
+              const lost = yield* Effect.raceFirst(
+                Effect.interruptible(Effect.as(Fiber.join(start), false)),
+                Effect.interruptible(Effect.as(failover.untilLost(failoverDeps, shardGroupOf(slotId), conv.pool), true))
+              )
+              if (!lost) return
+              yield* Fiber.interruptFork(start)
+              startUncertain = true
+              yield* Effect.logWarning(`turn ${turnId}: ${shardGroupOf(slotId)} was lost before it answered the Start; its watch moves the turn`)
+            })
+            yield* startOrLost.pipe(
               Effect.catchAllCause((cause) =>
-                multiRunner && Cause.isInterruptedOnly(cause)
+                multiRunner && unanswered(cause)
                   ? Effect.zipRight(
                     Effect.sync(() => void (startUncertain = true)),
-                    Effect.logInfo(`turn ${turnId}: its Start on ${slotId} was cut off by a shard move; its watch checks it`)
+                    Effect.logInfo(`turn ${turnId}: its Start on ${slotId} was cut off (a shard move, or its runner died); its watch checks it`)
                   )
                   : Effect.failCause(cause)
               ),
@@ -798,7 +853,6 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             reservedSlot = undefined
             turn.slotId = slotId
             conv.lastGpuId = shardGroupOf(slotId)
-            turn.start = startPayload
             yield* Fiber.join(append).pipe(
               // Not durable: the generation stops, and its FinishTurn stores nothing (one whose
               // Start was cut off may not run: it is abandoned, and the turn released below).
@@ -830,7 +884,8 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
                 }
                 if (reservedSlot !== undefined) {
                   const slotId = reservedSlot
-                  yield* gpus(shardGroupOf(slotId)).ReleaseSlot({ slot_id: slotId }).pipe(Effect.ignoreLogged)
+                  // Bounded: the GPU's runner may be gone (an unstarted reservation expires there).
+                  yield* quietly(gpus(shardGroupOf(slotId)).ReleaseSlot({ slot_id: slotId }))
                 }
                 const userTurnDurable = stored !== undefined && (yield* Deferred.await(userTurnStored))
                 if (!userTurnDurable) {
@@ -879,6 +934,11 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             moderation_verdict: turn.moderation_verdict ?? null,
             training_eligible: trainingEligible(topology, orgId)
           })
+          // The slot ends the client's stream once this returns, unless its GPU runner dies first.
+          if (multiRunner && current?.turnId === turn.turn_id && current.start !== undefined) {
+            const start = current.start
+            guardStreamEnd(shardGroupOf(turn.slot_id), start.pool, () => endStreamFromReply(start, turn))
+          }
           // A reply delivered twice (a FinishTurn resent after a shard move) is in the state already.
           const known = state !== undefined && (state.seqs.at(-1) ?? -1) >= seq
           if (state !== undefined && !known) {
@@ -916,7 +976,12 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
         if (turn === undefined) return false
         let cancelled = true
         if (turn.slotId === undefined) turn.cancelRequested = true
-        else cancelled = yield* slots(turn.slotId).Cancel().pipe(Effect.orElseSucceed(() => false))
+        else {
+          cancelled = yield* slots(turn.slotId).Cancel().pipe(
+            Effect.timeout(BEST_EFFORT_TIMEOUT),
+            Effect.catchAllCause(() => Effect.succeed(false))
+          )
+        }
         // Answer once the turn is stored and the conversation takes a new one (a send
         // right after the 204 must not meet turn_in_progress).
         yield* Deferred.await(turn.ended).pipe(Effect.timeout(CANCEL_SETTLE_TIMEOUT), Effect.ignore)
@@ -976,7 +1041,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
               yield* Effect.sleep(Duration.millis(100))
             }
             if (turn?.turnId !== payload.turn_id || turn.slotId === undefined) return false
-            return yield* slots(turn.slotId).Attach(payload).pipe(Effect.timeout(Duration.seconds(2)), Effect.orElseSucceed(() => false))
+            return yield* slots(turn.slotId).Attach(payload).pipe(Effect.timeout(Duration.seconds(2)), Effect.catchAllCause(() => Effect.succeed(false)))
           }),
         Cancel: () => cancelRunning,
         Delete: ({ payload }) =>

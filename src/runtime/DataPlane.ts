@@ -12,7 +12,8 @@
  *
  * Wire: each runner binds a PULL socket on its topology `data_port` and connects a PUSH socket
  * to each peer it sends to. A frame is msgpack `[sender, [message, ...]]`; messages:
- * `["t", id, text, index]`, `["d", id, done]`, `["f", id, code, text]` towards the gateway and
+ * `["t", id, text, index]`, `["d", id, done]`, `["f", id, code, text]`, `["s", id, text, done]`
+ * (a stream ended from its turn's stored reply, by the Conversation) towards the gateway and
  * `["p", id]`, `["r", id]`, `["c", id]` towards the slot. PUSH/PULL keeps each pair's order.
  */
 import { Context, Effect, Layer } from "effect"
@@ -28,6 +29,8 @@ export interface TokenSink {
   /** Appends a text delta. @returns false when the reader is full: pause until `onDrain`. */
   readonly token: (text: string) => boolean
   readonly done: (event: DoneEvent) => void
+  /** Ends the stream from the turn's stored reply (see `TurnStream.complete`). */
+  readonly complete: (text: string, event: DoneEvent) => void
   readonly fail: (code: string, message: string) => void
   readonly setProducer: (producer: TurnStreamProducer) => void
   /**
@@ -59,9 +62,17 @@ type Message =
   | readonly ["t", string, string, number]
   | readonly ["d", string, { turn_id: string; finish_reason: string; usage: UsageJson }]
   | readonly ["f", string, string, string]
+  | readonly ["s", string, string, { turn_id: string; finish_reason: string; usage: UsageJson }]
   | readonly ["p" | "r" | "c", string]
 
 const packr = new Packr({ useRecords: false })
+
+const doneEventOf = (d: { turn_id: string; finish_reason: string; usage: UsageJson }): DoneEvent =>
+  new DoneEvent({
+    turn_id: TurnId.make(d.turn_id),
+    finish_reason: d.finish_reason as FinishReason,
+    usage: new Usage(d.usage, noValidation)
+  }, noValidation)
 
 /**
  * A gateway's record of who feeds one of its streams: the runner, whether it was told to
@@ -100,6 +111,9 @@ class RemoteSink implements TokenSink {
     if (this.end()) {
       this.send(["d", this.id, { turn_id: event.turn_id, finish_reason: event.finish_reason, usage: usageJson(event.usage) }])
     }
+  }
+  complete(text: string, event: DoneEvent): void {
+    if (this.end()) this.send(["s", this.id, text, { turn_id: event.turn_id, finish_reason: event.finish_reason, usage: usageJson(event.usage) }])
   }
   fail(code: string, message: string): void {
     if (this.end()) this.send(["f", this.id, code, message])
@@ -229,20 +243,20 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
               send(from, ["p", id])
             }
             break
-          case "d": {
-            const d = message[2]
+          case "d":
             feeders.delete(id)
-            stream.done(new DoneEvent({
-              turn_id: TurnId.make(d.turn_id),
-              finish_reason: d.finish_reason as FinishReason,
-              usage: new Usage(d.usage, noValidation)
-            }, noValidation))
+            stream.done(doneEventOf(message[2]))
             break
-          }
           case "f":
             feeders.delete(id)
             stream.fail(message[2], message[3])
             break
+          case "s": {
+            const d = message[3]
+            feeders.delete(id)
+            stream.complete(message[2], doneEventOf(d))
+            break
+          }
         }
       }
 
@@ -294,7 +308,7 @@ export const layerZmq = (topology: Topology, runnerName: string) =>
             if (!Array.isArray(decoded) || typeof decoded[0] !== "string" || !Array.isArray(decoded[1])) continue
             const from = decoded[0]
             for (const message of decoded[1] as Array<Message>) {
-              if (message[0] === "t" || message[0] === "d" || message[0] === "f") onGatewayMessage(from, message)
+              if (message[0] === "t" || message[0] === "d" || message[0] === "f" || message[0] === "s") onGatewayMessage(from, message)
               else onSlotMessage(message)
             }
           }

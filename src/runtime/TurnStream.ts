@@ -79,6 +79,8 @@ export interface TurnObserver {
 export class TurnStream {
   readonly id: TurnStreamId
   private nextIndex = 0
+  /** UTF-16 code units of text handed to `token` (what `complete` does not repeat). */
+  private numTextChars = 0
   /** `<turn_id>:` once the turn is known: event ids then name the turn and the position. */
   private idPrefix = ""
   private ended = false
@@ -145,6 +147,7 @@ export class TurnStream {
   /** Appends a text delta. @returns false when the reader is full: pause until `onDrain`. */
   token(text: string): boolean {
     if (this.isClosed) return true
+    this.numTextChars += text.length
     for (const o of this.observers) o.onToken?.()
     const ok = this.push({ _tag: "Token", text })
     if (!ok) this.wantDrain = true
@@ -163,6 +166,20 @@ export class TurnStream {
     this.ended = true
     this.push({ _tag: "Done", event })
     this.finish()
+  }
+
+  /**
+   * Ends the stream from its turn's stored reply `text`, for a producer that may be gone
+   * without writing the end (its GPU runner died once the reply was stored): the part of
+   * `text` not yet handed to `token` goes out as one token event, then `done`. A stream that
+   * did not carry the turn from its start cannot tell that part: it ends `stream_incomplete`.
+   * A no-op once closed.
+   */
+  complete(text: string, event: DoneEvent): void {
+    if (this.isClosed) return
+    if (this.firstIndex > 0) return this.fail("stream_incomplete", "the end of this turn was lost with its GPU runner; read it from the history")
+    if (text.length > this.numTextChars) this.token(text.slice(this.numTextChars))
+    this.done(event)
   }
 
   fail(code: string, message: string): void {

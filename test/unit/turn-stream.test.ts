@@ -59,6 +59,34 @@ describe("TurnStream", () => {
     expect(text).not.toContain("event: done")
   })
 
+  it("complete sends the part of the stored reply the reader lacks, then done; a no-op once ended", async () => {
+    const stream = new TurnStream(TurnStreamId.make("s-complete"))
+    const readable = stream.toSse({ keepAliveMs: 0 })
+    stream.token("Hel")
+    stream.complete("Hello there", done(2))
+    stream.complete("Hello there", done(2))
+    const text = await readAll(readable)
+    expect(text).toBe(
+      ": accepted\n\n" +
+        "event: token\nid: 0\ndata: {\"text\":\"Hel\"}\n\n" +
+        "event: token\nid: 1\ndata: {\"text\":\"lo there\"}\n\n" +
+        "event: done\nid: 2\ndata: {\"turn_id\":\"c:1\",\"finish_reason\":\"stop\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n"
+    )
+    // Everything was read already: only done.
+    const whole = new TurnStream(TurnStreamId.make("s-complete-2"))
+    const readable2 = whole.toSse({ keepAliveMs: 0 })
+    whole.token("Hi")
+    whole.complete("Hi", done(1))
+    expect(await readAll(readable2)).not.toContain("id: 1\ndata: {\"text\"")
+    // A stream that began mid-turn (a resume) cannot tell what its reader lacks.
+    const resumed = new TurnStream(TurnStreamId.make("s-complete-3"), () => {}, 64, 5)
+    const readable3 = resumed.toSse({ keepAliveMs: 0 })
+    resumed.complete("Hello", done(5))
+    const text3 = await readAll(readable3)
+    expect(text3).toContain("stream_incomplete")
+    expect(text3).not.toContain("event: done")
+  })
+
   it("reports a full reader and calls onDrain once it reads again", async () => {
     const stream = new TurnStream(TurnStreamId.make("s3"), undefined, 4)
     const { calls, producer: p } = producer()

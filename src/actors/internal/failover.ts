@@ -94,14 +94,11 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
   Effect.gen(function*() {
     let lastSlotCheckMs = Date.now()
     let notRunningSinceMs: number | undefined
-    /** Since when its GPU has missed MAX_MISSED_PROBES pings in a row (while no other answered). */
-    let silentSinceMs: number | undefined
+    const gpuLost = lossRule(deps)
     while (isActive()) {
       yield* Effect.sleep(PROBE_INTERVAL)
       if (!isActive() || turn.slotId === undefined) return "watched" as const
-      const silent = deps.missedPings(shardGroupOf(turn.slotId)) >= MAX_MISSED_PROBES
-      silentSinceMs = silent ? silentSinceMs ?? Date.now() : undefined
-      let lost = silent && (anotherAnswers(deps, turn) || Date.now() - silentSinceMs! >= ALL_SILENT_GRACE_MS)
+      let lost = gpuLost(shardGroupOf(turn.slotId), turn.start?.pool ?? "")
       if (!lost && Date.now() - lastSlotCheckMs >= SLOT_CHECK_INTERVAL_MS) {
         lastSlotCheckMs = Date.now()
         // No answer (or one cut by a shard move) says nothing; only "not running" counts.
@@ -113,7 +110,7 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
       }
       if (!lost) continue
       notRunningSinceMs = undefined
-      silentSinceMs = undefined
+      gpuLost.reset()
       const moved = yield* move(deps, turn, isActive)
       if (moved !== "moved") return moved === "ended" ? "watched" as const : "lost" as const
     }
@@ -121,16 +118,38 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
   }).pipe(Effect.catchAllCause((cause) => Effect.as(Effect.logError(`failover watch of ${turn.turnId} stopped`, cause), "watched" as const)))
 
 /**
- * Whether another GPU of the turn's pool answers its pings (or the pool has no other). When
- * none does, the likely cause is this runner (its event loop or its links stalled under
- * load), not every GPU at once, and a move would have nowhere to go anyway: so a GPU of a
- * pool of several is given up at once only while another answers (else after
- * ALL_SILENT_GRACE_MS). A GPU not yet probed counts as not answering.
+ * Waits until GPU `gpuId` of `pool` is given up by the rule of `watch` (never, while it
+ * answers its pings). A Conversation races its Start on that GPU against this: a GPU runner
+ * that dies between admitting a turn and answering its Start would otherwise keep the turn
+ * waiting for ever (the cluster holds a message to a pinned shard until its runner is back).
  */
-const anotherAnswers = (deps: FailoverDeps, turn: WatchedTurn): boolean => {
-  const lostGpu = shardGroupOf(turn.slotId!)
-  const others = (lookup(deps.topology.pools, turn.start?.pool ?? "")?.gpus ?? []).filter((g) => g.id !== lostGpu)
-  return others.length === 0 || others.some((g) => deps.missedPings(g.id) === 0)
+export const untilLost = (deps: FailoverDeps, gpuId: string, pool: string): Effect.Effect<void> =>
+  Effect.suspend(() => {
+    const gpuLost = lossRule(deps)
+    const poll: Effect.Effect<void> = Effect.flatMap(Effect.sleep(PROBE_INTERVAL), () => gpuLost(gpuId, pool) ? Effect.void : poll)
+    return poll
+  })
+
+/**
+ * Whether a GPU is to be given up, asked once per PROBE_INTERVAL: once it has missed
+ * MAX_MISSED_PROBES pings in a row, it is given up at once while another GPU of its pool
+ * answers (or the pool has no other), else after ALL_SILENT_GRACE_MS. When no GPU answers,
+ * the likely cause is this runner (its event loop or its links stalled under load), not every
+ * GPU at once, and a move would have nowhere to go anyway. A GPU not yet probed counts as not
+ * answering. `reset` starts the silence over (after a move).
+ */
+const lossRule = (deps: FailoverDeps) => {
+  /** Since when the GPU asked about has been silent. */
+  let silentSinceMs: number | undefined
+  const isLost = (gpuId: string, pool: string): boolean => {
+    const silent = deps.missedPings(gpuId) >= MAX_MISSED_PROBES
+    silentSinceMs = silent ? silentSinceMs ?? Date.now() : undefined
+    if (!silent) return false
+    const others = (lookup(deps.topology.pools, pool)?.gpus ?? []).filter((g) => g.id !== gpuId)
+    const anotherAnswers = others.length === 0 || others.some((g) => deps.missedPings(g.id) === 0)
+    return anotherAnswers || Date.now() - silentSinceMs! >= ALL_SILENT_GRACE_MS
+  }
+  return Object.assign(isLost, { reset: () => void (silentSinceMs = undefined) })
 }
 
 /** Tells `slotId` to stop its sequence of `turnId` without ending the turn, in the background. */
@@ -190,3 +209,61 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
     deps.dataPlane.sink(start.stream_id)?.fail("generation_failed", `the GPU runner of this turn was lost (${lostGpu})`)
     return "lost" as const
   })
+
+/** How long after its reply is stored a turn's GPU is watched for the stream's end (see `streamEndGuard`). */
+const STREAM_END_GUARD_MS = 15_000
+
+/**
+ * This runner's guard of stream ends. A slot writes its turn's terminal event only once the
+ * Conversation stored the reply; a GPU runner that dies in between would leave the client's
+ * stream open for ever (no turn is active any more, so no watch moves it). For
+ * STREAM_END_GUARD_MS after a reply is stored, its GPU is checked by the watch's rule; given
+ * up, `onLost` ends the stream from the stored reply (a stream that ended meanwhile ignores
+ * it). One loop per runner checks every guarded turn each PROBE_INTERVAL, and only while any
+ * is guarded.
+ */
+export const streamEndGuard = (deps: FailoverDeps, runFork: (effect: Effect.Effect<void>) => unknown) => {
+  interface Guard {
+    readonly gpuId: string
+    readonly pool: string
+    readonly untilMs: number
+    readonly onLost: () => void
+  }
+  const guards = new Set<Guard>()
+  const rules = new Map<string, ReturnType<typeof lossRule>>()
+  let looping = false
+  const loop: Effect.Effect<void> = Effect.gen(function*() {
+    while (guards.size > 0) {
+      yield* Effect.sleep(PROBE_INTERVAL)
+      const nowMs = Date.now()
+      const lost = new Map<string, boolean>()
+      for (const guard of guards) {
+        if (nowMs > guard.untilMs) {
+          guards.delete(guard)
+          continue
+        }
+        let isLost = lost.get(guard.gpuId)
+        if (isLost === undefined) {
+          let rule = rules.get(guard.gpuId)
+          if (rule === undefined) rules.set(guard.gpuId, rule = lossRule(deps))
+          lost.set(guard.gpuId, isLost = rule(guard.gpuId, guard.pool))
+        }
+        if (!isLost) continue
+        guards.delete(guard)
+        guard.onLost()
+      }
+    }
+  }).pipe(Effect.ensuring(Effect.sync(() => {
+    looping = false
+    startLoop() // a guard added as the loop was ending
+  })))
+  const startLoop = () => {
+    if (looping || guards.size === 0) return
+    looping = true
+    runFork(loop)
+  }
+  return (gpuId: string, pool: string, onLost: () => void): void => {
+    guards.add({ gpuId, pool, untilMs: Date.now() + STREAM_END_GUARD_MS, onLost })
+    startLoop()
+  }
+}
