@@ -47,6 +47,7 @@ import { lookup, TopologyService, trainingEligible, zeroRetention } from "../run
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSlot.js"
 import { retryShardMoves, SHARD_MOVE_RETRIES } from "./internal/shardMoves.js"
+import { timeoutDetached } from "./internal/callTimeout.js"
 import * as failover from "./internal/failover.js"
 import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
 import * as ShardTenure from "./internal/shardTenure.js"
@@ -242,7 +243,7 @@ const decodeStartPayload = Schema.decodeUnknownOption(StartPayload)
  * after 10 s (a call to a GPU runner that died is held by the cluster until it is back).
  */
 const quietly = <A, E, R>(call: Effect.Effect<A, E, R>): Effect.Effect<void, never, R> =>
-  Effect.catchAllCause(Effect.asVoid(Effect.timeout(call, BEST_EFFORT_TIMEOUT)), () => Effect.void)
+  Effect.catchAllCause(Effect.asVoid(timeoutDetached(call, BEST_EFFORT_TIMEOUT)), () => Effect.void)
 const BEST_EFFORT_TIMEOUT = Duration.seconds(10)
 
 /**
@@ -537,8 +538,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           for (;;) {
             const [found, logged] = yield* Effect.all([
               Effect.forEach(gpuIds, (gpuId) =>
-                gpus(gpuId).FindTurn({ turn_id: turn.turnId }).pipe(
-                  Effect.timeout(Duration.seconds(1)),
+                timeoutDetached(gpus(gpuId).FindTurn({ turn_id: turn.turnId }), Duration.seconds(1)).pipe(
                   Effect.map(Option.some),
                   Effect.catchAllCause(() => Effect.succeed(Option.none()))
                 ), { concurrency: "unbounded" }),
@@ -963,8 +963,10 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             }
           }
         }).pipe(
+          // Not for the report of a slot the turn moved off: the turn runs on elsewhere, and
+          // its new slot's report ends it (a new turn must not start beside it).
           Effect.ensuring(Effect.sync(() => {
-            if (active?.turnId === turn.turn_id) release(active)
+            if (active?.turnId === turn.turn_id && (active.slotId === undefined || active.slotId === turn.slot_id)) release(active)
           }))
         )
 
@@ -977,8 +979,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
         let cancelled = true
         if (turn.slotId === undefined) turn.cancelRequested = true
         else {
-          cancelled = yield* slots(turn.slotId).Cancel().pipe(
-            Effect.timeout(BEST_EFFORT_TIMEOUT),
+          cancelled = yield* timeoutDetached(slots(turn.slotId).Cancel(), BEST_EFFORT_TIMEOUT).pipe(
             Effect.catchAllCause(() => Effect.succeed(false))
           )
         }
@@ -1041,7 +1042,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
               yield* Effect.sleep(Duration.millis(100))
             }
             if (turn?.turnId !== payload.turn_id || turn.slotId === undefined) return false
-            return yield* slots(turn.slotId).Attach(payload).pipe(Effect.timeout(Duration.seconds(2)), Effect.catchAllCause(() => Effect.succeed(false)))
+            return yield* timeoutDetached(slots(turn.slotId).Attach(payload), Duration.seconds(2)).pipe(Effect.catchAllCause(() => Effect.succeed(false)))
           }),
         Cancel: () => cancelRunning,
         Delete: ({ payload }) =>

@@ -565,7 +565,9 @@ describe("local cluster: two gateways, two GPU runners", () => {
     const loops = ids.map(async (id, i) => {
       for (let k = 0; k < 40 && (k < 2 || !killed); k++) {
         // Bounded: a client left waiting on a turn that will never stream fails the drill.
-        const r = await turn((i + k) % 2 === 0 ? gw1 : gw2, id, { content: `Turn ${k}`, max_tokens: 4 }, AbortSignal.timeout(30_000))
+        const r = await turn((i + k) % 2 === 0 ? gw1 : gw2, id, { content: `Turn ${k}`, max_tokens: 4 }, AbortSignal.timeout(30_000)).catch((e) => {
+          throw new Error(`turn ${k} of ${id}: ${e}`)
+        })
         results.push(r)
         if (r.status !== 200) await new Promise((res) => setTimeout(res, 200))
       }

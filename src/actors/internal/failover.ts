@@ -18,6 +18,7 @@ import { lookup } from "../../runtime/Topology.js"
 import type { DecodeSlot, StartPayload } from "../DecodeSlot.js"
 import type { GpuScheduler } from "../GpuScheduler.js"
 import { shardGroupOf } from "../GpuScheduler.js"
+import { timeoutDetached } from "./callTimeout.js"
 
 /**
  * Probe period and timeout, and how many probes in a row may go unanswered before the turns
@@ -74,7 +75,7 @@ export const gpuHealth = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) => 
     if (n !== undefined) return n
     missed.set(gpuId, -1)
     runFork(Effect.forever(Effect.gen(function*() {
-      const ping = yield* Effect.exit(gpus(gpuId).Ping().pipe(Effect.timeout(PROBE_TIMEOUT)))
+      const ping = yield* Effect.exit(timeoutDetached(gpus(gpuId).Ping(), PROBE_TIMEOUT))
       // Interrupted: the GPU's runner was moving its shards (it gave up its shard locks for a
       // moment) as it answered; that says nothing either way, and must not end the prober.
       if (Exit.isSuccess(ping)) missed.set(gpuId, 0)
@@ -102,7 +103,7 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
       if (!lost && Date.now() - lastSlotCheckMs >= SLOT_CHECK_INTERVAL_MS) {
         lastSlotCheckMs = Date.now()
         // No answer (or one cut by a shard move) says nothing; only "not running" counts.
-        const alive = yield* Effect.exit(deps.slots(turn.slotId).Alive({ turn_id: turn.turnId }).pipe(Effect.timeout(PROBE_TIMEOUT)))
+        const alive = yield* Effect.exit(timeoutDetached(deps.slots(turn.slotId).Alive({ turn_id: turn.turnId }), PROBE_TIMEOUT))
         if (Exit.isSuccess(alive) && !alive.value) {
           notRunningSinceMs ??= Date.now()
           lost = Date.now() - notRunningSinceMs >= SLOT_CHECK_INTERVAL_MS && isActive()
@@ -181,16 +182,16 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
     // Spread the moved turns over the pool's other GPUs.
     for (let n = candidates.length; n > 0; n--) {
       const gpuId = candidates.splice(randomInt(n), 1)[0]!
-      const slotId = yield* deps.gpus(gpuId).AcquireSlot({
+      const slotId = yield* timeoutDetached(deps.gpus(gpuId).AcquireSlot({
         priority: start.priority,
         num_prompt_tokens: start.prompt_token_ids.length + tokenIds.length,
         ttft_target_ms: 3_600_000 // a moved turn is not refused for a TTFT target it already missed
-      }).pipe(Effect.timeout(PROBE_TIMEOUT), answered)
+      }), PROBE_TIMEOUT).pipe(answered)
       if (Option.isNone(slotId)) continue
-      const started = yield* deps.slots(slotId.value).Start({ ...start, resume: { num_events: numEvents, text, token_ids: tokenIds } }).pipe(
-        Effect.timeout(Duration.seconds(5)),
-        answered
-      )
+      const started = yield* timeoutDetached(
+        deps.slots(slotId.value).Start({ ...start, resume: { num_events: numEvents, text, token_ids: tokenIds } }),
+        Duration.seconds(5)
+      ).pipe(answered)
       // No answer: it may run all the same, and must not next to the one tried next. Ended
       // meanwhile (the old slot's FinishTurn came): the new one is not wanted either.
       if (Option.isNone(started)) {
