@@ -237,10 +237,10 @@ const clusterUnavailable = (e: { readonly _tag: string }) =>
 /** A start payload read back from a turn's log (another process wrote it). */
 const decodeStartPayload = Schema.decodeUnknownOption(StartPayload)
 
-/** Runs a best-effort entity call: its failure, and its being cut off by a shard move, are ignored. */
 /**
- * A best-effort call to another entity: whatever happens to it is ignored, and it is given up
- * after 10 s (a call to a GPU runner that died is held by the cluster until it is back).
+ * A best-effort call to another entity: whatever happens to it (a failure, a shard move that
+ * cuts it off) is ignored, and it is given up after 10 s (a call to a GPU runner that died is
+ * held by the cluster until it is back).
  */
 const quietly = <A, E, R>(call: Effect.Effect<A, E, R>): Effect.Effect<void, never, R> =>
   Effect.catchAllCause(Effect.asVoid(timeoutDetached(call, BEST_EFFORT_TIMEOUT)), () => Effect.void)
@@ -812,13 +812,12 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             // moment) or by its runner's death may or may not have started the sequence; it is
             // not sent again (the slot may have been reserved anew since). The turn is taken as
             // started on that slot: its watch finds out (Alive, or the GPU's silence), and moves
-            // it to a GPU if it is not running there.
-            // A GPU runner that dies before it answers the Start would keep it waiting for
-            // ever (the cluster holds a message to a pinned shard until its runner is back):
-            // once the GPU is given up by the watch's rule, the Start is as one cut off. The
-            // Start runs in a fiber of its own, so that it goes out whatever becomes of this
-            // wait (an instance stopped by a shard move leaves the turn to the next owner,
-            // which finds it on its slot).
+            // it to a GPU if it is not running there. A runner that died before it answered
+            // would keep the Start waiting for ever (the cluster holds a message to a pinned
+            // shard until its runner is back), so once the GPU is given up by the watch's rule
+            // the Start is taken as cut off. It runs in a fiber of its own: it goes out whatever
+            // becomes of this wait (an instance stopped by a shard move leaves the turn to the
+            // next owner, which finds it on its slot).
             turn.start = startPayload
             const startCall = slots(slotId).Start(startPayload)
             const startOrLost = !multiRunner ? startCall : Effect.gen(function*() {
