@@ -101,7 +101,7 @@ describe("local cluster: two gateways, two GPU runners", () => {
     cluster = await startCluster({ databaseUrl: dbUrl, redisUrl: redis.url, env: { CLUSTER_LOCAL_KV_CACHE_BYTES: String(2 * 1024 * 1024 * 1024) } })
   }, 180_000)
 
-  // Drills (c), (d) and (e, resume) race kills against live traffic and are run again once
+  // Drills (c), (c, starts), (d) and (e, resume) race kills against live traffic and are run again once
   // on failure (timing flakes on a loaded 2-core machine: see the closing notes); afterEach
   // starts the killed runners again in between.
   afterEach(async (ctx) => {
@@ -608,7 +608,7 @@ describe("local cluster: two gateways, two GPU runners", () => {
       expect(rows.filter((r: any) => r.role === "assistant").map((r: any) => r.content)).toEqual(texts)
     }
     await cluster.restart("gpu-1")
-  }, 180_000)
+  }, { timeout: 180_000, retry: 1 })
 
   it("npm run cluster -- status lists the runners and GPUs; drain NAME stops a GPU runner after its turns, and turns go on elsewhere", async () => {
     const [gw1, gw2] = cluster.gateways
