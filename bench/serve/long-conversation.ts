@@ -1,6 +1,7 @@
 /**
  * Event-loop cost of long conversations: `node --import tsx bench/serve/long-conversation.ts
- * [--exchanges 70,500] [--turns 20] [--engine-threads 1] [--engine-nice 10] [--slice-ms MS]`. For each N:
+ * [--exchanges 70,500] [--turns 20] [--engine-threads 1] [--engine-nice 10] [--slice-ms MS]`. Builds
+ * the service (`npm run build`) and runs it compiled, as `npm start` does. For each N:
  * starts the service (CPU engine, a fresh database of the PostgreSQL at DATABASE_URL), gives
  * one conversation N earlier exchanges (written to the database), restarts the service, then
  * sends 1-token turns to it one after another while a prober asks /healthz every 5 ms (and
@@ -8,12 +9,13 @@
  * /healthz latency (p50, p99, max) with no turn running (3 s: the floor
  * this machine's scheduling gives; also a bare Node server's in another process, the floor
  * without the service), during the first (cold: the history is loaded and encoded) and the
- * later turns, /readyz latency idle and during the later turns, and each turn's wall time. Results go to
+ * later turns (and over all turns), /readyz latency idle and during the later turns, and each turn's wall time. Results go to
  * bench/results/long-conversation.json with machine, date, commit and command.
  */
 import { execFileSync, spawn } from "node:child_process"
 import { writeFileSync } from "node:fs"
 import { freshDatabase, sqlPool } from "../../test/support/database.js"
+import { REPO_ROOT } from "../../test/support/engineProcess.js"
 import { postJson, readSse, startService } from "../../test/support/service.js"
 import { provenance } from "./provenance.js"
 
@@ -58,7 +60,7 @@ const PROBE_INTERVAL_MS = 5
 
 const measure = async (numExchanges: number) => {
   const db = await freshDatabase()
-  const service = await startService({ env: { DATABASE_URL: db.url } })
+  const service = await startService({ compiled: true, env: { DATABASE_URL: db.url } })
   const pool = sqlPool(db.url)
   try {
     const id = ((await (await postJson(`${service.url}/v1/conversations`, { system_prompt: "You are a helpful assistant." })).json()) as any)
@@ -79,7 +81,7 @@ const measure = async (numExchanges: number) => {
     }
     // Restart so that nothing of the conversation is cached: the first turn loads it cold.
     await service.stop()
-    const warm = await startService({ env: { DATABASE_URL: db.url, ENGINE_THREADS: String(engineThreads), EVENT_LOOP_SLICE_MS: sliceArg }, dataDir: service.dataDir })
+    const warm = await startService({ compiled: true, env: { DATABASE_URL: db.url, ENGINE_THREADS: String(engineThreads), EVENT_LOOP_SLICE_MS: sliceArg }, dataDir: service.dataDir })
     if (nice > 0) for (const pid of execFileSync("pgrep", ["-f", "llm-engine"]).toString().trim().split("\n")) execFileSync("renice", ["-n", String(nice), "-p", pid])
     // Start-up goes on after /healthz answers (engine, shards, partitions): wait it out.
     while ((await fetch(`${warm.url}/readyz`)).status !== 200) await new Promise((r) => setTimeout(r, 100))
@@ -124,6 +126,8 @@ const measure = async (numExchanges: number) => {
       healthz_idle: summary(idle),
       healthz_first_turn: summary(probes[0]!),
       healthz_later_turns: summary(probes.slice(1).flat()),
+      // The issue's figure: every probe while a turn ran, the cold first one included.
+      healthz_all_turns: summary(probes.flat()),
       readyz_idle: summary(idleReady),
       readyz_later_turns: summary(readyProbes.slice(1).flat()),
       turn_ms_first: +turnMs[0]!.toFixed(1),
@@ -159,6 +163,7 @@ const bareNodeFloor = async () => {
 }
 
 const main = async () => {
+  execFileSync("npm", ["run", "build", "--silent"], { cwd: REPO_ROOT, stdio: "inherit" })
   const healthzBareNode = await bareNodeFloor()
   const runs = []
   for (const n of exchangeCounts) runs.push(await measure(n))

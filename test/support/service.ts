@@ -26,6 +26,8 @@ export interface Service {
 export const startService = async (options: {
   readonly env?: Record<string, string | undefined>
   readonly dataDir?: string
+  /** Runs `dist/src/main.js` (as `npm start` does; `npm run build` first) instead of src/main.ts through tsx. */
+  readonly compiled?: boolean
 }): Promise<Service> => {
   const port = await freeListenPort()
   const dataDir = options.dataDir ?? mkdtempSync(path.join(tmpdir(), "chat-e2e-data-"))
@@ -35,7 +37,7 @@ export const startService = async (options: {
   for (const [k, v] of Object.entries({ ...process.env, PORT: String(port), HOST: "127.0.0.1", DATA_DIR: dataDir, RUN_DIR: runDir, STREAM_DETACH_GRACE_MS: "0", ...options.env })) {
     if (v !== undefined) env[k] = v
   }
-  const child = spawn(process.execPath, [...serviceNodeArgs(), "--import", "tsx", "src/main.ts"], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
+  const child = spawn(process.execPath, [...serviceNodeArgs(), ...(options.compiled === true ? ["dist/src/main.js"] : ["--import", "tsx", "src/main.ts"])], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
   let output = ""
   child.stdout!.on("data", (d: Buffer) => (output += d.toString()))
   child.stderr!.on("data", (d: Buffer) => (output += d.toString()))

@@ -110,12 +110,16 @@ interface Limits {
   readonly history: number
 }
 
-/** Messages encoded between yields to the event loop (each is a template render and an encode, ~1 ms). */
-const ENCODE_BATCH = 8
+/**
+ * How long (ms) encoding may hold the event loop before it yields: a message is a template
+ * render and an encode (~0.1-1 ms), so a count of messages would hold it for anything from
+ * 1 to 10 ms; the service's fiber slice (EventLoopScheduler's default) is 2 ms.
+ */
+const ENCODE_SLICE_MS = 2
 
 /**
  * Encodes the history messages the window can reach that are not encoded yet (a cold load's
- * last window: ~140 messages, ~120 ms), yielding the event loop every ENCODE_BATCH messages
+ * last window: ~140 messages, ~120 ms), yielding the event loop every ENCODE_SLICE_MS
  * so that other requests are not held up behind it.
  */
 const encodeWindow = (segments: Segments, state: PromptState, limit: Limits): Effect.Effect<void> =>
@@ -124,12 +128,15 @@ const encodeWindow = (segments: Segments, state: PromptState, limit: Limits): Ef
     const { historyIds } = state.cache
     const windowStart = state.windowStart ?? 0
     let total = 0
-    let numEncoded = 0
+    let sliceStart = performance.now()
     for (let i = history.length - 1; i >= windowStart && total <= limit.history; i--) {
       let ids = historyIds[i]
       if (ids === undefined) {
         ids = historyIds[i] = Uint32Array.from(historyPiece(segments, state.cache, history[i]!))
-        if (++numEncoded % ENCODE_BATCH === 0) yield* yieldToEventLoop
+        if (performance.now() - sliceStart >= ENCODE_SLICE_MS) {
+          yield* yieldToEventLoop
+          sliceStart = performance.now()
+        }
       }
       total += ids.length
     }
