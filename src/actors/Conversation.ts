@@ -27,7 +27,7 @@ import { WorkflowEngine } from "@effect/workflow"
 import { Cause, Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
 import { DataPlane } from "../runtime/DataPlane.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
-import { type ConversationId, DoneEvent, noValidation, type Summary, type Turn, TurnId, Usage, UserId } from "../runtime/Domain.js"
+import { type ConversationId, type Summary, type Turn, TurnId, UserId } from "../runtime/Domain.js"
 import {
   ContentFiltered,
   ConversationNotFound,
@@ -44,7 +44,7 @@ import type { ChatMessage } from "../runtime/Tokenizer.js"
 import { type CachedConversation, ConversationCache } from "../runtime/ConversationCache.js"
 import { ConversationStore } from "../runtime/Storage.js"
 import { lookup, TopologyService, trainingEligible, zeroRetention } from "../runtime/Topology.js"
-import { TurnStreamId } from "../runtime/TurnStream.js"
+import { endFromReply, TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSlot.js"
 import { retryShardMoves, SHARD_MOVE_RETRIES } from "./internal/shardMoves.js"
 import { timeoutDetached } from "./internal/callTimeout.js"
@@ -294,11 +294,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
     const sink = failoverDeps.dataPlane.sink(start.stream_id)
     if (sink === undefined) return
     runFork(Effect.logInfo(`turn ${turn.turn_id}: ${shardGroupOf(turn.slot_id)} was lost once its reply was stored; its stream, if still open, is ended from the reply`))
-    // As the slot would have ended it (DecodeSlot's `end`).
-    if (turn.status === "filtered") return sink.fail("content_filter", "The reply was stopped by content moderation")
-    if (turn.status === "failed") return sink.fail("generation_failed", "The generation failed")
-    const usage = { prompt_tokens: turn.num_prompt_tokens, completion_tokens: turn.num_completion_tokens, prompt_tokens_details: { cached_tokens: 0 } }
-    sink.complete(turn.text, new DoneEvent({ turn_id: turn.turn_id, finish_reason: turn.finish_reason, usage: new Usage(usage, noValidation) }, noValidation))
+    endFromReply(sink, turn)
   }
   /** Stores a user turn's reply as `failed` (never leaves a hole in the history); logs a failure. */
   const appendFailedReply = (id: ConversationId, seq: number, numPromptTokens: number | null) =>

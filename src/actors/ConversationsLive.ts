@@ -19,6 +19,7 @@ import { TurnStreams } from "../runtime/TurnStream.js"
 import { Embedder } from "./Embedder.js"
 import { clusterErrors, Conversation } from "./Conversation.js"
 import { retryShardMoves as retryShardMovesOf } from "./internal/shardMoves.js"
+import * as silentStreams from "./internal/silentStreams.js"
 
 
 /** Create, Cancel and InFlight have no 503 of their own: a cluster that cannot deliver them is a defect. */
@@ -70,7 +71,7 @@ class OwnerCache {
 /** If the HTTP layer never takes the turn's stream, the generation is stopped after this. */
 const UNCONSUMED_STREAM_TIMEOUT_MS = 15_000
 
-export const layer = Layer.effect(
+export const layer = Layer.scoped(
   Conversations,
   Effect.gen(function*() {
     const client = yield* Conversation.client
@@ -394,6 +395,13 @@ export const layer = Layer.effect(
           })
         })
     }
+    // A stream whose turn ended without its end being written is ended from the stored reply.
+    yield* Effect.forkScoped(silentStreams.sweepForever({
+      streams: streams.all,
+      inFlight: (id) => client(id).InFlight().pipe(detached),
+      storedTurn: (id, seq) =>
+        store.listTurns(id, { before: seq + 1, limit: 1 }).pipe(Effect.map((rows) => Option.fromNullable(rows.find((t) => t.seq === seq))))
+    }))
     return Conversations.of(service)
   })
 )

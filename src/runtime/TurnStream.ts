@@ -21,7 +21,7 @@
 import { randomUUID } from "node:crypto"
 import { Readable } from "node:stream"
 import { Cause, Context, Effect, Fiber, Layer, Option, Runtime, Schema, Stream } from "effect"
-import { DoneEvent, TokenEvent, type TurnEvent, type UsageJson, usageJson } from "./Domain.js"
+import { DoneEvent, type FinishReason, noValidation, TokenEvent, type TurnEvent, type TurnId, type TurnStatus, Usage, type UsageJson, usageJson } from "./Domain.js"
 import { EngineError, GenerationFailed } from "./Errors.js"
 
 export const TurnStreamId = Schema.String.pipe(Schema.brand("TurnStreamId"))
@@ -80,7 +80,7 @@ export class TurnStream {
   readonly id: TurnStreamId
   private nextIndex = 0
   /** UTF-16 code units of text handed to `token` (what `complete` does not repeat). */
-  private numTextChars = 0
+  private textChars = 0
   /** `<turn_id>:` once the turn is known: event ids then name the turn and the position. */
   private idPrefix = ""
   private ended = false
@@ -127,6 +127,11 @@ export class TurnStream {
     return this.ended || this.gone
   }
 
+  /** UTF-16 code units of text its producer has written so far (progress, for a watcher). */
+  get numTextChars(): number {
+    return this.textChars
+  }
+
   /** The turn, once `setTurnId` named it. */
   get turnId(): string | undefined {
     return this.idPrefix === "" ? undefined : this.idPrefix.slice(0, -1)
@@ -147,7 +152,7 @@ export class TurnStream {
   /** Appends a text delta. @returns false when the reader is full: pause until `onDrain`. */
   token(text: string): boolean {
     if (this.isClosed) return true
-    this.numTextChars += text.length
+    this.textChars += text.length
     for (const o of this.observers) o.onToken?.()
     const ok = this.push({ _tag: "Token", text })
     if (!ok) this.wantDrain = true
@@ -178,7 +183,7 @@ export class TurnStream {
   complete(text: string, event: DoneEvent): void {
     if (this.isClosed) return
     if (this.firstIndex > 0) return this.fail("stream_incomplete", "the end of this turn was lost with its GPU runner; read it from the history")
-    if (text.length > this.numTextChars) this.token(text.slice(this.numTextChars))
+    if (text.length > this.textChars) this.token(text.slice(this.textChars))
     this.done(event)
   }
 
@@ -418,6 +423,28 @@ export class TurnStream {
       return stream
     })
   }
+}
+
+/** A turn's reply as it was stored, for ending its stream without its producer. */
+export interface StoredReply {
+  readonly turn_id: TurnId
+  readonly status: TurnStatus
+  readonly text: string
+  readonly finish_reason: FinishReason
+  readonly num_prompt_tokens: number
+  readonly num_completion_tokens: number
+}
+
+/**
+ * Ends a turn's stream from its stored reply, as its DecodeSlot would have (`done` after the
+ * text the reader lacks; `event: error` for a failed or filtered reply): for a stream whose
+ * producer is gone without writing the end. A no-op on a stream that has ended.
+ */
+export const endFromReply = (sink: Pick<TurnStream, "complete" | "fail">, reply: StoredReply): void => {
+  if (reply.status === "filtered") return sink.fail("content_filter", "The reply was stopped by content moderation")
+  if (reply.status === "failed") return sink.fail("generation_failed", "The generation failed")
+  const usage = { prompt_tokens: reply.num_prompt_tokens, completion_tokens: reply.num_completion_tokens, prompt_tokens_details: { cached_tokens: 0 } }
+  sink.complete(reply.text, new DoneEvent({ turn_id: reply.turn_id, finish_reason: reply.finish_reason, usage: new Usage(usage, noValidation) }, noValidation))
 }
 
 /** The `event: error` code and message for a failure of a generation's event stream. */

@@ -143,6 +143,14 @@ describe("local cluster: two gateways, two GPU runners", () => {
         const lines = r.output().split("\n").filter((l) => / (WARN|ERROR) /.test(l) && !l.includes("no authentication"))
         console.log(`${r.name}: last warnings\n${lines.slice(-30).join("\n")}`)
       }
+      // ... and what they logged about the conversations its error names.
+      const named = new Set((ctx.task.result.errors ?? []).flatMap((e) => String(e?.message).match(/conv_[0-9a-f]{32}/g) ?? []))
+      for (const id of named) {
+        for (const r of cluster?.runners.values() ?? []) {
+          const lines = r.output().split("\n").filter((l) => l.includes(id))
+          if (lines.length > 0) console.log(`${r.name} on ${id}:\n${lines.slice(-40).join("\n")}`)
+        }
+      }
     }
     for (const r of [...(cluster?.runners.values() ?? [])]) {
       // A runner that ended by itself (not killed by a drill) crashed: its last output says why.
