@@ -488,6 +488,33 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
       })
 
       /**
+       * The last turn's reply could not be stored (the database refused it, or was down past
+       * the retries): it is stored `failed` before a new turn takes the next number, so the
+       * history has no hole; until it can be, no turn is taken (StorageError: 503). A reply
+       * row found there after all (its append had committed) is read with the rest of the state.
+       */
+      const settleUnreplied = (conv: ConversationState): Effect.Effect<ConversationState, StorageError | ConversationNotFound> => {
+        const unreplied = conv.lastStored
+        if (unreplied?.role !== "user") return Effect.succeed(conv)
+        const seq = unreplied.seq + 1
+        return store.appendTurn({ conversation_id: id, seq, role: "assistant", content: "", status: "failed", num_prompt_tokens: null, num_completion_tokens: 0 }).pipe(
+          Effect.as(conv),
+          Effect.tap(() => {
+            conv.lastStored = { seq, role: "assistant" }
+            if (lastStoredTurn?.seq === unreplied.seq) lastStoredTurn = conv.lastStored
+          }),
+          Effect.catchAll((e) =>
+            Effect.flatMap(store.listTurns(id, { before: seq + 1, limit: 1 }), (rows) => {
+              if (rows.at(-1)?.seq !== seq) return Effect.fail(e)
+              hot.delete(id)
+              loaded = undefined
+              return load
+            })
+          )
+        )
+      }
+
+      /**
        * Takes over a turn this instance did not start (its shard moved here while the turn
        * ran: the last stored row is a user turn without its reply). The turn is this entity's
        * at once (a second turn meets turn_in_progress); `takeOver` then finds where it runs.
@@ -669,7 +696,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           // from the append on, a caller that goes away cancels the turn's stream instead, and
           // the turn ends as `failed` (Start finds no stream) or `cancelled`, never half-recorded.
           const accepted = yield* Effect.uninterruptibleMask((restore) => Effect.gen(function*() {
-            const conv = yield* restore(load)
+            const conv = yield* restore(Effect.flatMap(load, settleUnreplied))
             if (key !== undefined) {
               const earlier = yield* restore(store.findIdempotentTurn(id, key))
               if (Option.isSome(earlier)) {

@@ -193,6 +193,28 @@ describe("drills on a running service (own database)", () => {
     expect(after.terminal?.event).toBe("done")
     expect((await fetch(`${service.url}/readyz`)).status).toBe(200)
   }, 60_000)
+
+  it("a reply the database refuses to store: its client gets storage_error, and the next turn first stores it failed (no hole in the numbering)", async () => {
+    const id = await create(service.url)
+    // The fault: every assistant row of this conversation is refused (a non-transient error,
+    // so no retry saves it), until the trigger is dropped.
+    await sqlAt(`CREATE OR REPLACE FUNCTION drill_refuse_reply() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'drill: reply refused'; END $$ LANGUAGE plpgsql`, [], dbUrl)
+    await sqlAt(`CREATE TRIGGER drill_refuse_reply BEFORE INSERT ON chat_turns FOR EACH ROW WHEN (NEW.role = 'assistant' AND NEW.conversation_id = '${id}') EXECUTE FUNCTION drill_refuse_reply()`, [], dbUrl)
+    let first: TurnResult
+    try {
+      first = await turn(service.url, id, { content: "First", max_tokens: 4 })
+    } finally {
+      await sqlAt(`DROP TRIGGER drill_refuse_reply ON chat_turns`, [], dbUrl)
+    }
+    expect(first.status).toBe(200)
+    expect(first.terminal?.event).toBe("error")
+    expect(first.terminal?.data.error.code).toBe("storage_error")
+    const second = await turn(service.url, id, { content: "Second", max_tokens: 4 })
+    expect(second.terminal?.event).toBe("done")
+    const rows = await rowsOf(dbUrl, id)
+    expect(rows.map((r: any) => `${r.seq}:${r.role}:${r.status}`)).toEqual(["0:user:completed", "1:assistant:failed", "2:user:completed", "3:assistant:completed"])
+    expect(rows[3].content).toBe(second.text)
+  }, 60_000)
 })
 
 describe("stop and crash drills (own database)", () => {
