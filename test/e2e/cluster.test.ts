@@ -573,50 +573,53 @@ describe("local cluster: two gateways, two GPU runners", () => {
 
   it("drill (c, starts): SIGKILL a GPU runner while turns are being started; a turn whose Start it never answered moves too, and no conversation is left stuck", async () => {
     const [gw1, gw2] = cluster.gateways
-    /** How often the gateways logged `text` so far. */
-    const logged = (text: string) => [...cluster.runners.values()]
-      .filter((r) => r.name.startsWith("gw-"))
-      .reduce((n, r) => n + r.output().split(text).length - 1, 0)
-    const LOST_START = "was lost before it answered the Start"
-    const ENDED_FROM_REPLY = "was lost once its reply was stored"
-    const before = [logged(LOST_START), logged(ENDED_FROM_REPLY)]
-    const ids = await Promise.all(Array.from({ length: 64 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
-    let killed = false
-    const results: Array<TurnResult> = []
-    // Short turns back to back: at any moment some are between their admission on a GPU and
-    // the answer to their Start, the window this drill is about.
-    const loops = ids.map(async (id, i) => {
-      for (let k = 0; k < 40 && (k < 2 || !killed); k++) {
-        // Bounded: a client left waiting on a turn that will never stream fails the drill.
-        const r = await turn((i + k) % 2 === 0 ? gw1 : gw2, id, { content: `Turn ${k}`, max_tokens: 4 }, AbortSignal.timeout(30_000)).catch((e) => {
-          throw new Error(`turn ${k} of ${id}: ${e}`)
-        })
-        results.push(r)
-        if (r.status !== 200) await new Promise((res) => setTimeout(res, 200))
-      }
-    })
-    await new Promise((r) => setTimeout(r, 3000))
-    const gpu1 = cluster.runners.get("gpu-1")!
-    gpu1.process.kill("SIGKILL")
-    try {
-      execFileSync("pkill", ["-9", "-f", "engine-sim-1.sock"])
-    } catch {
-      // already gone with its runner
+    /** How often the gateways log `text` from now on. */
+    const counter = (text: string) => {
+      const counts = [...cluster.runners.values()].filter((r) => r.name.startsWith("gw-")).map((r) => r.counter(text))
+      return () => counts.reduce((n, count) => n + count(), 0)
     }
-    await gpu1.exited
-    await new Promise((r) => setTimeout(r, 2000))
-    killed = true
-    await Promise.all(loops)
-    // Each conversation takes one more turn (409 while a turn is being moved, never for good).
-    results.push(...await oneMoreTurn(gw2, ids, { content: "After the kill", max_tokens: 4 }))
-    const numLostStarts = logged(LOST_START) - before[0]!
-    console.log(`drill (c, starts): ${results.length} turns; ${numLostStarts} Starts unanswered by the killed runner; ${logged(ENDED_FROM_REPLY) - before[1]!} replies stored in the 15 s before the loss was noticed (their streams, if still open, were ended from them)`)
-    // The kill did hit the window this drill is for (2 to 15 turns in each run here).
-    expect(numLostStarts).toBeGreaterThan(0)
-    for (const r of results) expect([200, 409, 503]).toContain(r.status)
-    await auditTurnsDone(dbUrl, ids, results)
+    const lostStarts = counter("was lost before it answered the Start")
+    const endedFromReply = counter("was lost once its reply was stored")
+    // The kill must hit the window this drill is about (a Start admitted and not answered):
+    // most rounds do (2 to 16 such Starts each), and one that does not is run again.
+    for (let round = 1; lostStarts() === 0; round++) {
+      if (round > 1) await cluster.restart("gpu-1")
+      expect(round, "rounds without a Start left unanswered by the kill").toBeLessThanOrEqual(3)
+      const ids = await Promise.all(Array.from({ length: 64 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
+      let killed = false
+      const results: Array<TurnResult> = []
+      // Short turns back to back: at any moment some are between their admission on a GPU and
+      // the answer to their Start.
+      const loops = ids.map(async (id, i) => {
+        for (let k = 0; k < 40 && (k < 2 || !killed); k++) {
+          // Bounded: a client left waiting on a turn that will never stream fails the drill.
+          const r = await turn((i + k) % 2 === 0 ? gw1 : gw2, id, { content: `Turn ${k}`, max_tokens: 4 }, AbortSignal.timeout(30_000)).catch((e) => {
+            throw new Error(`turn ${k} of ${id}: ${e}`)
+          })
+          results.push(r)
+          if (r.status !== 200) await new Promise((res) => setTimeout(res, 200))
+        }
+      })
+      await new Promise((r) => setTimeout(r, 3000))
+      const gpu1 = cluster.runners.get("gpu-1")!
+      gpu1.process.kill("SIGKILL")
+      try {
+        execFileSync("pkill", ["-9", "-f", "engine-sim-1.sock"])
+      } catch {
+        // already gone with its runner
+      }
+      await gpu1.exited
+      await new Promise((r) => setTimeout(r, 2000))
+      killed = true
+      await Promise.all(loops)
+      // Each conversation takes one more turn (409 while a turn is being moved, never for good).
+      results.push(...await oneMoreTurn(gw2, ids, { content: "After the kill", max_tokens: 4 }))
+      console.log(`drill (c, starts), round ${round}: ${results.length} turns; ${lostStarts()} Starts unanswered by the killed runner; ${endedFromReply()} replies stored in the 15 s before the loss was noticed (their streams, if still open, were ended from them)`)
+      for (const r of results) expect([200, 409, 503]).toContain(r.status)
+      await auditTurnsDone(dbUrl, ids, results)
+    }
     await cluster.restart("gpu-1")
-  }, { timeout: 180_000, retry: 1 })
+  }, { timeout: 300_000, retry: 1 })
 
   it("npm run cluster -- status lists the runners and GPUs; drain NAME stops a GPU runner after its turns, and turns go on elsewhere", async () => {
     const [gw1, gw2] = cluster.gateways

@@ -14,7 +14,10 @@ import { freeListenPort, LISTEN_PORT_MAX, LISTEN_PORT_MIN, portFree } from "./po
 export interface RunnerProcess {
   readonly name: string
   readonly process: ChildProcess
+  /** Its latest output (bounded: older lines are dropped). */
   readonly output: () => string
+  /** Counts its output lines that contain `text` from now on (not bounded as `output` is). */
+  readonly counter: (text: string) => () => number
   readonly exited: Promise<void>
 }
 
@@ -75,14 +78,26 @@ export const startCluster = async (options: {
     }
     const child = spawn(process.execPath, [...serviceNodeArgs(), ...(options.entry ?? ["--import", "tsx", "src/main.ts"])], { cwd: REPO_ROOT, env, stdio: ["ignore", "pipe", "pipe"] })
     let output = ""
+    const counters: Array<{ readonly text: string; n: number }> = []
+    const partial = { stdout: "", stderr: "" }
     // Kept bounded: a long benchmark would otherwise hold every log line.
-    const keep = (d: Buffer) => {
-      output += d.toString()
+    const keep = (from: "stdout" | "stderr") => (d: Buffer) => {
+      const chunk = d.toString()
+      output += chunk
       if (output.length > 200_000) output = output.slice(-100_000)
+      if (counters.length === 0) return
+      const lines = (partial[from] + chunk).split("\n")
+      partial[from] = lines.pop()!
+      for (const line of lines) for (const c of counters) if (line.includes(c.text)) c.n++
     }
-    child.stdout!.on("data", keep)
-    child.stderr!.on("data", keep)
-    const runner = { name, process: child, output: () => output, exited: new Promise<void>((r) => child.once("exit", () => r())) }
+    child.stdout!.on("data", keep("stdout"))
+    child.stderr!.on("data", keep("stderr"))
+    const counter = (text: string) => {
+      const c = { text, n: 0 }
+      counters.push(c)
+      return () => c.n
+    }
+    const runner = { name, process: child, output: () => output, counter, exited: new Promise<void>((r) => child.once("exit", () => r())) }
     runners.set(name, runner)
     return runner
   }
