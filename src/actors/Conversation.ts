@@ -113,7 +113,12 @@ export const Conversation = Entity.make("Conversation", [
     success: Accepted,
     error: SendTurnError
   }),
-  Rpc.make("FinishTurn", { payload: FinishedTurn, error: StorageError }),
+  /**
+   * A slot's report of its ended turn. @returns false when the turn had been moved off that
+   * slot (a failover): the report is void, and the slot writes no end (the turn's new slot
+   * does); true once the reply is stored (or was already).
+   */
+  Rpc.make("FinishTurn", { payload: FinishedTurn, success: Schema.Boolean, error: StorageError }),
   /** Stops the streaming turn, if any. @returns whether one was running. */
   Rpc.make("Cancel", { success: Schema.Boolean, error: Schema.Union(ConversationNotFound, StorageError) }),
   /** Stops the running turn, if any, then deletes the conversation, its turns and shares. */
@@ -933,7 +938,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           const current = active
           if (current?.turnId === turn.turn_id) {
             // The turn moved to another GPU (failover): the earlier slot's report is void.
-            if (current.slotId !== undefined && turn.slot_id !== current.slotId) return
+            if (current.slotId !== undefined && turn.slot_id !== current.slotId) return false
             if (!(yield* Deferred.await(current.userTurnStored))) {
               return yield* new StorageError({ message: `the user turn of ${turn.turn_id} was not stored` })
             }
@@ -984,6 +989,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
               models.get(loaded.pool)?.tokenizer.rememberAssistant(turn.text, turn.completion_token_ids)
             }
           }
+          return true
         }).pipe(
           // Not for the report of a slot the turn moved off: the turn runs on elsewhere, and
           // its new slot's report ends it (a new turn must not start beside it).
@@ -1130,7 +1136,7 @@ export const layerTurnFinisher = Layer.effect(
   TurnFinisher,
   Effect.map(Conversation.client, (client) => ({
     finish: (turn: FinishedTurn) =>
-      turn.purpose !== undefined ? Effect.void : retryShardMoves(
+      turn.purpose !== undefined ? Effect.succeed(true) : retryShardMoves(
         () => client(turn.conversation_id).FinishTurn(turn).pipe(Effect.catchTags(clusterErrors)),
         () => new StorageError({ message: `the conversation of ${turn.turn_id} stayed between runners` }),
         FINISH_SHARD_MOVE_RETRIES

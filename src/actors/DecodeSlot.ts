@@ -125,7 +125,11 @@ export type FinishedTurn = typeof FinishedTurn.Type
  * the turn in the history.
  */
 export class TurnFinisher extends Context.Tag("chat/TurnFinisher")<TurnFinisher, {
-  readonly finish: (turn: FinishedTurn) => Effect.Effect<void, StorageError | EngineError>
+  /**
+   * Reports an ended turn to its owner. @returns false when the turn had been moved to another
+   * slot (a failover): the report is void and the slot writes no end (the new slot does).
+   */
+  readonly finish: (turn: FinishedTurn) => Effect.Effect<boolean, StorageError | EngineError>
 }>() {}
 
 /** Index of the first stop string in `text`, searching from `from`; -1 if none. */
@@ -234,7 +238,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 Effect.tapError((e) => Effect.logError(`turn ${payload.turn_id} could not be stored`, e)),
                 Effect.match({
                   onFailure: (e) => failStream("storage_error", `the turn could not be stored: ${e.message}`),
-                  onSuccess: () => {
+                  onSuccess: (taken) => {
+                    if (!taken) return void stream.drop?.()
                     if (error !== undefined) return failStream("generation_failed", `EngineError: ${error.message}`)
                     if (status === "filtered") return failStream("content_filter", "The reply was stopped by content moderation")
                     const usage = {

@@ -188,6 +188,10 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
         ttft_target_ms: 3_600_000 // a moved turn is not refused for a TTFT target it already missed
       }), PROBE_TIMEOUT).pipe(answered)
       if (Option.isNone(slotId)) continue
+      // The turn is the new slot's from here: a turn with a token or two left can end, and its
+      // FinishTurn arrive, before the Start's answer (a report from a slot the turn is not on
+      // is void, and this one would be lost).
+      turn.slotId = slotId.value
       const started = yield* timeoutDetached(
         deps.slots(slotId.value).Start({ ...start, resume: { num_events: numEvents, text, token_ids: tokenIds } }),
         Duration.seconds(5)
@@ -203,7 +207,6 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
         return "ended" as const
       }
       yield* Effect.logWarning(`turn ${turn.turnId} moved from ${lostGpu} to ${gpuId} after ${tokenIds.length} tokens`)
-      turn.slotId = slotId.value
       return "moved" as const
     }
     yield* Effect.logError(`turn ${turn.turnId} lost its GPU ${lostGpu} and no other GPU of pool ${start.pool} took it`)
