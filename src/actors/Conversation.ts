@@ -164,6 +164,9 @@ interface ActiveTurn {
   readonly ended: Deferred.Deferred<void>
 }
 
+/** How long a turn whose log shows its end waits for its FinishTurn before it is settled from the store. */
+const ENDED_REPORT_WAIT = Duration.seconds(10)
+
 /** A GPU whose scheduler does not answer admission within this is skipped (its runner is gone; a loaded one answers well within it). */
 const ACQUIRE_TIMEOUT = Duration.seconds(10)
 
@@ -359,14 +362,35 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
       /** Watches a started turn until it ends; one that could not be moved is stored as failed. */
       const watchTurn = (turn: ActiveTurn) =>
         failover.watch(failoverDeps, turn, () => !closed && active === turn).pipe(
-          Effect.flatMap((outcome) =>
-            outcome === "watched" ? Effect.void : Effect.gen(function*() {
+          Effect.flatMap((outcome) => {
+            if (outcome === "watched") return Effect.void
+            if (outcome === "ended") return settleEnded(turn)
+            return Effect.gen(function*() {
               yield* appendFailedReply(id, seqOf(turn.turnId), turn.start?.prompt_token_ids.length ?? null)
               hot.delete(id)
               release(turn)
             })
-          )
+          })
         )
+
+      /**
+       * A turn whose log shows its end, while its FinishTurn has not come within
+       * ENDED_REPORT_WAIT: the turn is released from what the store holds (its reply, else a
+       * `failed` one), so that the conversation is never left answering 409.
+       */
+      const settleEnded = (turn: ActiveTurn) =>
+        Effect.gen(function*() {
+          yield* Effect.sleep(ENDED_REPORT_WAIT)
+          if (closed || active !== turn) return
+          const seq = seqOf(turn.turnId)
+          const stored = yield* store.listTurns(id, { before: seq + 1, limit: 1 }).pipe(Effect.orElseSucceed(() => []))
+          yield* Effect.logWarning(`turn ${turn.turnId} ended without its report; released from the store (${stored.at(-1)?.seq === seq ? "its reply" : "stored as failed"})`)
+          if (stored.at(-1)?.seq !== seq) yield* appendFailedReply(id, seq, turn.start?.prompt_token_ids.length ?? null)
+          if (active !== turn) return
+          hot.delete(id)
+          loaded = undefined
+          release(turn)
+        })
 
       /**
        * Writes the conversation's state to the shared cache (Redis), off the turn's path: the

@@ -89,9 +89,10 @@ export const gpuHealth = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) => 
 /**
  * Watches `turn` while `isActive()`; moves it to another GPU when its GPU stops answering, or
  * when its slot no longer runs it. Never fails. @returns "lost" when the turn could not be
- * moved (its client was told), else "watched" (it ended, or is no longer active).
+ * moved (its client was told), "ended" when a move found that it had ended (its log has its
+ * end: its FinishTurn is due), else "watched" (it is no longer active).
  */
-export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean): Effect.Effect<"watched" | "lost"> =>
+export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean): Effect.Effect<"watched" | "ended" | "lost"> =>
   Effect.gen(function*() {
     let lastSlotCheckMs = Date.now()
     let notRunningSinceMs: number | undefined
@@ -113,7 +114,7 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
       notRunningSinceMs = undefined
       gpuLost.reset()
       const moved = yield* move(deps, turn, isActive)
-      if (moved !== "moved") return moved === "ended" ? "watched" as const : "lost" as const
+      if (moved !== "moved") return moved
     }
     return "watched" as const
   }).pipe(Effect.catchAllCause((cause) => Effect.as(Effect.logError(`failover watch of ${turn.turnId} stopped`, cause), "watched" as const)))
