@@ -24,7 +24,7 @@ import { randomInt } from "node:crypto"
 import { ClusterSchema, Entity, Sharding } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { WorkflowEngine } from "@effect/workflow"
-import { Cause, Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schema } from "effect"
+import { Cause, Deferred, Duration, Effect, Exit, Fiber, FiberId, Layer, Option, Runtime, Schedule, Schema } from "effect"
 import { DataPlane } from "../runtime/DataPlane.js"
 import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { type ConversationId, type Summary, type Turn, TurnId, UserId } from "../runtime/Domain.js"
@@ -163,6 +163,15 @@ interface ActiveTurn {
   /** Done once the turn is over and the conversation takes a new one (Cancel waits for it). */
   readonly ended: Deferred.Deferred<void>
 }
+
+/**
+ * Further retries of a reply whose store failed on a transient error (each try has its own
+ * ~6 s of retries, Storage's retryTransient): about a minute in all.
+ */
+const REPLY_STORE_RETRY = Schedule.exponential(Duration.millis(500)).pipe(
+  Schedule.either(Schedule.spaced(Duration.seconds(5))),
+  Schedule.upTo(Duration.seconds(60))
+)
 
 /** How long a turn whose log shows its end waits for its FinishTurn before it is settled from the store. */
 const ENDED_REPORT_WAIT = Duration.seconds(10)
@@ -984,7 +993,11 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             num_completion_tokens: turn.num_completion_tokens,
             moderation_verdict: turn.moderation_verdict ?? null,
             training_eligible: trainingEligible(topology, orgId)
-          })
+          }).pipe(
+            // Its client has the text and waits for `done`: a database that is down for longer
+            // than one statement's retries is waited for (the client gets keep-alives).
+            Effect.retry({ schedule: REPLY_STORE_RETRY, while: (e) => e.transient === true && !closed })
+          )
           // The slot ends the client's stream once this returns, unless its GPU runner dies first.
           if (multiRunner && current?.turnId === turn.turn_id && current.start !== undefined) {
             const start = current.start

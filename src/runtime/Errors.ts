@@ -47,7 +47,9 @@ export class GenerationFailed extends Schema.TaggedError<GenerationFailed>()("Ge
 }) {}
 
 export class StorageError extends Schema.TaggedError<StorageError>()("StorageError", {
-  message: Schema.String
+  message: Schema.String,
+  /** The database could not be reached or was busy (its retries ran out): later may succeed. */
+  transient: Schema.optional(Schema.Boolean)
 }) {}
 
 /**

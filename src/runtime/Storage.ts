@@ -145,7 +145,8 @@ const historyRows = (
 /** The SqlError's own message is generic ("Failed to execute statement"): keep its cause's. */
 const storageError = (what: string) => (e: SqlError | { readonly message: string; readonly cause?: unknown }) => {
   const cause = "cause" in e && e.cause instanceof Error ? `: ${e.cause.message}` : ""
-  return new StorageError({ message: `${what}: ${e.message}${cause}` })
+  const transient = "_tag" in e && e._tag === "SqlError" && isTransient(e)
+  return new StorageError({ message: `${what}: ${e.message}${cause}`, ...(transient ? { transient } : {}) })
 }
 
 /** PostgreSQL's SQLSTATE of a failed statement, when the driver gave one. */

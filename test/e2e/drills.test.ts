@@ -194,17 +194,25 @@ describe("drills on a running service (own database)", () => {
     expect((await fetch(`${service.url}/readyz`)).status).toBe(200)
   }, 60_000)
 
+  /**
+   * The fault of the next two drills: every assistant row of conversation `id` is refused with
+   * SQLSTATE `errcode`, from now until the returned function drops the trigger.
+   */
+  const refuseReplies = async (id: string, errcode: string) => {
+    await sqlAt(`CREATE OR REPLACE FUNCTION drill_refuse_reply() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'drill: reply refused' USING ERRCODE = TG_ARGV[0]; END $$ LANGUAGE plpgsql`, [], dbUrl)
+    await sqlAt(`CREATE TRIGGER drill_refuse_reply BEFORE INSERT ON chat_turns FOR EACH ROW WHEN (NEW.role = 'assistant' AND NEW.conversation_id = '${id}') EXECUTE FUNCTION drill_refuse_reply('${errcode}')`, [], dbUrl)
+    return () => sqlAt(`DROP TRIGGER drill_refuse_reply ON chat_turns`, [], dbUrl)
+  }
+
   it("a reply the database refuses to store: its client gets storage_error, and the next turn first stores it failed (no hole in the numbering)", async () => {
     const id = await create(service.url)
-    // The fault: every assistant row of this conversation is refused (a non-transient error,
-    // so no retry saves it), until the trigger is dropped.
-    await sqlAt(`CREATE OR REPLACE FUNCTION drill_refuse_reply() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'drill: reply refused'; END $$ LANGUAGE plpgsql`, [], dbUrl)
-    await sqlAt(`CREATE TRIGGER drill_refuse_reply BEFORE INSERT ON chat_turns FOR EACH ROW WHEN (NEW.role = 'assistant' AND NEW.conversation_id = '${id}') EXECUTE FUNCTION drill_refuse_reply()`, [], dbUrl)
+    // Not a transient error (P0001, raise_exception): no retry saves it.
+    const restore = await refuseReplies(id, "P0001")
     let first: TurnResult
     try {
       first = await turn(service.url, id, { content: "First", max_tokens: 4 })
     } finally {
-      await sqlAt(`DROP TRIGGER drill_refuse_reply ON chat_turns`, [], dbUrl)
+      await restore()
     }
     expect(first.status).toBe(200)
     expect(first.terminal?.event).toBe("error")
@@ -214,6 +222,25 @@ describe("drills on a running service (own database)", () => {
     const rows = await rowsOf(dbUrl, id)
     expect(rows.map((r: any) => `${r.seq}:${r.role}:${r.status}`)).toEqual(["0:user:completed", "1:assistant:failed", "2:user:completed", "3:assistant:completed"])
     expect(rows[3].content).toBe(second.text)
+  }, 60_000)
+
+  it("a database that fails transiently for longer than a statement's retries while a reply is stored: the client waits, then gets done, and the reply is stored", async () => {
+    const id = await create(service.url)
+    // 08006 (connection_failure), as a database that is down would give, for 9 s: past the
+    // ~6 s of retries of one statement.
+    const restore = await refuseReplies(id, "08006")
+    const faultMs = 9_000
+    const restored = new Promise((r) => setTimeout(r, faultMs)).then(restore)
+    const t0 = Date.now()
+    let r: TurnResult
+    try {
+      r = await turn(service.url, id, { content: "Go on", max_tokens: 8 })
+    } finally {
+      await restored
+    }
+    expect(r.terminal?.event).toBe("done")
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(faultMs)
+    await audit(dbUrl, [r], ["completed"])
   }, 60_000)
 })
 
