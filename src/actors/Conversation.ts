@@ -158,6 +158,11 @@ interface ActiveTurn {
    */
   start: StartPayload | undefined
   cancelRequested: boolean
+  /**
+   * Its slot's FinishTurn is storing the reply (which may take a while through a database
+   * outage): the generation is over, and the failover watch must not move it.
+   */
+  reporting?: boolean
   /** Whether the user turn is durable, once its append ends; FinishTurn waits for it. */
   readonly userTurnStored: Deferred.Deferred<boolean>
   /** Done once the turn is over and the conversation takes a new one (Cancel waits for it). */
@@ -528,29 +533,32 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
       /**
        * The last turn's reply could not be stored (the database refused it, or was down past
        * the retries): it is stored `failed` before a new turn takes the next number, so the
-       * history has no hole; until it can be, no turn is taken (StorageError: 503). A reply
-       * row found there after all (its append had committed) is read with the rest of the state.
+       * history has no hole; until it can be, no turn is taken (StorageError: 503). Only a
+       * reply whose number is reserved (a conversation created with a history that ends with a
+       * user message has none). A reply row found there after all (its append had committed,
+       * or a failed reply was stored meanwhile) is read with the rest of the state.
        */
-      const settleUnreplied = (conv: ConversationState): Effect.Effect<ConversationState, StorageError | ConversationNotFound> => {
-        const unreplied = conv.lastStored
-        if (unreplied?.role !== "user") return Effect.succeed(conv)
-        const seq = unreplied.seq + 1
-        return store.appendTurn({ conversation_id: id, seq, role: "assistant", content: "", status: "failed", num_prompt_tokens: null, num_completion_tokens: 0 }).pipe(
-          Effect.as(conv),
-          Effect.tap(() => {
-            conv.lastStored = { seq, role: "assistant" }
-            if (lastStoredTurn?.seq === unreplied.seq) lastStoredTurn = conv.lastStored
-          }),
-          Effect.catchAll((e) =>
-            Effect.flatMap(store.listTurns(id, { before: seq + 1, limit: 1 }), (rows) => {
-              if (rows.at(-1)?.seq !== seq) return Effect.fail(e)
-              hot.delete(id)
-              loaded = undefined
-              return load
-            })
+      const settleUnreplied = (conv: ConversationState): Effect.Effect<ConversationState, StorageError | ConversationNotFound> =>
+        Effect.gen(function*() {
+          const unreplied = conv.lastStored
+          if (unreplied?.role !== "user" || conv.nextSeq !== unreplied.seq + 2) return conv
+          const seq = unreplied.seq + 1
+          return yield* store.appendTurn({ conversation_id: id, seq, role: "assistant", content: "", status: "failed", num_prompt_tokens: null, num_completion_tokens: 0 }).pipe(
+            Effect.as(conv),
+            Effect.tap(() => {
+              conv.lastStored = { seq, role: "assistant" }
+              if (lastStoredTurn?.seq === unreplied.seq) lastStoredTurn = conv.lastStored
+            }),
+            Effect.catchAll((e) =>
+              Effect.flatMap(store.listTurns(id, { before: seq + 1, limit: 1 }), (rows) => {
+                if (rows.at(-1)?.seq !== seq) return Effect.fail(e)
+                hot.delete(id)
+                loaded = undefined
+                return load
+              })
+            )
           )
-        )
-      }
+        })
 
       /**
        * Takes over a turn this instance did not start (its shard moved here while the turn
@@ -734,13 +742,14 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           // from the append on, a caller that goes away cancels the turn's stream instead, and
           // the turn ends as `failed` (Start finds no stream) or `cancelled`, never half-recorded.
           const accepted = yield* Effect.uninterruptibleMask((restore) => Effect.gen(function*() {
-            const conv = yield* restore(Effect.flatMap(load, settleUnreplied))
+            let conv = yield* restore(load)
             if (key !== undefined) {
               const earlier = yield* restore(store.findIdempotentTurn(id, key))
               if (Option.isSome(earlier)) {
                 return yield* new DuplicateTurn({ conversation_id: id, turn_id: `${id}:${earlier.value + 1}` })
               }
             }
+            conv = yield* restore(settleUnreplied(conv))
             const model = models.get(conv.pool)
             const pool = lookup(topology.pools, conv.pool)
             if (model === undefined || pool === undefined) {
@@ -972,6 +981,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           if (current?.turnId === turn.turn_id) {
             // The turn moved to another GPU (failover): the earlier slot's report is void.
             if (current.slotId !== undefined && turn.slot_id !== current.slotId) return false
+            current.reporting = true
             if (!(yield* Deferred.await(current.userTurnStored))) {
               return yield* new StorageError({ message: `the user turn of ${turn.turn_id} was not stored` })
             }
@@ -996,7 +1006,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           }).pipe(
             // Its client has the text and waits for `done`: a database that is down for longer
             // than one statement's retries is waited for (the client gets keep-alives).
-            Effect.retry({ schedule: REPLY_STORE_RETRY, while: (e) => e.transient === true && !closed })
+            Effect.retry({ schedule: REPLY_STORE_RETRY, while: (e) => e.transient === true && !closed && !deleted })
           )
           // The slot ends the client's stream once this returns, unless its GPU runner dies first.
           if (multiRunner && current?.turnId === turn.turn_id && current.start !== undefined) {
@@ -1093,9 +1103,10 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             yield* recovered
             if (active !== undefined && active.turnId !== "") return active.turnId
             const conv = yield* load
-            // nextSeq is 2 past a last user turn: its reply's seq is reserved (see load).
-            const last = conv.history.at(-1)
-            return last?.role === "user" ? TurnId.make(`${id}:${conv.nextSeq - 1}`) : null
+            // The reply of a last stored user turn (a failed or filtered reply is stored but
+            // is not in `history`, which holds what later prompts see).
+            const last = conv.lastStored
+            return last?.role === "user" ? TurnId.make(`${id}:${last.seq + 1}`) : null
           }),
         FinishTurn: ({ payload }) => finishTurn(payload),
         Attach: ({ payload }) =>

@@ -256,6 +256,18 @@ describe("gateway: the OpenAI-compatible API, with the official openai client", 
 
   const client = (apiKey = "key-carol") => new OpenAI({ apiKey, baseURL: `${service.url}/v1`, maxRetries: 0 })
 
+  it("completes a chat whose messages end with several user messages in a row", async () => {
+    const messages = [
+      { role: "user" as const, content: "First thought" },
+      { role: "user" as const, content: "Second thought" },
+      { role: "user" as const, content: "Now answer" }
+    ]
+    const completion = await client().chat.completions.create({ model: "mini", messages, max_tokens: 4 })
+    expect(completion.usage!.completion_tokens).toBeGreaterThan(0)
+    const rows = await sqlAt("SELECT seq, role, status FROM chat_turns WHERE conversation_id = $1 ORDER BY seq", [completion.id.replace(/^chatcmpl-/, "")], dbUrl)
+    expect(rows.map((r) => [r.seq, r.role, r.status])).toEqual([[0, "user", "completed"], [1, "user", "completed"], [2, "user", "completed"], [3, "assistant", "completed"]])
+  })
+
   it("lists the models, and completes a chat without and with streaming (same seed, same text)", async () => {
     const models = await client().models.list()
     expect(models.data.map((m) => m.id)).toContain("mini")

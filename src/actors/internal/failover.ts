@@ -49,6 +49,8 @@ export interface WatchedTurn {
   readonly turnId: TurnId
   slotId: string | undefined
   start: StartPayload | undefined
+  /** Its slot reported its end, and the reply is being stored: nothing is left to move. */
+  readonly reporting?: boolean | undefined
 }
 
 type Slots = Effect.Effect.Success<typeof DecodeSlot.client>
@@ -100,6 +102,7 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
     while (isActive()) {
       yield* Effect.sleep(PROBE_INTERVAL)
       if (!isActive() || turn.slotId === undefined) return "watched" as const
+      if (turn.reporting === true) continue
       let lost = gpuLost(shardGroupOf(turn.slotId), turn.start?.pool ?? "")
       if (!lost && Date.now() - lastSlotCheckMs >= SLOT_CHECK_INTERVAL_MS) {
         lastSlotCheckMs = Date.now()
@@ -201,6 +204,8 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
       // meanwhile (the old slot's FinishTurn came): the new one is not wanted either.
       if (Option.isNone(started)) {
         yield* abandonSlot(deps, slotId.value, turn.turnId)
+        // Its report, should it have ended before the Abandon, is void (its client was not fed).
+        turn.slotId = lostSlot
         continue
       }
       if (!isActive()) {

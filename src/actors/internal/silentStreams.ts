@@ -20,9 +20,11 @@ import { timeoutDetached } from "./callTimeout.js"
 export const SILENCE_MS = 15_000
 /** How often open streams are looked at. */
 export const SWEEP_PERIOD = Duration.seconds(5)
+/** How long a stream whose reply is stored is given to end by itself before it is ended. */
+const END_GRACE = Duration.seconds(2)
 /** Checks run at once, and the time limit of each. */
 const CHECK_CONCURRENCY = 8
-const CHECK_TIMEOUT = Duration.seconds(5)
+const CHECK_TIMEOUT = Duration.seconds(8)
 
 export interface SilentStreamsDeps {
   /** The open streams of this runner. */
@@ -54,6 +56,10 @@ export const makeSweep = (deps: SilentStreamsDeps) => {
       const reply = yield* deps.storedTurn(id, seq)
       // Not in flight and not stored: its reply is being written; the next check sees it.
       if (Option.isNone(reply) || reply.value.role !== "assistant" || stream.isClosed) return
+      // A reply stored just now (a slow store): its slot writes the end within moments.
+      const numTextChars = stream.numTextChars
+      yield* Effect.sleep(END_GRACE)
+      if (stream.isClosed || stream.numTextChars !== numTextChars) return
       const turn = reply.value
       yield* Effect.logInfo(`turn ${turnId}: its stream was silent for ${SILENCE_MS / 1000} s or more after its reply was stored (${turn.status}); ended from the reply`)
       endFromReply(stream, {
