@@ -42,7 +42,7 @@ import { Models } from "../runtime/Models.js"
 import { Moderation } from "../runtime/Moderation.js"
 import type { ChatMessage } from "../runtime/Tokenizer.js"
 import { type CachedConversation, ConversationCache } from "../runtime/ConversationCache.js"
-import { ConversationStore } from "../runtime/Storage.js"
+import { ConversationStore, type NewTurn } from "../runtime/Storage.js"
 import { lookup, TopologyService, trainingEligible, zeroRetention } from "../runtime/Topology.js"
 import { endFromReply, TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSlot.js"
@@ -177,6 +177,17 @@ const REPLY_STORE_RETRY = Schedule.exponential(Duration.millis(500)).pipe(
   Schedule.either(Schedule.spaced(Duration.seconds(5))),
   Schedule.upTo(Duration.seconds(60))
 )
+
+/** The assistant row of a reply that failed (or could not be stored): empty, `failed`. */
+const failedReply = (id: ConversationId, seq: number, numPromptTokens: number | null): NewTurn => ({
+  conversation_id: id,
+  seq,
+  role: "assistant",
+  content: "",
+  status: "failed",
+  num_prompt_tokens: numPromptTokens,
+  num_completion_tokens: 0
+})
 
 /** How long a turn whose log shows its end waits for its FinishTurn before it is settled from the store. */
 const ENDED_REPORT_WAIT = Duration.seconds(10)
@@ -320,16 +331,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
   }
   /** Stores a user turn's reply as `failed` (never leaves a hole in the history); logs a failure. */
   const appendFailedReply = (id: ConversationId, seq: number, numPromptTokens: number | null) =>
-    Effect.flatMap(ConversationStore, (store) =>
-      store.appendTurn({
-        conversation_id: id,
-        seq,
-        role: "assistant",
-        content: "",
-        status: "failed",
-        num_prompt_tokens: numPromptTokens,
-        num_completion_tokens: 0
-      }).pipe(Effect.ignoreLogged))
+    Effect.flatMap(ConversationStore, (store) => store.appendTurn(failedReply(id, seq, numPromptTokens)).pipe(Effect.ignoreLogged))
   return Conversation.toLayer(
     Effect.gen(function*() {
       const address = yield* Entity.CurrentAddress
@@ -543,7 +545,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           const unreplied = conv.lastStored
           if (unreplied?.role !== "user" || conv.nextSeq !== unreplied.seq + 2) return conv
           const seq = unreplied.seq + 1
-          return yield* store.appendTurn({ conversation_id: id, seq, role: "assistant", content: "", status: "failed", num_prompt_tokens: null, num_completion_tokens: 0 }).pipe(
+          return yield* store.appendTurn(failedReply(id, seq, null)).pipe(
             Effect.as(conv),
             Effect.tap(() => {
               conv.lastStored = { seq, role: "assistant" }
