@@ -56,9 +56,9 @@ CpuModel::CpuModel(const ModelConfig& cfg, ModelWeights weights, int64_t num_blo
 // then per query head of the group and per block of up to kRowBlock query rows,
 // S = Q·K^T (cblas_sgemm), a causal softmax per row, and O = softmax(S)·V (cblas_sgemm), each
 // output row divided by its softmax sum after the product (D multiplies, not one per key).
-// OpenBLAS picks its AVX2/AVX-512 kernels at run time, which the engine's portable x86-64-v2
-// build cannot use in its own loops: a turn late in a long conversation (a few hundred new
-// tokens against thousands cached) spends its time here.
+// OpenBLAS picks its AVX2/AVX-512 kernels at run time, and so does the softmax (below): a
+// turn late in a long conversation (a few hundred new tokens against thousands cached) spends
+// its time here.
 namespace {
 constexpr int64_t kRowBlock = 64;
 
