@@ -2,7 +2,7 @@
  * `npm run bench -- --cluster` (or `node --import tsx bench/serve/cluster.ts [--streams 512]
  * [--warmup 10] [--duration 20]`): the local cluster (examples/cluster-local.config.ts: two
  * gateways, two GPU runners with one simulated H100 each, as four processes) against the
- * one-process server (bench/serve/sim.config.ts: one simulated H100), both compiled (dist/),
+ * one-process server (bench/serve/sim.config.ts with two simulated H100s), both compiled (dist/),
  * each simulated GPU with the same engine settings (2,048 running sequences, 8 GiB of KV),
  * at the same closed-loop load of N streams of the ShareGPT-like workload. Against the cluster
  * half the streams go to each gateway. Reports output tok/s, TTFT and ITL per system and the
@@ -79,7 +79,8 @@ const main = async () => {
   const env = { MAX_CONNECTIONS_PER_CLIENT: "16384", SHUTDOWN_GRACE_MS: "2000", STREAM_DETACH_GRACE_MS: "0" }
 
   const db1 = await createPrivateDatabase(serverUrl)
-  const single = await startService({ env: { DATABASE_URL: db1.url, ...env }, dataDir: mkdtempSync(path.join(os.tmpdir(), "bench-cluster-")) })
+  // The same two simulated GPUs as the cluster's, in the one process.
+  const single = await startService({ env: { DATABASE_URL: db1.url, BENCH_NUM_GPUS: "2", ...env }, dataDir: mkdtempSync(path.join(os.tmpdir(), "bench-cluster-")) })
   let oneProcess: ReturnType<typeof summarize> & { conversation_loads?: Awaited<ReturnType<typeof conversationLoads>> }
   try {
     oneProcess = summarize(await load([{ host: single.host, port: single.port, agent: makeAgent() }], "one process", () => single.pids()))

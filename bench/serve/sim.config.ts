@@ -12,6 +12,7 @@
  * - BENCH_KV_CACHE_BYTES (default 8 GiB): the KV budget the engine is given (`--kv-cache-bytes`)
  * - BENCH_CLIENT_BUFFER_TOKENS (default 64): tokens a client may lag before backpressure
  * - BENCH_TTFT_P99_MS (default 800): the tier's TTFT target, past which admission refuses
+ * - BENCH_NUM_GPUS (default 1): simulated GPUs in the pool, each with the settings above
  */
 import type { TopologyInput } from "../../src/runtime/Topology.js"
 
@@ -23,12 +24,14 @@ const int = (name: string, fallback: number): number => {
   return n
 }
 
+const gpuIds = Array.from({ length: int("BENCH_NUM_GPUS", 1) }, (_, i) => `gpu-${i}`)
+
 const config: TopologyInput = {
-  runners: [{ name: "bench", roles: ["gateway", "gpu"], region: "local", gpus: ["gpu-0"] }],
+  runners: [{ name: "bench", roles: ["gateway", "gpu"], region: "local", gpus: gpuIds }],
   pools: {
     default: {
       model: "default",
-      gpus: [{ id: "gpu-0", device: process.env.BENCH_DEVICE ?? "sim" }],
+      gpus: gpuIds.map((id) => ({ id, device: process.env.BENCH_DEVICE ?? "sim" })),
       engine: {
         kv_cache_bytes: int("BENCH_KV_CACHE_BYTES", 8 * 1024 * 1024 * 1024),
         max_num_batched_tokens: int("BENCH_MAX_NUM_BATCHED_TOKENS", 8192),
