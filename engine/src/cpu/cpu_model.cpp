@@ -93,7 +93,9 @@ inline float exp_nonpositive(float x) {
 // set and picked at load time (GCC target_clones, an ifunc): this portable x86-64-v2 build's
 // own SSE code took ~4 ns an element here, the AVX-512 clone ~0.5 ns, and a turn late in a
 // long conversation spends most of its attention time in this loop.
+#if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 void softmax_rows(float* scores, int64_t rows, int64_t cols, int64_t first_len, float* inv_sum) {
   for (int64_t r = 0; r < rows; r++) {
     float* row = scores + r * cols;
