@@ -25,13 +25,14 @@ const int = (name: string, fallback: number): number => {
 }
 
 const gpuIds = Array.from({ length: int("BENCH_NUM_GPUS", 1) }, (_, i) => `gpu-${i}`)
+const gpu = (id: string) => ({ id, device: process.env.BENCH_DEVICE ?? "sim" })
 
 const config: TopologyInput = {
   runners: [{ name: "bench", roles: ["gateway", "gpu"], region: "local", gpus: gpuIds }],
   pools: {
     default: {
       model: "default",
-      gpus: gpuIds.map((id) => ({ id, device: process.env.BENCH_DEVICE ?? "sim" })),
+      gpus: [gpu(gpuIds[0]!), ...gpuIds.slice(1).map(gpu)],
       engine: {
         kv_cache_bytes: int("BENCH_KV_CACHE_BYTES", 8 * 1024 * 1024 * 1024),
         max_num_batched_tokens: int("BENCH_MAX_NUM_BATCHED_TOKENS", 8192),
