@@ -312,8 +312,8 @@ void CudaBackend::Impl::upload_weights(ModelWeights& w, const TensorStore* store
 void CudaBackend::Impl::alloc_workspaces() {
   const size_t T = (size_t)opt.max_tokens;
   part_rows = (int64_t)128 * sms;
-  // LM-head rows per group (forward_sample) and per lm_head() call: at least 16 (the engine's
-  // host-path group), at most kLogitRows.
+  // LM-head rows per group (forward_sample and lm_head(), which takes the engine's host-path
+  // groups of up to 64 rows in pieces of this size): at least 16, at most kLogitRows.
   const size_t R = std::max<size_t>(16, (size_t)std::min<int64_t>(kLogitRows, opt.max_tokens));
   const size_t TR = std::max(T, R);
   size_t total = 0;
