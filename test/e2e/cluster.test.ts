@@ -5,7 +5,8 @@
  * that holds the client's socket over the ZeroMQ data plane. Each test ends in a loss audit:
  * every acknowledged user turn has its reply row, and every client's text equals it.
  */
-import { execFileSync } from "node:child_process"
+import { execFile, execFileSync } from "node:child_process"
+import { promisify } from "node:util"
 import { readdirSync, readFileSync, readlinkSync } from "node:fs"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import { type LocalCluster, privateRedis, type RedisProcess, startCluster } from "../support/cluster.js"
@@ -28,6 +29,14 @@ const create = async (url: string): Promise<string> => {
   expect(res.status).toBe(201)
   return ((await res.json()) as any).conversation_id
 }
+
+/**
+ * `npm run cluster -- ARGS` against the cluster's database, without blocking this process: a
+ * synchronous child held the event loop for seconds, past the gateways' 5 s keep-alive, and
+ * the next request then went out on a pooled socket the gateway had closed meanwhile.
+ */
+const clusterCli = async (dbUrl: string, ...args: Array<string>): Promise<string> =>
+  (await promisify(execFile)(process.execPath, ["--import", "tsx", "scripts/cluster.ts", ...args], { env: { ...process.env, DATABASE_URL: dbUrl } })).stdout
 
 const turn = async (
   url: string,
@@ -278,7 +287,7 @@ describe("local cluster: two gateways, two GPU runners", () => {
     expect(failures).toEqual([])
     expect(results.length).toBeGreaterThan(32)
     await audit(dbUrl, results)
-    const status = execFileSync(process.execPath, ["--import", "tsx", "scripts/cluster.ts", "status"], { env: { ...process.env, DATABASE_URL: dbUrl } }).toString()
+    const status = await clusterCli(dbUrl, "status")
     // Both gateways hold Conversation shards (16 in the "default" group, split between them).
     const shards = (name: string) => Number(new RegExp(`^${name} +up +\\S+ +\\S+ +(\\d+)`, "m").exec(status)?.[1])
     expect(shards("gw-1")).toBeGreaterThan(0)
@@ -289,7 +298,7 @@ describe("local cluster: two gateways, two GPU runners", () => {
   it("conversations whose gateway stops load on the other one from the shared cache (Redis), with the same prompts", async () => {
     const [gw1] = cluster.gateways
     const ids: Array<string> = []
-    for (let i = 0; i < 32; i++) ids.push(((await (await postJson(`${gw1}/v1/conversations`, {})).json()) as any).conversation_id)
+    for (let i = 0; i < 32; i++) ids.push(await create(gw1))
     // The same turn with the same seed everywhere: every conversation holds the same history.
     const first = await Promise.all(ids.map((id) => turn(gw1, id, { content: "Where is Lyon?", max_tokens: 12, seed: 7 })))
     expect(first.map((r) => r.terminal?.event)).toEqual(ids.map(() => "done"))
@@ -623,10 +632,9 @@ describe("local cluster: two gateways, two GPU runners", () => {
 
   it("npm run cluster -- status lists the runners and GPUs; drain NAME stops a GPU runner after its turns, and turns go on elsewhere", async () => {
     const [gw1, gw2] = cluster.gateways
-    const cli = (...args: Array<string>) =>
-      execFileSync(process.execPath, ["--import", "tsx", "scripts/cluster.ts", ...args], { env: { ...process.env, DATABASE_URL: dbUrl } }).toString()
+    const cli = (...args: Array<string>) => clusterCli(dbUrl, ...args)
     await new Promise((r) => setTimeout(r, 2500)) // a report from every runner, gpu-1 restarted too
-    const status = cli("status")
+    const status = await cli("status")
     for (const runner of ["gw-1", "gw-2", "gpu-1", "gpu-2"]) expect(status).toMatch(new RegExp(`^${runner} +up `, "m"))
     expect(status).toMatch(/sim-1: engine up, KV \d+\/\d+ blocks/)
     expect(status).toMatch(/sim-2: engine up/)
@@ -634,7 +642,7 @@ describe("local cluster: two gateways, two GPU runners", () => {
     const ids = await Promise.all(Array.from({ length: 6 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
     const running = ids.map((id, i) => turn(i % 2 === 0 ? gw2 : gw1, id, { content: "Drain me", max_tokens: 300 }))
     await new Promise((r) => setTimeout(r, 300))
-    expect(cli("drain", "gpu-2")).toContain("drain requested for gpu-2")
+    expect(await cli("drain", "gpu-2")).toContain("drain requested for gpu-2")
     const gpu2 = cluster.runners.get("gpu-2")!
     const exitedWithin = await Promise.race([gpu2.exited.then(() => true), new Promise((r) => setTimeout(() => r(false), 30_000))])
     expect(exitedWithin).toBe(true)
@@ -645,7 +653,7 @@ describe("local cluster: two gateways, two GPU runners", () => {
     const after = await Promise.all([gw1, gw2].map(async (gw) => turn(gw, await create(gw), { content: "Still here?", max_tokens: 8 })))
     for (const r of after) expect(r.terminal?.event).toBe("done")
     // Drained: it reads draining until its last report is 10 s old, then down.
-    expect(cli("status")).toMatch(/^gpu-2 +(draining|down) /m)
+    expect(await cli("status")).toMatch(/^gpu-2 +(draining|down) /m)
     await cluster.restart("gpu-2")
   }, 120_000)
 })
