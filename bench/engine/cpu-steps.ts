@@ -61,21 +61,30 @@ const main = async () => {
     for (const shape of SHAPES) {
       const timings: Array<{ forward_ms: number; sample_ms: number; total_ms: number }> = []
       const numBlocks = Math.ceil((shape.startPos + shape.numTokens + reps) / BLOCK_SIZE)
-      // Each sequence has its own blocks; the KV of the positions before startPos is whatever
-      // the blocks hold (the time does not depend on its values).
-      const seqs = Array.from({ length: shape.numSeqs }, (_, i) => ({
-        seq_id: nextSeqId++,
-        block_table: Array.from({ length: numBlocks }, (_, b) => i * numBlocks + b)
-      }))
+      const isDecode = shape.numTokens === 1
+      // A new sequence may start at any position (the engine takes the positions before it as
+      // cached; their KV is whatever the blocks hold, and the time does not depend on its
+      // values). A prefill is measured on a new set of sequences each time; decode steps go on
+      // one position at a time on the same ones.
+      const newSeqs = () =>
+        Array.from({ length: shape.numSeqs }, (_, i) => ({
+          seq_id: nextSeqId++,
+          block_table: Array.from({ length: numBlocks }, (_, b) => i * numBlocks + b)
+        }))
+      let seqs = newSeqs()
       for (let rep = 0; rep < reps; rep++) {
+        const first = rep === 0 || !isDecode
+        if (first && rep > 0) {
+          await client.ok({ type: "release", seq_ids: seqs.map((s) => s.seq_id) })
+          seqs = newSeqs()
+        }
         const reply = await client.ok({
           type: "step",
           seqs: seqs.map((s) => ({
             seq_id: s.seq_id,
             tokens: tokens(shape.numTokens, rep),
-            // Decode steps go on one position at a time; prefills repeat at the same positions.
-            start_pos: shape.numTokens === 1 ? shape.startPos + rep : shape.startPos,
-            ...(rep === 0 ? { block_table: s.block_table, sampling: shape.sampling } : {})
+            start_pos: isDecode ? shape.startPos + rep : shape.startPos,
+            ...(first ? { block_table: s.block_table, sampling: shape.sampling } : {})
           }))
         })
         const t = reply["timings"] as Record<string, number>
