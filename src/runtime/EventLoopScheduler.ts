@@ -2,16 +2,29 @@
  * The service's Effect scheduler: it bounds how long fiber work holds the Node event loop.
  *
  * Effect's default `MixedScheduler` resumes yielded fibers on the microtask queue up to 2,048
- * times in a row before it falls back to a timer. While microtasks run, no socket or timer
- * callback does, so one burst of fiber work (a turn's prompt, an engine step's results, its
- * storage writes) delays every other request behind it, `/healthz` included. This scheduler
- * resumes fibers on microtasks until the current slice of the event loop has run `slice_ms`,
- * then on `setImmediate`, which lets the I/O already waiting in (Node's loop polls before its
- * check phase). A slice ends when the loop reaches its check phase; the first resumption after
- * that starts the next one.
+ * times in a row before it falls back to a timer, and it keeps one run queue per fiber. While
+ * microtasks run, no socket or timer callback does; and once many fibers fall back to
+ * `setImmediate` at the same moment (2,048 streams whose tokens one engine step delivered),
+ * Node's check phase runs every one of them in one go. Either way one burst of fiber work (a
+ * turn's prompt, an engine step's results, its storage writes) delays every request behind it,
+ * `/healthz` included, and the event loop stalls for tens of milliseconds.
  *
- * Yielding within a fiber is unchanged (`shouldYield`: Effect's op-count rule), so throughput
- * costs one `performance.now()` per resumption and a macrotask per `slice_ms` of busy loop.
+ * This scheduler keeps one FIFO of fiber tasks for the whole process and reads the clock before
+ * each task. Work scheduled by a socket or timer callback runs on microtasks for a slice of
+ * `sliceMs` (the slice begins with the first task after the loop's check phase); the rest waits
+ * for a `setImmediate`, which lets the I/O already waiting in (Node polls before its check
+ * phase). There one drain runs the tasks that were waiting when it began, for up to
+ * `checkBudgetMs`, and what they schedule in turn for `sliceMs`; what is left runs in the next
+ * loop iteration, first. So a check phase holds the loop for about `checkBudgetMs` however many
+ * fibers wait, and a loop turn takes about that plus its own I/O callbacks.
+ *
+ * A task that has waited `maxWaitMs` runs in the current drain whatever its budget: under
+ * overload the loop turns slower rather than starve fibers (a shard lease's refresh among them,
+ * whose lapse would cost the runner its shards).
+ *
+ * Yielding within a fiber is unchanged (`shouldYield`: Effect's op-count rule); a fiber that
+ * yields goes to the back of the queue. Scheduling priorities are not honoured (the service
+ * sets none): every task runs in the order it was scheduled.
  */
 import type { Fiber } from "effect"
 import { Scheduler } from "effect"
@@ -19,31 +32,99 @@ import { performance } from "node:perf_hooks"
 
 /** Default slice: long enough that a busy loop pays little for its macrotasks. */
 export const DEFAULT_SLICE_MS = 2
+/** Default budget of a check-phase drain (ms): it leaves a loop turn room for its I/O under 50 ms. */
+export const DEFAULT_CHECK_BUDGET_MS = 15
+/** Default age (ms) past which a waiting task runs whatever the budget. */
+export const DEFAULT_MAX_WAIT_MS = 100
 
 export class EventLoopScheduler implements Scheduler.Scheduler {
+  /** Waiting tasks and when each was scheduled (ms); `head` is the next to run. */
+  private tasks: Array<Scheduler.Task | undefined> = []
+  private scheduledAtMs: Array<number> = []
+  private head = 0
+  /** A drain is queued (microtask or immediate) or running: new tasks only join the queue. */
+  private drainPending = false
   /** When the current slice started (ms, `performance.now()`), or undefined between slices. */
   private sliceStartMs: number | undefined = undefined
-  private readonly endSlice = () => {
-    this.sliceStartMs = undefined
-  }
-  private readonly getRunner = Scheduler.SchedulerRunner.cached((depth, drain) => {
-    const now = performance.now()
-    if (this.sliceStartMs === undefined) {
-      this.sliceStartMs = now
-      setImmediate(this.endSlice)
-    }
-    if (now - this.sliceStartMs >= this.sliceMs) setImmediate(() => drain(0))
-    else queueMicrotask(() => drain(depth + 1))
-  })
 
-  /** @param sliceMs how long (ms) fibers may run before waiting I/O gets a turn; > 0. */
-  constructor(readonly sliceMs: number = DEFAULT_SLICE_MS) {}
+  /**
+   * @param sliceMs how long (ms) fibers may run on microtasks before waiting I/O gets a turn; > 0.
+   * @param checkBudgetMs how long (ms) one check-phase drain may run the tasks that were waiting
+   *   when it began.
+   * @param maxWaitMs a task that has waited this long (ms) runs in the current drain whatever
+   *   its budget: under overload the loop turns slower rather than starve fibers (a shard lease
+   *   refresh among them).
+   */
+  constructor(
+    readonly sliceMs: number = DEFAULT_SLICE_MS,
+    readonly checkBudgetMs: number = DEFAULT_CHECK_BUDGET_MS,
+    readonly maxWaitMs: number = DEFAULT_MAX_WAIT_MS
+  ) {}
 
   shouldYield(fiber: Fiber.RuntimeFiber<unknown, unknown>): number | false {
     return Scheduler.defaultShouldYield(fiber)
   }
 
-  scheduleTask(task: Scheduler.Task, priority: number, fiber?: Fiber.RuntimeFiber<unknown, unknown>): void {
-    this.getRunner(fiber).scheduleTask(task, priority)
+  scheduleTask(task: Scheduler.Task, _priority: number, _fiber?: Fiber.RuntimeFiber<unknown, unknown>): void {
+    const now = performance.now()
+    this.tasks.push(task)
+    this.scheduledAtMs.push(now)
+    if (this.drainPending) return
+    this.drainPending = true
+    if (this.sliceStartMs === undefined) {
+      this.sliceStartMs = now
+      setImmediate(this.endSlice)
+    }
+    if (now - this.sliceStartMs < this.sliceMs) queueMicrotask(this.drainInSlice)
+    else setImmediate(this.drainInCheckPhase)
+  }
+
+  private readonly endSlice = () => {
+    this.sliceStartMs = undefined
+  }
+
+  private readonly drainInSlice = () => this.drain(this.sliceStartMs ?? performance.now(), this.sliceMs, 0)
+
+  private readonly drainInCheckPhase = () => this.drain(performance.now(), this.checkBudgetMs, this.tasks.length)
+
+  /**
+   * Runs tasks until the queue is empty or, past `sliceMs` from `startMs`, the first task that
+   * is neither among the first `waitingUntil` (those that were waiting when a check-phase drain
+   * began: they get `budgetMs`) nor older than `maxWaitMs`.
+   */
+  private drain(startMs: number, budgetMs: number, waitingUntil: number): void {
+    let done = false
+    try {
+      while (this.head < this.tasks.length) {
+        const now = performance.now()
+        const elapsedMs = now - startMs
+        if (
+          elapsedMs >= this.sliceMs &&
+          (this.head >= waitingUntil || elapsedMs >= budgetMs) &&
+          now - this.scheduledAtMs[this.head]! < this.maxWaitMs
+        ) {
+          return
+        }
+        const task = this.tasks[this.head]!
+        this.tasks[this.head++] = undefined
+        task()
+      }
+      done = true
+    } finally {
+      if (done) {
+        this.tasks = []
+        this.scheduledAtMs = []
+        this.head = 0
+        this.drainPending = false
+      } else {
+        // Spent (or a task threw): what is left runs in a later loop iteration's check phase.
+        if (this.head > 1024 && this.head * 2 > this.tasks.length) {
+          this.tasks = this.tasks.slice(this.head)
+          this.scheduledAtMs = this.scheduledAtMs.slice(this.head)
+          this.head = 0
+        }
+        setImmediate(this.drainInCheckPhase)
+      }
+    }
   }
 }

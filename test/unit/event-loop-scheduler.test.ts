@@ -26,7 +26,71 @@ const stepsBeforeImmediate = (program: <A>(self: Effect.Effect<A>) => Effect.Eff
     )
   })
 
+/**
+ * The longest time (ms) between two turns of the event loop while `numFibers` fibers each run
+ * `numSteps` busy steps of 1 ms with a yield after each: a chain of setImmediate callbacks
+ * measures the gaps.
+ */
+const longestLoopGapMs = (program: <A>(self: Effect.Effect<A>) => Effect.Effect<A>, numFibers: number, numSteps: number) =>
+  new Promise<number>((resolve) => {
+    let last = performance.now()
+    let longest = 0
+    let running = true
+    const probe = () => {
+      const now = performance.now()
+      longest = Math.max(longest, now - last)
+      last = now
+      if (running) setImmediate(probe)
+    }
+    setImmediate(probe)
+    const fiber = () => Effect.forEach(Array.from({ length: numSteps }), () => Effect.zipRight(Effect.sync(() => busyMs(1)), Effect.yieldNow()), { discard: true })
+    Effect.runFork(
+      program(Effect.forEach(Array.from({ length: numFibers }), fiber, { concurrency: "unbounded", discard: true })).pipe(
+        Effect.tap(() => {
+          running = false
+          resolve(Math.max(longest, performance.now() - last))
+        })
+      )
+    )
+  })
+
 describe("EventLoopScheduler", () => {
+  it("runs one slice per loop turn however many fibers wait (Effect's default runs them all in one check phase)", async () => {
+    // 40 fibers × 3 steps of 1 ms: the default scheduler holds the loop throughout (microtasks),
+    // and where its per-fiber run queues fall back to setImmediate, one check phase runs them all.
+    expect(await longestLoopGapMs((self) => self, 40, 3)).toBeGreaterThan(30)
+    expect(await longestLoopGapMs(Effect.withScheduler(new EventLoopScheduler(2, 6)), 40, 3)).toBeLessThan(15)
+  })
+
+  it("runs a task that has waited maxWaitMs whatever the budget, so busy I/O cannot starve fibers", async () => {
+    // Each loop turn spends 20 ms outside fibers (a stand-in for heavy socket callbacks), and
+    // the budget lets fibers 1 ms a turn: without the rule 40 fibers × 3 steps of 1 ms need
+    // ~120 turns; with it, what has waited 30 ms runs at once.
+    const loopTurnsUntilDone = (scheduler: EventLoopScheduler) =>
+      new Promise<number>((resolve) => {
+        let turns = 0
+        let running = true
+        const io = () => {
+          turns++
+          busyMs(20)
+          if (running) setImmediate(io)
+        }
+        setImmediate(io)
+        const fiber = () => Effect.forEach(Array.from({ length: 3 }), () => Effect.zipRight(Effect.sync(() => busyMs(1)), Effect.yieldNow()), { discard: true })
+        Effect.runFork(
+          Effect.forEach(Array.from({ length: 40 }), fiber, { concurrency: "unbounded", discard: true }).pipe(
+            Effect.withScheduler(scheduler),
+            Effect.tap(() => {
+              running = false
+              resolve(turns)
+            })
+          )
+        )
+      })
+    expect(await loopTurnsUntilDone(new EventLoopScheduler(1, 1, 30))).toBeLessThan(30)
+    expect(await loopTurnsUntilDone(new EventLoopScheduler(1, 1, 60_000))).toBeGreaterThan(60)
+  })
+
   it("lets a queued macrotask run once the slice is spent", async () => {
     const sliced = await stepsBeforeImmediate(Effect.withScheduler(new EventLoopScheduler(4)))
     expect(sliced).toBeGreaterThan(0)
