@@ -55,7 +55,7 @@ const longestLoopGapMs = (program: <A>(self: Effect.Effect<A>) => Effect.Effect<
   })
 
 describe("EventLoopScheduler", () => {
-  it("runs one slice per loop turn however many fibers wait (Effect's default runs them all in one check phase)", async () => {
+  it("holds the loop for about its check-phase budget however many fibers wait (Effect's default runs them all in one check phase)", async () => {
     // 40 fibers × 3 steps of 1 ms: the default scheduler holds the loop throughout (microtasks),
     // and where its per-fiber run queues fall back to setImmediate, one check phase runs them all.
     expect(await longestLoopGapMs((self) => self, 40, 3)).toBeGreaterThan(30)
