@@ -52,8 +52,8 @@ export class EventLoopScheduler implements Scheduler.Scheduler {
 
   /**
    * @param sliceMs how long (ms) fibers may run on microtasks before waiting I/O gets a turn; > 0.
-   * @param checkBudgetMs how long (ms) one check-phase drain may run the tasks that were waiting
-   *   when it began.
+   * @param checkBudgetMs how long (ms) one check-phase drain may run tasks (those they schedule
+   *   included) before the rest waits for the next loop turn; > 0.
    * @param maxWaitMs a task that has waited this long (ms) runs in the current drain whatever
    *   its budget: under overload the loop turns slower rather than starve fibers (a shard lease
    *   refresh among them).
