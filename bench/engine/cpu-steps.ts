@@ -18,11 +18,10 @@ import path from "node:path"
 import { generateTinyQwen3 } from "../../src/runtime/DefaultModel.js"
 import { RawEngineClient, REPO_ROOT, spawnEngine } from "../../test/support/engineProcess.js"
 import { numberArg, provenance } from "../serve/provenance.js"
-import { round } from "../serve/stats.js"
+import { round, summarize } from "../serve/stats.js"
 
 const reps = numberArg("reps", 15)
 const threads = numberArg("threads", 0)
-const BLOCK_SIZE = 16
 
 interface Shape {
   readonly name: string
@@ -47,7 +46,7 @@ const SHAPES: ReadonlyArray<Shape> = [
   }
 ]
 
-const median = (xs: ReadonlyArray<number>) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!
+const median = (xs: Array<number>) => summarize(xs).p50
 const tokens = (n: number, offset: number) => Array.from({ length: n }, (_, i) => 100 + ((offset + i) % 1000))
 
 const main = async () => {
@@ -58,9 +57,10 @@ const main = async () => {
   const results: Array<Record<string, unknown>> = []
   let nextSeqId = 1
   try {
+    const blockSize = Number((await client.ok({ type: "info" }))["block_size"])
     for (const shape of SHAPES) {
       const timings: Array<{ forward_ms: number; sample_ms: number; total_ms: number }> = []
-      const numBlocks = Math.ceil((shape.startPos + shape.numTokens + reps) / BLOCK_SIZE)
+      const numBlocks = Math.ceil((shape.startPos + shape.numTokens + reps) / blockSize)
       const isDecode = shape.numTokens === 1
       // A new sequence may start at any position (the engine takes the positions before it as
       // cached; their KV is whatever the blocks hold, and the time does not depend on its
