@@ -46,3 +46,35 @@ export const round = (x: number, digits = 1): number => {
   const f = 10 ** digits
   return Math.round(x * f) / f
 }
+
+/** One load point of a sweep: what a policy delivered at one concurrency. */
+export interface CurvePoint {
+  readonly concurrency: number
+  readonly outputTokPerS: number
+  readonly ttftP99Ms: number
+}
+
+/**
+ * The most output tok/s a policy sustains with its TTFT p99 at or under `sloMs`, from a sweep
+ * over concurrency (points in any order; sorted by concurrency here): the best measured point
+ * under the SLO, or, where p99 crosses the SLO between two neighbouring loads, the throughput
+ * interpolated linearly in p99 at the crossing. null when every point's p99 is over the SLO (the
+ * policy meets it at no measured load). This is goodput under a latency SLO as DistServe
+ * (Zhong et al., OSDI 2024) defines it, with TTFT p99 as the SLO.
+ */
+export const ttftSloCapacity = (points: ReadonlyArray<CurvePoint>, sloMs: number): number | null => {
+  const sorted = [...points].sort((a, b) => a.concurrency - b.concurrency)
+  let best: number | null = null
+  const consider = (v: number) => {
+    if (best === null || v > best) best = v
+  }
+  sorted.forEach((p, i) => {
+    if (p.ttftP99Ms <= sloMs) consider(p.outputTokPerS)
+    const q = sorted[i + 1]
+    if (q !== undefined && (p.ttftP99Ms - sloMs) * (q.ttftP99Ms - sloMs) < 0) {
+      const f = (sloMs - p.ttftP99Ms) / (q.ttftP99Ms - p.ttftP99Ms)
+      consider(p.outputTokPerS + f * (q.outputTokPerS - p.outputTokPerS))
+    }
+  })
+  return best
+}
