@@ -1,8 +1,8 @@
 /**
  * The cluster runner of this process.
  *
- * - `layerSingle`: the one-runner deployment (`SingleRunner`: Sharding with SqlMessageStorage
- *   and SqlRunnerStorage, no socket server).
+ * - `layerSingle`: the one-runner deployment (as @effect/cluster's `SingleRunner`: Sharding with
+ *   SqlMessageStorage and SqlRunnerStorage, no socket server).
  * - `layerSocket`: one runner of several processes. Runners reach each other over TCP
  *   (`cluster_port` of the topology, TCP_NODELAY on both ends: entity messages are small and
  *   latency-bound), register in SqlRunnerStorage and keep undelivered messages in
@@ -11,14 +11,17 @@
  * Shard groups: "default" holds the Conversation entities and is assigned to gateway runners;
  * each GPU is a shard group of its own (its GpuScheduler and DecodeSlot entities, whose ids
  * start with the GPU id), assigned only to the runner that hosts that GPU's engine.
+ *
+ * In both, the shard lock calls run at URGENT_PRIORITY (internal/urgentShardLocks.ts).
  */
-import { RunnerAddress, RunnerHealth, Runners, ShardingConfig, SingleRunner, SocketRunner, SqlMessageStorage, SqlRunnerStorage } from "@effect/cluster"
+import { RunnerAddress, RunnerHealth, Runners, Sharding, ShardingConfig, SocketRunner, SqlMessageStorage, SqlRunnerStorage } from "@effect/cluster"
 import * as NodeSocket from "@effect/platform-node/NodeSocket"
 import * as NodeSocketServer from "@effect/platform-node/NodeSocketServer"
 import { RpcClient, RpcSerialization } from "@effect/rpc"
 import { Socket } from "@effect/platform"
 import type { SqlClient } from "@effect/sql"
 import { Duration, Effect, Layer, Option } from "effect"
+import { layerUrgentShardLocks } from "./internal/urgentShardLocks.js"
 import { runnerNamed, type Topology } from "./Topology.js"
 
 /**
@@ -45,6 +48,9 @@ const timings = {
   entityReplyPollInterval: Duration.millis(100)
 } as const
 
+/** Sharding's shard lock refresh deadline (@effect/cluster `effectiveInterval`): a miss costs every shard. */
+const shardLockDeadline = (expiration: Duration.Duration) => Duration.min(timings.shardLockRefreshInterval, Duration.unsafeDivide(expiration, 3))
+
 /** Shard groups: every GPU's, and the ones `runnerName` owns. */
 const shardGroups = (topology: Topology, runnerName: string) => {
   const runner = runnerNamed(topology, runnerName)
@@ -54,22 +60,30 @@ const shardGroups = (topology: Topology, runnerName: string) => {
   }
 }
 
+const singleRunnerLockExpiration = Duration.seconds(6)
+
 export const layerSingle = (topology: Topology, runnerName: string) =>
-  // Every option is given explicitly: SingleRunner otherwise reads ShardingConfig from
+  // Every option is given explicitly: ShardingConfig.layerFromEnv would read
   // environment variables such as PORT, which belong to the HTTP server.
-  SingleRunner.layer({
-    runnerStorage: "sql",
-    shardingConfig: {
+  // SingleRunner.layer with "sql" runner storage, its shard locks made urgent.
+  Sharding.layer.pipe(
+    Layer.provideMerge(Runners.layerNoop),
+    Layer.provideMerge(SqlMessageStorage.layer),
+    Layer.provide([
+      layerUrgentShardLocks(shardLockDeadline(singleRunnerLockExpiration)).pipe(Layer.provide(Layer.orDie(SqlRunnerStorage.layer))),
+      RunnerHealth.layerNoop
+    ]),
+    Layer.provide(ShardingConfig.layer({
       ...timings,
       // No other runner takes shards over here: a longer expiration only guards against a
       // refresh delayed by a busy event loop.
-      shardLockExpiration: Duration.seconds(6),
+      shardLockExpiration: singleRunnerLockExpiration,
       ...shardGroups(topology, runnerName),
       // Local entities: skip the encode/decode round trip that would simulate a remote
       // runner (every stream chunk paid it: ~2x CPU per token at 64 streams, measured).
       simulateRemoteSerialization: process.env["CLUSTER_SIMULATE_REMOTE_SERIALIZATION"] === "1"
-    }
-  })
+    }))
+  )
 
 /** Connects to a runner's cluster port, with TCP_NODELAY. */
 const layerClientProtocol = Layer.effect(
@@ -115,7 +129,7 @@ export const layerSocket = <E, R>(
   return SocketRunner.layer.pipe(
     Layer.provide([server, layerClientProtocol, health]),
     Layer.provideMerge(Layer.orDie(SqlMessageStorage.layer)),
-    Layer.provide(Layer.orDie(SqlRunnerStorage.layer).pipe(Layer.provide(runnerSql))),
+    Layer.provide(layerUrgentShardLocks(shardLockDeadline(timings.shardLockExpiration)).pipe(Layer.provide(Layer.orDie(SqlRunnerStorage.layer)), Layer.provide(runnerSql))),
     Layer.provide(config),
     Layer.provide(RpcSerialization.layerMsgPack)
   )

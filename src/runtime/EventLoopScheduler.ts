@@ -26,8 +26,12 @@
  * whose lapse would cost the runner its shards).
  *
  * Yielding within a fiber is unchanged (`shouldYield`: Effect's op-count rule); a fiber that
- * yields goes to the back of the queue. Scheduling priorities are not honoured (the service
- * sets none): every task runs in the order it was scheduled.
+ * yields goes to the back of the queue. A task of a fiber running at a scheduling priority
+ * above 0 (`Effect.withSchedulingPriority`, `URGENT_PRIORITY`) skips the queue: each drain runs
+ * every such task first, whatever its budget. Only work that has a deadline and is small runs
+ * so: a shard lock refresh (`Cluster.ts`), whose many fiber hops each waited up to `maxWaitMs`
+ * behind thousands of stream tasks and together passed the lock's 1.33 s deadline, and the
+ * runner then gave up all its shards.
  */
 import type { Fiber } from "effect"
 import { Scheduler } from "effect"
@@ -39,12 +43,16 @@ export const DEFAULT_SLICE_MS = 2
 export const DEFAULT_CHECK_BUDGET_MS = 15
 /** Default age (ms) past which a waiting task runs whatever the budget. */
 export const DEFAULT_MAX_WAIT_MS = 100
+/** A scheduling priority whose tasks run before the queue (see the class docs). */
+export const URGENT_PRIORITY = 1
 
 export class EventLoopScheduler implements Scheduler.Scheduler {
   /** Waiting tasks and when each was scheduled (ms); `head` is the next to run. */
   private tasks: Array<Scheduler.Task | undefined> = []
   private scheduledAtMs: Array<number> = []
   private head = 0
+  /** Tasks of fibers at a priority above 0: run before `tasks`, whatever the budget. */
+  private urgent: Array<Scheduler.Task> = []
   /** A drain is queued (microtask or immediate) or running: new tasks only join the queue. */
   private drainPending = false
   /** When the current slice started (ms, `performance.now()`), or undefined between slices. */
@@ -68,10 +76,13 @@ export class EventLoopScheduler implements Scheduler.Scheduler {
     return Scheduler.defaultShouldYield(fiber)
   }
 
-  scheduleTask(task: Scheduler.Task, _priority: number, _fiber?: Fiber.RuntimeFiber<unknown, unknown>): void {
+  scheduleTask(task: Scheduler.Task, priority: number, _fiber?: Fiber.RuntimeFiber<unknown, unknown>): void {
     const now = performance.now()
-    this.tasks.push(task)
-    this.scheduledAtMs.push(now)
+    if (priority > 0) this.urgent.push(task)
+    else {
+      this.tasks.push(task)
+      this.scheduledAtMs.push(now)
+    }
     if (this.drainPending) return
     this.drainPending = true
     if (this.sliceStartMs === undefined) {
@@ -92,12 +103,20 @@ export class EventLoopScheduler implements Scheduler.Scheduler {
 
   /**
    * Runs tasks, those they schedule included, until the queue is empty or `budgetMs` from
-   * `startMs` have passed; past that, only a task that has waited `maxWaitMs`.
+   * `startMs` have passed; past that, only a task that has waited `maxWaitMs`. Urgent tasks
+   * run first, each time round, whatever the budget.
    */
   private drain(startMs: number, budgetMs: number): void {
     let done = false
     try {
-      while (this.head < this.tasks.length) {
+      for (;;) {
+        // Few and short: shift() on this list costs nothing worth a ring buffer.
+        const urgentTask = this.urgent.shift()
+        if (urgentTask !== undefined) {
+          urgentTask()
+          continue
+        }
+        if (this.head >= this.tasks.length) break
         const now = performance.now()
         if (now - startMs >= budgetMs && now - this.scheduledAtMs[this.head]! < this.maxWaitMs) return
         const task = this.tasks[this.head]!

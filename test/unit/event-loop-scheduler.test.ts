@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from "@effect/vitest"
 import { Effect } from "effect"
-import { EventLoopScheduler } from "../../src/runtime/EventLoopScheduler.js"
+import { EventLoopScheduler, URGENT_PRIORITY } from "../../src/runtime/EventLoopScheduler.js"
 
 const busyMs = (ms: number) => {
   const end = performance.now() + ms
@@ -97,6 +97,34 @@ describe("EventLoopScheduler", () => {
       })
     expect(await loopTurnsUntilDone(new EventLoopScheduler(1, 1, 30))).toBeLessThan(30)
     expect(await loopTurnsUntilDone(new EventLoopScheduler(1, 1, 60_000))).toBeGreaterThan(60)
+  })
+
+  it("runs an urgent fiber's tasks before the queue, whatever the budget (a shard lock refresh among 2,048 streams)", async () => {
+    // 40 busy fibers fill the queue; loop turns spend 20 ms outside fibers and the budget lets
+    // fibers 1 ms a turn. How many loop turns does a fiber of 10 short hops need?
+    const loopTurnsUntilUrgentDone = (priority: number) =>
+      new Promise<number>((resolve) => {
+        let turns = 0
+        let running = true
+        const io = () => {
+          turns++
+          busyMs(20)
+          if (running) setImmediate(io)
+        }
+        setImmediate(io)
+        const hops = Effect.forEach(Array.from({ length: 10 }), () => Effect.yieldNow(), { discard: true }).pipe(
+          Effect.withSchedulingPriority(priority),
+          Effect.tap(() => resolve(turns))
+        )
+        Effect.runFork(
+          Effect.all([busyFibers(40, 3), Effect.zipRight(Effect.yieldNow(), hops)], { concurrency: "unbounded", discard: true }).pipe(
+            Effect.withScheduler(new EventLoopScheduler(1, 1, 60_000)),
+            Effect.ensuring(Effect.sync(() => (running = false)))
+          )
+        )
+      })
+    expect(await loopTurnsUntilUrgentDone(URGENT_PRIORITY)).toBeLessThan(5)
+    expect(await loopTurnsUntilUrgentDone(0)).toBeGreaterThan(20)
   })
 
   it("lets a queued macrotask run once the slice is spent", async () => {

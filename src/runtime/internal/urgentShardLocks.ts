@@ -1,0 +1,34 @@
+/**
+ * The runner storage with its shard lock calls made urgent. Sharding refreshes its shard locks
+ * every `min(shardLockRefreshInterval, shardLockExpiration / 3)` and gives up every shard the
+ * runner holds (interrupting their entities) when a refresh misses that deadline. Under load a
+ * refresh's fiber hops queued behind thousands of stream tasks (each up to EventLoopScheduler's
+ * `maxWaitMs`), so `acquire` and `refresh` run at `URGENT_PRIORITY`: their hops skip the queue.
+ * A refresh slower than half its deadline is logged: the lease is close to lapsing.
+ */
+import { RunnerStorage } from "@effect/cluster"
+import { Duration, Effect, Layer } from "effect"
+import { URGENT_PRIORITY } from "../EventLoopScheduler.js"
+
+/** Wraps the RunnerStorage it is provided with; `deadline` is Sharding's refresh deadline. */
+export const layerUrgentShardLocks = (deadline: Duration.Duration) =>
+  Layer.effect(
+    RunnerStorage.RunnerStorage,
+    Effect.map(RunnerStorage.RunnerStorage, (storage) => {
+      const slowMs = Duration.toMillis(deadline) / 2
+      return RunnerStorage.RunnerStorage.of({
+        ...storage,
+        acquire: (address, shardIds) => Effect.withSchedulingPriority(storage.acquire(address, shardIds), URGENT_PRIORITY),
+        refresh: (address, shardIds) =>
+          storage.refresh(address, shardIds).pipe(
+            Effect.withSchedulingPriority(URGENT_PRIORITY),
+            Effect.timed,
+            Effect.flatMap(([took, acquired]) =>
+              Duration.toMillis(took) > slowMs
+                ? Effect.as(Effect.logWarning(`shard lock refresh took ${Math.round(Duration.toMillis(took))} ms (deadline ${Duration.toMillis(deadline)} ms)`), acquired)
+                : Effect.succeed(acquired)
+            )
+          )
+      })
+    })
+  )
