@@ -48,9 +48,6 @@ const timings = {
   entityReplyPollInterval: Duration.millis(100)
 } as const
 
-/** Sharding's shard lock refresh deadline (@effect/cluster `effectiveInterval`): a miss costs every shard. */
-const shardLockDeadline = (expiration: Duration.Duration) => Duration.min(timings.shardLockRefreshInterval, Duration.unsafeDivide(expiration, 3))
-
 /** Shard groups: every GPU's, and the ones `runnerName` owns. */
 const shardGroups = (topology: Topology, runnerName: string) => {
   const runner = runnerNamed(topology, runnerName)
@@ -60,24 +57,18 @@ const shardGroups = (topology: Topology, runnerName: string) => {
   }
 }
 
-const singleRunnerLockExpiration = Duration.seconds(6)
-
 export const layerSingle = (topology: Topology, runnerName: string) =>
-  // Every option is given explicitly: ShardingConfig.layerFromEnv would read
-  // environment variables such as PORT, which belong to the HTTP server.
-  // SingleRunner.layer with "sql" runner storage, its shard locks made urgent.
+  // As @effect/cluster's SingleRunner.layer with "sql" runner storage (the same layers, config
+  // from the environment overridden by these options), its shard locks made urgent.
   Sharding.layer.pipe(
     Layer.provideMerge(Runners.layerNoop),
     Layer.provideMerge(SqlMessageStorage.layer),
-    Layer.provide([
-      layerUrgentShardLocks(shardLockDeadline(singleRunnerLockExpiration)).pipe(Layer.provide(Layer.orDie(SqlRunnerStorage.layer))),
-      RunnerHealth.layerNoop
-    ]),
-    Layer.provide(ShardingConfig.layer({
+    Layer.provide([layerUrgentShardLocks.pipe(Layer.provide(Layer.orDie(SqlRunnerStorage.layer))), RunnerHealth.layerNoop]),
+    Layer.provide(ShardingConfig.layerFromEnv({
       ...timings,
       // No other runner takes shards over here: a longer expiration only guards against a
       // refresh delayed by a busy event loop.
-      shardLockExpiration: singleRunnerLockExpiration,
+      shardLockExpiration: Duration.seconds(6),
       ...shardGroups(topology, runnerName),
       // Local entities: skip the encode/decode round trip that would simulate a remote
       // runner (every stream chunk paid it: ~2x CPU per token at 64 streams, measured).
@@ -129,7 +120,7 @@ export const layerSocket = <E, R>(
   return SocketRunner.layer.pipe(
     Layer.provide([server, layerClientProtocol, health]),
     Layer.provideMerge(Layer.orDie(SqlMessageStorage.layer)),
-    Layer.provide(layerUrgentShardLocks(shardLockDeadline(timings.shardLockExpiration)).pipe(Layer.provide(Layer.orDie(SqlRunnerStorage.layer)), Layer.provide(runnerSql))),
+    Layer.provide(layerUrgentShardLocks.pipe(Layer.provide(Layer.orDie(SqlRunnerStorage.layer)), Layer.provide(runnerSql))),
     Layer.provide(config),
     Layer.provide(RpcSerialization.layerMsgPack)
   )

@@ -43,7 +43,11 @@ export const DEFAULT_SLICE_MS = 2
 export const DEFAULT_CHECK_BUDGET_MS = 15
 /** Default age (ms) past which a waiting task runs whatever the budget. */
 export const DEFAULT_MAX_WAIT_MS = 100
-/** A scheduling priority whose tasks run before the queue (see the class docs). */
+/**
+ * A scheduling priority whose tasks run before the queue, with no budget (see the class docs):
+ * only for short work with a deadline. Effect's default scheduler runs higher priorities later,
+ * so off this scheduler it means the opposite.
+ */
 export const URGENT_PRIORITY = 1
 
 export class EventLoopScheduler implements Scheduler.Scheduler {

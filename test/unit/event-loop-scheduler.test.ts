@@ -102,7 +102,7 @@ describe("EventLoopScheduler", () => {
   it("runs an urgent fiber's tasks before the queue, whatever the budget (a shard lock refresh among 2,048 streams)", async () => {
     // 40 busy fibers fill the queue; loop turns spend 20 ms outside fibers and the budget lets
     // fibers 1 ms a turn. How many loop turns does a fiber of 10 short hops need?
-    const loopTurnsUntilUrgentDone = (priority: number) =>
+    const loopTurnsUntilUrgentDone = (hop: Effect.Effect<void>, priority: number) =>
       new Promise<number>((resolve) => {
         let turns = 0
         let running = true
@@ -112,7 +112,7 @@ describe("EventLoopScheduler", () => {
           if (running) setImmediate(io)
         }
         setImmediate(io)
-        const hops = Effect.forEach(Array.from({ length: 10 }), () => Effect.yieldNow(), { discard: true }).pipe(
+        const hops = Effect.forEach(Array.from({ length: 10 }), () => hop, { discard: true }).pipe(
           Effect.withSchedulingPriority(priority),
           Effect.tap(() => resolve(turns))
         )
@@ -123,8 +123,12 @@ describe("EventLoopScheduler", () => {
           )
         )
       })
-    expect(await loopTurnsUntilUrgentDone(URGENT_PRIORITY)).toBeLessThan(5)
-    expect(await loopTurnsUntilUrgentDone(0)).toBeGreaterThan(20)
+    // A yield, and an I/O callback's resumption (a SQL reply: each hop needs a loop turn).
+    const io = Effect.async<void>((resume) => void setImmediate(() => resume(Effect.void)))
+    expect(await loopTurnsUntilUrgentDone(Effect.yieldNow(), URGENT_PRIORITY)).toBeLessThan(5)
+    expect(await loopTurnsUntilUrgentDone(Effect.yieldNow(), 0)).toBeGreaterThan(20)
+    expect(await loopTurnsUntilUrgentDone(io, URGENT_PRIORITY)).toBeLessThan(25)
+    expect(await loopTurnsUntilUrgentDone(io, 0)).toBeGreaterThan(50)
   })
 
   it("lets a queued macrotask run once the slice is spent", async () => {

@@ -5,30 +5,35 @@
  * refresh's fiber hops queued behind thousands of stream tasks (each up to EventLoopScheduler's
  * `maxWaitMs`), so `acquire` and `refresh` run at `URGENT_PRIORITY`: their hops skip the queue.
  * A refresh slower than half its deadline is logged: the lease is close to lapsing.
+ *
+ * Fibers forked inside these calls inherit the priority for life; the SQL runner storage forks
+ * only short ones (its lock connection's rebuild).
  */
-import { RunnerStorage } from "@effect/cluster"
+import { RunnerStorage, ShardingConfig } from "@effect/cluster"
 import { Duration, Effect, Layer } from "effect"
 import { URGENT_PRIORITY } from "../EventLoopScheduler.js"
 
-/** Wraps the RunnerStorage it is provided with; `deadline` is Sharding's refresh deadline. */
-export const layerUrgentShardLocks = (deadline: Duration.Duration) =>
-  Layer.effect(
-    RunnerStorage.RunnerStorage,
-    Effect.map(RunnerStorage.RunnerStorage, (storage) => {
-      const slowMs = Duration.toMillis(deadline) / 2
-      return RunnerStorage.RunnerStorage.of({
-        ...storage,
-        acquire: (address, shardIds) => Effect.withSchedulingPriority(storage.acquire(address, shardIds), URGENT_PRIORITY),
-        refresh: (address, shardIds) =>
-          storage.refresh(address, shardIds).pipe(
-            Effect.withSchedulingPriority(URGENT_PRIORITY),
-            Effect.timed,
-            Effect.flatMap(([took, acquired]) =>
-              Duration.toMillis(took) > slowMs
-                ? Effect.as(Effect.logWarning(`shard lock refresh took ${Math.round(Duration.toMillis(took))} ms (deadline ${Duration.toMillis(deadline)} ms)`), acquired)
-                : Effect.succeed(acquired)
-            )
+/** Wraps the RunnerStorage it is provided with. */
+export const layerUrgentShardLocks = Layer.effect(
+  RunnerStorage.RunnerStorage,
+  Effect.gen(function*() {
+    const storage = yield* RunnerStorage.RunnerStorage
+    const config = yield* ShardingConfig.ShardingConfig
+    // Sharding's deadline (@effect/cluster's internal `effectiveInterval`, not exported).
+    const deadlineMs = Math.min(Duration.toMillis(config.shardLockRefreshInterval), Duration.toMillis(config.shardLockExpiration) / 3)
+    return RunnerStorage.RunnerStorage.of({
+      ...storage,
+      acquire: (address, shardIds) => Effect.withSchedulingPriority(storage.acquire(address, shardIds), URGENT_PRIORITY),
+      refresh: (address, shardIds) =>
+        storage.refresh(address, shardIds).pipe(
+          Effect.withSchedulingPriority(URGENT_PRIORITY),
+          Effect.timed,
+          Effect.flatMap(([took, acquired]) =>
+            Duration.toMillis(took) > deadlineMs / 2
+              ? Effect.as(Effect.logWarning(`shard lock refresh took ${Math.round(Duration.toMillis(took))} ms (deadline ${Math.round(deadlineMs)} ms)`), acquired)
+              : Effect.succeed(acquired)
           )
-      })
+        )
     })
-  )
+  })
+)
