@@ -17,7 +17,7 @@ import { writeFileSync } from "node:fs"
 import { freshDatabase, sqlPool } from "../../test/support/database.js"
 import { REPO_ROOT } from "../../test/support/engineProcess.js"
 import { postJson, readSse, startService } from "../../test/support/service.js"
-import { provenance } from "./provenance.js"
+import { listArg, provenance } from "./provenance.js"
 
 const args = process.argv.slice(2)
 const flag = (name: string, fallback: number) => {
@@ -26,10 +26,7 @@ const flag = (name: string, fallback: number) => {
 }
 // Conversations of each length are measured in turn: 70 exchanges already fill the default
 // model's 4,096-token window, so a longer one sends the same prompts and differs only in history.
-const exchangeCounts = (() => {
-  const i = args.indexOf("--exchanges")
-  return (i < 0 ? "70,500" : args[i + 1]!).split(",").map(Number)
-})()
+const exchangeCounts = listArg("exchanges", ["70", "500"]).map(Number)
 const numTurns = flag("turns", 20)
 // The CPU engine's threads compete with the service for this machine's cores; one thread
 // leaves a core to the service, so that the figures measure the event loop, not the OS scheduler.

@@ -26,11 +26,10 @@ import { REPO_ROOT, startService } from "./processes.js"
 import { Progress } from "./progress.js"
 import { round, ttftSloCapacity } from "./stats.js"
 import { MULTI_TURN } from "./workload.js"
-import { numberArg, provenance } from "./provenance.js"
+import { listArg, numberArg, provenance } from "./provenance.js"
 
 const streamCounts = (() => {
-  const i = process.argv.indexOf("--streams")
-  const counts = i < 0 ? [128] : (process.argv[i + 1] ?? "").split(",").map(Number)
+  const counts = listArg("streams", ["128"]).map(Number)
   if (counts.length === 0 || counts.some((n) => !Number.isInteger(n) || n < 1)) {
     console.error("--streams takes a positive integer or a comma-separated list of them")
     process.exit(2)
@@ -43,9 +42,8 @@ const sweep = streamCounts.length > 1
 // the bottleneck. A larger scale puts the bottleneck on the GPUs, as in a real deployment.
 const simTimeScale = numberArg("sim-time-scale", 1)
 const modeNames = (() => {
-  const i = process.argv.indexOf("--modes")
-  const names = i < 0 ? ["affinity", "random", "off"] : (process.argv[i + 1] ?? "").split(",")
   const known = ["affinity", "random", "off"]
+  const names = listArg("modes", known)
   if (names.length === 0 || names.some((n) => !known.includes(n))) {
     console.error(`--modes takes a comma-separated list of ${known.join(", ")}`)
     process.exit(2)

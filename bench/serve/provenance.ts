@@ -13,6 +13,13 @@ export const numberArg = (name: string, fallback: number): number => {
   return i < 0 ? fallback : Number(argv[i + 1])
 }
 
+/** `--NAME a,b,c` as ["a", "b", "c"], or `fallback` when the flag is absent. */
+export const listArg = (name: string, fallback: ReadonlyArray<string>): Array<string> => {
+  const argv = process.argv.slice(2)
+  const i = argv.indexOf(`--${name}`)
+  return i < 0 ? [...fallback] : (argv[i + 1] ?? "").split(",")
+}
+
 /** The record of a run: `command` as given, now, the short commit, and the machine. */
 export const provenance = (command: string) => ({
   command,

@@ -37,6 +37,22 @@ const busyFibers = (numFibers: number, numSteps: number) =>
   )
 
 /**
+ * Loop turns that each spend 20 ms outside fibers (a stand-in for heavy socket callbacks), from
+ * now until `stop`; `turns()` counts them.
+ */
+const busyIoTurns = () => {
+  let turns = 0
+  let running = true
+  const io = () => {
+    turns++
+    busyMs(20)
+    if (running) setImmediate(io)
+  }
+  setImmediate(io)
+  return { turns: () => turns, stop: () => void (running = false) }
+}
+
+/**
  * The longest time (ms) between two turns of the event loop while `numFibers` fibers each run
  * `numSteps` busy steps of 1 ms with a yield after each: a chain of setImmediate callbacks
  * measures the gaps.
@@ -72,25 +88,17 @@ describe("EventLoopScheduler", () => {
   })
 
   it("runs a task that has waited maxWaitMs whatever the budget, so busy I/O cannot starve fibers", async () => {
-    // Each loop turn spends 20 ms outside fibers (a stand-in for heavy socket callbacks), and
-    // the budget lets fibers 1 ms a turn: without the rule 40 fibers × 3 steps of 1 ms need
+    // Each loop turn spends 20 ms outside fibers, and the budget lets fibers 1 ms a turn: without the rule 40 fibers × 3 steps of 1 ms need
     // ~120 turns; with it, what has waited 30 ms runs at once.
     const loopTurnsUntilDone = (scheduler: EventLoopScheduler) =>
       new Promise<number>((resolve) => {
-        let turns = 0
-        let running = true
-        const io = () => {
-          turns++
-          busyMs(20)
-          if (running) setImmediate(io)
-        }
-        setImmediate(io)
+        const io = busyIoTurns()
         Effect.runFork(
           busyFibers(40, 3).pipe(
             Effect.withScheduler(scheduler),
             Effect.tap(() => {
-              running = false
-              resolve(turns)
+              io.stop()
+              resolve(io.turns())
             })
           )
         )
@@ -104,22 +112,15 @@ describe("EventLoopScheduler", () => {
     // fibers 1 ms a turn. How many loop turns does a fiber of 10 short hops need?
     const loopTurnsUntilUrgentDone = (hop: Effect.Effect<void>, priority: number) =>
       new Promise<number>((resolve) => {
-        let turns = 0
-        let running = true
-        const io = () => {
-          turns++
-          busyMs(20)
-          if (running) setImmediate(io)
-        }
-        setImmediate(io)
+        const io = busyIoTurns()
         const hops = Effect.forEach(Array.from({ length: 10 }), () => hop, { discard: true }).pipe(
           Effect.withSchedulingPriority(priority),
-          Effect.tap(() => resolve(turns))
+          Effect.tap(() => resolve(io.turns()))
         )
         Effect.runFork(
           Effect.all([busyFibers(40, 3), Effect.zipRight(Effect.yieldNow(), hops)], { concurrency: "unbounded", discard: true }).pipe(
             Effect.withScheduler(new EventLoopScheduler(1, 1, 60_000)),
-            Effect.ensuring(Effect.sync(() => (running = false)))
+            Effect.ensuring(Effect.sync(io.stop))
           )
         )
       })
