@@ -8,6 +8,11 @@
  * half the streams go to each gateway. Reports output tok/s, TTFT and ITL per system and the
  * cluster's ratios to the one-process figures; writes bench/results/cluster.json with machine,
  * date, commit and command.
+ *
+ * `--rounds K` measures both K times, in turn (the cluster first in even rounds), each on a
+ * fresh database and fresh processes: on a 2-core machine one pair's ratio varies by ±0.1
+ * from run to run. The record then gives every round, and the median ratio and TTFT p99
+ * delta; `one_process` and `cluster` are the round whose ratio is the median.
  */
 import { execFileSync } from "node:child_process"
 import { mkdtempSync, writeFileSync } from "node:fs"
@@ -26,6 +31,7 @@ import { numberArg, provenance } from "./provenance.js"
 const numStreams = numberArg("streams", 512)
 const warmupMs = numberArg("warmup", 10) * 1000
 const durationMs = numberArg("duration", 20) * 1000
+const numRounds = numberArg("rounds", 1)
 const serverUrl = process.env["DATABASE_URL"] ?? "postgres://postgres@127.0.0.1:5432/test"
 const progress = new Progress()
 
@@ -74,26 +80,28 @@ const load = (targets: ReadonlyArray<Target>, label: string, pids: () => Record<
     })
   ))
 
-const main = async () => {
-  execFileSync("npm", ["run", "build", "--silent"], { cwd: REPO_ROOT, stdio: "inherit" })
-  const env = { MAX_CONNECTIONS_PER_CLIENT: "16384", SHUTDOWN_GRACE_MS: "2000", STREAM_DETACH_GRACE_MS: "0" }
+const env = { MAX_CONNECTIONS_PER_CLIENT: "16384", SHUTDOWN_GRACE_MS: "2000", STREAM_DETACH_GRACE_MS: "0" }
+type Measured = ReturnType<typeof summarize> & { conversation_loads?: Awaited<ReturnType<typeof conversationLoads>> }
 
-  const db1 = await createPrivateDatabase(serverUrl)
+const measureOneProcess = async (): Promise<Measured> => {
+  const db = await createPrivateDatabase(serverUrl)
   // The same two simulated GPUs as the cluster's, in the one process.
-  const single = await startService({ env: { DATABASE_URL: db1.url, BENCH_NUM_GPUS: "2", ...env }, dataDir: mkdtempSync(path.join(os.tmpdir(), "bench-cluster-")) })
-  let oneProcess: ReturnType<typeof summarize> & { conversation_loads?: Awaited<ReturnType<typeof conversationLoads>> }
+  const single = await startService({ env: { DATABASE_URL: db.url, BENCH_NUM_GPUS: "2", ...env }, dataDir: mkdtempSync(path.join(os.tmpdir(), "bench-cluster-")) })
   try {
-    oneProcess = summarize(await load([{ host: single.host, port: single.port, agent: makeAgent() }], "one process", () => single.pids()))
-    oneProcess.conversation_loads = await conversationLoads([`http://${single.host}:${single.port}`])
+    const measured: Measured = summarize(await load([{ host: single.host, port: single.port, agent: makeAgent() }], "one process", () => single.pids()))
+    measured.conversation_loads = await conversationLoads([`http://${single.host}:${single.port}`])
+    return measured
   } finally {
     await single.stop()
-    await db1.drop()
+    await db.drop()
   }
+}
 
-  const db2 = await createPrivateDatabase(serverUrl)
+const measureCluster = async (): Promise<Measured> => {
+  const db = await createPrivateDatabase(serverUrl)
   // Each simulated GPU gets the one-process bench's engine settings (bench/serve/sim.config.ts).
   const cluster = await startCluster({
-    databaseUrl: db2.url,
+    databaseUrl: db.url,
     entry: [path.join(REPO_ROOT, "dist/src/main.js")],
     env: {
       ...env,
@@ -102,37 +110,80 @@ const main = async () => {
       CLUSTER_LOCAL_KV_CACHE_BYTES: String(8 * 1024 * 1024 * 1024)
     }
   })
-  let clustered: ReturnType<typeof summarize> & { conversation_loads?: Awaited<ReturnType<typeof conversationLoads>> }
   try {
     const targets = cluster.gateways.map((url) => {
       const u = new URL(url)
       return { host: u.hostname, port: Number(u.port), agent: makeAgent() }
     })
     const pids = () => Object.fromEntries([...cluster.runners].map(([name, r]) => [name, r.process.pid!]))
-    clustered = summarize(await load(targets, "cluster", pids))
-    clustered.conversation_loads = await conversationLoads(cluster.gateways)
+    const measured: Measured = summarize(await load(targets, "cluster", pids))
+    measured.conversation_loads = await conversationLoads(cluster.gateways)
+    return measured
   } finally {
     await cluster.stop()
-    await db2.drop()
+    await db.drop()
     // The runners' warnings and errors, for looking into a run's errors (not committed).
     // A logged cause follows its line, indented.
     const lines = [...cluster.runners].flatMap(([name, r]) => {
       let keep = false
       return r.output().split("\n").filter((l) => (keep = / (WARN|ERROR) /.test(l) || (keep && /^\s/.test(l)))).map((l) => `${name} ${l}`)
     })
-    writeFileSync(path.join(REPO_ROOT, "bench/results/scratch-cluster-runners.log"), lines.join("\n") + "\n")
+    writeFileSync(path.join(REPO_ROOT, "bench/results/scratch-cluster-runners.log"), lines.join("\n") + "\n", { flag: "a" })
   }
+}
 
-  const result = {
-    benchmark: "cluster",
-    ...provenance(`node --import tsx bench/serve/cluster.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}`),
-    num_streams: numStreams,
-    one_process: oneProcess,
-    cluster: clustered,
-    cluster_vs_one_process: {
+const median = (xs: ReadonlyArray<number>) => {
+  const sorted = [...xs].sort((a, b) => a - b)
+  return sorted[Math.floor((sorted.length - 1) / 2)]!
+}
+
+const main = async () => {
+  execFileSync("npm", ["run", "build", "--silent"], { cwd: REPO_ROOT, stdio: "inherit" })
+  writeFileSync(path.join(REPO_ROOT, "bench/results/scratch-cluster-runners.log"), "")
+  const rounds: Array<{ one_process: Measured; cluster: Measured; output_tok_per_s_ratio: number; ttft_p99_delta_ms: number }> = []
+  for (let k = 0; k < numRounds; k++) {
+    let oneProcess: Measured
+    let clustered: Measured
+    if (k % 2 === 0) {
+      oneProcess = await measureOneProcess()
+      clustered = await measureCluster()
+    } else {
+      clustered = await measureCluster()
+      oneProcess = await measureOneProcess()
+    }
+    rounds.push({
+      one_process: oneProcess,
+      cluster: clustered,
       output_tok_per_s_ratio: round(clustered.output_tok_per_s / oneProcess.output_tok_per_s, 3),
       ttft_p99_delta_ms: round(clustered.ttft_ms.p99 - oneProcess.ttft_ms.p99, 1)
-    }
+    })
+  }
+  const ratios = rounds.map((r) => r.output_tok_per_s_ratio)
+  const middle = rounds.find((r) => r.output_tok_per_s_ratio === median(ratios))!
+  const result = {
+    benchmark: "cluster",
+    ...provenance(`node --import tsx bench/serve/cluster.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}${numRounds > 1 ? ` --rounds ${numRounds}` : ""}`),
+    num_streams: numStreams,
+    one_process: middle.one_process,
+    cluster: middle.cluster,
+    cluster_vs_one_process: {
+      output_tok_per_s_ratio: median(ratios),
+      ttft_p99_delta_ms: median(rounds.map((r) => r.ttft_p99_delta_ms))
+    },
+    ...(numRounds > 1
+      ? {
+        rounds: rounds.map((r) => ({
+          one_process_output_tok_per_s: r.one_process.output_tok_per_s,
+          cluster_output_tok_per_s: r.cluster.output_tok_per_s,
+          one_process_ttft_p99_ms: r.one_process.ttft_ms.p99,
+          cluster_ttft_p99_ms: r.cluster.ttft_ms.p99,
+          output_tok_per_s_ratio: r.output_tok_per_s_ratio,
+          ttft_p99_delta_ms: r.ttft_p99_delta_ms,
+          cluster_cpu_cores: r.cluster.cpu_cores,
+          cluster_errors: r.cluster.errors
+        }))
+      }
+      : {})
   }
   console.log(JSON.stringify(result, null, 2))
   writeFileSync(path.join(REPO_ROOT, "bench/results/cluster.json"), JSON.stringify(result, null, 2) + "\n")

@@ -21,7 +21,8 @@
  *                          the run creates its own database there (chat_bench_<pid>_<time>) and drops it
  *   --no-overhead          skip bench/scheduler/overhead.ts
  *   --cluster              the local cluster against the one-process server at 512 streams
- *                          (bench/serve/cluster.ts; its own options: --streams, --warmup, --duration)
+ *                          (bench/serve/cluster.ts; its own options: --streams, --warmup, --duration,
+ *                          --rounds)
  *   --event-loop           the one-process server's own event-loop delay at 2,048 streams
  *                          (bench/serve/event-loop.ts; the same options)
  *   --prefix-routing       prefix caching and conversation-affine routing on 4 simulated GPUs,

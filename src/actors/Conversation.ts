@@ -319,7 +319,8 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
     eventLog,
     dataPlane: yield* DataPlane,
     topology: topologyValue,
-    missedPings: failover.gpuHealth(gpus, runFork)
+    missedPings: failover.gpuHealth(gpus, runFork),
+    slotChecks: failover.slotChecks(gpus, runFork)
   }
   const guardStreamEnd = failover.streamEndGuard(failoverDeps, runFork)
   /** Ends turn `turn`'s client stream from its stored reply (its slot's GPU runner was lost). */
@@ -883,7 +884,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             // A Start cut off by a shard move (the slot's runner gave up its shard locks for a
             // moment) or by its runner's death may or may not have started the sequence; it is
             // not sent again (the slot may have been reserved anew since). The turn is taken as
-            // started on that slot: its watch finds out (Alive, or the GPU's silence), and moves
+            // started on that slot: its watch finds out (its slot check, or the GPU's silence), and moves
             // it to a GPU if it is not running there. A runner that died before it answered
             // would keep the Start waiting for ever (the cluster holds a message to a pinned
             // shard until its runner is back), so once the GPU is given up by the watch's rule

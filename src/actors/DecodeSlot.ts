@@ -86,8 +86,6 @@ export const DecodeSlot = Entity.make("DecodeSlot", [
    * not answer for a while, and may only have been slow): the turn goes on elsewhere.
    */
   Rpc.make("Abandon", { payload: { turn_id: TurnId }, success: Schema.Boolean }),
-  /** Whether the slot runs `turn_id` (its owner's liveness probe: no answer means the runner is gone). */
-  Rpc.make("Alive", { payload: { turn_id: TurnId }, success: Schema.Boolean }),
   /**
    * A reader resumes `turn_id` from this slot's own buffer (the turn log is unavailable): its
    * text goes to `stream_id` from token event `after_index + 1` on. @returns whether it could.
@@ -356,7 +354,6 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             const live = running.get(slotId)
             return live?.turnId === payload.turn_id && live.abandon()
           }),
-        Alive: ({ payload }) => Effect.sync(() => running.get(slotId)?.turnId === payload.turn_id),
         Attach: ({ payload }) =>
           Effect.sync(() => {
             const live = running.get(slotId)

@@ -54,6 +54,15 @@ export const GpuScheduler = Entity.make("GpuScheduler", [
   /** Answers while the GPU's runner is up (failover's liveness probe, one per GPU, not per turn). */
   Rpc.make("Ping", {}),
   /**
+   * Whether each of `turns` runs on its slot (of this GPU), in order: failover's slot check,
+   * one call per GPU and period for every turn a runner watches there. A slot that answers
+   * false lost its turn (its runner restarted) or never ran it (a Start cut off).
+   */
+  Rpc.make("RunningTurns", {
+    payload: { turns: Schema.Array(Schema.Struct({ slot_id: Schema.String, turn_id: Schema.String })) },
+    success: Schema.Array(Schema.Boolean)
+  }),
+  /**
    * The slot of this GPU that runs `turn_id`, and what started it; null when none does. A
    * Conversation that took a turn over after a shard move asks its pool's GPUs this (the turn
    * log, which says it too, may be unavailable).
@@ -99,6 +108,7 @@ export const layer = GpuScheduler.toLayer(
           return `${gpuId}/${admitted.right}`
         }),
       Ping: () => Effect.void,
+      RunningTurns: ({ payload }) => Effect.sync(() => payload.turns.map((t) => running.get(t.slot_id)?.turnId === t.turn_id)),
       FindTurn: ({ payload }) =>
         Effect.sync(() => {
           for (const [slotId, live] of running) {

@@ -37,8 +37,13 @@ export type LoggedEvent =
 
 /** Seconds a turn's log is kept after its terminal event. */
 export const ENDED_TTL_S = 300
-/** Seconds a turn's log is kept after its last append (a producer that vanished). */
+/** Seconds a turn's log is kept after its last append (a producer that vanished): at least 3/4 of it. */
 const LIVE_TTL_S = 3600
+/**
+ * A live turn's TTL is renewed at most this often: an EXPIRE per appended event was half of
+ * the commands a GPU runner sent (one XADD and one EXPIRE per stream per engine step).
+ */
+const LIVE_TTL_RENEW_MS = (LIVE_TTL_S * 1000) / 4
 /** A follower that sees nothing for this long ends with `stream_stalled`. */
 const FOLLOW_IDLE_MS = 120_000
 
@@ -205,7 +210,21 @@ export const layerRedis = (url: string, prefix: string) =>
         if (!down) console.warn(`TurnEventLog: Redis at ${url} unreachable; stream logs are not kept meanwhile`)
         down = true
       })
-      redis.on("ready", () => (down = false))
+      /** When each live turn's TTL was last set (ms); a turn's entry goes with its terminal event. */
+      const ttlSetAt = new Map<string, number>()
+      redis.on("ready", () => {
+        down = false
+        // Redis may have restarted empty: an XADD then makes a key without a TTL.
+        ttlSetAt.clear()
+      })
+      // A turn whose terminal event is written elsewhere (its slot was abandoned, the turn
+      // moved) leaves its entry: entries past their renewal are dropped (an append renews).
+      const prune = setInterval(() => {
+        const before = Date.now() - LIVE_TTL_RENEW_MS
+        for (const [k, at] of ttlSetAt) if (at < before) ttlSetAt.delete(k)
+      }, LIVE_TTL_RENEW_MS)
+      prune.unref()
+      yield* Effect.addFinalizer(() => Effect.sync(() => clearInterval(prune)))
       yield* Effect.addFinalizer(() => Effect.promise(() => redis.quit().catch(() => undefined)))
       const key = (turnId: string) => `${prefix}turn:${turnId}`
 
@@ -215,13 +234,21 @@ export const layerRedis = (url: string, prefix: string) =>
         pending = []
         if (redis.status !== "ready") return
         const pipeline = redis.pipeline()
+        const now = Date.now()
         const ttl = new Map<string, number>()
         for (const { event, key } of batch) {
           pipeline.xadd(key, "MAXLEN", "~", 100_000, "*", "e", encode(event))
-          ttl.set(key, isTerminal(event) ? ENDED_TTL_S : ttl.get(key) ?? LIVE_TTL_S)
+          if (isTerminal(event)) {
+            ttl.set(key, ENDED_TTL_S)
+            ttlSetAt.delete(key)
+          } else if (!ttl.has(key) && now - (ttlSetAt.get(key) ?? -Infinity) >= LIVE_TTL_RENEW_MS) {
+            ttl.set(key, LIVE_TTL_S)
+            ttlSetAt.set(key, now)
+          }
         }
         for (const [k, seconds] of ttl) pipeline.expire(k, seconds)
-        pipeline.exec().catch(() => undefined)
+        // A failed batch may have left keys without a TTL: every live turn renews it next time.
+        pipeline.exec().then((results) => results?.some(([e]) => e !== null) && ttlSetAt.clear(), () => ttlSetAt.clear())
       }
 
       return TurnEventLog.of({

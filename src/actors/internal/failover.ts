@@ -30,8 +30,9 @@ const PROBE_TIMEOUT = Duration.seconds(1)
 const MAX_MISSED_PROBES = 3
 /**
  * A slot that answers but no longer runs the turn (its runner restarted and lost it), checked
- * per turn this often, moves the turn once that has lasted as long (a finished turn's
- * FinishTurn arrives well within it).
+ * this often, moves the turn once that has lasted as long (a finished turn's FinishTurn
+ * arrives well within it). One `RunningTurns` per GPU and period asks about every turn this
+ * runner watches there (see `slotChecks`).
  */
 const SLOT_CHECK_INTERVAL_MS = 5_000
 /**
@@ -64,6 +65,77 @@ export interface FailoverDeps {
   readonly topology: Topology
   /** Consecutive unanswered pings of a GPU (see `gpuHealth`); -1 before its first answer or miss. */
   readonly missedPings: (gpuId: string) => number
+  /** This runner's slot checks of the turns it watches (see `slotChecks`). */
+  readonly slotChecks: SlotChecks
+}
+
+/** A slot check's answer: whether slot `slotId` ran the turn at `atMs` (undefined: no answer). */
+export interface SlotCheck {
+  readonly slotId: string
+  readonly atMs: number
+  readonly running: boolean | undefined
+}
+
+export interface SlotChecks {
+  /** Checks `turn`'s slot from the next period on, until `remove`. */
+  readonly add: (turn: WatchedTurn) => void
+  readonly remove: (turn: WatchedTurn) => void
+  /** The latest check of `turn`, if any. */
+  readonly latest: (turn: WatchedTurn) => SlotCheck | undefined
+}
+
+/**
+ * This runner's slot checks: every SLOT_CHECK_INTERVAL_MS, while any turn is watched, one
+ * `RunningTurns` per GPU (timeout PROBE_TIMEOUT) asks whether each watched turn's slot there
+ * still runs it. A per-turn call cost ~100 RPCs a second at 512 streams, each paid by both
+ * runners' event loops.
+ */
+export const slotChecks = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) => unknown): SlotChecks => {
+  const watched = new Map<WatchedTurn, SlotCheck | undefined>()
+  let looping = false
+  const checkGpu = (gpuId: string, turns: ReadonlyArray<readonly [WatchedTurn, string]>) =>
+    Effect.gen(function*() {
+      const answer = yield* timeoutDetached(
+        gpus(gpuId).RunningTurns({ turns: turns.map(([turn, slotId]) => ({ slot_id: slotId, turn_id: turn.turnId })) }),
+        PROBE_TIMEOUT
+      ).pipe(answered)
+      const atMs = Date.now()
+      turns.forEach(([turn, slotId], i) => {
+        // A turn no longer watched, or moved meanwhile: the answer is not about it.
+        if (!watched.has(turn) || turn.slotId !== slotId) return
+        watched.set(turn, { slotId, atMs, running: Option.isSome(answer) ? answer.value[i] : undefined })
+      })
+    })
+  const loop: Effect.Effect<void> = Effect.gen(function*() {
+    while (watched.size > 0) {
+      yield* Effect.sleep(Duration.millis(SLOT_CHECK_INTERVAL_MS))
+      const byGpu = new Map<string, Array<readonly [WatchedTurn, string]>>()
+      for (const turn of watched.keys()) {
+        if (turn.slotId === undefined || turn.reporting === true) continue
+        const gpuId = shardGroupOf(turn.slotId)
+        let turns = byGpu.get(gpuId)
+        if (turns === undefined) byGpu.set(gpuId, turns = [])
+        turns.push([turn, turn.slotId])
+      }
+      yield* Effect.forEach(byGpu, ([gpuId, turns]) => checkGpu(gpuId, turns), { concurrency: "unbounded", discard: true })
+    }
+  }).pipe(Effect.ensuring(Effect.sync(() => {
+    looping = false
+    if (watched.size > 0) startLoop() // a turn added as the loop was ending
+  })))
+  const startLoop = () => {
+    if (looping) return
+    looping = true
+    runFork(loop)
+  }
+  return {
+    add: (turn) => {
+      watched.set(turn, undefined)
+      startLoop()
+    },
+    remove: (turn) => void watched.delete(turn),
+    latest: (turn) => watched.get(turn)
+  }
 }
 
 /**
@@ -96,7 +168,8 @@ export const gpuHealth = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) => 
  */
 export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean): Effect.Effect<"watched" | "ended" | "lost"> =>
   Effect.gen(function*() {
-    let lastSlotCheckMs = Date.now()
+    deps.slotChecks.add(turn)
+    let lastCheckAtMs = 0
     let notRunningSinceMs: number | undefined
     const gpuLost = lossRule(deps)
     while (isActive()) {
@@ -104,13 +177,13 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
       if (!isActive() || turn.slotId === undefined) return "watched" as const
       if (turn.reporting === true) continue
       let lost = gpuLost(shardGroupOf(turn.slotId), turn.start?.pool ?? "")
-      if (!lost && Date.now() - lastSlotCheckMs >= SLOT_CHECK_INTERVAL_MS) {
-        lastSlotCheckMs = Date.now()
+      const check = deps.slotChecks.latest(turn)
+      if (!lost && check !== undefined && check.slotId === turn.slotId && check.atMs > lastCheckAtMs) {
+        lastCheckAtMs = check.atMs
         // No answer (or one cut by a shard move) says nothing; only "not running" counts.
-        const alive = yield* Effect.exit(timeoutDetached(deps.slots(turn.slotId).Alive({ turn_id: turn.turnId }), PROBE_TIMEOUT))
-        if (Exit.isSuccess(alive) && !alive.value) {
-          notRunningSinceMs ??= Date.now()
-          lost = Date.now() - notRunningSinceMs >= SLOT_CHECK_INTERVAL_MS && isActive()
+        if (check.running === false) {
+          notRunningSinceMs ??= check.atMs
+          lost = check.atMs - notRunningSinceMs >= SLOT_CHECK_INTERVAL_MS && isActive()
         } else notRunningSinceMs = undefined
       }
       if (!lost) continue
@@ -120,7 +193,10 @@ export const watch = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boo
       if (moved !== "moved") return moved
     }
     return "watched" as const
-  }).pipe(Effect.catchAllCause((cause) => Effect.as(Effect.logError(`failover watch of ${turn.turnId} stopped`, cause), "watched" as const)))
+  }).pipe(
+    Effect.catchAllCause((cause) => Effect.as(Effect.logError(`failover watch of ${turn.turnId} stopped`, cause), "watched" as const)),
+    Effect.ensuring(Effect.sync(() => deps.slotChecks.remove(turn)))
+  )
 
 /**
  * Waits until GPU `gpuId` of `pool` is given up by the rule of `watch` (never, while it

@@ -1,0 +1,69 @@
+/**
+ * The turn event log on the real Redis (REDIS_URL): events read back in order, a follower
+ * gets what comes after its index and ends with the terminal event, and the key's TTL is set
+ * once while the turn is live (not per appended event) and shortened by its terminal event.
+ */
+import { randomUUID } from "node:crypto"
+import { describe, expect, it } from "@effect/vitest"
+import { Chunk, Duration, Effect, Stream } from "effect"
+import { Redis } from "ioredis"
+import { TurnId } from "../../src/runtime/Domain.js"
+import * as TurnEventLog from "../../src/runtime/TurnEventLog.js"
+
+const redisUrl = process.env["REDIS_URL"] ?? "redis://127.0.0.1:6379"
+
+const token = (index: number, text: string): TurnEventLog.LoggedEvent => ({ index, kind: "token", text, ids: [index] })
+
+describe("TurnEventLog (Redis)", () => {
+  it.scopedLive("reads and follows a turn's events; its TTL is set when it starts and when it ends, not per event", () =>
+    Effect.gen(function*() {
+      const prefix = `test:${randomUUID()}:`
+      const log = yield* Effect.provide(TurnEventLog.TurnEventLog, TurnEventLog.layerRedis(redisUrl, prefix))
+      const redis = new Redis(redisUrl)
+      yield* Effect.addFinalizer(() => Effect.promise(() => redis.quit()))
+      const turnId = TurnId.make(`turn_${randomUUID()}`)
+      const key = `${prefix}turn:${turnId}`
+      const logged = (n: number) =>
+        Effect.gen(function*() {
+          const deadline = Date.now() + 5000
+          while ((yield* Effect.promise(() => redis.xlen(key))) < n) {
+            if (Date.now() > deadline) return yield* Effect.dieMessage(`fewer than ${n} events logged`)
+            yield* Effect.sleep(Duration.millis(10))
+          }
+        })
+      yield* Effect.sleep("100 millis") // connected
+
+      log.append(turnId, token(0, "Hel"))
+      log.append(turnId, token(1, "lo"))
+      yield* logged(2)
+      const liveTtl = yield* Effect.promise(() => redis.ttl(key))
+      expect(liveTtl).toBeGreaterThan(3000)
+      expect(liveTtl).toBeLessThanOrEqual(3600)
+
+      // Later events leave the TTL alone (it was set a moment ago): here, none at all.
+      yield* Effect.promise(() => redis.persist(key))
+      log.append(turnId, token(2, ","))
+      log.append(turnId, token(3, " you"))
+      yield* logged(4)
+      expect(yield* Effect.promise(() => redis.ttl(key))).toBe(-1)
+
+      const followed = yield* log.follow(turnId, 1)
+      expect(followed._tag).toBe("Events")
+      const done: TurnEventLog.LoggedEvent = {
+        index: 4,
+        kind: "done",
+        done: { turn_id: turnId, finish_reason: "stop", usage: { prompt_tokens: 3, completion_tokens: 4, prompt_tokens_details: { cached_tokens: 0 } } }
+      }
+      log.append(turnId, done)
+      yield* logged(5)
+      const endedTtl = yield* Effect.promise(() => redis.ttl(key))
+      expect(endedTtl).toBeGreaterThan(0)
+      expect(endedTtl).toBeLessThanOrEqual(TurnEventLog.ENDED_TTL_S)
+
+      if (followed._tag !== "Events") return
+      const events = Chunk.toArray(yield* Stream.runCollect(followed.events))
+      expect(events).toEqual([token(2, ","), token(3, " you"), done])
+      expect((yield* log.read(turnId)).map((e) => e.index)).toEqual([0, 1, 2, 3, 4])
+      expect(yield* log.follow(turnId, 4)).toEqual({ _tag: "Ended" })
+    }))
+})
