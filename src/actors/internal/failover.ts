@@ -85,6 +85,35 @@ export interface SlotChecks {
 }
 
 /**
+ * A loop of `step` every `period` while `busy()`, one at a time: `start` begins it (nothing
+ * while it runs or nothing is to do); it ends once idle, and begins again at once for work
+ * added as it was ending. @returns start
+ */
+const loopWhileBusy = (
+  runFork: (effect: Effect.Effect<void>) => unknown,
+  busy: () => boolean,
+  period: Duration.DurationInput,
+  step: Effect.Effect<void>
+) => {
+  let looping = false
+  const loop: Effect.Effect<void> = Effect.gen(function*() {
+    while (busy()) {
+      yield* Effect.sleep(period)
+      yield* step
+    }
+  }).pipe(Effect.ensuring(Effect.sync(() => {
+    looping = false
+    start()
+  })))
+  const start = () => {
+    if (looping || !busy()) return
+    looping = true
+    runFork(loop)
+  }
+  return start
+}
+
+/**
  * This runner's slot checks: every SLOT_CHECK_INTERVAL_MS, while any turn is watched, one
  * `RunningTurns` per GPU (timeout PROBE_TIMEOUT) asks whether each watched turn's slot there
  * still runs it. A per-turn call cost ~100 RPCs a second at 512 streams, each paid by both
@@ -92,7 +121,6 @@ export interface SlotChecks {
  */
 export const slotChecks = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) => unknown): SlotChecks => {
   const watched = new Map<WatchedTurn, SlotCheck | undefined>()
-  let looping = false
   const checkGpu = (gpuId: string, turns: ReadonlyArray<readonly [WatchedTurn, string]>) =>
     Effect.gen(function*() {
       const answer = yield* timeoutDetached(
@@ -106,28 +134,18 @@ export const slotChecks = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) =>
         watched.set(turn, { slotId, atMs, running: Option.isSome(answer) ? answer.value[i] : undefined })
       })
     })
-  const loop: Effect.Effect<void> = Effect.gen(function*() {
-    while (watched.size > 0) {
-      yield* Effect.sleep(Duration.millis(SLOT_CHECK_INTERVAL_MS))
-      const byGpu = new Map<string, Array<readonly [WatchedTurn, string]>>()
-      for (const turn of watched.keys()) {
-        if (turn.slotId === undefined || turn.reporting === true) continue
-        const gpuId = shardGroupOf(turn.slotId)
-        let turns = byGpu.get(gpuId)
-        if (turns === undefined) byGpu.set(gpuId, turns = [])
-        turns.push([turn, turn.slotId])
-      }
-      yield* Effect.forEach(byGpu, ([gpuId, turns]) => checkGpu(gpuId, turns), { concurrency: "unbounded", discard: true })
+  const checkAll = Effect.suspend(() => {
+    const byGpu = new Map<string, Array<readonly [WatchedTurn, string]>>()
+    for (const turn of watched.keys()) {
+      if (turn.slotId === undefined || turn.reporting === true) continue
+      const gpuId = shardGroupOf(turn.slotId)
+      let turns = byGpu.get(gpuId)
+      if (turns === undefined) byGpu.set(gpuId, turns = [])
+      turns.push([turn, turn.slotId])
     }
-  }).pipe(Effect.ensuring(Effect.sync(() => {
-    looping = false
-    if (watched.size > 0) startLoop() // a turn added as the loop was ending
-  })))
-  const startLoop = () => {
-    if (looping) return
-    looping = true
-    runFork(loop)
-  }
+    return Effect.forEach(byGpu, ([gpuId, turns]) => checkGpu(gpuId, turns), { concurrency: "unbounded", discard: true })
+  })
+  const startLoop = loopWhileBusy(runFork, () => watched.size > 0, Duration.millis(SLOT_CHECK_INTERVAL_MS), checkAll)
   return {
     add: (turn) => {
       watched.set(turn, undefined)
@@ -317,37 +335,26 @@ export const streamEndGuard = (deps: FailoverDeps, runFork: (effect: Effect.Effe
   }
   const guards = new Set<Guard>()
   const rules = new Map<string, ReturnType<typeof lossRule>>()
-  let looping = false
-  const loop: Effect.Effect<void> = Effect.gen(function*() {
-    while (guards.size > 0) {
-      yield* Effect.sleep(PROBE_INTERVAL)
-      const nowMs = Date.now()
-      const lost = new Map<string, boolean>()
-      for (const guard of guards) {
-        if (nowMs > guard.untilMs) {
-          guards.delete(guard)
-          continue
-        }
-        let isLost = lost.get(guard.gpuId)
-        if (isLost === undefined) {
-          let rule = rules.get(guard.gpuId)
-          if (rule === undefined) rules.set(guard.gpuId, rule = lossRule(deps))
-          lost.set(guard.gpuId, isLost = rule(guard.gpuId, guard.pool))
-        }
-        if (!isLost) continue
+  const checkAll = Effect.sync(() => {
+    const nowMs = Date.now()
+    const lost = new Map<string, boolean>()
+    for (const guard of guards) {
+      if (nowMs > guard.untilMs) {
         guards.delete(guard)
-        guard.onLost()
+        continue
       }
+      let isLost = lost.get(guard.gpuId)
+      if (isLost === undefined) {
+        let rule = rules.get(guard.gpuId)
+        if (rule === undefined) rules.set(guard.gpuId, rule = lossRule(deps))
+        lost.set(guard.gpuId, isLost = rule(guard.gpuId, guard.pool))
+      }
+      if (!isLost) continue
+      guards.delete(guard)
+      guard.onLost()
     }
-  }).pipe(Effect.ensuring(Effect.sync(() => {
-    looping = false
-    startLoop() // a guard added as the loop was ending
-  })))
-  const startLoop = () => {
-    if (looping || guards.size === 0) return
-    looping = true
-    runFork(loop)
-  }
+  })
+  const startLoop = loopWhileBusy(runFork, () => guards.size > 0, PROBE_INTERVAL, checkAll)
   return (gpuId: string, pool: string, onLost: () => void): void => {
     guards.add({ gpuId, pool, untilMs: Date.now() + STREAM_END_GUARD_MS, onLost })
     startLoop()
