@@ -110,7 +110,8 @@ const main = async () => {
     window = (await evaluate(read)) as { p50: number; p99: number; max: number }
     const probe = JSON.parse(String(await evaluate(`(() => { const S = globalThis.__benchStalls; S.on = false; return JSON.stringify(S) })()`))) as { stalls: Array<Stall>; gcs: Array<GcPause>; start_ms?: number }
     const windowStartMs = probe.start_ms ?? 0
-    const stalls = probe.stalls.map((st) => {
+    // The window ends when the load generator stops; its aborts of 2,048 streams come after.
+    const stalls = probe.stalls.filter((st) => st.at_ms - windowStartMs < durationMs).map((st) => {
       const end = st.at_ms + st.interval_ms
       const pauses = probe.gcs.filter((g) => g.at_ms < end && g.at_ms + g.ms > st.at_ms)
       return {
