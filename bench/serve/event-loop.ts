@@ -89,13 +89,21 @@ const main = async () => {
     const sampler = setInterval(() => {
       if (!sampling) return
       void evaluate(`(() => { const m = globalThis.__benchSecond.max / 1e6; globalThis.__benchSecond.reset(); return m })()`).then((m) => {
-        if (typeof m === "number" && m > 0) perSecondMaxMs.push(round(Math.max(0, m - RESOLUTION_MS), 1))
+        if (typeof m === "number" && m > 0) sampling && perSecondMaxMs.push(round(Math.max(0, m - RESOLUTION_MS), 1))
       })
     }, 1000)
     setTimeout(() => {
       void evaluate(`globalThis.__benchLoop.reset(); globalThis.__benchSecond.reset(); globalThis.__benchStalls.on = true; globalThis.__benchStalls.start_ms = require("node:perf_hooks").performance.now(); 0`)
       sampling = true
     }, warmupMs)
+    // Read at the window's end: after it the load generator aborts its streams, a burst no
+    // serving loop sees.
+    const windowRead = new Promise<{ p50: number; p99: number; max: number }>((resolve, reject) =>
+      setTimeout(() => {
+        sampling = false
+        evaluate(`(() => { globalThis.__benchStalls.on = false; return ${read} })()`).then((w) => resolve(w as { p50: number; p99: number; max: number }), reject)
+      }, warmupMs + durationMs)
+    )
     const point = await runPoint({ host: service.host, port: service.port, agent: makeAgent() }, { kind: "closed", concurrency: numStreams }, {
       label: `${numStreams} streams`,
       warmupMs,
@@ -105,13 +113,11 @@ const main = async () => {
       progress: new Progress(),
       cpuPids: () => service.pids()
     })
-    sampling = false
     clearInterval(sampler)
-    window = (await evaluate(read)) as { p50: number; p99: number; max: number }
-    const probe = JSON.parse(String(await evaluate(`(() => { const S = globalThis.__benchStalls; S.on = false; return JSON.stringify(S) })()`))) as { stalls: Array<Stall>; gcs: Array<GcPause>; start_ms?: number }
+    window = await windowRead
+    const probe = JSON.parse(String(await evaluate(`JSON.stringify(globalThis.__benchStalls)`))) as { stalls: Array<Stall>; gcs: Array<GcPause>; start_ms?: number }
     const windowStartMs = probe.start_ms ?? 0
-    // The window ends when the load generator stops; its aborts of 2,048 streams come after.
-    const stalls = probe.stalls.filter((st) => st.at_ms - windowStartMs < durationMs).map((st) => {
+    const stalls = probe.stalls.map((st) => {
       const end = st.at_ms + st.interval_ms
       const pauses = probe.gcs.filter((g) => g.at_ms < end && g.at_ms + g.ms > st.at_ms)
       return {
