@@ -97,12 +97,53 @@ const isMaxBytesExceeded = (e: HttpServerError.RequestError): boolean =>
  *   with two is ambiguous, so it is a 400);
  * - a JSON body (or none): HttpApiBuilder would otherwise decode a form or text body into
  *   something the schema rejects with a confusing message (`curl -d` sends a form type);
- * - at most `maxBodyBytes`: a `Content-Length` above it is a 413 before a byte is read, and a
- *   chunked body is read up to the limit only; the text read here is what the route decodes
- *   (the request caches it);
+ * - at most `maxBodyBytes`: a `Content-Length` above it is a 413, and a chunked body is read
+ *   up to the limit only; the text read here is what the route decodes (the request caches
+ *   it). An over-long declared body is read and dropped before the 413 goes out (see
+ *   `discardBody`);
  * - valid UTF-8 (when its length is declared);
  * - nesting at most `maxJsonDepth` deep, checked before anything parses it.
  */
+/** How much of an over-long body `discardBody` reads, at most (bytes and ms). */
+const DISCARD_MAX_BYTES = 256 * 1024 * 1024
+const DISCARD_MAX_MS = 10_000
+
+/**
+ * Reads and drops what is left of a request body, up to DISCARD_MAX_BYTES or DISCARD_MAX_MS,
+ * so that the error response that follows reaches its client. A client (fetch, Python's
+ * urllib) writes its whole body before it reads the answer; a server that closes with the
+ * body unread makes the kernel reset the connection, and the client sees EPIPE or
+ * ECONNRESET instead of the 413 (nginx's "lingering close" does the same for this reason).
+ * Past either cap the connection is simply closed.
+ */
+const discardBody = (incoming: IncomingMessage): Effect.Effect<void> =>
+  Effect.async<void>((resume) => {
+    let numBytes = 0
+    const onData = (chunk: Buffer) => {
+      numBytes += chunk.length
+      if (numBytes > DISCARD_MAX_BYTES) finish()
+    }
+    const timer = setTimeout(() => finish(), DISCARD_MAX_MS)
+    const cleanup = () => {
+      clearTimeout(timer)
+      incoming.off("data", onData)
+      incoming.off("end", finish)
+      incoming.off("error", finish)
+      incoming.off("close", finish)
+    }
+    function finish() {
+      cleanup()
+      resume(Effect.void)
+    }
+    if (incoming.complete) return resume(Effect.void)
+    incoming.on("data", onData)
+    incoming.once("end", finish)
+    incoming.once("error", finish)
+    incoming.once("close", finish)
+    incoming.resume()
+    return Effect.sync(cleanup)
+  })
+
 const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | ApiError.ApiError, R> =>
   Effect.gen(function*() {
     const request = yield* HttpServerRequest.HttpServerRequest
@@ -122,6 +163,7 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
     const limits = yield* RequestLimits
     const declared = Number(request.headers["content-length"] ?? "0")
     if (declared > limits.maxBodyBytes) {
+      yield* discardBody(NodeHttpServerRequest.toIncomingMessage(request))
       return yield* new ApiError.PayloadTooLarge({ message: `The body is larger than ${limits.maxBodyBytes} bytes` })
     }
     const text = yield* request.text.pipe(
