@@ -304,7 +304,8 @@ const rawResponse = (status: string, code: string, message: string): string => {
 
 /**
  * A Node HTTP server with the connection limits applied (slow or lying clients get 408 from
- * Node's own request timers; a client address past its connection bound gets 429; `CONNECT`
+ * Node's own request timers, malformed HTTP 400 and a head over 16 KiB 431, each with a JSON
+ * error; a client address past its connection bound gets 429; `CONNECT`
  * gets 405), which, on shutdown, stops listening and closes the open connections (an open SSE
  * stream would otherwise keep `server.close` waiting forever): the request fibers of those
  * connections are interrupted, which cancels their generations. Runs before NodeHttpServer's
@@ -353,6 +354,23 @@ export const layerNodeServer = (
       }
       return emit(event, ...args)
     }) as typeof server.emit
+    // What Node answers itself (malformed HTTP, a head over its 16 KiB, a request too slow)
+    // gets the API's JSON error with a code; Node's own answers have no body. As Node does,
+    // nothing is written where a response has begun on the socket.
+    server.on("clientError", (error: NodeJS.ErrnoException, socket: Socket) => {
+      const inFlight = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage
+      if (socket.writable && inFlight?.headersSent !== true && error.code !== "ECONNRESET") {
+        const [status, code, message] = error.code === "HPE_HEADER_OVERFLOW"
+          ? ["431 Request Header Fields Too Large", "headers_too_large", "The request's headers are larger than 16 KiB"]
+          : error.code === "ERR_HTTP_REQUEST_TIMEOUT"
+          ? ["408 Request Timeout", "request_timeout", "The request did not arrive in time"]
+          : error.code === "HPE_CHUNK_EXTENSIONS_OVERFLOW"
+          ? ["413 Payload Too Large", "payload_too_large", "The request's chunk extensions are too large"]
+          : ["400 Bad Request", "invalid_request", "The request is not valid HTTP/1.1"]
+        socket.write(rawResponse(status, code, message))
+      }
+      socket.destroy()
+    })
     server.on("connect", (_request, socket: Socket) => {
       socket.end(rawResponse("405 Method Not Allowed", "method_not_allowed", "CONNECT is not supported"))
     })

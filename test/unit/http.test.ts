@@ -751,8 +751,23 @@ describe("HTTP API: hostile input (issue 9)", () => {
       )
       expect(answer).toMatch(/^HTTP\/1\.1 408/)
       expect(Date.now() - t0).toBeLessThan(5000)
+      expect(answer).toContain('"code":"request_timeout"')
       const slowHead = await rawExchange(url, "GET /healthz HTTP/1.1\r\nHost: x\r\n", 8000)
       expect(slowHead).toMatch(/^HTTP\/1\.1 408/)
+    }))
+
+  it.live("what Node's parser rejects gets a JSON error with a code: malformed HTTP 400, a head over 16 KiB 431", () =>
+    withServer({}, async ({ url }) => {
+      const bodyOf = (answer: string) => JSON.parse(answer.slice(answer.indexOf("\r\n\r\n") + 4)) as { error: { code: string } }
+      for (const garbage of ["GARBAGE\r\n\r\n", "GET / HTTP/9.9\r\n\r\n", "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"]) {
+        const answer = await rawExchange(url, garbage, 3000)
+        expect(answer).toMatch(/^HTTP\/1\.1 400/)
+        expect(bodyOf(answer).error.code).toBe("invalid_request")
+      }
+      const bigHead = await rawExchange(url, `GET /v1/me HTTP/1.1\r\nHost: x\r\nX-Big: ${"a".repeat(40_000)}\r\n\r\n`, 3000)
+      expect(bigHead).toMatch(/^HTTP\/1\.1 431/)
+      expect(bodyOf(bigHead).error.code).toBe("headers_too_large")
+      expect((await fetch(`${url}/healthz`)).status).toBe(200)
     }))
 
   it.live("connections per client address are bounded", () =>
