@@ -91,19 +91,6 @@ export class RequestLimits extends Context.Reference<RequestLimits>()("chat/http
 const isMaxBytesExceeded = (e: HttpServerError.RequestError): boolean =>
   e.cause instanceof Error && e.cause.message === "maxBytes exceeded"
 
-/**
- * Checks what every route must satisfy before any handler reads the request:
- * - one `Authorization` header at most (Node keeps only the first of duplicates: a request
- *   with two is ambiguous, so it is a 400);
- * - a JSON body (or none): HttpApiBuilder would otherwise decode a form or text body into
- *   something the schema rejects with a confusing message (`curl -d` sends a form type);
- * - at most `maxBodyBytes`: a `Content-Length` above it is a 413, and a chunked body is read
- *   up to the limit only; the text read here is what the route decodes (the request caches
- *   it). An over-long declared body is read and dropped before the 413 goes out (see
- *   `discardBody`);
- * - valid UTF-8 (when its length is declared);
- * - nesting at most `maxJsonDepth` deep, checked before anything parses it.
- */
 /** How much of an over-long body `discardBody` reads, at most (bytes and ms). */
 const DISCARD_MAX_BYTES = 256 * 1024 * 1024
 const DISCARD_MAX_MS = 10_000
@@ -144,6 +131,19 @@ const discardBody = (incoming: IncomingMessage): Effect.Effect<void> =>
     return Effect.sync(cleanup)
   })
 
+/**
+ * Checks what every route must satisfy before any handler reads the request:
+ * - one `Authorization` header at most (Node keeps only the first of duplicates: a request
+ *   with two is ambiguous, so it is a 400);
+ * - a JSON body (or none): HttpApiBuilder would otherwise decode a form or text body into
+ *   something the schema rejects with a confusing message (`curl -d` sends a form type);
+ * - at most `maxBodyBytes`: a `Content-Length` above it is a 413, and a chunked body is read
+ *   up to the limit only; the text read here is what the route decodes (the request caches
+ *   it). An over-long declared body is read and dropped before the 413 goes out (see
+ *   `discardBody`);
+ * - valid UTF-8 (when its length is declared);
+ * - nesting at most `maxJsonDepth` deep, checked before anything parses it.
+ */
 const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | ApiError.ApiError, R> =>
   Effect.gen(function*() {
     const request = yield* HttpServerRequest.HttpServerRequest
