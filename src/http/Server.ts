@@ -132,15 +132,38 @@ const discardBody = (incoming: IncomingMessage): Effect.Effect<void> =>
   })
 
 /**
+ * Caps a body of undeclared length (chunked) at `maxBytes` without cutting the connection: once
+ * the body passes the cap, the rest of it is read from the socket and dropped rather than
+ * buffered. The body reader then sees at most `maxBytes` and the body's end; `overflowed` says
+ * the body was longer. (The platform's own limit destroys the request, so the client sees a
+ * reset instead of the 413.) Past DISCARD_MAX_BYTES the request is destroyed after all.
+ * Node's HTTP parser hands a request its body through `push`, which this wraps.
+ */
+const capUndeclaredBody = (incoming: IncomingMessage, maxBytes: number): { readonly overflowed: () => boolean } => {
+  let numBytes = incoming.readableLength
+  let overflowed = numBytes > maxBytes
+  const push = incoming.push.bind(incoming)
+  incoming.push = (chunk: unknown, encoding?: BufferEncoding): boolean => {
+    if (chunk === null || chunk === undefined) return push(chunk, encoding)
+    numBytes += (chunk as { length: number }).length
+    if (numBytes <= maxBytes) return push(chunk, encoding)
+    overflowed = true
+    if (numBytes > DISCARD_MAX_BYTES) incoming.destroy()
+    return true
+  }
+  return { overflowed: () => overflowed }
+}
+
+/**
  * Checks what every route must satisfy before any handler reads the request:
  * - one `Authorization` header at most (Node keeps only the first of duplicates: a request
  *   with two is ambiguous, so it is a 400);
  * - a JSON body (or none): HttpApiBuilder would otherwise decode a form or text body into
  *   something the schema rejects with a confusing message (`curl -d` sends a form type);
- * - at most `maxBodyBytes`: a `Content-Length` above it is a 413, and a chunked body is read
+ * - at most `maxBodyBytes`: a `Content-Length` above it is a 413, and a chunked body is kept
  *   up to the limit only; the text read here is what the route decodes (the request caches
- *   it). An over-long declared body is read and dropped before the 413 goes out (see
- *   `discardBody`);
+ *   it). The rest of an over-long body is read and dropped before the 413 goes out (see
+ *   `discardBody` and `capUndeclaredBody`), so that the client gets it;
  * - valid UTF-8 (when its length is declared);
  * - nesting at most `maxJsonDepth` deep, checked before anything parses it.
  */
@@ -166,6 +189,9 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
       yield* discardBody(NodeHttpServerRequest.toIncomingMessage(request))
       return yield* new ApiError.PayloadTooLarge({ message: `The body is larger than ${limits.maxBodyBytes} bytes` })
     }
+    const undeclared = request.headers["content-length"] === undefined
+      ? capUndeclaredBody(NodeHttpServerRequest.toIncomingMessage(request), limits.maxBodyBytes)
+      : undefined
     const text = yield* request.text.pipe(
       HttpIncomingMessage.withMaxBodySize(Option.some(limits.maxBodyBytes)),
       Effect.mapError((e): ApiError.ApiError =>
@@ -174,6 +200,9 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
           : new ApiError.InvalidRequest({ message: "The request body could not be read" })
       )
     )
+    if (undeclared?.overflowed() === true) {
+      return yield* new ApiError.PayloadTooLarge({ message: `The body is larger than ${limits.maxBodyBytes} bytes` })
+    }
     // Node decodes invalid UTF-8 to U+FFFD, which re-encodes to other bytes than were sent.
     if (text.includes("\uFFFD") && request.headers["content-length"] !== undefined && Buffer.byteLength(text, "utf8") !== declared) {
       return yield* new ApiError.InvalidRequest({ message: "The request body is not valid UTF-8" })
