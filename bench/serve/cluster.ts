@@ -24,7 +24,7 @@ import { createPrivateDatabase } from "./database.js"
 import { type PointResult, runPoint } from "./loadgen.js"
 import { REPO_ROOT, startService } from "./processes.js"
 import { Progress } from "./progress.js"
-import { round } from "./stats.js"
+import { round, summarize as percentiles } from "./stats.js"
 import { SHAREGPT_LIKE } from "./workload.js"
 import { numberArg, provenance } from "./provenance.js"
 
@@ -132,10 +132,8 @@ const measureCluster = async (): Promise<Measured> => {
   }
 }
 
-const median = (xs: ReadonlyArray<number>) => {
-  const sorted = [...xs].sort((a, b) => a - b)
-  return sorted[Math.floor((sorted.length - 1) / 2)]!
-}
+/** The lower median (nearest-rank p50): always one of `xs`, so its round can be found. */
+const median = (xs: ReadonlyArray<number>) => percentiles([...xs]).p50
 
 const main = async () => {
   execFileSync("npm", ["run", "build", "--silent"], { cwd: REPO_ROOT, stdio: "inherit" })
