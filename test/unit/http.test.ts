@@ -732,6 +732,28 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
     }))
 
+  it.live("a body of invalid UTF-8 under the byte limit is a 400, though it decodes to 3 bytes of U+FFFD a byte", () =>
+    withServer({}, async ({ url }) => {
+      const invalid = Buffer.concat([Buffer.from('{"system_prompt":"'), Buffer.alloc(900_000, 0xff), Buffer.from('"}')])
+      const declared = await fetch(`${url}/v1/conversations`, { method: "POST", headers: { "content-type": "application/json" }, body: invalid })
+        .catch((e: unknown) => String((e as { cause?: unknown }).cause ?? e))
+      expect(typeof declared === "string" ? declared : declared.status).toBe(400)
+      if (typeof declared !== "string") expect((await expectError(declared, 400, "invalid_request")).message).toMatch(/UTF-8/)
+      const chunked = await fetch(`${url}/v1/conversations`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: new ReadableStream<Uint8Array>({
+          start(controller) {
+            controller.enqueue(invalid)
+            controller.close()
+          }
+        }),
+        duplex: "half"
+      } as RequestInit).catch((e: unknown) => String((e as { cause?: unknown }).cause ?? e))
+      expect(typeof chunked === "string" ? chunked : chunked.status).toBe(400)
+      if (typeof chunked !== "string") await expectError(chunked, 400, "invalid_request")
+    }))
+
   it.live("a declared body far over the limit still gets its 413: the server drops the rest instead of resetting the connection", () =>
     withServer({}, async ({ url }) => {
       // 20 MB outruns the sockets' buffers: a server that closed without reading it reset
