@@ -31,6 +31,7 @@ import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { shardGroupOf, UnknownGpu } from "./GpuScheduler.js"
 import { RunningSlots } from "./internal/runningSlots.js"
+import { StopStrings } from "./internal/stopStrings.js"
 
 export const Sampling = Schema.Struct({
   temperature: Schema.Number,
@@ -130,16 +131,6 @@ export class TurnFinisher extends Context.Tag("chat/TurnFinisher")<TurnFinisher,
   readonly finish: (turn: FinishedTurn) => Effect.Effect<boolean, StorageError | EngineError>
 }>() {}
 
-/** Index of the first stop string in `text`, searching from `from`; -1 if none. */
-const findStop = (text: string, stops: ReadonlyArray<string>, from: number): number => {
-  let best = -1
-  for (const stop of stops) {
-    const i = text.indexOf(stop, Math.max(0, from - stop.length + 1))
-    if (i >= 0 && (best < 0 || i < best)) best = i
-  }
-  return best
-}
-
 export const layer = Layer.unwrapEffect(Effect.gen(function*() {
   const workers = yield* GpuWorkers
   const models = yield* Models
@@ -187,7 +178,14 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           const detokenizer = model.tokenizer.newDetokenizer()
           // A failover continues the detokenizer's state where the lost slot's text ended.
           if (resume !== undefined) for (const id of resume.token_ids) detokenizer.push(id)
-          let text = resume?.text ?? ""
+          /** The text a lost slot wrote before this one took over (a failover); "" otherwise. */
+          const textBefore = resume?.text ?? ""
+          /**
+           * The turn's text is `textBefore` + `deltas`, joined once at its end: one string per
+           * token concatenated onto the text would keep a rope node per token alive until then.
+           */
+          const textOf = () => textBefore + deltas.join("")
+          const stops = payload.stop.length > 0 ? new StopStrings(payload.stop) : undefined
           /** The generated ids while `text` is exactly their decoding (see FinishedTurn). */
           let tokenIds: Array<number> | undefined = resume === undefined ? [] : undefined
           let numTokens = resume?.token_ids.length ?? 0
@@ -224,7 +222,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   conversation_id: payload.conversation_id,
                   turn_id: payload.turn_id,
                   slot_id: slotId,
-                  text,
+                  text: textOf(),
                   status,
                   finish_reason: finishReason,
                   num_prompt_tokens: payload.prompt_token_ids.length,
@@ -275,15 +273,19 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   tokenIds = undefined
                 }
                 let finish: FinishReason | undefined = finishReason
-                if (payload.stop.length > 0 && delta.length > 0) {
-                  const at = findStop(text + delta, payload.stop, text.length)
-                  if (at >= 0) {
-                    delta = (text + delta).slice(text.length, at)
+                if (stops !== undefined) {
+                  const cut = stops.push(delta)
+                  delta = cut.text
+                  if (cut.stopped) {
                     finish = "stop"
                     tokenIds = undefined
                     if (finishReason === undefined) handle?.cancel()
                   }
                 }
+                const repeating = finish === undefined && loops.push(tokenId)
+                if (repeating) finish = "repetition"
+                // Ending for another reason: what might have begun a stop string goes out.
+                if (finish !== undefined && stops !== undefined) delta += stops.flush()
                 // Output moderation before the text goes out: a flagged delta is never sent.
                 const flagged = outputCheck.push(delta)
                 if (flagged !== undefined) {
@@ -291,11 +293,7 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   if (finishReason === undefined) handle?.cancel()
                   return end("filtered", "content_filter")
                 }
-                if (finish === undefined && loops.push(tokenId)) {
-                  finish = "repetition"
-                  handle?.cancel()
-                }
-                text += delta
+                if (repeating) handle?.cancel()
                 if (delta.length > 0) {
                   deltas.push(delta)
                   log.append(payload.turn_id, { index: numEvents++, kind: "token", text: delta, ids: unloggedIds })

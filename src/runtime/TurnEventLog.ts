@@ -105,19 +105,6 @@ interface PackedTurn {
   readonly terminal: LoggedEvent
 }
 
-const pack = (events: ReadonlyArray<LoggedEvent>, terminal: LoggedEvent): PackedTurn => {
-  const tokens = events.filter((e): e is Extract<LoggedEvent, { kind: "token" }> => e.kind === "token")
-  const ends = new Uint32Array(tokens.length)
-  const indices = new Int32Array(tokens.length)
-  let end = 0
-  tokens.forEach((e, i) => {
-    end += e.text.length
-    ends[i] = end
-    indices[i] = e.index
-  })
-  return { text: tokens.map((e) => e.text).join(""), ends, indices, terminal }
-}
-
 const unpack = (packed: PackedTurn): Array<LoggedEvent> => {
   const events: Array<LoggedEvent> = []
   let start = 0
@@ -129,27 +116,76 @@ const unpack = (packed: PackedTurn): Array<LoggedEvent> => {
   return events
 }
 
+/**
+ * A running turn's events, kept without an object per token: a turn's token events are the
+ * bulk of a one-process service's live heap at 2,048 streams (each event an object and an
+ * array of ids, retained until the turn ends), and the major GC's marking time grows with the
+ * number of live objects. Token events go into parallel arrays of strings and small integers;
+ * the few others (`start`, and the terminal one) are kept whole, with the number of token
+ * events before each, so the log reads back in append order.
+ */
+class RunningEvents {
+  private readonly texts: Array<string> = []
+  private readonly indices: Array<number> = []
+  /** Every token event's ids, in one array; `idEnds[i]` is the end of event i's. */
+  private readonly ids: Array<number> = []
+  private readonly idEnds: Array<number> = []
+  private readonly others: Array<{ readonly before: number; readonly event: LoggedEvent }> = []
+
+  push(e: LoggedEvent): void {
+    if (e.kind !== "token") return void this.others.push({ before: this.texts.length, event: e })
+    this.texts.push(e.text)
+    this.indices.push(e.index)
+    for (const id of e.ids) this.ids.push(id)
+    this.idEnds.push(this.ids.length)
+  }
+
+  /** The events in append order. */
+  events(): Array<LoggedEvent> {
+    const out: Array<LoggedEvent> = []
+    let other = 0
+    for (let i = 0; i <= this.texts.length; i++) {
+      while (other < this.others.length && this.others[other]!.before === i) out.push(this.others[other++]!.event)
+      if (i === this.texts.length) break
+      out.push({ index: this.indices[i]!, kind: "token", text: this.texts[i]!, ids: this.ids.slice(i === 0 ? 0 : this.idEnds[i - 1]!, this.idEnds[i]!) })
+    }
+    return out
+  }
+
+  /** The ended turn's packed form (`terminal` is its last event). */
+  pack(terminal: LoggedEvent): PackedTurn {
+    const ends = new Uint32Array(this.texts.length)
+    let end = 0
+    this.texts.forEach((text, i) => {
+      end += text.length
+      ends[i] = end
+    })
+    return { text: this.texts.join(""), ends, indices: Int32Array.from(this.indices), terminal }
+  }
+}
+
 export const layerMemory = Layer.sync(TurnEventLog, () => {
   interface MemoryTurn {
     /** The events of a running turn; undefined once it ended and was packed. */
-    events: Array<LoggedEvent> | undefined
+    running: RunningEvents | undefined
     packed: PackedTurn | undefined
     readonly listeners: Set<(e: LoggedEvent) => void>
     timer?: ReturnType<typeof setTimeout>
   }
   const turns = new Map<string, MemoryTurn>()
-  const eventsOf = (turn: MemoryTurn): ReadonlyArray<LoggedEvent> => turn.events ?? (turn.packed === undefined ? [] : unpack(turn.packed))
+  const eventsOf = (turn: MemoryTurn): ReadonlyArray<LoggedEvent> =>
+    turn.running?.events() ?? (turn.packed === undefined ? [] : unpack(turn.packed))
   return TurnEventLog.of({
     append: (turnId, event) => {
       let turn = turns.get(turnId)
-      if (turn === undefined) turns.set(turnId, turn = { events: [], packed: undefined, listeners: new Set() })
-      if (turn.events === undefined) return // ended already
-      turn.events.push(event)
+      if (turn === undefined) turns.set(turnId, turn = { running: new RunningEvents(), packed: undefined, listeners: new Set() })
+      if (turn.running === undefined) return // ended already
+      if (!isTerminal(event)) turn.running.push(event)
       for (const listener of turn.listeners) listener(event)
       if (isTerminal(event)) {
         const t = turn
-        t.packed = pack(t.events!, event)
-        t.events = undefined
+        t.packed = t.running!.pack(event)
+        t.running = undefined
         t.timer = setTimeout(() => turns.get(turnId) === t && turns.delete(turnId), ENDED_TTL_S * 1000)
         t.timer.unref()
       }
@@ -173,8 +209,11 @@ export const layerMemory = Layer.sync(TurnEventLog, () => {
               const push = (e: LoggedEvent) => {
                 if (open && e.kind !== "start") open = next(e)
               }
-              for (const e of logged) push(e)
-              if (!open || (last !== undefined && isTerminal(last))) return undefined
+              // Read again: events may have come since `follow` (the stream runs later).
+              const now = eventsOf(turn)
+              for (const e of now) push(e)
+              const end = now.at(-1)
+              if (!open || (end !== undefined && isTerminal(end))) return undefined
               turn.listeners.add(push)
               return push
             }),

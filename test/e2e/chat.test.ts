@@ -176,6 +176,31 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     expect(history.turns.map((t: any) => [t.seq, t.role])).toEqual([[0, "user"], [1, "assistant"], [2, "user"], [3, "assistant"]])
   }, 30_000)
 
+  it("a stop string that straddles two token events ends the reply before it, as sent and as stored", async () => {
+    const turn = async (body: Record<string, unknown>) => {
+      const created = await postJson(`${service.url}/v1/conversations`, { system_prompt: "Answer at length." })
+      const { conversation_id: id } = (await created.json()) as { conversation_id: string }
+      const events = await readSse(await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Tell me about rivers.", max_tokens: 48, temperature: 0, seed: 7, ...body }), () => undefined)
+      return { id, events }
+    }
+    const free = await turn({})
+    const deltas = free.events.filter((e) => e.event === "token").map((e) => e.data.text as string)
+    // The last character of one event and the first of the next: never within one event.
+    const k = deltas.findIndex((d, i) => i >= 4 && d.length > 0 && (deltas[i + 1] ?? "").length > 0)
+    expect(k).toBeGreaterThan(0)
+    const stop = deltas[k]!.slice(-1) + deltas[k + 1]![0]
+    const text = deltas.join("")
+    const expected = text.slice(0, text.indexOf(stop))
+
+    const stopped = await turn({ stop: [stop, "\u0001never"] })
+    const done = stopped.events.at(-1)!
+    expect(done.event).toBe("done")
+    expect(done.data.finish_reason).toBe("stop")
+    expect(tokenText(stopped.events)).toBe(expected)
+    const history = (await (await fetch(`${service.url}/v1/conversations/${stopped.id}`)).json()) as any
+    expect(history.turns.at(-1).content).toBe(expected)
+  }, 30_000)
+
   it("a user turn that cannot be stored is not acknowledged, stops its generation and leaves no row", async () => {
     // Fault injection in the real database: this one user text fails its INSERT.
     const failing = "e2e: this append fails"

@@ -67,3 +67,56 @@ describe("TurnEventLog (Redis)", () => {
       expect(yield* log.follow(turnId, 4)).toEqual({ _tag: "Ended" })
     }))
 })
+
+describe("TurnEventLog (in memory, the one-runner deployment)", () => {
+  it.scoped("reads a running turn back as appended, ids included; follows it to its end; keeps the ended turn's text", () =>
+    Effect.gen(function*() {
+      const log = yield* Effect.provide(TurnEventLog.TurnEventLog, TurnEventLog.layerMemory)
+      const turnId = TurnId.make(`turn_${randomUUID()}`)
+      const start = (slot: string): TurnEventLog.LoggedEvent => ({ index: -1, kind: "start", slot_id: slot, request: { n: 1 } })
+      log.append(turnId, start("gpu-0/1"))
+      log.append(turnId, token(0, "Hel"))
+      log.append(turnId, { index: 1, kind: "token", text: "lo", ids: [7, 8, 9] })
+      // A failover starts it again on another slot, after two token events.
+      log.append(turnId, start("gpu-0/2"))
+      log.append(turnId, { index: 2, kind: "token", text: ",", ids: [] })
+      expect(yield* log.read(turnId)).toEqual([
+        start("gpu-0/1"),
+        token(0, "Hel"),
+        { index: 1, kind: "token", text: "lo", ids: [7, 8, 9] },
+        start("gpu-0/2"),
+        { index: 2, kind: "token", text: ",", ids: [] }
+      ])
+
+      const followed = yield* log.follow(turnId, 0)
+      const done: TurnEventLog.LoggedEvent = {
+        index: 4,
+        kind: "done",
+        done: { turn_id: turnId, finish_reason: "stop", usage: { prompt_tokens: 3, completion_tokens: 5, prompt_tokens_details: { cached_tokens: 0 } } }
+      }
+      if (followed._tag !== "Events") return yield* Effect.dieMessage(`expected events, got ${followed._tag}`)
+      const collected = yield* Effect.fork(Stream.runCollect(followed.events))
+      yield* Effect.yieldNow()
+      log.append(turnId, token(3, " you"))
+      log.append(turnId, done)
+      log.append(turnId, token(5, "late")) // after the end: ignored
+      // Whether the follower read the running turn or the ended one (without ids), it gets
+      // every event after index 0, those appended after `follow` included.
+      const withoutIds = (e: TurnEventLog.LoggedEvent) => (e.kind === "token" ? { ...e, ids: [] } : e)
+      expect(Chunk.toArray(yield* collected.await.pipe(Effect.flatten)).map(withoutIds)).toEqual([
+        { index: 1, kind: "token", text: "lo", ids: [] },
+        { index: 2, kind: "token", text: ",", ids: [] },
+        { index: 3, kind: "token", text: " you", ids: [] },
+        done
+      ])
+      // Ended: its token texts and indices are kept (not the ids: only a failover reads them).
+      expect(yield* log.read(turnId)).toEqual([
+        { index: 0, kind: "token", text: "Hel", ids: [] },
+        { index: 1, kind: "token", text: "lo", ids: [] },
+        { index: 2, kind: "token", text: ",", ids: [] },
+        { index: 3, kind: "token", text: " you", ids: [] },
+        done
+      ])
+      expect(yield* log.follow(turnId, 4)).toEqual({ _tag: "Ended" })
+    }))
+})
