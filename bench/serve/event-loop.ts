@@ -177,7 +177,13 @@ const main = async () => {
         p99: round(Math.max(0, window.p99 - RESOLUTION_MS), 1),
         max: round(Math.max(0, window.max - RESOLUTION_MS), 1)
       },
-      seconds_with_stall_over_50_ms: perSecondMaxMs.filter((m) => m > STALL_MS).length,
+      // From the stall probe: the per-second histogram's reset can land inside a stall (the
+      // inspector runs it mid-task), and that second then misses it.
+      seconds_with_stall_over_50_ms: new Set(stalls.flatMap((st) => {
+        const first = Math.floor(st.at_s)
+        const last = Math.floor(st.at_s + (st.delay_ms + RESOLUTION_MS) / 1000)
+        return Array.from({ length: last - first + 1 }, (_, i) => first + i)
+      })).size,
       seconds_sampled: perSecondMaxMs.length,
       per_second_max_ms: perSecondMaxMs,
       stalls_over_50_ms: {
