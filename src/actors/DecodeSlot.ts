@@ -31,7 +31,7 @@ import { TurnEventLog } from "../runtime/TurnEventLog.js"
 import { TurnStreamId } from "../runtime/TurnStream.js"
 import { shardGroupOf, UnknownGpu } from "./GpuScheduler.js"
 import { RunningSlots } from "./internal/runningSlots.js"
-import { StopStrings } from "./internal/stopStrings.js"
+import { heldBack, StopStrings } from "./internal/stopStrings.js"
 
 export const Sampling = Schema.Struct({
   temperature: Schema.Number,
@@ -177,7 +177,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
           const deltas: Array<string> = []
           const detokenizer = model.tokenizer.newDetokenizer()
           // A failover continues the detokenizer's state where the lost slot's text ended.
-          if (resume !== undefined) for (const id of resume.token_ids) detokenizer.push(id)
+          let decodedBefore = ""
+          if (resume !== undefined) for (const id of resume.token_ids) decodedBefore += detokenizer.push(id)
           /** The text a lost slot wrote before this one took over (a failover); "" otherwise. */
           const textBefore = resume?.text ?? ""
           /**
@@ -185,7 +186,9 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
            * token concatenated onto the text would keep a rope node per token alive until then.
            */
           const textOf = () => textBefore + deltas.join("")
-          const stops = payload.stop.length > 0 ? new StopStrings(payload.stop) : undefined
+          // A failover goes on with what the lost slot held back as the possible start of a
+          // stop string (its logged ids decode past its logged text).
+          const stops = payload.stop.length > 0 ? new StopStrings(payload.stop, heldBack(decodedBefore, textBefore)) : undefined
           /** The generated ids while `text` is exactly their decoding (see FinishedTurn). */
           let tokenIds: Array<number> | undefined = resume === undefined ? [] : undefined
           let numTokens = resume?.token_ids.length ?? 0
@@ -283,7 +286,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                   }
                 }
                 const repeating = finish === undefined && loops.push(tokenId)
-                if (repeating) finish = "repetition"
+                if (repeating) {
+                  finish = "repetition"
+                  // Stopped here, the detokenizer may hold bytes of a character: the text is
+                  // not then exactly the ids' decoding.
+                  tokenIds = undefined
+                }
                 // Ending for another reason: what might have begun a stop string goes out.
                 if (finish !== undefined && stops !== undefined) delta += stops.flush()
                 // Output moderation before the text goes out: a flagged delta is never sent.

@@ -185,12 +185,14 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     }
     const free = await turn({})
     const deltas = free.events.filter((e) => e.event === "token").map((e) => e.data.text as string)
-    // The last character of one event and the first of the next: never within one event.
-    const k = deltas.findIndex((d, i) => i >= 4 && d.length > 0 && (deltas[i + 1] ?? "").length > 0)
-    expect(k).toBeGreaterThan(0)
-    const stop = deltas[k]!.slice(-1) + deltas[k + 1]![0]
+    // The last character of one event and the first of the next, whose first occurrence in
+    // the reply is at that boundary: the stop string straddles two events.
     const text = deltas.join("")
-    const expected = text.slice(0, text.indexOf(stop))
+    const ends = deltas.map((_, i) => deltas.slice(0, i + 1).join("").length)
+    const k = ends.findIndex((end, i) => i >= 2 && i + 1 < deltas.length && text.indexOf(text.slice(end - 1, end + 1)) === end - 1)
+    expect(k).toBeGreaterThan(0)
+    const stop = text.slice(ends[k]! - 1, ends[k]! + 1)
+    const expected = text.slice(0, ends[k]! - 1)
 
     const stopped = await turn({ stop: [stop, "\u0001never"] })
     const done = stopped.events.at(-1)!

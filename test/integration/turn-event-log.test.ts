@@ -5,7 +5,7 @@
  */
 import { randomUUID } from "node:crypto"
 import { describe, expect, it } from "@effect/vitest"
-import { Chunk, Duration, Effect, Stream } from "effect"
+import { Chunk, Deferred, Duration, Effect, Stream } from "effect"
 import { Redis } from "ioredis"
 import { TurnId } from "../../src/runtime/Domain.js"
 import * as TurnEventLog from "../../src/runtime/TurnEventLog.js"
@@ -89,26 +89,33 @@ describe("TurnEventLog (in memory, the one-runner deployment)", () => {
       ])
 
       const followed = yield* log.follow(turnId, 0)
+      // Logged after `follow` and before its stream runs: the stream must still see it.
+      log.append(turnId, { index: 3, kind: "token", text: " you", ids: [4] })
       const done: TurnEventLog.LoggedEvent = {
         index: 4,
         kind: "done",
         done: { turn_id: turnId, finish_reason: "stop", usage: { prompt_tokens: 3, completion_tokens: 5, prompt_tokens_details: { cached_tokens: 0 } } }
       }
       if (followed._tag !== "Events") return yield* Effect.dieMessage(`expected events, got ${followed._tag}`)
-      const collected = yield* Effect.fork(Stream.runCollect(followed.events))
-      yield* Effect.yieldNow()
-      log.append(turnId, token(3, " you"))
+      // The follower has read what was logged (through index 3) before the end comes live.
+      const caughtUp = yield* Deferred.make<void>()
+      const collected = yield* Effect.fork(Stream.runCollect(followed.events.pipe(
+        Stream.tap((e) => (e.index === 3 ? Deferred.succeed(caughtUp, undefined) : Effect.void))
+      )))
+      yield* Deferred.await(caughtUp)
       log.append(turnId, done)
       log.append(turnId, token(5, "late")) // after the end: ignored
-      // Whether the follower read the running turn or the ended one (without ids), it gets
-      // every event after index 0, those appended after `follow` included.
-      const withoutIds = (e: TurnEventLog.LoggedEvent) => (e.kind === "token" ? { ...e, ids: [] } : e)
-      expect(Chunk.toArray(yield* collected.await.pipe(Effect.flatten)).map(withoutIds)).toEqual([
-        { index: 1, kind: "token", text: "lo", ids: [] },
+      // It read the running turn (ids included), then got the rest live.
+      expect(Chunk.toArray(yield* collected.await.pipe(Effect.flatten))).toEqual([
+        { index: 1, kind: "token", text: "lo", ids: [7, 8, 9] },
         { index: 2, kind: "token", text: ",", ids: [] },
-        { index: 3, kind: "token", text: " you", ids: [] },
+        { index: 3, kind: "token", text: " you", ids: [4] },
         done
       ])
+      // A follower that comes after the end reads the packed turn.
+      const late = yield* log.follow(turnId, 2)
+      if (late._tag !== "Events") return yield* Effect.dieMessage(`expected events, got ${late._tag}`)
+      expect(Chunk.toArray(yield* Stream.runCollect(late.events))).toEqual([{ index: 3, kind: "token", text: " you", ids: [] }, done])
       // Ended: its token texts and indices are kept (not the ids: only a failover reads them).
       expect(yield* log.read(turnId)).toEqual([
         { index: 0, kind: "token", text: "Hel", ids: [] },

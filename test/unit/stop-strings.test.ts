@@ -3,7 +3,7 @@
  * however the deltas split it, and held-back text goes out when the generation ends otherwise.
  */
 import { describe, expect, it } from "vitest"
-import { StopStrings } from "../../src/actors/internal/stopStrings.js"
+import { heldBack, StopStrings } from "../../src/actors/internal/stopStrings.js"
 
 /** Feeds `deltas`; returns what went out and whether a stop string ended it. */
 const run = (stops: ReadonlyArray<string>, deltas: ReadonlyArray<string>) => {
@@ -47,5 +47,21 @@ describe("StopStrings", () => {
         expect(run(["zz", "fourx"], [text.slice(0, i), text.slice(i, j), text.slice(j)])).toEqual({ out: text, stopped: false })
       }
     }
+  })
+
+  it("goes on from text a lost slot held back (a failover): the stop string is still found", () => {
+    // The lost slot sent "…Define" and held "d"; its successor starts from that.
+    const s = new StopStrings(["dt"], "d")
+    expect(s.push("to")).toEqual({ text: "", stopped: true })
+    const t = new StopStrings(["dt"], "d")
+    expect(t.push("a")).toEqual({ text: "da", stopped: false })
+    expect(new StopStrings(["dt"], "").push("to")).toEqual({ text: "to", stopped: false })
+  })
+
+  it("tells what a lost slot held back from its logged ids' text and its sent text", () => {
+    expect(heldBack("It is Defined", "It is Define")).toBe("d")
+    expect(heldBack("a\u0000b\n\nUs", "a\uFFFDb")).toBe("\n\nUs")
+    expect(heldBack("abc", "abc")).toBe("")
+    expect(heldBack("abc", "xyz")).toBe("")
   })
 })

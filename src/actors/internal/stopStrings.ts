@@ -6,10 +6,15 @@
  * less one; this holds back only the longest suffix that begins some stop string.
  */
 export class StopStrings {
-  private held = ""
-
-  /** @param stops the stop strings, each non-empty. */
-  constructor(private readonly stops: ReadonlyArray<string>) {}
+  /**
+   * @param stops the stop strings, each non-empty.
+   * @param held text already held back (a failover goes on where the lost slot held some):
+   *   what the lost slot generated but did not send, which may begin a stop string.
+   */
+  constructor(private readonly stops: ReadonlyArray<string>, private held = "") {
+    // A slot holds back only what could begin a stop string: keep no more than that.
+    this.held = held.slice(held.length - this.longestStopPrefixAtEnd(held))
+  }
 
   /**
    * The text of the next delta that can go out now. `stopped`: a stop string begins at the end
@@ -51,4 +56,14 @@ export class StopStrings {
     }
     return best
   }
+}
+
+/**
+ * What a lost slot held back, for the slot that takes its turn over: its logged ids decode to
+ * `decoded`, of which it sent `sent` (U+0000 went out as U+FFFD, one character for one); the
+ * rest is what it held. "" when `sent` is not how `decoded` begins.
+ */
+export const heldBack = (decoded: string, sent: string): string => {
+  const text = decoded.replaceAll("\u0000", "\uFFFD")
+  return text.startsWith(sent) ? text.slice(sent.length) : ""
 }
