@@ -75,7 +75,13 @@ const isTerminal = (e: LoggedEvent) => e.kind === "done" || e.kind === "error"
 const inOrder = (afterIndex: number, emit: { single: (e: LoggedEvent) => unknown; end: () => unknown }) => {
   let expected = afterIndex + 1
   return (e: LoggedEvent): boolean => {
-    if (e.index < expected) return true
+    if (e.index < expected) {
+      // Seen already; but an end before the follower's position (a Last-Event-ID past the
+      // turn's last token) still ends its stream.
+      if (!isTerminal(e)) return true
+      emit.end()
+      return false
+    }
     if (e.index > expected) {
       emit.single({ index: expected, kind: "error", code: "stream_incomplete", message: `the turn's log lacks events from ${expected} on` })
       emit.end()

@@ -126,4 +126,19 @@ describe("TurnEventLog (in memory, the one-runner deployment)", () => {
       ])
       expect(yield* log.follow(turnId, 4)).toEqual({ _tag: "Ended" })
     }))
+
+  it.scopedLive("a follower whose Last-Event-ID is past the turn's end is ended by the end, not left open", () =>
+    Effect.gen(function*() {
+      const log = yield* Effect.provide(TurnEventLog.TurnEventLog, TurnEventLog.layerMemory)
+      const turnId = TurnId.make(`turn_${randomUUID()}`)
+      log.append(turnId, token(0, "Hi"))
+      const followed = yield* log.follow(turnId, 10)
+      if (followed._tag !== "Events") return yield* Effect.dieMessage(`expected events, got ${followed._tag}`)
+      const collected = yield* Effect.fork(Stream.runCollect(followed.events))
+      yield* Effect.yieldNow()
+      log.append(turnId, token(1, "!"))
+      log.append(turnId, { index: 2, kind: "error", code: "cancelled", message: "cancelled" })
+      const events = yield* collected.await.pipe(Effect.flatten, Effect.timeout(Duration.seconds(5)))
+      expect(Chunk.toArray(events)).toEqual([])
+    }))
 })
