@@ -155,8 +155,11 @@ export class UserTurnInput extends Schema.Class<UserTurnInput>("UserTurnInput")(
   temperature: Schema.optional(Schema.Number.pipe(Schema.between(0, 2))),
   /** Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (Holtzman et al., 2019). */
   top_p: Schema.optional(Schema.Number.pipe(Schema.greaterThan(0), Schema.lessThanOrEqualTo(1))),
-  /** Up to 4 strings; generation stops before the first one and it is not returned (OpenAI's `stop`). */
-  stop: Schema.optional(Schema.Array(Schema.String.pipe(Schema.minLength(1), Schema.maxLength(64))).pipe(Schema.maxItems(4))),
+  /**
+   * Up to 4 strings; generation stops before the first one and it is not returned (OpenAI's
+   * `stop`). Storable text: half a surrogate pair would cut a character in two.
+   */
+  stop: Schema.optional(Schema.Array(StorableText.pipe(Schema.minLength(1), Schema.maxLength(64))).pipe(Schema.maxItems(4))),
   /** Sampling seed: the same seed, prompt and parameters give the same text. */
   seed: Schema.optional(Schema.Int.pipe(Schema.between(0, 2 ** 31 - 1)))
 }) {}

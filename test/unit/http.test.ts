@@ -657,6 +657,9 @@ describe("HTTP API: hostile input (issue 9)", () => {
       const e2 = await expectError(await send('{"role":"user","content":"half \\ud800 pair"}'), 400, "invalid_request")
       expect(e2.message).toMatch(/surrogate/)
       await expectError(await json(`${url}/v1/conversations`, { body: { system_prompt: "x\udc00" } }), 400, "invalid_request")
+      // A stop string of half a pair would cut a character in two: refused too, on both APIs.
+      await expectError(await send('{"role":"user","content":"hi","stop":["\\ud83d"]}'), 400, "invalid_request")
+      await expectError(await json(`${url}/v1/chat/completions`, { body: { model: "default", messages: [{ role: "user", content: "hi" }], stop: "\ud83d" } }), 400, "invalid_request")
       const ok = await send(JSON.stringify({ role: "user", content: "a real \uFFFD and a pair \ud83d\ude00" }))
       expect(ok.status).toBe(200)
       await ok.body?.cancel()
