@@ -64,6 +64,9 @@ const STALL_PROBE = `(() => {
   new PerformanceObserver((list) => { if (S.on) for (const e of list.getEntries()) S.gcs.push({ at_ms: e.startTime, ms: e.duration, kind: e.detail ? e.detail.kind : e.kind }) }).observe({ entryTypes: ["gc"] });
   return 0 })()`
 
+/** The delay of a histogram interval (ms): the interval less the timer's resolution. */
+const delayOf = (intervalMs: number): number => round(Math.max(0, intervalMs - RESOLUTION_MS), 1)
+
 interface Stall { readonly at_ms: number; readonly interval_ms: number; readonly on_cpu_ms: number; readonly waiting_for_cpu_ms: number }
 interface GcPause { readonly at_ms: number; readonly ms: number; readonly kind: number }
 
@@ -114,7 +117,7 @@ const main = async () => {
     const sampler = setInterval(() => {
       if (!sampling) return
       void evaluate(`(() => { const m = globalThis.__benchSecond.max / 1e6; globalThis.__benchSecond.reset(); return m })()`).then((m) => {
-        if (typeof m === "number" && m > 0) sampling && perSecondMaxMs.push(round(Math.max(0, m - RESOLUTION_MS), 1))
+        if (typeof m === "number" && m > 0) sampling && perSecondMaxMs.push(delayOf(m))
       })
     }, 1000)
     setTimeout(() => {
@@ -168,14 +171,14 @@ const main = async () => {
       ramp: {
         all_streams_live_at_s: live.allLiveAtS === undefined ? null : round(live.allLiveAtS, 1),
         event_loop_delay_ms: ramp === undefined ? null : {
-          p99: round(Math.max(0, ramp.p99 - RESOLUTION_MS), 1),
-          max: round(Math.max(0, ramp.max - RESOLUTION_MS), 1)
+          p99: delayOf(ramp.p99),
+          max: delayOf(ramp.max)
         }
       },
       event_loop_delay_ms: {
-        p50: round(Math.max(0, window.p50 - RESOLUTION_MS), 1),
-        p99: round(Math.max(0, window.p99 - RESOLUTION_MS), 1),
-        max: round(Math.max(0, window.max - RESOLUTION_MS), 1)
+        p50: delayOf(window.p50),
+        p99: delayOf(window.p99),
+        max: delayOf(window.max)
       },
       // From the stall probe: the per-second histogram's reset can land inside a stall (the
       // inspector runs it mid-task), and that second then misses it.

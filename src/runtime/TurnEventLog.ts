@@ -127,8 +127,8 @@ const unpack = (packed: PackedTurn): Array<LoggedEvent> => {
  * bulk of a one-process service's live heap at 2,048 streams (each event an object and an
  * array of ids, retained until the turn ends), and the major GC's marking time grows with the
  * number of live objects. Token events go into parallel arrays of strings and small integers;
- * the few others (`start`, and the terminal one) are kept whole, with the number of token
- * events before each, so the log reads back in append order.
+ * the few others (`start`) are kept whole, with the number of token events before each, so the
+ * log reads back in append order. The terminal event is not kept here: it packs the turn.
  */
 class RunningEvents {
   private readonly texts: Array<string> = []

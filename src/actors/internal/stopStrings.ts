@@ -6,12 +6,18 @@
  * less one; this holds back only the longest suffix that begins some stop string.
  */
 export class StopStrings {
+  /** Every proper prefix of every stop string, longest first: what may be held back. */
+  private readonly prefixes: ReadonlyArray<string>
+  private held: string
+
   /**
    * @param stops the stop strings, each non-empty.
    * @param held text already held back (a failover goes on where the lost slot held some):
    *   what the lost slot generated but did not send, which may begin a stop string.
    */
-  constructor(private readonly stops: ReadonlyArray<string>, private held = "") {
+  constructor(private readonly stops: ReadonlyArray<string>, held = "") {
+    const prefixes = new Set(stops.flatMap((stop) => Array.from({ length: stop.length - 1 }, (_, n) => stop.slice(0, n + 1))))
+    this.prefixes = [...prefixes].sort((a, b) => b.length - a.length)
     // A slot holds back only what could begin a stop string: keep no more than that.
     this.held = held.slice(held.length - this.longestStopPrefixAtEnd(held))
   }
@@ -45,16 +51,8 @@ export class StopStrings {
 
   /** Length of the longest suffix of `text` that is a proper prefix of a stop string. */
   private longestStopPrefixAtEnd(text: string): number {
-    let best = 0
-    for (const stop of this.stops) {
-      for (let n = Math.min(stop.length - 1, text.length); n > best; n--) {
-        if (text.endsWith(stop.slice(0, n))) {
-          best = n
-          break
-        }
-      }
-    }
-    return best
+    for (const prefix of this.prefixes) if (text.endsWith(prefix)) return prefix.length
+    return 0
   }
 }
 
