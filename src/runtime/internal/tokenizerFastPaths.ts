@@ -125,6 +125,43 @@ const unicodeToByte = (() => {
 })()
 
 /**
+ * Every vocabulary token's bytes, packed: token `id` is `bytes[offsets[id]..offsets[id + 1])`
+ * (`offsets`: vocabulary size + 1 entries). A token that is not byte-level text (a character
+ * outside the GPT-2 table) or an id the vocabulary skips has no bytes. Two objects for the
+ * whole vocabulary, built once at load: a per-token cache grows to ~150 k arrays (two heap
+ * objects each) that every full garbage collection of a busy server marks again.
+ */
+const packTokenBytes = (vocab: Record<string, number>): { readonly bytes: Uint8Array; readonly offsets: Uint32Array } => {
+  const tokens: Array<string | undefined> = []
+  let numBytes = 0
+  for (const [token, id] of Object.entries(vocab)) {
+    if (!Number.isInteger(id) || id < 0) continue
+    tokens[id] = token
+    numBytes += token.length
+  }
+  const bytes = new Uint8Array(numBytes)
+  const offsets = new Uint32Array(tokens.length + 1)
+  let end = 0
+  for (let id = 0; id < tokens.length; id++) {
+    const token = tokens[id]
+    const start = end
+    if (token !== undefined) {
+      for (let i = 0; i < token.length; i++) {
+        const code = token.charCodeAt(i)
+        const b = code < 512 ? unicodeToByte[code]! : -1
+        if (b < 0) {
+          end = start
+          break
+        }
+        bytes[end++] = b
+      }
+    }
+    offsets[id + 1] = end
+  }
+  return { bytes, offsets }
+}
+
+/**
  * A factory of streaming byte-level detokenizers, or undefined when the tokenizer is not
  * byte-level BPE with clean-up off (then the generic prefix/read-offset one applies).
  * `skipped`: the token strings the library skips with skip_special_tokens.
@@ -138,36 +175,21 @@ export const byteLevelDetokenizer = (
     json.decoder?.type !== "ByteLevel" || json.model?.type !== "BPE" || config.clean_up_tokenization_spaces !== false ||
     vocab === undefined || Array.isArray(vocab)
   ) return undefined
-  const tokens: Array<string | undefined> = []
-  for (const [token, id] of Object.entries(vocab as Record<string, number>)) tokens[id] = token
   const extraSpecial = new Set(Array.isArray(config.additional_special_tokens) ? config.additional_special_tokens : [])
   /** Added tokens: their text, or "" when skipped as special. */
   const addedText = new Map<number, string>()
   for (const t of json.added_tokens ?? []) addedText.set(t.id, t.special || extraSpecial.has(t.content) ? "" : t.content)
-  const bytesCache = new Map<number, Uint8Array>()
-  const bytesOf = (id: number): Uint8Array | undefined => {
-    let bytes = bytesCache.get(id)
-    if (bytes !== undefined) return bytes
-    const token = tokens[id]
-    if (token === undefined) return undefined
-    bytes = new Uint8Array(token.length)
-    for (let i = 0; i < token.length; i++) {
-      const code = token.charCodeAt(i)
-      const b = code < 512 ? unicodeToByte[code]! : -1
-      if (b < 0) return undefined
-      bytes[i] = b
-    }
-    bytesCache.set(id, bytes)
-    return bytes
-  }
+  const { bytes, offsets } = packTokenBytes(vocab as Record<string, number>)
+  const numTokens = offsets.length - 1
   return () => {
     const decoder = new TextDecoder("utf-8", { fatal: false, ignoreBOM: true })
     return {
       push: (tokenId) => {
         const added = addedText.get(tokenId)
         if (added !== undefined) return added === "" ? "" : decoder.decode() + added
-        const bytes = bytesOf(tokenId)
-        return bytes === undefined ? "" : decoder.decode(bytes, { stream: true })
+        // A token outside the vocabulary, or not byte-level, decodes to nothing (0 bytes).
+        if (!(tokenId >>> 0 === tokenId && tokenId < numTokens)) return ""
+        return decoder.decode(bytes.subarray(offsets[tokenId]!, offsets[tokenId + 1]!), { stream: true })
       },
       flush: () => decoder.decode()
     }
