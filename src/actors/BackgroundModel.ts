@@ -11,7 +11,7 @@ import { type LoadedModel, Models } from "../runtime/Models.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
 import { DecodeSlot } from "./DecodeSlot.js"
-import { GpuScheduler } from "./GpuScheduler.js"
+import { GpuScheduler, type SlotReservation } from "./GpuScheduler.js"
 import { gpuOrder } from "./internal/gpuOrder.js"
 
 /** Background sequences are served after every tier's turns. */
@@ -55,7 +55,7 @@ export const layer = Layer.effect(
           if (model === undefined || pool === undefined) return yield* new EngineError({ code: "unknown_pool", message: request.pool })
           const promptIds = [...request.prompt(model)]
           const order = gpuOrder(pool.gpus.map((g) => g.id))
-          let slotId: string | undefined
+          let reserved: SlotReservation | undefined
           for (const gpuId of order) {
             const acquired = yield* gpus(gpuId).AcquireSlot({
               priority: BACKGROUND_PRIORITY,
@@ -63,15 +63,17 @@ export const layer = Layer.effect(
               ttft_target_ms: BACKGROUND_TTFT_TARGET_MS
             }).pipe(Effect.timeout(Duration.seconds(10)), Effect.option)
             if (Option.isSome(acquired)) {
-              slotId = acquired.value
+              reserved = acquired.value
               break
             }
           }
-          if (slotId === undefined) return yield* new EngineError({ code: "overloaded", message: `no GPU of pool ${request.pool} took the ${request.purpose}` })
+          if (reserved === undefined) return yield* new EngineError({ code: "overloaded", message: `no GPU of pool ${request.pool} took the ${request.purpose}` })
           const stream = streams.make(topology.generation.client_buffer_tokens)
           // Interrupted before it is read (a Start cut short): the slot's sequence stops then.
           stream.cancelIfNotAttachedWithin(15_000)
+          const slotId = reserved.slot_id
           const started = yield* slots(slotId).Start({
+            reservation_id: reserved.reservation_id,
             pool: request.pool,
             conversation_id: request.conversationId,
             turn_id: TurnId.make(`${request.conversationId}:${request.purpose}`),
@@ -93,7 +95,7 @@ export const layer = Layer.effect(
           )
           if (started._tag === "Left") {
             stream.cancel()
-            if (started.left.code === "unavailable") yield* gpus(slotId.split("/")[0]!).ReleaseSlot({ slot_id: slotId }).pipe(Effect.ignore)
+            if (started.left.code === "unavailable") yield* gpus(slotId.split("/")[0]!).ReleaseSlot(reserved).pipe(Effect.ignore)
             return yield* started.left
           }
           return yield* stream.toStream().pipe(

@@ -49,7 +49,7 @@ import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSl
 import { retryShardMoves, SHARD_MOVE_RETRIES } from "./internal/shardMoves.js"
 import { timeoutDetached } from "./internal/callTimeout.js"
 import * as failover from "./internal/failover.js"
-import { GpuScheduler, shardGroupOf } from "./GpuScheduler.js"
+import { GpuScheduler, shardGroupOf, type SlotReservation } from "./GpuScheduler.js"
 import * as ShardTenure from "./internal/shardTenure.js"
 import { SHARDS_PER_GROUP } from "../runtime/Cluster.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
@@ -597,7 +597,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
        * Finds where a taken-over turn runs, then watches it as its own (a lost GPU runner still
        * moves it). The pool's GPUs are asked (FindTurn: slot and request) and the turn's log is
        * read (its last `start` event says the same, and is all there is when that GPU's runner
-       * is gone). The previous owner may still be starting the turn (its last steps run to the
+       * is gone; the previous owner logged it before its Start went out). The previous owner may still be starting the turn (its last steps run to the
        * end), so each second for TAKEOVER_WAIT_MS it is looked for again. A turn that ended
        * (`done`: its reply is stored) is released; one that never started, or ended without its
        * reply stored, gets a `failed` reply, so the conversation is never stuck. While the log is
@@ -627,7 +627,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
               turn.slotId = started!.slot_id
               turn.start = request.value
               yield* Effect.logInfo(`turn ${turn.turnId} taken over on slot ${turn.slotId}`)
-              if (turn.cancelRequested) yield* quietly(slots(turn.slotId).Cancel())
+              if (turn.cancelRequested) yield* quietly(slots(turn.slotId).Cancel({ turn_id: turn.turnId }))
               return yield* watchTurn(turn)
             }
             const waitedMs = Date.now() - startedAt
@@ -740,7 +740,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           /** Start was cut off by a shard move: whether the slot runs the turn is unknown. */
           let startUncertain = false
           /** A slot admitted for this turn and not (yet) started: given back on failure. */
-          let reservedSlot: string | undefined
+          let reservedSlot: SlotReservation | undefined
           // Interruptible only until something is stored or started (load, prompt, admission):
           // from the append on, a caller that goes away cancels the turn's stream instead, and
           // the turn ends as `failed` (Start finds no stream) or `cancelled`, never half-recorded.
@@ -788,7 +788,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             const order = gpuOrder(pool.gpus.map((g) => g.id), pool.routing === "affinity" ? conv.lastGpuId : undefined)
             const affine = order[0] === conv.lastGpuId && pool.routing === "affinity"
             type AcquireError = Effect.Effect.Error<ReturnType<ReturnType<typeof gpus>["AcquireSlot"]>> | EngineError
-            const acquire = (k: number): Effect.Effect<string, AcquireError> => {
+            const acquire = (k: number): Effect.Effect<SlotReservation, AcquireError> => {
               const gpuId = order[k]!
               const next = k + 1 < order.length
               return gpus(gpuId).AcquireSlot({
@@ -809,14 +809,15 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
                 )
               )
             }
-            const slotId = yield* restore(acquire(0)).pipe(
+            const reserved = yield* restore(acquire(0)).pipe(
               Effect.catchTags({
                 AdmissionRefused: (e) => Effect.fail(new Overloaded({ message: e.message, retry_after_s: e.retry_after_s })),
                 UnknownGpu: (e) => Effect.fail(new EngineError({ code: "unknown_gpu", message: e.gpu_id })),
                 ...clusterErrors
               })
             )
-            reservedSlot = slotId
+            reservedSlot = reserved
+            const slotId = reserved.slot_id
             const userSeq = conv.nextSeq
             // The append runs while the generation is queued (it is on the TTFT path
             // otherwise); SendTurn, which acknowledges the turn, returns only once it is durable.
@@ -892,7 +893,13 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             // becomes of this wait (an instance stopped by a shard move leaves the turn to the
             // next owner, which finds it on its slot).
             turn.start = startPayload
-            const startCall = slots(slotId).Start(startPayload)
+            // The turn's start is logged before the Start goes out (its slot logs it too, once
+            // running): should this instance stop (a shard move) before its watch could move
+            // the turn, the next owner's `takeOver` finds the turn, and what starts it
+            // elsewhere, in the log. The slot's own entry may never be written: its runner can
+            // die between answering the Start and its next log write.
+            if (multiRunner) eventLog.append(turnId, { index: -1, kind: "start", slot_id: slotId, request: startPayload })
+            const startCall = slots(slotId).Start({ ...startPayload, reservation_id: reserved.reservation_id })
             const startOrLost = !multiRunner ? startCall : Effect.gen(function*() {
               const start = yield* Effect.forkDaemon(startCall)
               const lost = yield* Effect.raceFirst(
@@ -928,9 +935,9 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             yield* Fiber.join(append).pipe(
               // Not durable: the generation stops, and its FinishTurn stores nothing (one whose
               // Start was cut off may not run: it is abandoned, and the turn released below).
-              Effect.tapError(() => quietly(startUncertain ? slots(slotId).Abandon({ turn_id: turnId }) : slots(slotId).Cancel()))
+              Effect.tapError(() => quietly(startUncertain ? slots(slotId).Abandon({ turn_id: turnId }) : slots(slotId).Cancel({ turn_id: turnId })))
             )
-            if (turn.cancelRequested) yield* quietly(slots(slotId).Cancel())
+            if (turn.cancelRequested) yield* quietly(slots(slotId).Cancel({ turn_id: turnId }))
             // Other runners may die: a turn whose GPU runner goes moves to another GPU.
             if (multiRunner) runFork(watchTurn(turn))
             return new Accepted({
@@ -955,18 +962,28 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
                   return
                 }
                 if (reservedSlot !== undefined) {
-                  const slotId = reservedSlot
                   // Bounded: the GPU's runner may be gone (an unstarted reservation expires there).
-                  yield* quietly(gpus(shardGroupOf(slotId)).ReleaseSlot({ slot_id: slotId }))
+                  yield* quietly(gpus(shardGroupOf(reservedSlot.slot_id)).ReleaseSlot(reservedSlot))
+                }
+                // Given up unstarted after its start was logged: the log ends it too (a
+                // follower, or a later owner's takeover, must not wait on it).
+                const logGivenUp = () => {
+                  if (multiRunner && turn.start !== undefined) {
+                    eventLog.append(turn.turnId, { index: 0, kind: "error", code: "generation_failed", message: "the turn did not start" })
+                  }
                 }
                 const userTurnDurable = stored !== undefined && (yield* Deferred.await(userTurnStored))
                 if (!userTurnDurable) {
                   // A started generation's FinishTurn releases the turn; an abandoned one never comes.
-                  if (turn.slotId === undefined || startUncertain) release(turn)
+                  if (turn.slotId === undefined || startUncertain) {
+                    logGivenUp()
+                    release(turn)
+                  }
                   return
                 }
                 yield* Effect.logWarning(`turn ${id}:${stored!.seq} did not start: its reply is stored as failed`, exit.cause)
                 yield* appendFailedReply(id, stored!.seq, stored!.numPromptTokens)
+                logGivenUp()
                 release(turn)
               })
             )
@@ -1057,7 +1074,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
         let cancelled = true
         if (turn.slotId === undefined) turn.cancelRequested = true
         else {
-          cancelled = yield* timeoutDetached(slots(turn.slotId).Cancel(), BEST_EFFORT_TIMEOUT).pipe(
+          cancelled = yield* timeoutDetached(slots(turn.slotId).Cancel({ turn_id: turn.turnId }), BEST_EFFORT_TIMEOUT).pipe(
             Effect.catchAllCause(() => Effect.succeed(false))
           )
         }

@@ -75,12 +75,19 @@ export type StartPayload = typeof StartPayload.Type
 export type StartRequest = Omit<StartPayload, "resume">
 
 export const DecodeSlot = Entity.make("DecodeSlot", [
+  /**
+   * Starts the turn in this slot, which AcquireSlot reserved as `reservation_id`; fails with
+   * `slot_expired` unless that reservation is the slot's live one (see GpuWorker.claimSlot).
+   */
   Rpc.make("Start", {
-    payload: StartPayload,
+    payload: { ...StartPayload.fields, reservation_id: Schema.Int },
     error: Schema.Union(EngineError, PromptTooLong, UnknownGpu)
   }),
-  /** Stops the slot's sequence, if any. @returns whether one was running. */
-  Rpc.make("Cancel", { success: Schema.Boolean }),
+  /**
+   * Stops the slot's sequence of `turn_id`, if it runs it (a Cancel that arrives late finds
+   * the slot's next turn, which it must leave alone). @returns whether it ran.
+   */
+  Rpc.make("Cancel", { payload: { turn_id: TurnId }, success: Schema.Boolean }),
   /**
    * Stops the slot's sequence of `turn_id`, if it runs it, without ending the turn: no
    * FinishTurn, no terminal event. Failover sends it to a slot it gave up on (its runner did
@@ -148,13 +155,13 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
       const gpuId = shardGroupOf(slotId)
       const slot = Number(slotId.split("/")[1])
 
-      const start = (payload: StartPayload) =>
+      const start = (payload: StartPayload, reservationId: number) =>
         Effect.gen(function*() {
           const log: Pick<typeof eventLog, "append"> = payload.ephemeral === true ? { append: () => {} } : eventLog
           if (running.has(slotId)) return yield* new EngineError({ code: "slot_busy", message: `slot ${slotId} is running` })
           const worker = workers.get(gpuId)
           if (worker === undefined) return yield* new UnknownGpu({ gpu_id: gpuId })
-          if (!worker.claimSlot(slot)) {
+          if (!worker.claimSlot(slot, reservationId)) {
             return yield* new EngineError({ code: "slot_expired", message: `slot ${slotId} was not reserved (its reservation expired)` })
           }
           // From here on a failed Start gives the slot back (claimed from AcquireSlot's reservation).
@@ -352,9 +359,12 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
         })
 
       return DecodeSlot.of({
-        Start: ({ payload }) => start(payload),
-        Cancel: () =>
-          Effect.sync(() => running.get(slotId)?.cancel() ?? false),
+        Start: ({ payload: { reservation_id, ...payload } }) => start(payload, reservation_id),
+        Cancel: ({ payload }) =>
+          Effect.sync(() => {
+            const live = running.get(slotId)
+            return live?.turnId === payload.turn_id && live.cancel()
+          }),
         Abandon: ({ payload }) =>
           Effect.sync(() => {
             const live = running.get(slotId)

@@ -24,6 +24,10 @@ export class AdmissionRefused extends Schema.TaggedError<AdmissionRefused>()("Ad
 }) {}
 export class UnknownGpu extends Schema.TaggedError<UnknownGpu>()("UnknownGpu", { gpu_id: Schema.String }) {}
 
+/** A slot that AcquireSlot reserved (`<gpu_id>/<index>`) and the reservation's id. */
+export const SlotReservation = Schema.Struct({ slot_id: Schema.String, reservation_id: Schema.Int })
+export type SlotReservation = typeof SlotReservation.Type
+
 export const GpuStats = Schema.Struct({
   gpu_id: Schema.String,
   device: Schema.String,
@@ -41,15 +45,17 @@ export type GpuStats = typeof GpuStats.Type
 export const GpuScheduler = Entity.make("GpuScheduler", [
   /**
    * Admits a new sequence: reserves a DecodeSlot of this GPU (returned when the slot's
-   * sequence ends, or by ReleaseSlot if it is never started), or refuses it.
+   * sequence ends, or by ReleaseSlot if it is never started), or refuses it. The Start (and a
+   * ReleaseSlot) must carry the reservation's id: a message that the cluster delivers late,
+   * after the runner restarted, then claims nothing.
    */
   Rpc.make("AcquireSlot", {
     payload: { priority: Schema.Int, num_prompt_tokens: Schema.Int, ttft_target_ms: Schema.Int },
-    success: Schema.String,
+    success: SlotReservation,
     error: Schema.Union(AdmissionRefused, UnknownGpu)
   }),
-  /** Gives back a slot that AcquireSlot reserved and that was never started. */
-  Rpc.make("ReleaseSlot", { payload: { slot_id: Schema.String }, error: UnknownGpu }),
+  /** Gives back a slot that AcquireSlot reserved and that was never started (that reservation only). */
+  Rpc.make("ReleaseSlot", { payload: SlotReservation, error: UnknownGpu }),
   Rpc.make("Stats", { success: GpuStats, error: Schema.Union(UnknownGpu, EngineError) }),
   /** Answers while the GPU's runner is up (failover's liveness probe, one per GPU, not per turn). */
   Rpc.make("Ping", {}),
@@ -105,7 +111,7 @@ export const layer = GpuScheduler.toLayer(
             const { message, reason, retryAfterS } = admitted.left
             return yield* new AdmissionRefused({ gpu_id: gpuId, reason, message, retry_after_s: retryAfterS })
           }
-          return `${gpuId}/${admitted.right}`
+          return { slot_id: `${gpuId}/${admitted.right.slot}`, reservation_id: admitted.right.reservationId }
         }),
       Ping: () => Effect.void,
       RunningTurns: ({ payload }) => Effect.sync(() => payload.turns.map((t) => running.get(t.slot_id)?.turnId === t.turn_id)),
@@ -117,7 +123,7 @@ export const layer = GpuScheduler.toLayer(
           return null
         }),
       ReleaseSlot: ({ payload }) =>
-        Effect.flatMap(worker, (w) => w.releaseSlot(Number(payload.slot_id.split("/")[1]))),
+        Effect.map(worker, (w) => w.releaseReservation(Number(payload.slot_id.split("/")[1]), payload.reservation_id)),
       Embed: ({ payload }) => Effect.flatMap(worker, (w) => w.engine().embed(payload.token_ids)),
       Stats: () =>
         Effect.gen(function*() {

@@ -12,6 +12,7 @@
  * Cancellation frees the sequence's blocks at once; the engine is told in the next step (or a
  * bare `release` when idle).
  */
+import { randomInt } from "node:crypto"
 import { Chunk, Duration, Effect, Either, ExecutionStrategy, Exit, Fiber, Option, Queue, Runtime, Schedule, Scope } from "effect"
 import * as EngineClient from "./EngineClient.js"
 import { forEachSampledToken, type InfoReply, type StepReply, type StepRequest } from "./EngineProtocol.js"
@@ -121,15 +122,18 @@ export interface GpuWorker {
    * by more than `ttftTargetMs` (`SchedulerCore.predictedQueueingSteps` × the measured step
    * time). An idle GPU admits any prompt: its own prefill time is no reason to refuse it.
    */
-  readonly admit: (request: AdmitRequest) => Either.Either<number, AdmitRefusal>
+  readonly admit: (request: AdmitRequest) => Either.Either<Reservation, AdmitRefusal>
   /**
-   * Marks a reserved slot as started. @returns false when its reservation had expired: a
-   * reservation not started within `reservationTimeoutMs` (its admitter never heard the
-   * answer, or went away) is freed by the next admission.
+   * Marks a reserved slot as started. @returns false unless `reservationId` is the slot's
+   * live reservation: it expired (not started within `reservationTimeoutMs`: its admitter
+   * never heard the answer, or went away; the next admission frees it), or it was made by an
+   * earlier process of this runner (a Start the cluster delivered after a restart).
    */
-  readonly claimSlot: (slot: number) => boolean
+  readonly claimSlot: (slot: number, reservationId: number) => boolean
   /** Frees a reserved or started slot (a free one is left as it is). */
   readonly releaseSlot: (slot: number) => Effect.Effect<void>
+  /** Frees `slot` if `reservationId` is its live reservation, not started. */
+  readonly releaseReservation: (slot: number, reservationId: number) => void
   /** Admits nothing from now on (a drain): running and waiting sequences go on. */
   readonly stopAdmitting: () => void
   /** Whether an engine process is up and answering (false while it restarts). */
@@ -142,6 +146,15 @@ export interface AdmitRequest {
   readonly priority: number
   readonly numPromptTokens: number
   readonly ttftTargetMs: number
+}
+
+/**
+ * An admitted sequence's slot. `reservationId` is random (48 bits), so that a reservation of
+ * an earlier process of the runner, or an expired one, never claims the slot's next one.
+ */
+export interface Reservation {
+  readonly slot: number
+  readonly reservationId: number
 }
 
 export interface AdmitRefusal {
@@ -214,6 +227,8 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     /** Each slot's state: free, reserved by `admit` (with its time in `reservedAtMs`), or started. */
     const slotState = new Uint8Array(options.numSlots) // SLOT_FREE
     const reservedAtMs = new Map<number, number>()
+    /** Each slot's latest reservation id (meaningful while it is reserved). */
+    const reservationIds = new Float64Array(options.numSlots)
     const reservationTimeoutMs = options.reservationTimeoutMs ?? 60_000
     const freeSlot = (slot: number) => {
       if (slotState[slot] === SLOT_FREE) return
@@ -516,15 +531,20 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         const slot = freeSlots.pop()!
         slotState[slot] = SLOT_RESERVED
         reservedAtMs.set(slot, Date.now())
-        return Either.right(slot)
+        const reservationId = randomInt(2 ** 48 - 1)
+        reservationIds[slot] = reservationId
+        return Either.right({ slot, reservationId })
       },
-      claimSlot: (slot) => {
-        if (slotState[slot] !== SLOT_RESERVED) return false
+      claimSlot: (slot, reservationId) => {
+        if (slotState[slot] !== SLOT_RESERVED || reservationIds[slot] !== reservationId) return false
         slotState[slot] = SLOT_STARTED
         reservedAtMs.delete(slot)
         return true
       },
       releaseSlot: (slot) => Effect.sync(() => freeSlot(slot)),
+      releaseReservation: (slot, reservationId) => {
+        if (slotState[slot] === SLOT_RESERVED && reservationIds[slot] === reservationId) freeSlot(slot)
+      },
       stopAdmitting: () => void (draining = true),
       isEngineUp: () => engineUp,
       recentSteps: () => steps.slice()

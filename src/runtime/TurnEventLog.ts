@@ -3,7 +3,8 @@
  * (`GET /v1/conversations/{id}/stream` with `Last-Event-ID`).
  *
  * The DecodeSlot that produces a turn appends every event it sends (token text with its index,
- * then one `done` or `error`), so that the log holds the turn even when the gateway that served
+ * then one `done` or `error`; its Conversation appends the start, and the end of a turn that
+ * never started), so that the log holds the turn even when the gateway that served
  * its client is gone. A follower replays the events after an index, then follows the live
  * ones until the terminal event.
  *
@@ -20,8 +21,9 @@ import { TurnEventsUnavailable } from "./Errors.js"
 
 export type LoggedEvent =
   /**
-   * Written when a generation starts, and again when a failover starts it on another slot
-   * (index -1, never sent): a follower finds the turn before its first token, and a
+   * Written as a Conversation sends a turn's Start (with several runners), when the slot
+   * starts the generation, and again when a failover starts it on another slot (index -1,
+   * never sent): a follower finds the turn before its first token, and a
    * Conversation entity that takes the turn over after a shard move finds its slot and what
    * started it (`request`: the DecodeSlot's start payload, decoded by the reader).
    */

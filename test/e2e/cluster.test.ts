@@ -119,7 +119,7 @@ const auditTurnsDone = async (dbUrl: string, ids: ReadonlyArray<string>, results
   for (const id of ids) {
     const rows = await rowsOf(dbUrl, id)
     const texts = results.filter((r) => r.conversationId === id && r.status === 200).map((r) => r.text)
-    expect(rows.map((r: any) => `${r.seq}:${r.role}:${r.status}`)).toEqual(
+    expect(rows.map((r: any) => `${r.seq}:${r.role}:${r.status}`), id).toEqual(
       rows.map((_: any, seq: number) => `${seq}:${seq % 2 === 0 ? "user" : "assistant"}:completed`)
     )
     expect(rows.filter((r: any) => r.role === "assistant").map((r: any) => r.content)).toEqual(texts)
@@ -179,6 +179,23 @@ describe("local cluster: two gateways, two GPU runners", () => {
     await cluster?.stop()
     await redis?.kill()
   }, 60_000)
+
+  // The runner's connections to PostgreSQL (client ports), then those of them holding
+  // advisory locks: its shard locks' connection, whose refresh must answer within ~1.3 s
+  // (and, should it have been rebuilt, an old one not closed yet). Right after a start the
+  // locks may still be being taken.
+  const lockBackendsOf = async (runner: string): Promise<Array<string>> => {
+    for (let i = 0; ; i++) {
+      const ports = clientPortsOf(cluster.runners.get(runner)!.process.pid!, Number(new URL(dbUrl).port || 5432))
+      const holders = await sqlAt(
+        "SELECT DISTINCT a.pid, a.client_port FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid WHERE l.locktype = 'advisory' AND l.granted"
+      )
+      const pids = holders.filter((h: any) => ports.has(h.client_port)).map((h: any) => String(h.pid))
+      if (pids.length > 0) return pids
+      expect(i, `${runner} holds no shard lock`).toBeLessThan(40)
+      await new Promise((r) => setTimeout(r, 500))
+    }
+  }
 
   // First: the shards of a cluster that has just started are still settling between the
   // gateways; calls to entities whose shard moves mid-call are sent again to the new owner.
@@ -438,23 +455,6 @@ describe("local cluster: two gateways, two GPU runners", () => {
 
   it("drill (locks): the shard-lock connections of gw-1, then gpu-1, stall past the refresh deadline during traffic; every acknowledged turn ends done and is stored as its client read it", async () => {
     const [gw1, gw2] = cluster.gateways
-    const pgPort = Number(new URL(dbUrl).port || 5432)
-    // The runner's connections to PostgreSQL (client ports), then those of them holding
-    // advisory locks: its shard locks' connection, whose refresh must answer within ~1.3 s
-    // (and, should it have been rebuilt, an old one not closed yet). Right after a start the
-    // locks may still be being taken.
-    const lockBackendsOf = async (runner: string): Promise<Array<string>> => {
-      for (let i = 0; ; i++) {
-        const ports = clientPortsOf(cluster.runners.get(runner)!.process.pid!, pgPort)
-        const holders = await sqlAt(
-          "SELECT DISTINCT a.pid, a.client_port FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid WHERE l.locktype = 'advisory' AND l.granted"
-        )
-        const pids = holders.filter((h: any) => ports.has(h.client_port)).map((h: any) => String(h.pid))
-        if (pids.length > 0) return pids
-        expect(i, `${runner} holds no shard lock`).toBeLessThan(40)
-        await new Promise((r) => setTimeout(r, 500))
-      }
-    }
     const unhealthy = (runner: string) => cluster.runners.get(runner)!.output().split("Shard lock storage is unhealthy").length
     const victims = ["gw-1", "gpu-1"] as const
     const before = victims.map(unhealthy)
@@ -629,6 +629,55 @@ describe("local cluster: two gateways, two GPU runners", () => {
       // Each conversation takes one more turn (409 while a turn is being moved, never for good).
       results.push(...await oneMoreTurn(gw2, ids, { content: "After the kill", max_tokens: 4 }))
       console.log(`drill (c, starts), round ${round}: ${results.length} turns; ${lostStarts()} Starts unanswered by the killed runner; ${endedFromReply()} replies stored in the 15 s before the loss was noticed (their streams, if still open, were ended from them)`)
+      for (const r of results) expect([200, 409, 503]).toContain(r.status)
+      await auditTurnsDone(dbUrl, ids, results)
+    }
+    await cluster.restart("gpu-1")
+  }, { timeout: 300_000, retry: 1 })
+
+  it("drill (c, starts, moved): SIGKILL a GPU runner while the gateway holding the conversations loses its shard locks; a turn whose Start was cut off is taken over by the next owner and moved, and no conversation is left stuck", async () => {
+    const [gw1, gw2] = cluster.gateways
+    const gateway1 = cluster.runners.get("gw-1")!
+    // The window of this drill: a Start to the killed runner, unanswered, cut off as gw-1
+    // gives up its shards; the conversation's next owner then finds the turn only in its log.
+    const cutOff = gateway1.counter("was cut off (a shard move, or its runner died)")
+    const unhealthy = gateway1.counter("Shard lock storage is unhealthy")
+    for (let round = 1; cutOff() === 0; round++) {
+      if (round > 1) await cluster.restart("gpu-1")
+      expect(round, "rounds without a Start cut off by the shard move").toBeLessThanOrEqual(3)
+      const ids = await Promise.all(Array.from({ length: 64 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
+      let killed = false
+      const results: Array<TurnResult> = []
+      const loops = ids.map(async (id, i) => {
+        for (let k = 0; k < 40 && (k < 2 || !killed); k++) {
+          // Bounded: a client left waiting on a turn that will never stream fails the drill.
+          const r = await turn((i + k) % 2 === 0 ? gw1 : gw2, id, { content: `Turn ${k}`, max_tokens: 4 }, AbortSignal.timeout(30_000)).catch((e) => {
+            throw new Error(`turn ${k} of ${id}: ${e}`)
+          })
+          results.push(r)
+          if (r.status !== 200) await new Promise((res) => setTimeout(res, 200))
+        }
+      })
+      await new Promise((r) => setTimeout(r, 3000))
+      // gw-1 gives up its shards ~1.3 s into the stall, before the gateways give gpu-1 up
+      // (3 unanswered pings): its Starts then waiting on gpu-1 are cut off by the shard move.
+      const backends = await lockBackendsOf("gw-1")
+      execFileSync("kill", ["-STOP", ...backends])
+      const gpu1 = cluster.runners.get("gpu-1")!
+      gpu1.process.kill("SIGKILL")
+      try {
+        execFileSync("pkill", ["-9", "-f", "engine-sim-1.sock"])
+      } catch {
+        // already gone with its runner
+      }
+      await new Promise((r) => setTimeout(r, 4000))
+      execFileSync("kill", ["-CONT", ...backends])
+      await gpu1.exited
+      await new Promise((r) => setTimeout(r, 2000))
+      killed = true
+      await Promise.all(loops)
+      results.push(...await oneMoreTurn(gw2, ids, { content: "After the kill", max_tokens: 4 }))
+      console.log(`drill (c, starts, moved), round ${round}: ${results.length} turns; ${cutOff()} Starts cut off on gw-1; gw-1 gave up its shards: ${unhealthy() > 0}`)
       for (const r of results) expect([200, 409, 503]).toContain(r.status)
       await auditTurnsDone(dbUrl, ids, results)
     }

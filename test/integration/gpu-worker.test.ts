@@ -126,7 +126,7 @@ describe("GpuWorker with the real engine", () => {
       // Idle: its own prefill is no reason to refuse, whatever the target.
       const idle = admit(0)
       expect(Either.isRight(idle)).toBe(true)
-      yield* worker.releaseSlot(Either.getOrThrow(idle))
+      yield* worker.releaseSlot(Either.getOrThrow(idle).slot)
       // Both running seats taken by long sequences: a newcomer would wait for one to end.
       for (const salt of [5, 6]) {
         yield* Effect.forkScoped(Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(8, salt), maxTokens: 3000, sampling: greedy, priority: 0 }), drain)))
@@ -167,25 +167,41 @@ describe("GpuWorker with the real engine", () => {
       expect(two.tokens).toEqual(reference.tokens)
     }), 60_000)
 
-  it.scopedLive("a reserved slot nobody starts is freed after the reservation timeout; a started one is not", () =>
+  it.scopedLive("a reserved slot nobody starts is freed after the reservation timeout; a started one is not; only the live reservation claims or releases a slot", () =>
     Effect.gen(function*() {
       const worker = yield* makeWorker(64, { numSlots: 2, reservationTimeoutMs: 300 })
       const admit = () => worker.admit({ priority: 0, numPromptTokens: 8, ttftTargetMs: 3_600_000 })
       const started = Either.getOrThrow(admit())
-      expect(worker.claimSlot(started)).toBe(true)
+      expect(worker.claimSlot(started.slot, started.reservationId)).toBe(true)
       const lost = Either.getOrThrow(admit()) // its admitter never heard the answer
       expect(Either.isLeft(admit())).toBe(true)
       yield* Effect.sleep(Duration.millis(400))
       // The lost reservation is free again; the started slot stays taken.
-      expect(Either.getOrThrow(admit())).toBe(lost)
+      const again = Either.getOrThrow(admit())
+      expect(again.slot).toBe(lost.slot)
+      expect(again.reservationId).not.toBe(lost.reservationId)
       expect(Either.isLeft(admit())).toBe(true)
-      // A Start that comes after its reservation expired and was given to another finds it taken.
-      expect(worker.claimSlot(lost)).toBe(true)
-      expect(worker.claimSlot(lost)).toBe(false)
-      // Released twice (an ended sequence and a late ReleaseSlot): freed once.
-      yield* worker.releaseSlot(started)
-      yield* worker.releaseSlot(started)
+      // A Start or ReleaseSlot of the expired reservation, late, leaves the slot's new one alone.
+      expect(worker.claimSlot(lost.slot, lost.reservationId)).toBe(false)
+      worker.releaseReservation(lost.slot, lost.reservationId)
+      expect(Either.isLeft(admit())).toBe(true)
+      expect(worker.claimSlot(again.slot, again.reservationId)).toBe(true)
+      expect(worker.claimSlot(again.slot, again.reservationId)).toBe(false)
+      // A ReleaseSlot after the Start (a lost answer) does not free a running slot.
+      worker.releaseReservation(again.slot, again.reservationId)
+      expect(Either.isLeft(admit())).toBe(true)
+      // Released twice (an ended sequence and a late release): freed once.
+      yield* worker.releaseSlot(started.slot)
+      yield* worker.releaseSlot(started.slot)
+      const next = Either.getOrThrow(admit())
+      expect(Either.isLeft(admit())).toBe(true)
+      // Its own ReleaseSlot frees a reservation nobody started.
+      worker.releaseReservation(next.slot, next.reservationId)
       expect(Either.isRight(admit())).toBe(true)
-      expect(Either.isLeft(admit())).toBe(true)
+      // A new process of the runner (a restart) takes no reservation of the old one.
+      const restarted = yield* makeWorker(64, { numSlots: 2 })
+      const fresh = Either.getOrThrow(restarted.admit({ priority: 0, numPromptTokens: 8, ttftTargetMs: 3_600_000 }))
+      expect(restarted.claimSlot(fresh.slot, started.reservationId)).toBe(false)
+      expect(restarted.claimSlot(fresh.slot, fresh.reservationId)).toBe(true)
     }), 30_000)
 })

@@ -280,30 +280,31 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
     // Spread the moved turns over the pool's other GPUs.
     for (let n = candidates.length; n > 0; n--) {
       const gpuId = candidates.splice(randomInt(n), 1)[0]!
-      const slotId = yield* timeoutDetached(deps.gpus(gpuId).AcquireSlot({
+      const reserved = yield* timeoutDetached(deps.gpus(gpuId).AcquireSlot({
         priority: start.priority,
         num_prompt_tokens: start.prompt_token_ids.length + tokenIds.length,
         ttft_target_ms: 3_600_000 // a moved turn is not refused for a TTFT target it already missed
       }), PROBE_TIMEOUT).pipe(answered)
-      if (Option.isNone(slotId)) continue
+      if (Option.isNone(reserved)) continue
+      const { slot_id: slotId, reservation_id: reservationId } = reserved.value
       // The turn is the new slot's from here: a turn with a token or two left can end, and its
       // FinishTurn arrive, before the Start's answer (a report from a slot the turn is not on
       // is void, and this one would be lost).
-      turn.slotId = slotId.value
+      turn.slotId = slotId
       const started = yield* timeoutDetached(
-        deps.slots(slotId.value).Start({ ...start, resume: { num_events: numEvents, text, token_ids: tokenIds } }),
+        deps.slots(slotId).Start({ ...start, reservation_id: reservationId, resume: { num_events: numEvents, text, token_ids: tokenIds } }),
         Duration.seconds(5)
       ).pipe(answered)
       // No answer: it may run all the same, and must not next to the one tried next. Ended
       // meanwhile (the old slot's FinishTurn came): the new one is not wanted either.
       if (Option.isNone(started)) {
-        yield* abandonSlot(deps, slotId.value, turn.turnId)
+        yield* abandonSlot(deps, slotId, turn.turnId)
         // Its report, should it have ended before the Abandon, is void (its client was not fed).
         turn.slotId = lostSlot
         continue
       }
       if (!isActive()) {
-        yield* abandonSlot(deps, slotId.value, turn.turnId)
+        yield* abandonSlot(deps, slotId, turn.turnId)
         return "ended" as const
       }
       yield* Effect.logWarning(`turn ${turn.turnId} moved from ${lostGpu} to ${gpuId} after ${tokenIds.length} tokens`)
