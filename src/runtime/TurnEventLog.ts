@@ -8,7 +8,7 @@
  * its client is gone. A follower replays the events after an index, then follows the live
  * ones until the terminal event.
  *
- * - `layerRedis`: a Redis Stream per turn (`<prefix>turn:<turn_id>`), appended in one pipeline
+ * - `layerRedis`: a Redis Stream per turn (`<prefix>turn:<turn_id>`), appended by one Lua script call
  *   per tick (every sink of an engine step writes in the same tick), trimmed to ~100,000
  *   entries, expiring an hour after the last append or 5 minutes after the terminal event.
  *   Appends while Redis is down are dropped (the live stream does not depend on them).
@@ -46,6 +46,19 @@ const LIVE_TTL_S = 3600
  * the commands a GPU runner sent (one XADD and one EXPIRE per stream per engine step).
  */
 const LIVE_TTL_RENEW_MS = (LIVE_TTL_S * 1000) / 4
+/**
+ * Appends ARGV[i] to stream KEYS[i] (field `e`, trimmed to ~100,000 entries), then sets its
+ * TTL to ARGV[n + i] seconds where that is not 0, for i = 1..n (n = #KEYS, a key may repeat).
+ */
+const APPEND_SCRIPT = `local n = #KEYS
+for i = 1, n do
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', 100000, '*', 'e', ARGV[i])
+  local ttl = tonumber(ARGV[n + i])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return n`
+/** Events per script call: a call holds Redis for its length (~1 µs an event). */
+const MAX_EVENTS_PER_CALL = 4096
 /** A follower that sees nothing for this long ends with `stream_stalled`. */
 const FOLLOW_IDLE_MS = 120_000
 
@@ -275,27 +288,43 @@ export const layerRedis = (url: string, prefix: string) =>
       yield* Effect.addFinalizer(() => Effect.promise(() => redis.quit().catch(() => undefined)))
       const key = (turnId: string) => `${prefix}turn:${turnId}`
 
+      // One script call per tick (not a pipeline of one XADD per event): a GPU runner appends
+      // an event for every running turn after each engine step, and a Command object per
+      // event was a sixth of its CPU time at 512 streams. ioredis sends EVALSHA and falls
+      // back to EVAL when Redis lost the script (a restart).
+      redis.defineCommand("appendTurnEvents", { lua: APPEND_SCRIPT })
+      const append = redis as unknown as {
+        appendTurnEvents: (numKeys: number, ...args: Array<string | number>) => Promise<unknown>
+      }
       let pending: Array<{ readonly key: string; readonly event: LoggedEvent }> = []
       const flush = () => {
         const batch = pending
         pending = []
         if (redis.status !== "ready") return
-        const pipeline = redis.pipeline()
         const now = Date.now()
-        const ttl = new Map<string, number>()
-        for (const { event, key } of batch) {
-          pipeline.xadd(key, "MAXLEN", "~", 100_000, "*", "e", encode(event))
-          if (isTerminal(event)) {
-            ttl.set(key, ENDED_TTL_S)
-            ttlSetAt.delete(key)
-          } else if (!ttl.has(key) && now - (ttlSetAt.get(key) ?? -Infinity) >= LIVE_TTL_RENEW_MS) {
-            ttl.set(key, LIVE_TTL_S)
-            ttlSetAt.set(key, now)
+        for (let from = 0; from < batch.length; from += MAX_EVENTS_PER_CALL) {
+          const part = batch.slice(from, from + MAX_EVENTS_PER_CALL)
+          const keys: Array<string> = []
+          const events: Array<string> = []
+          const ttls: Array<number> = []
+          const renewed = new Set<string>()
+          for (const { event, key } of part) {
+            keys.push(key)
+            events.push(encode(event))
+            let ttl = 0
+            if (isTerminal(event)) {
+              ttl = ENDED_TTL_S
+              ttlSetAt.delete(key)
+            } else if (!renewed.has(key) && now - (ttlSetAt.get(key) ?? -Infinity) >= LIVE_TTL_RENEW_MS) {
+              ttl = LIVE_TTL_S
+              ttlSetAt.set(key, now)
+              renewed.add(key)
+            }
+            ttls.push(ttl)
           }
+          // A failed call may have left keys without a TTL: every live turn renews it next time.
+          append.appendTurnEvents(keys.length, ...keys, ...events, ...ttls).catch(() => ttlSetAt.clear())
         }
-        for (const [k, seconds] of ttl) pipeline.expire(k, seconds)
-        // A failed batch may have left keys without a TTL: every live turn renews it next time.
-        pipeline.exec().then((results) => results?.some(([e]) => e !== null) && ttlSetAt.clear(), () => ttlSetAt.clear())
       }
 
       return TurnEventLog.of({
