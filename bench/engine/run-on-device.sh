@@ -3,6 +3,9 @@
 #
 #   bash bench/engine/run-on-device.sh [check|bench|all|STEP...]      (carry: [".device-deps"])
 #
+# With BENCH_PREBUILT=.device-bin (bench/engine/build-device-bin.sh, carried too) the engine
+# built here is used and the build step skipped.
+#
 # Two calls, `check` first (the default), then `bench`: together (`all`) they do not fit one
 # call's 570 s. Without .device-deps it stops in its first second and says how to fix it.
 #
@@ -194,6 +197,20 @@ do_sanitize() {
   ENGINE_CUDA_SYNC=1 "$cs" --tool memcheck --error-exitcode 3 "$BUILD/cuda_tests"
 }
 
+# BENCH_PREBUILT=DIR (made by build-device-bin.sh, carried): its binaries go into $BUILD and
+# the build step is skipped, unless they cannot load here (then the step builds as usual).
+# DIR/lib (libgomp) goes last on the library path: the system's own copy wins.
+use_prebuilt() {
+  local dir=${BENCH_PREBUILT:-}
+  [ -n "$dir" ] && [ -x "$dir/llm-engine" ] && [ -x "$dir/cuda_tests" ] || return 1
+  mkdir -p "$BUILD" && cp "$dir/llm-engine" "$dir/cuda_tests" "$dir/engine_tests" "$BUILD/" || return 1
+  if ldd "$BUILD/llm-engine" "$BUILD/cuda_tests" | grep -q "not found" && [ -d "$dir/lib" ]; then
+    export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$(cd "$dir/lib" && pwd)"
+  fi
+  if ldd "$BUILD/llm-engine" "$BUILD/cuda_tests" | grep "not found"; then return 1; fi
+  log "build: prebuilt binaries from $dir (commit $(cat "$dir/COMMIT" 2>/dev/null || echo unknown))"
+}
+
 export -f do_build find_cmake do_tests do_sanitize
 export BUILD JOBS HERE BENCH_CUDA="${BENCH_CUDA:-ON}"
 
@@ -206,7 +223,9 @@ EARGS=(--engine-arg=--gpu-memory-utilization="$GPU_UTIL" --engine-arg=--max-num-
 step() {
   case "$1" in
     gpu) run_step gpu 20 60 python3 $HERE/gpuinfo.py --measure --out "$W/results/gpu.json" ;;
-    build) run_step build 60 360 do_build; cp "$W/logs/build.log" "$OUT/build.log" 2>/dev/null ;;
+    build)
+      if use_prebuilt; then record build prebuilt 0 0 "${BENCH_PREBUILT}"; return 0; fi
+      run_step build 60 360 do_build; cp "$W/logs/build.log" "$OUT/build.log" 2>/dev/null ;;
     cuda_tests) run_step cuda_tests 20 120 do_tests ;;
     sanitize) run_step sanitize 30 300 do_sanitize ;;
     parity_engines) run_step parity_engines 30 120 python3 $HERE/parity.py engines --engine "$ENGINE" --device "$DEV" \
