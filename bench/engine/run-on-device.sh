@@ -248,12 +248,12 @@ step() {
       --device "$DEV" "${EARGS[@]}" --engine-arg=--max-model-len=4096 --workload nano --max-num-batched-tokens 8192 \
       --max-num-seqs 256 --log "$W/logs/engine-w2.log" --out "$W/results/w2_engine.json" ;;
     w2_hf) run_step w2_hf 60 200 python3 $HERE/hf_bench.py --model "$MODELS/qwen3-0.6b" --workload nano \
-      --compile "${BENCH_HF_COMPILE:-auto}" --out "$W/results/w2_hf.json" ;;
+      --compile "${BENCH_HF_COMPILE:-off}" --out "$W/results/w2_hf.json" ;;
     w3_engine) run_step w3_engine 60 240 python3 $HERE/driver.py --engine "$ENGINE" --model "$MODELS/llama-3.1-8b" \
       --device "$DEV" "${EARGS[@]}" --engine-arg=--max-model-len=4096 --workload sharegpt --num-seqs 1000 \
       --max-num-batched-tokens 8192 --max-num-seqs 256 --log "$W/logs/engine-w3.log" --out "$W/results/w3_engine.json" ;;
     w3_hf) run_step w3_hf 60 200 python3 $HERE/hf_bench.py --model "$MODELS/llama-3.1-8b" --workload sharegpt \
-      --num-seqs 1000 --compile "${BENCH_HF_COMPILE:-auto}" --out "$W/results/w3_hf.json" ;;
+      --num-seqs 1000 --compile "${BENCH_HF_COMPILE:-off}" --out "$W/results/w3_hf.json" ;;
     *) log "unknown step $1"; record "$1" unknown null 0 ;;
   esac
 }
