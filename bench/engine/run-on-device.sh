@@ -182,7 +182,12 @@ do_build() {
 
 do_tests() {
   local rc=0
-  if [ -x "$BUILD/cuda_tests" ]; then "$BUILD/cuda_tests" || rc=$?; else echo "no $BUILD/cuda_tests"; rc=1; fi
+  if [ -x "$BUILD/cuda_tests" ]; then
+    "$BUILD/cuda_tests" || rc=$?
+    # Again with the decode GEMV on (ENGINE_CUDA_GEMV=1), for its end-to-end cases.
+    echo "== cuda_tests with ENGINE_CUDA_GEMV=1"
+    ENGINE_CUDA_GEMV=1 "$BUILD/cuda_tests" || rc=$?
+  else echo "no $BUILD/cuda_tests"; rc=1; fi
   echo "== engine_tests (CPU)"
   OMP_NUM_THREADS=8 "$BUILD/engine_tests" || rc=$?
   return $rc
@@ -226,7 +231,7 @@ step() {
     build)
       if use_prebuilt; then record build prebuilt 0 0 "${BENCH_PREBUILT}"; return 0; fi
       run_step build 60 360 do_build; cp "$W/logs/build.log" "$OUT/build.log" 2>/dev/null ;;
-    cuda_tests) run_step cuda_tests 20 120 do_tests ;;
+    cuda_tests) run_step cuda_tests 20 240 do_tests ;;
     sanitize) run_step sanitize 30 300 do_sanitize ;;
     parity_engines) run_step parity_engines 30 120 python3 $HERE/parity.py engines --engine "$ENGINE" --device "$DEV" \
       --ref-device cpu --models "$MODELS" --gpu-util 0.3 --log "$W/logs/engine-parity.log" --out "$W/results/parity_engines.json" ;;

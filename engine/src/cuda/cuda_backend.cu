@@ -19,6 +19,7 @@
 #include "cuda/common.cuh"
 #include "cuda/cublas_lib.h"
 #include "cuda/elementwise.cuh"
+#include "cuda/gemv.cuh"
 #include "cuda/graph_buckets.h"
 #include "cuda/rope_kv.cuh"
 #include "cuda/sampling.cuh"
@@ -116,6 +117,13 @@ struct CudaBackend::Impl {
   ~Impl();
   void upload_weights(ModelWeights& w, const TensorStore* store);
   void alloc_workspaces();
+  // C[M, N] (f32) = alpha · A[M, K] · W[N, K]^T + beta · C, A and W bf16: gemv_nt for
+  // decode-sized M when ENGINE_CUDA_GEMV=1 and the shape fits, else cuBLAS.
+  void matmul(int M, int N, int K, const bf16* A, int lda, const bf16* W, int ldw, float* C, int ldc,
+              float alpha = 1.0f, float beta = 0.0f) {
+    if (gemv_enabled() && gemv_fits(M, K, A, lda, W, ldw)) return gemv_nt(M, N, K, A, lda, W, ldw, C, ldc, alpha, beta, stream);
+    blas->gemm_nt(M, N, K, A, lda, W, ldw, C, CUDA_R_32F, ldc, alpha, beta);
+  }
   void ensure_input_capacity(size_t bytes);
   void destroy_graphs();
   int choose_splits(int n_items, int T) const;
@@ -483,17 +491,17 @@ void CudaBackend::Impl::enqueue_layers(const Prepared& P, bool want_f32_hidden) 
     bf16* kc = d_kv + (size_t)l * 2 * layer_kv;
     bf16* vc = kc + layer_kv;
     rmsnorm(x, nullptr, nullptr, w.input_norm, xn, nullptr, T, hid, eps, stream);
-    blas->gemm_nt(T, qkv_dim, hid, xn, hid, w.wqkv, hid, qkv, CUDA_R_32F, qkv_dim);
+    matmul(T, qkv_dim, hid, xn, hid, w.wqkv, hid, qkv, qkv_dim);
     qkv_rope_kv(qkv, w.bqkv, w.q_norm, w.k_norm, cos_t, sin_t, in_ptr<int32_t>(P.lay.slots), q, kc, vc, T, H, KV, D,
                 eps, stream);
     ap.k_cache = kc;
     ap.v_cache = vc;
     paged_attention(ap, P.n_items, T, D, part_rows, stream);
-    blas->gemm_nt(T, hid, H * D, attn, H * D, w.wo, H * D, x, CUDA_R_32F, hid, 1.0f, 1.0f);
+    matmul(T, hid, H * D, attn, H * D, w.wo, H * D, x, hid, 1.0f, 1.0f);
     rmsnorm(x, nullptr, nullptr, w.post_norm, xn, nullptr, T, hid, eps, stream);
-    blas->gemm_nt(T, 2 * I, hid, xn, hid, w.w_gate_up, hid, gu, CUDA_R_32F, 2 * I);
+    matmul(T, 2 * I, hid, xn, hid, w.w_gate_up, hid, gu, 2 * I);
     swiglu(gu, act, T, I, stream);
-    blas->gemm_nt(T, hid, I, act, I, w.w_down, I, x, CUDA_R_32F, hid, 1.0f, 1.0f);
+    matmul(T, hid, I, act, I, w.w_down, I, x, hid, 1.0f, 1.0f);
   }
   rmsnorm(x, nullptr, in_ptr<int32_t>(P.lay.out_idx), final_norm, hsel, want_f32_hidden ? hsel_f32 : nullptr,
           P.n_out, hid, eps, stream);
@@ -503,7 +511,7 @@ void CudaBackend::Impl::enqueue_sampling(const Prepared& P) {
   const SampleParam* prm = in_ptr<SampleParam>(P.lay.params);
   for (int r0 = 0; r0 < P.n_out; r0 += kLogitRows) {
     const int rows = std::min(kLogitRows, P.n_out - r0);
-    blas->gemm_nt(rows, V, hid, hsel + (size_t)r0 * hid, hid, lm_head, hid, logits, CUDA_R_32F, V);
+    matmul(rows, V, hid, hsel + (size_t)r0 * hid, hid, lm_head, hid, logits, V);
     sample_rows(logits, rows, V, prm + r0, d_tok + r0, d_lp + r0, stream);
   }
 }
@@ -554,7 +562,7 @@ void CudaBackend::lm_head(const float* hidden, int64_t rows, float* logits) {
     const int n = (int)std::min(cap, rows - r0);
     CUDA_CHECK(cudaMemcpyAsync(m.hsel_f32, hidden + r0 * m.hid, (size_t)n * m.hid * 4, cudaMemcpyHostToDevice, m.stream));
     f32_to_bf16(m.hsel_f32, m.hsel, (int64_t)n * m.hid, m.stream);
-    m.blas->gemm_nt(n, m.V, m.hid, m.hsel, m.hid, m.lm_head, m.hid, m.logits, CUDA_R_32F, m.V);
+    m.matmul(n, m.V, m.hid, m.hsel, m.hid, m.lm_head, m.hid, m.logits, m.V);
     CUDA_CHECK(cudaMemcpyAsync(logits + r0 * m.V, m.logits, (size_t)n * m.V * 4, cudaMemcpyDeviceToHost, m.stream));
     CUDA_CHECK(cudaStreamSynchronize(m.stream));
   }

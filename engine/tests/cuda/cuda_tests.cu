@@ -31,7 +31,9 @@
 #include "cuda/attention.cuh"
 #include "cuda/common.cuh"
 #include "cuda/cuda_backend.h"
+#include "cuda/cublas_lib.h"
 #include "cuda/elementwise.cuh"
+#include "cuda/gemv.cuh"
 #include "cuda/rope_kv.cuh"
 #include "cuda/sampling.cuh"
 #include "sampler.h"
@@ -218,6 +220,48 @@ void test_swiglu() {
     }
   const double e = tol_ratio(from_bf16(dact.get()), ref, 1e-3, 8e-3);
   report("swiglu T=64 I=2048", e <= 1, fmt("err/tol=%.3g", e));
+}
+
+// Small-batch product C = alpha·A·W^T + beta·C (A, W bf16; C f32) against an f64 reference on
+// the same bf16 inputs: f32 accumulation over K, so atol 1e-3 and rtol 1e-4 of a sum of
+// magnitude ~sqrt(K)/3 (an indexing error is off by O(1)). With `time_it`, cuBLAS's gemm_nt on
+// the same product beside it, and both achieved bandwidths (W's bytes, read once).
+void test_gemv(int T, int N, int K, float beta, bool time_it) {
+  std::vector<float> a((size_t)T * K), w((size_t)N * K), c0((size_t)T * N);
+  for (auto& v : a) v = bf(urand(-1, 1));
+  for (auto& v : w) v = bf(urand(-1, 1));
+  for (auto& v : c0) v = urand(-4, 4);
+  DBuf<bf16> da(a.size()), dw(w.size());
+  DBuf<float> dc(c0.size());
+  da.put(to_bf16(a));
+  dw.put(to_bf16(w));
+  dc.put(c0);
+  const float alpha = 0.5f;
+  gemv_nt(T, N, K, da.p, K, dw.p, K, dc.p, N, alpha, beta, 0);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> ref(c0.size());
+  for (int t = 0; t < T; t++)
+    for (int n = 0; n < N; n++) {
+      double s = 0;
+      for (int k = 0; k < K; k++) s += (double)a[(size_t)t * K + k] * w[(size_t)n * K + k];
+      ref[(size_t)t * N + n] = alpha * s + (beta == 0.f ? 0.0 : (double)beta * c0[(size_t)t * N + n]);
+    }
+  const double e = tol_ratio(dc.get(), ref, 1e-3, 1e-4);
+  std::string extra = fmt("err/tol=%.3g", e);
+  if (time_it) {
+    const double bytes = (double)N * K * 2;
+    const double ms = time_ms([&] { gemv_nt(T, N, K, da.p, K, dw.p, K, dc.p, N, 1.0f, 0.0f, 0); });
+    extra += fmt("  gemv %.3f ms %.1f GB/s", ms, bytes / ms / 1e6);
+    void* ws = nullptr;
+    CUDA_CHECK(cudaMalloc(&ws, 32u << 20));
+    {
+      Cublas blas(nullptr, ws, 32u << 20);
+      const double ms_blas = time_ms([&] { blas.gemm_nt(T, N, K, da.p, K, dw.p, K, dc.p, CUDA_R_32F, N); });
+      extra += fmt("  cuBLAS %.3f ms %.1f GB/s", ms_blas, bytes / ms_blas / 1e6);
+    }
+    cudaFree(ws);
+  }
+  report(fmt("gemv T=%.0f N=%.0f K=%.0f", T, N, K) + (beta == 0.f ? "" : " beta=1"), e <= 1, extra);
 }
 
 // qkv post-processing: bias, QK-norm, RoPE, q -> bf16, K/V -> paged cache.
@@ -628,6 +672,12 @@ int main() {
   guard("embedding", test_embedding);
   guard("rmsnorm", test_rmsnorm);
   guard("swiglu", test_swiglu);
+  guard("gemv", [] { test_gemv(1, 1000, 512, 0.f, false); });
+  guard("gemv", [] { test_gemv(3, 333, 1032, 1.f, false); });
+  guard("gemv", [] { test_gemv(8, 4100, 4096, 1.f, false); });
+  guard("gemv", [] { test_gemv(1, 28672, 4096, 0.f, true); });   // Llama-3.1-8B gate_up, batch 1
+  guard("gemv", [] { test_gemv(8, 28672, 4096, 0.f, true); });
+  guard("gemv", [] { test_gemv(1, 4096, 14336, 0.f, true); });   // its down projection
   guard("qkv_rope_kv", [] { test_qkv_rope_kv(true, false, 128); });
   guard("qkv_rope_kv", [] { test_qkv_rope_kv(false, true, 64); });
   guard("qkv_rope_kv", [] { test_qkv_rope_kv(true, true, 32); });
