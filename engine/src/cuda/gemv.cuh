@@ -3,9 +3,9 @@
 // A decode step of a few sequences reads every weight once and does 2·T flops per weight
 // byte pair, so it is bound by HBM bandwidth alone. cuBLAS reached 58 % of the H200's on the
 // Llama-3.1-8B shape at batch 1 (bench/results/engine-h200-2026-12-04.json); this kernel is
-// the usual GEMV layout (one warp per output column, 16-byte loads along K, a warp reduction
-// at the end), as in llm.c's and vLLM's small-batch paths. Off by default until a device run
-// has passed cuda_tests with it (ENGINE_CUDA_GEMV=1 turns it on, see gemv_enabled).
+// the plain bandwidth-bound GEMV layout: one warp per output column, 16-byte loads along K,
+// a warp reduction at the end. Off by default until a device run has passed cuda_tests with
+// it (ENGINE_CUDA_GEMV=1 turns it on, see gemv_enabled).
 #pragma once
 
 #include <cstdint>
