@@ -81,6 +81,20 @@ const CHATML_TEMPLATE =
   "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}" +
   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 
+/**
+ * Frees a BPE tokenizer's merge list once the library has built its rank map from it: only
+ * the constructor reads it (@huggingface/tokenizers 0.2.0, `BPE`), yet the library keeps it
+ * twice (its model's `merges` and the tokenizer.json it holds), ~150 k two-string arrays for
+ * Qwen3, which every major GC of a serving process marks again.
+ */
+const dropMergeList = (tokenizer: object, tokenizerJson: unknown) => {
+  const model = (tokenizer as { model?: { merges?: unknown; bpe_ranks?: unknown } }).model
+  if (model === undefined || !(model.bpe_ranks instanceof Map) || !Array.isArray(model.merges)) return
+  model.merges = []
+  const json = (tokenizerJson as { model?: { merges?: unknown } } | null)?.model
+  if (json !== undefined && Array.isArray(json.merges)) json.merges = []
+}
+
 /** Loads `tokenizer.json` and `tokenizer_config.json` from a Hugging Face model directory. */
 export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageError> =>
   Effect.gen(function*() {
@@ -95,6 +109,7 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
       Effect.mapError((e) => new StorageError({ message: `bad tokenizer_config.json: ${e.message}` }))
     )
     const tokenizer = new HfTokenizer(tokenizerJson as object, rawConfig as object)
+    dropMergeList(tokenizer, tokenizerJson)
     const source = config.chat_template === undefined
       ? CHATML_TEMPLATE
       : typeof config.chat_template === "string"
