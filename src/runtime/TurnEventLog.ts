@@ -49,14 +49,21 @@ const LIVE_TTL_RENEW_MS = (LIVE_TTL_S * 1000) / 4
 /**
  * Appends ARGV[i] to stream KEYS[i] (field `e`, trimmed to ~100,000 entries), then sets its
  * TTL to ARGV[n + i] seconds where that is not 0, for i = 1..n (n = #KEYS, a key may repeat).
+ * Each command is a `pcall`: one that fails (a key of another type) loses its own event, not
+ * the rest of the call. @returns the number of failed commands.
  */
 const APPEND_SCRIPT = `local n = #KEYS
+local failed = 0
 for i = 1, n do
-  redis.call('XADD', KEYS[i], 'MAXLEN', '~', 100000, '*', 'e', ARGV[i])
+  local r = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', 100000, '*', 'e', ARGV[i])
+  if type(r) == 'table' and r.err then failed = failed + 1 end
   local ttl = tonumber(ARGV[n + i])
-  if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+  if ttl > 0 then
+    r = redis.pcall('EXPIRE', KEYS[i], ttl)
+    if type(r) == 'table' and r.err then failed = failed + 1 end
+  end
 end
-return n`
+return failed`
 /** Events per script call: a call holds Redis for its length (~1 µs an event). */
 const MAX_EVENTS_PER_CALL = 4096
 /** A follower that sees nothing for this long ends with `stream_stalled`. */
@@ -290,24 +297,24 @@ export const layerRedis = (url: string, prefix: string) =>
 
       // One script call per tick (not a pipeline of one XADD per event): a GPU runner appends
       // an event for every running turn after each engine step, and a Command object per
-      // event was a sixth of its CPU time at 512 streams. ioredis sends EVALSHA and falls
-      // back to EVAL when Redis lost the script (a restart).
-      redis.defineCommand("appendTurnEvents", { lua: APPEND_SCRIPT })
-      const append = redis as unknown as {
-        appendTurnEvents: (numKeys: number, ...args: Array<string | number>) => Promise<unknown>
-      }
+      // event was a sixth of its CPU time at 512 streams. EVAL, not EVALSHA: a retry after
+      // NOSCRIPT could land behind the next tick's call, out of order.
+      const appendEvents = (keys: Array<string>, args: Array<string | number>) =>
+        redis.eval(APPEND_SCRIPT, keys.length, ...keys, ...args) as Promise<number>
       let pending: Array<{ readonly key: string; readonly event: LoggedEvent }> = []
       const flush = () => {
         const batch = pending
         pending = []
         if (redis.status !== "ready") return
         const now = Date.now()
+        // Keys whose terminal event is in this batch: a later event of theirs (a failover's
+        // start) must not lift the ended turn's TTL back to an hour.
+        const ended = new Set<string>()
         for (let from = 0; from < batch.length; from += MAX_EVENTS_PER_CALL) {
           const part = batch.slice(from, from + MAX_EVENTS_PER_CALL)
           const keys: Array<string> = []
           const events: Array<string> = []
           const ttls: Array<number> = []
-          const renewed = new Set<string>()
           for (const { event, key } of part) {
             keys.push(key)
             events.push(encode(event))
@@ -315,15 +322,16 @@ export const layerRedis = (url: string, prefix: string) =>
             if (isTerminal(event)) {
               ttl = ENDED_TTL_S
               ttlSetAt.delete(key)
-            } else if (!renewed.has(key) && now - (ttlSetAt.get(key) ?? -Infinity) >= LIVE_TTL_RENEW_MS) {
+              ended.add(key)
+            } else if (!ended.has(key) && now - (ttlSetAt.get(key) ?? -Infinity) >= LIVE_TTL_RENEW_MS) {
               ttl = LIVE_TTL_S
               ttlSetAt.set(key, now)
-              renewed.add(key)
             }
             ttls.push(ttl)
           }
-          // A failed call may have left keys without a TTL: every live turn renews it next time.
-          append.appendTurnEvents(keys.length, ...keys, ...events, ...ttls).catch(() => ttlSetAt.clear())
+          // A failed call or command may have left keys without a TTL: every live turn renews
+          // it next time.
+          appendEvents(keys, [...events, ...ttls]).then((failed) => failed > 0 && ttlSetAt.clear(), () => ttlSetAt.clear())
         }
       }
 

@@ -66,6 +66,30 @@ describe("TurnEventLog (Redis)", () => {
       expect((yield* log.read(turnId)).map((e) => e.index)).toEqual([0, 1, 2, 3, 4])
       expect(yield* log.follow(turnId, 4)).toEqual({ _tag: "Ended" })
     }))
+
+  it.scopedLive("one turn whose key cannot take an event loses only its own: the other turns of the tick are logged, with their TTLs", () =>
+    Effect.gen(function*() {
+      const prefix = `test:${randomUUID()}:`
+      const log = yield* Effect.provide(TurnEventLog.TurnEventLog, TurnEventLog.layerRedis(redisUrl, prefix))
+      const redis = new Redis(redisUrl)
+      yield* Effect.addFinalizer(() => Effect.promise(() => redis.quit()))
+      const [a, broken, b] = [0, 1, 2].map(() => TurnId.make(`turn_${randomUUID()}`))
+      // A key of another type: XADD on it fails (WRONGTYPE).
+      yield* Effect.promise(() => redis.set(`${prefix}turn:${broken}`, "not a stream", "EX", 60))
+      yield* Effect.sleep("100 millis") // connected
+      // One tick: a's event, then the broken turn's, then b's.
+      log.append(a!, token(0, "a"))
+      log.append(broken!, token(0, "x"))
+      log.append(b!, token(0, "b"))
+      const deadline = Date.now() + 5000
+      while ((yield* Effect.promise(() => redis.exists(`${prefix}turn:${b}`))) === 0 && Date.now() < deadline) {
+        yield* Effect.sleep(Duration.millis(10))
+      }
+      expect((yield* log.read(a!)).map((e) => e.index)).toEqual([0])
+      expect((yield* log.read(b!)).map((e) => e.index)).toEqual([0])
+      expect(yield* Effect.promise(() => redis.ttl(`${prefix}turn:${b}`))).toBeGreaterThan(3000)
+      expect(yield* Effect.promise(() => redis.type(`${prefix}turn:${broken}`))).toBe("string")
+    }))
 })
 
 describe("TurnEventLog (in memory, the one-runner deployment)", () => {
