@@ -252,14 +252,10 @@ void test_gemv(int T, int N, int K, float beta, bool time_it) {
     const double bytes = (double)N * K * 2;
     const double ms = time_ms([&] { gemv_nt(T, N, K, da.p, K, dw.p, K, dc.p, N, 1.0f, 0.0f, 0); });
     extra += fmt("  gemv %.3f ms %.1f GB/s", ms, bytes / ms / 1e6);
-    void* ws = nullptr;
-    CUDA_CHECK(cudaMalloc(&ws, 32u << 20));
-    {
-      Cublas blas(nullptr, ws, 32u << 20);
-      const double ms_blas = time_ms([&] { blas.gemm_nt(T, N, K, da.p, K, dw.p, K, dc.p, CUDA_R_32F, N); });
-      extra += fmt("  cuBLAS %.3f ms %.1f GB/s", ms_blas, bytes / ms_blas / 1e6);
-    }
-    cudaFree(ws);
+    DBuf<char> ws(32u << 20);  // freed even when cuBLAS cannot be loaded (throws)
+    Cublas blas(nullptr, ws.p, ws.n);
+    const double ms_blas = time_ms([&] { blas.gemm_nt(T, N, K, da.p, K, dw.p, K, dc.p, CUDA_R_32F, N); });
+    extra += fmt("  cuBLAS %.3f ms %.1f GB/s", ms_blas, bytes / ms_blas / 1e6);
   }
   report(fmt("gemv T=%.0f N=%.0f K=%.0f", T, N, K) + (beta == 0.f ? "" : " beta=1"), e <= 1, extra);
 }
