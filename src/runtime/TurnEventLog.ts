@@ -299,8 +299,8 @@ export const layerRedis = (url: string, prefix: string) =>
       // an event for every running turn after each engine step, and a Command object per
       // event was a sixth of its CPU time at 512 streams. EVAL, not EVALSHA: a retry after
       // NOSCRIPT could land behind the next tick's call, out of order.
-      const appendEvents = (keys: Array<string>, args: Array<string | number>) =>
-        redis.eval(APPEND_SCRIPT, keys.length, ...keys, ...args) as Promise<number>
+      const appendEvents = (numKeys: number, args: Array<string | number>) =>
+        redis.eval(APPEND_SCRIPT, numKeys, ...args) as Promise<number>
       let pending: Array<{ readonly key: string; readonly event: LoggedEvent }> = []
       const flush = () => {
         const batch = pending
@@ -311,13 +311,11 @@ export const layerRedis = (url: string, prefix: string) =>
         // start) must not lift the ended turn's TTL back to an hour.
         const ended = new Set<string>()
         for (let from = 0; from < batch.length; from += MAX_EVENTS_PER_CALL) {
-          const part = batch.slice(from, from + MAX_EVENTS_PER_CALL)
-          const keys: Array<string> = []
-          const events: Array<string> = []
-          const ttls: Array<number> = []
-          for (const { event, key } of part) {
-            keys.push(key)
-            events.push(encode(event))
+          const n = Math.min(MAX_EVENTS_PER_CALL, batch.length - from)
+          // The script's arguments in place: n keys, then n events, then n TTLs.
+          const args = new Array<string | number>(3 * n)
+          for (let i = 0; i < n; i++) {
+            const { event, key } = batch[from + i]!
             let ttl = 0
             if (isTerminal(event)) {
               ttl = ENDED_TTL_S
@@ -327,11 +325,13 @@ export const layerRedis = (url: string, prefix: string) =>
               ttl = LIVE_TTL_S
               ttlSetAt.set(key, now)
             }
-            ttls.push(ttl)
+            args[i] = key
+            args[n + i] = encode(event)
+            args[2 * n + i] = ttl
           }
           // A failed call or command may have left keys without a TTL: every live turn renews
           // it next time.
-          appendEvents(keys, [...events, ...ttls]).then((failed) => failed > 0 && ttlSetAt.clear(), () => ttlSetAt.clear())
+          appendEvents(n, args).then((failed) => failed > 0 && ttlSetAt.clear(), () => ttlSetAt.clear())
         }
       }
 

@@ -14,13 +14,19 @@ const redisUrl = process.env["REDIS_URL"] ?? "redis://127.0.0.1:6379"
 
 const token = (index: number, text: string): TurnEventLog.LoggedEvent => ({ index, kind: "token", text, ids: [index] })
 
+/** A log under a key prefix of its own, and a client of the same Redis to look at it (both closed with the scope). */
+const redisLog = Effect.gen(function*() {
+  const prefix = `test:${randomUUID()}:`
+  const log = yield* Effect.provide(TurnEventLog.TurnEventLog, TurnEventLog.layerRedis(redisUrl, prefix))
+  const redis = new Redis(redisUrl)
+  yield* Effect.addFinalizer(() => Effect.promise(() => redis.quit()))
+  return { log, prefix, redis }
+})
+
 describe("TurnEventLog (Redis)", () => {
   it.scopedLive("reads and follows a turn's events; its TTL is set when it starts and when it ends, not per event", () =>
     Effect.gen(function*() {
-      const prefix = `test:${randomUUID()}:`
-      const log = yield* Effect.provide(TurnEventLog.TurnEventLog, TurnEventLog.layerRedis(redisUrl, prefix))
-      const redis = new Redis(redisUrl)
-      yield* Effect.addFinalizer(() => Effect.promise(() => redis.quit()))
+      const { log, prefix, redis } = yield* redisLog
       const turnId = TurnId.make(`turn_${randomUUID()}`)
       const key = `${prefix}turn:${turnId}`
       const logged = (n: number) =>
@@ -69,10 +75,7 @@ describe("TurnEventLog (Redis)", () => {
 
   it.scopedLive("one turn whose key cannot take an event loses only its own: the other turns of the tick are logged, with their TTLs", () =>
     Effect.gen(function*() {
-      const prefix = `test:${randomUUID()}:`
-      const log = yield* Effect.provide(TurnEventLog.TurnEventLog, TurnEventLog.layerRedis(redisUrl, prefix))
-      const redis = new Redis(redisUrl)
-      yield* Effect.addFinalizer(() => Effect.promise(() => redis.quit()))
+      const { log, prefix, redis } = yield* redisLog
       const [a, broken, b] = [0, 1, 2].map(() => TurnId.make(`turn_${randomUUID()}`))
       // A key of another type: XADD on it fails (WRONGTYPE).
       yield* Effect.promise(() => redis.set(`${prefix}turn:${broken}`, "not a stream", "EX", 60))
