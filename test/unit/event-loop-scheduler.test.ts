@@ -28,11 +28,14 @@ const stepsBeforeImmediate = (program: <A>(self: Effect.Effect<A>) => Effect.Eff
     )
   })
 
-/** `numFibers` fibers at once, each `numSteps` busy steps of 1 ms with a yield after each. */
-const busyFibers = (numFibers: number, numSteps: number) =>
+/** `numFibers` fibers at once, each `numSteps` busy steps of 1 ms with a yield after each; `onStep` after each step. */
+const busyFibers = (numFibers: number, numSteps: number, onStep: () => void = () => {}) =>
   Effect.forEach(
     Array.from({ length: numFibers }),
-    () => Effect.forEach(Array.from({ length: numSteps }), () => Effect.zipRight(Effect.sync(() => busyMs(1)), Effect.yieldNow()), { discard: true }),
+    () =>
+      Effect.forEach(Array.from({ length: numSteps }), () => Effect.zipRight(Effect.sync(() => (busyMs(1), onStep())), Effect.yieldNow()), {
+        discard: true
+      }),
     { concurrency: "unbounded", discard: true }
   )
 
@@ -53,27 +56,28 @@ const busyIoTurns = () => {
 }
 
 /**
- * The longest time (ms) between two turns of the event loop while `numFibers` fibers each run
- * `numSteps` busy steps of 1 ms with a yield after each: a chain of setImmediate callbacks
- * measures the gaps.
+ * The most busy steps (1 ms each) that ran between two turns of the event loop while
+ * `numFibers` fibers each run `numSteps` of them with a yield after each: a chain of
+ * setImmediate callbacks marks the turns. Counted in steps, not milliseconds, so that a
+ * preempted or collecting test process cannot fail it (a budget measured in time only ever runs
+ * fewer steps when the process is slowed).
  */
-const longestLoopGapMs = (program: <A>(self: Effect.Effect<A>) => Effect.Effect<A>, numFibers: number, numSteps: number) =>
+const mostStepsInOneLoopTurn = (program: <A>(self: Effect.Effect<A>) => Effect.Effect<A>, numFibers: number, numSteps: number) =>
   new Promise<number>((resolve) => {
-    let last = performance.now()
-    let longest = 0
+    let steps = 0
+    let most = 0
     let running = true
     const probe = () => {
-      const now = performance.now()
-      longest = Math.max(longest, now - last)
-      last = now
+      most = Math.max(most, steps)
+      steps = 0
       if (running) setImmediate(probe)
     }
     setImmediate(probe)
     Effect.runFork(
-      program(busyFibers(numFibers, numSteps)).pipe(
+      program(busyFibers(numFibers, numSteps, () => steps++)).pipe(
         Effect.tap(() => {
           running = false
-          resolve(Math.max(longest, performance.now() - last))
+          resolve(Math.max(most, steps))
         })
       )
     )
@@ -83,8 +87,9 @@ describe("EventLoopScheduler", () => {
   it("holds the loop for about its check-phase budget however many fibers wait (Effect's default runs them all in one check phase)", async () => {
     // 40 fibers × 3 steps of 1 ms: the default scheduler holds the loop throughout (microtasks),
     // and where its per-fiber run queues fall back to setImmediate, one check phase runs them all.
-    expect(await longestLoopGapMs((self) => self, 40, 3)).toBeGreaterThan(30)
-    expect(await longestLoopGapMs(Effect.withScheduler(new EventLoopScheduler(2, 6)), 40, 3)).toBeLessThan(15)
+    // A slice of 2 ms and a check-phase budget of 6 ms let at most ~10 steps of 1 ms run per turn.
+    expect(await mostStepsInOneLoopTurn((self) => self, 40, 3)).toBeGreaterThan(30)
+    expect(await mostStepsInOneLoopTurn(Effect.withScheduler(new EventLoopScheduler(2, 6)), 40, 3)).toBeLessThan(15)
   })
 
   it("runs a task that has waited maxWaitMs whatever the budget, so busy I/O cannot starve fibers", async () => {
