@@ -13,6 +13,10 @@
  * fresh database and fresh processes: on a 2-core machine one pair's ratio varies by ±0.1
  * from run to run. The record then gives every round, and the median ratio and TTFT p99
  * delta; `one_process` and `cluster` are the round whose ratio is the median.
+ *
+ * `--only cluster` (or `--only one-process`) measures that system alone, K times, and prints
+ * each run's figures without writing a record: for A/B runs of one system (a node flag through
+ * BENCH_SERVICE_NODE_ARGS, a change), where the pair's ratio would add the other's noise.
  */
 import { execFileSync } from "node:child_process"
 import { mkdtempSync, writeFileSync } from "node:fs"
@@ -26,12 +30,17 @@ import { REPO_ROOT, startService } from "./processes.js"
 import { Progress } from "./progress.js"
 import { round, summarize as percentiles } from "./stats.js"
 import { SHAREGPT_LIKE } from "./workload.js"
-import { numberArg, provenance } from "./provenance.js"
+import { listArg, numberArg, provenance } from "./provenance.js"
 
 const numStreams = numberArg("streams", 512)
 const warmupMs = numberArg("warmup", 10) * 1000
 const durationMs = numberArg("duration", 20) * 1000
 const numRounds = numberArg("rounds", 1)
+const only = listArg("only", [])[0]
+if (only !== undefined && only !== "cluster" && only !== "one-process") {
+  console.error(`--only ${only}: expected cluster or one-process`)
+  process.exit(2)
+}
 const serverUrl = process.env["DATABASE_URL"] ?? "postgres://postgres@127.0.0.1:5432/test"
 const progress = new Progress()
 
@@ -138,6 +147,13 @@ const median = (xs: ReadonlyArray<number>) => percentiles([...xs]).p50
 const main = async () => {
   execFileSync("npm", ["run", "build", "--silent"], { cwd: REPO_ROOT, stdio: "inherit" })
   writeFileSync(path.join(REPO_ROOT, "bench/results/scratch-cluster-runners.log"), "")
+  if (only !== undefined) {
+    const runs: Array<Measured> = []
+    for (let k = 0; k < numRounds; k++) runs.push(only === "cluster" ? await measureCluster() : await measureOneProcess())
+    const rates = runs.map((r) => r.output_tok_per_s)
+    console.log(JSON.stringify({ system: only, output_tok_per_s: rates, median_output_tok_per_s: median(rates), runs }, null, 2))
+    process.exit(0)
+  }
   const rounds: Array<{ one_process: Measured; cluster: Measured; output_tok_per_s_ratio: number; ttft_p99_delta_ms: number }> = []
   for (let k = 0; k < numRounds; k++) {
     let oneProcess: Measured
