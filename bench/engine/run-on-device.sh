@@ -19,11 +19,13 @@
 #   parity_hf      transformers vs the CUDA engine (logits, bf16 and f32)
 #   models_real    random bf16 checkpoints of the real Llama-3.1-8B and Qwen3-0.6B shapes
 #   decode_qwen3 / decode_llama8b   batch-1 decode tok/s and MBU at context 512 and 4096
+#   decode_llama8b_gemv             the same for Llama-3.1-8B with ENGINE_CUDA_GEMV=1 (the decode
+#                                   GEMV instead of cuBLAS for products of <= 8 rows): the A/B
 #   w2_engine / w2_hf               nano-vllm workload (Qwen3-0.6B): our engine, HF generate
 #   w3_engine      1000 ShareGPT-like requests on Llama-3.1-8B (w3_hf only with BENCH_HF_LLAMA=1)
 #   summary        $OUT/summary.json (+ $OUT/logs.txt)
 # Phases: check = gpu build cuda_tests parity_engines parity_hf;
-#         bench = gpu build models_real decode_qwen3 decode_llama8b w2_engine w2_hf w3_engine;
+#         bench = gpu build models_real decode_qwen3 decode_llama8b decode_llama8b_gemv w2_engine w2_hf w3_engine;
 #         all = both (too long for one call). The whole run stops starting steps at BENCH_BUDGET_S (570 s)
 #         after its start: a step that does not fit is recorded as skipped, a long one is cut
 #         (the throughput drivers then report a labelled partial result).
@@ -239,14 +241,15 @@ step() {
       --models "$MODELS" --gpu-util 0.3 --log "$W/logs/engine-parity-hf.log" --out "$W/results/parity_hf.json" ;;
     models_real) run_step models_real 60 240 sh -c "python3 $HERE/models.py real qwen3-0.6b '$MODELS/qwen3-0.6b' && \
       python3 $HERE/models.py real llama-3.1-8b '$MODELS/llama-3.1-8b'" ;;
-    decode_qwen3|decode_llama8b)
-      local m=qwen3-0.6b
-      [ "$1" = decode_llama8b ] && m=llama-3.1-8b
+    decode_qwen3|decode_llama8b|decode_llama8b_gemv)
+      local m=qwen3-0.6b on=()
+      [ "$1" != decode_qwen3 ] && m=llama-3.1-8b
+      [ "$1" = decode_llama8b_gemv ] && on=(ENGINE_CUDA_GEMV=1)
       local bw cbw extra=()
       bw=$(peak_bw); cbw=$(copy_bw)
       [ -n "$bw" ] && extra+=(--peak-bw "$bw")
       [ -n "$cbw" ] && extra+=(--measured-bw "$cbw")
-      run_step "$1" 40 150 python3 $HERE/bench_decode.py --engine "$ENGINE" --model "$MODELS/$m" --device "$DEV" \
+      run_step "$1" 40 150 env "${on[@]}" python3 $HERE/bench_decode.py --engine "$ENGINE" --model "$MODELS/$m" --device "$DEV" \
         --contexts 512,4096 --steps 64 "${extra[@]}" --engine-arg=--gpu-memory-utilization="$GPU_UTIL" \
         --engine-arg=--max-model-len=8192 --log "$W/logs/engine-$1.log" --out "$W/results/$1.json" ;;
     w2_engine) run_step w2_engine 60 200 python3 $HERE/driver.py --engine "$ENGINE" --model "$MODELS/qwen3-0.6b" \
@@ -265,7 +268,7 @@ step() {
 
 # ------------------------------------------------------------------------------- main
 CHECK=(gpu build cuda_tests parity_engines parity_hf)
-BENCH=(gpu build models_real decode_qwen3 decode_llama8b w2_engine w2_hf w3_engine)
+BENCH=(gpu build models_real decode_qwen3 decode_llama8b decode_llama8b_gemv w2_engine w2_hf w3_engine)
 [ "${BENCH_HF_LLAMA:-0}" = 1 ] && BENCH+=(w3_hf)
 steps=()
 # `all` does not fit one call's budget: the default is `check`; `bench` is a second call.
