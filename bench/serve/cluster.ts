@@ -90,7 +90,15 @@ const load = (targets: ReadonlyArray<Target>, label: string, pids: () => Record<
   ))
 
 const env = { MAX_CONNECTIONS_PER_CLIENT: "16384", SHUTDOWN_GRACE_MS: "2000", STREAM_DETACH_GRACE_MS: "0" }
-type Measured = ReturnType<typeof summarize> & { conversation_loads?: Awaited<ReturnType<typeof conversationLoads>> }
+type Measured = ReturnType<typeof summarize> & {
+  conversation_loads?: Awaited<ReturnType<typeof conversationLoads>>
+  /**
+   * Times a runner gave up all its shards because a shard lock refresh missed its deadline
+   * (its "Shard lock storage is unhealthy" error), from start to stop: a round with one is
+   * disturbed (its conversations moved mid-turn), which the record should show.
+   */
+  shard_lock_lapses?: number
+}
 
 const measureOneProcess = async (): Promise<Measured> => {
   const db = await createPrivateDatabase(serverUrl)
@@ -119,6 +127,7 @@ const measureCluster = async (): Promise<Measured> => {
       CLUSTER_LOCAL_KV_CACHE_BYTES: String(8 * 1024 * 1024 * 1024)
     }
   })
+  const lapses = [...cluster.runners.values()].map((r) => r.counter("Shard lock storage is unhealthy"))
   try {
     const targets = cluster.gateways.map((url) => {
       const u = new URL(url)
@@ -127,6 +136,7 @@ const measureCluster = async (): Promise<Measured> => {
     const pids = () => Object.fromEntries([...cluster.runners].map(([name, r]) => [name, r.process.pid!]))
     const measured: Measured = summarize(await load(targets, "cluster", pids))
     measured.conversation_loads = await conversationLoads(cluster.gateways)
+    measured.shard_lock_lapses = lapses.reduce((n, count) => n + count(), 0)
     return measured
   } finally {
     await cluster.stop()
@@ -194,7 +204,8 @@ const main = async () => {
           output_tok_per_s_ratio: r.output_tok_per_s_ratio,
           ttft_p99_delta_ms: r.ttft_p99_delta_ms,
           cluster_cpu_cores: r.cluster.cpu_cores,
-          cluster_errors: r.cluster.errors
+          cluster_errors: r.cluster.errors,
+          cluster_shard_lock_lapses: r.cluster.shard_lock_lapses
         }))
       }
       : {})
