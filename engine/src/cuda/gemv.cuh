@@ -19,16 +19,14 @@ constexpr int kGemvWarps = 8;  // output columns per block, one warp each
 
 // ---- kernels ------------------------------------------------------------------------------
 
-// The 8 bf16 at p (16-byte aligned) as f32, from one 128-bit load (a Bf16x8 struct copy
-// compiles to four 32-bit ones). bf16 is the high half of an f32: widening is a shift.
+// The 8 bf16 at p (16-byte aligned) as f32, from one 128-bit read-only load (a Bf16x8
+// struct copy compiles to four 32-bit ones), widened by common.cuh's bf16x8_to_f32.
 __device__ __forceinline__ void load_bf16x8_f32(const bf16* __restrict__ p, float* out) {
   const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; i++) {
-    out[2 * i] = __uint_as_float(u[i] << 16);
-    out[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-  }
+  Bf16x8 b;
+  static_assert(sizeof(b) == sizeof(v), "Bf16x8 is one 16-byte vector");
+  memcpy(&b, &v, sizeof v);
+  bf16x8_to_f32(b, out);
 }
 
 // Warp w of block b computes column n = b·kGemvWarps + w for every row t < T. Lane l reads the
