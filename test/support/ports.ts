@@ -8,12 +8,22 @@ import net from "node:net"
 export const LISTEN_PORT_MIN = 10_000
 export const LISTEN_PORT_MAX = 32_000
 
+/**
+ * The Fetch standard's "bad ports" in [LISTEN_PORT_MIN, LISTEN_PORT_MAX) (https://fetch.spec.whatwg.org/#bad-port):
+ * Node's `fetch` refuses them ("bad port"), so a service listening there never looks healthy
+ * to a test (a CI run lost a suite to port 10080 that way).
+ */
+const FETCH_BAD_PORTS: ReadonlySet<number> = new Set([10_080])
+
+/** Whether `port` can be listened on at 127.0.0.1 now and reached with `fetch`. */
 export const portFree = (port: number) =>
-  new Promise<boolean>((resolve) => {
-    const server = net.createServer()
-    server.once("error", () => resolve(false))
-    server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)))
-  })
+  FETCH_BAD_PORTS.has(port)
+    ? Promise.resolve(false)
+    : new Promise<boolean>((resolve) => {
+      const server = net.createServer()
+      server.once("error", () => resolve(false))
+      server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)))
+    })
 
 /** A free port in [LISTEN_PORT_MIN, LISTEN_PORT_MAX). */
 export const freeListenPort = async (): Promise<number> => {
