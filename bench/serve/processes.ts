@@ -7,7 +7,7 @@ import { appendFileSync, existsSync, mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import path from "node:path"
 import { fileURLToPath } from "node:url"
-import { freePort } from "../../src/runtime/internal/freePort.js"
+import { freePort } from "./freePort.js"
 import { childrenOf, commandOf } from "./proc.js"
 import { serviceNodeArgs } from "../../test/support/nodeArgs.js"
 
