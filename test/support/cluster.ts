@@ -9,7 +9,7 @@ import { tmpdir } from "node:os"
 import path from "node:path"
 import { REPO_ROOT } from "./engineProcess.js"
 import { serviceNodeArgs } from "./nodeArgs.js"
-import { freeListenPort, LISTEN_PORT_MAX, LISTEN_PORT_MIN, portFree } from "./ports.js"
+import { freeListenPort, LISTEN_PORT_MAX, LISTEN_PORT_MIN, listenPortUsable, portFree } from "./ports.js"
 
 export interface RunnerProcess {
   readonly name: string
@@ -37,7 +37,7 @@ const freeBase = async (): Promise<number> => {
   for (;;) {
     const base = LISTEN_PORT_MIN + 30 * Math.floor(Math.random() * ((LISTEN_PORT_MAX - LISTEN_PORT_MIN) / 30 - 1))
     const ports = [1, 2, 3, 4, 11, 12, 13, 14, 21, 22].map((i) => base + i)
-    if ((await Promise.all(ports.map(portFree))).every(Boolean)) return base
+    if ((await Promise.all(ports.map(listenPortUsable))).every(Boolean)) return base
   }
 }
 

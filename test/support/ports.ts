@@ -15,20 +15,21 @@ export const LISTEN_PORT_MAX = 32_000
  */
 const FETCH_BAD_PORTS: ReadonlySet<number> = new Set([10_080])
 
-/** Whether `port` can be listened on at 127.0.0.1 now and reached with `fetch`. */
+/** Whether nothing listens on `port` at 127.0.0.1 now. */
 export const portFree = (port: number) =>
-  FETCH_BAD_PORTS.has(port)
-    ? Promise.resolve(false)
-    : new Promise<boolean>((resolve) => {
-      const server = net.createServer()
-      server.once("error", () => resolve(false))
-      server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)))
-    })
+  new Promise<boolean>((resolve) => {
+    const server = net.createServer()
+    server.once("error", () => resolve(false))
+    server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)))
+  })
 
-/** A free port in [LISTEN_PORT_MIN, LISTEN_PORT_MAX). */
+/** Whether a test process may be given `port`: free now, and one that `fetch` will reach. */
+export const listenPortUsable = (port: number) => FETCH_BAD_PORTS.has(port) ? Promise.resolve(false) : portFree(port)
+
+/** A usable port (see listenPortUsable) in [LISTEN_PORT_MIN, LISTEN_PORT_MAX). */
 export const freeListenPort = async (): Promise<number> => {
   for (;;) {
     const port = LISTEN_PORT_MIN + Math.floor(Math.random() * (LISTEN_PORT_MAX - LISTEN_PORT_MIN))
-    if (await portFree(port)) return port
+    if (await listenPortUsable(port)) return port
   }
 }
