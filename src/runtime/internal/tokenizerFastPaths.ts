@@ -48,6 +48,8 @@ export interface MemoizedEncode {
   /** Splits `text` at added tokens: pieces at even indices, added tokens at odd ones. */
   readonly split: (text: string) => Array<string>
   readonly seed: (piece: string, ids: ReadonlyArray<number>) => void
+  /** Whether `piece` is memoized (always false when not `memoized`). */
+  readonly has: (piece: string) => boolean
 }
 
 /**
@@ -63,7 +65,7 @@ export const memoizedEncode = (
   const exact = added.length > 0 &&
     added.every((t) => !t.lstrip && !t.rstrip && !t.normalized) &&
     !JSON.stringify(json.pre_tokenizer ?? null).includes("Metaspace")
-  if (!exact) return { encode, memoized: false, split: (text) => [text], seed: () => {} }
+  if (!exact) return { encode, memoized: false, split: (text) => [text], seed: () => {}, has: () => false }
   const idOf = new Map(added.map((t) => [t.content, t.id]))
   // Longest first: at each position the longest added token wins, as in the library's trie.
   const splitter = new RegExp(
@@ -91,6 +93,7 @@ export const memoizedEncode = (
     memoized: true,
     split: (text) => text.split(splitter),
     seed: remember,
+    has: (piece) => memo.has(piece),
     encode: (text) => {
       const parts = text.split(splitter)
       const ids: Array<number> = []
