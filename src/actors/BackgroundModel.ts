@@ -26,7 +26,7 @@ export interface BackgroundRequest {
   /** The conversation it is about (its turn id is `<id>:<purpose>`). */
   readonly conversationId: ConversationId
   /** The prompt's token ids, for the pool's model. */
-  readonly prompt: (model: LoadedModel) => ReadonlyArray<number>
+  readonly prompt: (model: LoadedModel) => Effect.Effect<ReadonlyArray<number>>
   readonly maxTokens: number
   readonly purpose: "summary" | "facts"
 }
@@ -53,7 +53,7 @@ export const layer = Layer.effect(
           const model = models.get(request.pool)
           const pool = lookup(topology.pools, request.pool)
           if (model === undefined || pool === undefined) return yield* new EngineError({ code: "unknown_pool", message: request.pool })
-          const promptIds = [...request.prompt(model)]
+          const promptIds = [...(yield* request.prompt(model))]
           const order = gpuOrder(pool.gpus.map((g) => g.id))
           let reserved: SlotReservation | undefined
           for (const gpuId of order) {

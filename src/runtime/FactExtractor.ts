@@ -11,7 +11,7 @@
 import { Context, Effect, Layer } from "effect"
 import type { ConversationId } from "./Domain.js"
 import type { EngineError } from "./Errors.js"
-import type { ChatMessage, ModelTokenizer } from "./Tokenizer.js"
+import { type ChatMessage, encodeOffLoop, type ModelTokenizer } from "./Tokenizer.js"
 
 export interface ExtractInput {
   readonly conversationId: ConversationId
@@ -38,22 +38,23 @@ const INSTRUCTIONS = "You keep long-term memory about a user. From the conversat
   "Only facts the user stated. One per line, starting with \"- \". Do not repeat known facts. If there are none, write NONE."
 
 /** Token ids of the extraction request, within `maxModelLen - EXTRACTION_MAX_TOKENS` (messages clipped, oldest dropped). */
-export const extractionPrompt = (tokenizer: ModelTokenizer, maxModelLen: number, input: Pick<ExtractInput, "messages" | "existing">): Array<number> => {
-  const room = maxModelLen - EXTRACTION_MAX_TOKENS
-  let messages = input.messages
-  // The newest known facts only: a user with many must still be mined.
-  let existing = input.existing.slice(-50)
-  for (let clip = 2000; ;) {
-    const cut = (text: string) => text.length <= clip ? text : `${text.slice(0, clip)} …`
-    const request = `Known facts:\n${existing.length === 0 ? "(none)" : existing.map((f) => `- ${cut(f)}`).join("\n")}\n\n` +
-      `Conversation:\n${messages.map((m) => `${m.role === "user" ? "User" : "Assistant"}: ${cut(m.content)}`).join("\n")}\n\nNew facts:`
-    const ids = tokenizer.encode(tokenizer.renderChat([{ role: "system", content: INSTRUCTIONS }, { role: "user", content: request }]))
-    if (ids.length <= room || messages.length === 0) return ids
-    if (clip > 64) clip = Math.floor(clip / 2)
-    else if (existing.length > 0) existing = existing.slice(Math.ceil(existing.length / 2))
-    else messages = messages.slice(Math.ceil(messages.length / 2))
-  }
-}
+export const extractionPrompt = (tokenizer: ModelTokenizer, maxModelLen: number, input: Pick<ExtractInput, "messages" | "existing">): Effect.Effect<Array<number>> =>
+  Effect.gen(function*() {
+    const room = maxModelLen - EXTRACTION_MAX_TOKENS
+    let messages = input.messages
+    // The newest known facts only: a user with many must still be mined.
+    let existing = input.existing.slice(-50)
+    for (let clip = 2000; ;) {
+      const cut = (text: string) => text.length <= clip ? text : `${text.slice(0, clip)} …`
+      const request = `Known facts:\n${existing.length === 0 ? "(none)" : existing.map((f) => `- ${cut(f)}`).join("\n")}\n\n` +
+        `Conversation:\n${messages.map((m) => `${m.role === "user" ? "User" : "Assistant"}: ${cut(m.content)}`).join("\n")}\n\nNew facts:`
+      const ids = yield* encodeOffLoop(tokenizer, tokenizer.renderChat([{ role: "system", content: INSTRUCTIONS }, { role: "user", content: request }]))
+      if (ids.length <= room || messages.length === 0) return ids
+      if (clip > 64) clip = Math.floor(clip / 2)
+      else if (existing.length > 0) existing = existing.slice(Math.ceil(existing.length / 2))
+      else messages = messages.slice(Math.ceil(messages.length / 2))
+    }
+  })
 
 /**
  * The facts of a model's reply: its "- " lines (reasoning dropped), 3 to 200 characters,

@@ -11,7 +11,7 @@
 import { Context, Effect, Layer } from "effect"
 import type { ConversationId } from "./Domain.js"
 import type { EngineError } from "./Errors.js"
-import type { ChatMessage, ModelTokenizer } from "./Tokenizer.js"
+import { type ChatMessage, encodeOffLoop, type ModelTokenizer } from "./Tokenizer.js"
 
 export interface SummarizeInput {
   readonly conversationId: ConversationId
@@ -50,22 +50,23 @@ export const summaryPrompt = (
   tokenizer: ModelTokenizer,
   maxModelLen: number,
   input: Pick<SummarizeInput, "previous" | "messages" | "maxTokens">
-): Array<number> => {
-  const room = maxModelLen - input.maxTokens
-  // A first summary of a long conversation: its latest turns only (the older ones are far
-  // past any prompt's window anyway).
-  let messages = input.messages.slice(-MAX_FOLDED_MESSAGES)
-  for (let clip = 4000; ;) {
-    const cut = (text: string) => text.length <= clip ? text : `${text.slice(0, clip)} …`
-    const turns = messages.map((m) => `${m.role === "user" ? "User" : "Assistant"}: ${cut(m.content)}`).join("\n")
-    const request = `Summary so far:\n${input.previous === null ? "(none)" : cut(input.previous)}\n\n` +
-      `New turns:\n${turns}\n\nWrite the updated summary in at most ${Math.round(input.maxTokens * 0.7)} words.`
-    const ids = tokenizer.encode(tokenizer.renderChat([{ role: "system", content: INSTRUCTIONS }, { role: "user", content: request }]))
-    if (ids.length <= room || messages.length === 0) return ids
-    if (clip > MIN_CLIP_CHARS) clip = Math.max(MIN_CLIP_CHARS, Math.floor(clip / 2))
-    else messages = messages.slice(Math.ceil(messages.length / 2))
-  }
-}
+): Effect.Effect<Array<number>> =>
+  Effect.gen(function*() {
+    const room = maxModelLen - input.maxTokens
+    // A first summary of a long conversation: its latest turns only (the older ones are far
+    // past any prompt's window anyway).
+    let messages = input.messages.slice(-MAX_FOLDED_MESSAGES)
+    for (let clip = 4000; ;) {
+      const cut = (text: string) => text.length <= clip ? text : `${text.slice(0, clip)} …`
+      const turns = messages.map((m) => `${m.role === "user" ? "User" : "Assistant"}: ${cut(m.content)}`).join("\n")
+      const request = `Summary so far:\n${input.previous === null ? "(none)" : cut(input.previous)}\n\n` +
+        `New turns:\n${turns}\n\nWrite the updated summary in at most ${Math.round(input.maxTokens * 0.7)} words.`
+      const ids = yield* encodeOffLoop(tokenizer, tokenizer.renderChat([{ role: "system", content: INSTRUCTIONS }, { role: "user", content: request }]))
+      if (ids.length <= room || messages.length === 0) return ids
+      if (clip > MIN_CLIP_CHARS) clip = Math.max(MIN_CLIP_CHARS, Math.floor(clip / 2))
+      else messages = messages.slice(Math.ceil(messages.length / 2))
+    }
+  })
 
 /** The model's reply as a summary: reasoning (`<think>` blocks) dropped, spaces trimmed. */
 export const summaryText = (reply: string): string =>

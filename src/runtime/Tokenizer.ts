@@ -97,6 +97,14 @@ const CHATML_TEMPLATE =
 export const LONG_PIECE_CHARS = 1024
 
 /**
+ * `tokenizer.encode(text)` with the long pieces of `text` encoded on a worker thread first
+ * (`encodeAhead`): for text that may hold long messages, encoded where the event loop must not
+ * wait for it.
+ */
+export const encodeOffLoop = (tokenizer: ModelTokenizer, text: string): Effect.Effect<Array<number>> =>
+  Effect.zipRight(tokenizer.encodeAhead(text), Effect.sync(() => tokenizer.encode(text)))
+
+/**
  * Frees a BPE tokenizer's merge list once the library has built its rank map from it: only
  * the constructor reads it (@huggingface/tokenizers 0.2.0, `BPE`), yet the library keeps it
  * twice (its model's `merges` and the tokenizer.json it holds), ~150 k two-string arrays for
