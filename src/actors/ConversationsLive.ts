@@ -347,7 +347,8 @@ export const layer = Layer.scoped(
             num_turns: last === undefined ? 0 : last.seq + 1,
             created_at_ms: Date.now()
           })
-          yield* store.createShare(share)
+          // Deleted since it was authorized (a DELETE racing this share).
+          if (!(yield* store.createShare(share))) return yield* new ConversationNotFound({ conversation_id: id })
           return share
         }),
 

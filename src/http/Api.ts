@@ -30,7 +30,7 @@
 import { HttpApi, HttpApiEndpoint, HttpApiGroup, HttpApiSchema } from "@effect/platform"
 import { Schema } from "effect"
 import { RunnerState } from "../runtime/RunnerStatus.js"
-import { ConversationCursorFromString, ConversationId, ConversationList, CreateConversation, HistoryPage, MemoryUpdate, Share, SharedConversation, ShareId, UserMemory, UserTurnInput } from "../runtime/Domain.js"
+import { ConversationCursorFromString, ConversationId, ConversationList, CreateConversation, HistoryPage, MemoryUpdate, Share, SharedConversation, ShareId, StorableText, UserMemory, UserTurnInput } from "../runtime/Domain.js"
 import * as ApiError from "./ApiError.js"
 import { Authorization } from "./Auth.js"
 import { ChatCompletionRequest, ModelList } from "./OpenAi.js"
@@ -169,7 +169,7 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
 {}
 
 /** A user's long-term memory: `me` (or the caller's own id); any user's with an admin key (ADMIN_API_KEYS). */
-const user = HttpApiSchema.param("user", Schema.String.pipe(Schema.minLength(1), Schema.maxLength(256)))
+const user = HttpApiSchema.param("user", StorableText.pipe(Schema.minLength(1), Schema.maxLength(256)))
 
 export class MemoryGroup extends HttpApiGroup.make("memory")
   .add(

@@ -16,11 +16,13 @@
 import { readFileSync } from "node:fs"
 import { createHash, timingSafeEqual } from "node:crypto"
 import { HttpApiMiddleware, HttpApiSecurity, HttpServerRequest } from "@effect/platform"
-import { Config, ConfigError, Context, Effect, Layer, Option, Redacted } from "effect"
+import { Config, ConfigError, Context, Effect, Layer, Option, Redacted, Schema } from "effect"
 import { createLocalJWKSet, type JWTPayload, jwtVerify } from "jose"
-import { Identity, noValidation, UserId } from "../runtime/Domain.js"
+import { Identity, noValidation, StorableText, UserId } from "../runtime/Domain.js"
 import { lookup, type Topology, TopologyService } from "../runtime/Topology.js"
 import * as ApiError from "./ApiError.js"
+
+const isStorable = Schema.is(StorableText)
 
 /** The identity of the request being handled (provided by the Authorization middleware). */
 export class CurrentIdentity extends Context.Tag("chat/http/CurrentIdentity")<CurrentIdentity, Identity>() {}
@@ -75,13 +77,16 @@ const makeAuthenticator = (settings: AuthSettings): Context.Tag.Service<Authenti
         if (typeof sub !== "string" || sub.length === 0 || sub.length > 256) {
           return Effect.fail(unauthorized("The token has no subject (sub)"))
         }
+        // Ids and orgs are stored: text PostgreSQL cannot hold (NUL, a lone surrogate) is refused here.
+        if (!isStorable(sub)) return Effect.fail(unauthorized("The token's subject (sub) is not valid text"))
         const tier = claims["tier"] ?? settings.defaultTier
         if (typeof tier !== "string" || !settings.tiers.includes(tier)) {
           return Effect.fail(unauthorized("The token's tier is not one of this service's tiers"))
         }
-        const org = claims["org"]
+        const org = typeof claims["org"] === "string" ? claims["org"].slice(0, 256) : null
+        if (org !== null && !isStorable(org)) return Effect.fail(unauthorized("The token's org is not valid text"))
         return Effect.succeed(
-          new Identity({ user_id: UserId.make(sub), tier, org_id: typeof org === "string" ? org.slice(0, 256) : null }, noValidation)
+          new Identity({ user_id: UserId.make(sub), tier, org_id: org }, noValidation)
         )
       })
     )

@@ -90,8 +90,11 @@ export interface ConversationStoreService {
   readonly preparePartitions: (nowMs: number) => Effect.Effect<void>
   /** Deletes a conversation with its turns, shares and summary, all or nothing. */
   readonly deleteConversation: (id: ConversationId) => Effect.Effect<void, StorageError>
-  /** Stores a share of conversation `id`'s first `num_turns` turns. */
-  readonly createShare: (share: Share) => Effect.Effect<void, StorageError>
+  /**
+   * Stores a share of conversation `id`'s first `num_turns` turns; false (nothing stored) when
+   * the conversation does not exist, as when it was deleted meanwhile.
+   */
+  readonly createShare: (share: Share) => Effect.Effect<boolean, StorageError>
   /** A share that was not revoked, with its conversation's owner. */
   readonly getShare: (shareId: ShareId) => Effect.Effect<Option.Option<{ readonly share: Share; readonly user_id: UserId }>, StorageError>
   /** Revokes a share. @returns whether one was live. */
@@ -444,7 +447,9 @@ const make = Effect.gen(function*() {
     createShare: (share) =>
       sql`INSERT INTO chat_shares ${sql.insert({ ...share })}`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
-        Effect.asVoid,
+        Effect.as(true),
+        // The conversation was deleted meanwhile (foreign key).
+        Effect.catchIf((e) => sqlState(e) === "23503", () => Effect.succeed(false)),
         Effect.mapError(storageError("create share"))
       ),
     getShare: (shareId) =>
@@ -628,7 +633,12 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         turns.delete(id)
         for (const [shareId, share] of shares) if (share.conversation_id === id) shares.delete(shareId)
       }),
-    createShare: (share) => Effect.sync(() => void shares.set(share.share_id, share)),
+    createShare: (share) =>
+      Effect.sync(() => {
+        if (!conversations.has(share.conversation_id)) return false
+        shares.set(share.share_id, share)
+        return true
+      }),
     getShare: (shareId) =>
       Effect.sync(() => {
         const share = shares.get(shareId)

@@ -193,6 +193,13 @@ describe("gateway: identity and ownership", () => {
     const cleared = (await (await patch("bob", { add: ["Set by an operator"] }, operator)).json()) as any
     expect(cleared.user_id).toBe("bob")
     expect(((await (await fetch(`${service.url}/v1/users/me/memory`, { headers: bearer("key-bob") })).json()) as any).facts.map((f: any) => f.content)).toEqual(["Set by an operator"])
+    // A user id that cannot be stored (NUL) is bad input, not a storage fault.
+    for (const bad of ["x%00", "%00"]) {
+      const read = await fetch(`${service.url}/v1/users/${bad}/memory`, { headers: operator })
+      expect(read.status).toBe(400)
+      expect(((await read.json()) as any).error.code).toBe("invalid_request")
+      expect((await patch(bad, { add: ["x"] }, operator)).status).toBe(400)
+    }
   }, 60_000)
 
   it("org data rules: a zero-retention org's turns are served with their context but their text is never stored; a training-eligible org's turns are stamped", async () => {

@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto"
 import { describe, expect, it } from "@effect/vitest"
 import { Effect, Layer, Option } from "effect"
-import { ConversationId, UserId } from "../../src/runtime/Domain.js"
+import { ConversationId, Share, ShareId, UserId } from "../../src/runtime/Domain.js"
 import * as Storage from "../../src/runtime/Storage.js"
 import { PgLive } from "../support/database.js"
 
@@ -13,6 +13,21 @@ const suites = [
 for (const [name, layer] of suites) {
   describe(`ConversationStore (${name})`, () => {
     it.layer(layer, { timeout: 60_000 })((it) => {
+      it.effect("a share of a deleted conversation stores nothing and says so", () =>
+        Effect.gen(function*() {
+          const store = yield* Storage.ConversationStore
+          const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
+          yield* store.createConversation({ id, model: "mini", system_prompt: null, user_id: UserId.make("alice"), org_id: null })
+          const share = (n: number) => new Share({ share_id: ShareId.make(`share_${randomUUID().replaceAll("-", "")}`), conversation_id: id, num_turns: n, created_at_ms: Date.now() })
+          const kept = share(0)
+          expect(yield* store.createShare(kept)).toBe(true)
+          expect(Option.isSome(yield* store.getShare(kept.share_id))).toBe(true)
+          yield* store.deleteConversation(id)
+          const late = share(0)
+          expect(yield* store.createShare(late)).toBe(false)
+          expect(yield* store.getShare(late.share_id)).toEqual(Option.none())
+        }))
+
       it.effect("creates conversations and pages an append-only history", () =>
         Effect.gen(function*() {
           const store = yield* Storage.ConversationStore
