@@ -1,7 +1,7 @@
 /**
  * Handlers of the API groups; they only translate between HTTP and the `Conversations` service.
  */
-import { HttpApiBuilder, HttpApp, HttpServerResponse } from "@effect/platform"
+import { HttpApiBuilder, HttpApp, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { Effect, Layer, Option, Runtime } from "effect"
 import { CreateConversation, type Identity, TurnId } from "../runtime/Domain.js"
 import { Conversations } from "../runtime/Conversations.js"
@@ -38,6 +38,30 @@ const toApi = <A, E extends ApiError.RuntimeError, R>(effect: Effect.Effect<A, E
     Effect.tapError(logServerFailure),
     Effect.mapError(ApiError.fromRuntime)
   )
+
+/**
+ * A route that takes no body ignores one, but not a malformed one: that is refused before the
+ * route acts, as a route with a body refuses it (the guard in Server.ts has read the body
+ * already, within its limits; the request keeps the text).
+ */
+const noBody = <A, E, R>(route: Effect.Effect<A, E, R>) =>
+  Effect.gen(function*() {
+    const request = yield* HttpServerRequest.HttpServerRequest
+    const text = yield* Effect.orElseSucceed(request.text, () => "")
+    if (!isJsonOrEmpty(text)) return yield* new ApiError.InvalidRequest({ message: "The request body is not valid JSON" })
+    return yield* route
+  })
+
+/** Whether a body is empty (white space only) or parses as JSON. */
+const isJsonOrEmpty = (text: string): boolean => {
+  if (text.trim() === "") return true
+  try {
+    JSON.parse(text)
+    return true
+  } catch {
+    return false
+  }
+}
 
 /** A facade call for the caller, charged to their rate limits (see `rateLimited`). */
 const forCaller = <A, E extends ApiError.RuntimeError, R>(call: (identity: Identity) => Effect.Effect<A, E, R>) =>
@@ -124,7 +148,7 @@ export const ConversationsLive = HttpApiBuilder.group(
             return sent
           }))
         .handle("cancel", ({ path }) =>
-          forCaller((identity) => conversations.cancel(identity, path.id)))
+          noBody(forCaller((identity) => conversations.cancel(identity, path.id))))
         .handle("resume", ({ headers, path, urlParams }) =>
           Effect.gen(function*() {
             const raw = headers["last-event-id"] ?? urlParams.last_event_id
@@ -141,11 +165,11 @@ export const ConversationsLive = HttpApiBuilder.group(
             return Sse.resumeResponse(resumed.value.turnId, resumed.value.events, settings)
           }))
         .handle("remove", ({ path }) =>
-          forCaller((identity) => conversations.remove(identity, path.id)))
+          noBody(forCaller((identity) => conversations.remove(identity, path.id))))
         .handle("share", ({ path }) =>
-          forCaller((identity) => conversations.share(identity, path.id)))
+          noBody(forCaller((identity) => conversations.share(identity, path.id))))
         .handle("revokeShare", ({ path }) =>
-          forCaller((identity) => conversations.revokeShare(identity, path.share_id)))
+          noBody(forCaller((identity) => conversations.revokeShare(identity, path.share_id))))
         .handle("list", ({ urlParams }) =>
           forCaller((identity) => conversations.list(identity, { before: urlParams.before, limit: urlParams.limit })))
         .handle("history", ({ path, urlParams }) =>
@@ -228,14 +252,14 @@ export const OpsLive = HttpApiBuilder.group(
             return new OpsStatus({ now_ms: Date.now(), runners, pools, metrics: snapshot.metrics, recent_errors: snapshot.recentErrors })
           }))
         .handle("drain", ({ path }) =>
-          Effect.gen(function*() {
+          noBody(Effect.gen(function*() {
             yield* asAdmin
             if (!(yield* toApi(view.requestDrain(path.runner)))) {
               return yield* new ApiError.RunnerNotFound({ message: `No runner named ${path.runner} has reported` })
             }
             yield* Effect.logWarning(`drain of runner ${path.runner} requested from /ops`)
             return new DrainRequested({ runner: path.runner, drain_requested: true })
-          }))
+          })))
     })
 )
 

@@ -183,6 +183,18 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
         message: `Content-Type must be application/json (got ${ApiError.truncateMessage(contentType ?? "")})`
       })
     }
+    // A compressed body (or one with a transfer coding other than chunked) would be read as
+    // if it were plain: refused, as nothing here decodes it.
+    const encoding = request.headers["content-encoding"]
+    if (encoding !== undefined && encoding.trim().toLowerCase() !== "identity") {
+      return yield* new ApiError.InvalidRequest({
+        message: `Content-Encoding ${ApiError.truncateMessage(encoding)} is not supported: send the body uncompressed`
+      })
+    }
+    const transfer = request.headers["transfer-encoding"]
+    if (transfer !== undefined && transfer.trim().toLowerCase() !== "chunked") {
+      return yield* new ApiError.InvalidRequest({ message: `Transfer-Encoding ${ApiError.truncateMessage(transfer)} is not supported` })
+    }
     const limits = yield* RequestLimits
     const declared = Number(request.headers["content-length"] ?? "0")
     if (declared > limits.maxBodyBytes) {

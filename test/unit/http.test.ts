@@ -665,6 +665,22 @@ describe("HTTP API: hostile input (issue 9)", () => {
       await ok.body?.cancel()
     }))
 
+  it.live("a malformed or compressed body is a 400 on every route, those without a body included, and changes nothing", () =>
+    withServer({}, async ({ url }) => {
+      const id = await create(url)
+      const post = (path: string, body: string, headers: Record<string, string> = {}) =>
+        fetch(`${url}${path}`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body })
+      await expectError(await post(`/v1/conversations/${id}/share`, "{bad"), 400, "invalid_request")
+      await expectError(await post(`/v1/conversations/${id}/cancel`, "{bad"), 400, "invalid_request")
+      const del = await fetch(`${url}/v1/conversations/${id}`, { method: "DELETE", headers: { "content-type": "application/json" }, body: "{bad" })
+      await expectError(del, 400, "invalid_request")
+      await expectError(await post("/v1/conversations", "{}", { "content-encoding": "gzip" }), 400, "invalid_request")
+      // Nothing was deleted; a well-formed (ignored) body, or none, still works.
+      expect((await fetch(`${url}/v1/conversations/${id}`)).status).toBe(200)
+      expect((await post(`/v1/conversations/${id}/cancel`, "[1,2]")).status).toBe(204)
+      expect((await post(`/v1/conversations/${id}/cancel`, "")).status).toBe(204)
+    }))
+
   it.live("a history cursor past int32 is a 400, not a storage error", () =>
     withServer({}, async ({ url }) => {
       const id = await create(url)
