@@ -43,6 +43,21 @@ export const truncateMessage = (message: string): string =>
   message.length <= MAX_MESSAGE_CHARS ? message : `${message.slice(0, MAX_MESSAGE_CHARS - 1)}…`
 
 /**
+ * `role: is missing; max_tokens: Expected …` from a decode's issues (at most 8, each cut
+ * short): one line, where Effect's own message is a multi-line tree naming internal types.
+ */
+export const formatIssues = (
+  issues: ReadonlyArray<{ readonly path: ReadonlyArray<PropertyKey>; readonly message: string }>,
+  fallback: string
+): string => {
+  const parts = issues.slice(0, 8).map((issue) => {
+    const text = issue.path.length > 0 ? `${issue.path.map(String).join(".")}: ${issue.message}` : issue.message
+    return text.length > 160 ? `${text.slice(0, 159)}…` : text
+  })
+  return parts.length > 0 ? `Invalid request: ${parts.join("; ")}` : `Invalid request: ${fallback.slice(0, 160)}`
+}
+
+/**
  * OpenAI's error `type` for an HTTP status (its clients read `code`, `type`, `message`,
  * `param`): https://platform.openai.com/docs/guides/error-codes
  */

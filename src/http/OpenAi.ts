@@ -6,7 +6,7 @@
  * it), so auth, limits, pools and the prefix cache are the native API's.
  */
 import { HttpServerResponse } from "@effect/platform"
-import { Duration, Effect, Schema, Stream } from "effect"
+import { Duration, Effect, ParseResult, Schema, Stream } from "effect"
 import { type DoneEvent, type FinishReason, StorableText, type TurnEvent, UserTurnInput } from "../runtime/Domain.js"
 import type { EngineError, GenerationFailed } from "../runtime/Errors.js"
 import type { TurnStream } from "../runtime/TurnStream.js"
@@ -76,7 +76,7 @@ export const toConversation = (request: ChatCompletionRequest) =>
       ...(stop === undefined ? {} : { stop }),
       // OpenAI's seed is any integer; the engine's is 31 bits.
       ...(request.seed == null ? {} : { seed: Math.abs(request.seed) % 2 ** 31 })
-    }).pipe(Effect.mapError((e) => new ApiError.InvalidRequest({ message: `Invalid request: ${e.message}` })))
+    }).pipe(Effect.mapError((e) => new ApiError.InvalidRequest({ message: ApiError.formatIssues(ParseResult.ArrayFormatter.formatErrorSync(e), e.message) })))
     return {
       model: request.model,
       system_prompt: systemPrompt,

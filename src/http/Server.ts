@@ -39,14 +39,8 @@ import * as Handlers from "./Handlers.js"
 import * as Web from "./Web.js"
 import { SseSettings } from "./Sse.js"
 
-/** `role: is missing; max_tokens: Expected …` from the issues of a decode error (each cut short). */
-const formatIssues = (error: HttpApiError.HttpApiDecodeError): string => {
-  const parts = error.issues.slice(0, 8).map((issue) => {
-    const text = issue.path.length > 0 ? `${issue.path.join(".")}: ${issue.message}` : issue.message
-    return text.length > 160 ? `${text.slice(0, 159)}…` : text
-  })
-  return parts.length > 0 ? `Invalid request: ${parts.join("; ")}` : `Invalid request: ${error.message.slice(0, 160)}`
-}
+/** A decode error's issues as one line (ApiError.formatIssues). */
+const formatIssues = (error: HttpApiError.HttpApiDecodeError): string => ApiError.formatIssues(error.issues, error.message)
 
 const isJsonContentType = (contentType: string | undefined): boolean =>
   contentType === undefined || contentType === "" || /^application\/([a-z0-9.+-]*\+)?json\b/i.test(contentType.trim())

@@ -660,6 +660,10 @@ describe("HTTP API: hostile input (issue 9)", () => {
       // A stop string of half a pair would cut a character in two: refused too, on both APIs.
       await expectError(await send('{"role":"user","content":"hi","stop":["\\ud83d"]}'), 400, "invalid_request")
       await expectError(await json(`${url}/v1/chat/completions`, { body: { model: "default", messages: [{ role: "user", content: "hi" }], stop: "\ud83d" } }), 400, "invalid_request")
+      // A message the native turn refuses is told in one line, not as a schema tree.
+      const empty = await expectError(await json(`${url}/v1/chat/completions`, { body: { model: "default", messages: [{ role: "user", content: "" }] } }), 400, "invalid_request")
+      expect(empty.message).not.toMatch(/\n|Encoded side|UserTurnInput/)
+      expect(empty.message).toMatch(/^Invalid request: content: /)
       const ok = await send(JSON.stringify({ role: "user", content: "a real \uFFFD and a pair \ud83d\ude00" }))
       expect(ok.status).toBe(200)
       await ok.body?.cancel()
