@@ -59,6 +59,7 @@ export interface ConversationStoreService {
   /**
    * Adds facts (one equal to a kept fact, ignoring case and spaces at the ends, is not added
    * again) and removes fact ids, at once. `embeddings[i]`, if given, is `add[i]`'s unit vector.
+   * A memory holds at most MAX_FACTS_PER_USER facts: past that the oldest are dropped.
    */
   readonly updateFacts: (
     userId: UserId,
@@ -112,6 +113,12 @@ export interface ConversationStoreService {
     options: { readonly before?: ConversationCursor | undefined; readonly limit: number }
   ) => Effect.Effect<ReadonlyArray<ConversationListItem>, StorageError>
 }
+
+/**
+ * The most facts a user's memory holds (each at most 500 characters): adding more drops the
+ * oldest, so that the memory, and every response that lists it, stays bounded.
+ */
+export const MAX_FACTS_PER_USER = 200
 
 /** Characters of a conversation's first user message kept as its title in a listing. */
 const TITLE_CHARS = 100
@@ -381,6 +388,11 @@ const make = Effect.gen(function*() {
                 VALUES (${fact.fact_id}, ${fact.user_id}, ${fact.content}, ${fact.created_at_ms}, ${vectorLiteral(embedding)}::real[])
                 ON CONFLICT DO NOTHING`
         }
+        if (add.length > 0) {
+          yield* sql`DELETE FROM chat_user_memory WHERE user_id = ${userId} AND fact_id IN (
+            SELECT fact_id FROM chat_user_memory WHERE user_id = ${userId}
+            ORDER BY created_at_ms DESC, fact_id DESC OFFSET ${MAX_FACTS_PER_USER})`
+        }
       })).pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.mapError(storageError("update facts"))
@@ -593,6 +605,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
           const embedding = embeddings?.[i]
           if (embedding !== undefined) factEmbeddings.set(fact.fact_id, embedding)
         }
+        for (const dropped of list.splice(0, Math.max(0, list.length - MAX_FACTS_PER_USER))) factEmbeddings.delete(dropped.fact_id)
         facts.set(userId, list)
       }),
     // Without PostgreSQL's text search: the share of the fact's words in the text, in [0, 1), plus the cosine.

@@ -13,6 +13,21 @@ const suites = [
 for (const [name, layer] of suites) {
   describe(`ConversationStore (${name})`, () => {
     it.layer(layer, { timeout: 60_000 })((it) => {
+      it.effect("a user's memory keeps its newest MAX_FACTS_PER_USER facts", () =>
+        Effect.gen(function*() {
+          const store = yield* Storage.ConversationStore
+          const user = UserId.make(`u_${randomUUID()}`)
+          const batches = Math.ceil(Storage.MAX_FACTS_PER_USER / 32) + 1
+          for (let b = 0; b < batches; b++) {
+            yield* store.updateFacts(user, { add: Array.from({ length: 32 }, (_, i) => `fact ${b}-${i}`), remove: [] })
+          }
+          const facts = yield* store.listFacts(user)
+          expect(facts.length).toBe(Storage.MAX_FACTS_PER_USER)
+          // The last batch is all there; the first is gone.
+          expect(facts.map((f) => f.content)).toEqual(expect.arrayContaining(Array.from({ length: 32 }, (_, i) => `fact ${batches - 1}-${i}`)))
+          expect(facts.some((f) => f.content.startsWith("fact 0-"))).toBe(false)
+        }))
+
       it.effect("a share of a deleted conversation stores nothing and says so", () =>
         Effect.gen(function*() {
           const store = yield* Storage.ConversationStore
