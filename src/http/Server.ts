@@ -359,7 +359,9 @@ export const layerNodeServer = (
       headersTimeout: limits.headersTimeoutMs,
       requestTimeout: limits.requestTimeoutMs,
       // How often Node checks those timers (default 30 s).
-      connectionsCheckingInterval: Math.min(1000, limits.headersTimeoutMs)
+      connectionsCheckingInterval: Math.min(1000, limits.headersTimeoutMs),
+      // Checked below instead, where the answer gets the API's JSON error (Node's has no body).
+      requireHostHeader: false
     })
     const perClient = new Map<string, number>()
     server.on("connection", (socket: Socket) => {
@@ -382,6 +384,15 @@ export const layerNodeServer = (
     // which need the API's CORS handling.
     const emit = server.emit.bind(server) as (event: string | symbol, ...args: Array<any>) => boolean
     server.emit = ((event: string | symbol, ...args: Array<any>): boolean => {
+      if (event === "request") {
+        const [request, response] = args as [IncomingMessage, ServerResponse]
+        // RFC 9112 §3.2: an HTTP/1.1 request without a Host header is a 400.
+        if (request.headers.host === undefined && request.httpVersion === "1.1") {
+          const body = JSON.stringify(ApiError.errorJson(400, "invalid_request", "An HTTP/1.1 request needs a Host header"))
+          response.writeHead(400, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body), Connection: "close" }).end(body)
+          return true
+        }
+      }
       if (event === "request" && server.listenerCount("request") > 1) {
         const [request, response] = args as [IncomingMessage, ServerResponse]
         if (request.method === "GET" && request.url === "/healthz" && request.headers.origin === undefined) {
@@ -396,19 +407,34 @@ export const layerNodeServer = (
     // What Node answers itself (malformed HTTP, a head over its 16 KiB, a request too slow)
     // gets the API's JSON error with a code; Node's own answers have no body. As Node does,
     // nothing is written where a response has begun on the socket.
+    // A bad request pipelined behind a good one (on the same socket, before its response) is
+    // answered after that response, in order, so the good one's answer is not lost.
     server.on("clientError", (error: NodeJS.ErrnoException, socket: Socket) => {
-      const inFlight = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage
-      if (socket.writable && inFlight?.headersSent !== true && error.code !== "ECONNRESET") {
-        const [status, code, message] = error.code === "HPE_HEADER_OVERFLOW"
-          ? ["431 Request Header Fields Too Large", "headers_too_large", "The request's headers are larger than 16 KiB"]
-          : error.code === "ERR_HTTP_REQUEST_TIMEOUT"
-          ? ["408 Request Timeout", "request_timeout", "The request did not arrive in time"]
-          : error.code === "HPE_CHUNK_EXTENSIONS_OVERFLOW"
-          ? ["413 Payload Too Large", "payload_too_large", "The request's chunk extensions are too large"]
-          : ["400 Bad Request", "invalid_request", "The request is not valid HTTP/1.1"]
-        socket.write(rawResponse(status, code, message))
+      const answer = (afterResponse: boolean) => {
+        if (socket.writable && error.code !== "ECONNRESET" && !(afterResponse && error.code === "ERR_HTTP_REQUEST_TIMEOUT")) {
+          const [status, code, message] = error.code === "HPE_HEADER_OVERFLOW"
+            ? ["431 Request Header Fields Too Large", "headers_too_large", "The request's headers are larger than 16 KiB"]
+            : error.code === "ERR_HTTP_REQUEST_TIMEOUT"
+            ? ["408 Request Timeout", "request_timeout", "The request did not arrive in time"]
+            : error.code === "HPE_CHUNK_EXTENSIONS_OVERFLOW"
+            ? ["413 Payload Too Large", "payload_too_large", "The request's chunk extensions are too large"]
+            : ["400 Bad Request", "invalid_request", "The request is not valid HTTP/1.1"]
+          socket.write(rawResponse(status, code, message))
+        }
+        socket.destroy()
       }
-      socket.destroy()
+      const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+      if (inFlight === undefined || inFlight === null || inFlight.writableFinished) return answer(false)
+      // A request too slow (its body never came) is answered now, unless its response has
+      // begun: then the connection just ends.
+      if (error.code === "ERR_HTTP_REQUEST_TIMEOUT" || error.code === "ECONNRESET") return answer(inFlight.headersSent)
+      inFlight.once("finish", () => answer(true))
+      inFlight.once("close", () => socket.destroy())
+    })
+    // An Expect other than 100-continue: Node's own 417 has no body.
+    server.on("checkExpectation", (_request: IncomingMessage, response: ServerResponse) => {
+      const body = JSON.stringify(ApiError.errorJson(417, "expectation_failed", "Only Expect: 100-continue is supported"))
+      response.writeHead(417, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body), Connection: "close" }).end(body)
     })
     server.on("connect", (_request, socket: Socket) => {
       socket.end(rawResponse("405 Method Not Allowed", "method_not_allowed", "CONNECT is not supported"))

@@ -833,6 +833,25 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
     }))
 
+  it.live("a missing Host or an unsupported Expect gets a JSON error; a bad request pipelined behind a good one is answered after it", () =>
+    withServer({}, async ({ url }) => {
+      const bodyOf = (answer: string) => JSON.parse(answer.slice(answer.indexOf("\r\n\r\n") + 4)) as { error: { code: string } }
+      const noHost = await rawExchange(url, "GET /v1/me HTTP/1.1\r\n\r\n", 3000)
+      expect(noHost).toMatch(/^HTTP\/1\.1 400/)
+      expect(bodyOf(noHost).error.code).toBe("invalid_request")
+      const expectation = await rawExchange(url, "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nExpect: foo\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", 3000)
+      expect(expectation).toMatch(/^HTTP\/1\.1 417/)
+      expect(bodyOf(expectation).error.code).toBe("expectation_failed")
+      const pipelined = await rawExchange(
+        url,
+        "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}garbage\r\n\r\n",
+        3000
+      )
+      expect(pipelined).toMatch(/^HTTP\/1\.1 201/)
+      expect(pipelined).toMatch(/\r\n\r\n[\s\S]*HTTP\/1\.1 400/)
+      expect((await fetch(`${url}/healthz`)).status).toBe(200)
+    }))
+
   it.live("connections per client address are bounded", () =>
     withServer({ limits: { ...Server.defaultConnectionLimits, maxConnectionsPerClient: 4 } }, async ({ url }) => {
       const { hostname, port } = new URL(url)
