@@ -248,6 +248,11 @@ export const spawn = (options: EngineProcessOptions): Effect.Effect<EngineProces
       Effect.sync(() =>
         spawnProcess(options.binary, args, {
           stdio: ["ignore", "pipe", "pipe"],
+          // Its own process group: a signal to the service's group (Ctrl-C in a terminal,
+          // `kill -- -PGID`) reaches the engine only through the service, which stops it last,
+          // after the turns in flight (it exited at once, and was taken for a crash). Should the
+          // service die, the engine's PR_SET_PDEATHSIG stops it.
+          detached: true,
           // Spinning OpenMP workers starve the Node runtime sharing these cores (measured: 60
           // vs 140 tokens/s for one stream on 2 cores); let them sleep between steps.
           env: { ...process.env, OMP_WAIT_POLICY: process.env["OMP_WAIT_POLICY"] ?? "PASSIVE" }
