@@ -121,6 +121,12 @@ export const ConversationsLive = HttpApiBuilder.group(
         .handle("sendTurn", ({ headers, path, payload }) =>
           Effect.gen(function*() {
             const settings = yield* Sse.SseSettings
+            // Read only for a re-sent turn, but refused up front when malformed, as GET …/stream
+            // refuses it: bad input changes nothing.
+            const after = parseLastEventId(headers["last-event-id"], path.id)
+            if (after === null) {
+              return yield* new ApiError.InvalidRequest({ message: "Last-Event-ID is not an event id of this conversation" })
+            }
             const { identity: owner, refund, settleOn } = yield* rateLimited({ numPromptChars: payload.content.length, maxTokens: payload.max_tokens })
             // The outer effect fails (404/409/400/503) before any byte of the SSE response.
             const sent = yield* conversations.sendTurn(owner, path.id, payload, { idempotencyKey: headers["idempotency-key"] }).pipe(
@@ -132,7 +138,6 @@ export const ConversationsLive = HttpApiBuilder.group(
               // A re-sent turn (same Idempotency-Key): that turn's stream, from Last-Event-ID.
               Effect.catchTag("DuplicateTurn", (e) =>
                 Effect.gen(function*() {
-                  const after = parseLastEventId(headers["last-event-id"], path.id)
                   const turnId = TurnId.make(e.turn_id)
                   const resumed = yield* conversations.resume(owner, path.id, {
                     turnId,

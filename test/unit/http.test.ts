@@ -685,6 +685,21 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect((await post(`/v1/conversations/${id}/cancel`, "")).status).toBe(204)
     }))
 
+  it.live("a turn with a malformed Last-Event-ID is a 400 before anything is sent, as a resume with one is", () =>
+    withServer({}, async ({ url }) => {
+      const id = await create(url)
+      const send = (lastEventId: string) =>
+        fetch(`${url}/v1/conversations/${id}/turns`, {
+          method: "POST",
+          headers: { "content-type": "application/json", "idempotency-key": "k1", "last-event-id": lastEventId },
+          body: JSON.stringify({ role: "user", content: "hi" })
+        })
+      await expectError(await send("junk"), 400, "invalid_request")
+      await expectError(await send("conv_other:1:0"), 400, "invalid_request")
+      const history = (await (await fetch(`${url}/v1/conversations/${id}`)).json()) as { turns: Array<unknown> }
+      expect(history.turns).toEqual([])
+    }))
+
   it.live("a history cursor past int32 is a 400, not a storage error", () =>
     withServer({}, async ({ url }) => {
       const id = await create(url)
