@@ -8,6 +8,7 @@
 import { randomInt } from "node:crypto"
 import { Context, Duration, Effect, Layer, Option } from "effect"
 import { Models } from "../runtime/Models.js"
+import { encodeOffLoop } from "../runtime/Tokenizer.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
 import { GpuScheduler } from "./GpuScheduler.js"
 
@@ -36,16 +37,18 @@ export const layer = Layer.effect(
       const model = models.get(poolName)
       if (model === undefined || pool === undefined) return Effect.succeed(undefined)
       // Only the first MAX_EMBED_TOKENS count: a message's head is encoded, not all of its up
-      // to 65,536 characters (up to ~700 ms on the event loop). No token is 16 characters on
-      // average, so the head holds them all.
-      const ids = model.tokenizer.encode(text.slice(0, MAX_EMBED_TOKENS * 16)).slice(0, MAX_EMBED_TOKENS)
-      if (ids.length === 0) return Effect.succeed(undefined)
-      const gpuId = pool.gpus[randomInt(pool.gpus.length)]!.id
-      return gpus(gpuId).Embed({ token_ids: ids }).pipe(
-        Effect.timeout(EMBED_TIMEOUT),
-        Effect.option,
-        Effect.map(Option.getOrUndefined)
-      )
+      // to 65,536 characters, and off the event loop (CJK text takes ~10 µs a character). No
+      // token is 16 characters on average, so the head holds them all.
+      return Effect.flatMap(encodeOffLoop(model.tokenizer, text.slice(0, MAX_EMBED_TOKENS * 16)), (encoded) => {
+        const ids = encoded.slice(0, MAX_EMBED_TOKENS)
+        if (ids.length === 0) return Effect.succeed(undefined)
+        const gpuId = pool.gpus[randomInt(pool.gpus.length)]!.id
+        return gpus(gpuId).Embed({ token_ids: ids }).pipe(
+          Effect.timeout(EMBED_TIMEOUT),
+          Effect.option,
+          Effect.map(Option.getOrUndefined)
+        )
+      })
     }
     return Embedder.of({ embed: (texts) => Effect.forEach(texts, one, { concurrency: 4 }) })
   })

@@ -83,7 +83,8 @@ const makeAuthenticator = (settings: AuthSettings): Context.Tag.Service<Authenti
         if (typeof tier !== "string" || !settings.tiers.includes(tier)) {
           return Effect.fail(unauthorized("The token's tier is not one of this service's tiers"))
         }
-        const org = typeof claims["org"] === "string" ? claims["org"].slice(0, 256) : null
+        // At most 256 characters, cut between code points (a cut pair would not be storable).
+        const org = typeof claims["org"] === "string" ? Array.from(claims["org"]).slice(0, 256).join("") : null
         if (org !== null && !isStorable(org)) return Effect.fail(unauthorized("The token's org is not valid text"))
         return Effect.succeed(
           new Identity({ user_id: UserId.make(sub), tier, org_id: org }, noValidation)

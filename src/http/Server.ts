@@ -407,11 +407,18 @@ export const layerNodeServer = (
     // What Node answers itself (malformed HTTP, a head over its 16 KiB, a request too slow)
     // gets the API's JSON error with a code; Node's own answers have no body. As Node does,
     // nothing is written where a response has begun on the socket.
-    // A bad request pipelined behind a good one (on the same socket, before its response) is
-    // answered after that response, in order, so the good one's answer is not lost.
+    // A bad request pipelined behind good ones (on the same socket, before their responses)
+    // is answered after them, in order, so their answers are not lost. Node's parser, once it
+    // failed, reports an error for every later chunk (and a request timeout for the broken
+    // message): the first is the socket's answer, the rest are ignored, and the socket reads
+    // no more.
+    const failedSockets = new WeakSet<Socket>()
     server.on("clientError", (error: NodeJS.ErrnoException, socket: Socket) => {
-      const answer = (afterResponse: boolean) => {
-        if (socket.writable && error.code !== "ECONNRESET" && !(afterResponse && error.code === "ERR_HTTP_REQUEST_TIMEOUT")) {
+      if (failedSockets.has(socket)) return
+      failedSockets.add(socket)
+      socket.pause()
+      const answer = (withStatus: boolean) => {
+        if (withStatus && socket.writable && error.code !== "ECONNRESET") {
           const [status, code, message] = error.code === "HPE_HEADER_OVERFLOW"
             ? ["431 Request Header Fields Too Large", "headers_too_large", "The request's headers are larger than 16 KiB"]
             : error.code === "ERR_HTTP_REQUEST_TIMEOUT"
@@ -423,13 +430,26 @@ export const layerNodeServer = (
         }
         socket.destroy()
       }
-      const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
-      if (inFlight === undefined || inFlight === null || inFlight.writableFinished) return answer(false)
-      // A request too slow (its body never came) is answered now, unless its response has
-      // begun: then the connection just ends.
-      if (error.code === "ERR_HTTP_REQUEST_TIMEOUT" || error.code === "ECONNRESET") return answer(inFlight.headersSent)
-      inFlight.once("finish", () => answer(true))
-      inFlight.once("close", () => socket.destroy())
+      const inFlight = () => {
+        const response = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+        return response === undefined || response === null || response.writableFinished ? undefined : response
+      }
+      const first = inFlight()
+      // A request too slow (its body never came) is the one in flight: answered now, unless
+      // its response has begun, when the connection just ends.
+      if (first === undefined || error.code === "ERR_HTTP_REQUEST_TIMEOUT") return answer(first?.headersSent !== true)
+      // Node hands the socket to the next queued response as one finishes, before this runs.
+      const afterResponses = (response: ServerResponse) => {
+        response.once("finish", () => {
+          const following = inFlight()
+          if (following === undefined) answer(true)
+          else afterResponses(following)
+        })
+        response.once("close", () => {
+          if (!response.writableFinished) socket.destroy()
+        })
+      }
+      afterResponses(first)
     })
     // An Expect other than 100-continue: Node's own 417 has no body.
     server.on("checkExpectation", (_request: IncomingMessage, response: ServerResponse) => {

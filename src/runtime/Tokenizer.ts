@@ -29,6 +29,12 @@ export interface ModelTokenizer {
    * is left to `encode`. Does nothing where pieces are not memoized.
    */
   readonly encodeAhead: (text: string) => Effect.Effect<void>
+  /**
+   * How many pieces of LONG_PIECE_CHARS or more were encoded on the event loop since load:
+   * each a stall of up to hundreds of ms that `encodeAhead` did not prevent (a template that
+   * writes a message otherwise than its segments, a worker that failed). 0 in a healthy runner.
+   */
+  readonly numLongPiecesEncodedOnLoop: () => number
   /** Text of `ids`, special tokens skipped. */
   readonly decode: (ids: ReadonlyArray<number>) => string
   /** The prompt string for `messages`, ending with the assistant's generation prompt. */
@@ -73,6 +79,8 @@ export interface PromptSegments {
    * `middle` where the template writes the two alike.
    */
   readonly reply: (message: ChatMessage) => Array<number>
+  /** The text `first` (`opening`) or `middle` and `reply` (otherwise) encode for `message`. */
+  readonly text: (message: ChatMessage, opening: boolean) => string
 }
 
 const TokenizerConfig = Schema.Struct({
@@ -141,18 +149,26 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
     const template = new Template(source)
     const bos = tokenText(config.bos_token)
     const eos = tokenText(config.eos_token)
-    const encodeRaw = (text: string) => tokenizer.encode(text, { add_special_tokens: false }).ids
+    let numLongOnLoop = 0
+    const encodeRaw = (text: string) => {
+      if (text.length >= LONG_PIECE_CHARS) numLongOnLoop++
+      return tokenizer.encode(text, { add_special_tokens: false }).ids
+    }
     const memo = memoizedEncode(tokenizerJson as TokenizerJson, encodeRaw)
     const encode = memo.encode
     const offThread = offThreadEncoder(modelDir)
     const encodeAhead = (text: string): Effect.Effect<void> => {
       if (!memo.memoized || text.length < LONG_PIECE_CHARS) return Effect.void
-      const pieces = memo.split(text).filter((p, i) => i % 2 === 0 && p.length >= LONG_PIECE_CHARS && !memo.has(p))
-      return Effect.forEach(pieces, (piece) =>
-        Effect.tryPromise(() => offThread.encode(piece)).pipe(
-          Effect.tap((ids) => memo.seed(piece, Array.from(ids))),
-          Effect.ignore
-        ), { discard: true })
+      // Added tokens inside the text cut it into pieces: many short ones cost as much as one
+      // long one, so what counts is the length of those not memoized yet, together.
+      const pieces = memo.split(text).filter((p, i) => i % 2 === 0 && p.length > 0 && !memo.has(p))
+      if (pieces.reduce((n, p) => n + p.length, 0) < LONG_PIECE_CHARS) return Effect.void
+      return Effect.tryPromise((signal) => offThread.encode(pieces, signal)).pipe(
+        Effect.tap((encoded) => {
+          for (const [i, piece] of pieces.entries()) memo.seed(piece, Array.from(encoded[i]!))
+        }),
+        Effect.ignore
+      )
     }
     // The library rejects an empty list; an empty list is simply no text.
     const decode = (ids: ReadonlyArray<number>) =>
@@ -182,6 +198,7 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
     return {
       encode,
       encodeAhead,
+      numLongPiecesEncodedOnLoop: () => numLongOnLoop,
       decode,
       renderChat,
       promptSegments,
@@ -266,7 +283,8 @@ const derivePromptSegments = (
         const ids = middle(m)
         if (replyHeadIds === undefined || replyHeadIds.some((id, i) => ids[i] !== id)) return ids
         return [...generationPrompt, ...ids.slice(replyHeadIds.length)]
-      }
+      },
+      text
     }
     // Checked on sample conversations, with and without a system prompt.
     const sample: Array<ChatMessage> = [

@@ -864,6 +864,10 @@ describe("HTTP API: hostile input (issue 9)", () => {
       )
       expect(pipelined).toMatch(/^HTTP\/1\.1 201/)
       expect(pipelined).toMatch(/\r\n\r\n[\s\S]*HTTP\/1\.1 400/)
+      // Two good ones, then the bad one: both answered, in order, then the 400.
+      const good = "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+      const three = await rawExchange(url, `${good}${good}garbage\r\n\r\n`, 3000)
+      expect(three.match(/HTTP\/1\.1 \d{3}/g)).toEqual(["HTTP/1.1 201", "HTTP/1.1 201", "HTTP/1.1 400"])
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
     }))
 

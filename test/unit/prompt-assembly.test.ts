@@ -175,4 +175,27 @@ describe("prompt assembly by template segments", () => {
       const expected = render(first)
       expect(ids).toEqual(expected)
     }))
+
+  it.effect("long messages (system, history, new) are encoded off the event loop: the prompt's own encode finds them memoized", () =>
+    Effect.gen(function*() {
+      const tokenizer = yield* Tokenizer.load(modelsDir)
+      const model: LoadedModel = { pool: "p", modelDir: modelsDir, tokenizer, maxModelLen: 1_000_000 }
+      // Words (many pre-tokens), CJK (one long pre-token), and text cut by added tokens into
+      // pieces each shorter than LONG_PIECE_CHARS.
+      const words = (n: number, salt: string) => Array.from({ length: n }, (_, i) => `${salt}${(i * 7919) % 1009}`).join(" ")
+      let cjk = ""
+      for (let i = 0; i < 3_000; i++) cjk += String.fromCodePoint(0x4e00 + ((i * 104_729) % 20_000))
+      const cut = Array.from({ length: 8 }, (_, i) => words(150, `c${i}`)).join("<|im_end|>")
+      const history = [
+        { role: "user" as const, content: words(800, "u") },
+        { role: "assistant" as const, content: cjk },
+        { role: "user" as const, content: cut },
+        { role: "assistant" as const, content: words(900, "a") }
+      ]
+      const state = { systemPrompt: words(700, "s"), history, cache: emptyPromptCache() }
+      const before = tokenizer.numLongPiecesEncodedOnLoop()
+      const ids = yield* buildPrompt(model, state, words(1_000, "n"), 16)
+      expect(tokenizer.numLongPiecesEncodedOnLoop()).toBe(before)
+      expect(ids.length).toBeGreaterThan(20_000)
+    }), 60_000)
 })

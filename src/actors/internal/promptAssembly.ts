@@ -75,10 +75,20 @@ export const buildPrompt = (
   for (; cache.numScanned < history.length; cache.numScanned++) {
     if (history[cache.numScanned]!.content.includes(THINK)) cache.hasThink = true
   }
-  const ahead = encodeMessageAhead(model.tokenizer, { role: "user", content })
+  // The new message and a changed system message (its prompt, summary and facts) go ahead
+  // last, right before the synchronous assembly that reads them from the memo (where what
+  // other turns memoize meanwhile could push them out).
+  const ahead = Effect.suspend(() =>
+    Effect.zipRight(
+      state.systemPrompt === null || cache.system?.content === state.systemPrompt
+        ? Effect.void
+        : encodeMessageAhead(model.tokenizer, { role: "system", content: state.systemPrompt }, true),
+      encodeMessageAhead(model.tokenizer, { role: "user", content }, false)
+    )
+  )
   if (segments === undefined) return Effect.zipRight(ahead, Effect.suspend(() => buildByRender(model, state, content, limit, history.length)))
   return Effect.zipRight(
-    Effect.zipRight(ahead, encodeWindow(model.tokenizer, segments, state, limit)),
+    Effect.zipRight(encodeWindow(model.tokenizer, segments, state, limit), ahead),
     Effect.suspend(() => {
       const bySegments = buildBySegments(segments, state, content, limit)
   // A <think> block may change how the template renders other messages (Qwen3 places
@@ -105,21 +115,24 @@ const yieldToEventLoop: Effect.Effect<void> = Effect.async<void>((resume) => {
 /**
  * Encodes a long message's text off the event loop (ModelTokenizer.encodeAhead), so that the
  * synchronous prompt assembly that follows finds it memoized: a message of 65,536 characters
- * takes 150–700 ms to encode. The message is rendered through the template as a prompt sees
- * it (after a user message, for a reply); a template that writes it otherwise in the prompt
- * only costs the memo a miss, and the prompt is encoded on the event loop as before.
+ * takes 150–700 ms to encode. The text is the one the prompt's segments encode for it (as the
+ * opening message, or after one); without segments, the message rendered through the template
+ * as a prompt holds it (a reply between two user messages). A text the prompt then encodes
+ * otherwise only costs the memo a miss: the prompt is encoded on the event loop, as before.
  */
-const encodeMessageAhead = (tokenizer: ModelTokenizer, message: ChatMessage): Effect.Effect<void> => {
+const encodeMessageAhead = (tokenizer: ModelTokenizer, message: ChatMessage, opening: boolean): Effect.Effect<void> => {
   if (message.content.length < LONG_PIECE_CHARS) return Effect.void
   return Effect.suspend(() => {
-    const messages: Array<ChatMessage> = message.role === "assistant" ? [{ role: "user", content: "." }, message] : [message]
-    let rendered: string
+    let text: string
     try {
-      rendered = tokenizer.renderChat(messages)
+      const segments = tokenizer.promptSegments
+      text = segments !== undefined
+        ? segments.text(message, opening)
+        : tokenizer.renderChat(message.role === "assistant" ? [{ role: "user", content: "." }, message, { role: "user", content: "." }] : [message])
     } catch {
       return Effect.void
     }
-    return tokenizer.encodeAhead(rendered)
+    return tokenizer.encodeAhead(text)
   })
 }
 
@@ -155,7 +168,7 @@ const encodeWindow = (tokenizer: ModelTokenizer, segments: Segments, state: Prom
       let ids = historyIds[i]
       if (ids === undefined) {
         const message = history[i]!
-        if (state.cache.lastUser?.content !== message.content) yield* encodeMessageAhead(tokenizer, message)
+        if (state.cache.lastUser?.content !== message.content) yield* encodeMessageAhead(tokenizer, message, false)
         ids = historyIds[i] = Uint32Array.from(historyPiece(segments, state.cache, history[i]!))
         if (performance.now() - sliceStart >= ENCODE_SLICE_MS) {
           yield* yieldToEventLoop
