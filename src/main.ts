@@ -248,7 +248,7 @@ const MainLive = Layer.unwrapEffect(
     )
     if (!runner.roles.includes("gateway")) return Layer.discard(RunnerLive)
     // One registry for the whole process: the facade times turns, the edge counts refusals.
-    const MetricsLive = Metrics.layer.pipe(Layer.provide(Layer.mergeAll(WorkersLive, TopologyLive, ConversationCacheLive)))
+    const MetricsLive = Metrics.layer.pipe(Layer.provide(Layer.mergeAll(WorkersLive, TopologyLive, ConversationCacheLive, ModelsLive)))
     const ConversationsLayer = ConversationsLive.layer.pipe(
       Layer.provide(EmbedderLive.pipe(Layer.provide(RunnerLive), Layer.provide(ModelsLive), Layer.provide(TopologyLive))),
       Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive, MetricsLive, Moderation.layerConfig, TurnTraces.layerConfig))

@@ -9,6 +9,8 @@
  * - per GPU of this process, read at scrape time: `num_requests_running`,
  *   `num_requests_waiting`, `kv_cache_usage_perc` (0–1, blocks in use), and prefix-cache
  *   `prefix_cache_queries_total` / `prefix_cache_hits_total` (tokens);
+ * - per model pool: `tokenizer_long_pieces_on_event_loop_total` (long text that was encoded on
+ *   the event loop, each a stall: the off-thread encoding missed it);
  * - at the edge: `rate_limit_rejections_total` by tier and limit (`requests`, `tokens`), and
  *   `moderation_verdicts_total` by stage (`input`; output verdicts are counted as
  *   `request_success_total{finished_reason="content_filter"}`) and verdict.
@@ -17,6 +19,7 @@ import { ConversationCache } from "./ConversationCache.js"
 import { Context, Effect, Layer } from "effect"
 import * as Prometheus from "prom-client"
 import { GpuWorkers } from "./GpuWorkers.js"
+import { Models } from "./Models.js"
 import { TopologyService } from "./Topology.js"
 import type { TurnStream } from "./TurnStream.js"
 
@@ -69,6 +72,21 @@ const make = Effect.gen(function*() {
   for (const [name, pool] of Object.entries(topology.pools)) for (const gpu of pool.gpus) poolOfGpu.set(gpu.id, name)
 
   const registry = new Prometheus.Registry()
+  const models = yield* Models
+  // Long text the tokenizer encoded on the event loop (a stall each): encodeAhead's misses.
+  new Prometheus.Counter({
+    name: "tokenizer_long_pieces_on_event_loop_total",
+    help: "Pieces of 1,024 characters or more the tokenizer encoded on the event loop (not on its worker thread), by model pool.",
+    labelNames: ["model"] as const,
+    registers: [registry],
+    collect() {
+      this.reset()
+      for (const pool of Object.keys(topology.pools)) {
+        const model = models.get(pool)
+        if (model !== undefined) this.inc({ model: pool }, model.tokenizer.numLongPiecesEncodedOnLoop())
+      }
+    }
+  })
   const cacheStats = (yield* ConversationCache).stats
   // Read at scrape time from the cache's own counts (the entities count as they load).
   new Prometheus.Counter({
@@ -190,4 +208,4 @@ const make = Effect.gen(function*() {
   })
 })
 
-export const layer: Layer.Layer<Metrics, never, GpuWorkers | TopologyService | ConversationCache> = Layer.effect(Metrics, make)
+export const layer: Layer.Layer<Metrics, never, GpuWorkers | TopologyService | ConversationCache | Models> = Layer.effect(Metrics, make)

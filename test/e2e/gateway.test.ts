@@ -88,6 +88,8 @@ describe("gateway: identity and ownership", () => {
     expect(value('e2e_request_latency_seconds_count{model="mini",tier="paid"}')).toBeGreaterThanOrEqual(1)
     expect(value('generation_tokens_total{model="mini",tier="paid"}')).toBeGreaterThanOrEqual(1)
     expect(value('prompt_tokens_total{model="mini",tier="paid"}')).toBeGreaterThan(1)
+    // No long text was tokenized on the event loop (the off-thread path's misses).
+    expect(value('tokenizer_long_pieces_on_event_loop_total{model="mini"}')).toBe(0)
     expect(metrics).toMatch(/request_success_total\{model="mini",tier="paid",finished_reason="(stop|length)"\} [1-9]/)
     expect(value('num_requests_running{model="mini",gpu="gpu-0"}')).toBe(0)
     expect(value('kv_cache_usage_perc{model="mini",gpu="gpu-0"}')).toBeGreaterThanOrEqual(0)

@@ -12,6 +12,7 @@ import * as Auth from "../../src/http/Auth.js"
 import * as Metrics from "../../src/runtime/Metrics.js"
 import * as RunnerStatus from "../../src/runtime/RunnerStatus.js"
 import { GpuWorkers } from "../../src/runtime/GpuWorkers.js"
+import { Models } from "../../src/runtime/Models.js"
 import * as Edge from "../../src/http/Edge.js"
 import * as RateLimits from "../../src/http/RateLimits.js"
 import { RateLimiter } from "@effect/experimental"
@@ -54,6 +55,7 @@ const authLayer = (env: Record<string, string>) =>
     Layer.provideMerge(Metrics.layer),
     // The fake conversations run no GPU: the metrics have no GPU gauges to read.
     Layer.provide(Layer.succeed(GpuWorkers, { get: () => undefined, all: [], drain: () => Effect.succeed(0) })),
+    Layer.provide(Layer.succeed(Models, { get: () => undefined })),
     Layer.provide(ConversationCache.layerNone),
     Layer.provide(RateLimiter.layerStoreMemory),
     Layer.provideMerge(Topology.layer(clusterConfig)),
