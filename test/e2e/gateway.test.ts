@@ -81,6 +81,13 @@ describe("gateway: identity and ownership", () => {
     expect(((await history.json()) as any).turns.length).toBe(2)
     expect(await sqlAt("SELECT count(*)::int AS n FROM chat_turns WHERE conversation_id = $1", [id], dbUrl)).toEqual([{ n: 2 }])
 
+    // A message too long for the context (40,000 CJK characters, one pre-token, ~65 k tokens) is
+    // refused, and was tokenized on the worker thread, not on the event loop (the counter below).
+    let cjk = ""
+    for (let i = 0; i < 40_000; i++) cjk += String.fromCodePoint(0x4e00 + ((i * 104_729) % 20_000))
+    const tooLong = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: cjk, max_tokens: 4 }, alice)
+    expect(tooLong.status).toBe(400)
+    expect(((await tooLong.json()) as any).error.code).toBe("prompt_too_long")
     // The turn shows in the Prometheus metrics, labelled by model pool and tier.
     const metrics = await (await fetch(`${service.url}/metrics`)).text()
     const value = (line: string) => Number(metrics.split("\n").find((l) => l.startsWith(line))?.slice(line.length).trim())
@@ -88,7 +95,7 @@ describe("gateway: identity and ownership", () => {
     expect(value('e2e_request_latency_seconds_count{model="mini",tier="paid"}')).toBeGreaterThanOrEqual(1)
     expect(value('generation_tokens_total{model="mini",tier="paid"}')).toBeGreaterThanOrEqual(1)
     expect(value('prompt_tokens_total{model="mini",tier="paid"}')).toBeGreaterThan(1)
-    // No long text was tokenized on the event loop (the off-thread path's misses).
+    // No long text was tokenized on the event loop (the off-thread path's misses), the refused one included.
     expect(value('tokenizer_long_pieces_on_event_loop_total{model="mini"}')).toBe(0)
     expect(metrics).toMatch(/request_success_total\{model="mini",tier="paid",finished_reason="(stop|length)"\} [1-9]/)
     expect(value('num_requests_running{model="mini",gpu="gpu-0"}')).toBe(0)
