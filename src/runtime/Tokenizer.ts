@@ -23,10 +23,11 @@ export interface ModelTokenizer {
   /** Token ids of `text`, no special tokens added (templates carry their own). */
   readonly encode: (text: string) => Array<number>
   /**
-   * Encodes the long pieces of `text` (at least LONG_PIECE_CHARS between added tokens) on a
-   * worker thread and memoizes them, so that an `encode` of text holding them that follows
-   * soon after does not hold the event loop. Never fails: a piece the worker could not encode
-   * is left to `encode`. Does nothing where pieces are not memoized.
+   * Encodes the pieces of `text` (the text between added tokens) not memoized yet on a worker
+   * thread, when together they are LONG_PIECE_CHARS or more, and memoizes them, so that an
+   * `encode` of text holding them that follows soon after does not hold the event loop. Never
+   * fails: pieces the worker could not encode are left to `encode`. Does nothing where pieces
+   * are not memoized.
    */
   readonly encodeAhead: (text: string) => Effect.Effect<void>
   /**
