@@ -392,10 +392,7 @@ export const layerNodeServer = (
           response.writeHead(400, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body), Connection: "close" }).end(body)
           return true
         }
-      }
-      if (event === "request" && server.listenerCount("request") > 1) {
-        const [request, response] = args as [IncomingMessage, ServerResponse]
-        if (request.method === "GET" && request.url === "/healthz" && request.headers.origin === undefined) {
+        if (server.listenerCount("request") > 1 && request.method === "GET" && request.url === "/healthz" && request.headers.origin === undefined) {
           const requestId = Edge.requestIdFor(request.headers["x-request-id"] as string | undefined)
           // Vary: the same URL with an Origin gets the API's CORS headers.
           response.writeHead(200, { "content-type": "application/json", "x-request-id": requestId, vary: "Origin" }).end(HEALTHZ_BODY)

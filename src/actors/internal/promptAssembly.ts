@@ -78,13 +78,11 @@ export const buildPrompt = (
   // The new message and a changed system message (its prompt, summary and facts) go ahead
   // last, right before the synchronous assembly that reads them from the memo (where what
   // other turns memoize meanwhile could push them out).
-  const ahead = Effect.suspend(() =>
-    Effect.zipRight(
-      state.systemPrompt === null || cache.system?.content === state.systemPrompt
-        ? Effect.void
-        : encodeMessageAhead(model.tokenizer, { role: "system", content: state.systemPrompt }, true),
-      encodeMessageAhead(model.tokenizer, { role: "user", content }, false)
-    )
+  const ahead = Effect.zipRight(
+    state.systemPrompt === null || cache.system?.content === state.systemPrompt
+      ? Effect.void
+      : encodeMessageAhead(model.tokenizer, { role: "system", content: state.systemPrompt }, true),
+    encodeMessageAhead(model.tokenizer, { role: "user", content }, false)
   )
   if (segments === undefined) return Effect.zipRight(ahead, Effect.suspend(() => buildByRender(model, state, content, limit, history.length)))
   return Effect.zipRight(
