@@ -84,9 +84,9 @@ export interface StepStats {
  * - `rpc_ms`: send → reply frame received; `engine_ms` (the engine's `timings.total_ms`) is
  *   inside it, the rest is ZeroMQ IPC both ways and the engine's own msgpack work;
  * - `decode_ms`: this side, msgpack + Schema decoding of the reply.
- * `dispatch_ms`, handing the previous step's tokens to their sinks, runs after the send,
- * while the engine computes: it delays the GPU only if it outlasts the step (then the reply
- * waits, which shows in `rpc_ms`).
+ * `dispatch_ms`: time spent handing earlier steps' tokens to their sinks while this step ran
+ * (in slices, between the event loop's other work). It delays the GPU only when two steps'
+ * tokens are still going out: the next step then waits (which shows in its `schedule_ms`).
  */
 export interface StepRecord {
   readonly num_seqs: number
@@ -187,6 +187,9 @@ export interface GpuWorkerOptions extends EngineClient.EngineProcessOptions {
 }
 
 
+/** How long (ms) one slice of a step's token delivery may hold the event loop. */
+const DELIVER_SLICE_MS = 4
+
 const SLOT_FREE = 0
 const SLOT_RESERVED = 1
 const SLOT_STARTED = 2
@@ -261,17 +264,63 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     // One map for every step's sampled tokens (applyStepResult does not keep it).
     const sampled = new Map<number, number>()
     const setSampled = (seqId: number, tokenId: number) => void sampled.set(seqId, tokenId)
-    let lastDispatchMs = 0
 
+    /**
+     * Outputs not yet handed to their sinks, oldest first, from `deliveringAt`. A sink's work
+     * per token (detokenizing, stop strings, moderation, the turn log, the SSE write) is tens of
+     * microseconds, several times that while the collector marks the heap, so the tokens go out
+     * in slices of DELIVER_SLICE_MS with the event loop turning between them. A step's tokens
+     * go out while the next step runs; a step is sent only while at most one earlier step's
+     * tokens are still going out (`tick` waits otherwise), so a slow delivery paces the GPU and
+     * the queue holds at most two steps' tokens.
+     */
+    let delivering: Array<TokenOutput> = []
+    let deliveringAt = 0
+    /** Where each step's outputs end in `delivering`, for the steps not yet all delivered. */
+    let batchEnds: Array<number> = []
+    /** Time spent in delivery slices since the last step record (its `dispatch_ms`). */
+    let dispatchMs = 0
+    /** When a tick found deliveries behind: it runs again, from this `since`, once they catch up. */
+    let tickAfterDelivery: number | undefined = undefined
     const deliver = (outputs: ReadonlyArray<TokenOutput>) => {
-      const t0 = performance.now()
-      for (const out of outputs) {
-        const sink = sinks.get(out.seqId)
-        if (sink === undefined) continue
-        if (out.finishReason !== undefined) sinks.delete(out.seqId)
-        sink.onToken(out.tokenId, out.finishReason, out.numCachedTokens)
+      if (outputs.length === 0) return
+      const idle = deliveringAt >= delivering.length
+      if (idle) {
+        delivering = []
+        deliveringAt = 0
+        batchEnds = []
+      } else if (deliveringAt > 1024 && deliveringAt * 2 > delivering.length) {
+        delivering = delivering.slice(deliveringAt)
+        batchEnds = batchEnds.map((end) => end - deliveringAt)
+        deliveringAt = 0
       }
-      lastDispatchMs = performance.now() - t0
+      for (const out of outputs) delivering.push(out)
+      batchEnds.push(delivering.length)
+      if (idle) deliverSlice()
+    }
+    const deliverSlice = () => {
+      const t0 = performance.now()
+      let done = true
+      while (deliveringAt < delivering.length) {
+        const out = delivering[deliveringAt++]!
+        const sink = sinks.get(out.seqId)
+        if (sink !== undefined) {
+          if (out.finishReason !== undefined) sinks.delete(out.seqId)
+          sink.onToken(out.tokenId, out.finishReason, out.numCachedTokens)
+        }
+        if (deliveringAt < delivering.length && performance.now() - t0 >= DELIVER_SLICE_MS) {
+          done = false
+          break
+        }
+      }
+      dispatchMs += performance.now() - t0
+      while (batchEnds.length > 0 && batchEnds[0]! <= deliveringAt) batchEnds.shift()
+      if (!done) setImmediate(deliverSlice)
+      if (tickAfterDelivery !== undefined && batchEnds.length <= 1) {
+        const since = tickAfterDelivery
+        tickAfterDelivery = undefined
+        tick(since)
+      }
     }
     const fail = (seqId: number, error: EngineError) => {
       const sink = sinks.get(seqId)
@@ -311,6 +360,10 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     const tick = (since: number): void => {
       tickScheduled = false
       if (busy || stopped || !engineUp) return
+      if (batchEnds.length > 1) {
+        tickAfterDelivery ??= since
+        return
+      }
       const plan = core.schedule()
       if (plan === undefined) {
         const outputs = undelivered
@@ -366,8 +419,9 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         rpc_ms: receivedAt - sentAt,
         engine_ms: reply.timings.total_ms,
         decode_ms: decodedAt - receivedAt,
-        dispatch_ms: lastDispatchMs
+        dispatch_ms: dispatchMs
       })
+      dispatchMs = 0
       tick(decodedAt)
     }
 

@@ -88,6 +88,51 @@ describe("GpuWorker with the real engine", () => {
       expect((yield* worker.stats).numSteps).toBeGreaterThanOrEqual(200)
     }))
 
+  it.scopedLive("hands a step's tokens to their sinks in slices, with the event loop turning between them", () =>
+    Effect.gen(function*() {
+      // 16 sequences whose sinks take 2 ms a token (a DecodeSlot's work while the collector
+      // marks a large heap): one step's tokens are 32 ms of sink work. A chain of setImmediate
+      // callbacks marks the loop's turns; counted in sink calls, not ms, so that a slowed test
+      // process only ever sees fewer per turn. Handed over in one go, a turn would see all 16.
+      const worker = yield* makeWorker(64)
+      let callsThisTurn = 0
+      let mostCallsInOneTurn = 0
+      let running = true
+      const probe = () => {
+        mostCallsInOneTurn = Math.max(mostCallsInOneTurn, callsThisTurn)
+        callsThisTurn = 0
+        if (running) setImmediate(probe)
+      }
+      setImmediate(probe)
+      const results = yield* Effect.forEach(Array.from({ length: 16 }, (_, i) => i), (i) =>
+        Effect.async<{ tokens: Array<number>; finish: string }>((resume) => {
+          const tokens: Array<number> = []
+          const started = worker.start({ promptTokenIds: prompt(12, i), maxTokens: 8, sampling: greedy, priority: 0 }, {
+            onToken: (tokenId, finishReason) => {
+              callsThisTurn++
+              const end = performance.now() + 2
+              while (performance.now() < end) {
+                // a sink's synchronous work
+              }
+              tokens.push(tokenId)
+              if (finishReason !== undefined) resume(Effect.succeed({ tokens, finish: finishReason }))
+            },
+            onFailed: (error) => resume(Effect.succeed({ tokens, finish: `failed:${error.code}` }))
+          })
+          if (Either.isLeft(started)) resume(Effect.succeed({ tokens, finish: "refused" }))
+        }), { concurrency: "unbounded" })
+      running = false
+      for (const r of results) {
+        expect(r.finish).toBe("length")
+        expect(r.tokens.length).toBe(8)
+      }
+      // Sliced, every token arrived, in order: each equals the sequence generated alone.
+      const alone = yield* Effect.scoped(Effect.flatMap(worker.generate({ promptTokenIds: prompt(12, 5), maxTokens: 8, sampling: greedy, priority: 0 }), drain))
+      expect(results[5]!.tokens).toEqual(alone.tokens)
+      expect(mostCallsInOneTurn).toBeGreaterThan(0)
+      expect(mostCallsInOneTurn).toBeLessThan(10)
+    }))
+
   it.scopedLive("closing a sequence's scope cancels it and frees its blocks within a step", () =>
     Effect.gen(function*() {
       const worker = yield* makeWorker(64)
