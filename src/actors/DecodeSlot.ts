@@ -2,7 +2,8 @@
  * DecodeSlot entity `{gpu}/{slot}`: one sequence's life on its GPU.
  *
  * `Start` queues the sequence in the GPU's scheduler and returns; from then on the GPU step
- * loop calls the slot's sink with each sampled token, synchronously, once per step: the sink
+ * loop calls the slot's sink with each sampled token, once per step (a step's tokens go out in
+ * slices of 4 ms, with the event loop turning between them): the sink
  * detokenizes incrementally, applies stop strings and writes the text into the turn's
  * TurnStream, in this process or on the gateway runner that holds it (DataPlane). A full reader pauses the sequence (backpressure) until it
  * drains. At the end the slot reports the turn to its owner through `TurnFinisher` (the

@@ -5,8 +5,10 @@
  * A stream's id names its gateway runner (`<runner>.<uuid>`, see TurnStreams). On the same
  * runner the slot writes into the TurnStream directly (a function call per token). Across
  * runners it writes into a `RemoteSink`: its events are batched per destination runner and
- * sent as one ZeroMQ frame after each engine step (the step loop calls every sink
- * synchronously, so a flush scheduled with `setImmediate` carries the whole step). The
+ * sent as one ZeroMQ frame after each engine step: the step loop hands a step's tokens to
+ * their sinks in slices of 4 ms, so a flush scheduled with `setImmediate` carries the whole
+ * step, or, when a step's tokens take longer than a slice (a busy loop, the collector marking),
+ * what one slice handed over. The
  * gateway answers with control messages: pause (its reader is full), resume (drained) and
  * cancel (the reader went away, or the stream is unknown there).
  *

@@ -84,9 +84,10 @@ export interface StepStats {
  * - `rpc_ms`: send → reply frame received; `engine_ms` (the engine's `timings.total_ms`) is
  *   inside it, the rest is ZeroMQ IPC both ways and the engine's own msgpack work;
  * - `decode_ms`: this side, msgpack + Schema decoding of the reply.
- * `dispatch_ms`: time spent handing earlier steps' tokens to their sinks while this step ran
- * (in slices, between the event loop's other work). It delays the GPU only when two steps'
- * tokens are still going out: the next step then waits (which shows in its `schedule_ms`).
+ * `dispatch_ms`: time spent handing tokens to their sinks (in slices of 4 ms, between the
+ * event loop's other work) since the previous step's record. It delays the GPU only when two
+ * steps' tokens are still going out: the next step then waits, and that wait is also in its
+ * `schedule_ms`.
  */
 export interface StepRecord {
   readonly num_seqs: number
@@ -282,6 +283,8 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     let dispatchMs = 0
     /** When a tick found deliveries behind: it runs again, from this `since`, once they catch up. */
     let tickAfterDelivery: number | undefined = undefined
+    /** A slice is running: a `deliver` from inside it (through `tick`) leaves the rest to it. */
+    let inSlice = false
     const deliver = (outputs: ReadonlyArray<TokenOutput>) => {
       if (outputs.length === 0) return
       const idle = deliveringAt >= delivering.length
@@ -296,36 +299,48 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       }
       for (const out of outputs) delivering.push(out)
       batchEnds.push(delivering.length)
-      if (idle) deliverSlice()
+      if (!idle) return
+      if (inSlice) setImmediate(deliverSlice)
+      else deliverSlice()
     }
     const deliverSlice = () => {
+      if (stopped) return
       const t0 = performance.now()
-      let done = true
-      while (deliveringAt < delivering.length) {
-        const out = delivering[deliveringAt++]!
-        const sink = sinks.get(out.seqId)
-        if (sink !== undefined) {
-          if (out.finishReason !== undefined) sinks.delete(out.seqId)
-          sink.onToken(out.tokenId, out.finishReason, out.numCachedTokens)
+      inSlice = true
+      try {
+        while (deliveringAt < delivering.length) {
+          const out = delivering[deliveringAt++]!
+          const sink = sinks.get(out.seqId)
+          if (sink !== undefined) {
+            if (out.finishReason !== undefined) sinks.delete(out.seqId)
+            sink.onToken(out.tokenId, out.finishReason, out.numCachedTokens)
+          }
+          if (performance.now() - t0 >= DELIVER_SLICE_MS) break
         }
-        if (deliveringAt < delivering.length && performance.now() - t0 >= DELIVER_SLICE_MS) {
-          done = false
-          break
+      } finally {
+        // Also when a sink threw (SeqSink must not): the rest still goes out, the loop goes on.
+        inSlice = false
+        dispatchMs += performance.now() - t0
+        while (batchEnds.length > 0 && batchEnds[0]! <= deliveringAt) batchEnds.shift()
+        if (deliveringAt < delivering.length) setImmediate(deliverSlice)
+        if (tickAfterDelivery !== undefined && batchEnds.length <= 1) {
+          const since = tickAfterDelivery
+          tickAfterDelivery = undefined
+          tick(since)
         }
-      }
-      dispatchMs += performance.now() - t0
-      while (batchEnds.length > 0 && batchEnds[0]! <= deliveringAt) batchEnds.shift()
-      if (!done) setImmediate(deliverSlice)
-      if (tickAfterDelivery !== undefined && batchEnds.length <= 1) {
-        const since = tickAfterDelivery
-        tickAfterDelivery = undefined
-        tick(since)
       }
     }
+    /** The sequence's tokens still going out reach its sink first; then its failure, unless one finished it. */
     const fail = (seqId: number, error: EngineError) => {
       const sink = sinks.get(seqId)
       if (sink === undefined) return
       sinks.delete(seqId)
+      for (let i = deliveringAt; i < delivering.length; i++) {
+        const out = delivering[i]!
+        if (out.seqId !== seqId) continue
+        sink.onToken(out.tokenId, out.finishReason, out.numCachedTokens)
+        if (out.finishReason !== undefined) return
+      }
       sink.onFailed(error)
     }
     const wake = () => {
@@ -456,7 +471,11 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
       engineEpoch++
       clearTimeout(deadlineTimer)
       busy = false
+      // A held-back tick left the last step's tokens here: they are in the sequences' output
+      // (and prefilled again with them), so they go to their sinks, not away.
+      const heldBack = undelivered
       undelivered = []
+      deliver(heldBack)
       core.requeueAll()
       yield* Effect.logError(
         `engine ${options.gpuId} exited with code ${code}; restarting it, ${core.numWaiting} sequences wait for it`

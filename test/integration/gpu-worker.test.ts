@@ -164,6 +164,42 @@ describe("GpuWorker with the real engine", () => {
       expect((yield* worker.stats).numFreeBlocks).toBe(64)
     }), 30_000)
 
+  it.scopedLive("an engine crash while steps wait for their tokens to go out loses none of them", () =>
+    Effect.gen(function*() {
+      // Sinks of 20 ms a token: a step's 8 tokens take 160 ms to go out, far longer than a step
+      // of the tiny model, so the step loop mostly waits with the latest step's tokens held
+      // back. The crash lands there; those tokens are in the sequences' output (and prefilled
+      // again), so they must still reach the sinks: each text equals an undisturbed run's.
+      const worker = yield* makeWorker(64)
+      const requests = Array.from({ length: 8 }, (_, i) => ({ promptTokenIds: prompt(10, 20 + i), maxTokens: 16, sampling: greedy, priority: 0 }))
+      const undisturbed = yield* Effect.forEach(requests, (request) => Effect.scoped(Effect.flatMap(worker.generate(request), drain)))
+      const first = worker.engine()
+      const slow = yield* Effect.forEach(requests, (request) =>
+        Effect.fork(Effect.async<{ tokens: Array<number>; finish: string }>((resume) => {
+          const tokens: Array<number> = []
+          const started = worker.start(request, {
+            onToken: (tokenId, finishReason) => {
+              const end = performance.now() + 20
+              while (performance.now() < end) {
+                // a sink's synchronous work
+              }
+              tokens.push(tokenId)
+              if (finishReason !== undefined) resume(Effect.succeed({ tokens, finish: finishReason }))
+            },
+            onFailed: (error) => resume(Effect.succeed({ tokens, finish: `failed:${error.code}` }))
+          })
+          if (Either.isLeft(started)) resume(Effect.succeed({ tokens, finish: "refused" }))
+        })))
+      yield* Effect.sleep(Duration.millis(400))
+      process.kill(first.process.pid, "SIGKILL")
+      const results = yield* Fiber.joinAll(slow).pipe(Effect.timeout(Duration.seconds(20)))
+      expect((yield* worker.stats).numEngineRestarts).toBe(1)
+      results.forEach((r, i) => {
+        expect(r.finish).toBe("length")
+        expect(r.tokens).toEqual(undisturbed[i]!.tokens)
+      })
+    }), 30_000)
+
   it.scopedLive("admission: an idle GPU admits any prompt; a full one refuses past the TTFT target, and past its slots", () =>
     Effect.gen(function*() {
       const worker = yield* makeWorker(64, { maxNumSeqs: 2, numSlots: 4 })
