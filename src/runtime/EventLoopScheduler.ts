@@ -21,11 +21,9 @@
  * waiting when it began sent each hop to the next loop turn (TTFT p50 at 256 streams 91 →
  * 177 ms in an A/B run).
  *
- * A task that has waited `maxWaitMs` may run in a check-phase drain past its budget, up to
- * `maxDrainMs`: under overload the loop turns slower rather than starve fibers behind busy I/O.
- * That is bounded: while the collector marks a large heap everything on the main thread runs
- * several times slower, many tasks pass `maxWaitMs` at once, and a drain that ran every one of
- * them held the loop for 100–900 ms (2,048 streams).
+ * A task that has waited `maxWaitMs` runs in the current drain whatever its budget: under
+ * overload the loop turns slower rather than starve fibers (a shard lease's refresh among them,
+ * whose lapse would cost the runner its shards).
  *
  * Yielding within a fiber is unchanged (`shouldYield`: Effect's op-count rule); a fiber that
  * yields goes to the back of the queue. A task of a fiber running at a scheduling priority
@@ -43,10 +41,8 @@ import { performance } from "node:perf_hooks"
 export const DEFAULT_SLICE_MS = 2
 /** Default budget of a check-phase drain (ms): it leaves a loop turn room for its I/O under 50 ms. */
 export const DEFAULT_CHECK_BUDGET_MS = 15
-/** Default age (ms) past which a waiting task may run past the check-phase budget. */
+/** Default age (ms) past which a waiting task runs whatever the budget. */
 export const DEFAULT_MAX_WAIT_MS = 100
-/** Default bound (ms) of a check-phase drain that runs tasks past their budget. */
-export const DEFAULT_MAX_DRAIN_MS = 25
 /**
  * A scheduling priority whose tasks run before the queue, with no budget (see the class docs):
  * only for short work with a deadline. Effect's default scheduler runs higher priorities later,
@@ -70,15 +66,14 @@ export class EventLoopScheduler implements Scheduler.Scheduler {
    * @param sliceMs how long (ms) fibers may run on microtasks before waiting I/O gets a turn; > 0.
    * @param checkBudgetMs how long (ms) one check-phase drain may run tasks (those they schedule
    *   included) before the rest waits for the next loop turn; > 0.
-   * @param maxWaitMs a task that has waited this long (ms) may run in a check-phase drain past
-   *   its budget: under overload the loop turns slower rather than starve fibers.
-   * @param maxDrainMs how long (ms) a check-phase drain may run such tasks; ≥ checkBudgetMs.
+   * @param maxWaitMs a task that has waited this long (ms) runs in the current drain whatever
+   *   its budget: under overload the loop turns slower rather than starve fibers (a shard lease
+   *   refresh among them).
    */
   constructor(
     readonly sliceMs: number = DEFAULT_SLICE_MS,
     readonly checkBudgetMs: number = DEFAULT_CHECK_BUDGET_MS,
-    readonly maxWaitMs: number = DEFAULT_MAX_WAIT_MS,
-    readonly maxDrainMs: number = Math.max(DEFAULT_MAX_DRAIN_MS, checkBudgetMs)
+    readonly maxWaitMs: number = DEFAULT_MAX_WAIT_MS
   ) {}
 
   shouldYield(fiber: Fiber.RuntimeFiber<unknown, unknown>): number | false {
@@ -106,16 +101,16 @@ export class EventLoopScheduler implements Scheduler.Scheduler {
     this.sliceStartMs = undefined
   }
 
-  private readonly drainInSlice = () => this.drain(this.sliceStartMs ?? performance.now(), this.sliceMs, this.sliceMs)
+  private readonly drainInSlice = () => this.drain(this.sliceStartMs ?? performance.now(), this.sliceMs)
 
-  private readonly drainInCheckPhase = () => this.drain(performance.now(), this.checkBudgetMs, this.maxDrainMs)
+  private readonly drainInCheckPhase = () => this.drain(performance.now(), this.checkBudgetMs)
 
   /**
    * Runs tasks, those they schedule included, until the queue is empty or `budgetMs` from
-   * `startMs` have passed; past that, only a task that has waited `maxWaitMs`, until `maxMs`.
-   * Urgent tasks run first, each time round, whatever the budget.
+   * `startMs` have passed; past that, only a task that has waited `maxWaitMs`. Urgent tasks
+   * run first, each time round, whatever the budget.
    */
-  private drain(startMs: number, budgetMs: number, maxMs: number): void {
+  private drain(startMs: number, budgetMs: number): void {
     let done = false
     try {
       for (;;) {
@@ -126,8 +121,7 @@ export class EventLoopScheduler implements Scheduler.Scheduler {
         }
         if (this.head >= this.tasks.length) break
         const now = performance.now()
-        const elapsedMs = now - startMs
-        if (elapsedMs >= budgetMs && (elapsedMs >= maxMs || now - this.scheduledAtMs[this.head]! < this.maxWaitMs)) return
+        if (now - startMs >= budgetMs && now - this.scheduledAtMs[this.head]! < this.maxWaitMs) return
         const task = this.tasks[this.head]!
         this.tasks[this.head++] = undefined
         task()

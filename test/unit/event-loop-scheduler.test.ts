@@ -2,7 +2,7 @@
  * EventLoopScheduler: fiber work that keeps yielding lets waiting I/O in once its slice is
  * spent (Effect's default scheduler resumes it on microtasks, 2,048 times before a timer); a
  * check phase runs about its budget however many fibers wait; a task that waited too long runs
- * past the budget, up to a bound.
+ * whatever the budget.
  */
 import { describe, expect, it } from "@effect/vitest"
 import { Effect } from "effect"
@@ -110,14 +110,6 @@ describe("EventLoopScheduler", () => {
       })
     expect(await loopTurnsUntilDone(new EventLoopScheduler(1, 1, 30))).toBeLessThan(30)
     expect(await loopTurnsUntilDone(new EventLoopScheduler(1, 1, 60_000))).toBeGreaterThan(60)
-  })
-
-  it("bounds a drain of overdue tasks at maxDrainMs (a heap-marking slowdown ages thousands at once)", async () => {
-    // 100 fibers × 3 steps of 1 ms, overdue after 5 ms: nearly all of them are overdue at once.
-    // A drain may run overdue tasks for 10 ms past its 2 ms budget: ~10 steps a turn. Without
-    // that bound (maxDrainMs huge) one drain runs every overdue task: most of the 300 steps.
-    expect(await mostStepsInOneLoopTurn(Effect.withScheduler(new EventLoopScheduler(1, 2, 5, 10)), 100, 3)).toBeLessThan(20)
-    expect(await mostStepsInOneLoopTurn(Effect.withScheduler(new EventLoopScheduler(1, 2, 5, 60_000)), 100, 3)).toBeGreaterThan(100)
   })
 
   it("runs an urgent fiber's tasks before the queue, whatever the budget (a shard lock refresh among 2,048 streams)", async () => {
