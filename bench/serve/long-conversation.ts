@@ -18,6 +18,7 @@ import { freshDatabase, sqlPool } from "../../test/support/database.js"
 import { REPO_ROOT } from "../../test/support/engineProcess.js"
 import { postJson, readSse, startService } from "../../test/support/service.js"
 import { listArg, provenance } from "./provenance.js"
+import { latencySummary as summary } from "./stats.js"
 
 const args = process.argv.slice(2)
 const flag = (name: string, fallback: number) => {
@@ -36,16 +37,6 @@ const nice = flag("engine-nice", 10)
 // The service's EVENT_LOOP_SLICE_MS (unset: its default).
 const sliceArg = args.indexOf("--slice-ms") < 0 ? undefined : String(flag("slice-ms", 0))
 
-const percentile = (xs: ReadonlyArray<number>, p: number) => {
-  const sorted = [...xs].sort((a, b) => a - b)
-  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN
-}
-const summary = (xs: ReadonlyArray<number>) => ({
-  n: xs.length,
-  p50_ms: +percentile(xs, 50).toFixed(2),
-  p99_ms: +percentile(xs, 99).toFixed(2),
-  max_ms: +Math.max(...xs).toFixed(2)
-})
 
 /** One /healthz round trip to `url` (ms); probers wait PROBE_INTERVAL_MS between them. */
 const probeMs = async (url: string): Promise<number> => {

@@ -16,21 +16,12 @@ import { freshDatabase } from "../../test/support/database.js"
 import { REPO_ROOT } from "../../test/support/engineProcess.js"
 import { postJson, startService } from "../../test/support/service.js"
 import { numberArg, provenance } from "./provenance.js"
+import { latencySummary as summary } from "./stats.js"
 
 const numMessages = numberArg("messages", 12)
 const numChars = numberArg("chars", 65_536)
 const PROBE_INTERVAL_MS = 100
 
-const percentile = (xs: ReadonlyArray<number>, p: number) => {
-  const sorted = [...xs].sort((a, b) => a - b)
-  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN
-}
-const summary = (xs: ReadonlyArray<number>) => ({
-  n: xs.length,
-  p50_ms: +percentile(xs, 50).toFixed(2),
-  p99_ms: +percentile(xs, 99).toFixed(2),
-  max_ms: +Math.max(...xs).toFixed(2)
-})
 
 /** `n` CJK characters from a seeded generator (xorshift32): the same text on every run. */
 const cjkText = (n: number, seed: number): string => {

@@ -21,6 +21,16 @@ export const summarize = (values: Float64Array | Array<number>): Summary => {
   return { n, mean: sum / n, p50: at(50), p90: at(90), p99: at(99), max: a[n - 1]! }
 }
 
+/**
+ * Latencies in ms as `{ n, p50_ms, p99_ms, max_ms }` (nearest rank, index ⌊p·n⌋), for the
+ * probe benchmarks (long messages, long conversations).
+ */
+export const latencySummary = (xs: ReadonlyArray<number>) => {
+  const sorted = [...xs].sort((a, b) => a - b)
+  const at = (p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN
+  return { n: xs.length, p50_ms: +at(50).toFixed(2), p99_ms: +at(99).toFixed(2), max_ms: +Math.max(...xs).toFixed(2) }
+}
+
 /** A growable Float64Array (millions of inter-token gaps without boxing). */
 export class Samples {
   private data = new Float64Array(1024)

@@ -47,6 +47,28 @@ const drain = (seq: GpuWorker.Sequence) =>
     }
   })
 
+/**
+ * Starts `request` with a sink that spends `sinkMs` of synchronous work on each token (a
+ * DecodeSlot's); `onToken` runs before it. Ends with the tokens and finish reason.
+ */
+const startSlow = (worker: GpuWorker.GpuWorker, request: GpuWorker.GenerateRequest, sinkMs: number, onToken: () => void = () => {}) =>
+  Effect.async<{ tokens: Array<number>; finish: string }>((resume) => {
+    const tokens: Array<number> = []
+    const started = worker.start(request, {
+      onToken: (tokenId, finishReason) => {
+        onToken()
+        const end = performance.now() + sinkMs
+        while (performance.now() < end) {
+          // a sink's synchronous work
+        }
+        tokens.push(tokenId)
+        if (finishReason !== undefined) resume(Effect.succeed({ tokens, finish: finishReason }))
+      },
+      onFailed: (error) => resume(Effect.succeed({ tokens, finish: `failed:${error.code}` }))
+    })
+    if (Either.isLeft(started)) resume(Effect.succeed({ tokens, finish: "refused" }))
+  })
+
 describe("GpuWorker with the real engine", () => {
   it.scopedLive("serves concurrent sequences and frees all blocks afterwards", () =>
     Effect.gen(function*() {
@@ -104,23 +126,11 @@ describe("GpuWorker with the real engine", () => {
         if (running) setImmediate(probe)
       }
       setImmediate(probe)
-      const results = yield* Effect.forEach(Array.from({ length: 16 }, (_, i) => i), (i) =>
-        Effect.async<{ tokens: Array<number>; finish: string }>((resume) => {
-          const tokens: Array<number> = []
-          const started = worker.start({ promptTokenIds: prompt(12, i), maxTokens: 8, sampling: greedy, priority: 0 }, {
-            onToken: (tokenId, finishReason) => {
-              callsThisTurn++
-              const end = performance.now() + 2
-              while (performance.now() < end) {
-                // a sink's synchronous work
-              }
-              tokens.push(tokenId)
-              if (finishReason !== undefined) resume(Effect.succeed({ tokens, finish: finishReason }))
-            },
-            onFailed: (error) => resume(Effect.succeed({ tokens, finish: `failed:${error.code}` }))
-          })
-          if (Either.isLeft(started)) resume(Effect.succeed({ tokens, finish: "refused" }))
-        }), { concurrency: "unbounded" })
+      const results = yield* Effect.forEach(
+        Array.from({ length: 16 }, (_, i) => i),
+        (i) => startSlow(worker, { promptTokenIds: prompt(12, i), maxTokens: 8, sampling: greedy, priority: 0 }, 2, () => callsThisTurn++),
+        { concurrency: "unbounded" }
+      )
       running = false
       for (const r of results) {
         expect(r.finish).toBe("length")
@@ -174,22 +184,7 @@ describe("GpuWorker with the real engine", () => {
       const requests = Array.from({ length: 8 }, (_, i) => ({ promptTokenIds: prompt(10, 20 + i), maxTokens: 16, sampling: greedy, priority: 0 }))
       const undisturbed = yield* Effect.forEach(requests, (request) => Effect.scoped(Effect.flatMap(worker.generate(request), drain)))
       const first = worker.engine()
-      const slow = yield* Effect.forEach(requests, (request) =>
-        Effect.fork(Effect.async<{ tokens: Array<number>; finish: string }>((resume) => {
-          const tokens: Array<number> = []
-          const started = worker.start(request, {
-            onToken: (tokenId, finishReason) => {
-              const end = performance.now() + 20
-              while (performance.now() < end) {
-                // a sink's synchronous work
-              }
-              tokens.push(tokenId)
-              if (finishReason !== undefined) resume(Effect.succeed({ tokens, finish: finishReason }))
-            },
-            onFailed: (error) => resume(Effect.succeed({ tokens, finish: `failed:${error.code}` }))
-          })
-          if (Either.isLeft(started)) resume(Effect.succeed({ tokens, finish: "refused" }))
-        })))
+      const slow = yield* Effect.forEach(requests, (request) => Effect.fork(startSlow(worker, request, 20)))
       yield* Effect.sleep(Duration.millis(400))
       process.kill(first.process.pid, "SIGKILL")
       const results = yield* Fiber.joinAll(slow).pipe(Effect.timeout(Duration.seconds(20)))
