@@ -21,9 +21,14 @@
  * waiting when it began sent each hop to the next loop turn (TTFT p50 at 256 streams 91 →
  * 177 ms in an A/B run).
  *
- * A task that has waited `maxWaitMs` runs in the current drain whatever its budget: under
- * overload the loop turns slower rather than starve fibers (a shard lease's refresh among them,
- * whose lapse would cost the runner its shards).
+ * A task that has waited `maxWaitMs` may run in a check-phase drain past its budget, up to
+ * `maxDrainMs`: under overload the loop turns slower rather than starve fibers behind busy I/O.
+ * That is bounded: while the collector marks a large heap everything on the main thread runs
+ * several times slower, many tasks pass `maxWaitMs` at once, and a drain that ran every one of
+ * them held the loop for 100–350 ms (2,048 streams). Under sustained overload the queue then
+ * grows, and every fiber waits longer: a call's timeout must not take that for a dead callee.
+ * So the scheduler records how long tasks waited (`maxTaskWaitMsSince`), and the cluster's
+ * call timeouts give a callee that much more time (`internal/callTimeout.ts` in actors).
  *
  * Yielding within a fiber is unchanged (`shouldYield`: Effect's op-count rule); a fiber that
  * yields goes to the back of the queue. A task of a fiber running at a scheduling priority
@@ -41,8 +46,13 @@ import { performance } from "node:perf_hooks"
 export const DEFAULT_SLICE_MS = 2
 /** Default budget of a check-phase drain (ms): it leaves a loop turn room for its I/O under 50 ms. */
 export const DEFAULT_CHECK_BUDGET_MS = 15
-/** Default age (ms) past which a waiting task runs whatever the budget. */
+/** Default age (ms) past which a waiting task may run past the check-phase budget. */
 export const DEFAULT_MAX_WAIT_MS = 100
+/** Default bound (ms) of a check-phase drain that runs tasks past their budget. */
+export const DEFAULT_MAX_DRAIN_MS = 25
+/** Task waits are recorded per bucket of this many ms, for as many buckets (~6.4 s). */
+const WAIT_BUCKET_MS = 100
+const NUM_WAIT_BUCKETS = 64
 /**
  * A scheduling priority whose tasks run before the queue, with no budget (see the class docs):
  * only for short work with a deadline. Effect's default scheduler runs higher priorities later,
@@ -61,20 +71,57 @@ export class EventLoopScheduler implements Scheduler.Scheduler {
   private drainPending = false
   /** When the current slice started (ms, `performance.now()`), or undefined between slices. */
   private sliceStartMs: number | undefined = undefined
+  /**
+   * Of the tasks that started in bucket `waitBucketIds[i]` (a ring): the longest wait (ms), and
+   * when the last of them started.
+   */
+  private readonly waitBucketIds = new Float64Array(NUM_WAIT_BUCKETS).fill(-1)
+  private readonly waitBucketMaxMs = new Float64Array(NUM_WAIT_BUCKETS)
+  private readonly waitBucketLastMs = new Float64Array(NUM_WAIT_BUCKETS)
 
   /**
    * @param sliceMs how long (ms) fibers may run on microtasks before waiting I/O gets a turn; > 0.
    * @param checkBudgetMs how long (ms) one check-phase drain may run tasks (those they schedule
    *   included) before the rest waits for the next loop turn; > 0.
-   * @param maxWaitMs a task that has waited this long (ms) runs in the current drain whatever
-   *   its budget: under overload the loop turns slower rather than starve fibers (a shard lease
-   *   refresh among them).
+   * @param maxWaitMs a task that has waited this long (ms) may run in a check-phase drain past
+   *   its budget: under overload the loop turns slower rather than starve fibers.
+   * @param maxDrainMs how long (ms) a check-phase drain may run such tasks; ≥ checkBudgetMs.
    */
   constructor(
     readonly sliceMs: number = DEFAULT_SLICE_MS,
     readonly checkBudgetMs: number = DEFAULT_CHECK_BUDGET_MS,
-    readonly maxWaitMs: number = DEFAULT_MAX_WAIT_MS
+    readonly maxWaitMs: number = DEFAULT_MAX_WAIT_MS,
+    readonly maxDrainMs: number = Math.max(DEFAULT_MAX_DRAIN_MS, checkBudgetMs)
   ) {}
+
+  /**
+   * How long (ms) a task waited for its turn after `sinceMs` (`performance.now()` time, at
+   * most ~6 s back), at most: the longest such wait, the one of the task now first in the queue
+   * included. Waits are kept per 100 ms of start time, so a wait that began before `sinceMs`
+   * may count for up to a bucket's worth more than its part after it. 0 when none waited.
+   */
+  maxTaskWaitMsSince(sinceMs: number): number {
+    const now = performance.now()
+    let most = this.head < this.tasks.length ? now - Math.max(sinceMs, this.scheduledAtMs[this.head]!) : 0
+    const first = Math.max(Math.floor(sinceMs / WAIT_BUCKET_MS), Math.floor(now / WAIT_BUCKET_MS) - NUM_WAIT_BUCKETS + 1)
+    for (let id = first; id <= Math.floor(now / WAIT_BUCKET_MS); id++) {
+      const i = id % NUM_WAIT_BUCKETS
+      if (this.waitBucketIds[i] !== id) continue
+      // A wait ends when its task starts: what of it falls after sinceMs is at most that.
+      most = Math.max(most, Math.min(this.waitBucketMaxMs[i]!, this.waitBucketLastMs[i]! - sinceMs))
+    }
+    return most
+  }
+
+  private recordWait(nowMs: number, waitMs: number): void {
+    const id = Math.floor(nowMs / WAIT_BUCKET_MS)
+    const i = id % NUM_WAIT_BUCKETS
+    if (this.waitBucketIds[i] !== id) {
+      this.waitBucketIds[i] = id
+      this.waitBucketMaxMs[i] = waitMs
+    } else if (waitMs > this.waitBucketMaxMs[i]!) this.waitBucketMaxMs[i] = waitMs
+    this.waitBucketLastMs[i] = nowMs
+  }
 
   shouldYield(fiber: Fiber.RuntimeFiber<unknown, unknown>): number | false {
     return Scheduler.defaultShouldYield(fiber)
@@ -101,16 +148,16 @@ export class EventLoopScheduler implements Scheduler.Scheduler {
     this.sliceStartMs = undefined
   }
 
-  private readonly drainInSlice = () => this.drain(this.sliceStartMs ?? performance.now(), this.sliceMs)
+  private readonly drainInSlice = () => this.drain(this.sliceStartMs ?? performance.now(), this.sliceMs, this.sliceMs)
 
-  private readonly drainInCheckPhase = () => this.drain(performance.now(), this.checkBudgetMs)
+  private readonly drainInCheckPhase = () => this.drain(performance.now(), this.checkBudgetMs, this.maxDrainMs)
 
   /**
    * Runs tasks, those they schedule included, until the queue is empty or `budgetMs` from
-   * `startMs` have passed; past that, only a task that has waited `maxWaitMs`. Urgent tasks
-   * run first, each time round, whatever the budget.
+   * `startMs` have passed; past that, only a task that has waited `maxWaitMs`, until `maxMs`.
+   * Urgent tasks run first, each time round, whatever the budget.
    */
-  private drain(startMs: number, budgetMs: number): void {
+  private drain(startMs: number, budgetMs: number, maxMs: number): void {
     let done = false
     try {
       for (;;) {
@@ -121,7 +168,10 @@ export class EventLoopScheduler implements Scheduler.Scheduler {
         }
         if (this.head >= this.tasks.length) break
         const now = performance.now()
-        if (now - startMs >= budgetMs && now - this.scheduledAtMs[this.head]! < this.maxWaitMs) return
+        const elapsedMs = now - startMs
+        const waitMs = now - this.scheduledAtMs[this.head]!
+        if (elapsedMs >= budgetMs && (elapsedMs >= maxMs || waitMs < this.maxWaitMs)) return
+        this.recordWait(now, waitMs)
         const task = this.tasks[this.head]!
         this.tasks[this.head++] = undefined
         task()

@@ -2,7 +2,7 @@
  * EventLoopScheduler: fiber work that keeps yielding lets waiting I/O in once its slice is
  * spent (Effect's default scheduler resumes it on microtasks, 2,048 times before a timer); a
  * check phase runs about its budget however many fibers wait; a task that waited too long runs
- * whatever the budget.
+ * past the budget, up to a bound; how long tasks waited is on record.
  */
 import { describe, expect, it } from "@effect/vitest"
 import { Effect } from "effect"
@@ -92,7 +92,7 @@ describe("EventLoopScheduler", () => {
     expect(await mostStepsInOneLoopTurn(Effect.withScheduler(new EventLoopScheduler(2, 6)), 40, 3)).toBeLessThan(15)
   })
 
-  it("runs a task that has waited maxWaitMs whatever the budget, so busy I/O cannot starve fibers", async () => {
+  it("runs a task that has waited maxWaitMs past the budget, so busy I/O cannot starve fibers", async () => {
     // Each loop turn spends 20 ms outside fibers, and the budget lets fibers 1 ms a turn: without the rule 40 fibers × 3 steps of 1 ms need
     // ~120 turns; with it, what has waited 30 ms runs at once.
     const loopTurnsUntilDone = (scheduler: EventLoopScheduler) =>
@@ -110,6 +110,32 @@ describe("EventLoopScheduler", () => {
       })
     expect(await loopTurnsUntilDone(new EventLoopScheduler(1, 1, 30))).toBeLessThan(30)
     expect(await loopTurnsUntilDone(new EventLoopScheduler(1, 1, 60_000))).toBeGreaterThan(60)
+  })
+
+  it("bounds a drain of overdue tasks at maxDrainMs (a heap-marking slowdown ages thousands at once)", async () => {
+    // 100 fibers × 3 steps of 1 ms, overdue after 5 ms: nearly all of them are overdue at once.
+    // A drain may run overdue tasks for 10 ms past its 2 ms budget: ~10 steps a turn. Without
+    // that bound (maxDrainMs huge) one drain runs every overdue task: most of the 300 steps.
+    expect(await mostStepsInOneLoopTurn(Effect.withScheduler(new EventLoopScheduler(1, 2, 5, 10)), 100, 3)).toBeLessThan(20)
+    expect(await mostStepsInOneLoopTurn(Effect.withScheduler(new EventLoopScheduler(1, 2, 5, 60_000)), 100, 3)).toBeGreaterThan(100)
+  })
+
+  it("records how long tasks waited for their turn (a call's timeout reads it)", async () => {
+    const scheduler = new EventLoopScheduler()
+    const startMs = performance.now()
+    let stop = false
+    // A fiber that keeps yielding, so that a task is always waiting, and the loop held 80 ms.
+    const spinner = Effect.runFork(Effect.whileLoop({ while: () => !stop, body: () => Effect.yieldNow(), step: () => {} }).pipe(Effect.withScheduler(scheduler)))
+    await new Promise((r) => setTimeout(r, 20))
+    busyMs(80)
+    await new Promise((r) => setTimeout(r, 20))
+    const afterMs = performance.now()
+    await new Promise((r) => setTimeout(r, 120))
+    stop = true
+    await Effect.runPromise(spinner.await)
+    expect(scheduler.maxTaskWaitMsSince(startMs)).toBeGreaterThanOrEqual(80)
+    // From the end of the hold on, none of it counts.
+    expect(scheduler.maxTaskWaitMsSince(afterMs)).toBeLessThan(40)
   })
 
   it("runs an urgent fiber's tasks before the queue, whatever the budget (a shard lock refresh among 2,048 streams)", async () => {
