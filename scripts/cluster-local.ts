@@ -18,7 +18,7 @@ if (process.env["DATABASE_URL"] === undefined) {
 }
 const topology = ((await tsImport(pathToFileURL(configPath).href, import.meta.url)) as { default: { runners: Array<{ name: string; http_port?: number }> } }).default
 const children = topology.runners.map((runner) => {
-  const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts", "--name", runner.name], {
+  const child = spawn(process.execPath, ["--max-semi-space-size=64", "--import", "tsx", "src/main.ts", "--name", runner.name], {
     env: { ...process.env, CLUSTER_CONFIG: configPath, DATA_DIR: resolve(".data", runner.name), PORT: undefined },
     stdio: ["ignore", "pipe", "pipe"]
   })
