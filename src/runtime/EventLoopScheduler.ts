@@ -27,8 +27,8 @@
  * several times slower, many tasks pass `maxWaitMs` at once, and a drain that ran every one of
  * them held the loop for 100–350 ms (2,048 streams). Under sustained overload the queue then
  * grows, and every fiber waits longer: a call's timeout must not take that for a dead callee.
- * So the scheduler records how long tasks waited (`maxTaskWaitMsSince`), and the cluster's
- * call timeouts give a callee that much more time (`internal/callTimeout.ts` in actors).
+ * So the scheduler records how long tasks waited (`maxTaskWaitMsSince`), and the calls that
+ * judge whether another runner is alive give it that much more time (`timeoutDetached`).
  *
  * Yielding within a fiber is unchanged (`shouldYield`: Effect's op-count rule); a fiber that
  * yields goes to the back of the queue. A task of a fiber running at a scheduling priority
@@ -51,8 +51,8 @@ export const DEFAULT_MAX_WAIT_MS = 100
 /** Default bound (ms) of a check-phase drain that runs tasks past their budget. */
 export const DEFAULT_MAX_DRAIN_MS = 25
 /** Task waits are recorded per bucket of this many ms, for as many buckets (~6.4 s). */
-const WAIT_BUCKET_MS = 100
-const NUM_WAIT_BUCKETS = 64
+const WAIT_BUCKET_MS = 10
+const NUM_WAIT_BUCKETS = 640
 /**
  * A scheduling priority whose tasks run before the queue, with no budget (see the class docs):
  * only for short work with a deadline. Effect's default scheduler runs higher priorities later,
@@ -97,8 +97,8 @@ export class EventLoopScheduler implements Scheduler.Scheduler {
   /**
    * How long (ms) a task waited for its turn after `sinceMs` (`performance.now()` time, at
    * most ~6 s back), at most: the longest such wait, the one of the task now first in the queue
-   * included. Waits are kept per 100 ms of start time, so a wait that began before `sinceMs`
-   * may count for up to a bucket's worth more than its part after it. 0 when none waited.
+   * included. Waits are kept per 10 ms of start time, so a wait that began before `sinceMs`
+   * may count for up to 10 ms more than its part after it. 0 when none waited.
    */
   maxTaskWaitMsSince(sinceMs: number): number {
     const now = performance.now()

@@ -1,7 +1,8 @@
 /**
- * timeoutDetached: a call's timeout gives the callee as much more time as the caller's own
- * fiber tasks waited for their turn meanwhile (its answer may be here, waiting behind them),
- * within a bound; a caller that was not held up times out as before.
+ * timeoutDetached with a lag grace (the failover's liveness calls): a call's timeout gives the
+ * callee as much more time as the caller's own fiber tasks waited for their turn meanwhile
+ * (its answer may be here, waiting behind them), within a bound; a caller that was not held
+ * up, or a call without a grace, times out as before.
  */
 import { describe, expect, it } from "@effect/vitest"
 import { Duration, Effect, Exit } from "effect"
@@ -20,13 +21,13 @@ const busyMs = (ms: number) => {
  * that keeps yielding (a busy runner: a task is always waiting); at 50 ms the loop is held
  * `holdMs`. @returns the call's exit and how long (ms) it took.
  */
-const callUnderLoad = (answerMs: number, timeoutMs: number, holdMs: number) =>
+const callUnderLoad = (answerMs: number, timeoutMs: number, holdMs: number, maxLagGrace = 4) =>
   new Promise<{ exit: Exit.Exit<string, unknown>; tookMs: number }>((resolve) => {
     let stop = false
     const startMs = performance.now()
     if (holdMs > 0) setTimeout(() => busyMs(holdMs), 50)
     const spinner = Effect.whileLoop({ while: () => !stop, body: () => Effect.yieldNow(), step: () => {} })
-    const call = timeoutDetached(Effect.as(Effect.sleep(Duration.millis(answerMs)), "answer"), Duration.millis(timeoutMs)).pipe(
+    const call = timeoutDetached(Effect.as(Effect.sleep(Duration.millis(answerMs)), "answer"), Duration.millis(timeoutMs), maxLagGrace).pipe(
       Effect.exit,
       Effect.tap((exit) => {
         stop = true
@@ -41,6 +42,12 @@ describe("timeoutDetached", () => {
     // Timeout at 200 ms; the loop is held from 50 to 350 ms; the answer comes at 450 ms.
     const { exit } = await callUnderLoad(450, 200, 300)
     expect(Exit.isSuccess(exit) ? exit.value : exit.cause.toString()).toBe("answer")
+  })
+
+  it("gives no more time without a grace (a best-effort call)", async () => {
+    const { exit, tookMs } = await callUnderLoad(450, 200, 300, 0)
+    expect(Exit.isFailure(exit)).toBe(true)
+    expect(tookMs).toBeLessThan(440)
   })
 
   it("times out as before when the caller was not held up", async () => {

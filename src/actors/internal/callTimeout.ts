@@ -7,8 +7,6 @@ import { EventLoopScheduler } from "../../runtime/EventLoopScheduler.js"
 
 /** A wait of this runner's own fibers shorter than this (ms) does not extend a call's time. */
 const MIN_LAG_MS = 10
-/** A call's time is extended by this runner's own lag up to this many times its timeout. */
-const MAX_LAG_GRACE = 4
 
 /**
  * The longest (ms) a fiber task of this runner waited for its turn since `sinceMs`
@@ -26,18 +24,20 @@ const localLagMsSince = (sinceMs: number): Effect.Effect<number> =>
  * fiber of its own and is interrupted in the background. Fails with `TimeoutException` as
  * `Effect.timeout` does.
  *
- * A caller that is itself slow does not blame the callee: when the timeout passes, the call
- * gets as much more time as this runner's fiber tasks waited for their turn meanwhile (its
- * answer may be here, waiting behind them), again until they waited less than 10 ms, and in
- * all at most 4 × `timeout` more. An overloaded gateway whose scheduler queue was seconds deep
- * otherwise took every GPU that it pinged for lost, and failed their turns. The idea is
- * Lifeguard's local health awareness (Dadgar, Phillips and Currey, "Lifeguard: Local Health
- * Awareness for More Accurate Failure Detection", DSN Workshops 2018): a member scales its
- * timeouts by evidence of its own slowness rather than suspecting others.
+ * With `maxLagGrace` > 0, a caller that is itself slow does not blame the callee: when the
+ * timeout passes, the call gets as much more time as this runner's fiber tasks waited for
+ * their turn meanwhile (its answer may be here, waiting behind them), again until they waited
+ * less than 10 ms, and in all at most `maxLagGrace` × `timeout` more. For the calls that judge
+ * whether a runner is alive: an overloaded gateway whose scheduler queue was seconds deep took
+ * every GPU it pinged for lost, and failed their turns. The idea is Lifeguard's local health
+ * awareness (Dadgar, Phillips and Currey, "Lifeguard: Local Health Awareness for More Accurate
+ * Failure Detection", DSN Workshops 2018): a member scales its timeouts by evidence of its own
+ * slowness rather than suspecting others.
  */
 export const timeoutDetached = <A, E, R>(
   call: Effect.Effect<A, E, R>,
-  timeout: Duration.DurationInput
+  timeout: Duration.DurationInput,
+  maxLagGrace = 0
 ): Effect.Effect<A, E | Cause.TimeoutException, R> =>
   Effect.flatMap(Effect.forkDaemon(call), (fiber) => {
     const timeoutMs = Duration.toMillis(timeout)
@@ -47,15 +47,20 @@ export const timeoutDetached = <A, E, R>(
         Effect.flatMap(Option.match({
           onSome: Effect.succeed,
           onNone: () =>
-            Effect.flatMap(localLagMsSince(sinceMs), (lagMs) => {
+            Effect.flatMap(graceLeftMs > 0 ? localLagMsSince(sinceMs) : Effect.succeed(0), (lagMs) => {
               const extraMs = Math.min(lagMs, graceLeftMs)
-              return extraMs < MIN_LAG_MS
-                ? Effect.fail(new Cause.TimeoutException())
-                : awaitFor(performance.now(), extraMs, graceLeftMs - extraMs)
+              if (extraMs >= MIN_LAG_MS) return awaitFor(performance.now(), extraMs, graceLeftMs - extraMs)
+              const extendedMs = maxLagGrace * timeoutMs - graceLeftMs
+              return Effect.fail(
+                new Cause.TimeoutException(
+                  `Operation timed out after ${Math.round(timeoutMs)} ms` +
+                    (extendedMs > 0 ? ` and ${Math.round(extendedMs)} ms more for this runner's own lag` : "")
+                )
+              )
             })
         }))
       )
-    return awaitFor(performance.now(), timeoutMs, MAX_LAG_GRACE * timeoutMs).pipe(
+    return awaitFor(performance.now(), timeoutMs, maxLagGrace * timeoutMs).pipe(
       Effect.onExit((exit) => Exit.isSuccess(exit) ? Effect.void : Fiber.interruptFork(fiber))
     )
   })

@@ -22,12 +22,20 @@ import { timeoutDetached } from "./callTimeout.js"
 
 /**
  * Probe period and timeout, and how many probes in a row may go unanswered before the turns
- * of a GPU move: a lost runner is noticed within ~3 × (0.5 + 1) s. The probe is one `Ping` per
- * GPU and period from each runner that watches turns there, whatever the number of turns.
+ * of a GPU move: a lost runner is noticed within ~3 × (0.5 + 1) s, or up to 3 × (0.5 + 3) s
+ * while the watching runner's own fibers wait for their turn (LIVENESS_LAG_GRACE). The probe
+ * is one `Ping` per GPU and period from each runner that watches turns there, whatever the
+ * number of turns.
  */
 export const PROBE_INTERVAL = Duration.millis(500)
 const PROBE_TIMEOUT = Duration.seconds(1)
 const MAX_MISSED_PROBES = 3
+/**
+ * The calls that judge whether a GPU runner is alive (pings, slot checks, a move's
+ * `AcquireSlot` and `Start`) allow for this runner's own lag up to this many times their
+ * timeout (`timeoutDetached`): an overloaded gateway otherwise took GPUs that answered for lost.
+ */
+const LIVENESS_LAG_GRACE = 2
 /**
  * A slot that answers but no longer runs the turn (its runner restarted and lost it), checked
  * this often, moves the turn once that has lasted as long (a finished turn's FinishTurn
@@ -125,7 +133,8 @@ export const slotChecks = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) =>
     Effect.gen(function*() {
       const answer = yield* timeoutDetached(
         gpus(gpuId).RunningTurns({ turns: turns.map(([turn, slotId]) => ({ slot_id: slotId, turn_id: turn.turnId })) }),
-        PROBE_TIMEOUT
+        PROBE_TIMEOUT,
+        LIVENESS_LAG_GRACE
       ).pipe(answered)
       const atMs = Date.now()
       turns.forEach(([turn, slotId], i) => {
@@ -167,7 +176,7 @@ export const gpuHealth = (gpus: Gpus, runFork: (effect: Effect.Effect<void>) => 
     if (n !== undefined) return n
     missed.set(gpuId, -1)
     runFork(Effect.forever(Effect.gen(function*() {
-      const ping = yield* Effect.exit(timeoutDetached(gpus(gpuId).Ping(), PROBE_TIMEOUT))
+      const ping = yield* Effect.exit(timeoutDetached(gpus(gpuId).Ping(), PROBE_TIMEOUT, LIVENESS_LAG_GRACE))
       // Interrupted: the GPU's runner was moving its shards (it gave up its shard locks for a
       // moment) as it answered; that says nothing either way, and must not end the prober.
       if (Exit.isSuccess(ping)) missed.set(gpuId, 0)
@@ -284,7 +293,7 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
         priority: start.priority,
         num_prompt_tokens: start.prompt_token_ids.length + tokenIds.length,
         ttft_target_ms: 3_600_000 // a moved turn is not refused for a TTFT target it already missed
-      }), PROBE_TIMEOUT).pipe(answered)
+      }), PROBE_TIMEOUT, LIVENESS_LAG_GRACE).pipe(answered)
       if (Option.isNone(reserved)) continue
       const { slot_id: slotId, reservation_id: reservationId } = reserved.value
       // The turn is the new slot's from here: a turn with a token or two left can end, and its
@@ -293,7 +302,8 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
       turn.slotId = slotId
       const started = yield* timeoutDetached(
         deps.slots(slotId).Start({ ...start, reservation_id: reservationId, resume: { num_events: numEvents, text, token_ids: tokenIds } }),
-        Duration.seconds(5)
+        Duration.seconds(5),
+        LIVENESS_LAG_GRACE
       ).pipe(answered)
       // No answer: it may run all the same, and must not next to the one tried next. Ended
       // meanwhile (the old slot's FinishTurn came): the new one is not wanted either.
@@ -315,7 +325,10 @@ const move = (deps: FailoverDeps, turn: WatchedTurn, isActive: () => boolean) =>
     return "lost" as const
   })
 
-/** How long after its reply is stored a turn's GPU is watched for the stream's end (see `streamEndGuard`). */
+/**
+ * How long after its reply is stored a turn's GPU is watched for the stream's end (see
+ * `streamEndGuard`): longer than a lagging runner takes to give a GPU up (3 × (0.5 + 3) s).
+ */
 const STREAM_END_GUARD_MS = 15_000
 
 /**
