@@ -2,8 +2,9 @@
  * The runner storage with its shard lock calls made urgent. Sharding refreshes its shard locks
  * every `min(shardLockRefreshInterval, shardLockExpiration / 3)` and gives up every shard the
  * runner holds (interrupting their entities) when a refresh misses that deadline. Under load a
- * refresh's fiber hops queued behind thousands of stream tasks (each up to EventLoopScheduler's
- * `maxWaitMs`), so `acquire` and `refresh` run at `URGENT_PRIORITY`: their hops skip the queue.
+ * refresh's fiber hops queued behind thousands of stream tasks (each for EventLoopScheduler's
+ * `maxWaitMs` or, under sustained overload, longer), so `acquire` and `refresh` run at
+ * `URGENT_PRIORITY`: their hops skip the queue.
  * A refresh slower than half its deadline is logged: the lease is close to lapsing.
  *
  * Fibers forked inside these calls inherit the priority for life; the SQL runner storage forks
