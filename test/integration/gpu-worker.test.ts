@@ -9,6 +9,7 @@ import { describe, expect, it } from "@effect/vitest"
 import { Duration, Effect, Either, Fiber } from "effect"
 import { generateTinyQwen3 } from "../../src/runtime/DefaultModel.js"
 import * as GpuWorker from "../../src/runtime/GpuWorker.js"
+import { busyMs } from "../support/busy.js"
 import { assertEngineBuilt, ENGINE_BINARY } from "../support/engineProcess.js"
 
 const modelDir = (() => {
@@ -57,10 +58,7 @@ const startSlow = (worker: GpuWorker.GpuWorker, request: GpuWorker.GenerateReque
     const started = worker.start(request, {
       onToken: (tokenId, finishReason) => {
         onToken()
-        const end = performance.now() + sinkMs
-        while (performance.now() < end) {
-          // a sink's synchronous work
-        }
+        busyMs(sinkMs)
         tokens.push(tokenId)
         if (finishReason !== undefined) resume(Effect.succeed({ tokens, finish: finishReason }))
       },

@@ -8,13 +8,7 @@ import { describe, expect, it } from "@effect/vitest"
 import { Duration, Effect, Exit } from "effect"
 import { timeoutDetached } from "../../src/actors/internal/callTimeout.js"
 import { EventLoopScheduler } from "../../src/runtime/EventLoopScheduler.js"
-
-const busyMs = (ms: number) => {
-  const end = performance.now() + ms
-  while (performance.now() < end) {
-    // spin: the runner's loop held by synchronous work (a collector pause, a big callback)
-  }
-}
+import { busyMs, keepYielding } from "../support/busy.js"
 
 /**
  * A call answered after `answerMs`, given `timeoutMs`, on an EventLoopScheduler with a fiber
@@ -26,7 +20,7 @@ const callUnderLoad = (answerMs: number, timeoutMs: number, holdMs: number, maxL
     let stop = false
     const startMs = performance.now()
     if (holdMs > 0) setTimeout(() => busyMs(holdMs), 50)
-    const spinner = Effect.whileLoop({ while: () => !stop, body: () => Effect.yieldNow(), step: () => {} })
+    const spinner = keepYielding(() => stop)
     const call = timeoutDetached(Effect.as(Effect.sleep(Duration.millis(answerMs)), "answer"), Duration.millis(timeoutMs), maxLagGrace).pipe(
       Effect.exit,
       Effect.tap((exit) => {

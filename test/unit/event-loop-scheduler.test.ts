@@ -7,13 +7,7 @@
 import { describe, expect, it } from "@effect/vitest"
 import { Effect } from "effect"
 import { EventLoopScheduler, URGENT_PRIORITY } from "../../src/runtime/EventLoopScheduler.js"
-
-const busyMs = (ms: number) => {
-  const end = performance.now() + ms
-  while (performance.now() < end) {
-    // spin: the fiber's synchronous work between yields
-  }
-}
+import { busyMs, keepYielding } from "../support/busy.js"
 
 /** How many of `iterations` busy steps (1 ms each, a yield after each) ran before a setImmediate callback queued at the start. */
 const stepsBeforeImmediate = (program: <A>(self: Effect.Effect<A>) => Effect.Effect<A>) =>
@@ -125,7 +119,7 @@ describe("EventLoopScheduler", () => {
     const startMs = performance.now()
     let stop = false
     // A fiber that keeps yielding, so that a task is always waiting, and the loop held 80 ms.
-    const spinner = Effect.runFork(Effect.whileLoop({ while: () => !stop, body: () => Effect.yieldNow(), step: () => {} }).pipe(Effect.withScheduler(scheduler)))
+    const spinner = Effect.runFork(keepYielding(() => stop).pipe(Effect.withScheduler(scheduler)))
     await new Promise((r) => setTimeout(r, 20))
     busyMs(80)
     await new Promise((r) => setTimeout(r, 20))
