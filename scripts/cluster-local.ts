@@ -10,6 +10,7 @@ import { spawn } from "node:child_process"
 import { resolve } from "node:path"
 import { pathToFileURL } from "node:url"
 import { tsImport } from "tsx/esm/api"
+import { serviceNodeFlags } from "./nodeFlags.js"
 
 const configPath = resolve(process.argv[2] ?? "examples/cluster-local.config.ts")
 if (process.env["DATABASE_URL"] === undefined) {
@@ -18,7 +19,7 @@ if (process.env["DATABASE_URL"] === undefined) {
 }
 const topology = ((await tsImport(pathToFileURL(configPath).href, import.meta.url)) as { default: { runners: Array<{ name: string; http_port?: number }> } }).default
 const children = topology.runners.map((runner) => {
-  const child = spawn(process.execPath, ["--max-semi-space-size=64", "--import", "tsx", "src/main.ts", "--name", runner.name], {
+  const child = spawn(process.execPath, [...serviceNodeFlags(), "--import", "tsx", "src/main.ts", "--name", runner.name], {
     env: { ...process.env, CLUSTER_CONFIG: configPath, DATA_DIR: resolve(".data", runner.name), PORT: undefined },
     stdio: ["ignore", "pipe", "pipe"]
   })

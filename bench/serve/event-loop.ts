@@ -27,7 +27,7 @@
  * Writes bench/results/event-loop.json with machine, date, commit and command.
  */
 import { execFileSync } from "node:child_process"
-import { mkdtempSync, writeFileSync } from "node:fs"
+import { mkdtempSync, readdirSync, writeFileSync } from "node:fs"
 import os from "node:os"
 import path from "node:path"
 import { makeAgent } from "./client.js"
@@ -43,6 +43,8 @@ import { numberArg, provenance } from "./provenance.js"
 const numStreams = numberArg("streams", 2048)
 const warmupMs = numberArg("warmup", 60) * 1000
 const durationMs = numberArg("duration", 150) * 1000
+/** The load generator's nice value (0–19), set on all its threads once the service runs. */
+const clientNice = numberArg("client-nice", 0)
 const STALL_MS = 50
 const RESOLUTION_MS = 10
 
@@ -95,6 +97,9 @@ const main = async () => {
     dataDir: mkdtempSync(path.join(os.tmpdir(), "bench-event-loop-")),
     nodeArgs: ["--inspect=127.0.0.1:0"]
   })
+  // The service's children inherit the nice value they were started with (0); only this
+  // process, the load generator, runs behind them. Linux sets a nice value per thread.
+  if (clientNice !== 0) for (const tid of readdirSync("/proc/self/task")) os.setPriority(Number(tid), clientNice)
   try {
     const url = inspectorUrlOf(service.output())
     const inspector = url === undefined ? undefined : await connectInspector(url)
@@ -144,7 +149,7 @@ const main = async () => {
       workload: SHAREGPT_LIKE,
       maxInFlight: numStreams,
       progress: live,
-      cpuPids: () => service.pids()
+      cpuPids: () => ({ ...service.pids(), client: process.pid })
     })
     clearInterval(sampler)
     window = await windowRead
@@ -166,7 +171,7 @@ const main = async () => {
     inspector.close()
     const result = {
       benchmark: "event-loop",
-      ...provenance(`node --experimental-websocket --import tsx bench/serve/event-loop.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}`),
+      ...provenance(`node --experimental-websocket --import tsx bench/serve/event-loop.ts --streams ${numStreams} --warmup ${warmupMs / 1000} --duration ${durationMs / 1000}${clientNice === 0 ? "" : ` --client-nice ${clientNice}`}`),
       num_streams: numStreams,
       num_streams_live_at_window_start: liveAtWindowStart,
       ramp: {

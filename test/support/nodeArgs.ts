@@ -1,11 +1,12 @@
 /**
  * The Node flags of every service or runner process the tests and benches start: those it is
- * run with in production (`npm start`, `npm run runner`, `npm run cluster:local`: a young
- * generation of up to 64 MB a semi-space; README, "Configuration"), then
- * `BENCH_SERVICE_NODE_ARGS` (space-separated), e.g. `--cpu-prof` or `--trace-gc` to look into
- * a bench.
+ * run with in production (scripts/nodeFlags.ts), then `BENCH_SERVICE_NODE_ARGS`
+ * (space-separated; a later flag overrides an earlier one), e.g. `--cpu-prof` or `--trace-gc`
+ * to look into a bench.
  */
+import { serviceNodeFlags } from "../../scripts/nodeFlags.js"
+
 export const serviceNodeArgs = (): Array<string> => [
-  "--max-semi-space-size=64",
+  ...serviceNodeFlags(),
   ...(process.env["BENCH_SERVICE_NODE_ARGS"] ?? "").split(" ").filter((a) => a !== "")
 ]
