@@ -4,10 +4,13 @@
  * - `--max-semi-space-size=64`: a young generation of up to 64 MB a semi-space (V8's default
  *   is 16). With thousands of streams the service allocates ~200 MB/s; 64 MB semi-spaces
  *   scavenge about a fifth as often.
- * - `--v8-pool-size=N`, N = the cores this process may use, at most 4 (Node's default is 4
- *   whatever the machine): V8's collector runs its parallel and concurrent work on that pool,
- *   and on a machine with fewer cores than helpers the main thread waits for a core behind
- *   its own helpers, inside a scavenge or the mark-compact's pause and while they mark.
+ * - `--v8-pool-size=N`, N = `V8_POOL_SIZE`, else the cores this process may use, at most 4
+ *   (Node's default is 4 whatever the machine): V8's collector runs its parallel and
+ *   concurrent work on that pool, and on a machine with fewer cores than helpers the main
+ *   thread waits for a core behind its own helpers, inside a scavenge or the mark-compact's
+ *   pause and while they mark. The cores are `os.availableParallelism()`: on Node 20 the CPU
+ *   affinity mask, not a container's CPU quota, and not shared with other processes on the
+ *   machine; where those matter, set `V8_POOL_SIZE`.
  *
  * scripts/service-node.sh applies the same flags to `npm start`, `npm run serve` and
  * `npm run runner`; test/unit/node-flags.test.ts checks that the two agree.
@@ -17,5 +20,5 @@ import os from "node:os"
 /** The flags, for `spawn(process.execPath, [...serviceNodeFlags(), entry])`. */
 export const serviceNodeFlags = (): Array<string> => [
   "--max-semi-space-size=64",
-  `--v8-pool-size=${Math.min(4, os.availableParallelism())}`
+  `--v8-pool-size=${process.env["V8_POOL_SIZE"] ?? Math.min(4, os.availableParallelism())}`
 ]

@@ -1,6 +1,7 @@
 /**
  * `npm run bench -- --event-loop` (or `node --experimental-websocket --import tsx
- * bench/serve/event-loop.ts [--streams 2048] [--warmup 60] [--duration 150]`): the one-process
+ * bench/serve/event-loop.ts [--streams 2048] [--warmup 60] [--duration 150] [--client-nice N]`):
+ * the one-process
  * server (bench/serve/sim.config.ts, compiled) under N closed-loop streams of the ShareGPT-like
  * workload, every stream admitted (the tier's TTFT target lifted), with its event-loop delay
  * read from inside the server process: the bench connects to the server's inspector
@@ -43,8 +44,15 @@ import { numberArg, provenance } from "./provenance.js"
 const numStreams = numberArg("streams", 2048)
 const warmupMs = numberArg("warmup", 60) * 1000
 const durationMs = numberArg("duration", 150) * 1000
-/** The load generator's nice value (0–19), set on all its threads once the service runs. */
+/**
+ * The load generator's nice value (0–19), set on all its threads (Linux) once the service
+ * runs: to see whether the service's stalls wait for the generator's share of the cores.
+ */
 const clientNice = numberArg("client-nice", 0)
+if (!Number.isInteger(clientNice) || clientNice < 0 || clientNice > 19) {
+  console.error("event-loop: --client-nice takes an integer from 0 to 19")
+  process.exit(2)
+}
 const STALL_MS = 50
 const RESOLUTION_MS = 10
 
@@ -97,10 +105,10 @@ const main = async () => {
     dataDir: mkdtempSync(path.join(os.tmpdir(), "bench-event-loop-")),
     nodeArgs: ["--inspect=127.0.0.1:0"]
   })
-  // The service's children inherit the nice value they were started with (0); only this
-  // process, the load generator, runs behind them. Linux sets a nice value per thread.
-  if (clientNice !== 0) for (const tid of readdirSync("/proc/self/task")) os.setPriority(Number(tid), clientNice)
   try {
+    // After the spawn: the service and its children keep nice 0; only this process, the load
+    // generator, runs behind them. Linux sets a nice value per thread.
+    if (clientNice !== 0) for (const tid of readdirSync("/proc/self/task")) os.setPriority(Number(tid), clientNice)
     const url = inspectorUrlOf(service.output())
     const inspector = url === undefined ? undefined : await connectInspector(url)
     if (inspector === undefined) throw new Error("no inspector (run with node --experimental-websocket)")
@@ -149,7 +157,7 @@ const main = async () => {
       workload: SHAREGPT_LIKE,
       maxInFlight: numStreams,
       progress: live,
-      cpuPids: () => ({ ...service.pids(), client: process.pid })
+      cpuPids: () => ({ ...service.pids(), loadgen: process.pid })
     })
     clearInterval(sampler)
     window = await windowRead

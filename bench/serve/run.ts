@@ -46,6 +46,7 @@ import { createPrivateDatabase, type PrivateDatabase } from "./database.js"
 import { connectInspector, inspectorUrlOf } from "./inspector.js"
 import { measureIdleMemory, type MemoryResult } from "./memory.js"
 import { renderSvg, type Panel } from "./plot.js"
+import { serviceNodeArgs } from "../../test/support/nodeArgs.js"
 import { REPO_ROOT, startBaseline, startService, type Running } from "./processes.js"
 import { CpuMeter } from "./proc.js"
 import { Progress } from "./progress.js"
@@ -507,6 +508,9 @@ const main = async () => {
     date,
     git: { commit, dirty },
     command,
+    // The Node flags of the service (its pool size depends on the machine; BENCH_SERVICE_NODE_ARGS
+    // is not in the command).
+    service_node_args: serviceNodeArgs(),
     machine: info,
     elapsedS,
     parameters: {

@@ -13,7 +13,5 @@ describe("the service's Node flags", () => {
     const out = execFileSync("bash", ["scripts/service-node.sh", "-e", "console.log(JSON.stringify(process.execArgv))"], { cwd: REPO_ROOT, encoding: "utf8" })
     const execArgv = JSON.parse(out) as Array<string>
     expect(execArgv.slice(0, -2)).toEqual(serviceNodeFlags())
-    expect(serviceNodeFlags()).toContain("--max-semi-space-size=64")
-    expect(serviceNodeFlags().some((f) => /^--v8-pool-size=[1-4]$/.test(f))).toBe(true)
   })
 })
