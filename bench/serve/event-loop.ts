@@ -1,9 +1,8 @@
 /**
  * `npm run bench -- --event-loop` (or `node --experimental-websocket --import tsx
  * bench/serve/event-loop.ts [--streams 2048] [--warmup 60] [--duration 150] [--client-nice N]`):
- * the one-process
- * server (bench/serve/sim.config.ts, compiled) under N closed-loop streams of the ShareGPT-like
- * workload, every stream admitted (the tier's TTFT target lifted), with its event-loop delay
+ * the one-process server (bench/serve/sim.config.ts, compiled) under N closed-loop streams of
+ * the ShareGPT-like workload, every stream admitted (the tier's TTFT target lifted), with its event-loop delay
  * read from inside the server process: the bench connects to the server's inspector
  * (`--inspect`) and enables a `perf_hooks.monitorEventLoopDelay` histogram (10 ms resolution)
  * there, reset after the warm-up. That histogram records the interval between its timer's
