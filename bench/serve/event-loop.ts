@@ -12,10 +12,12 @@
  *
  * Each stall over 50 ms is also taken apart, from a 10 ms timer in the server: how much of it
  * the main thread spent on a CPU and how long it waited for one (Linux
- * `/proc/self/task/PID/schedstat`: run time and run-queue wait, ns), and the collector pauses
+ * `/proc/self/task/PID/schedstat`: run time and run-queue wait, ns), the collector pauses
  * within it (`PerformanceObserver` "gc" entries: kind 1 scavenge, 4 mark-compact, 8
- * incremental marking). On a 2-core machine shared with the load generator and PostgreSQL,
- * a thread that is ready to run may wait tens of milliseconds for a core.
+ * incremental marking, which V8 reports as a marking cycle starts), and whether it fell in a
+ * marking cycle (from that start to the end of the mark-compact that finishes it, while the
+ * collector's helpers mark concurrently). On a 2-core machine shared with the load generator
+ * and PostgreSQL, a thread that is ready to run may wait tens of milliseconds for a core.
  *
  * The window measures N live streams. The N users arrive within 1 s, and on a 2-core machine
  * the service takes ~30 s to create their conversations and admit their first turns; that
@@ -162,10 +164,19 @@ const main = async () => {
     window = await windowRead
     const probe = JSON.parse(String(await evaluate(`JSON.stringify(globalThis.__benchStalls)`))) as { stalls: Array<Stall>; gcs: Array<GcPause>; start_ms?: number }
     const windowStartMs = probe.start_ms ?? 0
+    // A marking cycle runs from its start (V8 reports a kind-8 "gc" entry there) to the end of
+    // the mark-compact that finishes it; meanwhile the collector's helpers mark concurrently.
+    const byTime = [...probe.gcs].sort((a, b) => a.at_ms - b.at_ms)
+    const markingCycles = byTime.flatMap((g, i) => {
+      if (g.kind !== 8) return []
+      const mc = byTime.slice(i + 1).find((h) => h.kind === 4)
+      return [{ start_ms: g.at_ms, end_ms: mc === undefined ? Infinity : mc.at_ms + mc.ms }]
+    })
     const stalls = probe.stalls.map((st) => {
       const end = st.at_ms + st.interval_ms
       const pauses = probe.gcs.filter((g) => g.at_ms < end && g.at_ms + g.ms > st.at_ms)
       return {
+        in_a_marking_cycle: markingCycles.some((c) => c.start_ms < end && c.end_ms > st.at_ms),
         delay_ms: round(st.interval_ms - RESOLUTION_MS, 1),
         on_cpu_ms: round(st.on_cpu_ms, 1),
         waiting_for_cpu_ms: round(st.waiting_for_cpu_ms, 1),
@@ -207,12 +218,15 @@ const main = async () => {
         with_over_50_ms_on_cpu: stalls.filter((st) => st.on_cpu_ms > STALL_MS).length,
         waiting_for_cpu_ms_total: round(stalls.reduce((a, st) => a + st.waiting_for_cpu_ms, 0), 1),
         overlapping_a_mark_compact_pause: stalls.filter((st) => st.gc_kinds.includes(4)).length,
+        in_a_marking_cycle: stalls.filter((st) => st.in_a_marking_cycle).length,
         each: stalls
       },
       gc: {
         num_scavenges: probe.gcs.filter((g) => g.kind === 1).length,
         scavenge_max_ms: round(Math.max(0, ...probe.gcs.filter((g) => g.kind === 1).map((g) => g.ms)), 1),
         num_mark_compacts: majorGcs.length,
+        // Each cycle's wall time from the start of marking to the end of its mark-compact.
+        marking_cycles_ms: markingCycles.filter((c) => c.end_ms !== Infinity).map((c) => round(c.end_ms - c.start_ms, 0)),
         mark_compact_max_ms: round(Math.max(0, ...majorGcs.map((g) => g.ms)), 1),
         pause_ms_total: round(probe.gcs.reduce((a, g) => a + g.ms, 0), 1)
       },
