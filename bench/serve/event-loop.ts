@@ -166,6 +166,7 @@ const main = async () => {
     const windowStartMs = probe.start_ms ?? 0
     // A marking cycle runs from its start (V8 reports a kind-8 "gc" entry there) to the end of
     // the mark-compact that finishes it; meanwhile the collector's helpers mark concurrently.
+    // A cycle under way when the window opened has no start here, and its stalls are not marked.
     const byTime = [...probe.gcs].sort((a, b) => a.at_ms - b.at_ms)
     const markingCycles = byTime.flatMap((g, i) => {
       if (g.kind !== 8) return []
@@ -176,12 +177,12 @@ const main = async () => {
       const end = st.at_ms + st.interval_ms
       const pauses = probe.gcs.filter((g) => g.at_ms < end && g.at_ms + g.ms > st.at_ms)
       return {
-        in_a_marking_cycle: markingCycles.some((c) => c.start_ms < end && c.end_ms > st.at_ms),
         delay_ms: round(st.interval_ms - RESOLUTION_MS, 1),
         on_cpu_ms: round(st.on_cpu_ms, 1),
         waiting_for_cpu_ms: round(st.waiting_for_cpu_ms, 1),
         gc_pause_ms: round(pauses.reduce((a, g) => a + g.ms, 0), 1),
         gc_kinds: [...new Set(pauses.map((g) => g.kind))],
+        in_a_marking_cycle: markingCycles.some((c) => c.start_ms < end && c.end_ms > st.at_ms),
         at_s: round((st.at_ms - windowStartMs) / 1000, 2)
       }
     })
