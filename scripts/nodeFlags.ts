@@ -17,9 +17,9 @@
  */
 import os from "node:os"
 
-/** The flags, for `spawn(process.execPath, [...serviceNodeFlags(), entry])`. */
-export const serviceNodeFlags = (): Array<string> => {
+/** The flags, for `spawn(process.execPath, [...serviceNodeFlags(), entry])`, under `env`. */
+export const serviceNodeFlags = (env: NodeJS.ProcessEnv = process.env): Array<string> => {
   // Empty counts as unset, as `${V8_POOL_SIZE:-…}` in the shell script has it.
-  const poolSize = process.env["V8_POOL_SIZE"] || String(Math.min(4, os.availableParallelism()))
+  const poolSize = env["V8_POOL_SIZE"] || String(Math.min(4, os.availableParallelism()))
   return ["--max-semi-space-size=64", `--v8-pool-size=${poolSize}`]
 }

@@ -10,17 +10,11 @@ import { REPO_ROOT } from "../support/engineProcess.js"
 
 /** The flags node gets from scripts/service-node.sh, and those of nodeFlags.ts, under `env`. */
 const bothWith = (env: Record<string, string | undefined>): { launcher: Array<string>; spawner: Array<string> } => {
-  const out = execFileSync("bash", ["scripts/service-node.sh", "-e", "console.log(JSON.stringify(process.execArgv))"], { cwd: REPO_ROOT, encoding: "utf8", env: { ...process.env, ...env } })
-  const saved = process.env["V8_POOL_SIZE"]
-  if (env["V8_POOL_SIZE"] === undefined) delete process.env["V8_POOL_SIZE"]
-  else process.env["V8_POOL_SIZE"] = env["V8_POOL_SIZE"]
-  try {
-    // The last two are `-e` and its script.
-    return { launcher: (JSON.parse(out) as Array<string>).slice(0, -2), spawner: serviceNodeFlags() }
-  } finally {
-    if (saved === undefined) delete process.env["V8_POOL_SIZE"]
-    else process.env["V8_POOL_SIZE"] = saved
-  }
+  const merged = { ...process.env, ...env }
+  if (env["V8_POOL_SIZE"] === undefined) delete merged["V8_POOL_SIZE"]
+  const out = execFileSync("bash", ["scripts/service-node.sh", "-e", "console.log(JSON.stringify(process.execArgv))"], { cwd: REPO_ROOT, encoding: "utf8", env: merged })
+  // The last two are `-e` and its script.
+  return { launcher: (JSON.parse(out) as Array<string>).slice(0, -2), spawner: serviceNodeFlags(merged) }
 }
 
 describe("the service's Node flags", () => {
