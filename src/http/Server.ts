@@ -129,11 +129,15 @@ const discardBody = (incoming: IncomingMessage): Effect.Effect<void> =>
  * Caps a body of undeclared length (chunked) at `maxBytes` without cutting the connection: once
  * the body passes the cap, the rest of it is read from the socket and dropped rather than
  * buffered. The body reader then sees at most `maxBytes` and the body's end; `overflowed` says
- * the body was longer. (The platform's own limit destroys the request, so the client sees a
- * reset instead of the 413.) Past DISCARD_MAX_BYTES the request is destroyed after all.
+ * the body was longer, and `numBytes` how many bytes came (to tell invalid UTF-8, which the
+ * reader decodes to U+FFFD). (The platform's own limit destroys the request, so the client sees
+ * a reset instead of the 413.) Past DISCARD_MAX_BYTES the request is destroyed after all.
  * Node's HTTP parser hands a request its body through `push`, which this wraps.
  */
-const capUndeclaredBody = (incoming: IncomingMessage, maxBytes: number): { readonly overflowed: () => boolean } => {
+const capUndeclaredBody = (
+  incoming: IncomingMessage,
+  maxBytes: number
+): { readonly overflowed: () => boolean; readonly numBytes: () => number } => {
   let numBytes = incoming.readableLength
   let overflowed = numBytes > maxBytes
   const push = incoming.push.bind(incoming)
@@ -145,7 +149,7 @@ const capUndeclaredBody = (incoming: IncomingMessage, maxBytes: number): { reado
     if (numBytes > DISCARD_MAX_BYTES) incoming.destroy()
     return true
   }
-  return { overflowed: () => overflowed }
+  return { overflowed: () => overflowed, numBytes: () => numBytes }
 }
 
 /**
@@ -158,7 +162,7 @@ const capUndeclaredBody = (incoming: IncomingMessage, maxBytes: number): { reado
  *   up to the limit only; the text read here is what the route decodes (the request caches
  *   it). The rest of an over-long body is read and dropped before the 413 goes out (see
  *   `discardBody` and `capUndeclaredBody`), so that the client gets it;
- * - valid UTF-8 (when its length is declared);
+ * - valid UTF-8;
  * - nesting at most `maxJsonDepth` deep, checked before anything parses it.
  */
 const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | ApiError.ApiError, R> =>
@@ -214,7 +218,7 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
       return yield* new ApiError.PayloadTooLarge({ message: `The body is larger than ${limits.maxBodyBytes} bytes` })
     }
     // Node decodes invalid UTF-8 to U+FFFD, which re-encodes to other bytes than were sent.
-    if (text.includes("\uFFFD") && request.headers["content-length"] !== undefined && Buffer.byteLength(text, "utf8") !== declared) {
+    if (text.includes("\uFFFD") && Buffer.byteLength(text, "utf8") !== (undeclared?.numBytes() ?? declared)) {
       return yield* new ApiError.InvalidRequest({ message: "The request body is not valid UTF-8" })
     }
     if (jsonDepth(text) > limits.maxJsonDepth) {
@@ -431,15 +435,18 @@ export const layerNodeServer = (
         const response = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
         return response === undefined || response === null || response.writableFinished ? undefined : response
       }
+      // A request too slow (its body never came), or one whose body is malformed (a bad chunk:
+      // its handler waits for the rest, which never comes, and Node's request timeout on it
+      // is ignored below), is the one in flight: answered now, unless its response has begun,
+      // when the connection just ends.
+      const isBroken = (response: ServerResponse) => error.code === "ERR_HTTP_REQUEST_TIMEOUT" || !response.req.complete
       const first = inFlight()
-      // A request too slow (its body never came) is the one in flight: answered now, unless
-      // its response has begun, when the connection just ends.
-      if (first === undefined || error.code === "ERR_HTTP_REQUEST_TIMEOUT") return answer(first?.headersSent !== true)
+      if (first === undefined || isBroken(first)) return answer(first?.headersSent !== true)
       // Node hands the socket to the next queued response as one finishes, before this runs.
       const afterResponses = (response: ServerResponse) => {
         response.once("finish", () => {
           const following = inFlight()
-          if (following === undefined) answer(true)
+          if (following === undefined || isBroken(following)) answer(following?.headersSent !== true)
           else afterResponses(following)
         })
         response.once("close", () => {

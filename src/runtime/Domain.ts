@@ -179,7 +179,11 @@ export class UserMemory extends Schema.Class<UserMemory>("UserMemory")({
 
 /** `PATCH /v1/users/{id}/memory`: facts to add (deduplicated, case-insensitively) and fact ids to remove. */
 export class MemoryUpdate extends Schema.Class<MemoryUpdate>("MemoryUpdate")({
-  add: Schema.optionalWith(Schema.Array(StorableText.pipe(Schema.minLength(1), Schema.maxLength(500))).pipe(Schema.maxItems(32)), { default: () => [] }),
+  // A fact is stored trimmed: one of white space only would be stored empty.
+  add: Schema.optionalWith(
+    Schema.Array(StorableText.pipe(Schema.maxLength(500), Schema.pattern(/\S/, { message: () => "a fact must hold more than white space" }))).pipe(Schema.maxItems(32)),
+    { default: () => [] }
+  ),
   remove: Schema.optionalWith(Schema.Array(Schema.String.pipe(Schema.pattern(/^fact_[0-9a-f]{32}$/))).pipe(Schema.maxItems(256)), { default: () => [] })
 }) {}
 

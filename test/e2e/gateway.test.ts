@@ -175,6 +175,7 @@ describe("gateway: identity and ownership", () => {
     expect((await fetch(`${service.url}/v1/users/alice/memory`, { headers: bearer("key-bob") })).status).toBe(404)
     expect((await patch("alice", { add: ["x"] }, bearer("key-bob"))).status).toBe(404)
     expect((await patch("me", { add: [""] }, alice)).status).toBe(400)
+    expect((await patch("me", { add: [" \n\t "] }, alice)).status).toBe(400)
     expect((await patch("me", { remove: ["not-a-fact-id"] }, alice)).status).toBe(400)
     // The facts are in the next prompt: its prompt_tokens count them.
     const id = await create(alice)

@@ -669,6 +669,20 @@ describe("HTTP API: hostile input (issue 9)", () => {
       const ok = await send(JSON.stringify({ role: "user", content: "a real \uFFFD and a pair \ud83d\ude00" }))
       expect(ok.status).toBe(200)
       await ok.body?.cancel()
+      // Sent chunked (no Content-Length), the same: invalid bytes refused and nothing stored.
+      const chunked = (body: Uint8Array) =>
+        fetch(`${url}/v1/conversations`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: new ReadableStream({ start: (c) => (c.enqueue(body), c.close()) }),
+          duplex: "half"
+        } as RequestInit)
+      const numConversations = async () => ((await (await fetch(`${url}/v1/conversations?limit=100`)).json()) as { data: Array<unknown> }).data.length
+      const before = await numConversations()
+      const badSystem = Buffer.concat([Buffer.from('{"system_prompt":"'), Buffer.from([0xff, 0xfe]), Buffer.from(' bad"}')])
+      expect((await expectError(await chunked(badSystem), 400, "invalid_request")).message).toMatch(/UTF-8/)
+      expect(await numConversations()).toBe(before)
+      expect((await chunked(Buffer.from(JSON.stringify({ system_prompt: "a real \uFFFD" })))).status).toBe(201)
     }))
 
   it.live("a malformed or compressed body is a 400 on every route, those without a body included, and changes nothing", () =>
@@ -847,6 +861,24 @@ describe("HTTP API: hostile input (issue 9)", () => {
       const bigHead = await rawExchange(url, `GET /v1/me HTTP/1.1\r\nHost: x\r\nX-Big: ${"a".repeat(40_000)}\r\n\r\n`, 3000)
       expect(bigHead).toMatch(/^HTTP\/1\.1 431/)
       expect(bodyOf(bigHead).error.code).toBe("headers_too_large")
+      expect((await fetch(`${url}/healthz`)).status).toBe(200)
+    }))
+
+  it.live("a malformed chunked body gets 400 at once, alone or pipelined behind a good request", () =>
+    withServer({}, async ({ url }) => {
+      const head = "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+      // A bad first size, a bad later size, a chunk longer than its size: the handler waited for
+      // the rest of the body, and Node's request timeout was ignored, so none was ever answered.
+      for (const chunks of ["ZZ\r\n{}\r\n0\r\n\r\n", "2\r\n{}\r\nXX\r\n", "1\r\n{}\r\n0\r\n\r\n"]) {
+        const t0 = Date.now()
+        const answer = await rawExchange(url, head + chunks, 5000)
+        expect(answer).toMatch(/^HTTP\/1\.1 400/)
+        expect(answer).toContain('"code":"invalid_request"')
+        expect(Date.now() - t0).toBeLessThan(2000)
+      }
+      const good = "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+      const pipelined = await rawExchange(url, `${good}${head}2\r\n{}\r\nXX\r\n`, 5000)
+      expect(pipelined.match(/HTTP\/1\.1 \d{3}/g)).toEqual(["HTTP/1.1 201", "HTTP/1.1 400"])
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
     }))
 
