@@ -80,7 +80,8 @@ export class TurnEventLog extends Context.Tag("chat/TurnEventLog")<TurnEventLog,
   readonly append: (turnId: TurnId, event: LoggedEvent) => void
   /**
    * The events of `turnId` with index > `afterIndex` (-1: all), then the live ones, ending
-   * after the terminal event (whose index is the number of tokens).
+   * after the terminal event (whose index is the number of tokens; it comes even where that
+   * index is not past `afterIndex`, a position beyond the turn's end).
    */
   readonly follow: (turnId: TurnId, afterIndex: number) => Effect.Effect<Followed, TurnEventsUnavailable>
   /** Every event of `turnId` logged so far (none if unknown). */
@@ -99,8 +100,10 @@ const inOrder = (afterIndex: number, emit: { single: (e: LoggedEvent) => unknown
   return (e: LoggedEvent): boolean => {
     if (e.index < expected) {
       // Seen already; but an end before the follower's position (a Last-Event-ID past the
-      // turn's last token) still ends its stream.
+      // turn's last token) still ends its stream, with that end: every stream ends with its
+      // turn's `done` or `error`, the follower's position notwithstanding.
       if (!isTerminal(e)) return true
+      emit.single(e)
       emit.end()
       return false
     }

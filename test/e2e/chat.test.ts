@@ -303,6 +303,20 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     const missing = await fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: { "last-event-id": `${id}:99:0` } })
     expect(missing.status).toBe(404)
     expect(((await missing.json()) as any).error.code).toBe("stream_not_found")
+    // A Last-Event-ID past the live turn's end (an id never sent) gets the turn's end when it
+    // comes, not a stream closed without one.
+    const live = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "And more", max_tokens: 2000 })
+    let beyond: Promise<Array<SseEvent>> | undefined
+    await readSse(live, async (e) => {
+      if (beyond !== undefined || e.event !== "token") return
+      const r = await fetch(`${service.url}/v1/conversations/${id}/stream`, { headers: { "last-event-id": `${e.id!.slice(0, e.id!.lastIndexOf(":"))}:999999` } })
+      expect(r.status).toBe(200)
+      beyond = readSse(r, () => undefined)
+      expect((await fetch(`${service.url}/v1/conversations/${id}/cancel`, { method: "POST" })).status).toBe(204)
+    })
+    const events = await beyond!
+    expect(events.filter((e) => e.event === "token")).toEqual([])
+    expect(events.at(-1)!.event).toBe("done")
   })
 
   it("a turn re-sent with its Idempotency-Key gets that turn's stream back, never a second turn", async () => {
