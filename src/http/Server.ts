@@ -153,9 +153,19 @@ const capUndeclaredBody = (
 }
 
 /**
+ * Headers a request may send once: Node keeps the first `Authorization` of several and joins
+ * other duplicates with ", " (two `Idempotency-Key`s would make a third key).
+ */
+const SINGLE_HEADERS: ReadonlyMap<string, string> = new Map([
+  ["authorization", "Authorization"],
+  ["idempotency-key", "Idempotency-Key"],
+  ["last-event-id", "Last-Event-ID"]
+])
+
+/**
  * Checks what every route must satisfy before any handler reads the request:
- * - one `Authorization` header at most (Node keeps only the first of duplicates: a request
- *   with two is ambiguous, so it is a 400);
+ * - one `Authorization`, `Idempotency-Key` and `Last-Event-ID` header at most (a request with
+ *   two is ambiguous, so it is a 400);
  * - a JSON body (or none): HttpApiBuilder would otherwise decode a form or text body into
  *   something the schema rejects with a confusing message (`curl -d` sends a form type);
  * - at most `maxBodyBytes`: a `Content-Length` above it is a 413, and a chunked body is kept
@@ -169,10 +179,12 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
   Effect.gen(function*() {
     const request = yield* HttpServerRequest.HttpServerRequest
     const raw = NodeHttpServerRequest.toIncomingMessage(request).rawHeaders
-    let numAuthorization = 0
-    for (let i = 0; i < raw.length; i += 2) if (raw[i]!.toLowerCase() === "authorization") numAuthorization++
-    if (numAuthorization > 1) {
-      return yield* new ApiError.InvalidRequest({ message: "More than one Authorization header" })
+    const seen = new Set<string>()
+    for (let i = 0; i < raw.length; i += 2) {
+      const name = raw[i]!.toLowerCase()
+      if (!SINGLE_HEADERS.has(name)) continue
+      if (seen.has(name)) return yield* new ApiError.InvalidRequest({ message: `More than one ${SINGLE_HEADERS.get(name)} header` })
+      seen.add(name)
     }
     if (request.method === "GET" || request.method === "HEAD") return yield* app
     const contentType = request.headers["content-type"]

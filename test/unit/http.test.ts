@@ -921,7 +921,7 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
     }))
 
-  it.live("two Authorization headers → 400; a 401 says WWW-Authenticate: Bearer; CONNECT → 405", () =>
+  it.live("two Authorization, Idempotency-Key or Last-Event-ID headers → 400; a 401 says WWW-Authenticate: Bearer; CONNECT → 405", () =>
     withServer({ keys: ["key-one"] }, async ({ url }) => {
       const twice = await rawExchange(
         url,
@@ -929,6 +929,15 @@ describe("HTTP API: hostile input (issue 9)", () => {
       )
       expect(twice).toMatch(/^HTTP\/1\.1 400/)
       expect(twice).toContain("invalid_request")
+      // Node would join the two keys into a third, "k1, k2": a turn sent under neither.
+      for (const header of ["Idempotency-Key", "Last-Event-ID"]) {
+        const answer = await rawExchange(
+          url,
+          `POST /v1/conversations/abc/turns HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-one\r\n${header}: k1\r\n${header}: k2\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`
+        )
+        expect(answer).toMatch(/^HTTP\/1\.1 400/)
+        expect(answer).toContain(`More than one ${header} header`)
+      }
       const unauthorized = await fetch(`${url}/v1/conversations/abc`)
       expect(unauthorized.headers.get("www-authenticate")).toBe("Bearer")
       await expectError(unauthorized, 401, "unauthorized")
