@@ -159,10 +159,16 @@ const storageError = (what: string) => (e: SqlError | { readonly message: string
   return new StorageError({ message: `${what}: ${e.message}${cause}`, ...(transient ? { transient } : {}) })
 }
 
-/** PostgreSQL's SQLSTATE of a failed statement, when the driver gave one. */
+/**
+ * PostgreSQL's SQLSTATE of a failed statement (five digits or capitals), when the server gave
+ * one. A lost or refused connection fails with a Node system error (with a `syscall`), or an
+ * AggregateError of several, whose `code` (`ECONNRESET`, `ECONNREFUSED`, `EPIPE`) is no
+ * SQLSTATE: it has none, and is transient.
+ */
 const sqlState = (e: SqlError): string | undefined => {
-  const code = (e.cause as { readonly code?: unknown } | undefined)?.code
-  return typeof code === "string" ? code : undefined
+  const cause = e.cause as { readonly code?: unknown; readonly syscall?: unknown } | undefined
+  const code = cause?.code
+  return typeof code === "string" && /^[0-9A-Z]{5}$/.test(code) && cause?.syscall === undefined ? code : undefined
 }
 
 /**

@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { freshDatabase, sqlAt } from "../support/database.js"
 import { assertEngineBuilt } from "../support/engineProcess.js"
 import { postJson, readSse, type Service, type SseEvent, startService } from "../support/service.js"
+import { tcpProxy } from "../support/tcpProxy.js"
 
 interface TurnResult {
   readonly conversationId: string
@@ -265,6 +266,36 @@ describe("stop and crash drills (own database)", () => {
       await audit(dbUrl, results, ["cancelled"])
     } finally {
       await service.stop()
+    }
+  }, 90_000)
+
+  it("a database unreachable for 3 s while replies stream (connections reset, then refused): the clients wait, get done, and every reply is stored", async () => {
+    assertEngineBuilt()
+    const dbUrl = (await freshDatabase()).url
+    const direct = new URL(dbUrl)
+    const proxy = await tcpProxy({ host: direct.hostname, port: Number(direct.port || 5432) })
+    const proxied = new URL(dbUrl)
+    proxied.hostname = "127.0.0.1"
+    proxied.port = String(proxy.port)
+    const service = await startService({ env: { DATABASE_URL: proxied.toString() } })
+    try {
+      const ids = await Promise.all(Array.from({ length: 4 }, () => create(service.url)))
+      const { running, streaming } = startTurns(service.url, ids, { content: "Tell me more", max_tokens: 60 })
+      await waitFor(() => streaming(8), 20_000)
+      // A lost connection fails with ECONNRESET or ECONNREFUSED, not a SQLSTATE: it was taken
+      // for a permanent error, and the replies ended in storage_error, stored failed.
+      await proxy.down()
+      await new Promise((r) => setTimeout(r, 3000))
+      await proxy.up()
+      const results = await Promise.all(running)
+      for (const r of results) {
+        expect(r.status).toBe(200)
+        expect(r.terminal?.event).toBe("done")
+      }
+      await audit(dbUrl, results, ["completed"])
+    } finally {
+      await service.stop()
+      await proxy.close()
     }
   }, 90_000)
 
