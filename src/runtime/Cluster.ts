@@ -63,7 +63,7 @@ export const layerSingle = (topology: Topology, runnerName: string) =>
   Sharding.layer.pipe(
     Layer.provideMerge(Runners.layerNoop),
     Layer.provideMerge(SqlMessageStorage.layer),
-    Layer.provide([layerUrgentShardLocks.pipe(Layer.provide(Layer.orDie(SqlRunnerStorage.layer))), RunnerHealth.layerNoop]),
+    Layer.provide([layerUrgentShardLocks({ soleRunner: true }).pipe(Layer.provide(Layer.orDie(SqlRunnerStorage.layer))), RunnerHealth.layerNoop]),
     Layer.provide(ShardingConfig.layerFromEnv({
       ...timings,
       // No other runner takes shards over here: a longer expiration only guards against a
@@ -120,7 +120,7 @@ export const layerSocket = <E, R>(
   return SocketRunner.layer.pipe(
     Layer.provide([server, layerClientProtocol, health]),
     Layer.provideMerge(Layer.orDie(SqlMessageStorage.layer)),
-    Layer.provide(layerUrgentShardLocks.pipe(Layer.provide(Layer.orDie(SqlRunnerStorage.layer)), Layer.provide(runnerSql))),
+    Layer.provide(layerUrgentShardLocks({ soleRunner: false }).pipe(Layer.provide(Layer.orDie(SqlRunnerStorage.layer)), Layer.provide(runnerSql))),
     Layer.provide(config),
     Layer.provide(RpcSerialization.layerMsgPack)
   )

@@ -1,7 +1,10 @@
 /**
  * A loopback TCP proxy in front of a server (PostgreSQL, for fault drills): `down()` resets
  * every connection through it and stops listening, so that new connections are refused, as
- * when the server's machine goes away; `up()` listens again on the same port.
+ * when the server's machine goes away; `up()` listens again on the same port. `holdRepliesTo(markers)`:
+ * the connection that next sends a message holding every one of `markers` gets no more
+ * answers (the server got the statement, and may commit it; its reply is lost), as a
+ * connection cut right after a write.
  */
 import * as Net from "node:net"
 
@@ -10,11 +13,13 @@ export interface TcpProxy {
   readonly port: number
   readonly down: () => Promise<void>
   readonly up: () => Promise<void>
+  readonly holdRepliesTo: (markers: ReadonlyArray<string>) => void
   readonly close: () => Promise<void>
 }
 
 export const tcpProxy = async (target: { readonly host: string; readonly port: number }): Promise<TcpProxy> => {
   const sockets = new Set<Net.Socket>()
+  let markers: ReadonlyArray<Buffer> | undefined
   const track = (socket: Net.Socket) => {
     sockets.add(socket)
     socket.once("close", () => sockets.delete(socket))
@@ -23,8 +28,15 @@ export const tcpProxy = async (target: { readonly host: string; readonly port: n
     const upstream = Net.connect(target.port, target.host)
     track(client)
     track(upstream)
-    client.pipe(upstream)
-    upstream.pipe(client)
+    let held = false
+    client.on("data", (data: Buffer) => {
+      if (markers !== undefined && markers.every((m) => data.includes(m))) {
+        markers = undefined
+        held = true
+      }
+      upstream.write(data)
+    })
+    upstream.on("data", (data: Buffer) => void (held || client.write(data)))
     // One side reset or gone: the other is reset too, as a lost connection would be.
     client.once("error", () => upstream.resetAndDestroy())
     upstream.once("error", () => client.resetAndDestroy())
@@ -50,6 +62,7 @@ export const tcpProxy = async (target: { readonly host: string; readonly port: n
     port,
     down,
     up: () => listen(port),
+    holdRepliesTo: (texts) => void (markers = texts.map((t) => Buffer.from(t))),
     close: () => (server.listening ? down() : Promise.resolve())
   }
 }
