@@ -80,8 +80,8 @@ export class TurnEventLog extends Context.Tag("chat/TurnEventLog")<TurnEventLog,
   readonly append: (turnId: TurnId, event: LoggedEvent) => void
   /**
    * The events of `turnId` with index > `afterIndex` (-1: all), then the live ones, ending
-   * after the terminal event (whose index is the number of tokens; it comes even where that
-   * index is not past `afterIndex`, a position beyond the turn's end).
+   * after the terminal event (whose index is the number of tokens; it comes too where that
+   * index is below `afterIndex`, a position beyond the turn's end).
    */
   readonly follow: (turnId: TurnId, afterIndex: number) => Effect.Effect<Followed, TurnEventsUnavailable>
   /** Every event of `turnId` logged so far (none if unknown). */
@@ -99,11 +99,12 @@ const inOrder = (afterIndex: number, emit: { single: (e: LoggedEvent) => unknown
   let expected = afterIndex + 1
   return (e: LoggedEvent): boolean => {
     if (e.index < expected) {
-      // Seen already; but an end before the follower's position (a Last-Event-ID past the
-      // turn's last token) still ends its stream, with that end: every stream ends with its
-      // turn's `done` or `error`, the follower's position notwithstanding.
+      // Seen already; but an end before the follower's position still ends its stream. At
+      // that position exactly, the follower saw this end (its id is the end's): nothing more
+      // is sent. Past it (a Last-Event-ID never sent), the stream ends with the end, so that
+      // it does not close without a `done` or `error`.
       if (!isTerminal(e)) return true
-      emit.single(e)
+      if (e.index < afterIndex) emit.single(e)
       emit.end()
       return false
     }
