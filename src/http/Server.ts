@@ -172,7 +172,9 @@ const SINGLE_HEADERS: ReadonlyMap<string, string> = new Map([
  *   up to the limit only; the text read here is what the route decodes (the request caches
  *   it). The rest of an over-long body is read and dropped before the 413 goes out (see
  *   `discardBody` and `capUndeclaredBody`), so that the client gets it;
- * - valid UTF-8;
+ * - valid UTF-8, as the decoded text's length tells it: an invalid byte becomes U+FFFD, 3 bytes
+ *   once encoded again, so the text's UTF-8 is longer than the bytes that came (a 4-byte
+ *   sequence cut after its third byte decodes to one U+FFFD, as long, and is not told);
  * - nesting at most `maxJsonDepth` deep, checked before anything parses it.
  */
 const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | ApiError.ApiError, R> =>
