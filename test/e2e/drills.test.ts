@@ -277,7 +277,10 @@ describe("stop and crash drills (own database)", () => {
     const proxied = new URL(dbUrl)
     proxied.hostname = "127.0.0.1"
     proxied.port = String(proxy.port)
-    const service = await startService({ env: { DATABASE_URL: proxied.toString() } })
+    const service = await startService({ env: { DATABASE_URL: proxied.toString() } }).catch(async (e: unknown) => {
+      await proxy.close()
+      throw e
+    })
     try {
       const ids = await Promise.all(Array.from({ length: 4 }, () => create(service.url)))
       const { running, streaming } = startTurns(service.url, ids, { content: "Tell me more", max_tokens: 60 })
