@@ -13,12 +13,12 @@
  * `soleRunner` (the one-runner deployment): a refresh that fails or does not answer in time
  * (the database unreachable) keeps the shards the runner holds instead of failing. Otherwise
  * Sharding takes the lock storage for unhealthy after one missed deadline (1.5 s of a database
- * outage) and gives up every shard, interrupting their entities and waiting for them to
- * close; a Conversation in the uninterruptible part of a turn's start waits on its DecodeSlot,
- * whose shard cannot come back until that Conversation closes, and every entity call of the
- * service then hung for good. There is no other runner to hand the shards to; a refresh
- * that answers still decides (a lock lost to another process started on the same database is
- * given up).
+ * outage), gives up every shard, interrupting their entities, and takes them back only once
+ * every one of those entities has closed. In a drill (a user turn's INSERT cut off mid-way,
+ * then the database gone for 9 s: test/e2e/drills.test.ts) that never happened, and every
+ * entity call of the service hung for good after the database was back. There is no other
+ * runner to hand the shards to; a refresh that answers still decides (a lock lost to another
+ * process started on the same database is given up).
  */
 import { RunnerStorage, ShardingConfig, type ShardId } from "@effect/cluster"
 import { type Cause, Duration, Effect, Layer } from "effect"
