@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { freshDatabase, sqlAt } from "../support/database.js"
 import { assertEngineBuilt } from "../support/engineProcess.js"
 import { postJson, readSse, type Service, type SseEvent, startService } from "../support/service.js"
-import { tcpProxy } from "../support/tcpProxy.js"
+import { type TcpProxy, tcpProxy } from "../support/tcpProxy.js"
 
 interface TurnResult {
   readonly conversationId: string
@@ -77,6 +77,32 @@ const exited = (service: Service) =>
   new Promise<number | null>((resolve) =>
     service.process.exitCode !== null ? resolve(service.process.exitCode) : service.process.once("exit", (code) => resolve(code))
   )
+
+/**
+ * Runs `drill` against a service whose PostgreSQL (a database of its own) is reached through a
+ * TCP proxy the drill controls; the service is stopped and the proxy closed after.
+ */
+const withProxiedDatabase = async (
+  drill: (context: { readonly dbUrl: string; readonly proxy: TcpProxy; readonly service: Service }) => Promise<void>
+) => {
+  assertEngineBuilt()
+  const dbUrl = (await freshDatabase()).url
+  const direct = new URL(dbUrl)
+  const proxy = await tcpProxy({ host: direct.hostname, port: Number(direct.port || 5432) })
+  try {
+    const proxied = new URL(dbUrl)
+    proxied.hostname = "127.0.0.1"
+    proxied.port = String(proxy.port)
+    const service = await startService({ env: { DATABASE_URL: proxied.toString() } })
+    try {
+      await drill({ dbUrl, proxy, service })
+    } finally {
+      await service.stop()
+    }
+  } finally {
+    await proxy.close()
+  }
+}
 
 describe("drills on a running service (own database)", () => {
   let service: Service
@@ -269,19 +295,8 @@ describe("stop and crash drills (own database)", () => {
     }
   }, 90_000)
 
-  it("a database unreachable for 3 s while replies stream (connections reset, then refused): the clients wait, get done, and every reply is stored", async () => {
-    assertEngineBuilt()
-    const dbUrl = (await freshDatabase()).url
-    const direct = new URL(dbUrl)
-    const proxy = await tcpProxy({ host: direct.hostname, port: Number(direct.port || 5432) })
-    const proxied = new URL(dbUrl)
-    proxied.hostname = "127.0.0.1"
-    proxied.port = String(proxy.port)
-    const service = await startService({ env: { DATABASE_URL: proxied.toString() } }).catch(async (e: unknown) => {
-      await proxy.close()
-      throw e
-    })
-    try {
+  it("a database unreachable for 3 s while replies stream (connections reset, then refused): the clients wait, get done, and every reply is stored", () =>
+    withProxiedDatabase(async ({ dbUrl, proxy, service }) => {
       const ids = await Promise.all(Array.from({ length: 4 }, () => create(service.url)))
       const { running, streaming } = startTurns(service.url, ids, { content: "Tell me more", max_tokens: 60 })
       await waitFor(() => streaming(8), 20_000)
@@ -296,53 +311,34 @@ describe("stop and crash drills (own database)", () => {
         expect(r.terminal?.event).toBe("done")
       }
       await audit(dbUrl, results, ["completed"])
-    } finally {
-      await service.stop()
-      await proxy.close()
-    }
-  }, 90_000)
+    }), 90_000)
 
-  it("a database gone for 9 s as a user turn is stored (the INSERT's answer lost): the service serves new conversations and turns once it is back", async () => {
-    assertEngineBuilt()
-    const dbUrl = (await freshDatabase()).url
-    const direct = new URL(dbUrl)
-    const proxy = await tcpProxy({ host: direct.hostname, port: Number(direct.port || 5432) })
-    const proxied = new URL(dbUrl)
-    proxied.hostname = "127.0.0.1"
-    proxied.port = String(proxy.port)
-    const within = <A>(promise: Promise<A>, ms: number, what: string) =>
-      Promise.race([promise, new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`${what}: no answer within ${ms} ms`)), ms))])
-    try {
-      const service = await startService({ env: { DATABASE_URL: proxied.toString() } })
-      try {
-        const id = await create(service.url)
-        // The user turn's INSERT gets no answer (it commits), then
-        // every connection is reset and refused for 9 s. The shard lock refreshes failed too:
-        // the sole runner gave up every shard and waited for their entities to close, and
-        // every entity call of the service hung for good once the database was back.
-        const key = `drill-${Date.now()}`
-        proxy.holdRepliesTo(["INSERT INTO chat_turns", key])
-        const pending = postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Store me", max_tokens: 30 }, { "idempotency-key": key })
-          .then(async (res) => ({ status: res.status, body: await res.text() }))
-        await new Promise((r) => setTimeout(r, 250))
-        await proxy.down()
-        await new Promise((r) => setTimeout(r, 9000))
-        await proxy.up()
-        const first = await within(pending, 30_000, "the turn whose INSERT lost its answer")
-        expect([200, 503]).toContain(first.status)
-        const other = await within(create(service.url), 30_000, "a new conversation")
-        const next = await within(turn(service.url, other, { content: "Again", max_tokens: 4 }), 30_000, "a new conversation's turn")
-        expect(next.terminal?.event).toBe("done")
-        const again = await within(turn(service.url, id, { content: "And again", max_tokens: 4 }), 30_000, "the first conversation's next turn")
-        expect(again.terminal?.event).toBe("done")
-        await audit(dbUrl, [next, again], ["completed"])
-      } finally {
-        await service.stop()
-      }
-    } finally {
-      await proxy.close()
-    }
-  }, 150_000)
+  it("a database gone for 9 s as a user turn is stored (the INSERT's answer lost): the service serves new conversations and turns once it is back", () =>
+    withProxiedDatabase(async ({ dbUrl, proxy, service }) => {
+      const within = <A>(promise: Promise<A>, ms: number, what: string) =>
+        Promise.race([promise, new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`${what}: no answer within ${ms} ms`)), ms))])
+      const id = await create(service.url)
+      // The user turn's INSERT gets no answer (it commits), then every connection is reset and
+      // refused for 9 s. The shard lock refreshes failed too: the sole runner gave up every
+      // shard and waited for their entities to close, and every entity call of the service
+      // hung for good once the database was back.
+      const key = `drill-${Date.now()}`
+      proxy.holdRepliesTo(["INSERT INTO chat_turns", key])
+      const pending = postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Store me", max_tokens: 30 }, { "idempotency-key": key })
+        .then(async (res) => ({ status: res.status, body: await res.text() }))
+      await new Promise((r) => setTimeout(r, 250))
+      await proxy.down()
+      await new Promise((r) => setTimeout(r, 9000))
+      await proxy.up()
+      const first = await within(pending, 30_000, "the turn whose INSERT lost its answer")
+      expect([200, 503]).toContain(first.status)
+      const other = await within(create(service.url), 30_000, "a new conversation")
+      const next = await within(turn(service.url, other, { content: "Again", max_tokens: 4 }), 30_000, "a new conversation's turn")
+      expect(next.terminal?.event).toBe("done")
+      const again = await within(turn(service.url, id, { content: "And again", max_tokens: 4 }), 30_000, "the first conversation's next turn")
+      expect(again.terminal?.event).toBe("done")
+      await audit(dbUrl, [next, again], ["completed"])
+    }), 150_000)
 
   it("SIGKILL: on restart every acknowledged turn gets a failed reply and no number is reused", async () => {
     assertEngineBuilt()
