@@ -257,6 +257,9 @@ export const layerMemory = Layer.sync(TurnEventLog, () => {
   })
 })
 
+/** How many of a turn's newest entries `follow` reads to find its end (starts come one per failover). */
+const NEWEST_ENTRIES_READ = 8
+
 const encode = (e: LoggedEvent): string => JSON.stringify(e)
 const decode = (fields: ReadonlyArray<string>): LoggedEvent | undefined => {
   const i = fields.indexOf("e")
@@ -353,10 +356,14 @@ export const layerRedis = (url: string, prefix: string) =>
           Effect.gen(function*() {
             const k = key(turnId)
             const unavailable = (e: unknown) => new TurnEventsUnavailable({ message: `Redis: ${String(e)}` })
-            // The newest entry says whether the turn is known, and whether it has ended.
-            const newest = yield* Effect.tryPromise({ try: () => redis.xrevrange(k, "+", "-", "COUNT", 1), catch: unavailable })
+            // The newest entries say whether the turn is known, and whether it has ended: the
+            // newest that is not a `start` (a failover's start may be logged after the end).
+            const newest = yield* Effect.tryPromise({
+              try: () => redis.xrevrange(k, "+", "-", "COUNT", NEWEST_ENTRIES_READ),
+              catch: unavailable
+            })
             if (newest.length === 0) return { _tag: "Missing" } as const
-            const last = decode(newest[0]![1])
+            const last = newest.map(([, fields]) => decode(fields)).find((e) => e !== undefined && e.kind !== "start")
             if (last !== undefined && isTerminal(last) && last.index <= afterIndex) return { _tag: "Ended" } as const
             const events = Stream.asyncPush<LoggedEvent, TurnEventsUnavailable>((emit) =>
               Effect.acquireRelease(

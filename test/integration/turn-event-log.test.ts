@@ -71,6 +71,10 @@ describe("TurnEventLog (Redis)", () => {
       expect(events).toEqual([token(2, ","), token(3, " you"), done])
       expect((yield* log.read(turnId)).map((e) => e.index)).toEqual([0, 1, 2, 3, 4])
       expect(yield* log.follow(turnId, 4)).toEqual({ _tag: "Ended" })
+      // A failover's start logged after the end does not hide it.
+      log.append(turnId, { index: -1, kind: "start", slot_id: "gpu-2/0", request: {} })
+      yield* logged(6)
+      expect(yield* log.follow(turnId, 4)).toEqual({ _tag: "Ended" })
     }))
 
   it.scopedLive("one turn whose key cannot take an event loses only its own: the other turns of the tick are logged, with their TTLs", () =>
