@@ -22,6 +22,7 @@ import {
 } from "@effect/platform"
 import { NodeHttpClient, NodeHttpServer, NodeHttpServerRequest } from "@effect/platform-node"
 import { Cause, Config, type ConfigError, Context, Effect, Layer, Option } from "effect"
+import { isUtf8 } from "node:buffer"
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http"
 import type { ListenOptions, Socket } from "node:net"
 import { Conversations as ConversationsTag } from "../runtime/Conversations.js"
@@ -126,18 +127,35 @@ const discardBody = (incoming: IncomingMessage): Effect.Effect<void> =>
   })
 
 /**
+ * The bytes of each request body as Node's parser handed them over, up to the point where
+ * `guardRequest` checks them: the body reader decodes invalid UTF-8 to U+FFFD, and only the
+ * bytes tell that from a U+FFFD that was sent. Recorded from the `request` event on (the
+ * parser may push a body before the request's fiber runs), for methods that take a body.
+ */
+const bodyChunks = new WeakMap<IncomingMessage, Array<Buffer>>()
+
+const recordBody = (request: IncomingMessage): void => {
+  const chunks: Array<Buffer> = []
+  bodyChunks.set(request, chunks)
+  const push = request.push.bind(request)
+  request.push = (chunk: unknown, encoding?: BufferEncoding): boolean => {
+    if (Buffer.isBuffer(chunk)) chunks.push(chunk)
+    return push(chunk, encoding)
+  }
+}
+
+/**
  * Caps a body of undeclared length (chunked) at `maxBytes` without cutting the connection: once
  * the body passes the cap, the rest of it is read from the socket and dropped rather than
  * buffered. The body reader then sees at most `maxBytes` and the body's end; `overflowed` says
- * the body was longer, and `numBytes` how many bytes came (to tell invalid UTF-8, which the
- * reader decodes to U+FFFD). (The platform's own limit destroys the request, so the client sees
+ * the body was longer. (The platform's own limit destroys the request, so the client sees
  * a reset instead of the 413.) Past DISCARD_MAX_BYTES the request is destroyed after all.
  * Node's HTTP parser hands a request its body through `push`, which this wraps.
  */
 const capUndeclaredBody = (
   incoming: IncomingMessage,
   maxBytes: number
-): { readonly overflowed: () => boolean; readonly numBytes: () => number } => {
+): { readonly overflowed: () => boolean } => {
   let numBytes = incoming.readableLength
   let overflowed = numBytes > maxBytes
   const push = incoming.push.bind(incoming)
@@ -149,7 +167,7 @@ const capUndeclaredBody = (
     if (numBytes > DISCARD_MAX_BYTES) incoming.destroy()
     return true
   }
-  return { overflowed: () => overflowed, numBytes: () => numBytes }
+  return { overflowed: () => overflowed }
 }
 
 /**
@@ -172,9 +190,7 @@ const SINGLE_HEADERS: ReadonlyMap<string, string> = new Map([
  *   up to the limit only; the text read here is what the route decodes (the request caches
  *   it). The rest of an over-long body is read and dropped before the 413 goes out (see
  *   `discardBody` and `capUndeclaredBody`), so that the client gets it;
- * - valid UTF-8, as the decoded text's length tells it: an invalid byte becomes U+FFFD, 3 bytes
- *   once encoded again, so the text's UTF-8 is longer than the bytes that came (a 4-byte
- *   sequence cut after its third byte decodes to one U+FFFD, as long, and is not told);
+ * - valid UTF-8: where the decoded text holds a U+FFFD, the bytes that came are checked;
  * - nesting at most `maxJsonDepth` deep, checked before anything parses it.
  */
 const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | ApiError.ApiError, R> =>
@@ -213,9 +229,8 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
       yield* discardBody(NodeHttpServerRequest.toIncomingMessage(request))
       return yield* new ApiError.PayloadTooLarge({ message: `The body is larger than ${limits.maxBodyBytes} bytes` })
     }
-    const undeclared = request.headers["content-length"] === undefined
-      ? capUndeclaredBody(NodeHttpServerRequest.toIncomingMessage(request), limits.maxBodyBytes)
-      : undefined
+    const incoming = NodeHttpServerRequest.toIncomingMessage(request)
+    const undeclared = request.headers["content-length"] === undefined ? capUndeclaredBody(incoming, limits.maxBodyBytes) : undefined
     // The body's bytes are bounded above (its declared length, or the cap). The platform's
     // limit counts the decoded text's UTF-8 bytes, where an invalid byte becomes U+FFFD (3
     // bytes): at `maxBodyBytes` it cut off a body of invalid UTF-8 a third that size with a
@@ -231,8 +246,10 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
     if (undeclared?.overflowed() === true) {
       return yield* new ApiError.PayloadTooLarge({ message: `The body is larger than ${limits.maxBodyBytes} bytes` })
     }
-    // Node decodes invalid UTF-8 to U+FFFD, which re-encodes to other bytes than were sent.
-    if (text.includes("\uFFFD") && Buffer.byteLength(text, "utf8") !== (undeclared?.numBytes() ?? declared)) {
+    // The chunks are slices of the socket's read buffers: not kept past this check.
+    const chunks = bodyChunks.get(incoming)
+    bodyChunks.delete(incoming)
+    if (text.includes("\uFFFD") && chunks !== undefined && !isUtf8(Buffer.concat(chunks))) {
       return yield* new ApiError.InvalidRequest({ message: "The request body is not valid UTF-8" })
     }
     if (jsonDepth(text) > limits.maxJsonDepth) {
@@ -404,6 +421,7 @@ export const layerNodeServer = (
     server.emit = ((event: string | symbol, ...args: Array<any>): boolean => {
       if (event === "request") {
         const [request, response] = args as [IncomingMessage, ServerResponse]
+        if (request.method !== "GET" && request.method !== "HEAD") recordBody(request)
         // RFC 9112 §3.2: an HTTP/1.1 request without a Host header is a 400.
         if (request.headers.host === undefined && request.httpVersion === "1.1") {
           const body = JSON.stringify(ApiError.errorJson(400, "invalid_request", "An HTTP/1.1 request needs a Host header"))

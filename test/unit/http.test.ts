@@ -656,6 +656,9 @@ describe("HTTP API: hostile input (issue 9)", () => {
       const invalid = Buffer.concat([Buffer.from('{"role":"user","content":"bad '), Buffer.from([0xff, 0xfe]), Buffer.from('"}')])
       const e1 = await expectError(await send(invalid), 400, "invalid_request")
       expect(e1.message).toMatch(/UTF-8/)
+      // A 4-byte sequence cut after its third byte decodes to one U+FFFD of as many bytes.
+      const cut = Buffer.concat([Buffer.from('{"role":"user","content":"cut '), Buffer.from([0xf0, 0x9f, 0x98]), Buffer.from('"}')])
+      expect((await expectError(await send(cut), 400, "invalid_request")).message).toMatch(/UTF-8/)
       const e2 = await expectError(await send('{"role":"user","content":"half \\ud800 pair"}'), 400, "invalid_request")
       expect(e2.message).toMatch(/surrogate/)
       await expectError(await json(`${url}/v1/conversations`, { body: { system_prompt: "x\udc00" } }), 400, "invalid_request")
@@ -681,6 +684,8 @@ describe("HTTP API: hostile input (issue 9)", () => {
       const before = await numConversations()
       const badSystem = Buffer.concat([Buffer.from('{"system_prompt":"'), Buffer.from([0xff, 0xfe]), Buffer.from(' bad"}')])
       expect((await expectError(await chunked(badSystem), 400, "invalid_request")).message).toMatch(/UTF-8/)
+      const cutSystem = Buffer.concat([Buffer.from('{"system_prompt":"'), Buffer.from([0xf0, 0x9f, 0x98]), Buffer.from(' cut"}')])
+      expect((await expectError(await chunked(cutSystem), 400, "invalid_request")).message).toMatch(/UTF-8/)
       expect(await numConversations()).toBe(before)
       expect((await chunked(Buffer.from(JSON.stringify({ system_prompt: "a real \uFFFD" })))).status).toBe(201)
     }))
