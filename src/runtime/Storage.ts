@@ -463,7 +463,9 @@ const make = Effect.gen(function*() {
         Effect.mapError(storageError("delete conversation"))
       ),
     createShare: (share) =>
-      sql`INSERT INTO chat_shares ${sql.insert({ ...share })}`.pipe(
+      // The share id is new: a row with it is this INSERT's own, committed by a try whose
+      // answer was lost.
+      sql`INSERT INTO chat_shares ${sql.insert({ ...share })} ON CONFLICT (share_id) DO NOTHING`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
         Effect.as(true),
         // The conversation was deleted meanwhile (foreign key).

@@ -340,6 +340,24 @@ describe("stop and crash drills (own database)", () => {
       await audit(dbUrl, [next, again], ["completed"])
     }), 150_000)
 
+  it("a share whose INSERT commits but loses its answer: the retry returns that share, and there is one", () =>
+    withProxiedDatabase(async ({ dbUrl, proxy, service }) => {
+      const id = await create(service.url)
+      proxy.holdRepliesTo(["INSERT INTO chat_shares"])
+      const pending = fetch(`${service.url}/v1/conversations/${id}/share`, { method: "POST" })
+      await new Promise((r) => setTimeout(r, 500))
+      // The retry found its own row (a unique violation) and reported a storage error.
+      await proxy.down()
+      await new Promise((r) => setTimeout(r, 500))
+      await proxy.up()
+      const res = await pending
+      expect(res.status).toBe(201)
+      const share = (await res.json()) as { share_id: string }
+      expect((await fetch(`${service.url}/v1/shared/${share.share_id}`)).status).toBe(200)
+      const rows = await sqlAt("SELECT share_id FROM chat_shares WHERE conversation_id = $1", [id], dbUrl)
+      expect(rows.map((r) => r.share_id)).toEqual([share.share_id])
+    }), 60_000)
+
   it("SIGKILL: on restart every acknowledged turn gets a failed reply and no number is reused", async () => {
     assertEngineBuilt()
     const dbUrl = (await freshDatabase()).url
