@@ -18,7 +18,6 @@
  */
 import { resolve } from "node:path"
 import { RateLimiter } from "@effect/experimental"
-import * as RateLimiterRedis from "@effect/experimental/RateLimiter/Redis"
 import { HttpMiddleware } from "@effect/platform"
 import { ClusterWorkflowEngine, Sharding } from "@effect/cluster"
 import { NodeRuntime } from "@effect/platform-node"
@@ -36,6 +35,7 @@ import * as Retention from "./actors/Retention.js"
 import * as Summaries from "./actors/Summaries.js"
 import * as GpuScheduler from "./actors/GpuScheduler.js"
 import { RunningSlots } from "./actors/internal/runningSlots.js"
+import * as RateLimits from "./http/RateLimits.js"
 import * as HttpServer from "./http/Server.js"
 import * as Metrics from "./runtime/Metrics.js"
 import * as Moderation from "./runtime/Moderation.js"
@@ -257,7 +257,7 @@ const MainLive = Layer.unwrapEffect(
     const port = process.env["PORT"] ?? (runner.http_port === undefined ? undefined : String(runner.http_port))
     // Rate limits: one limit across gateways (Redis) with several runners, memory in one process.
     const RateLimitStoreLive = multiRunner || s.rateLimitStore === "redis"
-      ? RateLimiterRedis.layerStore({ ...redisOptions(s.redisUrl), prefix: `${s.redisKeyPrefix}ratelimit:` })
+      ? RateLimits.layerStoreRedis({ ...redisOptions(s.redisUrl), prefix: `${s.redisKeyPrefix}ratelimit:` })
       : RateLimiter.layerStoreMemory
     return HttpServer.layer.pipe(
       Layer.provide(ConversationsLayer),

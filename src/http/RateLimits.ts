@@ -12,7 +12,9 @@
  * take it down.
  */
 import { RateLimiter } from "@effect/experimental"
+import * as RateLimiterRedis from "@effect/experimental/RateLimiter/Redis"
 import { Context, Duration, Effect, Layer } from "effect"
+import { Redis, type RedisOptions } from "ioredis"
 import type { Identity } from "../runtime/Domain.js"
 import { Metrics } from "../runtime/Metrics.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
@@ -143,7 +145,70 @@ const make = Effect.gen(function*() {
   })
 })
 
-/** Needs a `RateLimiter.RateLimiterStore` (memory, or `RateLimiter/Redis`'s). */
+/**
+ * The fixed window in Redis: a key holds the tokens counted, and each token adds
+ * `refill_ms` (window / limit) to its expiry; a charge that would pass the limit is counted
+ * nowhere. As @effect/experimental's own script, except that the expiry is rounded up to whole
+ * milliseconds (Redis refuses a fractional PX: theirs failed for any limit that does not divide
+ * the window, a TPM of 100,000 being 0.6 ms a token) and a refund that leaves nothing deletes
+ * the key (a PX ≤ 0 is refused too). Returns { count, expiry in ms }.
+ */
+const FIXED_WINDOW_SCRIPT = `
+local tokens = tonumber(ARGV[1])
+local refill_ms = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local current = tonumber(redis.call("GET", KEYS[1]))
+local pttl = 0
+if current then
+  pttl = math.max(redis.call("PTTL", KEYS[1]), 0)
+else
+  current = 0
+end
+local count = current + tokens
+if limit and tokens > 0 and count > limit then
+  return { count, pttl }
+end
+local next_pttl = math.ceil(pttl + refill_ms * tokens)
+if count <= 0 or next_pttl <= 0 then
+  redis.call("DEL", KEYS[1])
+  return { math.max(count, 0), 0 }
+end
+redis.call("SET", KEYS[1], count, "PX", next_pttl)
+return { count, next_pttl }
+`
+
+interface RedisWithFixedWindow extends Redis {
+  fixedWindowMs(key: string, tokens: number, refillMs: number, ...limit: Array<number>): Promise<[number, number]>
+}
+
+/**
+ * The limits' Redis store, keys under `prefix`: @effect/experimental's, with the fixed window
+ * of {@link FIXED_WINDOW_SCRIPT} (the one algorithm RateLimits uses). Fails with
+ * RateLimitStoreError when Redis does not answer.
+ */
+export const layerStoreRedis = (options: RedisOptions & { readonly prefix: string }): Layer.Layer<RateLimiter.RateLimiterStore> =>
+  Layer.scoped(
+    RateLimiter.RateLimiterStore,
+    Effect.gen(function*() {
+      // Its token bucket is not used: its connection is made only if it is.
+      const library = yield* RateLimiterRedis.make({ ...options, lazyConnect: true })
+      const redis = yield* Effect.acquireRelease(
+        Effect.sync(() => new Redis(options) as RedisWithFixedWindow),
+        (redis) => Effect.promise(() => redis.quit().catch(() => undefined))
+      )
+      redis.defineCommand("fixedWindowMs", { lua: FIXED_WINDOW_SCRIPT, numberOfKeys: 1 })
+      return RateLimiter.RateLimiterStore.of({
+        ...library,
+        fixedWindow: ({ key, limit, refillRate, tokens }) =>
+          Effect.tryPromise({
+            try: () => redis.fixedWindowMs(`${options.prefix}${key}`, tokens, Duration.toMillis(refillRate), ...(limit === undefined ? [] : [limit])),
+            catch: (cause) => new RateLimiter.RateLimitStoreError({ message: "Failed to execute fixedWindow rate limiting command", cause })
+          }).pipe(Effect.map(([count, ttl]) => [Number(count), Number(ttl)] as const))
+      })
+    })
+  )
+
+/** Needs a `RateLimiter.RateLimiterStore` (memory, or {@link layerStoreRedis}). */
 export const layer: Layer.Layer<RateLimits, never, RateLimiter.RateLimiterStore | TopologyService | Authenticator | Metrics> = Layer.effect(
   RateLimits,
   make
