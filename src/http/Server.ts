@@ -43,8 +43,13 @@ import { SseSettings } from "./Sse.js"
 /** A decode error's issues as one line (ApiError.formatIssues). */
 const formatIssues = (error: HttpApiError.HttpApiDecodeError): string => ApiError.formatIssues(error.issues, error.message)
 
+/**
+ * `application/json`, with parameters or none, or no type at all. Not `application/*+json`: the
+ * route's body decoder reads only `application/json` as JSON, and waited for ever on the others
+ * (their body already read here).
+ */
 const isJsonContentType = (contentType: string | undefined): boolean =>
-  contentType === undefined || contentType === "" || /^application\/([a-z0-9.+-]*\+)?json\b/i.test(contentType.trim())
+  contentType === undefined || contentType === "" || /^application\/json\s*(;|$)/i.test(contentType.trim())
 
 /**
  * Deepest nesting of arrays and objects in a JSON text (strings skipped), counted without
@@ -398,6 +403,9 @@ export const layerNodeServer = (
       // Checked below instead, where the answer gets the API's JSON error (Node's has no body).
       requireHostHeader: false
     })
+    // Every header is kept (the head's size is bounded anyway): past Node's default count of
+    // 2,000 the rest were dropped unseen, and a second Authorization with them.
+    server.maxHeadersCount = 0
     const perClient = new Map<string, number>()
     server.on("connection", (socket: Socket) => {
       const address = socket.remoteAddress ?? ""

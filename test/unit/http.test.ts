@@ -274,6 +274,11 @@ describe("HTTP API", () => {
         "invalid_request"
       )
       expect(form.message).toMatch(/Content-Type must be application\/json/)
+      // A structured +json type is refused at once too (the body decoder waited for ever on it).
+      for (const type of ["application/vnd.api+json", "application/merge-patch+json", "application/jsonx"]) {
+        const res = await fetch(turns, { method: "POST", headers: { "content-type": type }, body: '{"role":"user","content":"x"}', signal: AbortSignal.timeout(5000) })
+        await expectError(res, 400, "invalid_request")
+      }
       const charset = await json(turns, {
         body: { role: "user", content: "x" },
         headers: { "content-type": "application/json; charset=utf-8" }
@@ -943,6 +948,15 @@ describe("HTTP API: hostile input (issue 9)", () => {
         expect(answer).toMatch(/^HTTP\/1\.1 400/)
         expect(answer).toContain(`More than one ${header} header`)
       }
+      // Past Node's default of 2,000 headers the rest were dropped unseen, a second
+      // Authorization among them.
+      const filler = Array.from({ length: 2000 }, (_, i) => `X-${i}: 1\r\n`).join("")
+      const hidden = await rawExchange(
+        url,
+        `GET /v1/conversations/abc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-one\r\n${filler}Authorization: Bearer nope\r\nConnection: close\r\n\r\n`
+      )
+      expect(hidden).toMatch(/^HTTP\/1\.1 400/)
+      expect(hidden).toContain("More than one Authorization header")
       const unauthorized = await fetch(`${url}/v1/conversations/abc`)
       expect(unauthorized.headers.get("www-authenticate")).toBe("Bearer")
       await expectError(unauthorized, 401, "unauthorized")
