@@ -209,7 +209,11 @@ export const layer = Layer.scoped(
           // The last one too, before the conversation is stored (its turn checks it again).
           yield* moderate(request.turn.content)
           const { id: conversationId } = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history })
-          const stream = yield* service.sendTurn(owner, conversationId, request.turn)
+          // Made for this request alone: a turn refused (too long for the pool, overloaded, …)
+          // leaves no conversation behind, nor its copied history.
+          const stream = yield* service.sendTurn(owner, conversationId, request.turn).pipe(
+            Effect.tapError(() => service.remove(owner, conversationId).pipe(Effect.ignoreLogged))
+          )
           return { conversationId, stream }
         }),
 

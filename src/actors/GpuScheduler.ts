@@ -7,7 +7,7 @@
 import { ClusterSchema, Entity } from "@effect/cluster"
 import { Rpc } from "@effect/rpc"
 import { Effect, Either, Schema } from "effect"
-import { EngineError } from "../runtime/Errors.js"
+import { EngineError, PromptTooLong } from "../runtime/Errors.js"
 import { TokenIds } from "../runtime/Domain.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { RunningSlots } from "./internal/runningSlots.js"
@@ -52,7 +52,7 @@ export const GpuScheduler = Entity.make("GpuScheduler", [
   Rpc.make("AcquireSlot", {
     payload: { priority: Schema.Int, num_prompt_tokens: Schema.Int, ttft_target_ms: Schema.Int },
     success: SlotReservation,
-    error: Schema.Union(AdmissionRefused, UnknownGpu)
+    error: Schema.Union(AdmissionRefused, UnknownGpu, PromptTooLong)
   }),
   /** Gives back a slot that AcquireSlot reserved and that was never started (that reservation only). */
   Rpc.make("ReleaseSlot", { payload: SlotReservation, error: UnknownGpu }),
@@ -102,6 +102,10 @@ export const layer = GpuScheduler.toLayer(
     return GpuScheduler.of({
       AcquireSlot: ({ payload }) =>
         Effect.gen(function*() {
+          // Before anything is stored for the turn: a prompt this GPU's KV cache cannot hold
+          // is the client's 400, not a failed reply.
+          const fits = (yield* worker).checkPrompt(payload.num_prompt_tokens)
+          if (Either.isLeft(fits)) return yield* fits.left
           const admitted = (yield* worker).admit({
             priority: payload.priority,
             numPromptTokens: payload.num_prompt_tokens,

@@ -125,6 +125,12 @@ export interface GpuWorker {
    */
   readonly admit: (request: AdmitRequest) => Either.Either<Reservation, AdmitRefusal>
   /**
+   * Whether a prompt of `numPromptTokens` fits this GPU: under the model's context and, with
+   * its first generated token, in the whole KV cache (a pool's cache may hold fewer tokens than
+   * the model's context). `start` refuses one that does not with the same error.
+   */
+  readonly checkPrompt: (numPromptTokens: number) => Either.Either<void, PromptTooLong>
+  /**
    * Marks a reserved slot as started. @returns false unless `reservationId` is the slot's
    * live reservation: it expired (not started within `reservationTimeoutMs`: its admitter
    * never heard the answer, or went away; the next admission frees it), or it was made by an
@@ -498,13 +504,14 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
     // Stop supervising before the engines' scopes close on shutdown, or it would restart them.
     yield* Effect.addFinalizer(() => Fiber.interrupt(supervisor))
 
+    const checkPrompt = (n: number): Either.Either<void, PromptTooLong> =>
+      n === 0 || n >= maxModelLen || kv.blocksFor(n + 1) > kv.numBlocks
+        ? Either.left(new PromptTooLong({ num_prompt_tokens: n, max_model_len: Math.min(maxModelLen, kv.numBlocks * kv.blockSize) }))
+        : Either.void
+
     const start = (request: GenerateRequest, sink: SeqSink): Either.Either<SeqHandle, PromptTooLong> => {
-      const n = request.promptTokenIds.length
-      if (n === 0 || n >= maxModelLen || kv.blocksFor(n + 1) > kv.numBlocks) {
-        return Either.left(
-          new PromptTooLong({ num_prompt_tokens: n, max_model_len: Math.min(maxModelLen, kv.numBlocks * kv.blockSize) })
-        )
-      }
+      const checked = checkPrompt(request.promptTokenIds.length)
+      if (Either.isLeft(checked)) return Either.left(checked.left)
       const seqId = nextSeqId++
       sinks.set(seqId, sink)
       core.add({
@@ -585,6 +592,7 @@ export const make = (options: GpuWorkerOptions): Effect.Effect<GpuWorker, Engine
         numPrefixQueriedTokens: kv.numQueriedTokens,
         numPrefixHitTokens: kv.numHitTokens
       })),
+      checkPrompt,
       admit: ({ numPromptTokens, priority, ttftTargetMs }) => {
         if (draining) {
           return Either.left({ reason: "draining", message: `${options.gpuId} is draining (its runner is stopping)`, retryAfterS: 1 })

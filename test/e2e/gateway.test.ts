@@ -444,6 +444,32 @@ describe("gateway: RPM and TPM limits in Redis, one limit across two gateway pro
     const rows = await sqlAt("SELECT count(*)::int AS n FROM chat_turns WHERE conversation_id = $1", [id], dbUrls[0]!)
     expect(rows[0].n).toBe(2)
   }, 60_000)
+
+  it("a prompt within the model's context but past the pool's KV cache is 400 prompt_too_long and stores nothing (native and OpenAI routes)", async () => {
+    const fay = bearer("key-fay")
+    const url = gateways[0]!.url
+    // frontier's 256 MiB cache holds 1,536 tokens of the default model, whose context is 4,096.
+    const content = Array.from({ length: 900 }, (_, i) => `item${i}`).join(" ")
+    const count = async (table: string) => (await sqlAt(`SELECT count(*)::int AS n FROM ${table}`, [], dbUrls[0]!))[0].n as number
+    const id = ((await (await postJson(`${url}/v1/conversations`, {}, fay)).json()) as any).conversation_id
+    const [conversations, turns] = [await count("chat_conversations"), await count("chat_turns")]
+    const native = await postJson(`${url}/v1/conversations/${id}/turns`, { role: "user", content, max_tokens: 8 }, fay)
+    expect(native.status).toBe(400)
+    const error = ((await native.json()) as any).error
+    expect(error.code).toBe("prompt_too_long")
+    expect(error.message).toMatch(/at most 1536/)
+    const completion = await fetch(`${url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json", ...fay },
+      body: JSON.stringify({ model: "frontier", messages: [{ role: "user", content: "Earlier" }, { role: "assistant", content: "Yes" }, { role: "user", content }], max_tokens: 8 })
+    })
+    expect(completion.status).toBe(400)
+    expect(((await completion.json()) as any).error.code).toBe("prompt_too_long")
+    expect([await count("chat_conversations"), await count("chat_turns")]).toEqual([conversations, turns])
+    // The conversation takes a turn that fits.
+    const fits = await postJson(`${url}/v1/conversations/${id}/turns`, { role: "user", content: "Short", max_tokens: 4 }, fay)
+    expect((await readSse(fits, () => undefined)).at(-1)?.event).toBe("done")
+  }, 60_000)
 })
 
 const GREEDY_PROMPT = "Tell me a long story"
