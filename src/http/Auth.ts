@@ -149,7 +149,9 @@ const jwtVerifier = (options: {
   readonly audience: Option.Option<string>
 }): Effect.Effect<AuthSettings["verifyJwt"], ConfigError.ConfigError> =>
   Effect.gen(function*() {
+    // A token without `exp` would be good for ever: refused.
     const claims = {
+      requiredClaims: ["exp"],
       ...(Option.isSome(options.issuer) ? { issuer: options.issuer.value } : {}),
       ...(Option.isSome(options.audience) ? { audience: options.audience.value } : {})
     }

@@ -179,9 +179,12 @@ export class UserMemory extends Schema.Class<UserMemory>("UserMemory")({
 
 /** `PATCH /v1/users/{id}/memory`: facts to add (deduplicated, case-insensitively) and fact ids to remove. */
 export class MemoryUpdate extends Schema.Class<MemoryUpdate>("MemoryUpdate")({
-  // A fact is stored trimmed: one of white space only would be stored empty.
+  // A fact is stored trimmed: one of white space only would be stored empty, one of format
+  // characters (U+200B) shows as nothing. So it must hold a letter, number, mark, punctuation or symbol.
   add: Schema.optionalWith(
-    Schema.Array(StorableText.pipe(Schema.maxLength(500), Schema.pattern(/\S/, { message: () => "a fact must hold more than white space" }))).pipe(Schema.maxItems(32)),
+    Schema.Array(
+      StorableText.pipe(Schema.maxLength(500), Schema.pattern(/[\p{L}\p{M}\p{N}\p{P}\p{S}]/u, { message: () => "a fact must hold a visible character" }))
+    ).pipe(Schema.maxItems(32)),
     { default: () => [] }
   ),
   remove: Schema.optionalWith(Schema.Array(Schema.String.pipe(Schema.pattern(/^fact_[0-9a-f]{32}$/))).pipe(Schema.maxItems(256)), { default: () => [] })

@@ -176,6 +176,7 @@ describe("gateway: identity and ownership", () => {
     expect((await patch("alice", { add: ["x"] }, bearer("key-bob"))).status).toBe(404)
     expect((await patch("me", { add: [""] }, alice)).status).toBe(400)
     expect((await patch("me", { add: [" \n\t "] }, alice)).status).toBe(400)
+    expect((await patch("me", { add: ["\u200b\u2060 "] }, alice)).status).toBe(400)
     expect((await patch("me", { remove: ["not-a-fact-id"] }, alice)).status).toBe(400)
     // The facts are in the next prompt: its prompt_tokens count them.
     const id = await create(alice)

@@ -561,6 +561,9 @@ describe("HTTP API", () => {
       expect(e.message).toMatch(/expired/)
       const forged = await sign({ sub: "alice" }, { key: "another-secret-that-is-32-bytes-long!!" })
       await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${forged}` } }), 401, "unauthorized")
+      // A token with no expiry would be good for ever.
+      const noExp = await new SignJWT({ sub: "alice" }).setProtectedHeader({ alg: "HS256" }).sign(new TextEncoder().encode(secret))
+      await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${noExp}` } }), 401, "unauthorized")
       const noSub = await sign({ tier: "paid" })
       await expectError(await fetch(`${url}/v1/conversations/${id}`, { headers: { authorization: `Bearer ${noSub}` } }), 401, "unauthorized")
       const badTier = await sign({ sub: "alice", tier: "platinum" })
