@@ -198,7 +198,7 @@ export const layer = Layer.scoped(
       topology.runners.find((r) => r.gpus?.some((g) => g === pool.gpus[0]?.id))?.region ?? topology.runners[0]!.region
     const service: Conversations["Type"] = {
       create,
-      models: () => modelNames,
+      models: (owner) => modelNames.filter((name) => poolFor(topology, name, owner.tier) !== undefined),
 
       complete: (owner, request) =>
         Effect.gen(function*() {

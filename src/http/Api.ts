@@ -21,7 +21,7 @@
  * - `GET  /healthz` → `{status:"ok"}` (liveness)
  * - `GET  /readyz` → `{status:"ready"}`, or 503 `not_ready` (engine down, database unreachable, stopping)
  * - `GET  /metrics` → Prometheus text (runtime/Metrics.ts)
- * - `POST /v1/chat/completions`, `GET /v1/models`: the OpenAI-compatible API (OpenAi.ts)
+ * - `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/models/:model`: the OpenAI-compatible API (OpenAi.ts)
  *
  * Every error is `{"error":{"code","message"}}` (ApiError.ts); decode failures of bodies,
  * paths and query strings become `invalid_request` (the global middleware in Server.ts
@@ -33,7 +33,7 @@ import { RunnerState } from "../runtime/RunnerStatus.js"
 import { ConversationCursorFromString, ConversationId, ConversationList, CreateConversation, HistoryPage, MemoryUpdate, Share, SharedConversation, ShareId, StorableText, UserMemory, UserTurnInput } from "../runtime/Domain.js"
 import * as ApiError from "./ApiError.js"
 import { Authorization } from "./Auth.js"
-import { ChatCompletionRequest, ModelList } from "./OpenAi.js"
+import { ChatCompletionRequest, Model, ModelList } from "./OpenAi.js"
 
 export class ConversationCreated extends Schema.Class<ConversationCreated>("ConversationCreated")({
   conversation_id: ConversationId,
@@ -240,6 +240,7 @@ export class DrainRequested extends Schema.Class<DrainRequested>("DrainRequested
   drain_requested: Schema.Literal(true)
 }) {}
 
+const modelName = HttpApiSchema.param("model", Schema.String.pipe(Schema.pattern(/^[A-Za-z0-9_.:-]{1,64}$/)))
 const runnerName = HttpApiSchema.param("runner", Schema.String.pipe(Schema.pattern(/^[A-Za-z0-9_.-]{1,64}$/)))
 
 /** Operators' routes (`/ops` dashboard): admin keys only (ADMIN_API_KEYS), others get 403. */
@@ -277,6 +278,7 @@ export class OpenAiGroup extends HttpApiGroup.make("openai")
       .addError(ApiError.OverloadedJson)
   )
   .add(HttpApiEndpoint.get("models", "/v1/models").addSuccess(ModelList))
+  .add(HttpApiEndpoint.get("model")`/v1/models/${modelName}`.addSuccess(Model).addError(ApiError.ModelNotFoundJson))
   .middleware(Authorization)
 {}
 

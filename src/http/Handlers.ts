@@ -230,10 +230,12 @@ export const OpenAiLive = HttpApiBuilder.group(
             })
           }))
         .handle("models", () =>
-          Effect.as(rateLimited(), new OpenAi.ModelList({
-            object: "list",
-            data: conversations.models().map((id) => ({ id, object: "model" as const, created: 0, owned_by: "chat-serve" }))
-          })))
+          Effect.map(rateLimited(), ({ identity }) => new OpenAi.ModelList({ object: "list", data: conversations.models(identity).map(OpenAi.model) })))
+        .handle("model", ({ path }) =>
+          Effect.flatMap(rateLimited(), ({ identity }) =>
+            conversations.models(identity).includes(path.model)
+              ? Effect.succeed(OpenAi.model(path.model))
+              : Effect.fail(new ApiError.ModelNotFound({ message: `Model ${path.model} not found` }))))
     })
 )
 

@@ -39,10 +39,20 @@ export class ChatCompletionRequest extends Schema.Class<ChatCompletionRequest>("
   user: Schema.optional(Schema.String.pipe(Schema.maxLength(256)))
 }) {}
 
-/** `GET /v1/models`. */
+/** `GET /v1/models/{model}`: a model (pool) the caller's tier may name. */
+export class Model extends Schema.Class<Model>("Model")({
+  id: Schema.String,
+  object: Schema.Literal("model"),
+  created: Schema.Int,
+  owned_by: Schema.String
+}) {}
+
+export const model = (id: string): Model => new Model({ id, object: "model", created: 0, owned_by: "chat-serve" })
+
+/** `GET /v1/models`: the models the caller's tier may name. */
 export class ModelList extends Schema.Class<ModelList>("ModelList")({
   object: Schema.Literal("list"),
-  data: Schema.Array(Schema.Struct({ id: Schema.String, object: Schema.Literal("model"), created: Schema.Int, owned_by: Schema.String }))
+  data: Schema.Array(Model)
 }) {}
 
 const contentText = (content: typeof Content.Type): string =>

@@ -131,8 +131,8 @@ export interface ConversationsService {
   readonly memory: (owner: Identity, user: string) => Effect.Effect<UserMemory, UserNotFound | StorageError>
   /** Adds and removes a user's facts; returns them all. Same rule as `memory`. */
   readonly updateMemory: (owner: Identity, user: string, update: MemoryUpdate) => Effect.Effect<UserMemory, UserNotFound | StorageError>
-  /** The model (pool) names a conversation or completion may name. */
-  readonly models: () => ReadonlyArray<string>
+  /** The model (pool) names `owner`'s tier lets a conversation or completion name. */
+  readonly models: (owner: Identity) => ReadonlyArray<string>
   /** Readiness: `undefined` when turns can be served, else what is not ready. */
   readonly notReady: Effect.Effect<string | undefined>
 }

@@ -426,6 +426,11 @@ describe("gateway: RPM and TPM limits in Redis, one limit across two gateway pro
     const pinned = await postJson(`${gateways[1]!.url}/v1/conversations`, { model: "frontier" }, bearer("key-gil"))
     expect(pinned.status).toBe(404)
     expect(((await pinned.json()) as any).error.code).toBe("model_not_found")
+    // The OpenAI client sees only the models their tier may name, as a list or one by one.
+    const gil = new OpenAI({ apiKey: "key-gil", baseURL: `${gateways[1]!.url}/v1`, maxRetries: 0 })
+    expect((await gil.models.list()).data.map((m) => m.id)).toEqual(["mini"])
+    expect(await gil.models.retrieve("mini")).toEqual({ id: "mini", object: "model", created: 0, owned_by: "chat-serve" })
+    await expect(gil.models.retrieve("frontier")).rejects.toBeInstanceOf(OpenAI.NotFoundError)
     // (fay, paid: any pool) may name mini too.
     expect((await postJson(`${gateways[1]!.url}/v1/conversations`, { model: "mini" }, fay)).status).toBe(201)
   }, 60_000)
