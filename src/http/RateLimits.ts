@@ -177,6 +177,15 @@ redis.call("SET", KEYS[1], count, "PX", next_pttl)
 return { count, next_pttl }
 `
 
+/**
+ * A limit check that takes longer lets the request through, as an unreachable store does. And
+ * commands are not queued while the connection is down: with ioredis's defaults (an offline
+ * queue, 20 retries) every request waited 10–40 s through a Redis outage.
+ */
+const STORE_COMMAND_TIMEOUT_MS = 250
+/** How long the store's layer waits for its first connection (Redis down: it goes on without). */
+const STORE_CONNECT_WAIT_MS = 2000
+
 interface RedisWithFixedWindow extends Redis {
   fixedWindowMs(key: string, tokens: number, refillMs: number, ...limit: Array<number>): Promise<[number, number]>
 }
@@ -193,10 +202,20 @@ export const layerStoreRedis = (options: RedisOptions & { readonly prefix: strin
       // Its token bucket is not used: its connection is made only if it is.
       const library = yield* RateLimiterRedis.make({ ...options, lazyConnect: true })
       const redis = yield* Effect.acquireRelease(
-        Effect.sync(() => new Redis(options) as RedisWithFixedWindow),
+        Effect.sync(() =>
+          new Redis({ ...options, maxRetriesPerRequest: 1, enableOfflineQueue: false, commandTimeout: STORE_COMMAND_TIMEOUT_MS }) as RedisWithFixedWindow
+        ),
         (redis) => Effect.promise(() => redis.quit().catch(() => undefined))
       )
       redis.defineCommand("fixedWindowMs", { lua: FIXED_WINDOW_SCRIPT, numberOfKeys: 1 })
+      // Reconnection is ioredis's; its errors meanwhile are the commands' (logged by RateLimits).
+      redis.on("error", () => undefined)
+      // Connected before the first request where Redis is up (commands are not queued meanwhile).
+      yield* Effect.async<void>((resume) => {
+        const done = () => (clearTimeout(timer), resume(Effect.void))
+        const timer = setTimeout(done, STORE_CONNECT_WAIT_MS)
+        redis.once("ready", done)
+      })
       return RateLimiter.RateLimiterStore.of({
         ...library,
         fixedWindow: ({ key, limit, refillRate, tokens }) =>

@@ -1,9 +1,10 @@
 /**
  * The rate limiter's Redis store (REDIS_URL) with the limits tiers use: a limit that does not
  * divide the minute (RPM 7, TPM 100,000) counts and refuses as one that does, and a refund
- * gives tokens back, down to nothing.
+ * gives tokens back, down to nothing. A Redis that does not answer fails the check at once.
  */
 import { randomUUID } from "node:crypto"
+import * as Net from "node:net"
 import { RateLimiter } from "@effect/experimental"
 import { describe, expect, it } from "@effect/vitest"
 import { Effect, Layer } from "effect"
@@ -41,4 +42,22 @@ describe("rate limits in Redis", () => {
       yield* consume("tpm", 100_000, -200_000, "delay")
       expect((yield* consume("tpm", 100_000, 1)).remaining).toBe(99_999)
     }).pipe(Effect.provide(limiter)))
+
+  it.scoped("a Redis that accepts connections but never answers fails the check within a second (not after ioredis's retries)", () =>
+    Effect.gen(function*() {
+      const sockets = new Set<Net.Socket>()
+      const silent = Net.createServer((socket) => void sockets.add(socket))
+      yield* Effect.acquireRelease(
+        Effect.async<void>((resume) => void silent.listen(0, "127.0.0.1", () => resume(Effect.void))),
+        () => Effect.sync(() => (sockets.forEach((s) => s.destroy()), silent.close()))
+      )
+      const port = (silent.address() as Net.AddressInfo).port
+      const { elapsedMs, failed } = yield* Effect.gen(function*() {
+        const startMs = Date.now()
+        const failed = yield* Effect.flip(consume("rpm", 7, 1)).pipe(Effect.timeout("3 seconds"))
+        return { elapsedMs: Date.now() - startMs, failed }
+      }).pipe(Effect.provide(Layer.provide(RateLimiter.layer, layerStoreRedis({ host: "127.0.0.1", port, prefix: "test:" }))))
+      expect(failed.reason).toBe("StoreError")
+      expect(elapsedMs).toBeLessThan(1000)
+    }))
 })
