@@ -309,8 +309,15 @@ export const layer = Layer.scoped(
               return after === undefined ? Option.none() : yield* new StreamNotFound({ turn_id: turnId })
             case "Ended":
               return Option.none()
-            case "Events":
-              return Option.some({ turnId, events: followed.events })
+            case "Events": {
+              // A log that fails midway (Redis went away): the rest comes from the turn's slot.
+              let lastIndex = afterIndex
+              const events = followed.events.pipe(
+                Stream.tap((e) => Effect.sync(() => e.kind === "token" && (lastIndex = e.index))),
+                Stream.catchAll((e) => Stream.unwrap(Effect.map(fromSlot(id, turnId, lastIndex, e), (slot) => slot.events)))
+              )
+              return Option.some({ turnId, events })
+            }
           }
         }),
 

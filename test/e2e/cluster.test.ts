@@ -362,15 +362,21 @@ describe("local cluster: two gateways, two GPU runners", () => {
   /**
    * Each client resumes on gw-2 with its last event id; every token comes exactly once, the
    * stream ends with done, and the stored reply is the client's whole text.
+   * `onEvent` sees each resumed client's events as they come.
    * @returns how long after `since` the slowest resume was answered (ms).
    */
-  const resumeOnGw2 = async (ids: ReadonlyArray<string>, before: ReadonlyArray<ReadonlyArray<SseEvent>>, since: number) => {
+  const resumeOnGw2 = async (
+    ids: ReadonlyArray<string>,
+    before: ReadonlyArray<ReadonlyArray<SseEvent>>,
+    since: number,
+    onEvent: (client: number, e: SseEvent) => void = () => undefined
+  ) => {
     const [, gw2] = cluster.gateways
     const resumed = await Promise.all(ids.map(async (id, i) => {
       const res = await fetch(`${gw2}/v1/conversations/${id}/stream`, { headers: { "last-event-id": before[i]!.at(-1)!.id! } })
       expect(res.status).toBe(200)
       const answeredAfterMs = Date.now() - since
-      return { id, before: before[i]!, rest: await readSse(res, () => undefined), answeredAfterMs }
+      return { id, before: before[i]!, rest: await readSse(res, (e) => onEvent(i, e)), answeredAfterMs }
     }))
     for (const r of resumed) {
       const restTokens = r.rest.filter((e) => e.event === "token")
@@ -550,6 +556,27 @@ describe("local cluster: two gateways, two GPU runners", () => {
     // Intermittent, cause not found (a 503 on resume, or a turn stored cancelled): twice in a
     // row in one CI run of this session, so it gets a second retry.
   }, { timeout: 120_000, retry: 2 })
+
+  it("drill (e, follow): clients that resumed on gw-2 from the Redis log go on from the GPU runners' buffers when Redis stops, every token once", async () => {
+    const [, gw2] = cluster.gateways
+    const ids = await Promise.all(Array.from({ length: 4 }, () => create(gw2)))
+    const before = await streamThenKillGw1(ids, "Follow me", 1500)
+    // Redis stops once every resumed client has read a few tokens from the log.
+    const numTokens = ids.map(() => 0)
+    let stopped: Promise<void> | undefined
+    try {
+      await resumeOnGw2(ids, before, Date.now(), (i, e) => {
+        if (e.event === "token") numTokens[i]!++
+        if (stopped === undefined && numTokens.every((n) => n >= 5)) stopped = redis.kill()
+      })
+      expect(stopped).toBeDefined()
+      await stopped
+      await cluster.restart("gw-1")
+    } finally {
+      await stopped
+      await redis.start() // a failed drill's gw-1 is started again by afterEach
+    }
+  }, 120_000)
 
   it("drill (c): SIGKILL a GPU runner and its engine; its turns go on on the other GPU, with the text of an undisturbed run", async () => {
     const [gw1, gw2] = cluster.gateways
