@@ -7,7 +7,7 @@ import { randomUUID } from "node:crypto"
 import { Duration, Effect, FiberRef, Layer, Option, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
 import { ConversationId, ConversationList, formatConversationCursor, HistoryPage, noValidation, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, UserId as UserIdSchema, UserMemory, usageJson } from "../runtime/Domain.js"
-import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StreamNotFound, type TurnEventsUnavailable, UserNotFound } from "../runtime/Errors.js"
+import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StorageError, StreamNotFound, type TurnEventsUnavailable, UserNotFound } from "../runtime/Errors.js"
 import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Metrics } from "../runtime/Metrics.js"
@@ -34,9 +34,25 @@ const dieOnDeliveryFailure = <A, E extends { readonly _tag: string }, R>(
     Effect.die
   )
 
-/** Past the shard-move retries a call is a 503: the conversation is still between runners. */
-const retryShardMoves = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError, R> =>
-  retryShardMovesOf(call, () => new EngineError({ code: "unavailable", message: "the conversation is moving between runners; try again" }))
+/**
+ * How long a request waits for its Conversation entity. A call to a shard that no runner holds
+ * is resent by the cluster until one does: through a database outage (the shard locks are in
+ * PostgreSQL, and every runner gives its shards up ~1.5 s in) requests waited for the whole
+ * outage. Well above a loaded SendTurn's time (admission, then the user turn's INSERT).
+ */
+const ENTITY_CALL_DEADLINE = Duration.seconds(30)
+
+/**
+ * Past the shard-move retries a call is a 503: the conversation is still between runners; and
+ * past ENTITY_CALL_DEADLINE too (interrupted, as when its client goes away).
+ */
+const retryShardMoves = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError | StorageError, R> =>
+  retryShardMovesOf(call, () => new EngineError({ code: "unavailable", message: "the conversation is moving between runners; try again" })).pipe(
+    Effect.timeoutFail({
+      duration: ENTITY_CALL_DEADLINE,
+      onTimeout: () => new StorageError({ message: "no runner took the conversation's call in time (its shard is not held: the cluster's database may be unreachable)", transient: true })
+    })
+  )
 
 /** Conversation owners a gateway keeps (an owner never changes: this is a cache of the store). */
 const OWNER_CACHE_MAX = 100_000
