@@ -4,7 +4,7 @@
  * of this runner. The DecodeSlot runs it like a turn, but its `purpose` keeps it out of the
  * conversation's history (Conversation.layerTurnFinisher).
  */
-import { Context, Duration, Effect, Layer, Option, Stream } from "effect"
+import { Context, Duration, Effect, Layer, Stream } from "effect"
 import { type ConversationId, TurnId } from "../runtime/Domain.js"
 import { EngineError } from "../runtime/Errors.js"
 import { type LoadedModel, Models } from "../runtime/Models.js"
@@ -61,11 +61,13 @@ export const layer = Layer.effect(
               priority: BACKGROUND_PRIORITY,
               num_prompt_tokens: promptIds.length,
               ttft_target_ms: BACKGROUND_TTFT_TARGET_MS
-            }).pipe(Effect.timeout(Duration.seconds(10)), Effect.option)
-            if (Option.isSome(acquired)) {
-              reserved = acquired.value
+            }).pipe(Effect.timeout(Duration.seconds(10)), Effect.either)
+            if (acquired._tag === "Right") {
+              reserved = acquired.right
               break
             }
+            // The pool's GPUs share one KV cache size: no other takes it either.
+            if (acquired.left._tag === "PromptTooLong") return yield* new EngineError({ code: "start_failed", message: `${request.purpose}: PromptTooLong` })
           }
           if (reserved === undefined) return yield* new EngineError({ code: "overloaded", message: `no GPU of pool ${request.pool} took the ${request.purpose}` })
           const stream = streams.make(topology.generation.client_buffer_tokens)

@@ -42,12 +42,17 @@ const dieOnDeliveryFailure = <A, E extends { readonly _tag: string }, R>(
  */
 const ENTITY_CALL_DEADLINE = Duration.seconds(30)
 
+/** Past the shard-move retries a call is a 503: the conversation is still between runners. */
+const retryShardMoves = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError, R> =>
+  retryShardMovesOf(call, () => new EngineError({ code: "unavailable", message: "the conversation is moving between runners; try again" }))
+
 /**
- * Past the shard-move retries a call is a 503: the conversation is still between runners; and
- * past ENTITY_CALL_DEADLINE too (interrupted, as when its client goes away).
+ * `retryShardMoves`, and past ENTITY_CALL_DEADLINE a 503 (the call interrupted, as when its
+ * client goes away). Not for Delete, which may wait longer for a running turn to settle and
+ * must not be cut off halfway.
  */
-const retryShardMoves = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError | StorageError, R> =>
-  retryShardMovesOf(call, () => new EngineError({ code: "unavailable", message: "the conversation is moving between runners; try again" })).pipe(
+const withinDeadline = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError | StorageError, R> =>
+  retryShardMoves(call).pipe(
     Effect.timeoutFail({
       duration: ENTITY_CALL_DEADLINE,
       onTimeout: () => new StorageError({ message: "no runner took the conversation's call in time (its shard is not held: the cluster's database may be unreachable)", transient: true })
@@ -187,7 +192,7 @@ export const layer = Layer.scoped(
         if (pool === undefined) return yield* new ModelNotFound({ model: input.model ?? "" })
         const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
         // Create is idempotent (the id is ours): a call stopped by a shard move is sent again.
-        yield* retryShardMoves(() =>
+        yield* withinDeadline(() =>
           client(id).Create({
             pool: pool.name,
             system_prompt: input.system_prompt ?? null,
@@ -226,9 +231,10 @@ export const layer = Layer.scoped(
           yield* moderate(request.turn.content)
           const { id: conversationId } = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history })
           // Made for this request alone: a turn refused (too long for the pool, overloaded, …)
-          // leaves no conversation behind, nor its copied history.
+          // leaves no conversation behind, nor its copied history. Removed in the background:
+          // the refusal is not held up by it.
           const stream = yield* service.sendTurn(owner, conversationId, request.turn).pipe(
-            Effect.tapError(() => service.remove(owner, conversationId).pipe(Effect.ignoreLogged))
+            Effect.tapError(() => Effect.forkDaemon(Effect.ignoreLogged(service.remove(owner, conversationId))))
           )
           return { conversationId, stream }
         }),
@@ -244,7 +250,7 @@ export const layer = Layer.scoped(
           // the retry finds it by the key (DuplicateTurn) and this request streams it. Without
           // a client key the request gets one of its own for that.
           const key = options?.idempotencyKey ?? `auto:${randomUUID()}`
-          const accepted = yield* retryShardMoves((attempt) =>
+          const accepted = yield* withinDeadline((attempt) =>
             client(id).SendTurn({
               content: input.content,
               ...(input.max_tokens === undefined ? {} : { max_tokens: input.max_tokens }),
@@ -288,7 +294,7 @@ export const layer = Layer.scoped(
 
       cancel: (owner, id) =>
         authorize(owner, id).pipe(
-          Effect.zipRight(retryShardMoves(() => client(id).Cancel().pipe(detached))),
+          Effect.zipRight(withinDeadline(() => client(id).Cancel().pipe(detached))),
           Effect.asVoid,
           dieOnDeliveryFailure
         ),
@@ -308,7 +314,7 @@ export const layer = Layer.scoped(
       resume: (owner, id, after) =>
         Effect.gen(function*() {
           yield* authorize(owner, id)
-          const turnId = after?.turnId ?? (yield* retryShardMoves(() => client(id).InFlight().pipe(detached)).pipe(
+          const turnId = after?.turnId ?? (yield* withinDeadline(() => client(id).InFlight().pipe(detached)).pipe(
             dieOnDeliveryFailure
           ))
           if (turnId === null) return Option.none()

@@ -104,9 +104,10 @@ export const layer = GpuScheduler.toLayer(
         Effect.gen(function*() {
           // Before anything is stored for the turn: a prompt this GPU's KV cache cannot hold
           // is the client's 400, not a failed reply.
-          const fits = (yield* worker).checkPrompt(payload.num_prompt_tokens)
+          const gpu = yield* worker
+          const fits = gpu.checkPrompt(payload.num_prompt_tokens)
           if (Either.isLeft(fits)) return yield* fits.left
-          const admitted = (yield* worker).admit({
+          const admitted = gpu.admit({
             priority: payload.priority,
             numPromptTokens: payload.num_prompt_tokens,
             ttftTargetMs: payload.ttft_target_ms

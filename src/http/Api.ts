@@ -240,7 +240,7 @@ export class DrainRequested extends Schema.Class<DrainRequested>("DrainRequested
   drain_requested: Schema.Literal(true)
 }) {}
 
-const modelName = HttpApiSchema.param("model", Schema.String.pipe(Schema.pattern(/^[A-Za-z0-9_.:-]{1,64}$/)))
+const modelName = HttpApiSchema.param("model", Schema.String.pipe(Schema.maxLength(256)))
 const runnerName = HttpApiSchema.param("runner", Schema.String.pipe(Schema.pattern(/^[A-Za-z0-9_.-]{1,64}$/)))
 
 /** Operators' routes (`/ops` dashboard): admin keys only (ADMIN_API_KEYS), others get 403. */

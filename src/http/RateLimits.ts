@@ -1,7 +1,7 @@
 /**
  * Per-user RPM and TPM limits of the user's tier (`cluster.config.ts` `tiers.*.rpm/tpm`), with
- * `@effect/experimental`'s RateLimiter: its Redis store when several runners share the limits
- * (one limit across gateways), its memory store in one process. A turn is charged up front
+ * `@effect/experimental`'s RateLimiter: a Redis store of our own when several runners share the
+ * limits (one limit across gateways; see `layerStoreRedis`), the library's memory store in one process. A turn is charged up front
  * for its estimated prompt plus `max_tokens`, and corrected to the actual count when it ends.
  *
  * Responses carry OpenAI's headers (`x-ratelimit-limit-requests`, `…-remaining-requests`,
@@ -12,7 +12,6 @@
  * take it down.
  */
 import { RateLimiter } from "@effect/experimental"
-import * as RateLimiterRedis from "@effect/experimental/RateLimiter/Redis"
 import { Context, Duration, Effect, Layer } from "effect"
 import { Redis, type RedisOptions } from "ioredis"
 import type { Identity } from "../runtime/Domain.js"
@@ -160,7 +159,12 @@ local limit = tonumber(ARGV[3])
 local current = tonumber(redis.call("GET", KEYS[1]))
 local pttl = 0
 if current then
-  pttl = math.max(redis.call("PTTL", KEYS[1]), 0)
+  pttl = redis.call("PTTL", KEYS[1])
+  -- A key without an expiry (not written here) would count for ever: a fresh window.
+  if pttl < 0 then
+    current = 0
+    pttl = 0
+  end
 else
   current = 0
 end
@@ -191,16 +195,14 @@ interface RedisWithFixedWindow extends Redis {
 }
 
 /**
- * The limits' Redis store, keys under `prefix`: @effect/experimental's, with the fixed window
- * of {@link FIXED_WINDOW_SCRIPT} (the one algorithm RateLimits uses). Fails with
- * RateLimitStoreError when Redis does not answer.
+ * The limits' Redis store, keys under `prefix`: the fixed window of {@link FIXED_WINDOW_SCRIPT},
+ * the one algorithm RateLimits uses (the token bucket fails). Fails with RateLimitStoreError
+ * when Redis does not answer.
  */
 export const layerStoreRedis = (options: RedisOptions & { readonly prefix: string }): Layer.Layer<RateLimiter.RateLimiterStore> =>
   Layer.scoped(
     RateLimiter.RateLimiterStore,
     Effect.gen(function*() {
-      // Its token bucket is not used: its connection is made only if it is.
-      const library = yield* RateLimiterRedis.make({ ...options, lazyConnect: true })
       const redis = yield* Effect.acquireRelease(
         Effect.sync(() =>
           new Redis({ ...options, maxRetriesPerRequest: 1, enableOfflineQueue: false, commandTimeout: STORE_COMMAND_TIMEOUT_MS }) as RedisWithFixedWindow
@@ -212,12 +214,12 @@ export const layerStoreRedis = (options: RedisOptions & { readonly prefix: strin
       redis.on("error", () => undefined)
       // Connected before the first request where Redis is up (commands are not queued meanwhile).
       yield* Effect.async<void>((resume) => {
-        const done = () => (clearTimeout(timer), resume(Effect.void))
+        const done = () => (clearTimeout(timer), redis.off("ready", done), resume(Effect.void))
         const timer = setTimeout(done, STORE_CONNECT_WAIT_MS)
         redis.once("ready", done)
       })
       return RateLimiter.RateLimiterStore.of({
-        ...library,
+        tokenBucket: () => Effect.fail(new RateLimiter.RateLimitStoreError({ message: "this store has no token bucket" })),
         fixedWindow: ({ key, limit, refillRate, tokens }) =>
           Effect.tryPromise({
             try: () => redis.fixedWindowMs(`${options.prefix}${key}`, tokens, Duration.toMillis(refillRate), ...(limit === undefined ? [] : [limit])),

@@ -132,47 +132,44 @@ const discardBody = (incoming: IncomingMessage): Effect.Effect<void> =>
   })
 
 /**
- * The bytes of each request body as Node's parser handed them over, up to the point where
- * `guardRequest` checks them: the body reader decodes invalid UTF-8 to U+FFFD, and only the
- * bytes tell that from a U+FFFD that was sent. Recorded from the `request` event on (the
- * parser may push a body before the request's fiber runs), for methods that take a body.
+ * What came of a request body, as Node's parser handed it over (through `push`, which
+ * `trackBody` wraps from the `request` event on: the parser may push a body before the
+ * request's fiber runs), for methods that take one:
+ * - `chunks`: its bytes, while `recording`, for `guardRequest`'s UTF-8 check (the body reader
+ *   decodes invalid UTF-8 to U+FFFD, and only the bytes tell that from a U+FFFD that was
+ *   sent). They are slices of the socket's read buffers: dropped once checked, and never kept
+ *   of a body that is being discarded;
+ * - `maxBytes`: a cap that `guardRequest` sets on a body of undeclared length (chunked): past
+ *   it the rest is read from the socket and dropped rather than buffered, so the body reader
+ *   sees at most `maxBytes` and the body's end, and `overflowed` says the body was longer.
+ *   (The platform's own limit destroys the request, so the client would see a reset instead
+ *   of the 413.) Past DISCARD_MAX_BYTES the request is destroyed after all.
  */
-const bodyChunks = new WeakMap<IncomingMessage, Array<Buffer>>()
-
-const recordBody = (request: IncomingMessage): void => {
-  const chunks: Array<Buffer> = []
-  bodyChunks.set(request, chunks)
-  const push = request.push.bind(request)
-  request.push = (chunk: unknown, encoding?: BufferEncoding): boolean => {
-    if (Buffer.isBuffer(chunk)) chunks.push(chunk)
-    return push(chunk, encoding)
-  }
+interface BodyTracker {
+  readonly chunks: Array<Buffer>
+  recording: boolean
+  maxBytes: number
+  numBytes: number
+  overflowed: boolean
 }
 
-/**
- * Caps a body of undeclared length (chunked) at `maxBytes` without cutting the connection: once
- * the body passes the cap, the rest of it is read from the socket and dropped rather than
- * buffered. The body reader then sees at most `maxBytes` and the body's end; `overflowed` says
- * the body was longer. (The platform's own limit destroys the request, so the client sees
- * a reset instead of the 413.) Past DISCARD_MAX_BYTES the request is destroyed after all.
- * Node's HTTP parser hands a request its body through `push`, which this wraps.
- */
-const capUndeclaredBody = (
-  incoming: IncomingMessage,
-  maxBytes: number
-): { readonly overflowed: () => boolean } => {
-  let numBytes = incoming.readableLength
-  let overflowed = numBytes > maxBytes
-  const push = incoming.push.bind(incoming)
-  incoming.push = (chunk: unknown, encoding?: BufferEncoding): boolean => {
+const bodyTrackers = new WeakMap<IncomingMessage, BodyTracker>()
+
+const trackBody = (request: IncomingMessage): void => {
+  const tracker: BodyTracker = { chunks: [], recording: true, maxBytes: Infinity, numBytes: 0, overflowed: false }
+  bodyTrackers.set(request, tracker)
+  const push = request.push.bind(request)
+  request.push = (chunk: unknown, encoding?: BufferEncoding): boolean => {
     if (chunk === null || chunk === undefined) return push(chunk, encoding)
-    numBytes += (chunk as { length: number }).length
-    if (numBytes <= maxBytes) return push(chunk, encoding)
-    overflowed = true
-    if (numBytes > DISCARD_MAX_BYTES) incoming.destroy()
-    return true
+    tracker.numBytes += (chunk as { length: number }).length
+    if (tracker.numBytes > tracker.maxBytes) {
+      tracker.overflowed = true
+      if (tracker.numBytes > DISCARD_MAX_BYTES) request.destroy()
+      return true
+    }
+    if (tracker.recording && Buffer.isBuffer(chunk)) tracker.chunks.push(chunk)
+    return push(chunk, encoding)
   }
-  return { overflowed: () => overflowed }
 }
 
 /**
@@ -194,7 +191,7 @@ const SINGLE_HEADERS: ReadonlyMap<string, string> = new Map([
  * - at most `maxBodyBytes`: a `Content-Length` above it is a 413, and a chunked body is kept
  *   up to the limit only; the text read here is what the route decodes (the request caches
  *   it). The rest of an over-long body is read and dropped before the 413 goes out (see
- *   `discardBody` and `capUndeclaredBody`), so that the client gets it;
+ *   `discardBody` and `BodyTracker`), so that the client gets it;
  * - valid UTF-8: where the decoded text holds a U+FFFD, the bytes that came are checked;
  * - nesting at most `maxJsonDepth` deep, checked before anything parses it.
  */
@@ -229,13 +226,19 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
       return yield* new ApiError.InvalidRequest({ message: `Transfer-Encoding ${ApiError.truncateMessage(transfer)} is not supported` })
     }
     const limits = yield* RequestLimits
+    const incoming = NodeHttpServerRequest.toIncomingMessage(request)
+    const tracker = bodyTrackers.get(incoming)
+    bodyTrackers.delete(incoming)
     const declared = Number(request.headers["content-length"] ?? "0")
     if (declared > limits.maxBodyBytes) {
-      yield* discardBody(NodeHttpServerRequest.toIncomingMessage(request))
+      if (tracker !== undefined) tracker.recording = false
+      yield* discardBody(incoming)
       return yield* new ApiError.PayloadTooLarge({ message: `The body is larger than ${limits.maxBodyBytes} bytes` })
     }
-    const incoming = NodeHttpServerRequest.toIncomingMessage(request)
-    const undeclared = request.headers["content-length"] === undefined ? capUndeclaredBody(incoming, limits.maxBodyBytes) : undefined
+    if (tracker !== undefined && request.headers["content-length"] === undefined) {
+      tracker.maxBytes = limits.maxBodyBytes
+      tracker.overflowed = tracker.numBytes > limits.maxBodyBytes
+    }
     // The body's bytes are bounded above (its declared length, or the cap). The platform's
     // limit counts the decoded text's UTF-8 bytes, where an invalid byte becomes U+FFFD (3
     // bytes): at `maxBodyBytes` it cut off a body of invalid UTF-8 a third that size with a
@@ -248,13 +251,12 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
           : new ApiError.InvalidRequest({ message: "The request body could not be read" })
       )
     )
-    if (undeclared?.overflowed() === true) {
+    if (tracker?.overflowed === true) {
       return yield* new ApiError.PayloadTooLarge({ message: `The body is larger than ${limits.maxBodyBytes} bytes` })
     }
-    // The chunks are slices of the socket's read buffers: not kept past this check.
-    const chunks = bodyChunks.get(incoming)
-    bodyChunks.delete(incoming)
-    if (text.includes("\uFFFD") && chunks !== undefined && !isUtf8(Buffer.concat(chunks))) {
+    const chunks = tracker?.chunks.splice(0) ?? []
+    if (tracker !== undefined) tracker.recording = false
+    if (text.includes("\uFFFD") && !isUtf8(Buffer.concat(chunks))) {
       return yield* new ApiError.InvalidRequest({ message: "The request body is not valid UTF-8" })
     }
     if (jsonDepth(text) > limits.maxJsonDepth) {
@@ -429,7 +431,7 @@ export const layerNodeServer = (
     server.emit = ((event: string | symbol, ...args: Array<any>): boolean => {
       if (event === "request") {
         const [request, response] = args as [IncomingMessage, ServerResponse]
-        if (request.method !== "GET" && request.method !== "HEAD") recordBody(request)
+        if (request.method !== "GET" && request.method !== "HEAD") trackBody(request)
         // RFC 9112 §3.2: an HTTP/1.1 request without a Host header is a 400.
         if (request.headers.host === undefined && request.httpVersion === "1.1") {
           const body = JSON.stringify(ApiError.errorJson(400, "invalid_request", "An HTTP/1.1 request needs a Host header"))

@@ -471,6 +471,9 @@ describe("gateway: RPM and TPM limits in Redis, one limit across two gateway pro
     })
     expect(completion.status).toBe(400)
     expect(((await completion.json()) as any).error.code).toBe("prompt_too_long")
+    // The completion's conversation is removed once the refusal is out.
+    const deadline = Date.now() + 5000
+    while ((await count("chat_conversations")) !== conversations && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50))
     expect([await count("chat_conversations"), await count("chat_turns")]).toEqual([conversations, turns])
     // The conversation takes a turn that fits.
     const fits = await postJson(`${url}/v1/conversations/${id}/turns`, { role: "user", content: "Short", max_tokens: 4 }, fay)

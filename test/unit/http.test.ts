@@ -275,7 +275,7 @@ describe("HTTP API", () => {
       )
       expect(form.message).toMatch(/Content-Type must be application\/json/)
       // A structured +json type is refused at once too (the body decoder waited for ever on it).
-      for (const type of ["application/vnd.api+json", "application/merge-patch+json", "application/jsonx"]) {
+      for (const type of ["application/vnd.api+json", "application/merge-patch+json"]) {
         const res = await fetch(turns, { method: "POST", headers: { "content-type": type }, body: '{"role":"user","content":"x"}', signal: AbortSignal.timeout(5000) })
         await expectError(res, 400, "invalid_request")
       }
