@@ -19,6 +19,7 @@ import { Metrics } from "../runtime/Metrics.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
 import * as ApiError from "./ApiError.js"
 import { Authenticator } from "./Auth.js"
+import { failFastRedisOptions } from "../runtime/internal/redisOptions.js"
 
 const WINDOW = Duration.minutes(1)
 
@@ -182,9 +183,8 @@ return { count, next_pttl }
 `
 
 /**
- * A limit check that takes longer lets the request through, as an unreachable store does. And
- * commands are not queued while the connection is down: with ioredis's defaults (an offline
- * queue, 20 retries) every request waited 10–40 s through a Redis outage.
+ * A limit check that takes longer lets the request through, as an unreachable store does (and
+ * one is not queued while Redis is away: `failFastRedisOptions`).
  */
 const STORE_COMMAND_TIMEOUT_MS = 250
 /** How long the store's layer waits for its first connection (Redis down: it goes on without). */
@@ -205,7 +205,7 @@ export const layerStoreRedis = (options: RedisOptions & { readonly prefix: strin
     Effect.gen(function*() {
       const redis = yield* Effect.acquireRelease(
         Effect.sync(() =>
-          new Redis({ ...options, maxRetriesPerRequest: 1, enableOfflineQueue: false, commandTimeout: STORE_COMMAND_TIMEOUT_MS }) as RedisWithFixedWindow
+          new Redis({ ...options, ...failFastRedisOptions(STORE_COMMAND_TIMEOUT_MS) }) as RedisWithFixedWindow
         ),
         (redis) => Effect.promise(() => redis.quit().catch(() => undefined))
       )

@@ -16,6 +16,7 @@
 import { Context, Duration, Effect, Layer, Option, Schema } from "effect"
 import { Redis } from "ioredis"
 import { ConversationId, Summary, UserId } from "./Domain.js"
+import { failFastRedisOptions } from "./internal/redisOptions.js"
 
 /** One `conv:{id}` entry. */
 export const CachedConversation = Schema.Struct({
@@ -76,7 +77,7 @@ export const layerRedis = (url: string, prefix: string) =>
   Layer.scoped(
     ConversationCache,
     Effect.gen(function*() {
-      const redis = new Redis(url, { maxRetriesPerRequest: 1, enableOfflineQueue: false, commandTimeout: COMMAND_TIMEOUT_MS })
+      const redis = new Redis(url, failFastRedisOptions(COMMAND_TIMEOUT_MS))
       let down = false
       redis.on("error", () => {
         if (!down) console.warn(`ConversationCache: Redis at ${url} unreachable; conversations load from PostgreSQL meanwhile`)

@@ -18,6 +18,7 @@ import { Context, Effect, Layer, Stream } from "effect"
 import { Redis } from "ioredis"
 import type { TurnId, UsageJson } from "./Domain.js"
 import { TurnEventsUnavailable } from "./Errors.js"
+import { failFastRedisOptions } from "./internal/redisOptions.js"
 
 export type LoggedEvent =
   /**
@@ -276,7 +277,7 @@ export const layerRedis = (url: string, prefix: string) =>
   Layer.scoped(
     TurnEventLog,
     Effect.gen(function*() {
-      const options = { maxRetriesPerRequest: 1, enableOfflineQueue: false, lazyConnect: false } as const
+      const options = { ...failFastRedisOptions(), lazyConnect: false } as const
       const redis = new Redis(url, options)
       // Connection errors are retried by ioredis itself; log them once per outage.
       let down = false
