@@ -194,6 +194,8 @@ const ENDED_REPORT_WAIT = Duration.seconds(10)
 
 /** A GPU whose scheduler does not answer admission within this is skipped (its runner is gone; a loaded one answers well within it). */
 const ACQUIRE_TIMEOUT = Duration.seconds(10)
+/** How long a turn sent again waits for its first copy's user turn to be stored (or refused). */
+const RESEND_SETTLE_TIMEOUT = Duration.seconds(30)
 
 /**
  * How long a Conversation that took a running turn over (a shard move) waits for the turn's
@@ -707,6 +709,15 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
         Effect.gen(function*() {
           const key = input.idempotency_key
           yield* recovered
+          // Sent again before its user turn is stored: it waits until that is (or the turn was
+          // refused), then gets the answer of any re-send below (or is taken anew).
+          const pending = active
+          if (key !== undefined && pending?.idempotencyKey === key && pending.turnId === "") {
+            yield* Effect.raceFirst(Deferred.await(pending.userTurnStored), Deferred.await(pending.ended)).pipe(
+              Effect.timeout(RESEND_SETTLE_TIMEOUT),
+              Effect.ignore
+            )
+          }
           if (deleted) return yield* new ConversationNotFound({ conversation_id: id })
           // Claim the conversation before the next yield: handlers run concurrently.
           const running = active

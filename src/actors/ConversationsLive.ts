@@ -4,7 +4,7 @@
  * gets a TurnStream in this runner's registry first; the entity's DecodeSlot writes into it.
  */
 import { randomUUID } from "node:crypto"
-import { Duration, Effect, FiberRef, Layer, Option, Stream } from "effect"
+import { Duration, Effect, Exit, Fiber, FiberRef, Layer, Option, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
 import { ConversationId, ConversationList, formatConversationCursor, HistoryPage, noValidation, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, UserId as UserIdSchema, UserMemory, usageJson } from "../runtime/Domain.js"
 import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StorageError, StreamNotFound, type TurnEventsUnavailable, UserNotFound } from "../runtime/Errors.js"
@@ -250,7 +250,7 @@ export const layer = Layer.scoped(
           // the retry finds it by the key (DuplicateTurn) and this request streams it. Without
           // a client key the request gets one of its own for that.
           const key = options?.idempotencyKey ?? `auto:${randomUUID()}`
-          const accepted = yield* withinDeadline((attempt) =>
+          const call = withinDeadline((attempt) =>
             client(id).SendTurn({
               content: input.content,
               ...(input.max_tokens === undefined ? {} : { max_tokens: input.max_tokens }),
@@ -272,9 +272,23 @@ export const layer = Layer.scoped(
             Effect.tapBoth({
               onFailure: (e) => Effect.sync(() => e._tag === "ContentFiltered" && metrics.moderationVerdict("input", e.category)),
               onSuccess: () => Effect.sync(() => metrics.moderationVerdict("input", "pass"))
-            }),
-            // Not accepted: nothing will write to the stream.
-            Effect.onExit((exit) => Effect.sync(() => exit._tag === "Failure" && stream.cancel()))
+            })
+          )
+          // A client that goes away while its turn is being taken has left mid-stream: the call
+          // runs on, and a turn it got going gets the detach grace (a resume, or the turn sent
+          // again with its key, keeps it), as once streaming. A turn not taken has nothing
+          // writing to its stream.
+          const taking = yield* Effect.forkDaemon(call)
+          const accepted = yield* Fiber.join(taking).pipe(
+            Effect.onInterrupt(() =>
+              Effect.forkDaemon(Effect.flatMap(Fiber.await(taking), (exit) =>
+                Effect.sync(() => {
+                  if (Exit.isFailure(exit)) return stream.cancel()
+                  stream.setTurnId(exit.value.turn_id)
+                  stream.detach()
+                })))
+            ),
+            Effect.tapError(() => Effect.sync(() => stream.cancel()))
           )
           stream.setTurnId(accepted.turn_id)
           metrics.observeTurn({ model: pool, tier: owner.tier }, stream, startMs)

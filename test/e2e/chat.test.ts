@@ -339,11 +339,16 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     expect(tokens(rest).map((e) => e.id)).toEqual(tokens(firstEvents).slice(5).map((e) => e.id))
     const history = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
     expect(history.turns.map((t: any) => [t.seq, t.role])).toEqual([[0, "user"], [1, "assistant"]])
+    // Sent ten times at once, before any copy is stored: one turn, and every copy streams it.
+    const parallel = await Promise.all(Array.from({ length: 10 }, () => send({ "idempotency-key": "k-3" }, "At once")))
+    expect(parallel.map((r) => r.status)).toEqual(parallel.map(() => 200))
+    const streamed = await Promise.all(parallel.map((r) => readSse(r, () => undefined)))
+    for (const events of streamed) expect(events.at(-1)).toEqual(streamed[0]!.at(-1))
     // Another key is another turn.
     const other = await send({ "idempotency-key": "k-2" })
     expect((await readSse(other, () => undefined)).at(-1)!.event).toBe("done")
     const after = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
-    expect(after.turns.length).toBe(4)
+    expect(after.turns.length).toBe(6)
   })
 
   it("answers bad requests with JSON errors and changes nothing", async () => {

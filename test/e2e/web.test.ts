@@ -313,6 +313,37 @@ describe("web client and operator dashboard (Chromium)", { retry: 1 }, () => {
     await context.close()
   }, 60_000)
 
+  it("a turn whose POST is dropped before its response head, sent again with its key, runs to its end (the detach grace applies)", async () => {
+    const headers = { authorization: `Bearer ${PAID}` }
+    for (const dropAfterMs of [0, 1, 2, 4, 8, 16]) {
+      const id = ((await (await postJson(`${service.url}/v1/conversations`, {}, headers)).json()) as { conversation_id: string }).conversation_id
+      const body = JSON.stringify({ role: "user", content: `Dropped after ${dropAfterMs} ms`, max_tokens: 30 })
+      // Sent whole, then the connection is cut within a few ms, before the response head: it
+      // had cancelled the turn at once, so the re-send streamed an empty cancelled reply.
+      await new Promise<void>((resolve) => {
+        const url = new URL(service.url)
+        const socket = net.connect(Number(url.port), url.hostname, () => {
+          socket.write(
+            `POST /v1/conversations/${id}/turns HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${PAID}\r\nIdempotency-Key: k\r\n` +
+              `Content-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+            () => setTimeout(() => (socket.destroy(), resolve()), dropAfterMs)
+          )
+        })
+        socket.on("error", () => resolve())
+      })
+      const again = await fetch(`${service.url}/v1/conversations/${id}/turns`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "idempotency-key": "k", ...headers },
+        body
+      })
+      expect(again.status).toBe(200)
+      const text = await again.text()
+      expect(text).toMatch(/"finish_reason":"(length|stop)"/)
+      const history = (await (await fetch(`${service.url}/v1/conversations/${id}`, { headers })).json()) as { turns: Array<{ role: string; status: string }> }
+      expect(history.turns.map((t) => [t.role, t.status])).toEqual([["user", "completed"], ["assistant", "completed"]])
+    }
+  }, 60_000)
+
   it("the API behind the list: GET /v1/conversations pages a user's own conversations by cursor; GET /v1/me", async () => {
     const headers = { authorization: `Bearer ${PAID}` }
     const me = await (await fetch(`${service.url}/v1/me`, { headers })).json()
