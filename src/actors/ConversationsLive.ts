@@ -229,14 +229,19 @@ export const layer = Layer.scoped(
           for (const m of request.history) if (m.role === "user") yield* moderate(m.content)
           // The last one too, before the conversation is stored (its turn checks it again).
           yield* moderate(request.turn.content)
-          const { id: conversationId } = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history })
-          // Made for this request alone: a turn refused (too long for the pool, overloaded, …)
-          // leaves no conversation behind, nor its copied history. Removed in the background:
-          // the refusal is not held up by it.
-          const stream = yield* service.sendTurn(owner, conversationId, request.turn).pipe(
-            Effect.tapError(() => Effect.forkDaemon(Effect.ignoreLogged(service.remove(owner, conversationId))))
-          )
-          return { conversationId, stream }
+          const made = Effect.gen(function*() {
+            const { id: conversationId } = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history })
+            // Made for this request alone: a turn refused (too long for the pool, overloaded, …)
+            // leaves no conversation behind, nor its copied history. Removed in the background:
+            // the refusal is not held up by it.
+            const stream = yield* service.sendTurn(owner, conversationId, request.turn).pipe(
+              Effect.tapError(() => Effect.forkDaemon(Effect.ignoreLogged(service.remove(owner, conversationId))))
+            )
+            return { conversationId, stream }
+          })
+          // Whenever its client goes away, the conversation is made whole (its turn taken, its
+          // unread stream then cancelled as any) or not at all: never its history alone.
+          return yield* Fiber.join(yield* Effect.forkDaemon(made))
         }),
 
       sendTurn: (owner, id, input, options) =>
