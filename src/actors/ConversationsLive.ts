@@ -285,15 +285,18 @@ export const layer = Layer.scoped(
           // writing to its stream.
           const taking = yield* Effect.forkDaemon(call)
           const accepted = yield* Fiber.join(taking).pipe(
-            Effect.onInterrupt(() =>
-              Effect.forkDaemon(Effect.flatMap(Fiber.await(taking), (exit) =>
-                Effect.sync(() => {
-                  if (Exit.isFailure(exit)) return stream.cancel()
-                  stream.setTurnId(exit.value.turn_id)
-                  stream.detach()
-                })))
-            ),
-            Effect.tapError(() => Effect.sync(() => stream.cancel()))
+            Effect.onExit((joined) =>
+              Exit.isSuccess(joined)
+                ? Effect.void
+                : !Exit.isInterrupted(joined)
+                ? Effect.sync(() => stream.cancel())
+                : Effect.forkDaemon(Effect.flatMap(Fiber.await(taking), (exit) =>
+                  Effect.sync(() => {
+                    if (Exit.isFailure(exit)) return stream.cancel()
+                    stream.setTurnId(exit.value.turn_id)
+                    stream.detach()
+                  })))
+            )
           )
           stream.setTurnId(accepted.turn_id)
           metrics.observeTurn({ model: pool, tier: owner.tier }, stream, startMs)
