@@ -1,8 +1,9 @@
 /**
  * Per-user RPM and TPM limits of the user's tier (`cluster.config.ts` `tiers.*.rpm/tpm`), with
  * `@effect/experimental`'s RateLimiter: a Redis store of our own when several runners share the
- * limits (one limit across gateways; see `layerStoreRedis`), the library's memory store in one process. A turn is charged up front
- * for its estimated prompt plus `max_tokens`, and corrected to the actual count when it ends.
+ * limits (one limit across gateways; see `layerStoreRedis`), the library's memory store in one
+ * process. A turn is charged up front for its estimated prompt plus `max_tokens`, and
+ * corrected to the actual count when it ends.
  *
  * Responses carry OpenAI's headers (`x-ratelimit-limit-requests`, `…-remaining-requests`,
  * `…-reset-requests`, and the same for tokens); a refused request is 429
