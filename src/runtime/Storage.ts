@@ -383,6 +383,9 @@ const make = Effect.gen(function*() {
       ),
     updateFacts: (userId, { add, remove }, embeddings) =>
       sql.withTransaction(Effect.gen(function*() {
+        // One update of a user's facts at a time: a trim to the cap that cannot see another
+        // update's inserts (READ COMMITTED) left more facts than the cap until both committed.
+        yield* sql`SELECT pg_advisory_xact_lock(hashtext(${`facts:${userId}`}))`
         if (remove.length > 0) yield* sql`DELETE FROM chat_user_memory WHERE user_id = ${userId} AND fact_id IN ${sql.in(remove)}`
         const now = Date.now()
         for (const [i, content] of add.entries()) {

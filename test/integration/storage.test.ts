@@ -28,6 +28,23 @@ for (const [name, layer] of suites) {
           expect(facts.some((f) => f.content.startsWith("fact 0-"))).toBe(false)
         }))
 
+      it.effect("concurrent updates near the cap never leave more than MAX_FACTS_PER_USER facts", () =>
+        Effect.gen(function*() {
+          const store = yield* Storage.ConversationStore
+          const user = UserId.make(`u_${randomUUID()}`)
+          const fill = Storage.MAX_FACTS_PER_USER - 10
+          for (let b = 0; b < fill; b += 32) {
+            yield* store.updateFacts(user, { add: Array.from({ length: Math.min(32, fill - b) }, (_, i) => `fill ${b + i}`), remove: [] })
+          }
+          const counts = yield* Effect.forEach(
+            Array.from({ length: 40 }, (_, i) => i),
+            (i) => Effect.zipRight(store.updateFacts(user, { add: [`concurrent ${i}`], remove: [] }), Effect.map(store.listFacts(user), (f) => f.length)),
+            { concurrency: "unbounded" }
+          )
+          expect(Math.max(...counts)).toBeLessThanOrEqual(Storage.MAX_FACTS_PER_USER)
+          expect((yield* store.listFacts(user)).length).toBe(Storage.MAX_FACTS_PER_USER)
+        }))
+
       it.effect("a share of a deleted conversation stores nothing and says so", () =>
         Effect.gen(function*() {
           const store = yield* Storage.ConversationStore
