@@ -4,7 +4,7 @@
  * gets a TurnStream in this runner's registry first; the entity's DecodeSlot writes into it.
  */
 import { randomUUID } from "node:crypto"
-import { Duration, Effect, Exit, Fiber, FiberRef, Layer, Option, Stream } from "effect"
+import { Config, Duration, Effect, Exit, Fiber, FiberRef, Layer, Option, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
 import { ConversationId, ConversationList, formatConversationCursor, HistoryPage, noValidation, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, UserId as UserIdSchema, UserMemory, usageJson } from "../runtime/Domain.js"
 import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StorageError, StreamNotFound, type TurnEventsUnavailable, UserNotFound } from "../runtime/Errors.js"
@@ -35,29 +35,18 @@ const dieOnDeliveryFailure = <A, E extends { readonly _tag: string }, R>(
   )
 
 /**
- * How long a request waits for its Conversation entity. A call to a shard that no runner holds
- * is resent by the cluster until one does: through a database outage (the shard locks are in
- * PostgreSQL, and every runner gives its shards up ~1.5 s in) requests waited for the whole
- * outage. Well above a loaded SendTurn's time (admission, then the user turn's INSERT).
+ * How long a request waits for its Conversation entity (`CONVERSATION_CALL_TIMEOUT`, default
+ * 30 s). A call to a shard that no runner holds is resent by the cluster until one does:
+ * through a database outage (the shard locks are in PostgreSQL, and every runner gives its
+ * shards up ~1.5 s in) requests waited for the whole outage. Well above a loaded SendTurn's
+ * time (admission, then the user turn's INSERT).
  */
-const ENTITY_CALL_DEADLINE = Duration.seconds(30)
+const callTimeoutConfig = Config.duration("CONVERSATION_CALL_TIMEOUT").pipe(Config.withDefault(Duration.seconds(30)))
 
 /** Past the shard-move retries a call is a 503: the conversation is still between runners. */
 const retryShardMoves = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError, R> =>
   retryShardMovesOf(call, () => new EngineError({ code: "unavailable", message: "the conversation is moving between runners; try again" }))
 
-/**
- * `retryShardMoves`, and past ENTITY_CALL_DEADLINE a 503 (the call interrupted, as when its
- * client goes away). Not for Delete, which may wait longer for a running turn to settle and
- * must not be cut off halfway.
- */
-const withinDeadline = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError | StorageError, R> =>
-  retryShardMoves(call).pipe(
-    Effect.timeoutFail({
-      duration: ENTITY_CALL_DEADLINE,
-      onTimeout: () => new StorageError({ message: "no runner took the conversation's call in time (its shard is not held: the cluster's database may be unreachable)", transient: true })
-    })
-  )
 
 /** Conversation owners a gateway keeps (an owner never changes: this is a cache of the store). */
 const OWNER_CACHE_MAX = 100_000
@@ -96,6 +85,19 @@ export const layer = Layer.scoped(
   Conversations,
   Effect.gen(function*() {
     const client = yield* Conversation.client
+    const callTimeout = yield* callTimeoutConfig
+    /**
+     * `retryShardMoves`, and past `callTimeout` a 503 (the call interrupted, as when its client
+     * goes away). Not for Delete, which may wait longer for a running turn to settle and must
+     * not be cut off halfway.
+     */
+    const withinDeadline = <A, E, R>(call: (attempt: number) => Effect.Effect<A, E, R>): Effect.Effect<A, E | EngineError | StorageError, R> =>
+      retryShardMoves(call).pipe(
+        Effect.timeoutFail({
+          duration: callTimeout,
+          onTimeout: () => new StorageError({ message: "no runner took the conversation's call in time (its shard is not held, or its database does not answer)", transient: true })
+        })
+      )
     const store = yield* ConversationStore
     const topology = yield* TopologyService
     const streams = yield* TurnStreams

@@ -83,7 +83,8 @@ const exited = (service: Service) =>
  * TCP proxy the drill controls; the service is stopped and the proxy closed after.
  */
 const withProxiedDatabase = async (
-  drill: (context: { readonly dbUrl: string; readonly proxy: TcpProxy; readonly service: Service }) => Promise<void>
+  drill: (context: { readonly dbUrl: string; readonly proxy: TcpProxy; readonly service: Service }) => Promise<void>,
+  env: Record<string, string> = {}
 ) => {
   assertEngineBuilt()
   const dbUrl = (await freshDatabase()).url
@@ -93,7 +94,7 @@ const withProxiedDatabase = async (
     const proxied = new URL(dbUrl)
     proxied.hostname = "127.0.0.1"
     proxied.port = String(proxy.port)
-    const service = await startService({ env: { DATABASE_URL: proxied.toString() } })
+    const service = await startService({ env: { DATABASE_URL: proxied.toString(), ...env } })
     try {
       await drill({ dbUrl, proxy, service })
     } finally {
@@ -339,6 +340,30 @@ describe("stop and crash drills (own database)", () => {
       expect(again.terminal?.event).toBe("done")
       await audit(dbUrl, [next, again], ["completed"])
     }), 150_000)
+
+  it("a turn whose user INSERT gets no answer is refused 503 once CONVERSATION_CALL_TIMEOUT passes, and the conversation goes on once the database answers", () =>
+    withProxiedDatabase(async ({ proxy, service }) => {
+      const id = await create(service.url)
+      const key = `held-${Date.now()}`
+      proxy.holdRepliesTo(["INSERT INTO chat_turns", key])
+      const startMs = Date.now()
+      // Without the bound the request waited as long as the statement did: here, for ever.
+      const held = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: "Held", max_tokens: 4 }, { "idempotency-key": key })
+      expect(held.status).toBe(503)
+      expect(((await held.json()) as any).error.code).toBe("storage_unavailable")
+      expect(Date.now() - startMs).toBeLessThan(10_000)
+      // The held connection is reset: the statement is retried, the turn settles, and the
+      // conversation takes its next turn.
+      await proxy.down()
+      await proxy.up()
+      const deadline = Date.now() + 30_000
+      let next = await turn(service.url, id, { content: "After", max_tokens: 4 })
+      while (next.status === 409 && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 200))
+        next = await turn(service.url, id, { content: "After", max_tokens: 4 })
+      }
+      expect(next.terminal?.event).toBe("done")
+    }, { CONVERSATION_CALL_TIMEOUT: "3 seconds" }), 90_000)
 
   it("a share whose INSERT commits but loses its answer: the retry returns that share, and there is one", () =>
     withProxiedDatabase(async ({ dbUrl, proxy, service }) => {
