@@ -23,6 +23,19 @@ const redisLog = Effect.gen(function*() {
   return { log, prefix, redis }
 })
 
+/**
+ * Follows `turnId` after `afterIndex` in a fiber of its own (started before it returns); the
+ * effect returned gives what the follower got, once its stream ends (within 5 s).
+ */
+const followInBackground = (log: TurnEventLog.TurnEventLog["Type"], turnId: TurnId, afterIndex: number) =>
+  Effect.gen(function*() {
+    const followed = yield* log.follow(turnId, afterIndex)
+    if (followed._tag !== "Events") return yield* Effect.dieMessage(`expected events, got ${followed._tag}`)
+    const collected = yield* Effect.fork(Stream.runCollect(followed.events))
+    yield* Effect.yieldNow()
+    return Effect.map(collected.await.pipe(Effect.flatten, Effect.timeout(Duration.seconds(5))), Chunk.toArray)
+  })
+
 describe("TurnEventLog (Redis)", () => {
   it.scopedLive("reads and follows a turn's events; its TTL is set when it starts and when it ends, not per event", () =>
     Effect.gen(function*() {
@@ -163,22 +176,15 @@ describe("TurnEventLog (in memory, the one-runner deployment)", () => {
       const log = yield* Effect.provide(TurnEventLog.TurnEventLog, TurnEventLog.layerMemory)
       const turnId = TurnId.make(`turn_${randomUUID()}`)
       log.append(turnId, token(0, "Hi"))
-      const followed = yield* log.follow(turnId, 10)
-      if (followed._tag !== "Events") return yield* Effect.dieMessage(`expected events, got ${followed._tag}`)
-      const collected = yield* Effect.fork(Stream.runCollect(followed.events))
-      yield* Effect.yieldNow()
+      const collected = yield* followInBackground(log, turnId, 10)
       log.append(turnId, token(1, "!"))
       log.append(turnId, { index: 2, kind: "error", code: "cancelled", message: "cancelled" })
-      const events = yield* collected.await.pipe(Effect.flatten, Effect.timeout(Duration.seconds(5)))
-      expect(Chunk.toArray(events)).toEqual([{ index: 2, kind: "error", code: "cancelled", message: "cancelled" }])
+      expect(yield* collected).toEqual([{ index: 2, kind: "error", code: "cancelled", message: "cancelled" }])
       // A follower at the end's own index saw that end already: it is not sent again.
       const other = TurnId.make(`turn_${randomUUID()}`)
       log.append(other, token(0, "Hi"))
-      const atEnd = yield* log.follow(other, 1)
-      if (atEnd._tag !== "Events") return yield* Effect.dieMessage(`expected events, got ${atEnd._tag}`)
-      const collectedAtEnd = yield* Effect.fork(Stream.runCollect(atEnd.events))
-      yield* Effect.yieldNow()
+      const collectedAtEnd = yield* followInBackground(log, other, 1)
       log.append(other, { index: 1, kind: "done", done: { turn_id: other, finish_reason: "stop", usage: { prompt_tokens: 1, completion_tokens: 1, prompt_tokens_details: { cached_tokens: 0 } } } })
-      expect(Chunk.toArray(yield* collectedAtEnd.await.pipe(Effect.flatten, Effect.timeout(Duration.seconds(5))))).toEqual([])
+      expect(yield* collectedAtEnd).toEqual([])
     }))
 })
