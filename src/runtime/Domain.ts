@@ -141,6 +141,17 @@ export const StorableText = Schema.String.pipe(
   Schema.filter((s) => !LONE_SURROGATE.test(s) || "must not contain a lone UTF-16 surrogate")
 )
 
+/**
+ * A character that shows: a letter, number, punctuation or symbol that is not one of
+ * Unicode's default-ignorable code points (format characters such as U+200B, the Hangul
+ * fillers U+115F, U+1160, U+3164 and U+FFA0, variation selectors, tags) nor the blank
+ * Braille pattern U+2800. Marks alone (U+0301) do not count: they show only on a base.
+ */
+const VISIBLE_CHARACTER = /(?![\p{Default_Ignorable_Code_Point}\u2800])[\p{L}\p{N}\p{P}\p{S}]/u
+
+/** Whether `text` holds a character that shows (see VISIBLE_CHARACTER): a fact must. */
+export const hasVisibleCharacter = (text: string): boolean => VISIBLE_CHARACTER.test(text)
+
 /** Input of POST /v1/conversations. */
 export class CreateConversation extends Schema.Class<CreateConversation>("CreateConversation")({
   model: Schema.optional(Schema.String.pipe(Schema.minLength(1), Schema.maxLength(128))),
@@ -180,10 +191,10 @@ export class UserMemory extends Schema.Class<UserMemory>("UserMemory")({
 /** `PATCH /v1/users/{id}/memory`: facts to add (deduplicated, case-insensitively) and fact ids to remove. */
 export class MemoryUpdate extends Schema.Class<MemoryUpdate>("MemoryUpdate")({
   // A fact is stored trimmed: one of white space only would be stored empty, one of format
-  // characters (U+200B) shows as nothing. So it must hold a letter, number, mark, punctuation or symbol.
+  // characters (U+200B) or fillers (U+3164) shows as nothing. So it must hold a visible character.
   add: Schema.optionalWith(
     Schema.Array(
-      StorableText.pipe(Schema.maxLength(500), Schema.pattern(/[\p{L}\p{M}\p{N}\p{P}\p{S}]/u, { message: () => "a fact must hold a visible character" }))
+      StorableText.pipe(Schema.maxLength(500), Schema.filter((s) => hasVisibleCharacter(s) || "a fact must hold a visible character"))
     ).pipe(Schema.maxItems(32)),
     { default: () => [] }
   ),

@@ -9,7 +9,7 @@
  * facts are merged by the store (case and surrounding spaces ignored).
  */
 import { Context, Effect, Layer } from "effect"
-import type { ConversationId } from "./Domain.js"
+import { type ConversationId, hasVisibleCharacter } from "./Domain.js"
 import type { EngineError } from "./Errors.js"
 import { type ChatMessage, encodeOffLoop, type ModelTokenizer } from "./Tokenizer.js"
 
@@ -66,7 +66,7 @@ export const parseFacts = (reply: string, existing: ReadonlyArray<string>): Arra
   for (const line of reply.replace(/<think>[\s\S]*?(<\/think>|$)/g, "").split("\n")) {
     const m = /^\s*[-*•]\s+(.+?)\s*$/.exec(line)
     const fact = m?.[1]
-    if (fact === undefined || fact.length < 3 || fact.length > 200 || /^none\.?$/i.test(fact)) continue
+    if (fact === undefined || fact.length < 3 || fact.length > 200 || /^none\.?$/i.test(fact) || !hasVisibleCharacter(fact)) continue
     if (known.has(fact.toLowerCase())) continue
     known.add(fact.toLowerCase())
     facts.push(fact)

@@ -27,3 +27,26 @@ describe("parseFacts", () => {
     expect(parseFacts(Array.from({ length: 9 }, (_, i) => `- fact number ${i}`).join("\n"), []).length).toBe(5)
   })
 })
+
+describe("facts that show nothing", () => {
+  // Format characters, Hangul fillers, the blank Braille pattern and lone marks render as nothing.
+  const blanks = ["\u200b\u200b\u200b", "\u3164\u3164\u3164", "\u2800\u2800\u2800", "\u00ad\u00ad\u00ad", "\uffa0\uffa0\uffa0", "\u115f\u1160\u0301"]
+
+  it("are not taken from a request to remember", () => {
+    for (const blank of blanks) expect(explicitFact(`remember that ${blank}`)).toBeUndefined()
+    expect(explicitFact("remember that I like \u3164 tea")).toBe("I like \u3164 tea")
+  })
+
+  it("are refused by the memory route's schema", async () => {
+    const { Schema } = await import("effect")
+    const { MemoryUpdate } = await import("../../src/runtime/Domain.js")
+    const decode = Schema.decodeUnknownEither(MemoryUpdate)
+    for (const blank of [...blanks, "\u0301", "\u{E0041}"]) expect(decode({ add: [blank] })._tag).toBe("Left")
+    expect(decode({ add: ["likes 🍵"] })._tag).toBe("Right")
+  })
+
+  it("are not taken from a model's reply", async () => {
+    const { parseFacts } = await import("../../src/runtime/FactExtractor.js")
+    expect(parseFacts(blanks.map((b) => `- ${b}`).join("\n"), [])).toEqual([])
+  })
+})

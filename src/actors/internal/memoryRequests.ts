@@ -5,6 +5,8 @@
  * is stored. Only a message that starts with the request counts ("do you remember …?" does not).
  */
 
+import { hasVisibleCharacter } from "../../runtime/Domain.js"
+
 /** Longest fact taken from a request, in characters (longer requests are not taken). */
 const MAX_FACT_CHARS = 500
 
@@ -14,5 +16,5 @@ const REQUEST = /^\s*(?:please\s+)?remember(?:\s+that)?\s*[:,]?\s+([^?]+?)[.!]*\
 export const explicitFact = (content: string): string | undefined => {
   if (content.length > MAX_FACT_CHARS + 40) return undefined
   const fact = REQUEST.exec(content)?.[1]?.trim()
-  return fact === undefined || fact.length < 3 || fact.length > MAX_FACT_CHARS ? undefined : fact
+  return fact === undefined || fact.length < 3 || fact.length > MAX_FACT_CHARS || !hasVisibleCharacter(fact) ? undefined : fact
 }
