@@ -14,7 +14,8 @@
  *   finish_reason `repetition`.
  *
  * The default classifier is rule-based: `MODERATION_BLOCKLIST`, comma-separated words or
- * phrases matched case-insensitively at word boundaries (empty: nothing is flagged). A
+ * phrases matched case-insensitively at word boundaries, on text with compatibility forms
+ * folded and invisible format characters removed (empty: nothing is flagged). A
  * model-based classifier implements `Classifier` and replaces it in the layer.
  */
 import { Config, Context, Effect, Layer } from "effect"
@@ -38,16 +39,33 @@ export interface Classifier {
   readonly maxMatchChars?: number | undefined
 }
 
-/** Flags text holding any of `phrases` (case-insensitive, at word boundaries). */
+/**
+ * The text a blocklist matches: compatibility forms folded (NFKC: fullwidth letters,
+ * ligatures) and Unicode's default-ignorable code points (U+200B, U+200D, U+00AD, …) removed,
+ * so that neither hides a word that shows as the word. ASCII text is already in that form.
+ */
+const foldForMatch = (text: string): string =>
+  /[^\x00-\x7f]/.test(text) ? text.normalize("NFKC").replace(/\p{Default_Ignorable_Code_Point}/gu, "") : text
+
+/**
+ * Raw characters of output one finding may span, per character of the phrase: the folded
+ * text may have dropped ignorable code points and the phrase's spaces may be runs.
+ */
+const RAW_CHARS_PER_MATCHED_CHAR = 4
+
+/**
+ * Flags text holding any of `phrases` (case-insensitive, at word boundaries, the words of a
+ * phrase separated by any white space), matched on the folded text (`foldForMatch`).
+ */
 export const blocklistClassifier = (phrases: ReadonlyArray<string>): Classifier => {
-  const words = phrases.map((p) => p.trim()).filter((p) => p.length > 0)
+  const words = phrases.map((p) => foldForMatch(p).trim()).filter((p) => p.length > 0)
   if (words.length === 0) return { classify: () => pass, maxMatchChars: 0 }
-  const escaped = words.map((w) => w.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"))
+  const escaped = words.map((w) => w.split(/\s+/).map((part) => part.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")).join("\\s+"))
   const pattern = new RegExp(`(?<![\\p{L}\\p{N}])(?:${escaped.join("|")})(?![\\p{L}\\p{N}])`, "iu")
   return {
-    classify: (text) => pattern.test(text) ? { flagged: true, category: "blocklist" } : pass,
+    classify: (text) => pattern.test(foldForMatch(text)) ? { flagged: true, category: "blocklist" } : pass,
     // A phrase and the character on each side that decides its word boundaries.
-    maxMatchChars: Math.max(...words.map((w) => w.length)) + 2
+    maxMatchChars: (Math.max(...words.map((w) => w.length)) + 2) * RAW_CHARS_PER_MATCHED_CHAR
   }
 }
 

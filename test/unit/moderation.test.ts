@@ -9,10 +9,17 @@ describe("moderation", () => {
     expect(c.classify("a BadWord here").flagged).toBe(true)
     expect(c.classify("badwords").flagged).toBe(false)
     expect(c.classify("xbadword").flagged).toBe(false)
-    expect(c.classify("say two   words").flagged).toBe(false)
     expect(c.classify("say two words.").flagged).toBe(true)
+    expect(c.classify("say two   words").flagged).toBe(true)
+    expect(c.classify("say two\nwords").flagged).toBe(true)
+    expect(c.classify("say twowords").flagged).toBe(false)
     expect(c.classify("и сейчас").flagged).toBe(true)
     expect(blocklistClassifier([]).classify("anything").flagged).toBe(false)
+    // Invisible format characters and compatibility forms do not hide a word that shows as it.
+    for (const hidden of ["bad\u200bword", "b\u200dadword", "bad\u00adword", "\uff42\uff41\uff44\uff57\uff4f\uff52\uff44", "bad\u2060word!"]) {
+      expect(c.classify(`say ${hidden} please`).flagged).toBe(true)
+    }
+    expect(c.classify("bad\u200bwords").flagged).toBe(false)
     // Regex characters in a phrase are literal.
     expect(blocklistClassifier(["a.b"]).classify("axb").flagged).toBe(false)
   })
@@ -56,6 +63,10 @@ describe("moderation", () => {
       expect(check.push("this is two")).toBeUndefined()
       expect(check.push(" wor")).toBeUndefined()
       expect(check.push("ds!")).toEqual({ flagged: true, category: "blocklist" })
+      // Split by format characters and a run of spaces, one character a delta.
+      const spaced = moderation.outputCheck()
+      const deltas = [..."then t\u200bw\u200bo    w\u200bo\u200br\u200bd\u200bs."]
+      expect(deltas.map((d) => spaced.push(d)).find((v) => v !== undefined)).toEqual({ flagged: true, category: "blocklist" })
       expect(moderation.checkInput("tell me two words").flagged).toBe(true)
       expect(moderation.checkInput("poem ".repeat(100))).toEqual({ flagged: true, category: "repetitive_prompt" })
       expect(moderation.checkInput("hello there").flagged).toBe(false)
