@@ -37,13 +37,18 @@ describe("prompt assembly by template segments", () => {
           fc.integer({ min: 20, max: 400 }),
           fc.nat({ max: 12 }),
           fc.option(fc.integer({ min: 10, max: 400 }), { nil: undefined }),
-          async (systemPrompt, exchanges, content, maxModelLen, summarized, budget) => {
-            const history = exchanges.flatMap(([u, a]) => [
-              { role: "user" as const, content: u },
-              { role: "assistant" as const, content: a }
-            ])
-            // The first `summarized` exchanges are in a summary: never in the prompt.
-            const windowStart = 2 * Math.min(summarized, exchanges.length)
+          fc.option(text, { nil: null }),
+          async (systemPrompt, exchanges, content, maxModelLen, summarized, budget, greeting) => {
+            // A conversation may open with an assistant's greeting (OpenAI clients send one).
+            const history = [
+              ...(greeting === null ? [] : [{ role: "assistant" as const, content: greeting }]),
+              ...exchanges.flatMap(([u, a]) => [
+                { role: "user" as const, content: u },
+                { role: "assistant" as const, content: a }
+              ])
+            ]
+            // The first `summarized` exchanges (and the greeting) are in a summary: never in the prompt.
+            const windowStart = summarized === 0 ? 0 : (greeting === null ? 0 : 1) + 2 * Math.min(summarized, exchanges.length)
             // Replies as the template writes them, to compare with the render (the next test
             // covers replies written as generated).
             const asTemplate = { ...tokenizer, promptSegments: { ...tokenizer.promptSegments!, reply: tokenizer.promptSegments!.middle } }

@@ -230,8 +230,10 @@ const buildBySegments = (
       total += idsOf(start).length
     }
   }
-  // Never start mid-exchange: the window opens with a user message.
+  // Never start mid-exchange: a window cut short opens with a user message. One that starts
+  // at the conversation's first message keeps it, whatever its role (an assistant's greeting).
   const skip = () => {
+    if (start === 0) return
     while (start < history.length && history[start]!.role !== "user") total -= idsOf(start++).length
   }
   skip()
