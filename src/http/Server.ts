@@ -179,15 +179,34 @@ const trackBody = (request: IncomingMessage): void => {
 const SINGLE_HEADERS: ReadonlyMap<string, string> = new Map([
   ["authorization", "Authorization"],
   ["idempotency-key", "Idempotency-Key"],
-  ["last-event-id", "Last-Event-ID"]
+  ["last-event-id", "Last-Event-ID"],
+  // Node keeps the first of two and drops the other: which one the body is would depend on order.
+  ["content-type", "Content-Type"]
 ])
 
 /**
+ * RFC 3986 `host [":" port]`: an IP literal, or a reg-name of its characters, not empty (an
+ * `http` URI with an empty host is invalid, RFC 9110 §4.2.1).
+ */
+const HOST_VALUE = /^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]*)?$/
+
+/** Why a request's Host header makes it a 400 (RFC 9112 §3.2), if it does. */
+const hostHeaderProblem = (request: IncomingMessage): string | undefined => {
+  const raw = request.rawHeaders
+  let count = 0
+  for (let i = 0; i < raw.length; i += 2) if (raw[i]!.length === 4 && raw[i]!.toLowerCase() === "host") count++
+  if (count === 0) return request.httpVersion === "1.1" ? "An HTTP/1.1 request needs a Host header" : undefined
+  if (count > 1) return "More than one Host header"
+  return HOST_VALUE.test(request.headers.host ?? "") ? undefined : "The Host header is not a host[:port]"
+}
+
+/**
  * Checks what every route must satisfy before any handler reads the request:
- * - one `Authorization`, `Idempotency-Key` and `Last-Event-ID` header at most (a request with
- *   two is ambiguous, so it is a 400);
- * - a JSON body (or none): HttpApiBuilder would otherwise decode a form or text body into
- *   something the schema rejects with a confusing message (`curl -d` sends a form type);
+ * - one `Authorization`, `Idempotency-Key`, `Last-Event-ID` and `Content-Type` header at most
+ *   (a request with two is ambiguous, so it is a 400);
+ * - a JSON body (or none, whatever its declared type: `fetch` sends `text/plain` with an empty
+ *   string): HttpApiBuilder would otherwise decode a form or text body into something the
+ *   schema rejects with a confusing message (`curl -d` sends a form type);
  * - at most `maxBodyBytes`: a `Content-Length` above it is a 413, and a chunked body is kept
  *   up to the limit only; the text read here is what the route decodes (the request caches
  *   it). The rest of an over-long body is read and dropped before the 413 goes out (see
@@ -208,7 +227,9 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
     }
     if (request.method === "GET" || request.method === "HEAD") return yield* app
     const contentType = request.headers["content-type"]
-    if (!isJsonContentType(contentType)) {
+    const declaredLength = request.headers["content-length"]
+    const empty = declaredLength === undefined ? request.headers["transfer-encoding"] === undefined : Number(declaredLength) === 0
+    if (!empty && !isJsonContentType(contentType)) {
       return yield* new ApiError.InvalidRequest({
         message: `Content-Type must be application/json (got ${ApiError.truncateMessage(contentType ?? "")})`
       })
@@ -432,9 +453,11 @@ export const layerNodeServer = (
       if (event === "request") {
         const [request, response] = args as [IncomingMessage, ServerResponse]
         if (request.method !== "GET" && request.method !== "HEAD") trackBody(request)
-        // RFC 9112 §3.2: an HTTP/1.1 request without a Host header is a 400.
-        if (request.headers.host === undefined && request.httpVersion === "1.1") {
-          const body = JSON.stringify(ApiError.errorJson(400, "invalid_request", "An HTTP/1.1 request needs a Host header"))
+        // RFC 9112 §3.2: an HTTP/1.1 request without a Host header is a 400, and so is any
+        // request with two, or with one that is no `host[:port]`.
+        const hostProblem = hostHeaderProblem(request)
+        if (hostProblem !== undefined) {
+          const body = JSON.stringify(ApiError.errorJson(400, "invalid_request", hostProblem))
           response.writeHead(400, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body), Connection: "close" }).end(body)
           return true
         }

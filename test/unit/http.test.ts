@@ -712,6 +712,11 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect((await fetch(`${url}/v1/conversations/${id}`)).status).toBe(200)
       expect((await post(`/v1/conversations/${id}/cancel`, "[1,2]")).status).toBe(204)
       expect((await post(`/v1/conversations/${id}/cancel`, "")).status).toBe(204)
+      // An empty body is none, whatever type it declares (fetch sends text/plain with "").
+      expect((await fetch(`${url}/v1/conversations/${id}/cancel`, { method: "POST", body: "" })).status).toBe(204)
+      expect((await post(`/v1/conversations/${id}/cancel`, "", { "content-type": "application/x-www-form-urlencoded" })).status).toBe(204)
+      await expectError(await post(`/v1/conversations/${id}/cancel`, "a=1", { "content-type": "application/x-www-form-urlencoded" }), 400, "invalid_request")
+      expect((await fetch(`${url}/v1/conversations/${id}`)).status).toBe(200)
     }))
 
   it.live("a turn with a malformed Last-Event-ID is a 400 before anything is sent, as a resume with one is", () =>
@@ -895,12 +900,21 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
     }))
 
-  it.live("a missing Host or an unsupported Expect gets a JSON error; a bad request pipelined behind a good one is answered after it", () =>
+  it.live("a missing, doubled or malformed Host or an unsupported Expect gets a JSON error; a bad request pipelined behind a good one is answered after it", () =>
     withServer({}, async ({ url }) => {
       const bodyOf = (answer: string) => JSON.parse(answer.slice(answer.indexOf("\r\n\r\n") + 4)) as { error: { code: string } }
       const noHost = await rawExchange(url, "GET /v1/me HTTP/1.1\r\n\r\n", 3000)
       expect(noHost).toMatch(/^HTTP\/1\.1 400/)
       expect(bodyOf(noHost).error.code).toBe("invalid_request")
+      // Two Host lines, or one that is no host[:port], are 400s too (RFC 9112 §3.2).
+      for (const hosts of ["Host: a\r\nHost: b", "Host: a b", "Host: user@evil", "Host:", "Host: x:80:80"]) {
+        const answer = await rawExchange(url, `GET /v1/me HTTP/1.1\r\n${hosts}\r\nConnection: close\r\n\r\n`, 3000)
+        expect(answer, hosts).toMatch(/^HTTP\/1\.1 400/)
+        expect(bodyOf(answer).error.code).toBe("invalid_request")
+      }
+      for (const host of ["example.com:8080", "127.0.0.1", "[::1]:80", "xn--bcher-kva.example"]) {
+        expect(await rawExchange(url, `GET /healthz HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`, 3000), host).toMatch(/^HTTP\/1\.1 200/)
+      }
       const expectation = await rawExchange(url, "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nExpect: foo\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", 3000)
       expect(expectation).toMatch(/^HTTP\/1\.1 417/)
       expect(bodyOf(expectation).error.code).toBe("expectation_failed")
@@ -934,7 +948,7 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
     }))
 
-  it.live("two Authorization, Idempotency-Key or Last-Event-ID headers → 400; a 401 says WWW-Authenticate: Bearer; CONNECT → 405", () =>
+  it.live("two Authorization, Idempotency-Key, Last-Event-ID or Content-Type headers → 400; a 401 says WWW-Authenticate: Bearer; CONNECT → 405", () =>
     withServer({ keys: ["key-one"] }, async ({ url }) => {
       const twice = await rawExchange(
         url,
@@ -943,7 +957,7 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect(twice).toMatch(/^HTTP\/1\.1 400/)
       expect(twice).toContain("invalid_request")
       // Node would join the two keys into a third, "k1, k2": a turn sent under neither.
-      for (const header of ["Idempotency-Key", "Last-Event-ID"]) {
+      for (const header of ["Idempotency-Key", "Last-Event-ID", "Content-Type"]) {
         const answer = await rawExchange(
           url,
           `POST /v1/conversations/abc/turns HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-one\r\n${header}: k1\r\n${header}: k2\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`
