@@ -251,7 +251,7 @@ const MainLive = Layer.unwrapEffect(
     const MetricsLive = Metrics.layer.pipe(Layer.provide(Layer.mergeAll(WorkersLive, TopologyLive, ConversationCacheLive, ModelsLive)))
     const ConversationsLayer = ConversationsLive.layer.pipe(
       Layer.provide(EmbedderLive.pipe(Layer.provide(RunnerLive), Layer.provide(ModelsLive), Layer.provide(TopologyLive))),
-      Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive, MetricsLive, Moderation.layerConfig, TurnTraces.layerConfig))
+      Layer.provide(Layer.mergeAll(RunnerLive, StoreLive, TopologyLive, StreamsLive, WorkersLive, EventLogLive, MetricsLive, ModelsLive, Moderation.layerConfig, TurnTraces.layerConfig))
     )
     // PORT overrides the runner's http_port.
     const port = process.env["PORT"] ?? (runner.http_port === undefined ? undefined : String(runner.http_port))

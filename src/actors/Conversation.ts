@@ -55,7 +55,7 @@ import { SHARDS_PER_GROUP } from "../runtime/Cluster.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
 import { gpuOrder } from "./internal/gpuOrder.js"
 import { explicitFact } from "./internal/memoryRequests.js"
-import { buildPrompt, emptyPromptCache } from "./internal/promptAssembly.js"
+import { buildPrompt, emptyPromptCache, MIN_NEW_TOKENS } from "./internal/promptAssembly.js"
 import { Embedder } from "./Embedder.js"
 import { ExtractFacts } from "./FactExtraction.js"
 import { planSummary, SummarizeConversation, windowStartOf } from "./Summaries.js"
@@ -786,7 +786,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
               cache: conv.cache,
               windowStart: windowStartOf(conv)
             }
-            const promptIds = yield* buildPrompt(model, promptState, input.content, Math.min(maxTokens, 16), contextSettings?.prompt_budget_tokens)
+            const promptIds = yield* buildPrompt(model, promptState, input.content, Math.min(maxTokens, MIN_NEW_TOKENS), contextSettings?.prompt_budget_tokens)
             // Input moderation, once the prompt is known to fit (a prompt too long is told so first).
             const verdict = moderation.checkInput(input.content)
             if (verdict.flagged) return yield* new ContentFiltered({ category: verdict.category ?? "flagged" })

@@ -11,6 +11,7 @@ import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, Shar
 import { type LoggedEvent, TurnEventLog } from "../runtime/TurnEventLog.js"
 import { GpuWorkers } from "../runtime/GpuWorkers.js"
 import { Metrics } from "../runtime/Metrics.js"
+import { Models } from "../runtime/Models.js"
 import { Moderation } from "../runtime/Moderation.js"
 import { TurnTraces } from "../runtime/TurnTraces.js"
 import { ConversationStore } from "../runtime/Storage.js"
@@ -18,6 +19,7 @@ import { poolFor, retentionDaysFor, TopologyService, zeroRetention } from "../ru
 import { TurnStreams } from "../runtime/TurnStream.js"
 import { Embedder } from "./Embedder.js"
 import { clusterErrors, Conversation } from "./Conversation.js"
+import { buildPrompt, emptyPromptCache, MIN_NEW_TOKENS } from "./internal/promptAssembly.js"
 import { retryShardMoves as retryShardMovesOf } from "./internal/shardMoves.js"
 import * as silentStreams from "./internal/silentStreams.js"
 
@@ -107,6 +109,7 @@ export const layer = Layer.scoped(
     const metrics = yield* Metrics
     const traces = yield* TurnTraces
     const moderation = yield* Moderation
+    const models = yield* Models
     /** Input moderation of an OpenAI request's earlier messages: fails with ContentFiltered. */
     const moderate = (text: string) =>
       Effect.suspend(() => {
@@ -192,12 +195,20 @@ export const layer = Layer.scoped(
       Effect.gen(function*() {
         const pool = poolFor(topology, input.model, owner.tier)
         if (pool === undefined) return yield* new ModelNotFound({ model: input.model ?? "" })
+        // A system prompt is refused as a message would be, and one that leaves no room for a
+        // turn in the model's context too: every turn of its conversation would be refused.
+        const systemPrompt = input.system_prompt ?? null
+        const model = models.get(pool.name)
+        if (systemPrompt !== null && model !== undefined) {
+          yield* moderate(systemPrompt)
+          yield* buildPrompt(model, { systemPrompt, history: [], cache: emptyPromptCache() }, "", MIN_NEW_TOKENS)
+        }
         const id = ConversationId.make(`conv_${randomUUID().replaceAll("-", "")}`)
         // Create is idempotent (the id is ours): a call stopped by a shard move is sent again.
         yield* withinDeadline(() =>
           client(id).Create({
             pool: pool.name,
-            system_prompt: input.system_prompt ?? null,
+            system_prompt: systemPrompt,
             user_id: owner.user_id,
             org_id: owner.org_id,
             retention_days: retentionDaysFor(topology, owner.tier, owner.org_id),

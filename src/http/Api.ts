@@ -106,6 +106,8 @@ export class ConversationsGroup extends HttpApiGroup.make("conversations")
       .setPayload(CreateConversationPayload)
       .addSuccess(ConversationCreated, { status: 201 })
       .addError(ApiError.ModelNotFoundJson)
+      .addError(ApiError.PromptTooLongJson)
+      .addError(ApiError.ContentFilterJson)
       .addError(ApiError.EngineUnavailableJson)
   )
   .add(

@@ -45,7 +45,10 @@ export interface ConversationsService {
   readonly create: (
     owner: Identity,
     input: CreateConversation
-  ) => Effect.Effect<{ readonly id: ConversationId; readonly model: string; readonly region: string }, ModelNotFound | StorageError | EngineError>
+  ) => Effect.Effect<
+    { readonly id: ConversationId; readonly model: string; readonly region: string },
+    ModelNotFound | ContentFiltered | PromptTooLong | StorageError | EngineError
+  >
   /**
    * Appends the user turn durably, then starts generation. The effect succeeds only once the
    * user turn is stored (the acknowledgement point); its failures map to 404/409/400/503.

@@ -537,6 +537,19 @@ describe("gateway: moderation", () => {
     expect(await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)).toEqual(before)
   }, 60_000)
 
+  it("a conversation whose system prompt is flagged, or leaves no room for a turn in the context, is refused and not stored", async () => {
+    const before = await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)
+    const flagged = await postJson(`${service.url}/v1/conversations`, { system_prompt: "You discuss the FORBIDDEN\n  topic." })
+    expect(flagged.status).toBe(400)
+    expect(((await flagged.json()) as any).error.code).toBe("content_filter")
+    const varied = Array.from({ length: 4500 }, (_, i) => `w${(i * 7919) % 10007}`).join(" ")
+    const long = await postJson(`${service.url}/v1/conversations`, { system_prompt: varied })
+    expect(long.status).toBe(400)
+    expect(((await long.json()) as any).error.code).toBe("prompt_too_long")
+    expect(await sqlAt("SELECT count(*)::int AS n FROM chat_conversations", [], dbUrl)).toEqual(before)
+    expect((await postJson(`${service.url}/v1/conversations`, { system_prompt: "You are terse." })).status).toBe(201)
+  }, 60_000)
+
   it("flagged output ends the stream with content_filter, frees the sequence, and is stored filtered with its verdict", async () => {
     const id = await create()
     const res = await postJson(`${service.url}/v1/conversations/${id}/turns`, { role: "user", content: GREEDY_PROMPT, max_tokens: 40, temperature: 0 })

@@ -51,6 +51,12 @@ export interface PromptCache {
 
 export const emptyPromptCache = (): PromptCache => ({ historyIds: [], numScanned: 0, hasThink: false })
 
+/**
+ * Room for output a prompt must leave in the context (or less, when max_tokens is less): a
+ * prompt that leaves fewer tokens is too long.
+ */
+export const MIN_NEW_TOKENS = 16
+
 const THINK = "think>"
 
 /**
