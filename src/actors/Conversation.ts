@@ -33,6 +33,7 @@ import {
   ConversationNotFound,
   DuplicateTurn,
   EngineError,
+  IdempotencyKeyReused,
   Overloaded,
   PromptTooLong,
   StorageError,
@@ -74,6 +75,7 @@ export const SendTurnError = Schema.Union(
   ContentFiltered,
   ConversationNotFound,
   DuplicateTurn,
+  IdempotencyKeyReused,
   TurnInProgress,
   PromptTooLong,
   StorageError,
@@ -151,6 +153,8 @@ interface ActiveTurn {
   turnId: TurnId
   /** The client's Idempotency-Key of this turn, if it sent one. */
   readonly idempotencyKey: string | undefined
+  /** The user's message, where known (not for a turn taken over from another runner). */
+  readonly content: string | undefined
   slotId: string | undefined
   /**
    * What starts it, set as its Start is sent (a failover starts it again elsewhere with this;
@@ -577,6 +581,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
         const turn: ActiveTurn = {
           turnId: TurnId.make(`${id}:${lastStoredTurn.seq + 1}`),
           idempotencyKey: undefined,
+          content: undefined,
           slotId: undefined,
           start: undefined,
           cancelRequested: false,
@@ -705,6 +710,16 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
       if (multiRunner) yield* Effect.forkScoped(recovered)
       else yield* Entity.keepAlive(false)
 
+      /**
+       * The answer to a turn sent with a key this conversation took for turn `turnId`, whose
+       * message was `taken` (undefined or "" where not known or not kept): that turn when the
+       * message is the same, else the key was reused for another message.
+       */
+      const sentAgain = (input: SendTurnInput, turnId: string, taken: string | undefined) =>
+        taken === undefined || taken === "" || taken === input.content
+          ? new DuplicateTurn({ conversation_id: id, turn_id: turnId })
+          : new IdempotencyKeyReused({ conversation_id: id, turn_id: turnId })
+
       const sendTurn = (input: SendTurnInput) =>
         Effect.gen(function*() {
           const key = input.idempotency_key
@@ -724,13 +739,13 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           if (running !== undefined) {
             // The client re-sends the turn it already has (a retry): that one, not a 409.
             if (key !== undefined && running.idempotencyKey === key && running.turnId !== "") {
-              return yield* new DuplicateTurn({ conversation_id: id, turn_id: running.turnId })
+              return yield* sentAgain(input, running.turnId, running.content)
             }
             // A turn taken over after a shard move does not know its key: the store does.
             if (key !== undefined && running.idempotencyKey === undefined && running.turnId !== "") {
               const earlier = yield* store.findIdempotentTurn(id, key)
-              if (Option.isSome(earlier) && earlier.value + 1 === seqOf(running.turnId)) {
-                return yield* new DuplicateTurn({ conversation_id: id, turn_id: running.turnId })
+              if (Option.isSome(earlier) && earlier.value.seq + 1 === seqOf(running.turnId)) {
+                return yield* sentAgain(input, running.turnId, earlier.value.content)
               }
             }
             return yield* new TurnInProgress({ conversation_id: id })
@@ -740,6 +755,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
           const turn: ActiveTurn = {
             turnId: TurnId.make(""),
             idempotencyKey: key,
+            content: input.content,
             slotId: undefined,
             start: undefined,
             cancelRequested: false,
@@ -759,9 +775,7 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             let conv = yield* restore(load)
             if (key !== undefined) {
               const earlier = yield* restore(store.findIdempotentTurn(id, key))
-              if (Option.isSome(earlier)) {
-                return yield* new DuplicateTurn({ conversation_id: id, turn_id: `${id}:${earlier.value + 1}` })
-              }
+              if (Option.isSome(earlier)) return yield* sentAgain(input, `${id}:${earlier.value.seq + 1}`, earlier.value.content)
             }
             conv = yield* restore(settleUnreplied(conv))
             const model = models.get(conv.pool)

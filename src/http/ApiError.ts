@@ -17,6 +17,7 @@
  * | UserNotFound        | 404    | `user_not_found`         |
  * | TurnInProgress      | 409    | `turn_in_progress`       |
  * | DuplicateTurn       | 409    | `duplicate_turn`         |
+ * | IdempotencyKeyReused| 422    | `idempotency_key_reused` |
  * | RateLimited         | 429    | `rate_limit_exceeded`    |
  * | PayloadTooLarge     | 413    | `payload_too_large`      |
  * | InternalError       | 500    | `internal`               |
@@ -252,6 +253,14 @@ export class DuplicateTurn extends Schema.TaggedError<DuplicateTurn>()(
 ) {}
 export const DuplicateTurnJson = toJson(DuplicateTurn, "duplicate_turn", 409)
 
+/** A turn sent with an Idempotency-Key that was used for another message of the conversation. */
+export class IdempotencyKeyReused extends Schema.TaggedError<IdempotencyKeyReused>()(
+  "IdempotencyKeyReused",
+  { message: Schema.String },
+  HttpApiSchema.annotations({ status: 422 })
+) {}
+export const IdempotencyKeyReusedJson = toJson(IdempotencyKeyReused, "idempotency_key_reused", 422)
+
 /** A resume named a turn whose stream log is unknown or expired. */
 export class StreamNotFound extends Schema.TaggedError<StreamNotFound>()(
   "StreamNotFound",
@@ -317,6 +326,7 @@ export type ApiError =
   | StreamNotFound
   | StreamUnavailable
   | DuplicateTurn
+  | IdempotencyKeyReused
   | Forbidden
   | RunnerNotFound
 
@@ -342,6 +352,7 @@ const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   StreamNotFound,
   StreamUnavailable,
   DuplicateTurn,
+  IdempotencyKeyReused,
   Forbidden,
   RunnerNotFound
 ]
@@ -391,6 +402,8 @@ export const statusAndCode = (e: ApiError): { readonly status: number; readonly 
       return { status: 503, code: "stream_unavailable" }
     case "DuplicateTurn":
       return { status: 409, code: "duplicate_turn" }
+    case "IdempotencyKeyReused":
+      return { status: 422, code: "idempotency_key_reused" }
     case "Forbidden":
       return { status: 403, code: "forbidden" }
     case "RunnerNotFound":
@@ -420,6 +433,7 @@ export type RuntimeError =
   | Errors.StreamNotFound
   | Errors.TurnEventsUnavailable
   | Errors.DuplicateTurn
+  | Errors.IdempotencyKeyReused
 
 /** The API error a runtime error maps to (distributes over unions). */
 export type FromRuntime<E> = E extends Errors.UserNotFound ? UserNotFound
@@ -437,6 +451,7 @@ export type FromRuntime<E> = E extends Errors.UserNotFound ? UserNotFound
   : E extends Errors.StreamNotFound ? StreamNotFound
   : E extends Errors.TurnEventsUnavailable ? StreamUnavailable
   : E extends Errors.DuplicateTurn ? DuplicateTurn
+  : E extends Errors.IdempotencyKeyReused ? IdempotencyKeyReused
   : never
 
 /** Maps a typed runtime failure to the API error the client sees. */
@@ -477,5 +492,9 @@ export const fromRuntime = <E extends RuntimeError>(error: E): FromRuntime<E> =>
       return new StreamUnavailable({ message: "Streams cannot be resumed just now", retry_after_s: 2 }) as FromRuntime<E>
     case "DuplicateTurn":
       return new DuplicateTurn({ message: `This Idempotency-Key was used for turn ${e.turn_id}; read it from the history` }) as FromRuntime<E>
+    case "IdempotencyKeyReused":
+      return new IdempotencyKeyReused({
+        message: `This Idempotency-Key was used for another message (turn ${e.turn_id}); send a new message with a new key`
+      }) as FromRuntime<E>
   }
 }

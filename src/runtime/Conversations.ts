@@ -9,6 +9,7 @@ import type {
   ConversationNotFound,
   DuplicateTurn,
   EngineError,
+  IdempotencyKeyReused,
   ModelNotFound,
   Overloaded,
   PromptTooLong,
@@ -25,6 +26,7 @@ export type SendTurnError =
   | ContentFiltered
   | ConversationNotFound
   | DuplicateTurn
+  | IdempotencyKeyReused
   | TurnInProgress
   | PromptTooLong
   | StorageError
@@ -63,7 +65,8 @@ export interface ConversationsService {
     options?: {
       /**
        * The client's Idempotency-Key: a turn re-sent with a key this conversation took fails
-       * with DuplicateTurn naming that turn (resume it), and stores nothing.
+       * with DuplicateTurn naming that turn (resume it), and stores nothing; a different
+       * message sent with it fails with IdempotencyKeyReused.
        */
       readonly idempotencyKey?: string | undefined
     }

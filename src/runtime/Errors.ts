@@ -74,6 +74,15 @@ export class StreamNotFound extends Schema.TaggedError<StreamNotFound>()("Stream
   turn_id: Schema.String
 }) {}
 
+/**
+ * A turn sent with an Idempotency-Key that conversation already took for another message: a
+ * key names one request (draft-ietf-httpapi-idempotency-key-header: 422 for a reused key).
+ */
+export class IdempotencyKeyReused extends Schema.TaggedError<IdempotencyKeyReused>()("IdempotencyKeyReused", {
+  conversation_id: Schema.String,
+  turn_id: Schema.String
+}) {}
+
 /** A turn re-sent with an Idempotency-Key that conversation already took: that turn, not a new one. */
 export class DuplicateTurn extends Schema.TaggedError<DuplicateTurn>()("DuplicateTurn", {
   conversation_id: Schema.String,

@@ -100,8 +100,14 @@ export interface ConversationStoreService {
   readonly getShare: (shareId: ShareId) => Effect.Effect<Option.Option<{ readonly share: Share; readonly user_id: UserId }>, StorageError>
   /** Revokes a share. @returns whether one was live. */
   readonly revokeShare: (shareId: ShareId) => Effect.Effect<boolean, StorageError>
-  /** The seq of the user turn sent with `key` in conversation `id`, if any. */
-  readonly findIdempotentTurn: (id: ConversationId, key: string) => Effect.Effect<Option.Option<number>, StorageError>
+  /**
+   * The user turn sent with `key` in conversation `id`, if any: its seq and its content (""
+   * where the conversation's org keeps no content).
+   */
+  readonly findIdempotentTurn: (
+    id: ConversationId,
+    key: string
+  ) => Effect.Effect<Option.Option<{ readonly seq: number; readonly content: string }>, StorageError>
   /** Up to `limit` turns with seq < `before` (or the latest), oldest first. */
   readonly listTurns: (
     id: ConversationId,
@@ -494,9 +500,9 @@ const make = Effect.gen(function*() {
         Effect.mapError(storageError("revoke share"))
       ),
     findIdempotentTurn: (id, key) =>
-      sql<{ seq: number }>`SELECT seq FROM chat_turns WHERE conversation_id = ${id} AND idempotency_key = ${key}`.pipe(
+      sql<{ seq: number; content: string }>`SELECT seq, content FROM chat_turns WHERE conversation_id = ${id} AND idempotency_key = ${key}`.pipe(
         Effect.retry({ schedule: retryTransient, while: isTransient }),
-        Effect.map((rows) => Option.fromNullable(rows[0]?.seq)),
+        Effect.map((rows) => Option.fromNullable(rows[0])),
         Effect.mapError(storageError("find idempotent turn"))
       ),
     listTurns: (id, { before, limit }) =>
@@ -567,7 +573,7 @@ export const layer: Layer.Layer<ConversationStore, StorageError, SqlClient.SqlCl
 export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(ConversationStore, () => {
   const conversations = new Map<string, ConversationRow>()
   const turns = new Map<string, Array<Turn>>()
-  const keys = new Map<string, number>()
+  const keys = new Map<string, { readonly seq: number; readonly content: string }>()
   const shares = new Map<string, Share>()
   const facts = new Map<string, Array<MemoryFact>>()
   const factEmbeddings = new Map<string, ReadonlyArray<number>>()
@@ -598,7 +604,7 @@ export const layerMemory: Layer.Layer<ConversationStore> = Layer.sync(Conversati
         if (key !== undefined) {
           const byKey = `${turn.conversation_id}\u0000${key}`
           if (keys.has(byKey)) return Effect.fail(new StorageError({ message: `idempotency key ${key} was used` }))
-          keys.set(byKey, turn.seq)
+          keys.set(byKey, { seq: turn.seq, content: turn.content })
         }
         const { training_eligible: _, ...fields } = turn
         const stored = toTurn({ ...fields, moderation_verdict: turn.moderation_verdict ?? null, created_at_ms: Date.now() })

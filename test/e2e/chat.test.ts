@@ -319,7 +319,7 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     expect(events.at(-1)!.event).toBe("done")
   })
 
-  it("a turn re-sent with its Idempotency-Key gets that turn's stream back, never a second turn", async () => {
+  it("a turn re-sent with its Idempotency-Key gets that turn's stream back, never a second turn; the key with another message is a 422", async () => {
     const { conversation_id: id } = (await (await postJson(`${service.url}/v1/conversations`, {})).json()) as any
     const send = (headers: Record<string, string>, content = "Once only") =>
       fetch(`${service.url}/v1/conversations/${id}/turns`, {
@@ -331,12 +331,16 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     expect(first.status).toBe(200)
     const firstEvents = await readSse(first, () => undefined)
     const tokens = (events: ReadonlyArray<any>) => events.filter((e) => e.event === "token")
-    // Re-sent (even with other content): the same turn, whole, or after a Last-Event-ID.
-    const again = await readSse(await send({ "idempotency-key": "k-1" }, "Something else"), () => undefined)
+    // Re-sent: the same turn, whole, or after a Last-Event-ID.
+    const again = await readSse(await send({ "idempotency-key": "k-1" }), () => undefined)
     expect(tokens(again).map((e) => [e.id, e.data.text])).toEqual(tokens(firstEvents).map((e) => [e.id, e.data.text]))
     expect(again.at(-1)).toEqual(firstEvents.at(-1))
     const rest = await readSse(await send({ "idempotency-key": "k-1", "last-event-id": tokens(firstEvents)[4]!.id }), () => undefined)
     expect(tokens(rest).map((e) => e.id)).toEqual(tokens(firstEvents).slice(5).map((e) => e.id))
+    // The key with another message is a client's mistake, not a retry: 422, nothing stored.
+    const reused = await send({ "idempotency-key": "k-1" }, "Something else")
+    expect(reused.status).toBe(422)
+    expect(((await reused.json()) as any).error.code).toBe("idempotency_key_reused")
     const history = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
     expect(history.turns.map((t: any) => [t.seq, t.role])).toEqual([[0, "user"], [1, "assistant"]])
     // Sent ten times at once, before any copy is stored: one turn, and every copy streams it.
@@ -344,11 +348,17 @@ describe("chat service end to end (PostgreSQL at DATABASE_URL)", () => {
     expect(parallel.map((r) => r.status)).toEqual(parallel.map(() => 200))
     const streamed = await Promise.all(parallel.map((r) => readSse(r, () => undefined)))
     for (const events of streamed) expect(events.at(-1)).toEqual(streamed[0]!.at(-1))
+    // Reused while its turn streams, the key with another message is refused too.
+    const busy = await send({ "idempotency-key": "k-4" }, "Long one")
+    const whileBusy = await send({ "idempotency-key": "k-4" }, "Not the long one")
+    expect(whileBusy.status).toBe(422)
+    await whileBusy.body?.cancel()
+    expect((await readSse(busy, () => undefined)).at(-1)!.event).toBe("done")
     // Another key is another turn.
     const other = await send({ "idempotency-key": "k-2" })
     expect((await readSse(other, () => undefined)).at(-1)!.event).toBe("done")
     const after = (await (await fetch(`${service.url}/v1/conversations/${id}`)).json()) as any
-    expect(after.turns.length).toBe(6)
+    expect(after.turns.length).toBe(8)
   })
 
   it("answers bad requests with JSON errors and changes nothing", async () => {
