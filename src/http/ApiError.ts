@@ -15,6 +15,7 @@
  * | StreamNotFound      | 404    | `stream_not_found`       |
  * | ShareNotFound       | 404    | `share_not_found`        |
  * | UserNotFound        | 404    | `user_not_found`         |
+ * | MethodNotAllowed    | 405    | `method_not_allowed`     |
  * | TurnInProgress      | 409    | `turn_in_progress`       |
  * | DuplicateTurn       | 409    | `duplicate_turn`         |
  * | IdempotencyKeyReused| 422    | `idempotency_key_reused` |
@@ -157,6 +158,13 @@ export class NotFound extends Schema.TaggedError<NotFound>()(
   HttpApiSchema.annotations({ status: 404 })
 ) {}
 export const NotFoundJson = toJson(NotFound, "not_found", 404)
+
+/** A path the API serves, with a method it does not serve there; `allow` lists those it does. */
+export class MethodNotAllowed extends Schema.TaggedError<MethodNotAllowed>()(
+  "MethodNotAllowed",
+  { message: Schema.String, allow: Schema.String },
+  HttpApiSchema.annotations({ status: 405 })
+) {}
 
 /** An operator route called without an admin key (ADMIN_API_KEYS). */
 export class Forbidden extends Schema.TaggedError<Forbidden>()(
@@ -313,6 +321,7 @@ export type ApiError =
   | PromptTooLong
   | Unauthorized
   | NotFound
+  | MethodNotAllowed
   | ConversationNotFound
   | ModelNotFound
   | TurnInProgress
@@ -339,6 +348,7 @@ const classes: ReadonlyArray<new(...args: Array<any>) => ApiError> = [
   PromptTooLong,
   Unauthorized,
   NotFound,
+  MethodNotAllowed,
   ConversationNotFound,
   ModelNotFound,
   TurnInProgress,
@@ -376,6 +386,8 @@ export const statusAndCode = (e: ApiError): { readonly status: number; readonly 
       return { status: 401, code: "unauthorized" }
     case "NotFound":
       return { status: 404, code: "not_found" }
+    case "MethodNotAllowed":
+      return { status: 405, code: "method_not_allowed" }
     case "ConversationNotFound":
       return { status: 404, code: "conversation_not_found" }
     case "ModelNotFound":

@@ -38,6 +38,7 @@ import * as RateLimits from "./RateLimits.js"
 import type { RateLimiterStore } from "@effect/experimental/RateLimiter"
 import * as Handlers from "./Handlers.js"
 import * as Web from "./Web.js"
+import { makeAllowedMethods } from "./internal/allowedMethods.js"
 import { SseSettings } from "./Sse.js"
 
 /** A decode error's issues as one line (ApiError.formatIssues). */
@@ -300,16 +301,21 @@ export const errorResponse = (e: ApiError.ApiError): HttpServerResponse.HttpServ
   }
   // The rest of an over-long body is not read: the connection cannot be reused.
   if (e._tag === "PayloadTooLarge") headers["connection"] = "close"
+  if (e._tag === "MethodNotAllowed") headers["allow"] = e.allow
   return HttpServerResponse.unsafeJson(ApiError.errorJson(status, code, e.message), {
     status,
     headers
   })
 }
 
+/** The methods served at a path (the API's routes and the OpenAPI document). */
+const allowedMethods = makeAllowedMethods(Api, [{ method: "GET", path: "/openapi.json" }])
+
 /**
  * Turns every failure into an error response `{"error":{"code","message"}}`: API errors as
  * they are, decode errors (the stock HttpApiDecodeError), unreadable or non-JSON bodies and
- * non-JSON content types → `invalid_request`, no route → `not_found`, anything else →
+ * non-JSON content types → `invalid_request`, no route → `not_found` (a route under other
+ * methods: `method_not_allowed` with `Allow`), anything else →
  * `internal`. Responses are built here (not by HttpApiBuilder's error encoding) so that they
  * carry their headers: `WWW-Authenticate` on a 401, `Retry-After` on a 503.
  */
@@ -328,9 +334,16 @@ export const normalizeErrors = (app: HttpApp.Default): HttpApp.Default =>
         }
         if (HttpServerError.isServerError(error) && error._tag === "RouteNotFound") {
           const request = yield* HttpServerRequest.HttpServerRequest
-          return errorResponse(
-            new ApiError.NotFound({ message: `No route for ${request.method} ${request.url.slice(0, 200)}` })
-          )
+          const q = request.url.indexOf("?")
+          const allowed = allowedMethods(q < 0 ? request.url : request.url.slice(0, q))
+          const route = `${request.method} ${request.url.slice(0, 200)}`
+          if (allowed.length === 0) return errorResponse(new ApiError.NotFound({ message: `No route for ${route}` }))
+          // The route is there: the router refused a parameter (over 100 characters, or not
+          // percent-decodable).
+          if (allowed.includes(request.method)) {
+            return errorResponse(new ApiError.InvalidRequest({ message: `A path parameter of ${route} is too long or badly percent-encoded` }))
+          }
+          return errorResponse(new ApiError.MethodNotAllowed({ message: `${request.method} is not served at this path`, allow: allowed.join(", ") }))
         }
       }
       const defect = Cause.dieOption(cause)

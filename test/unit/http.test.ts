@@ -631,11 +631,23 @@ describe("HTTP API", () => {
         .toBe(200)
     }))
 
-  it.live("unknown route → 404 not_found JSON", () =>
+  it.live("unknown route → 404 not_found JSON; a route's path with another method → 405 with Allow; a parameter the router refuses → 400", () =>
     withServer({}, async ({ url }) => {
       await expectError(await fetch(`${url}/nope`), 404, "not_found")
-      await expectError(await fetch(`${url}/v1/conversations/abc/turns`), 404, "not_found") // GET on a POST route
       await expectError(await json(`${url}/v2/conversations`, { body: {} }), 404, "not_found")
+      const getOnPost = await fetch(`${url}/v1/conversations/abc/turns`)
+      expect(getOnPost.headers.get("allow")).toBe("POST")
+      await expectError(getOnPost, 405, "method_not_allowed")
+      const putOnList = await fetch(`${url}/v1/conversations`, { method: "PUT", headers: { "content-type": "application/json" }, body: "{}" })
+      expect(putOnList.headers.get("allow")).toBe("POST, GET, HEAD")
+      await expectError(putOnList, 405, "method_not_allowed")
+      const patch = await fetch(`${url}/v1/conversations/abc`, { method: "PATCH" })
+      expect(patch.headers.get("allow")?.split(", ").sort()).toEqual(["DELETE", "GET", "HEAD"])
+      await expectError(patch, 405, "method_not_allowed")
+      await expectError(await fetch(`${url}/healthz`, { method: "POST" }), 405, "method_not_allowed")
+      // Over the router's 100 characters a parameter matched no route: it is the request's fault.
+      await expectError(await fetch(`${url}/v1/conversations/${"a".repeat(150)}`), 400, "invalid_request")
+      await expectError(await fetch(`${url}/v1/conversations/%FF`), 400, "invalid_request")
     }))
 })
 
