@@ -74,8 +74,9 @@ const makeAuthenticator = (settings: AuthSettings): Context.Tag.Service<Authenti
     }).pipe(
       Effect.flatMap((claims) => {
         const sub = claims.sub
-        if (typeof sub !== "string" || sub.length === 0 || sub.length > 256) {
-          return Effect.fail(unauthorized("The token has no subject (sub)"))
+        if (typeof sub !== "string" || sub.length === 0) return Effect.fail(unauthorized("The token has no subject (sub)"))
+        if (sub.length > 256) {
+          return Effect.fail(unauthorized("The token's subject (sub) is longer than 256 characters"))
         }
         // Ids and orgs are stored: text PostgreSQL cannot hold (NUL, a lone surrogate) is refused here.
         if (!isStorable(sub)) return Effect.fail(unauthorized("The token's subject (sub) is not valid text"))
