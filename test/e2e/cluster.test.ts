@@ -547,14 +547,16 @@ describe("local cluster: two gateways, two GPU runners", () => {
     await redis.kill()
     try {
       const ids = await Promise.all(Array.from({ length: 6 }, () => create(gw2)))
-      const before = await streamThenKillGw1(ids, "No log", 1200)
+      const before = await streamThenKillGw1(ids, "No log", 1500)
       await resumeOnGw2(ids, before, Date.now())
       await cluster.restart("gw-1")
     } finally {
       await redis.start() // a failed drill's gw-1 is started again by afterEach
     }
-    // Intermittent, cause not found (a 503 on resume, or a turn stored cancelled): twice in a
-    // row in one CI run of this session, so it gets a second retry.
+    // A resume whose conversation lived on gw-1 reaches the slot only once the shard has moved
+    // to gw-2 (~4 s after the kill, more under load); a turn that ended before then is no longer
+    // in its slot, and the resume is refused 503 (README, "Redis"). At ~150 tokens/s on 2 cores,
+    // 1,500-token turns leave ~6 s; 1,200 left ~4 s and failed twice in a row in one CI run.
   }, { timeout: 120_000, retry: 2 })
 
   it("drill (e, follow): clients that resumed on gw-2 from the Redis log go on from the GPU runners' buffers when Redis stops, every token once", async () => {
@@ -576,8 +578,9 @@ describe("local cluster: two gateways, two GPU runners", () => {
       await stopped
       await redis.start() // a failed drill's gw-1 is started again by afterEach
     }
-    // Failed once in CI (f3da887, turns of 600 tokens): an `error` event instead of `done`, its
-    // code not captured then (the assertion above now prints it). Same path as (e, resume).
+    // Failed once in CI (f3da887, turns of 600 tokens): an `error` event instead of `done`. The
+    // cause is (e, resume)'s: a turn that ends before the shard move lets the switch reach its
+    // slot is refused (stream_unavailable); 400-token turns fail so every time, 1,500 leave ~6 s.
   }, { timeout: 120_000, retry: 2 })
 
   it("drill (c): SIGKILL a GPU runner and its engine; its turns go on on the other GPU, with the text of an undisturbed run", async () => {
