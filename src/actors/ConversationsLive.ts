@@ -161,7 +161,11 @@ export const layer = Layer.scoped(
           client(id).Attach({ turn_id: turnId, stream_id: stream.id, after_index: afterIndex }).pipe(detached)
         ).pipe(Effect.orElseSucceed(() => false))
         if (!attached) {
-          stream.cancel()
+          // Not known to be attached, which is not known not to be: the Conversation gives up
+          // on the slot's answer after 2 s, and the slot may have moved the turn's output here
+          // meanwhile. Cancelling would cancel the turn then; detached, it runs on for the
+          // detach grace, for the client's next resume (told 503 with Retry-After) to take.
+          stream.detach()
           return yield* unavailable
         }
         /** The next token event's index (the terminal event's is the number of token events). */
