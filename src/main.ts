@@ -104,6 +104,12 @@ const nameArg = (() => {
   return i < 0 ? undefined : process.argv[i + 1]
 })()
 
+/** SHUTDOWN_GRACE_MS (default 10 s): how long a stop lets in-flight turns finish. */
+const shutdownGraceMs = (() => {
+  const ms = Number(process.env["SHUTDOWN_GRACE_MS"] ?? 10_000)
+  return Number.isFinite(ms) && ms >= 0 ? ms : 10_000
+})()
+
 /** A start-up misconfiguration: the process exits with this message. */
 const misconfigured = (message: string) => Effect.fail(new StorageError({ message }))
 
@@ -217,7 +223,7 @@ const MainLive = Layer.unwrapEffect(
       )
     )
     yield* Effect.logInfo(`runner ${runnerName} (${runner.roles.join(", ")}) of ${topologyValue.runners.length}`)
-    const graceMs = Number(process.env["SHUTDOWN_GRACE_MS"] ?? 10_000)
+    const graceMs = shutdownGraceMs
     // Built after the cluster (it needs Sharding), so released before it: on a stop, this
     // runner's GPUs admit nothing more and their sequences may finish before the engines and
     // entities go; what is left moves to other GPUs (the Conversations' failover).
@@ -283,6 +289,22 @@ const eventLoopSliceMs = (() => {
   console.error(`EVENT_LOOP_SLICE_MS must be a positive number of milliseconds, not ${JSON.stringify(String(raw).slice(0, 40))}`)
   return process.exit(2)
 })()
+
+// A stop that cannot finish must not hold the process for ever: with the database unreachable,
+// the cluster's release of this runner's shards waits for it (in a drill the process was still
+// there 80 s after the database came back). Past the drains' time (the API's grace and 10 s
+// to store the stopped turns, then the GPUs' grace) and STOP_MARGIN_MS, the process exits with
+// code 1, as a crash would: start-up reconciliation repairs what that leaves.
+const STOP_MARGIN_MS = 15_000
+const stopDeadlineMs = 2 * shutdownGraceMs + 10_000 + STOP_MARGIN_MS
+for (const signal of ["SIGTERM", "SIGINT"] as const) {
+  process.once(signal, () => {
+    setTimeout(() => {
+      console.error(`stop did not finish within ${stopDeadlineMs} ms of ${signal}: exiting`)
+      process.exit(1)
+    }, stopDeadlineMs).unref()
+  })
+}
 
 // Every fiber runs on EventLoopScheduler, so that a burst of fiber work yields the event loop
 // to waiting requests every EVENT_LOOP_SLICE_MS.

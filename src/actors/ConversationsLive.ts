@@ -83,6 +83,9 @@ class OwnerCache {
 /** If the HTTP layer never takes the turn's stream, the generation is stopped after this. */
 const UNCONSUMED_STREAM_TIMEOUT_MS = 15_000
 
+/** How long a readiness probe waits for the database's answer before it says unready. */
+const READY_PING_TIMEOUT = Duration.seconds(2)
+
 export const layer = Layer.scoped(
   Conversations,
   Effect.gen(function*() {
@@ -347,7 +350,11 @@ export const layer = Layer.scoped(
           for (const stream of left) stream.shutdown()
           // Each stopped turn is stored (cancelled, with its text so far) before its stream ends.
           yield* awaitNoStreams(10_000)
-          yield* Effect.logInfo(`shut down: ${left.length} turns were stopped, ${streams.size()} still open`)
+          // One not stored by now (the database away) is ended all the same: its client is told,
+          // not cut off, and the next start stores its reply `failed` (start-up reconciliation).
+          const unstored = streams.all()
+          for (const stream of unstored) stream.fail("shutting_down", "The server stopped before this turn's reply could be stored")
+          yield* Effect.logInfo(`shut down: ${left.length} turns were stopped, ${unstored.length} of them not stored`)
         }),
 
       resume: (owner, id, after) =>
@@ -386,7 +393,12 @@ export const layer = Layer.scoped(
         if (draining) return "shutting down"
         const down = workers.all.filter((w) => !w.isEngineUp()).map((w) => w.gpuId)
         if (down.length > 0) return `engine down: ${down.join(", ")}`
-        return yield* store.ping.pipe(Effect.as(undefined), Effect.catchAll(() => Effect.succeed("database unreachable")))
+        // A database whose network drops packets answers nothing: unready after READY_PING_TIMEOUT.
+        return yield* store.ping.pipe(
+          Effect.timeout(READY_PING_TIMEOUT),
+          Effect.as(undefined),
+          Effect.catchAll(() => Effect.succeed("database unreachable"))
+        )
       }),
 
       remove: (owner, id) =>

@@ -296,6 +296,35 @@ describe("stop and crash drills (own database)", () => {
     }
   }, 90_000)
 
+  it("SIGTERM while the database is unreachable: the clients are told shutting_down, the process exits all the same, and the next start settles their turns", () =>
+    withProxiedDatabase(async ({ dbUrl, proxy, service }) => {
+      const ids = await Promise.all(Array.from({ length: 4 }, () => create(service.url)))
+      const { running, streaming } = startTurns(service.url, ids, { content: "A very long answer", max_tokens: 3000 })
+      await waitFor(() => streaming(20), 20_000)
+      await proxy.down()
+      // Past the shard lock's failed refreshes (~1.5 s in): from there the stop hung for good.
+      await new Promise((r) => setTimeout(r, 3000))
+      const exit = exited(service)
+      const stoppedAtMs = Date.now()
+      service.process.kill("SIGTERM")
+      const results = await Promise.all(running)
+      for (const r of results) {
+        expect(r.status).toBe(200)
+        expect(r.terminal?.data.error?.code).toBe("shutting_down")
+      }
+      // Past the drains (2 × 300 ms of grace, 10 s to store the stopped turns) and a 15 s margin.
+      expect(await exit).toBe(1)
+      expect(Date.now() - stoppedAtMs).toBeLessThan(40_000)
+      await proxy.up()
+      const restarted = await startService({ env: { DATABASE_URL: dbUrl } })
+      try {
+        await audit(dbUrl, results, ["cancelled", "failed"])
+        for (const id of ids) expect((await turn(restarted.url, id, { content: "Again", max_tokens: 4 })).terminal?.event).toBe("done")
+      } finally {
+        await restarted.stop()
+      }
+    }, { SHUTDOWN_GRACE_MS: "300" }), 120_000)
+
   it("a database unreachable for 3 s while replies stream (connections reset, then refused): the clients wait, get done, and every reply is stored", () =>
     withProxiedDatabase(async ({ dbUrl, proxy, service }) => {
       const ids = await Promise.all(Array.from({ length: 4 }, () => create(service.url)))
