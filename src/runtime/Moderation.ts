@@ -32,11 +32,16 @@ export const pass: Verdict = { flagged: false, category: null }
 export interface Classifier {
   readonly classify: (text: string) => Verdict
   /**
-   * The longest text one finding spans, when bounded (a blocklist's longest phrase plus its
-   * boundaries): output is then checked on the newest delta plus that much before it, not
-   * on the whole window.
+   * A check of generated text fed delta by delta, for a classifier whose findings are bounded
+   * (a blocklist's phrases): it needs to see only what a finding ending in the newest delta
+   * may span. Without one, each delta is classified with the newest OUTPUT_WINDOW_CHARS.
    */
-  readonly maxMatchChars?: number | undefined
+  readonly outputCheck?: (() => OutputCheck) | undefined
+}
+
+/** Per-turn output check: feed it each delta; it returns the verdict that stops the turn, if any. */
+export interface OutputCheck {
+  readonly push: (delta: string) => Verdict | undefined
 }
 
 /**
@@ -47,25 +52,60 @@ export interface Classifier {
 const foldForMatch = (text: string): string =>
   /[^\x00-\x7f]/.test(text) ? text.normalize("NFKC").replace(/\p{Default_Ignorable_Code_Point}/gu, "") : text
 
-/**
- * Raw characters of output one finding may span, per character of the phrase: the folded
- * text may have dropped ignorable code points and the phrase's spaces may be runs.
- */
-const RAW_CHARS_PER_MATCHED_CHAR = 4
+/** Folded, with each run of white space one space: what the output check keeps of a delta. */
+const foldForOutput = (text: string): string => foldForMatch(text).replace(/\s+/g, " ")
+
+const escapeRegExp = (text: string): string => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")
 
 /**
  * Flags text holding any of `phrases` (case-insensitive, at word boundaries, the words of a
- * phrase separated by any white space), matched on the folded text (`foldForMatch`).
+ * phrase separated by any white space), as written or once folded (`foldForMatch`): a format
+ * character may separate words (U+200B does in Thai), or hide one.
+ *
+ * Its output check keeps the folded text of the turn so far, white space runs as one space,
+ * and matches the newest delta with the longest phrase's length (plus a character each side)
+ * before it, counting only a finding that ends in the delta: one that ends before it was seen
+ * by an earlier push, with the text before it that its left boundary needs. A combining mark
+ * in one delta is not composed with the letter ending the one before.
  */
 export const blocklistClassifier = (phrases: ReadonlyArray<string>): Classifier => {
-  const words = phrases.map((p) => foldForMatch(p).trim()).filter((p) => p.length > 0)
-  if (words.length === 0) return { classify: () => pass, maxMatchChars: 0 }
-  const escaped = words.map((w) => w.split(/\s+/).map((part) => part.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")).join("\\s+"))
-  const pattern = new RegExp(`(?<![\\p{L}\\p{N}])(?:${escaped.join("|")})(?![\\p{L}\\p{N}])`, "iu")
+  const words = phrases.map((p) => foldForOutput(p).trim()).filter((p) => p.length > 0)
+  if (words.length === 0) return { classify: () => pass, outputCheck: () => ({ push: () => undefined }) }
+  const source = `(?<![\\p{L}\\p{N}])(?:${words.map((w) => w.split(" ").map(escapeRegExp).join("\\s+")).join("|")})(?![\\p{L}\\p{N}])`
+  const pattern = new RegExp(source, "iu")
+  const flagged: Verdict = { flagged: true, category: "blocklist" }
+  const matches = (text: string) => pattern.test(text) || (/[^\x00-\x7f]/.test(text) && pattern.test(foldForMatch(text)))
+  // A phrase and the character on each side that decides its word boundaries.
+  const keep = Math.max(...words.map((w) => w.length)) + 2
+  const findingEndsAfter = (all: RegExp, text: string, fromIndex: number): boolean => {
+    all.lastIndex = 0
+    for (let m = all.exec(text); m !== null; m = all.exec(text)) {
+      if (m.index + m[0].length > fromIndex) return true
+      all.lastIndex = m.index + 1
+    }
+    return false
+  }
   return {
-    classify: (text) => pattern.test(foldForMatch(text)) ? { flagged: true, category: "blocklist" } : pass,
-    // A phrase and the character on each side that decides its word boundaries.
-    maxMatchChars: (Math.max(...words.map((w) => w.length)) + 2) * RAW_CHARS_PER_MATCHED_CHAR
+    classify: (text) => matches(text) ? flagged : pass,
+    outputCheck: () => {
+      const all = new RegExp(source, "giu")
+      let rawTail = ""
+      let tail = ""
+      return {
+        push: (delta) => {
+          if (delta.length === 0) return undefined
+          const raw = rawTail + delta
+          rawTail = raw.length > keep ? raw.slice(-keep) : raw
+          let folded = foldForOutput(delta)
+          if (folded.startsWith(" ") && tail.endsWith(" ")) folded = folded.slice(1)
+          const window = tail + folded
+          tail = window.length > keep ? window.slice(-keep) : window
+          const found = findingEndsAfter(all, raw, raw.length - delta.length) ||
+            (folded.length > 0 && raw !== window && findingEndsAfter(all, window, window.length - folded.length))
+          return found ? flagged : undefined
+        }
+      }
+    }
   }
 }
 
@@ -94,11 +134,6 @@ export const isRepetitive = (text: string): boolean => {
 
 /** Characters of generated text the output check sees at once (the newest). */
 const OUTPUT_WINDOW_CHARS = 512
-
-/** Per-turn output check: feed it each delta; it returns the verdict that stops the turn, if any. */
-export interface OutputCheck {
-  readonly push: (delta: string) => Verdict | undefined
-}
 
 /** Longest n-gram (tokens) the repetition guard looks for. */
 const MAX_NGRAM = 8
@@ -145,21 +180,19 @@ const make = (classifier: Classifier): Context.Tag.Service<Moderation> => ({
     if (verdict.flagged) return verdict
     return isRepetitive(text) ? { flagged: true, category: "repetitive_prompt" } : pass
   },
-  outputCheck: () => {
-    // What the classifier sees: the new delta and the text before it that a finding ending in
-    // the delta may span (bounded classifiers), else the newest OUTPUT_WINDOW_CHARS.
-    const keep = classifier.maxMatchChars ?? OUTPUT_WINDOW_CHARS
+  outputCheck: classifier.outputCheck ?? (() => {
+    // Each delta with the newest OUTPUT_WINDOW_CHARS before it.
     let tail = ""
     return {
       push: (delta) => {
         if (delta.length === 0) return undefined
         const window = tail + delta
-        tail = window.length > keep ? window.slice(-keep) : window
+        tail = window.length > OUTPUT_WINDOW_CHARS ? window.slice(-OUTPUT_WINDOW_CHARS) : window
         const verdict = classifier.classify(window)
         return verdict.flagged ? verdict : undefined
       }
     }
-  }
+  })
 })
 
 export const layer = (classifier: Classifier): Layer.Layer<Moderation> => Layer.succeed(Moderation, make(classifier))

@@ -20,6 +20,9 @@ describe("moderation", () => {
       expect(c.classify(`say ${hidden} please`).flagged).toBe(true)
     }
     expect(c.classify("bad\u200bwords").flagged).toBe(false)
+    // ... nor stop one from separating words (U+200B does in Thai), as written or folded.
+    expect(c.classify("foo\u200bbadword\u200bbar").flagged).toBe(true)
+    expect(c.classify("\u2122badword").flagged).toBe(true)
     // Regex characters in a phrase are literal.
     expect(blocklistClassifier(["a.b"]).classify("axb").flagged).toBe(false)
   })
@@ -56,6 +59,20 @@ describe("moderation", () => {
     expect(firstStop(Array.from({ length: 5000 }, () => (x = (x * 48271) % 2147483647) % 1000))).toBe(-1)
   })
 
+  it("the output check flags only a finding that ends in the newest delta, with the text before it as its boundary", () =>
+    Effect.gen(function*() {
+      const moderation = yield* Moderation.Moderation
+      // "class" cut so that the window starts inside it: "ass" there is no word.
+      const text = "I booked first class seats on the train, and a glass of water. "
+      for (let size = 1; size <= 7; size++) {
+        const check = moderation.outputCheck()
+        const deltas = Array.from({ length: Math.ceil(text.length / size) }, (_, i) => text.slice(i * size, (i + 1) * size))
+        expect(deltas.map((d) => check.push(d)).every((v) => v === undefined), `deltas of ${size}`).toBe(true)
+      }
+      const check = moderation.outputCheck()
+      expect(["a first ", "class ", "kick in the ", "ass", "."].map((d) => check.push(d)).findIndex((v) => v !== undefined)).toBe(3)
+    }).pipe(Effect.provide(Moderation.layer(blocklistClassifier(["ass"]))), Effect.runPromise))
+
   it("the output check sees a phrase split across deltas, and the input check both classifier and guard", () =>
     Effect.gen(function*() {
       const moderation = yield* Moderation.Moderation
@@ -67,6 +84,13 @@ describe("moderation", () => {
       const spaced = moderation.outputCheck()
       const deltas = [..."then t\u200bw\u200bo    w\u200bo\u200br\u200bd\u200bs."]
       expect(deltas.map((d) => spaced.push(d)).find((v) => v !== undefined)).toEqual({ flagged: true, category: "blocklist" })
+      // However long the invisible or blank stretch: the check keeps folded text.
+      for (const gap of ["\u{E0020}".repeat(3), "\u200b".repeat(50)]) {
+        const hidden = moderation.outputCheck()
+        expect([..."so two words".replaceAll(/(?<=\S)(?=\S)/gu, gap)].map((d) => hidden.push(d)).some((v) => v !== undefined), JSON.stringify(gap)).toBe(true)
+      }
+      const wide = moderation.outputCheck()
+      expect(["two", ...Array.from({ length: 45 }, () => " "), "words"].map((d) => wide.push(d)).some((v) => v !== undefined)).toBe(true)
       expect(moderation.checkInput("tell me two words").flagged).toBe(true)
       expect(moderation.checkInput("poem ".repeat(100))).toEqual({ flagged: true, category: "repetitive_prompt" })
       expect(moderation.checkInput("hello there").flagged).toBe(false)
