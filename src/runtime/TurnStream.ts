@@ -146,6 +146,11 @@ export class TurnStream {
 
   setProducer(producer: TurnStreamProducer): void {
     this.producer = producer
+    // Kept before anything wrote to it: kept from now on.
+    if (this.kept && this.detachTimer !== undefined) {
+      clearTimeout(this.detachTimer)
+      this.detachTimer = undefined
+    }
     if ((this.gone || this.stopping) && !this.ended) producer.onCancel()
   }
 
@@ -241,6 +246,9 @@ export class TurnStream {
   keep(): void {
     if (this.detachGraceMs <= 0 || this.isClosed || this.kept) return
     this.kept = true
+    // Nothing writes to it yet, and maybe nothing will (a resume's Attach whose answer came too
+    // late, or never): its detach timer runs on until a producer comes (setProducer).
+    if (this.producer === undefined) return
     if (this.detachTimer !== undefined) clearTimeout(this.detachTimer)
     this.detachTimer = undefined
     if (!this.released && this.wantDrain) {

@@ -158,6 +158,29 @@ describe("TurnStream", () => {
     expect(registry.size()).toBe(0)
   })
 
+  it("a detached stream nothing writes to is kept only once a producer comes: else its grace ends it and the registry lets it go", async () => {
+    const registry = Effect.runSync(Effect.provide(TurnStreams, TurnStreams.layerFor("local", 80)))
+    // A resume's Attach whose answer came too late: detached, then the client's next resume.
+    const orphan = registry.make(2)
+    orphan.setTurnId("c:5")
+    orphan.detach()
+    registry.keepTurn("c:5")
+    await new Promise((r) => setTimeout(r, 150))
+    expect(registry.size()).toBe(0)
+    // Its slot did attach after all: from then on it is kept.
+    const late = registry.make(2)
+    late.setTurnId("c:6")
+    late.detach()
+    registry.keepTurn("c:6")
+    const p = producer()
+    late.setProducer(p.producer)
+    await new Promise((r) => setTimeout(r, 150))
+    expect(p.calls.cancel).toBe(0)
+    expect(registry.size()).toBe(1)
+    late.done(done(0))
+    expect(registry.size()).toBe(0)
+  })
+
   it("a resume that comes before the old reader is known gone keeps the turn, and frees a producer that reader held back", async () => {
     const registry = Effect.runSync(Effect.provide(TurnStreams, TurnStreams.layerFor("local", 80)))
     const stream = registry.make(2)
