@@ -230,6 +230,11 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
     const contentType = request.headers["content-type"]
     const declaredLength = request.headers["content-length"]
     const empty = declaredLength === undefined ? request.headers["transfer-encoding"] === undefined : Number(declaredLength) === 0
+    // An empty body goes to the route as none: under its declared type the route would decode
+    // it as that (a form into {}, multipart into a failure without a boundary). The header
+    // goes from the request itself (its headers are the IncomingMessage's object): a modified
+    // copy would read the body again, which is consumed.
+    if (empty && contentType !== undefined && !isJsonContentType(contentType)) delete (request.headers as Record<string, string>)["content-type"]
     if (!empty && !isJsonContentType(contentType)) {
       return yield* new ApiError.InvalidRequest({
         message: `Content-Type must be application/json (got ${ApiError.truncateMessage(contentType ?? "")})`

@@ -728,6 +728,11 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect((await fetch(`${url}/v1/conversations/${id}/cancel`, { method: "POST", body: "" })).status).toBe(204)
       expect((await post(`/v1/conversations/${id}/cancel`, "", { "content-type": "application/x-www-form-urlencoded" })).status).toBe(204)
       await expectError(await post(`/v1/conversations/${id}/cancel`, "a=1", { "content-type": "application/x-www-form-urlencoded" }), 400, "invalid_request")
+      // Even as multipart without a boundary (which the route's decoder would fail on).
+      for (const type of ["multipart/form-data", "application/x-www-form-urlencoded", "text/plain"]) {
+        expect((await post("/v1/conversations", "", { "content-type": type })).status, type).toBe(201)
+        await expectError(await post(`/v1/conversations/${id}/turns`, "", { "content-type": type }), 400, "invalid_request")
+      }
       expect((await fetch(`${url}/v1/conversations/${id}`)).status).toBe(200)
     }))
 
