@@ -313,8 +313,11 @@ export const errorResponse = (e: ApiError.ApiError): HttpServerResponse.HttpServ
   })
 }
 
-/** The methods served at a path (the API's routes and the OpenAPI document). */
-const allowedMethods = makeAllowedMethods(Api, [{ method: "GET", path: "/openapi.json" }])
+/** The methods served at a path (the API's routes, the OpenAPI document and the web client's). */
+const allowedMethods = makeAllowedMethods(Api, [
+  { method: "GET", path: "/openapi.json" },
+  ...Web.routes.map((path) => ({ method: "GET", path }))
+])
 
 /**
  * Turns every failure into an error response `{"error":{"code","message"}}`: API errors as

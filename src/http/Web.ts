@@ -95,6 +95,9 @@ const defaultWebDir = (): string => {
 
 const isPage = (path: string) => path === "/" || path === "/ops"
 
+/** The paths the web client is served at (GET and HEAD). */
+export const routes: ReadonlyArray<string> = ["/", "/ops", "/assets/*"]
+
 /**
  * Answers the web routes from {@link WebAssets}; every other request goes to `app`. A page
  * is revalidated on each load (`no-cache` with an ETag) so that a deploy shows at once.

@@ -19,6 +19,7 @@
  * model-based classifier implements `Classifier` and replaces it in the layer.
  */
 import { Config, Context, Effect, Layer } from "effect"
+import { escapeRegExp } from "./internal/escapeRegExp.js"
 
 /** A classifier's answer: `category` names what was found when `flagged`. */
 export interface Verdict {
@@ -54,8 +55,6 @@ const foldForMatch = (text: string): string =>
 
 /** Folded, with each run of white space one space: what the output check keeps of a delta. */
 const foldForOutput = (text: string): string => foldForMatch(text).replace(/\s+/g, " ")
-
-const escapeRegExp = (text: string): string => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")
 
 /**
  * Flags text holding any of `phrases` (case-insensitive, at word boundaries, the words of a

@@ -645,6 +645,10 @@ describe("HTTP API", () => {
       expect(patch.headers.get("allow")?.split(", ").sort()).toEqual(["DELETE", "GET", "HEAD"])
       await expectError(patch, 405, "method_not_allowed")
       await expectError(await fetch(`${url}/healthz`, { method: "POST" }), 405, "method_not_allowed")
+      // As the router matches: case-insensitively, a trailing or doubled slash ignored; the web client's pages too.
+      for (const path of ["/V1/MODELS", "/v1/conversations/", "//v1//conversations", "/", "/ops", "/assets/app.js"]) {
+        await expectError(await fetch(`${url}${path}`, { method: "PUT", headers: { "content-type": "application/json" }, body: "{}" }), 405, "method_not_allowed")
+      }
       // Over the router's 100 characters a parameter matched no route: it is the request's fault.
       await expectError(await fetch(`${url}/v1/conversations/${"a".repeat(150)}`), 400, "invalid_request")
       await expectError(await fetch(`${url}/v1/conversations/%FF`), 400, "invalid_request")

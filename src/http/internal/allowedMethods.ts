@@ -4,14 +4,29 @@
  * percent-encoding: 400) from a path nothing serves (404).
  */
 import { HttpApi } from "@effect/platform"
+import { escapeRegExp } from "../../runtime/internal/escapeRegExp.js"
 
 interface RouteShape {
   readonly method: string
   readonly pattern: RegExp
 }
 
+/** A route's path as a pattern: `:name` a segment, `*` the rest; case-insensitive, as the router is. */
 const patternOf = (path: string): RegExp =>
-  new RegExp(`^${path.split("/").map((segment) => segment.startsWith(":") ? "[^/]+" : segment.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")).join("/")}$`)
+  new RegExp(
+    `^${
+      path.split("/").map((segment) =>
+        segment.startsWith(":") ? "[^/]+" : segment === "*" ? ".*" : escapeRegExp(segment)
+      ).join("/")
+    }$`,
+    "i"
+  )
+
+/** The path as the router matches it: no duplicate slashes, no trailing one. */
+const normalize = (path: string): string => {
+  const collapsed = path.replace(/\/{2,}/g, "/")
+  return collapsed.length > 1 && collapsed.endsWith("/") ? collapsed.slice(0, -1) : collapsed
+}
 
 /**
  * The methods of `api`'s endpoints (and `extra` routes served beside it) whose path matches,
@@ -27,7 +42,8 @@ export const makeAllowedMethods = (
     onGroup: () => {},
     onEndpoint: ({ endpoint }) => routes.push({ method: endpoint.method, pattern: patternOf(endpoint.path) })
   })
-  return (path) => {
+  return (rawPath) => {
+    const path = normalize(rawPath)
     const methods = new Set<string>()
     for (const route of routes) {
       if (!route.pattern.test(path)) continue

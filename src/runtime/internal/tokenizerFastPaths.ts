@@ -15,6 +15,7 @@
  *   incomplete character until its last byte (Radford et al. 2019, GPT-2 `bytes_to_unicode`;
  *   WHATWG Encoding, streaming decode).
  */
+import { escapeRegExp } from "./escapeRegExp.js"
 
 /** The subset of tokenizer.json these paths read. */
 export interface TokenizerJson {
@@ -38,7 +39,6 @@ export interface Detokenizer {
   flush(): string
 }
 
-const escapeRegExp = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")
 
 /** A memoized encoder; `seed` records the ids to use for a piece instead of encoding it. */
 export interface MemoizedEncode {
