@@ -191,22 +191,27 @@ export const layer = Layer.scoped(
         return { _tag: "Events", events } as const
       })
 
+    /**
+     * A new conversation. `checked`: its system prompt was moderated and its turn's prompt is
+     * built at once (a chat completion's): else a system prompt is refused as a message would
+     * be, and so is one that leaves no room for a turn in the model's context (every turn of
+     * its conversation would be refused).
+     */
     const create = (
       owner: Identity,
       input: {
         readonly model?: string | undefined
         readonly system_prompt?: string | null | undefined
         readonly history?: ReadonlyArray<{ readonly role: "user" | "assistant"; readonly content: string }>
-      }
+      },
+      checked = false
     ) =>
       Effect.gen(function*() {
         const pool = poolFor(topology, input.model, owner.tier)
         if (pool === undefined) return yield* new ModelNotFound({ model: input.model ?? "" })
-        // A system prompt is refused as a message would be, and one that leaves no room for a
-        // turn in the model's context too: every turn of its conversation would be refused.
         const systemPrompt = input.system_prompt ?? null
         const model = models.get(pool.name)
-        if (systemPrompt !== null && model !== undefined) {
+        if (!checked && systemPrompt !== null && model !== undefined) {
           yield* moderate(systemPrompt)
           yield* buildPrompt(model, { systemPrompt, history: [], cache: emptyPromptCache() }, "", MIN_NEW_TOKENS)
         }
@@ -238,7 +243,7 @@ export const layer = Layer.scoped(
     const regionOf = (pool: { readonly gpus: ReadonlyArray<{ readonly id: string }> }) =>
       topology.runners.find((r) => r.gpus?.some((g) => g === pool.gpus[0]?.id))?.region ?? topology.runners[0]!.region
     const service: Conversations["Type"] = {
-      create,
+      create: (owner, input) => create(owner, input),
       models: (owner) => modelNames.filter((name) => poolFor(topology, name, owner.tier) !== undefined),
 
       complete: (owner, request) =>
@@ -250,7 +255,7 @@ export const layer = Layer.scoped(
           // The last one too, before the conversation is stored (its turn checks it again).
           yield* moderate(request.turn.content)
           const made = Effect.gen(function*() {
-            const { id: conversationId } = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history })
+            const { id: conversationId } = yield* create(owner, { model: request.model, system_prompt: request.system_prompt, history: request.history }, true)
             // Made for this request alone: a turn refused (too long for the pool, overloaded, …)
             // leaves no conversation behind, nor its copied history. Removed in the background:
             // the refusal is not held up by it.
