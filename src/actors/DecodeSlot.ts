@@ -213,6 +213,8 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
             stream.fail(code, message)
           }
           const outputCheck = moderation.outputCheck()
+          /** Text the output check holds back (see OutputCheck.holding). */
+          let heldText = ""
           const loops = repetitionGuard()
           // A failover goes on where the lost slot was: both checks see what it generated (else
           // a loop already under way would need 16 more repeats, and the text would differ
@@ -302,12 +304,20 @@ export const layer = Layer.unwrapEffect(Effect.gen(function*() {
                 }
                 // Ending for another reason: what might have begun a stop string goes out.
                 if (finish !== undefined && stops !== undefined) delta += stops.flush()
-                // Output moderation before the text goes out: a flagged delta is never sent.
-                const flagged = outputCheck.push(delta)
+                // Output moderation before the text goes out: a flagged delta is never sent, nor
+                // one the check holds until the next shows whether a blocked word ends there.
+                const flagged = outputCheck.push(delta, finish !== undefined)
                 if (flagged !== undefined) {
                   verdict = flagged
                   if (finishReason === undefined) handle?.cancel()
                   return end("filtered", "content_filter")
+                }
+                if (outputCheck.holding) {
+                  heldText += delta
+                  delta = ""
+                } else if (heldText.length > 0) {
+                  delta = heldText + delta
+                  heldText = ""
                 }
                 if (repeating) handle?.cancel()
                 if (delta.length > 0) {

@@ -42,7 +42,14 @@ export interface Classifier {
 
 /** Per-turn output check: feed it each delta; it returns the verdict that stops the turn, if any. */
 export interface OutputCheck {
-  readonly push: (delta: string) => Verdict | undefined
+  /** `last`: the turn's final delta (nothing follows it). */
+  readonly push: (delta: string, last?: boolean) => Verdict | undefined
+  /**
+   * After a push: a finding may end where the text ends, and whether it is one depends on
+   * what comes next ("hell" of "hellish"). The caller holds the text back until a push
+   * says otherwise: it is flagged then, or it goes out.
+   */
+  readonly holding: boolean
 }
 
 /**
@@ -56,6 +63,10 @@ const foldForMatch = (text: string): string =>
 /** Folded, with each run of white space one space: what the output check keeps of a delta. */
 const foldForOutput = (text: string): string => foldForMatch(text).replace(/\s+/g, " ")
 
+const NONE = 0
+const HOLD = 1
+const FLAG = 2
+
 /**
  * Flags text holding any of `phrases` (case-insensitive, at word boundaries, the words of a
  * phrase separated by any white space), as written or once folded (`foldForMatch`): a format
@@ -64,25 +75,36 @@ const foldForOutput = (text: string): string => foldForMatch(text).replace(/\s+/
  * Its output check keeps the folded text of the turn so far, white space runs as one space,
  * and matches the newest delta with the longest phrase's length (plus a character each side)
  * before it, counting only a finding that ends in the delta: one that ends before it was seen
- * by an earlier push, with the text before it that its left boundary needs. A combining mark
- * in one delta is not composed with the letter ending the one before.
+ * by an earlier push, with the text before it that its left boundary needs. One that ends with
+ * the delta, on a letter or digit, is held (`holding`) until the next delta shows whether the
+ * word goes on. A combining mark in one delta is not composed with the letter ending the one
+ * before.
  */
 export const blocklistClassifier = (phrases: ReadonlyArray<string>): Classifier => {
   const words = phrases.map((p) => foldForOutput(p).trim()).filter((p) => p.length > 0)
-  if (words.length === 0) return { classify: () => pass, outputCheck: () => ({ push: () => undefined }) }
+  if (words.length === 0) return { classify: () => pass, outputCheck: () => ({ push: () => undefined, holding: false }) }
   const source = `(?<![\\p{L}\\p{N}])(?:${words.map((w) => w.split(" ").map(escapeRegExp).join("\\s+")).join("|")})(?![\\p{L}\\p{N}])`
   const pattern = new RegExp(source, "iu")
   const flagged: Verdict = { flagged: true, category: "blocklist" }
   const matches = (text: string) => pattern.test(text) || (/[^\x00-\x7f]/.test(text) && pattern.test(foldForMatch(text)))
   // A phrase and the character on each side that decides its word boundaries.
   const keep = Math.max(...words.map((w) => w.length)) + 2
-  const findingEndsAfter = (all: RegExp, text: string, fromIndex: number): boolean => {
+  /**
+   * FLAG if a finding ends after `fromIndex` of `text`; HOLD if one does only at the text's
+   * end on a letter or digit, which the next delta may extend into a longer word (not `last`).
+   */
+  const findingAfter = (all: RegExp, text: string, fromIndex: number, last: boolean): number => {
+    let found = NONE
     all.lastIndex = 0
     for (let m = all.exec(text); m !== null; m = all.exec(text)) {
-      if (m.index + m[0].length > fromIndex) return true
+      const end = m.index + m[0].length
+      if (end > fromIndex) {
+        if (last || end < text.length || !/[\p{L}\p{N}]/u.test(text[end - 1]!)) return FLAG
+        found = HOLD
+      }
       all.lastIndex = m.index + 1
     }
-    return false
+    return found
   }
   return {
     classify: (text) => matches(text) ? flagged : pass,
@@ -90,18 +112,26 @@ export const blocklistClassifier = (phrases: ReadonlyArray<string>): Classifier 
       const all = new RegExp(source, "giu")
       let rawTail = ""
       let tail = ""
+      let holding = false
       return {
-        push: (delta) => {
-          if (delta.length === 0) return undefined
+        push: (delta, last = false) => {
+          if (delta.length === 0) return last && holding ? flagged : undefined
           const raw = rawTail + delta
           rawTail = raw.length > keep ? raw.slice(-keep) : raw
           let folded = foldForOutput(delta)
           if (folded.startsWith(" ") && tail.endsWith(" ")) folded = folded.slice(1)
           const window = tail + folded
           tail = window.length > keep ? window.slice(-keep) : window
-          const found = findingEndsAfter(all, raw, raw.length - delta.length) ||
-            (folded.length > 0 && raw !== window && findingEndsAfter(all, window, window.length - folded.length))
-          return found ? flagged : undefined
+          // A finding held back ends where the last text ended: it is decided now.
+          const back = holding ? 1 : 0
+          const inRaw = findingAfter(all, raw, raw.length - delta.length - back, last)
+          const inFolded = raw === window ? inRaw : findingAfter(all, window, window.length - folded.length - back, last)
+          if (inRaw === FLAG || inFolded === FLAG) return flagged
+          holding = inRaw === HOLD || inFolded === HOLD
+          return undefined
+        },
+        get holding() {
+          return holding
         }
       }
     }
@@ -189,7 +219,8 @@ const make = (classifier: Classifier): Context.Tag.Service<Moderation> => ({
         tail = window.length > OUTPUT_WINDOW_CHARS ? window.slice(-OUTPUT_WINDOW_CHARS) : window
         const verdict = classifier.classify(window)
         return verdict.flagged ? verdict : undefined
-      }
+      },
+      holding: false
     }
   })
 })

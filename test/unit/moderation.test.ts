@@ -59,7 +59,7 @@ describe("moderation", () => {
     expect(firstStop(Array.from({ length: 5000 }, () => (x = (x * 48271) % 2147483647) % 1000))).toBe(-1)
   })
 
-  it("the output check flags only a finding that ends in the newest delta, with the text before it as its boundary", () =>
+  it("the output check flags only a finding that ends in the newest delta, with the text before and after it as its boundaries", () =>
     Effect.gen(function*() {
       const moderation = yield* Moderation.Moderation
       // "class" cut so that the window starts inside it: "ass" there is no word.
@@ -69,8 +69,20 @@ describe("moderation", () => {
         const deltas = Array.from({ length: Math.ceil(text.length / size) }, (_, i) => text.slice(i * size, (i + 1) * size))
         expect(deltas.map((d) => check.push(d)).every((v) => v === undefined), `deltas of ${size}`).toBe(true)
       }
+      // A word at the end of a delta is held until the next one shows whether it goes on.
       const check = moderation.outputCheck()
-      expect(["a first ", "class ", "kick in the ", "ass", "."].map((d) => check.push(d)).findIndex((v) => v !== undefined)).toBe(3)
+      expect(["a first ", "class ", "kick in the "].map((d) => check.push(d))).toEqual([undefined, undefined, undefined])
+      expect(check.push("ass")).toBeUndefined()
+      expect(check.holding).toBe(true)
+      expect(check.push(".")).toEqual({ flagged: true, category: "blocklist" })
+      const longer = moderation.outputCheck()
+      expect(["the ", "ass", "ess", "ment"].map((d) => [longer.push(d), longer.holding])).toEqual([
+        [undefined, false], [undefined, true], [undefined, false], [undefined, false]
+      ])
+      const ending = moderation.outputCheck()
+      expect(ending.push("the ass")).toBeUndefined()
+      expect(ending.push("", true)).toEqual({ flagged: true, category: "blocklist" })
+      expect(moderation.outputCheck().push("the ass", true)).toEqual({ flagged: true, category: "blocklist" })
     }).pipe(Effect.provide(Moderation.layer(blocklistClassifier(["ass"]))), Effect.runPromise))
 
   it("the output check sees a phrase split across deltas, and the input check both classifier and guard", () =>
@@ -87,10 +99,10 @@ describe("moderation", () => {
       // However long the invisible or blank stretch: the check keeps folded text.
       for (const gap of ["\u{E0020}".repeat(3), "\u200b".repeat(50)]) {
         const hidden = moderation.outputCheck()
-        expect([..."so two words".replaceAll(/(?<=\S)(?=\S)/gu, gap)].map((d) => hidden.push(d)).some((v) => v !== undefined), JSON.stringify(gap)).toBe(true)
+        expect([..."so two words.".replaceAll(/(?<=\S)(?=\S)/gu, gap)].map((d) => hidden.push(d)).some((v) => v !== undefined), JSON.stringify(gap)).toBe(true)
       }
       const wide = moderation.outputCheck()
-      expect(["two", ...Array.from({ length: 45 }, () => " "), "words"].map((d) => wide.push(d)).some((v) => v !== undefined)).toBe(true)
+      expect(["two", ...Array.from({ length: 45 }, () => " "), "words", "."].map((d) => wide.push(d)).some((v) => v !== undefined)).toBe(true)
       expect(moderation.checkInput("tell me two words").flagged).toBe(true)
       expect(moderation.checkInput("poem ".repeat(100))).toEqual({ flagged: true, category: "repetitive_prompt" })
       expect(moderation.checkInput("hello there").flagged).toBe(false)
