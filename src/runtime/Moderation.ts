@@ -54,11 +54,12 @@ export interface OutputCheck {
 
 /**
  * The text a blocklist matches: compatibility forms folded (NFKC: fullwidth letters,
- * ligatures) and Unicode's default-ignorable code points (U+200B, U+200D, U+00AD, …) removed,
+ * ligatures) and Unicode's default-ignorable code points (U+200B, U+200D, U+00AD, …) and
+ * interlinear annotation marks (U+FFF9–U+FFFB) removed,
  * so that neither hides a word that shows as the word. ASCII text is already in that form.
  */
 const foldForMatch = (text: string): string =>
-  /[^\x00-\x7f]/.test(text) ? text.normalize("NFKC").replace(/\p{Default_Ignorable_Code_Point}/gu, "") : text
+  /[^\x00-\x7f]/.test(text) ? text.normalize("NFKC").replace(/[\p{Default_Ignorable_Code_Point}\uFFF9-\uFFFB]/gu, "") : text
 
 /** Folded, with each run of white space one space: what the output check keeps of a delta. */
 const foldForOutput = (text: string): string => foldForMatch(text).replace(/\s+/g, " ")
@@ -68,9 +69,11 @@ const HOLD = 1
 const FLAG = 2
 
 /**
- * Flags text holding any of `phrases` (case-insensitive, at word boundaries, the words of a
- * phrase separated by any white space), as written or once folded (`foldForMatch`): a format
- * character may separate words (U+200B does in Thai), or hide one.
+ * Flags text holding any of `phrases`: case-insensitive, at word boundaries, the words of a
+ * phrase separated by any white space, as written or once folded (`foldForMatch`: a format
+ * character may separate words, as U+200B does in Thai, or hide one). A word is a run of
+ * letters, marks and digits: in text without spaces between words (Chinese), a phrase is
+ * found only where something else bounds it.
  *
  * Its output check keeps the folded text of the turn so far, white space runs as one space,
  * and matches the newest delta with the longest phrase's length (plus a character each side)
@@ -83,7 +86,9 @@ const FLAG = 2
 export const blocklistClassifier = (phrases: ReadonlyArray<string>): Classifier => {
   const words = phrases.map((p) => foldForOutput(p).trim()).filter((p) => p.length > 0)
   if (words.length === 0) return { classify: () => pass, outputCheck: () => ({ push: () => undefined, holding: false }) }
-  const source = `(?<![\\p{L}\\p{N}])(?:${words.map((w) => w.split(" ").map(escapeRegExp).join("\\s+")).join("|")})(?![\\p{L}\\p{N}])`
+  // A word goes on through letters, digits and marks: a Devanagari vowel sign or an Arabic
+  // vowel mark is part of it (with मार blocked, कुमार is no finding).
+  const source = `(?<![\\p{L}\\p{M}\\p{N}])(?:${words.map((w) => w.split(" ").map(escapeRegExp).join("\\s+")).join("|")})(?![\\p{L}\\p{M}\\p{N}])`
   const pattern = new RegExp(source, "iu")
   const flagged: Verdict = { flagged: true, category: "blocklist" }
   const matches = (text: string) => pattern.test(text) || (/[^\x00-\x7f]/.test(text) && pattern.test(foldForMatch(text)))
@@ -99,7 +104,7 @@ export const blocklistClassifier = (phrases: ReadonlyArray<string>): Classifier 
     for (let m = all.exec(text); m !== null; m = all.exec(text)) {
       const end = m.index + m[0].length
       if (end > fromIndex) {
-        if (last || end < text.length || !/[\p{L}\p{N}]/u.test(text[end - 1]!)) return FLAG
+        if (last || end < text.length || !/[\p{L}\p{M}\p{N}]/u.test(text[end - 1]!)) return FLAG
         found = HOLD
       }
       all.lastIndex = m.index + 1

@@ -23,6 +23,13 @@ describe("moderation", () => {
     // ... nor stop one from separating words (U+200B does in Thai), as written or folded.
     expect(c.classify("foo\u200bbadword\u200bbar").flagged).toBe(true)
     expect(c.classify("\u2122badword").flagged).toBe(true)
+    expect(c.classify("bad\ufff9word").flagged).toBe(true)
+    // A mark is part of its word: with मार (beat) blocked, कुमार (Kumar) and बीमार (sick) are not findings.
+    const hindi = blocklistClassifier(["मार"])
+    expect(hindi.classify("मेरा नाम कुमार है").flagged).toBe(false)
+    expect(hindi.classify("मैं बीमार हूँ").flagged).toBe(false)
+    expect(hindi.classify("उसे मार दो").flagged).toBe(true)
+    expect(blocklistClassifier(["قتل"]).classify("مُقتل").flagged).toBe(false)
     // Regex characters in a phrase are literal.
     expect(blocklistClassifier(["a.b"]).classify("axb").flagged).toBe(false)
   })
