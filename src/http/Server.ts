@@ -38,7 +38,7 @@ import * as RateLimits from "./RateLimits.js"
 import type { RateLimiterStore } from "@effect/experimental/RateLimiter"
 import * as Handlers from "./Handlers.js"
 import * as Web from "./Web.js"
-import { makeAllowedMethods } from "./internal/allowedMethods.js"
+import { makeUnrouted } from "./internal/unrouted.js"
 import { SseSettings } from "./Sse.js"
 
 /** A decode error's issues as one line (ApiError.formatIssues). */
@@ -313,8 +313,8 @@ export const errorResponse = (e: ApiError.ApiError): HttpServerResponse.HttpServ
   })
 }
 
-/** The methods served at a path (the API's routes, the OpenAPI document and the web client's). */
-const allowedMethods = makeAllowedMethods(Api, [
+/** Why no route took a request, from the API's routes, the OpenAPI document's and the web client's. */
+const unroutedRequest = makeUnrouted(Api, [
   { method: "GET", path: "/openapi.json" },
   ...Web.routes.map((path) => ({ method: "GET", path }))
 ])
@@ -342,16 +342,15 @@ export const normalizeErrors = (app: HttpApp.Default): HttpApp.Default =>
         }
         if (HttpServerError.isServerError(error) && error._tag === "RouteNotFound") {
           const request = yield* HttpServerRequest.HttpServerRequest
-          const q = request.url.indexOf("?")
-          const allowed = allowedMethods(q < 0 ? request.url : request.url.slice(0, q))
           const route = `${request.method} ${request.url.slice(0, 200)}`
-          if (allowed.length === 0) return errorResponse(new ApiError.NotFound({ message: `No route for ${route}` }))
+          const unrouted = unroutedRequest(request.method, request.url)
+          if (unrouted._tag === "NotFound") return errorResponse(new ApiError.NotFound({ message: `No route for ${route}` }))
           // The route is there: the router refused a parameter (over 100 characters, or not
           // percent-decodable).
-          if (allowed.includes(request.method)) {
+          if (unrouted._tag === "ParamRefused") {
             return errorResponse(new ApiError.InvalidRequest({ message: `A path parameter of ${route} is too long or badly percent-encoded` }))
           }
-          return errorResponse(new ApiError.MethodNotAllowed({ message: `${request.method} is not served at this path`, allow: allowed.join(", ") }))
+          return errorResponse(new ApiError.MethodNotAllowed({ message: `${request.method} is not served at this path`, allow: unrouted.allow }))
         }
       }
       const defect = Cause.dieOption(cause)

@@ -652,6 +652,11 @@ describe("HTTP API", () => {
       // Over the router's 100 characters a parameter matched no route: it is the request's fault.
       await expectError(await fetch(`${url}/v1/conversations/${"a".repeat(150)}`), 400, "invalid_request")
       await expectError(await fetch(`${url}/v1/conversations/%FF`), 400, "invalid_request")
+      // A path with no parameter that nothing serves under this method is a 404 (a web asset that is not there).
+      for (const path of ["/assets/nope.js", "/OPS", "/ops/", "//"]) await expectError(await fetch(`${url}${path}`), 404, "not_found")
+      // The absolute form of a request target names the same path.
+      const absolute = await rawExchange(url, "DELETE http://x/v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 3000)
+      expect(absolute).toMatch(/^HTTP\/1\.1 405/)
     }))
 })
 
