@@ -228,18 +228,13 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
     }
     if (request.method === "GET" || request.method === "HEAD") return yield* app
     const contentType = request.headers["content-type"]
+    const jsonType = isJsonContentType(contentType)
+    const notJson = () =>
+      new ApiError.InvalidRequest({ message: `Content-Type must be application/json (got ${ApiError.truncateMessage(contentType ?? "")})` })
+    // A body declared longer than 0 of another type is refused before it is read; a chunked
+    // one once it is, unless it is empty (below).
     const declaredLength = request.headers["content-length"]
-    const empty = declaredLength === undefined ? request.headers["transfer-encoding"] === undefined : Number(declaredLength) === 0
-    // An empty body goes to the route as none: under its declared type the route would decode
-    // it as that (a form into {}, multipart into a failure without a boundary). The header
-    // goes from the request itself (its headers are the IncomingMessage's object): a modified
-    // copy would read the body again, which is consumed.
-    if (empty && contentType !== undefined && !isJsonContentType(contentType)) delete (request.headers as Record<string, string>)["content-type"]
-    if (!empty && !isJsonContentType(contentType)) {
-      return yield* new ApiError.InvalidRequest({
-        message: `Content-Type must be application/json (got ${ApiError.truncateMessage(contentType ?? "")})`
-      })
-    }
+    if (!jsonType && declaredLength !== undefined && Number(declaredLength) !== 0) return yield* notJson()
     // A compressed body (or one with a transfer coding other than chunked) would be read as
     // if it were plain: refused, as nothing here decodes it.
     const encoding = request.headers["content-encoding"]
@@ -285,6 +280,14 @@ const guardRequest = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Api
     if (tracker !== undefined) tracker.recording = false
     if (text.includes("\uFFFD") && !isUtf8(Buffer.concat(chunks))) {
       return yield* new ApiError.InvalidRequest({ message: "The request body is not valid UTF-8" })
+    }
+    if (!jsonType) {
+      if (text.length > 0) return yield* notJson()
+      // An empty body goes to the route as none: under its declared type the route would
+      // decode it as that (a form into {}, multipart into a failure without a boundary). The
+      // header goes from the request itself (its headers are the IncomingMessage's object): a
+      // modified copy would read the body again, which is consumed.
+      delete (request.headers as Record<string, string>)["content-type"]
     }
     if (jsonDepth(text) > limits.maxJsonDepth) {
       return yield* new ApiError.InvalidRequest({ message: `The body nests deeper than ${limits.maxJsonDepth} levels` })

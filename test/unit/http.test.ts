@@ -737,10 +737,14 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect((await fetch(`${url}/v1/conversations/${id}/cancel`, { method: "POST", body: "" })).status).toBe(204)
       expect((await post(`/v1/conversations/${id}/cancel`, "", { "content-type": "application/x-www-form-urlencoded" })).status).toBe(204)
       await expectError(await post(`/v1/conversations/${id}/cancel`, "a=1", { "content-type": "application/x-www-form-urlencoded" }), 400, "invalid_request")
-      // Even as multipart without a boundary (which the route's decoder would fail on).
+      // Even as multipart without a boundary (which the route's decoder would fail on), and chunked.
       for (const type of ["multipart/form-data", "application/x-www-form-urlencoded", "text/plain"]) {
         expect((await post("/v1/conversations", "", { "content-type": type })).status, type).toBe(201)
         await expectError(await post(`/v1/conversations/${id}/turns`, "", { "content-type": type }), 400, "invalid_request")
+        const chunked = await rawExchange(url, `POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: ${type}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n`, 3000)
+        expect(chunked, type).toMatch(/^HTTP\/1\.1 201/)
+        const full = await rawExchange(url, `POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: ${type}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\na=1\r\n0\r\n\r\n`, 3000)
+        expect(full, type).toMatch(/^HTTP\/1\.1 400/)
       }
       expect((await fetch(`${url}/v1/conversations/${id}`)).status).toBe(200)
     }))
