@@ -221,7 +221,16 @@ export const OpenAiLive = HttpApiBuilder.group(
               Effect.mapError(ApiError.fromRuntime)
             )
             settleOn(stream)
-            const completion = { conversationId, model: payload.model, stream }
+            const storedUsage = conversations.history(owner, conversationId, { limit: 1 }).pipe(
+              Effect.map((page): OpenAi.CompletionUsage | undefined => {
+                const reply = page.turns.at(-1)
+                if (reply?.role !== "assistant" || reply.num_prompt_tokens === null || reply.num_completion_tokens === null) return undefined
+                const total = reply.num_prompt_tokens + reply.num_completion_tokens
+                return { prompt_tokens: reply.num_prompt_tokens, completion_tokens: reply.num_completion_tokens, total_tokens: total }
+              }),
+              Effect.orElseSucceed(() => undefined)
+            )
+            const completion = { conversationId, model: payload.model, stream, storedUsage }
             if (payload.stream !== true) return yield* OpenAi.jsonResponse(completion)
             const settings = yield* Sse.SseSettings
             return OpenAi.streamResponse(completion, {

@@ -99,7 +99,7 @@ export const toConversation = (request: ChatCompletionRequest) =>
 const finishReason = (reason: FinishReason): "stop" | "length" | "content_filter" =>
   reason === "length" ? "length" : reason === "content_filter" ? "content_filter" : "stop"
 
-const usageOf = (done: DoneEvent) => ({
+const usageOf = (done: DoneEvent): CompletionUsage => ({
   prompt_tokens: done.usage.prompt_tokens,
   completion_tokens: done.usage.completion_tokens,
   total_tokens: done.usage.prompt_tokens + done.usage.completion_tokens,
@@ -109,10 +109,23 @@ const usageOf = (done: DoneEvent) => ({
 const failureJson = (e: GenerationFailed | EngineError) =>
   ApiError.errorJson(500, e._tag === "GenerationFailed" ? "generation_failed" : "engine_error", e.message)
 
+/** OpenAI's `usage` of a completion. */
+export interface CompletionUsage {
+  readonly prompt_tokens: number
+  readonly completion_tokens: number
+  readonly total_tokens: number
+  readonly prompt_tokens_details?: { readonly cached_tokens: number }
+}
+
 interface Completion {
   readonly conversationId: string
   readonly model: string
   readonly stream: TurnStream
+  /**
+   * The usage stored with the reply: a reply stopped by output moderation ends its stream
+   * without a done event (it is stored before that end). Undefined where it cannot be read.
+   */
+  readonly storedUsage: Effect.Effect<CompletionUsage | undefined>
 }
 
 const completionId = (conversationId: string) => `chatcmpl-${conversationId}`
@@ -133,10 +146,17 @@ export const streamResponse = (
       out.push("data: [DONE]\n\n")
       return out
     }),
-    // Output moderation ends the stream as OpenAI does: finish_reason content_filter.
+    // Output moderation ends the stream as OpenAI does: finish_reason content_filter (and the
+    // usage, if asked, as stored with the reply).
     Stream.catchAll((e) =>
       e._tag === "EngineError" && e.code === "content_filter"
-        ? Stream.make(chunk({}, "content_filter"), "data: [DONE]\n\n")
+        ? Stream.concat(
+          Stream.make(chunk({}, "content_filter")),
+          Stream.fromEffect(options.includeUsage ? completion.storedUsage : Effect.succeed(undefined)).pipe(
+            Stream.mapConcat((usage) => usage === undefined ? [] : [`data: ${JSON.stringify({ ...base, choices: [], usage })}\n\n`]),
+            Stream.concat(Stream.make("data: [DONE]\n\n"))
+          )
+        )
         : Stream.make(`data: ${JSON.stringify(failureJson(e))}\n\n`)
     )
   )
@@ -160,6 +180,7 @@ export const jsonResponse = (completion: Completion) =>
       Effect.catchIf((e) => e._tag === "EngineError" && e.code === "content_filter", () => Effect.succeed(true))
     )
     const end = done
+    const usage = end !== undefined ? usageOf(end) : filtered ? yield* completion.storedUsage : undefined
     return HttpServerResponse.unsafeJson({
       id: completionId(completion.conversationId),
       object: "chat.completion",
@@ -171,7 +192,7 @@ export const jsonResponse = (completion: Completion) =>
         logprobs: null,
         finish_reason: filtered || end === undefined ? "content_filter" : finishReason(end.finish_reason)
       }],
-      ...(end === undefined ? {} : { usage: usageOf(end) })
+      ...(usage === undefined ? {} : { usage })
     }, { headers: { "x-conversation-id": completion.conversationId } })
   }).pipe(
     Effect.catchTags({

@@ -581,6 +581,16 @@ describe("gateway: moderation", () => {
     const openai = new OpenAI({ apiKey: "none", baseURL: `${service.url}/v1`, maxRetries: 0 })
     const completion = await openai.chat.completions.create({ model: "mini", messages: [{ role: "user", content: GREEDY_PROMPT }], max_tokens: 40, temperature: 0 })
     expect(completion.choices[0]!.finish_reason).toBe("content_filter")
+    // With the usage stored with the filtered reply, streamed (include_usage) or not.
+    expect(completion.usage?.prompt_tokens).toBeGreaterThan(0)
+    expect(completion.usage?.completion_tokens).toBeGreaterThan(0)
+    const chunks = []
+    const streamed = await openai.chat.completions.create({
+      model: "mini", messages: [{ role: "user", content: GREEDY_PROMPT }], max_tokens: 40, temperature: 0, stream: true, stream_options: { include_usage: true }
+    })
+    for await (const chunk of streamed) chunks.push(chunk)
+    expect(chunks.some((c) => c.choices[0]?.finish_reason === "content_filter")).toBe(true)
+    expect(chunks.at(-1)?.usage).toEqual(completion.usage)
     const metrics = await (await fetch(`${service.url}/metrics`)).text()
     expect(metrics).toMatch(/request_success_total\{model="mini",tier="free",finished_reason="content_filter"\} [1-9]/)
     expect(metrics).toMatch(/moderation_verdicts_total\{stage="input",verdict="blocklist"\} [1-9]/)
