@@ -144,10 +144,11 @@ export const StorableText = Schema.String.pipe(
 /**
  * A character that shows: a letter, number, punctuation or symbol that is not one of
  * Unicode's default-ignorable code points (format characters such as U+200B, the Hangul
- * fillers U+115F, U+1160, U+3164 and U+FFA0, variation selectors, tags) nor the blank
- * Braille pattern U+2800. Marks alone (U+0301) do not count: they show only on a base.
+ * fillers U+115F, U+1160, U+3164 and U+FFA0, variation selectors, tags) nor a symbol that
+ * renders blank (the Braille pattern U+2800, the null notehead U+1D159, the object
+ * replacement U+FFFC). Marks alone (U+0301) do not count: they show only on a base.
  */
-const VISIBLE_CHARACTER = /(?![\p{Default_Ignorable_Code_Point}\u2800])[\p{L}\p{N}\p{P}\p{S}]/u
+const VISIBLE_CHARACTER = /(?![\p{Default_Ignorable_Code_Point}\u2800\uFFFC\u{1D159}])[\p{L}\p{N}\p{P}\p{S}]/u
 
 /** Whether `text` holds a character that shows (see VISIBLE_CHARACTER): a fact must. */
 export const hasVisibleCharacter = (text: string): boolean => VISIBLE_CHARACTER.test(text)

@@ -35,13 +35,15 @@ describe("facts that show nothing", () => {
   it("are not taken from a request to remember", () => {
     for (const blank of blanks) expect(explicitFact(`remember that ${blank}`)).toBeUndefined()
     expect(explicitFact("remember that I like \u3164 tea")).toBe("I like \u3164 tea")
+    expect(explicitFact("Remember that!")).toBeUndefined()
+    expect(explicitFact("remember that ")).toBeUndefined()
   })
 
   it("are refused by the memory route's schema", async () => {
     const { Schema } = await import("effect")
     const { MemoryUpdate } = await import("../../src/runtime/Domain.js")
     const decode = Schema.decodeUnknownEither(MemoryUpdate)
-    for (const blank of [...blanks, "\u0301", "\u{E0041}"]) expect(decode({ add: [blank] })._tag).toBe("Left")
+    for (const blank of [...blanks, "\u0301", "\u{E0041}", "\uFFFC", "\u{1D159}"]) expect(decode({ add: [blank] })._tag).toBe("Left")
     expect(decode({ add: ["likes 🍵"] })._tag).toBe("Right")
   })
 

@@ -16,5 +16,7 @@ const REQUEST = /^\s*(?:please\s+)?remember(?:\s+that)?\s*[:,]?\s+([^?]+?)[.!]*\
 export const explicitFact = (content: string): string | undefined => {
   if (content.length > MAX_FACT_CHARS + 40) return undefined
   const fact = REQUEST.exec(content)?.[1]?.trim()
-  return fact === undefined || fact.length < 3 || fact.length > MAX_FACT_CHARS || !hasVisibleCharacter(fact) ? undefined : fact
+  // "Remember that!" asks nothing: its "that" is the request's, not a fact.
+  if (fact === undefined || fact.length < 3 || fact.length > MAX_FACT_CHARS || /^that$/i.test(fact)) return undefined
+  return hasVisibleCharacter(fact) ? fact : undefined
 }
