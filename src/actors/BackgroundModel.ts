@@ -12,7 +12,8 @@ import { lookup, TopologyService } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
 import { DecodeSlot } from "./DecodeSlot.js"
 import { GpuScheduler, type SlotReservation } from "./GpuScheduler.js"
-import { gpuOrder } from "./internal/gpuOrder.js"
+import { quietly, timeoutDetached } from "./internal/callTimeout.js"
+import { gpuOrder, markUnanswered } from "./internal/gpuOrder.js"
 
 /** Background sequences are served after every tier's turns. */
 const BACKGROUND_PRIORITY = 1_000
@@ -57,11 +58,15 @@ export const layer = Layer.effect(
           const order = gpuOrder(pool.gpus.map((g) => g.id))
           let reserved: SlotReservation | undefined
           for (const gpuId of order) {
-            const acquired = yield* gpus(gpuId).AcquireSlot({
-              priority: BACKGROUND_PRIORITY,
-              num_prompt_tokens: promptIds.length,
-              ttft_target_ms: BACKGROUND_TTFT_TARGET_MS
-            }).pipe(Effect.timeout(Duration.seconds(10)), Effect.either)
+            // Given up without waiting for the call to stop (see Conversation's admission).
+            const acquired = yield* timeoutDetached(
+              gpus(gpuId).AcquireSlot({
+                priority: BACKGROUND_PRIORITY,
+                num_prompt_tokens: promptIds.length,
+                ttft_target_ms: BACKGROUND_TTFT_TARGET_MS
+              }),
+              Duration.seconds(10)
+            ).pipe(Effect.tapErrorTag("TimeoutException", () => Effect.sync(() => markUnanswered(gpuId))), Effect.either)
             if (acquired._tag === "Right") {
               reserved = acquired.right
               break
@@ -97,7 +102,7 @@ export const layer = Layer.effect(
           )
           if (started._tag === "Left") {
             stream.cancel()
-            if (started.left.code === "unavailable") yield* gpus(slotId.split("/")[0]!).ReleaseSlot(reserved).pipe(Effect.ignore)
+            if (started.left.code === "unavailable") yield* quietly(gpus(slotId.split("/")[0]!).ReleaseSlot(reserved))
             return yield* started.left
           }
           return yield* stream.toStream().pipe(

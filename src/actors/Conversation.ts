@@ -48,13 +48,13 @@ import { lookup, TopologyService, trainingEligible, zeroRetention } from "../run
 import { endFromReply, TurnStreamId } from "../runtime/TurnStream.js"
 import { DecodeSlot, FinishedTurn, StartPayload, TurnFinisher } from "./DecodeSlot.js"
 import { retryShardMoves, SHARD_MOVE_RETRIES } from "./internal/shardMoves.js"
-import { timeoutDetached } from "./internal/callTimeout.js"
+import { BEST_EFFORT_TIMEOUT, quietly, timeoutDetached } from "./internal/callTimeout.js"
 import * as failover from "./internal/failover.js"
 import { GpuScheduler, shardGroupOf, type SlotReservation } from "./GpuScheduler.js"
 import * as ShardTenure from "./internal/shardTenure.js"
 import { SHARDS_PER_GROUP } from "../runtime/Cluster.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
-import { gpuOrder } from "./internal/gpuOrder.js"
+import { gpuOrder, markUnanswered } from "./internal/gpuOrder.js"
 import { explicitFact } from "./internal/memoryRequests.js"
 import { buildPrompt, emptyPromptCache, MIN_NEW_TOKENS } from "./internal/promptAssembly.js"
 import { Embedder } from "./Embedder.js"
@@ -275,15 +275,6 @@ const clusterUnavailable = (e: { readonly _tag: string }) =>
 
 /** A start payload read back from a turn's log (another process wrote it). */
 const decodeStartPayload = Schema.decodeUnknownOption(StartPayload)
-
-/**
- * A best-effort call to another entity: whatever happens to it (a failure, a shard move that
- * cuts it off) is ignored, and it is given up after 10 s (a call to a GPU runner that died is
- * held by the cluster until it is back).
- */
-const quietly = <A, E, R>(call: Effect.Effect<A, E, R>): Effect.Effect<void, never, R> =>
-  Effect.catchAllCause(Effect.asVoid(timeoutDetached(call, BEST_EFFORT_TIMEOUT)), () => Effect.void)
-const BEST_EFFORT_TIMEOUT = Duration.seconds(10)
 
 /**
  * Whether a call to an entity on another runner ended with neither an answer nor a failure of
@@ -789,10 +780,10 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             // The owner's remembered facts that best match the message go after the system prompt.
             // Ranked by words first; a user with facts has them ranked again with the message's
             // embedding as well (an engine forward pass, only then).
-            let facts = yield* store.topFacts(conv.userId, input.content, MEMORY_TOP_K)
+            let facts = yield* restore(store.topFacts(conv.userId, input.content, MEMORY_TOP_K))
             if (facts.length > 0) {
-              const [embedding] = yield* embedder.embed([input.content])
-              if (embedding !== undefined) facts = yield* store.topFacts(conv.userId, input.content, MEMORY_TOP_K, embedding)
+              const [embedding] = yield* restore(embedder.embed([input.content]))
+              if (embedding !== undefined) facts = yield* restore(store.topFacts(conv.userId, input.content, MEMORY_TOP_K, embedding))
             }
             const promptState = {
               systemPrompt: contextPrompt(conv.systemPrompt, conv.summary, facts),
@@ -816,18 +807,24 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             const acquire = (k: number): Effect.Effect<SlotReservation, AcquireError> => {
               const gpuId = order[k]!
               const next = k + 1 < order.length
-              return gpus(gpuId).AcquireSlot({
-                priority: tier.priority,
-                num_prompt_tokens: promptIds.length,
-                ttft_target_ms: k === 0 && affine && next ? Math.round(tier.ttft_p99_ms * AFFINITY_LOAD_FRACTION) : tier.ttft_p99_ms
-              }).pipe(
+              const unanswered = () => {
+                markUnanswered(gpuId)
+                return Effect.fail(new EngineError({ code: "unavailable", message: `${gpuId} did not answer` }))
+              }
+              // Given up without waiting for the call to stop: to a GPU whose runner drained or
+              // died, the cluster holds the call (and its interrupt) until the runner is back.
+              return timeoutDetached(
+                gpus(gpuId).AcquireSlot({
+                  priority: tier.priority,
+                  num_prompt_tokens: promptIds.length,
+                  ttft_target_ms: k === 0 && affine && next ? Math.round(tier.ttft_p99_ms * AFFINITY_LOAD_FRACTION) : tier.ttft_p99_ms
+                }),
+                ACQUIRE_TIMEOUT
+              ).pipe(
+                Effect.catchTag("TimeoutException", unanswered),
                 // Its runner died under the call: as a GPU that does not answer (a defect
                 // left alone would restart this entity mid-turn).
-                Effect.catchAllDefect(() => Effect.fail(new EngineError({ code: "unavailable", message: `${gpuId} did not answer` }))),
-                Effect.timeoutFail({
-                  duration: ACQUIRE_TIMEOUT,
-                  onTimeout: () => new EngineError({ code: "unavailable", message: `${gpuId} did not answer` })
-                }),
+                Effect.catchAllDefect(unanswered),
                 Effect.catchIf(
                   (e) => next && (e._tag === "AdmissionRefused" || (e._tag === "EngineError" && e.code === "unavailable")),
                   () => acquire(k + 1)

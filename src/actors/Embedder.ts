@@ -5,12 +5,13 @@
  * same model. With the tiny default model the vectors are meaningless; the full-text rank
  * still orders facts then.
  */
-import { randomInt } from "node:crypto"
 import { Context, Duration, Effect, Layer, Option } from "effect"
 import { Models } from "../runtime/Models.js"
 import { encodeOffLoop } from "../runtime/Tokenizer.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
 import { GpuScheduler } from "./GpuScheduler.js"
+import { timeoutDetached } from "./internal/callTimeout.js"
+import { gpuOrder, markUnanswered } from "./internal/gpuOrder.js"
 
 /** Tokens of a text that are embedded, at most (the engine's limit): its first ones. */
 const MAX_EMBED_TOKENS = 512
@@ -42,9 +43,12 @@ export const layer = Layer.effect(
       return Effect.flatMap(encodeOffLoop(model.tokenizer, text.slice(0, MAX_EMBED_TOKENS * 16)), (encoded) => {
         const ids = encoded.slice(0, MAX_EMBED_TOKENS)
         if (ids.length === 0) return Effect.succeed(undefined)
-        const gpuId = pool.gpus[randomInt(pool.gpus.length)]!.id
-        return gpus(gpuId).Embed({ token_ids: ids }).pipe(
-          Effect.timeout(EMBED_TIMEOUT),
+        // Any GPU of the pool, one that lately answered first; given up without waiting for
+        // the call to stop (to a GPU whose runner drained or died the cluster holds it, and
+        // its interrupt, until the runner is back: a turn waited for it for good).
+        const gpuId = gpuOrder(pool.gpus.map((g) => g.id))[0]!
+        return timeoutDetached(gpus(gpuId).Embed({ token_ids: ids }), EMBED_TIMEOUT).pipe(
+          Effect.tapErrorTag("TimeoutException", () => Effect.sync(() => markUnanswered(gpuId))),
           Effect.option,
           Effect.map(Option.getOrUndefined)
         )

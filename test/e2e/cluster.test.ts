@@ -738,6 +738,26 @@ describe("local cluster: two gateways, two GPU runners", () => {
     // The pool goes on with sim-1 alone.
     const after = await Promise.all([gw1, gw2].map(async (gw) => turn(gw, await create(gw), { content: "Still here?", max_tokens: 8 })))
     for (const r of after) expect(r.terminal?.event).toBe("done")
+    // The drained conversations take two more turns each, on either gateway: those whose last
+    // turn ran on sim-2 ask it first (affinity) and go on to sim-1 once it has not answered. A
+    // second such turn hung for good: the timed-out call's interrupt waited for gpu-2's return.
+    // Once gpu-2 has been gone a while (its shards unassigned), no call to it fails at once.
+    // The user has a remembered fact: each turn embeds its message on a GPU of the pool to rank
+    // it, and an embedding asked of sim-2 (inside the turn's uninterruptible part) waited for
+    // gpu-2's return: every such conversation was stuck.
+    const remembered = await fetch(`${gw1}/v1/users/me/memory`, {
+      method: "PATCH",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ add: ["I like green tea"] })
+    })
+    expect(remembered.status).toBe(200)
+    await new Promise((r) => setTimeout(r, 12_000))
+    // New conversations too, half of which ask sim-2 first.
+    const fresh = await Promise.all(Array.from({ length: 6 }, (_, i) => create(i % 2 === 0 ? gw1 : gw2)))
+    for (const round of [1, 2, 3]) {
+      const more = await Promise.all([...ids, ...fresh].map((id, i) => turn((i + round) % 2 === 0 ? gw1 : gw2, id, { content: `Round ${round}`, max_tokens: 8 })))
+      for (const r of more) expect(r.terminal?.event, JSON.stringify(r.terminal?.data ?? r.status)).toBe("done")
+    }
     // Drained: it reads draining until its last report is 10 s old, then down.
     expect(await cli("status")).toMatch(/^gpu-2 +(draining|down) /m)
     await cluster.restart("gpu-2")

@@ -22,7 +22,9 @@ const localLagMsSince = (sinceMs: number): Effect.Effect<number> =>
  * runner, and a runner that died answers nothing, so the caller would wait as long as the
  * cluster retries (a failover watch that waits there moves nothing). Here the call runs in a
  * fiber of its own and is interrupted in the background. Fails with `TimeoutException` as
- * `Effect.timeout` does.
+ * `Effect.timeout` does, in an uninterruptible region too (where `Effect.timeout` waits for the
+ * call, however long: a turn whose memory lookup embedded on a drained GPU's runner waited
+ * for good).
  *
  * With `maxLagGrace` > 0, a caller that is itself slow does not blame the callee: when the
  * timeout passes, the call gets as much more time as this runner's fiber tasks waited for
@@ -42,7 +44,7 @@ export const timeoutDetached = <A, E, R>(
   Effect.flatMap(Effect.forkDaemon(call), (fiber) => {
     const timeoutMs = Duration.toMillis(timeout)
     const awaitFor = (sinceMs: number, waitMs: number, graceLeftMs: number): Effect.Effect<A, E | Cause.TimeoutException> =>
-      Fiber.join(fiber).pipe(
+      Effect.interruptible(Fiber.join(fiber)).pipe(
         Effect.timeoutOption(Duration.millis(waitMs)),
         Effect.flatMap(Option.match({
           onSome: Effect.succeed,
@@ -64,3 +66,12 @@ export const timeoutDetached = <A, E, R>(
       Effect.onExit((exit) => Exit.isSuccess(exit) ? Effect.void : Fiber.interruptFork(fiber))
     )
   })
+
+/**
+ * A best-effort call to another entity: whatever happens to it (a failure, a shard move that
+ * cuts it off) is ignored, and it is given up after BEST_EFFORT_TIMEOUT (a call to a GPU runner
+ * that died or drained is held by the cluster until it is back).
+ */
+export const quietly = <A, E, R>(call: Effect.Effect<A, E, R>): Effect.Effect<void, never, R> =>
+  Effect.catchAllCause(Effect.asVoid(timeoutDetached(call, BEST_EFFORT_TIMEOUT)), () => Effect.void)
+export const BEST_EFFORT_TIMEOUT = Duration.seconds(10)

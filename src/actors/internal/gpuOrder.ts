@@ -1,11 +1,38 @@
 import { randomInt } from "node:crypto"
 
-/** A pool's GPUs in the order admission asks them: `preferred` first (if in the pool), the rest shuffled (Fisher–Yates). */
+/** How long (ms) a GPU that did not answer an admission is asked last by this runner. */
+const UNANSWERED_ASKED_LAST_MS = 30_000
+
+/**
+ * When each GPU that did not answer an admission (its runner drained, stopped or died) may be
+ * asked first again. A runner's own observation, not entity state: nothing a shard move must
+ * carry (the next owner learns it again, at the cost of one ACQUIRE_TIMEOUT).
+ */
+const askedLastUntilMs = new Map<string, number>()
+
+/** `gpuId` did not answer an admission: for UNANSWERED_ASKED_LAST_MS it is asked after the others. */
+export const markUnanswered = (gpuId: string): void => {
+  askedLastUntilMs.set(gpuId, Date.now() + UNANSWERED_ASKED_LAST_MS)
+}
+
+const answersLately = (gpuId: string): boolean => {
+  const until = askedLastUntilMs.get(gpuId)
+  if (until === undefined) return true
+  if (until > Date.now()) return false
+  askedLastUntilMs.delete(gpuId)
+  return true
+}
+
+/**
+ * A pool's GPUs in the order admission asks them: `preferred` first (if in the pool), the rest
+ * shuffled (Fisher–Yates); a GPU that lately did not answer (`markUnanswered`) after all others.
+ */
 export const gpuOrder = (gpuIds: ReadonlyArray<string>, preferred?: string | undefined): Array<string> => {
   const rest = gpuIds.filter((g) => g !== preferred)
   for (let i = rest.length - 1; i > 0; i--) {
     const j = randomInt(i + 1)
     ;[rest[i], rest[j]] = [rest[j]!, rest[i]!]
   }
-  return preferred !== undefined && gpuIds.includes(preferred) ? [preferred, ...rest] : rest
+  const order = preferred !== undefined && gpuIds.includes(preferred) ? [preferred, ...rest] : rest
+  return [...order.filter(answersLately), ...order.filter((g) => !answersLately(g))]
 }
