@@ -32,6 +32,13 @@ const callUnderLoad = (answerMs: number, timeoutMs: number, holdMs: number, maxL
   })
 
 describe("timeoutDetached", () => {
+  it("gives up on a call that never answers, in an uninterruptible region too (where Effect.timeout waits for it)", async () => {
+    const startMs = performance.now()
+    const exit = await Effect.runPromise(Effect.uninterruptible(Effect.exit(timeoutDetached(Effect.never, Duration.millis(100)))))
+    expect(Exit.isFailure(exit) && exit.cause.toString()).toMatch(/TimeoutException/)
+    expect(performance.now() - startMs).toBeLessThan(2000)
+  })
+
   it("gives the callee as long again as its caller's loop was held (an answer held up behind the caller's own work)", async () => {
     // Timeout at 200 ms; the loop is held from 50 to 350 ms; the answer comes at 450 ms.
     const { exit } = await callUnderLoad(450, 200, 300)
