@@ -19,6 +19,7 @@ import { poolFor, retentionDaysFor, TopologyService, zeroRetention } from "../ru
 import { TurnStreams } from "../runtime/TurnStream.js"
 import { Embedder } from "./Embedder.js"
 import { clusterErrors, Conversation } from "./Conversation.js"
+import { timeoutDetached } from "./internal/callTimeout.js"
 import { buildPrompt, emptyPromptCache, MIN_NEW_TOKENS } from "./internal/promptAssembly.js"
 import { retryShardMoves as retryShardMovesOf } from "./internal/shardMoves.js"
 import * as silentStreams from "./internal/silentStreams.js"
@@ -398,9 +399,9 @@ export const layer = Layer.scoped(
         if (draining) return "shutting down"
         const down = workers.all.filter((w) => !w.isEngineUp()).map((w) => w.gpuId)
         if (down.length > 0) return `engine down: ${down.join(", ")}`
-        // A database whose network drops packets answers nothing: unready after READY_PING_TIMEOUT.
-        return yield* store.ping.pipe(
-          Effect.timeout(READY_PING_TIMEOUT),
+        // A database whose network drops packets answers nothing: unready after READY_PING_TIMEOUT
+        // (without waiting for the query to stop).
+        return yield* timeoutDetached(store.ping, READY_PING_TIMEOUT).pipe(
           Effect.as(undefined),
           Effect.catchAll(() => Effect.succeed("database unreachable"))
         )
