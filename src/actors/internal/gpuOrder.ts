@@ -15,14 +15,6 @@ export const markUnanswered = (gpuId: string): void => {
   askedLastUntilMs.set(gpuId, Date.now() + UNANSWERED_ASKED_LAST_MS)
 }
 
-const answersLately = (gpuId: string): boolean => {
-  const until = askedLastUntilMs.get(gpuId)
-  if (until === undefined) return true
-  if (until > Date.now()) return false
-  askedLastUntilMs.delete(gpuId)
-  return true
-}
-
 /**
  * A pool's GPUs in the order admission asks them: `preferred` first (if in the pool), the rest
  * shuffled (Fisher–Yates); a GPU that lately did not answer (`markUnanswered`) after all others.
@@ -34,5 +26,8 @@ export const gpuOrder = (gpuIds: ReadonlyArray<string>, preferred?: string | und
     ;[rest[i], rest[j]] = [rest[j]!, rest[i]!]
   }
   const order = preferred !== undefined && gpuIds.includes(preferred) ? [preferred, ...rest] : rest
-  return [...order.filter(answersLately), ...order.filter((g) => !answersLately(g))]
+  // One reading of the clock: every GPU lands in exactly one of the two parts.
+  const nowMs = Date.now()
+  const askedLast = (gpuId: string) => (askedLastUntilMs.get(gpuId) ?? 0) > nowMs
+  return [...order.filter((g) => !askedLast(g)), ...order.filter(askedLast)]
 }
