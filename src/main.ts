@@ -223,7 +223,6 @@ const MainLive = Layer.unwrapEffect(
       )
     )
     yield* Effect.logInfo(`runner ${runnerName} (${runner.roles.join(", ")}) of ${topologyValue.runners.length}`)
-    const graceMs = shutdownGraceMs
     // Built after the cluster (it needs Sharding), so released before it: on a stop, this
     // runner's GPUs admit nothing more and their sequences may finish before the engines and
     // entities go; what is left moves to other GPUs (the Conversations' failover).
@@ -233,8 +232,8 @@ const MainLive = Layer.unwrapEffect(
       if (workers.all.length === 0) return
       yield* Effect.addFinalizer(() =>
         Effect.gen(function*() {
-          yield* Effect.logInfo(`stopping: ${workers.all.length} GPUs admit nothing more; sequences get up to ${graceMs} ms`)
-          const left = yield* workers.drain(graceMs)
+          yield* Effect.logInfo(`stopping: ${workers.all.length} GPUs admit nothing more; sequences get up to ${shutdownGraceMs} ms`)
+          const left = yield* workers.drain(shutdownGraceMs)
           yield* Effect.logInfo(`stopping: ${left} sequences were still running and move to other GPUs`)
         })
       )
@@ -296,7 +295,7 @@ const eventLoopSliceMs = (() => {
 // to store the stopped turns, then the GPUs' grace) and STOP_MARGIN_MS, the process exits with
 // code 1, as a crash would: start-up reconciliation repairs what that leaves.
 const STOP_MARGIN_MS = 15_000
-const stopDeadlineMs = 2 * shutdownGraceMs + 10_000 + STOP_MARGIN_MS
+const stopDeadlineMs = 2 * shutdownGraceMs + ConversationsLive.STOPPED_TURNS_STORE_MS + STOP_MARGIN_MS
 for (const signal of ["SIGTERM", "SIGINT"] as const) {
   process.once(signal, () => {
     setTimeout(() => {

@@ -11,9 +11,9 @@ import { type LoadedModel, Models } from "../runtime/Models.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
 import { TurnStreams } from "../runtime/TurnStream.js"
 import { DecodeSlot } from "./DecodeSlot.js"
-import { GpuScheduler, type SlotReservation } from "./GpuScheduler.js"
-import { quietly, timeoutDetached } from "./internal/callTimeout.js"
-import { gpuOrder, markUnanswered } from "./internal/gpuOrder.js"
+import { GpuScheduler, shardGroupOf, type SlotReservation } from "./GpuScheduler.js"
+import { quietly } from "./internal/callTimeout.js"
+import { askGpu, gpuOrder } from "./internal/gpuOrder.js"
 
 /** Background sequences are served after every tier's turns. */
 const BACKGROUND_PRIORITY = 1_000
@@ -58,15 +58,15 @@ export const layer = Layer.effect(
           const order = gpuOrder(pool.gpus.map((g) => g.id))
           let reserved: SlotReservation | undefined
           for (const gpuId of order) {
-            // Given up without waiting for the call to stop (see Conversation's admission).
-            const acquired = yield* timeoutDetached(
+            const acquired = yield* askGpu(
+              gpuId,
               gpus(gpuId).AcquireSlot({
                 priority: BACKGROUND_PRIORITY,
                 num_prompt_tokens: promptIds.length,
                 ttft_target_ms: BACKGROUND_TTFT_TARGET_MS
               }),
               Duration.seconds(10)
-            ).pipe(Effect.tapErrorTag("TimeoutException", () => Effect.sync(() => markUnanswered(gpuId))), Effect.either)
+            ).pipe(Effect.either)
             if (acquired._tag === "Right") {
               reserved = acquired.right
               break
@@ -102,7 +102,7 @@ export const layer = Layer.effect(
           )
           if (started._tag === "Left") {
             stream.cancel()
-            if (started.left.code === "unavailable") yield* quietly(gpus(slotId.split("/")[0]!).ReleaseSlot(reserved))
+            if (started.left.code === "unavailable") yield* quietly(gpus(shardGroupOf(slotId)).ReleaseSlot(reserved))
             return yield* started.left
           }
           return yield* stream.toStream().pipe(

@@ -54,7 +54,7 @@ import { GpuScheduler, shardGroupOf, type SlotReservation } from "./GpuScheduler
 import * as ShardTenure from "./internal/shardTenure.js"
 import { SHARDS_PER_GROUP } from "../runtime/Cluster.js"
 import { type ConversationState, HotConversations } from "./internal/hotConversations.js"
-import { gpuOrder, markUnanswered } from "./internal/gpuOrder.js"
+import { askGpu, gpuOrder, markUnanswered } from "./internal/gpuOrder.js"
 import { explicitFact } from "./internal/memoryRequests.js"
 import { buildPrompt, emptyPromptCache, MIN_NEW_TOKENS } from "./internal/promptAssembly.js"
 import { Embedder } from "./Embedder.js"
@@ -807,13 +807,9 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
             const acquire = (k: number): Effect.Effect<SlotReservation, AcquireError> => {
               const gpuId = order[k]!
               const next = k + 1 < order.length
-              const unanswered = () => {
-                markUnanswered(gpuId)
-                return Effect.fail(new EngineError({ code: "unavailable", message: `${gpuId} did not answer` }))
-              }
-              // Given up without waiting for the call to stop: to a GPU whose runner drained or
-              // died, the cluster holds the call (and its interrupt) until the runner is back.
-              return timeoutDetached(
+              const noAnswer = () => Effect.fail(new EngineError({ code: "unavailable", message: `${gpuId} did not answer` }))
+              return askGpu(
+                gpuId,
                 gpus(gpuId).AcquireSlot({
                   priority: tier.priority,
                   num_prompt_tokens: promptIds.length,
@@ -821,10 +817,10 @@ export const layer = Layer.unwrapScoped(Effect.gen(function*() {
                 }),
                 ACQUIRE_TIMEOUT
               ).pipe(
-                Effect.catchTag("TimeoutException", unanswered),
+                Effect.catchTag("TimeoutException", noAnswer),
                 // Its runner died under the call: as a GPU that does not answer (a defect
                 // left alone would restart this entity mid-turn).
-                Effect.catchAllDefect(unanswered),
+                Effect.catchAllDefect(() => Effect.zipRight(Effect.sync(() => markUnanswered(gpuId)), noAnswer())),
                 Effect.catchIf(
                   (e) => next && (e._tag === "AdmissionRefused" || (e._tag === "EngineError" && e.code === "unavailable")),
                   () => acquire(k + 1)

@@ -84,6 +84,9 @@ class OwnerCache {
 /** If the HTTP layer never takes the turn's stream, the generation is stopped after this. */
 const UNCONSUMED_STREAM_TIMEOUT_MS = 15_000
 
+/** How long a stop waits for its stopped turns to be stored before it ends their streams. */
+export const STOPPED_TURNS_STORE_MS = 10_000
+
 /** How long a readiness probe waits for the database's answer before it says unready. */
 const READY_PING_TIMEOUT = Duration.seconds(2)
 
@@ -244,7 +247,7 @@ export const layer = Layer.scoped(
     const regionOf = (pool: { readonly gpus: ReadonlyArray<{ readonly id: string }> }) =>
       topology.runners.find((r) => r.gpus?.some((g) => g === pool.gpus[0]?.id))?.region ?? topology.runners[0]!.region
     const service: Conversations["Type"] = {
-      create: (owner, input) => create(owner, input),
+      create,
       models: (owner) => modelNames.filter((name) => poolFor(topology, name, owner.tier) !== undefined),
 
       complete: (owner, request) =>
@@ -355,7 +358,7 @@ export const layer = Layer.scoped(
           const left = streams.all()
           for (const stream of left) stream.shutdown()
           // Each stopped turn is stored (cancelled, with its text so far) before its stream ends.
-          yield* awaitNoStreams(10_000)
+          yield* awaitNoStreams(STOPPED_TURNS_STORE_MS)
           // One not stored by now (the database away) is ended all the same: its client is told,
           // not cut off, and the next start stores its reply `failed` (start-up reconciliation).
           const unstored = streams.all()

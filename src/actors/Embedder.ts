@@ -10,8 +10,7 @@ import { Models } from "../runtime/Models.js"
 import { encodeOffLoop } from "../runtime/Tokenizer.js"
 import { lookup, TopologyService } from "../runtime/Topology.js"
 import { GpuScheduler } from "./GpuScheduler.js"
-import { timeoutDetached } from "./internal/callTimeout.js"
-import { gpuOrder, markUnanswered } from "./internal/gpuOrder.js"
+import { askGpu, gpuOrder } from "./internal/gpuOrder.js"
 
 /** Tokens of a text that are embedded, at most (the engine's limit): its first ones. */
 const MAX_EMBED_TOKENS = 512
@@ -47,8 +46,7 @@ export const layer = Layer.effect(
         // the call to stop (to a GPU whose runner drained or died the cluster holds it, and
         // its interrupt, until the runner is back: a turn waited for it for good).
         const gpuId = gpuOrder(pool.gpus.map((g) => g.id))[0]!
-        return timeoutDetached(gpus(gpuId).Embed({ token_ids: ids }), EMBED_TIMEOUT).pipe(
-          Effect.tapErrorTag("TimeoutException", () => Effect.sync(() => markUnanswered(gpuId))),
+        return askGpu(gpuId, gpus(gpuId).Embed({ token_ids: ids }), EMBED_TIMEOUT).pipe(
           Effect.option,
           Effect.map(Option.getOrUndefined)
         )

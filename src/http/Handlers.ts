@@ -225,8 +225,7 @@ export const OpenAiLive = HttpApiBuilder.group(
               Effect.map((page): OpenAi.CompletionUsage | undefined => {
                 const reply = page.turns.at(-1)
                 if (reply?.role !== "assistant" || reply.num_prompt_tokens === null || reply.num_completion_tokens === null) return undefined
-                const total = reply.num_prompt_tokens + reply.num_completion_tokens
-                return { prompt_tokens: reply.num_prompt_tokens, completion_tokens: reply.num_completion_tokens, total_tokens: total }
+                return OpenAi.completionUsage(reply.num_prompt_tokens, reply.num_completion_tokens)
               }),
               Effect.orElseSucceed(() => undefined)
             )

@@ -99,12 +99,16 @@ export const toConversation = (request: ChatCompletionRequest) =>
 const finishReason = (reason: FinishReason): "stop" | "length" | "content_filter" =>
   reason === "length" ? "length" : reason === "content_filter" ? "content_filter" : "stop"
 
-const usageOf = (done: DoneEvent): CompletionUsage => ({
-  prompt_tokens: done.usage.prompt_tokens,
-  completion_tokens: done.usage.completion_tokens,
-  total_tokens: done.usage.prompt_tokens + done.usage.completion_tokens,
-  prompt_tokens_details: { cached_tokens: done.usage.prompt_tokens_details.cached_tokens }
+/** OpenAI's `usage` of a reply's token counts (`cachedTokens` where known). */
+export const completionUsage = (numPromptTokens: number, numCompletionTokens: number, cachedTokens?: number): CompletionUsage => ({
+  prompt_tokens: numPromptTokens,
+  completion_tokens: numCompletionTokens,
+  total_tokens: numPromptTokens + numCompletionTokens,
+  ...(cachedTokens === undefined ? {} : { prompt_tokens_details: { cached_tokens: cachedTokens } })
 })
+
+const usageOf = (done: DoneEvent): CompletionUsage =>
+  completionUsage(done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.prompt_tokens_details.cached_tokens)
 
 const failureJson = (e: GenerationFailed | EngineError) =>
   ApiError.errorJson(500, e._tag === "GenerationFailed" ? "generation_failed" : "engine_error", e.message)
@@ -138,11 +142,12 @@ export const streamResponse = (
   const base = { id: completionId(completion.conversationId), object: "chat.completion.chunk", created: Math.floor(Date.now() / 1000), model: completion.model }
   const chunk = (delta: Record<string, string>, finish: string | null, extra: Record<string, unknown> = {}) =>
     `data: ${JSON.stringify({ ...base, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }], ...extra })}\n\n`
+  const usageChunk = (usage: CompletionUsage) => `data: ${JSON.stringify({ ...base, choices: [], usage })}\n\n`
   const events = completion.stream.toStream().pipe(
     Stream.mapConcat((e: TurnEvent): Array<string> => {
       if (e._tag === "Token") return e.text === "" ? [] : [chunk({ content: e.text }, null)]
       const out = [chunk({}, finishReason(e.finish_reason))]
-      if (options.includeUsage) out.push(`data: ${JSON.stringify({ ...base, choices: [], usage: usageOf(e) })}\n\n`)
+      if (options.includeUsage) out.push(usageChunk(usageOf(e)))
       out.push("data: [DONE]\n\n")
       return out
     }),
@@ -150,12 +155,8 @@ export const streamResponse = (
     // usage, if asked, as stored with the reply).
     Stream.catchAll((e) =>
       e._tag === "EngineError" && e.code === "content_filter"
-        ? Stream.concat(
-          Stream.make(chunk({}, "content_filter")),
-          Stream.fromEffect(options.includeUsage ? completion.storedUsage : Effect.succeed(undefined)).pipe(
-            Stream.mapConcat((usage) => usage === undefined ? [] : [`data: ${JSON.stringify({ ...base, choices: [], usage })}\n\n`]),
-            Stream.concat(Stream.make("data: [DONE]\n\n"))
-          )
+        ? Stream.fromEffect(options.includeUsage ? completion.storedUsage : Effect.succeed(undefined)).pipe(
+          Stream.mapConcat((usage) => [chunk({}, "content_filter"), ...(usage === undefined ? [] : [usageChunk(usage)]), "data: [DONE]\n\n"])
         )
         : Stream.make(`data: ${JSON.stringify(failureJson(e))}\n\n`)
     )

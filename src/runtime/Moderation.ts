@@ -79,8 +79,8 @@ const FLAG = 2
  * and matches the newest delta with the longest phrase's length (plus a character each side)
  * before it, counting only a finding that ends in the delta: one that ends before it was seen
  * by an earlier push, with the text before it that its left boundary needs. One that ends with
- * the delta, on a letter or digit, is held (`holding`) until the next delta shows whether the
- * word goes on. A combining mark in one delta is not composed with the letter ending the one
+ * the delta, on a letter, mark or digit, is held (`holding`) until the next delta shows whether
+ * the word goes on. A combining mark in one delta is not composed with the letter ending the one
  * before.
  */
 export const blocklistClassifier = (phrases: ReadonlyArray<string>): Classifier => {
@@ -91,12 +91,16 @@ export const blocklistClassifier = (phrases: ReadonlyArray<string>): Classifier 
   const source = `(?<![\\p{L}\\p{M}\\p{N}])(?:${words.map((w) => w.split(" ").map(escapeRegExp).join("\\s+")).join("|")})(?![\\p{L}\\p{M}\\p{N}])`
   const pattern = new RegExp(source, "iu")
   const flagged: Verdict = { flagged: true, category: "blocklist" }
-  const matches = (text: string) => pattern.test(text) || (/[^\x00-\x7f]/.test(text) && pattern.test(foldForMatch(text)))
+  const matches = (text: string) => {
+    if (pattern.test(text)) return true
+    const folded = foldForMatch(text)
+    return folded !== text && pattern.test(folded)
+  }
   // A phrase and the character on each side that decides its word boundaries.
   const keep = Math.max(...words.map((w) => w.length)) + 2
   /**
    * FLAG if a finding ends after `fromIndex` of `text`; HOLD if one does only at the text's
-   * end on a letter or digit, which the next delta may extend into a longer word (not `last`).
+   * end on a letter, mark or digit, which the next delta may extend into a longer word (not `last`).
    */
   const findingAfter = (all: RegExp, text: string, fromIndex: number, last: boolean): number => {
     let found = NONE

@@ -67,6 +67,9 @@ export const timeoutDetached = <A, E, R>(
     )
   })
 
+/** How long a best-effort call (`quietly`) is waited for. */
+export const BEST_EFFORT_TIMEOUT = Duration.seconds(10)
+
 /**
  * A best-effort call to another entity: whatever happens to it (a failure, a shard move that
  * cuts it off) is ignored, and it is given up after BEST_EFFORT_TIMEOUT (a call to a GPU runner
@@ -74,4 +77,3 @@ export const timeoutDetached = <A, E, R>(
  */
 export const quietly = <A, E, R>(call: Effect.Effect<A, E, R>): Effect.Effect<void, never, R> =>
   Effect.catchAllCause(Effect.asVoid(timeoutDetached(call, BEST_EFFORT_TIMEOUT)), () => Effect.void)
-export const BEST_EFFORT_TIMEOUT = Duration.seconds(10)
