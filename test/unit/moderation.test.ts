@@ -92,6 +92,20 @@ describe("moderation", () => {
       expect(moderation.outputCheck().push("the ass", true)).toEqual({ flagged: true, category: "blocklist" })
     }).pipe(Effect.provide(Moderation.layer(blocklistClassifier(["ass"]))), Effect.runPromise))
 
+  it("an output check keeps a bounded tail of the turn: nothing for an empty blocklist, 512 characters for a classifier without its own check", () =>
+    Effect.gen(function*() {
+      // An empty blocklist's window was 0 characters, and slice(-0) kept the whole turn.
+      const windows: Array<number> = []
+      const spy: Moderation.Classifier = { classify: (text) => (windows.push(text.length), Moderation.pass) }
+      const check = Moderation.layer(spy).pipe((layer) => Effect.runSync(Effect.provide(Moderation.Moderation, layer))).outputCheck()
+      for (let i = 0; i < 2000; i++) check.push("ab")
+      expect(Math.max(...windows)).toBeLessThanOrEqual(512 + 2)
+      const empty = yield* Moderation.Moderation
+      const none = empty.outputCheck()
+      for (let i = 0; i < 100; i++) expect(none.push("ab")).toBeUndefined()
+      expect(none.holding).toBe(false)
+    }).pipe(Effect.provide(Moderation.layer(blocklistClassifier([]))), Effect.runPromise))
+
   it("the output check sees a phrase split across deltas, and the input check both classifier and guard", () =>
     Effect.gen(function*() {
       const moderation = yield* Moderation.Moderation
