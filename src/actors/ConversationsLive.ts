@@ -4,7 +4,7 @@
  * gets a TurnStream in this runner's registry first; the entity's DecodeSlot writes into it.
  */
 import { randomUUID } from "node:crypto"
-import { Config, Duration, Effect, Exit, Fiber, FiberRef, Layer, Option, Stream } from "effect"
+import { Config, Duration, Effect, Exit, Fiber, Layer, Option, Stream } from "effect"
 import { Conversations } from "../runtime/Conversations.js"
 import { ConversationId, ConversationList, formatConversationCursor, HistoryPage, noValidation, type Identity, Share, SharedConversation, ShareId, TurnId, type UserId, UserId as UserIdSchema, UserMemory, usageJson } from "../runtime/Domain.js"
 import { ContentFiltered, ConversationNotFound, EngineError, ModelNotFound, ShareNotFound, ShuttingDown, StorageError, StreamNotFound, type TurnEventsUnavailable, UserNotFound } from "../runtime/Errors.js"
@@ -20,6 +20,7 @@ import { TurnStreams } from "../runtime/TurnStream.js"
 import { Embedder } from "./Embedder.js"
 import { clusterErrors, Conversation } from "./Conversation.js"
 import { timeoutDetached } from "./internal/callTimeout.js"
+import { detachedIn } from "./internal/detachedCall.js"
 import { buildPrompt, emptyPromptCache, MIN_NEW_TOKENS } from "./internal/promptAssembly.js"
 import { retryShardMoves as retryShardMovesOf } from "./internal/shardMoves.js"
 import * as silentStreams from "./internal/silentStreams.js"
@@ -146,13 +147,10 @@ export const layer = Layer.scoped(
         const deadline = Date.now() + ms
         while (streams.size() > 0 && Date.now() < deadline) yield* Effect.sleep(Duration.millis(25))
       })
-    // Entity calls run with this layer's context, not the caller's: an entity made by a call
-    // captures the caller's fiber refs for its lifetime (its ResourceRef and server fibers),
-    // and an HTTP request's context holds the request, its socket and response (~20 KB per
-    // live conversation, measured with heap snapshots by bench/serve/heap-diff.ts).
-    const layerContext = yield* Effect.context<never>()
-    const detached = <A, E, R>(effect: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
-      Effect.locally(effect, FiberRef.currentContext, layerContext)
+    // Entity calls run in fibers of this layer's runtime, not the caller's (detachedCall.ts):
+    // an entity made by a call keeps the caller's fiber refs for its lifetime, and an HTTP
+    // request's hold the request, its socket and response.
+    const detached = detachedIn(yield* Effect.runtime<never>())
 
     /**
      * A running turn's events after `afterIndex`, from its DecodeSlot instead of the turn log:
