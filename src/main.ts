@@ -22,7 +22,7 @@ import { HttpMiddleware } from "@effect/platform"
 import { ClusterWorkflowEngine, Sharding } from "@effect/cluster"
 import { NodeRuntime } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
-import { Config, ConfigProvider, Context, Duration, Effect, Layer, Option, Redacted, Schema } from "effect"
+import { Config, ConfigProvider, Context, Duration, Effect, Either, Layer, Option, Redacted, Schema } from "effect"
 import { pathToFileURL } from "node:url"
 import defaultTopology from "../cluster.config.js"
 import * as ConversationEntity from "./actors/Conversation.js"
@@ -104,11 +104,11 @@ const nameArg = (() => {
   return i < 0 ? undefined : process.argv[i + 1]
 })()
 
-/** SHUTDOWN_GRACE_MS (default 10 s): how long a stop lets in-flight turns finish. */
-const shutdownGraceMs = (() => {
-  const ms = Number(process.env["SHUTDOWN_GRACE_MS"] ?? 10_000)
-  return Number.isFinite(ms) && ms >= 0 ? ms : 10_000
-})()
+/**
+ * SHUTDOWN_GRACE_MS, as the HTTP layer reads it; a bad value stops the start-up there (this
+ * default only sizes the stop deadline of a process that does not start).
+ */
+const shutdownGraceMs = Either.getOrElse(Effect.runSync(Effect.either(HttpServer.shutdownGraceMsConfig)), () => 10_000)
 
 /** A start-up misconfiguration: the process exits with this message. */
 const misconfigured = (message: string) => Effect.fail(new StorageError({ message }))

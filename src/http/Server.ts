@@ -21,7 +21,7 @@ import {
   HttpServerResponse
 } from "@effect/platform"
 import { NodeHttpClient, NodeHttpServer, NodeHttpServerRequest } from "@effect/platform-node"
-import { Cause, Config, type ConfigError, Context, Effect, Layer, Option } from "effect"
+import { Cause, Config, ConfigError, Context, Effect, Either, Layer, Option } from "effect"
 import { isUtf8 } from "node:buffer"
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http"
 import type { ListenOptions, Socket } from "node:net"
@@ -592,6 +592,22 @@ export const listenConfig: Config.Config<ListenOptions> = Config.all({
 )
 
 /**
+ * `SHUTDOWN_GRACE_MS` (ms, digits only; unset or empty: 10,000): how long a stop lets in-flight
+ * turns finish. Read here and by the process's stop deadline (main.ts); another value is a
+ * start-up error (`Config.integer` would take "" as 0).
+ */
+export const shutdownGraceMsConfig: Config.Config<number> = Config.string("SHUTDOWN_GRACE_MS").pipe(
+  Config.withDefault(""),
+  Config.mapOrFail((raw) =>
+    raw.trim() === ""
+      ? Either.right(10_000)
+      : /^\d{1,9}$/.test(raw.trim())
+      ? Either.right(Number(raw.trim()))
+      : Either.left(ConfigError.InvalidData(["SHUTDOWN_GRACE_MS"], "must be a whole number of milliseconds, 0 or more"))
+  )
+)
+
+/**
  * Graceful stop (SIGTERM): a finalizer that runs before the API stops serving and before the
  * server closes its connections: it drains the turns (`Conversations.drain`) so that every
  * in-flight turn finishes within `SHUTDOWN_GRACE_MS` (default 10 s) or is stored `cancelled`
@@ -599,7 +615,7 @@ export const listenConfig: Config.Config<ListenOptions> = Config.all({
  */
 export const layerDrainOnStop: Layer.Layer<never, ConfigError.ConfigError, Conversations> = Layer.scopedDiscard(
   Effect.gen(function*() {
-    const graceMs = yield* Config.integer("SHUTDOWN_GRACE_MS").pipe(Config.withDefault(10_000))
+    const graceMs = yield* shutdownGraceMsConfig
     const conversations = yield* ConversationsTag
     yield* Effect.addFinalizer(() => conversations.drain(graceMs))
   })

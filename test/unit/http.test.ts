@@ -1038,3 +1038,23 @@ describe("HTTP API: hostile input (issue 9)", () => {
       await reader.cancel()
     }))
 })
+
+describe("SHUTDOWN_GRACE_MS", () => {
+  const read = (value: string | undefined) =>
+    Effect.runSync(Effect.either(Server.shutdownGraceMsConfig.pipe(
+      Effect.withConfigProvider(ConfigProvider.fromMap(new Map(value === undefined ? [] : [["SHUTDOWN_GRACE_MS", value]])))
+    )))
+
+  it("is 10 s unset or empty, and takes an integer of 0 or more", () => {
+    expect(read(undefined)).toMatchObject({ _tag: "Right", right: 10_000 })
+    expect(read("")).toMatchObject({ _tag: "Right", right: 10_000 })
+    expect(read("0")._tag).toBe("Right")
+    expect(read("2500")).toMatchObject({ _tag: "Right", right: 2500 })
+  })
+
+  // The HTTP layer and the process's stop deadline (main.ts) read it alike: before, main.ts
+  // took -5 as 10 s and 1.5 as 1.5 ms, while the layer took -5 and refused 1.5.
+  it("refuses a negative, fractional or non-numeric value (a start-up error)", () => {
+    for (const bad of ["-5", "1.5", "ten", "1e3", "0x10"]) expect(read(bad)._tag, bad).toBe("Left")
+  })
+})

@@ -1,5 +1,4 @@
-import type { Duration } from "effect"
-import { Effect } from "effect"
+import { type Duration, Effect } from "effect"
 import { randomInt } from "node:crypto"
 import { timeoutDetached } from "./callTimeout.js"
 
