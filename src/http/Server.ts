@@ -598,13 +598,13 @@ export const listenConfig: Config.Config<ListenOptions> = Config.all({
  */
 export const shutdownGraceMsConfig: Config.Config<number> = Config.string("SHUTDOWN_GRACE_MS").pipe(
   Config.withDefault(""),
-  Config.mapOrFail((raw) =>
-    raw.trim() === ""
-      ? Either.right(10_000)
-      : /^\d{1,9}$/.test(raw.trim())
-      ? Either.right(Number(raw.trim()))
+  Config.mapOrFail((raw) => {
+    const text = raw.trim()
+    if (text === "") return Either.right(10_000)
+    return /^\d{1,9}$/.test(text)
+      ? Either.right(Number(text))
       : Either.left(ConfigError.InvalidData(["SHUTDOWN_GRACE_MS"], "must be a whole number of milliseconds, 0 or more"))
-  )
+  })
 )
 
 /**
