@@ -23,7 +23,18 @@ const Message = Schema.Struct({
 
 const optionalNullable = <S extends Schema.Schema.Any>(schema: S) => Schema.optional(Schema.NullOr(schema))
 
-/** The request body of `POST /v1/chat/completions` (fields this server does not use are ignored). */
+/**
+ * A field this server cannot honour, whose silent absence would mislead a client (tools it
+ * offered that are never called, JSON it asked for, log-probabilities it will read): only its
+ * "off" values pass; another is a 400 naming the field.
+ */
+const onlyOff = <A, I>(schema: Schema.Schema<A, I>, field: string, what: string) =>
+  optionalNullable(schema.annotations({ message: () => `${field}: ${what}` }))
+
+/**
+ * The request body of `POST /v1/chat/completions`. Fields this server does not use are
+ * ignored (sampling penalties, `logit_bias`, `metadata`…), except those of `onlyOff`.
+ */
 export class ChatCompletionRequest extends Schema.Class<ChatCompletionRequest>("ChatCompletionRequest")({
   model: Schema.String.pipe(Schema.minLength(1), Schema.maxLength(128)),
   messages: Schema.Array(Message).pipe(Schema.minItems(1), Schema.maxItems(2048)),
@@ -36,7 +47,11 @@ export class ChatCompletionRequest extends Schema.Class<ChatCompletionRequest>("
   n: optionalNullable(Schema.Literal(1).annotations({ message: () => "n must be 1: one choice per request" })),
   stream: optionalNullable(Schema.Boolean),
   stream_options: optionalNullable(Schema.Struct({ include_usage: Schema.optional(Schema.Boolean) })),
-  user: Schema.optional(Schema.String.pipe(Schema.maxLength(256)))
+  user: Schema.optional(Schema.String.pipe(Schema.maxLength(256))),
+  tools: onlyOff(Schema.Tuple(), "tools", "this server does not call tools; send none"),
+  tool_choice: onlyOff(Schema.Literal("none"), "tool_choice", "this server does not call tools; only \"none\""),
+  response_format: onlyOff(Schema.Struct({ type: Schema.Literal("text") }), "response_format", "only {\"type\":\"text\"}: this server does not constrain replies to JSON"),
+  logprobs: onlyOff(Schema.Literal(false), "logprobs", "this server does not return log-probabilities")
 }) {}
 
 /** `GET /v1/models/{model}`: a model (pool) the caller's tier may name. */

@@ -1039,6 +1039,34 @@ describe("HTTP API: hostile input (issue 9)", () => {
     }))
 })
 
+describe("OpenAI fields this server cannot honour", () => {
+  // Ignored, each would answer as if the client had not asked: tools never called, text where
+  // JSON was required, no logprobs where the client reads them.
+  it.live("tools, tool_choice, response_format and logprobs are 400 naming the field; their off values pass", () =>
+    withServer({}, async ({ url }) => {
+      const ask = (extra: Record<string, unknown>) =>
+        json(`${url}/v1/chat/completions`, { body: { model: "default", messages: [{ role: "user", content: "hi" }], ...extra } })
+      const tool = { type: "function", function: { name: "get_weather", parameters: { type: "object", properties: {} } } }
+      for (const [field, extra] of [
+        ["tools", { tools: [tool] }],
+        ["tool_choice", { tool_choice: "auto" }],
+        ["tool_choice", { tool_choice: { type: "function", function: { name: "get_weather" } } }],
+        ["response_format", { response_format: { type: "json_object" } }],
+        ["response_format", { response_format: { type: "json_schema", json_schema: { name: "x", schema: {} } } }],
+        ["logprobs", { logprobs: true }]
+      ] as const) {
+        const error = await expectError(await ask(extra), 400, "invalid_request")
+        expect(error.message, JSON.stringify(extra)).toContain(`${field}: `)
+        expect(error.message).not.toMatch(/\n/)
+      }
+      for (const extra of [{ tools: [] }, { tool_choice: "none" }, { response_format: { type: "text" } }, { logprobs: false }, { tools: null, logprobs: null }]) {
+        const response = await ask(extra)
+        expect(response.status, JSON.stringify(extra)).toBe(200)
+        await response.body?.cancel()
+      }
+    }))
+})
+
 describe("SHUTDOWN_GRACE_MS", () => {
   const read = (value: string | undefined) =>
     Effect.runSync(Effect.either(Server.shutdownGraceMsConfig.pipe(
