@@ -93,10 +93,11 @@ const defaultWebDir = (): string => {
   return resolve(dir, "dist", "web")
 }
 
-const isPage = (path: string) => path === "/" || path === "/ops"
+const PAGES: ReadonlyArray<string> = ["/", "/ops"]
+const isPage = (path: string) => PAGES.includes(path)
 
 /** The paths the web client is served at (GET and HEAD). */
-export const routes: ReadonlyArray<string> = ["/", "/ops", "/assets/*"]
+export const routes: ReadonlyArray<string> = [...PAGES, "/assets/*"]
 
 /**
  * Answers the web routes from {@link WebAssets}; every other request goes to `app`. A page

@@ -39,7 +39,6 @@ export interface Detokenizer {
   flush(): string
 }
 
-
 /** A memoized encoder; `seed` records the ids to use for a piece instead of encoding it. */
 export interface MemoizedEncode {
   readonly encode: (text: string) => Array<number>
