@@ -98,38 +98,48 @@ const DISCARD_MAX_MS = 10_000
 
 /**
  * Reads and drops what is left of a request body, up to DISCARD_MAX_BYTES or DISCARD_MAX_MS,
- * so that the error response that follows reaches its client. A client (fetch, Python's
- * urllib) writes its whole body before it reads the answer; a server that closes with the
- * body unread makes the kernel reset the connection, and the client sees EPIPE or
- * ECONNRESET instead of the 413 (nginx's "lingering close" does the same for this reason).
- * Past either cap the connection is simply closed.
+ * then calls `done` once, so that the error response written after it reaches its client. A
+ * client (fetch, Python's urllib) writes its whole body before it reads the answer; a server
+ * that closes with the body unread makes the kernel reset the connection, and the client sees
+ * EPIPE or ECONNRESET instead of the error (nginx's "lingering close" does the same for this
+ * reason). Past either cap the connection is simply closed. @returns a function that stops
+ * reading without calling `done`.
  */
+const dropBody = (incoming: IncomingMessage, done: () => void): () => void => {
+  let numBytes = 0
+  const onData = (chunk: Buffer) => {
+    numBytes += chunk.length
+    if (numBytes > DISCARD_MAX_BYTES) finish()
+  }
+  const timer = setTimeout(() => finish(), DISCARD_MAX_MS)
+  const cleanup = () => {
+    clearTimeout(timer)
+    incoming.off("data", onData)
+    incoming.off("end", finish)
+    incoming.off("error", finish)
+    incoming.off("close", finish)
+  }
+  function finish() {
+    cleanup()
+    done()
+  }
+  if (incoming.complete) {
+    finish()
+    return cleanup
+  }
+  incoming.on("data", onData)
+  incoming.once("end", finish)
+  incoming.once("error", finish)
+  incoming.once("close", finish)
+  incoming.resume()
+  return cleanup
+}
+
+/** `dropBody` as an Effect: interrupting it stops the reading. */
 const discardBody = (incoming: IncomingMessage): Effect.Effect<void> =>
   Effect.async<void>((resume) => {
-    let numBytes = 0
-    const onData = (chunk: Buffer) => {
-      numBytes += chunk.length
-      if (numBytes > DISCARD_MAX_BYTES) finish()
-    }
-    const timer = setTimeout(() => finish(), DISCARD_MAX_MS)
-    const cleanup = () => {
-      clearTimeout(timer)
-      incoming.off("data", onData)
-      incoming.off("end", finish)
-      incoming.off("error", finish)
-      incoming.off("close", finish)
-    }
-    function finish() {
-      cleanup()
-      resume(Effect.void)
-    }
-    if (incoming.complete) return resume(Effect.void)
-    incoming.on("data", onData)
-    incoming.once("end", finish)
-    incoming.once("error", finish)
-    incoming.once("close", finish)
-    incoming.resume()
-    return Effect.sync(cleanup)
+    const stop = dropBody(incoming, () => resume(Effect.void))
+    return Effect.sync(stop)
   })
 
 /**
@@ -481,7 +491,13 @@ export const layerNodeServer = (
         const hostProblem = hostHeaderProblem(request)
         if (hostProblem !== undefined) {
           const body = JSON.stringify(ApiError.errorJson(400, "invalid_request", hostProblem))
-          response.writeHead(400, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body), Connection: "close" }).end(body)
+          // The body, if any, is read and dropped first (not kept): see dropBody.
+          const tracker = bodyTrackers.get(request)
+          if (tracker !== undefined) tracker.recording = false
+          bodyTrackers.delete(request)
+          dropBody(request, () => {
+            response.writeHead(400, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body), Connection: "close" }).end(body)
+          })
           return true
         }
         if (server.listenerCount("request") > 1 && request.method === "GET" && request.url === "/healthz" && request.headers.origin === undefined) {

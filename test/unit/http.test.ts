@@ -883,6 +883,32 @@ describe("HTTP API: hostile input (issue 9)", () => {
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
     }))
 
+  it.live("a bad Host on a request with a long body still gets its 400: the server drops the body instead of resetting the connection", () =>
+    withServer({}, async ({ url }) => {
+      // As with the 413 above: a 400 written before the body was read, then the close, reset
+      // the connection under the client's upload, and the client saw EPIPE, not the 400.
+      const big = JSON.stringify({ system_prompt: "x".repeat(20 * 1024 * 1024) })
+      const answer = await new Promise<string>((resolve) => {
+        const { hostname, port } = new URL(url)
+        let text = ""
+        const socket = Net.connect(Number(port), hostname, () => {
+          socket.pause()
+          socket.write(`POST /v1/conversations HTTP/1.1\r\nHost: a b\r\nContent-Type: application/json\r\nContent-Length: ${big.length}\r\n\r\n`)
+          socket.write(big, (error) => {
+            if (error !== undefined && error !== null) return resolve(`write failed: ${error.message}`)
+            socket.resume()
+          })
+        })
+        socket.setEncoding("utf8")
+        socket.on("data", (d: string) => (text += d))
+        socket.on("close", () => resolve(text))
+        socket.on("error", (e) => resolve(`${text}\nsocket error: ${e.message}`))
+      })
+      expect(answer.slice(0, 200)).toMatch(/^HTTP\/1\.1 400/)
+      expect(answer).toContain('"code":"invalid_request"')
+      expect((await fetch(`${url}/healthz`)).status).toBe(200)
+    }))
+
   it.live("a client that sends less than its Content-Length gets 408, not a connection held forever", () =>
     withServer({ limits: { headersTimeoutMs: 500, requestTimeoutMs: 1000, maxConnectionsPerClient: 1024 } }, async ({ url }) => {
       const t0 = Date.now()
