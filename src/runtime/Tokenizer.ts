@@ -114,17 +114,21 @@ export const encodeOffLoop = (tokenizer: ModelTokenizer, text: string): Effect.E
   Effect.zipRight(tokenizer.encodeAhead(text), Effect.sync(() => tokenizer.encode(text)))
 
 /**
- * Frees a BPE tokenizer's merge list once the library has built its rank map from it: only
- * the constructor reads it (@huggingface/tokenizers 0.2.0, `BPE`), yet the library keeps it
- * twice (its model's `merges` and the tokenizer.json it holds), ~150 k two-string arrays for
- * Qwen3, which every major GC of a serving process marks again.
+ * Frees what a BPE tokenizer reads only while it loads (@huggingface/tokenizers 0.2.0, `BPE`),
+ * which every major GC of a serving process would otherwise mark again: the merge list, once
+ * the library has built its rank map from it (kept twice, as its model's `merges` and in the
+ * tokenizer.json it holds: ~150 k two-string arrays for Qwen3), and tokenizer.json's
+ * vocabulary object (a 151 k-property dictionary, 6 MB), once the library has built its own
+ * token → id map and id → token list and this module its byte table (`byteLevelDetokenizer`).
  */
-const dropMergeList = (tokenizer: object, tokenizerJson: unknown) => {
-  const model = (tokenizer as { model?: { merges?: unknown; bpe_ranks?: unknown } }).model
-  if (model === undefined || !(model.bpe_ranks instanceof Map) || !Array.isArray(model.merges)) return
-  model.merges = []
-  const json = (tokenizerJson as { model?: { merges?: unknown } } | null)?.model
-  if (json !== undefined && Array.isArray(json.merges)) json.merges = []
+const dropLoadOnlyTables = (tokenizer: object, tokenizerJson: unknown) => {
+  const model = (tokenizer as { model?: { merges?: unknown; bpe_ranks?: unknown; tokens_to_ids?: unknown } }).model
+  if (model === undefined || !(model.bpe_ranks instanceof Map) || !(model.tokens_to_ids instanceof Map)) return
+  if (Array.isArray(model.merges)) model.merges = []
+  const json = (tokenizerJson as { model?: { merges?: unknown; vocab?: unknown } } | null)?.model
+  if (json === undefined) return
+  if (Array.isArray(json.merges)) json.merges = []
+  json.vocab = {}
 }
 
 /** Loads `tokenizer.json` and `tokenizer_config.json` from a Hugging Face model directory. */
@@ -141,7 +145,6 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
       Effect.mapError((e) => new StorageError({ message: `bad tokenizer_config.json: ${e.message}` }))
     )
     const tokenizer = new HfTokenizer(tokenizerJson as object, rawConfig as object)
-    dropMergeList(tokenizer, tokenizerJson)
     const source = config.chat_template === undefined
       ? CHATML_TEMPLATE
       : typeof config.chat_template === "string"
@@ -175,6 +178,7 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
     const decode = (ids: ReadonlyArray<number>) =>
       ids.length === 0 ? "" : tokenizer.decode(ids as Array<number>, { skip_special_tokens: true })
     const byteLevel = byteLevelDetokenizer(tokenizerJson as TokenizerJson, rawConfig as Record<string, unknown>)
+    dropLoadOnlyTables(tokenizer, tokenizerJson)
     const renderChat = (messages: ReadonlyArray<ChatMessage>) =>
       template.render({
         messages: messages.map((m) => ({ role: m.role, content: m.content })),
