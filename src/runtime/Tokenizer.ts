@@ -9,6 +9,7 @@ import { Template } from "@huggingface/jinja"
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers"
 import { Effect, Schema } from "effect"
 import { StorageError } from "./Errors.js"
+import { packMergeRanks } from "./internal/mergeRanks.js"
 import { offThreadEncoder } from "./internal/offThreadEncoder.js"
 import { byteLevelDetokenizer, type Detokenizer, memoizedEncode, type TokenizerJson } from "./internal/tokenizerFastPaths.js"
 
@@ -114,17 +115,22 @@ export const encodeOffLoop = (tokenizer: ModelTokenizer, text: string): Effect.E
   Effect.zipRight(tokenizer.encodeAhead(text), Effect.sync(() => tokenizer.encode(text)))
 
 /**
- * Frees what a BPE tokenizer reads only while it loads (@huggingface/tokenizers 0.2.0, `BPE`),
- * which every major GC of a serving process would otherwise mark again: the merge list, once
- * the library has built its rank map from it (kept twice, as its model's `merges` and in the
- * tokenizer.json it holds: ~150 k two-string arrays for Qwen3), and tokenizer.json's
- * vocabulary object (a 151 k-property dictionary, 6 MB), once the library has built its own
- * token → id map and id → token list and this module its byte table (`byteLevelDetokenizer`).
+ * Shrinks what a BPE tokenizer (@huggingface/tokenizers 0.2.0, `BPE`) keeps on the heap, which
+ * every major GC of a serving process would otherwise mark again although it never changes:
+ * - frees what it reads only while it loads: the merge list, once the library has built its
+ *   rank map from it (kept twice, as its model's `merges` and in the tokenizer.json it holds:
+ *   ~150 k two-string arrays for Qwen3), and tokenizer.json's vocabulary object (a
+ *   151 k-property dictionary, 6 MB), once the library has built its own token → id map and
+ *   id → token list and this module its byte table (`byteLevelDetokenizer`);
+ * - packs its merge ranks into typed arrays (`packMergeRanks`: ~151 k key strings fewer).
  */
-const dropLoadOnlyTables = (tokenizer: object, tokenizerJson: unknown) => {
-  const model = (tokenizer as { model?: { merges?: unknown; bpe_ranks?: unknown; tokens_to_ids?: unknown } }).model
-  if (model === undefined || !(model.bpe_ranks instanceof Map) || !(model.tokens_to_ids instanceof Map)) return
+const compactTables = (tokenizer: object, tokenizerJson: unknown) => {
+  const model = (tokenizer as {
+    model?: { merges?: unknown; bpe_ranks?: unknown; tokens_to_ids?: unknown; vocab?: unknown }
+  }).model
+  if (model === undefined || !(model.bpe_ranks instanceof Map) || !(model.tokens_to_ids instanceof Map) || !Array.isArray(model.vocab)) return
   if (Array.isArray(model.merges)) model.merges = []
+  model.bpe_ranks = packMergeRanks(model.bpe_ranks as Map<string, number>, model.tokens_to_ids as Map<string, number>, model.vocab as Array<string>)
   const json = (tokenizerJson as { model?: { merges?: unknown; vocab?: unknown } } | null)?.model
   if (json === undefined) return
   if (Array.isArray(json.merges)) json.merges = []
@@ -178,7 +184,7 @@ export const load = (modelDir: string): Effect.Effect<ModelTokenizer, StorageErr
     const decode = (ids: ReadonlyArray<number>) =>
       ids.length === 0 ? "" : tokenizer.decode(ids as Array<number>, { skip_special_tokens: true })
     const byteLevel = byteLevelDetokenizer(tokenizerJson as TokenizerJson, rawConfig as Record<string, unknown>)
-    dropLoadOnlyTables(tokenizer, tokenizerJson)
+    compactTables(tokenizer, tokenizerJson)
     const renderChat = (messages: ReadonlyArray<ChatMessage>) =>
       template.render({
         messages: messages.map((m) => ({ role: m.role, content: m.content })),

