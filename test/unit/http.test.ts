@@ -676,6 +676,29 @@ const rawExchange = (url: string, request: string, timeoutMs = 10_000): Promise<
     }, timeoutMs)
   })
 
+/**
+ * POSTs `body` to /v1/conversations with `Host: host` as Python's urllib does: the whole body
+ * written before anything is read. Returns the answer, or why the upload failed (a server
+ * that closed with the body unread resets the connection under it).
+ */
+const uploadThenRead = (url: string, host: string, body: string): Promise<string> =>
+  new Promise<string>((resolve) => {
+    const { hostname, port } = new URL(url)
+    let text = ""
+    const socket = Net.connect(Number(port), hostname, () => {
+      socket.pause()
+      socket.write(`POST /v1/conversations HTTP/1.1\r\nHost: ${host}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`)
+      socket.write(body, (error) => {
+        if (error !== undefined && error !== null) return resolve(`write failed: ${error.message}`)
+        socket.resume()
+      })
+    })
+    socket.setEncoding("utf8")
+    socket.on("data", (d: string) => (text += d))
+    socket.on("close", () => resolve(text))
+    socket.on("error", (e) => resolve(`${text}\nsocket error: ${e.message}`))
+  })
+
 describe("HTTP API: hostile input (issue 9)", () => {
   it.live("invalid UTF-8 bodies and lone surrogates are 400; a real U+FFFD is text like any other", () =>
     withServer({}, async ({ url }) => {
@@ -862,22 +885,7 @@ describe("HTTP API: hostile input (issue 9)", () => {
       // the connection under the client's upload (fetch: EPIPE), and the 413 was lost.
       // The client reads nothing until it has written its whole body, as Python's urllib.
       const big = JSON.stringify({ system_prompt: "x".repeat(20 * 1024 * 1024) })
-      const answer = await new Promise<string>((resolve) => {
-        const { hostname, port } = new URL(url)
-        let text = ""
-        const socket = Net.connect(Number(port), hostname, () => {
-          socket.pause()
-          socket.write(`POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${big.length}\r\n\r\n`)
-          socket.write(big, (error) => {
-            if (error !== undefined && error !== null) return resolve(`write failed: ${error.message}`)
-            socket.resume()
-          })
-        })
-        socket.setEncoding("utf8")
-        socket.on("data", (d: string) => (text += d))
-        socket.on("close", () => resolve(text))
-        socket.on("error", (e) => resolve(`${text}\nsocket error: ${e.message}`))
-      })
+      const answer = await uploadThenRead(url, "x", big)
       expect(answer.slice(0, 200)).toMatch(/^HTTP\/1\.1 413/)
       expect(answer).toContain('"code":"payload_too_large"')
       expect((await fetch(`${url}/healthz`)).status).toBe(200)
@@ -888,22 +896,7 @@ describe("HTTP API: hostile input (issue 9)", () => {
       // As with the 413 above: a 400 written before the body was read, then the close, reset
       // the connection under the client's upload, and the client saw EPIPE, not the 400.
       const big = JSON.stringify({ system_prompt: "x".repeat(20 * 1024 * 1024) })
-      const answer = await new Promise<string>((resolve) => {
-        const { hostname, port } = new URL(url)
-        let text = ""
-        const socket = Net.connect(Number(port), hostname, () => {
-          socket.pause()
-          socket.write(`POST /v1/conversations HTTP/1.1\r\nHost: a b\r\nContent-Type: application/json\r\nContent-Length: ${big.length}\r\n\r\n`)
-          socket.write(big, (error) => {
-            if (error !== undefined && error !== null) return resolve(`write failed: ${error.message}`)
-            socket.resume()
-          })
-        })
-        socket.setEncoding("utf8")
-        socket.on("data", (d: string) => (text += d))
-        socket.on("close", () => resolve(text))
-        socket.on("error", (e) => resolve(`${text}\nsocket error: ${e.message}`))
-      })
+      const answer = await uploadThenRead(url, "a b", big)
       expect(answer.slice(0, 200)).toMatch(/^HTTP\/1\.1 400/)
       expect(answer).toContain('"code":"invalid_request"')
       expect((await fetch(`${url}/healthz`)).status).toBe(200)

@@ -54,8 +54,9 @@ export const packMergeRanks = (
     if (!Array.isArray(pair) || pair.length !== 2) return false
     const l = typeof pair[0] === "string" ? idOf.get(pair[0]) : undefined
     const r = typeof pair[1] === "string" ? idOf.get(pair[1]) : undefined
-    if (l === undefined || r === undefined || !(l >= 0 && l <= 0x7fffffff && r >= 0 && r <= 0x7fffffff)) return false
-    if (tokens[l] !== pair[0] || tokens[r] !== pair[1]) return false
+    // An id is kept only where it is its token's own (an added token may share it); that also
+    // leaves out any id that is no index of `tokens`.
+    if (l === undefined || r === undefined || tokens[l] !== pair[0] || tokens[r] !== pair[1]) return false
     left = l
     right = r
     return true
