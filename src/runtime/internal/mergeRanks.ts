@@ -12,6 +12,8 @@
  * byte-pair encoding; GPT-2's `bpe_ranks`).
  */
 
+import type { PackedVocab } from "./packedVocab.js"
+
 /** The one method of the library's rank Map that its BPE model calls after loading. */
 export interface MergeRanks {
   /** The rank of the merge `key` (`JSON.stringify([left, right])`), or undefined if none. */
@@ -22,16 +24,15 @@ export interface MergeRanks {
 const EMPTY = -1
 
 /**
- * Packs `ranks` (key → rank) using `idOf` (token → id, the library's `tokens_to_ids`) and
- * `tokens` (id → token, its `vocab`). A merge whose halves are not both tokens that are their
- * id's one token (an added token may share an id), or whose key or rank is not of the usual
- * form, stays in a small Map under its key, so `get` answers as `ranks.get` for every key the
- * library looks up (the JSON.stringify of a pair of strings).
+ * Packs `ranks` (key → rank) using the vocabulary (`packVocab` of the library's `tokens_to_ids`
+ * and `vocab`). A merge whose halves are not both tokens that are their id's own token (an
+ * added token may share an id), or whose key or rank is not of the usual form, stays in a
+ * small Map under its key, so `get` answers as `ranks.get` for every key the library looks up
+ * (the JSON.stringify of a pair of strings).
  */
 export const packMergeRanks = (
   ranks: ReadonlyMap<string, number>,
-  idOf: ReadonlyMap<string, number>,
-  tokens: ReadonlyArray<string | undefined>
+  vocab: Pick<PackedVocab, "get" | "isTokenOf">
 ): MergeRanks => {
   let capacity = 2
   while (capacity < ranks.size * 2) capacity *= 2
@@ -52,11 +53,11 @@ export const packMergeRanks = (
   /** Sets `left` and `right` to the ids of `pair`'s halves; false when it is no pair of tokens. */
   const idsOf = (pair: unknown): boolean => {
     if (!Array.isArray(pair) || pair.length !== 2) return false
-    const l = typeof pair[0] === "string" ? idOf.get(pair[0]) : undefined
-    const r = typeof pair[1] === "string" ? idOf.get(pair[1]) : undefined
-    // An id is kept only where it is its token's own (an added token may share it); that also
-    // leaves out any id that is no index of `tokens`.
-    if (l === undefined || r === undefined || tokens[l] !== pair[0] || tokens[r] !== pair[1]) return false
+    if (typeof pair[0] !== "string" || typeof pair[1] !== "string") return false
+    const l = vocab.get(pair[0])
+    const r = vocab.get(pair[1])
+    // An id is kept only where it is its token's own (an added token may share it).
+    if (l === undefined || r === undefined || !vocab.isTokenOf(l, pair[0]) || !vocab.isTokenOf(r, pair[1])) return false
     left = l
     right = r
     return true
