@@ -94,8 +94,7 @@ export const packVocab = (idOf: ReadonlyMap<string, number>, tokens: ReadonlyArr
   }
   const present = new Uint8Array(tokens.length)
   for (let id = 0; id < tokens.length; id++) present[id] = tokens[id] === undefined ? 0 : 1
-  // `Array.from` visits holes as undefined.
-  const packedTokens = pack(Array.from(tokens))
+  const packedTokens = pack(tokens) // a hole reads as undefined
   const entryOf = (token: string): number => {
     let slot = hashOf(token) & mask
     for (let entry = slots[slot]!; entry !== 0; entry = slots[slot]!) {
