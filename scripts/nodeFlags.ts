@@ -11,6 +11,16 @@
  *   pause and while they mark. The cores are `os.availableParallelism()`: on Node 20 the CPU
  *   affinity mask, not a container's CPU quota, and not shared with other processes on the
  *   machine; where those matter, set `V8_POOL_SIZE`.
+ * - `--no-incremental-marking-task --incremental-marking-hard-trigger=80`: V8 (11.3) paces a
+ *   marking cycle from its tasks to end within ~500 ms of wall time, and the main thread marks
+ *   whatever the helpers have not by then (214–340 ms of each cycle's ~300–380 ms at 2,048
+ *   streams, in steps of up to 14 ms): the event loop's stalls over 50 ms. Without the tasks the
+ *   main thread marks only in proportion to what it allocates and the helpers do the rest, but
+ *   marking then also starts only when the old generation reaches its limit (the earlier start
+ *   at V8's soft limit is itself a task), and once the mark-compact's pause had to finish the
+ *   marking: a 1.3 s stall. The hard trigger starts marking, from an allocation, once the old
+ *   generation holds 80% of its limit, which leaves the helpers tens of seconds of allocation
+ *   to finish in (bench/README.md, "Event-loop delay").
  *
  * scripts/service-node.sh applies the same flags to `npm start`, `npm run serve` and
  * `npm run runner`; test/unit/node-flags.test.ts checks that the two agree.
@@ -21,5 +31,5 @@ import os from "node:os"
 export const serviceNodeFlags = (env: NodeJS.ProcessEnv = process.env): Array<string> => {
   // Empty counts as unset, as `${V8_POOL_SIZE:-…}` in the shell script has it.
   const poolSize = env["V8_POOL_SIZE"] || String(Math.min(4, os.availableParallelism()))
-  return ["--max-semi-space-size=64", `--v8-pool-size=${poolSize}`]
+  return ["--max-semi-space-size=64", `--v8-pool-size=${poolSize}`, "--no-incremental-marking-task", "--incremental-marking-hard-trigger=80"]
 }
