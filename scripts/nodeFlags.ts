@@ -13,8 +13,8 @@
  *   machine; where those matter, set `V8_POOL_SIZE`.
  * - `--no-incremental-marking-task --incremental-marking-hard-trigger=80`: V8 (11.3) paces a
  *   marking cycle from its tasks to end within ~500 ms of wall time, and the main thread marks
- *   whatever the helpers have not by then (214–340 ms of each cycle's ~300–380 ms at 2,048
- *   streams, in steps of up to 14 ms): the event loop's stalls over 50 ms. Without the tasks the
+ *   whatever the helpers have not by then (182–338 ms of each cycle's 288–446 ms at 2,048
+ *   streams on 2 cores, in steps of up to 22 ms): the event loop's stalls over 50 ms. Without the tasks the
  *   main thread marks only in proportion to what it allocates and the helpers do the rest, but
  *   marking then also starts only when the old generation reaches its limit (the earlier start
  *   at V8's soft limit is itself a task), and once the mark-compact's pause had to finish the
