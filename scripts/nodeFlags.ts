@@ -1,9 +1,14 @@
 /**
  * The Node flags the service and its runners are started with (README, "Configuration"):
  *
- * - `--max-semi-space-size=64`: a young generation of up to 64 MB a semi-space (V8's default
- *   is 16). With thousands of streams the service allocates ~200 MB/s; 64 MB semi-spaces
- *   scavenge about a fifth as often.
+ * - `--max-semi-space-size=32`: a young generation of up to 32 MB a semi-space (V8's default
+ *   is 16). With thousands of streams the service allocates ~200 MB/s; 16 MB semi-spaces
+ *   scavenged ~9 times a second. Not more: a mark-compact's pause evacuates the young
+ *   generation's live objects too (`--trace-gc-nvp`: evacuation was most of each pause, up to
+ *   56 ms), so the semi-space bounds that pause, the largest stall left once marking is off the
+ *   main thread (below): with 64 MB one run in six had a 61 ms stall at a 47 ms pause; with
+ *   32 MB the pauses were 20–39 ms in four runs, for twice the scavenges (each at most
+ *   12–17 ms) and ~1.4× the collector's pause time (bench/README.md, "Event-loop delay").
  * - `--v8-pool-size=N`, N = `V8_POOL_SIZE`, else the cores this process may use, at most 4
  *   (Node's default is 4 whatever the machine): V8's collector runs its parallel and
  *   concurrent work on that pool, and on a machine with fewer cores than helpers the main
@@ -31,5 +36,5 @@ import os from "node:os"
 export const serviceNodeFlags = (env: NodeJS.ProcessEnv = process.env): Array<string> => {
   // Empty counts as unset, as `${V8_POOL_SIZE:-…}` in the shell script has it.
   const poolSize = env["V8_POOL_SIZE"] || String(Math.min(4, os.availableParallelism()))
-  return ["--max-semi-space-size=64", `--v8-pool-size=${poolSize}`, "--no-incremental-marking-task", "--incremental-marking-hard-trigger=80"]
+  return ["--max-semi-space-size=32", `--v8-pool-size=${poolSize}`, "--no-incremental-marking-task", "--incremental-marking-hard-trigger=80"]
 }

@@ -7,4 +7,4 @@
 set -euo pipefail
 # NODE_OPTIONS cleared for this one probe (an --inspect-brk there would stop it).
 pool=${V8_POOL_SIZE:-$(NODE_OPTIONS= node -p 'Math.min(4, require("node:os").availableParallelism())')}
-exec node --max-semi-space-size=64 --v8-pool-size="$pool" --no-incremental-marking-task --incremental-marking-hard-trigger=80 "$@"
+exec node --max-semi-space-size=32 --v8-pool-size="$pool" --no-incremental-marking-task --incremental-marking-hard-trigger=80 "$@"
