@@ -126,14 +126,16 @@ export const vocabArrayView = (vocab: PackedVocab): ReadonlyArray<string | undef
   new Proxy([] as Array<string | undefined>, {
     get: (target, property, receiver) => {
       if (property === "length") return vocab.length
-      if (typeof property === "string" && property !== "" && property.length <= 10 && /^\d+$/.test(property)) {
-        return vocab.tokenOf(Number(property))
-      }
-      return Reflect.get(target, property, receiver)
+      const id = arrayIndexOf(property)
+      return id === undefined ? Reflect.get(target, property, receiver) : vocab.tokenOf(id)
     },
     // Array methods (map, forEach) skip the indices that `in` does not find.
-    has: (target, property) =>
-      typeof property === "string" && /^\d+$/.test(property) && property.length <= 10
-        ? vocab.tokenOf(Number(property)) !== undefined
-        : Reflect.has(target, property)
+    has: (target, property) => {
+      const id = arrayIndexOf(property)
+      return id === undefined ? Reflect.has(target, property) : vocab.tokenOf(id) !== undefined
+    }
   })
+
+/** The array index a property key names (decimal digits, at most 10), if it names one. */
+const arrayIndexOf = (property: string | symbol): number | undefined =>
+  typeof property === "string" && property !== "" && property.length <= 10 && /^\d+$/.test(property) ? Number(property) : undefined
